@@ -1,0 +1,1 @@
+"""The coordinator: runs, rounds, aggregation, checkpoints and the ``coordinator`` CLI."""

@@ -1,0 +1,220 @@
+"""The trusted side of a round: validate each upload, then merge the round once.
+
+``Aggregator`` has no Celery in it; ``tasks.aggregation`` calls it. It keeps
+only caches (jobs, tensor shapes) between calls: all round state is in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coordinator import checkpoints
+from coordinator.jobs import load_job
+from coordinator.store import Store
+from coordinator.strategies import make_strategy
+from coordinator.validation import check_delta, check_meta, delta_norm, norm_outliers
+from serialization import WireFormatError, dumps, encoded_size_bound, loads, parse_codec
+
+log = logging.getLogger("crowdtrain.aggregator")
+
+_TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
+DEADLINE_POLL = 0.5
+DEADLINE_RESEND = 30.0
+
+
+class Aggregator:
+    """Validates uploads and aggregates rounds for every run on one broker."""
+
+    def __init__(self, store: Store, home: Path, name: str = "aggregator") -> None:
+        self.store = store
+        self.home = home
+        self.name = name
+        self._jobs: dict[str, Any] = {}
+        self._references: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+
+    # --- one upload --------------------------------------------------------
+    def validate(self, run: str, number: int, shard: int, token: str | None, volunteer: str,
+                 failure: str | None = None) -> str:
+        """Check one shard's upload and count it: accepted, quorum, rejected, duplicate, late."""
+        config = self.store.run_config(run)
+        info = self.store.round_info(run, number)
+        if info is None or not 0 <= shard < int(info["shards"]):
+            log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
+            return "unknown"
+        if failure is not None:
+            return self._refuse(run, number, shard, volunteer, str(failure)[:200])
+        if token is None or not _TOKEN.match(token):
+            return self._refuse(run, number, shard, volunteer, "malformed upload token")
+        key = self.store.upload_key(run, number, shard, token)
+        blob = self.store.get_upload(key)
+        if blob is None:
+            return self._refuse(run, number, shard, volunteer, "upload missing or expired")
+        self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
+        reason, meta = self._check_upload(run, config, info, blob)
+        if reason is not None:
+            self.store.redis.delete(key)
+            return self._refuse(run, number, shard, volunteer, reason)
+        outcome = self.store.accept(run, number, shard, key)
+        if outcome in ("accepted", "quorum"):
+            self.store.credit(volunteer, accepted=1, samples=int(meta["samples"]))
+            log.info("accepted %s round %d shard %d from %s", run, number, shard, volunteer)
+        else:
+            self.store.redis.delete(key)
+            log.info("%s result for %s round %d shard %d from %s", outcome, run, number, shard, volunteer)
+        return outcome
+
+    def _check_upload(self, run: str, config: dict, info: dict, blob: bytes
+                      ) -> tuple[str | None, dict]:
+        reference = self._reference(run, int(info["base_version"]))
+        shapes = {k: shape for k, (shape, _) in reference.items()}
+        bound = encoded_size_bound(shapes, parse_codec(config["compression"]))
+        if len(blob) > bound:
+            return f"upload of {len(blob)} bytes exceeds the {bound}-byte bound of its codec", {}
+        try:
+            delta, meta = loads(blob, limit=bound)
+        except WireFormatError as e:
+            return f"malformed upload: {e}", {}
+        max_samples = int(config["local_steps"]) * int(getattr(self._job(run, config), "batch_size", 1 << 20))
+        reason = (check_meta(meta, base_version=int(info["base_version"]), max_samples=max_samples)
+                  or check_delta(delta, reference))
+        return reason, meta
+
+    def _refuse(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> str:
+        outcome = self.store.reject(run, number, shard, volunteer, reason)
+        if outcome == "rejected":
+            self.store.credit(volunteer, rejected=1)
+            log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
+        return outcome
+
+    # --- one round ---------------------------------------------------------
+    def aggregate(self, run: str, number: int) -> dict[str, Any] | None:
+        """Merge the round if its quorum or deadline is reached; None if not ours to do."""
+        owner = f"{self.name}:{uuid.uuid4().hex}"
+        if not self.store.claim(run, number, owner):
+            return None
+        started = time.time()
+        config = self.store.run_config(run)
+        info = self.store.round_info(run, number) or {}
+        base = int(info["base_version"])
+        uploads = self.store.accepted_uploads(run, number)
+        metas, rejections = self._screen(run, config, uploads)
+        for shard, reason in rejections.items():
+            self.store.redis.rpush(f"ct:run:{run}:round:{number}:rejections",
+                                   _rejection(shard, metas.get(shard, {}), reason))
+            self.store.credit(str(metas.get(shard, {}).get("volunteer", "?")), rejected=1, accepted=-1)
+        used = {s: k for s, k in uploads.items() if s in metas and s not in rejections}
+        summary = self._summary(run, number, info, config, metas, used, rejections)
+        if not used:
+            summary.update(status="failed", model_version=base, seconds=time.time() - float(info["posted_at"]))
+            self.store.finish_round(run, number, owner, base, summary, staged_key=None)
+            log.warning("round %d of %s failed: no accepted deltas", number, run)
+            return summary
+        weights, strategy, evaluation = self._merge(run, config, base, used, metas)
+        staged = self.store.stage_model(run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1}))
+        strategy_state = strategy.state_dict()
+        summary.update(evaluation, status="done", model_version=base + 1,
+                       seconds=round(time.time() - float(info["posted_at"]), 3))
+        if not self.store.finish_round(run, number, owner, base, summary, staged,
+                                       dumps(strategy_state) if strategy_state else b""):
+            self.store.redis.delete(staged)
+            return None
+        checkpoints.save_version(self.home, run, base + 1, weights, strategy_state, config)
+        checkpoints.append_metrics(self.home, run, summary)
+        log.info("round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
+                 number, run, base + 1, summary.get("eval_loss", math.nan), len(used),
+                 time.time() - started)
+        return summary
+
+    def _screen(self, run: str, config: dict, uploads: dict[int, str]
+                ) -> tuple[dict[int, dict], dict[int, str]]:
+        """First pass: read each accepted delta's meta and norm, drop norm outliers."""
+        metas: dict[int, dict] = {}
+        norms: dict[int, float] = {}
+        rejections: dict[int, str] = {}
+        for shard, key in uploads.items():
+            blob = self.store.get_upload(key)
+            if blob is None:
+                rejections[shard] = "upload expired before aggregation"
+                continue
+            delta, meta = loads(blob)
+            metas[shard] = meta
+            norms[shard] = delta_norm(delta)
+            del delta, blob
+        rejections.update(norm_outliers(norms, float(config.get("max_norm_ratio", 10.0))))
+        return metas, rejections
+
+    def _merge(self, run: str, config: dict, base: int, used: dict[int, str], metas: dict[int, dict]):
+        """Second pass: stream the deltas through the run's strategy, then evaluate."""
+        weights, _ = loads(self.store.model_blob(run, base))
+        weights = {k: v.clone() for k, v in weights.items()}  # views of the blob are read-only
+        strategy = make_strategy(config["strategy"], server_lr=config.get("server_lr"),
+                                 momentum=config.get("momentum"), clip_norm=config.get("clip_norm"))
+        state_blob = self.store.strategy_blob(run)
+        if state_blob:
+            strategy.load_state_dict(loads(state_blob)[0])
+
+        def deltas() -> Iterator[tuple[float, dict[str, torch.Tensor]]]:
+            for shard, key in used.items():
+                blob = self.store.get_upload(key)
+                if blob is not None:
+                    yield float(metas[shard]["samples"]), loads(blob)[0]
+
+        weights = strategy.aggregate(weights, deltas())
+        job = self._job(run, config)
+        model = job.build_model()
+        model.load_state_dict(weights)
+        evaluation = {k: float(v) for k, v in job.evaluate(model).items()}
+        return weights, strategy, evaluation
+
+    def _summary(self, run: str, number: int, info: dict, config: dict, metas: dict[int, dict],
+                 used: dict[int, str], rejections: dict[int, str]) -> dict[str, Any]:
+        samples = sum(int(metas[s]["samples"]) for s in used)
+        losses = [(int(metas[s]["samples"]), metas[s].get("train_loss")) for s in used]
+        losses = [(n, float(x)) for n, x in losses if isinstance(x, (int, float))]
+        train_loss = sum(n * x for n, x in losses) / max(1, sum(n for n, _ in losses)) if losses else None
+        return {"run": run, "round": number, "shards": int(info["shards"]), "accepted": len(used),
+                "samples": samples, "train_loss": train_loss, "job": config["job"],
+                "strategy": config["strategy"], "compression": config["compression"]}
+
+    # --- caches ------------------------------------------------------------
+    def _job(self, run: str, config: dict):
+        if run not in self._jobs:
+            self._jobs[run] = load_job(config["job"], config.get("job_args") or {})
+        return self._jobs[run]
+
+    def _reference(self, run: str, version: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if run not in self._references:
+            weights, _ = loads(self.store.model_blob(run, version))
+            self._references[run] = {k: (tuple(v.shape), torch.float32)
+                                     for k, v in weights.items() if v.is_floating_point()}
+        return self._references[run]
+
+
+def watch_deadlines(store: Store, send: Callable[[str, int], None], stop: threading.Event) -> None:
+    """Ask for aggregation of every round whose deadline passed (runs in a thread)."""
+    sent: dict[tuple[str, int], float] = {}
+    while not stop.is_set():
+        try:
+            now = time.time()
+            for key in store.due_rounds(now):
+                if now - sent.get(key, 0.0) >= DEADLINE_RESEND:
+                    sent[key] = now
+                    send(*key)
+        except Exception as e:  # a broker outage must not kill the watcher
+            log.warning("deadline watcher: %s (retrying)", e)
+        stop.wait(DEADLINE_POLL)
+
+
+def _rejection(shard: int, meta: dict, reason: str) -> str:
+    return json.dumps({"shard": shard, "volunteer": str(meta.get("volunteer", "?")), "reason": reason})

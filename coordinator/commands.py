@@ -1,0 +1,224 @@
+"""One function per ``coordinator`` sub-command: wiring between flags and the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rich.console import Console
+
+from coordinator import checkpoints, embedded
+from coordinator.errors import BrokerUnreachable, UsageError
+from coordinator.jobs import load_job, parse_job_args
+from coordinator.progress import RoundProgress, rounds_table
+from coordinator.rounds import parse_quorum, run_document, wait_round
+from coordinator.rounds import post_round as _post_round
+from coordinator.store import RunExists, Store
+from coordinator.strategies import make_strategy
+from serialization import dumps, loads, parse_codec
+from tasks.app import AGGREGATE_QUEUE, make_app, redis_client
+from tasks.config import DEFAULT_DEADLINE, Settings
+
+log = logging.getLogger("crowdtrain.coordinator")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_SHARDS = 4
+
+
+@dataclass
+class Connection:
+    """A broker to talk to: settings, crowdtrain's store and the Celery app."""
+
+    settings: Settings
+    store: Store
+    app: Any
+
+
+def connect(args: argparse.Namespace, check: bool = True) -> Connection:
+    """Use --broker / $CROWDTRAIN_BROKER_URL, else start or reuse the embedded Redis."""
+    settings = Settings.from_env(broker_url=getattr(args, "broker", None))
+    if settings.broker_url is None:
+        settings = settings.with_broker(embedded.ensure_running(settings.home).url)
+    store = Store(redis_client(settings))
+    if check:
+        try:
+            store.redis.ping()
+        except redis.RedisError as e:
+            raise BrokerUnreachable(
+                f"cannot reach the broker at {_safe_url(settings.broker_url)} ({e}); "
+                "start Redis there, or pass --broker / CROWDTRAIN_BROKER_URL") from None
+    return Connection(settings, store, make_app(settings))
+
+
+def quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from coordinator.quickstart import quickstart as run_quickstart
+
+    return run_quickstart(args)
+
+
+def init(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything first, then store the run and model version 0."""
+    if not _RUN_NAME.match(args.run):
+        raise UsageError(f"--run {args.run!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    job_args = parse_job_args(args.job_arg)
+    codec = parse_codec(args.compression)
+    make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum,
+                  clip_norm=args.clip_norm)
+    shards = args.shards or DEFAULT_SHARDS
+    parse_quorum(args.quorum, shards)
+    job = load_job(args.job, job_args)
+    conn = connect(args)
+    if args.run in conn.store.runs():
+        raise RunExists(f"run {args.run!r} exists already; choose another --run name")
+    model = job.build_model()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial = {k: float(v) for k, v in job.evaluate(model).items()}
+    config = dict(job=args.job, job_args=job_args, strategy=args.strategy,
+                  server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm,
+                  max_norm_ratio=args.max_norm_ratio, compression=codec.name,
+                  local_steps=args.local_steps, lr=args.lr, optimizer=args.optimizer,
+                  seed=args.seed, shards=shards, quorum=args.quorum,
+                  deadline=args.deadline or DEFAULT_DEADLINE, initial=initial,
+                  created_at=time.time())
+    conn.store.create_run(args.run, config, dumps(weights, {"run": args.run, "version": 0}))
+    checkpoints.save_version(conn.settings.home, args.run, 0, weights, None, config)
+    document = {"run": args.run, "job": args.job, "strategy": args.strategy,
+                "compression": codec.name, "initial": {"model_version": 0, **initial}}
+    if not args.json:
+        print(f"created run {args.run!r}: job {args.job}, strategy {args.strategy}, "
+              f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}")
+    return document
+
+
+def post_round(args: argparse.Namespace) -> dict[str, Any]:
+    conn = connect(args)
+    config = conn.store.run_config(args.run)
+    info = _post(conn, args, config)
+    if not args.wait:
+        if not args.json:
+            print(f"posted round {info['round']} of {args.run}: {info['shards']} shards, "
+                  f"quorum {info['quorum']}, deadline {info['deadline_seconds']:.0f}s")
+        return info
+    _wait(conn.store, args.run, info["round"], info["shards"], args.json)
+    return run_document(conn.store, args.run, [info["round"]])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Finish R rounds, first waiting for one left open by an interrupted run."""
+    conn = connect(args)
+    config = conn.store.run_config(args.run)
+    numbers: list[int] = []
+    current = conn.store.current_round(args.run)
+    if current and current["status"] in ("open", "aggregating"):
+        _wait(conn.store, args.run, current["round"], int(current["shards"]), args.json)
+        numbers.append(current["round"])
+    while len(numbers) < args.rounds:
+        info = _post(conn, args, config)
+        record = _wait(conn.store, args.run, info["round"], info["shards"], args.json)
+        if record["status"] == "failed":
+            log.warning("round %d failed: no volunteer delta was accepted before the deadline",
+                        info["round"])
+        numbers.append(info["round"])
+    document = run_document(conn.store, args.run, numbers)
+    if not args.json:
+        Console().print(rounds_table(document))
+    return document
+
+
+def aggregator(args: argparse.Namespace) -> None:
+    """Run the trusted worker; the deadline watcher runs beside it in a thread."""
+    from coordinator.aggregator import watch_deadlines
+
+    conn = connect(args, check=False)
+    stop = threading.Event()
+
+    def send(run_name: str, number: int) -> None:
+        conn.app.send_task("aggregate_round", args=[run_name, number], queue=AGGREGATE_QUEUE)
+
+    threading.Thread(target=watch_deadlines, args=(conn.store, send, stop), daemon=True,
+                     name="deadline-watcher").start()
+    if args.metrics_port:
+        from coordinator.metrics import serve_metrics
+
+        serve_metrics(conn.store, args.metrics_port)
+    name = args.name or f"aggregator-{os.getpid()}"
+    try:
+        conn.app.worker_main(["worker", "-Q", AGGREGATE_QUEUE, "-P", "solo", "-n", f"{name}@%h",
+                              "-E", "--loglevel=INFO", "--without-mingle", "--without-gossip"])
+    finally:
+        stop.set()
+
+
+def status(args: argparse.Namespace) -> dict[str, Any]:
+    from coordinator.status import collect_status, print_status
+
+    conn = connect(args)
+    document = collect_status(conn.store, conn.app, args.run)
+    if not args.json:
+        print_status(document)
+    return document
+
+
+def export(args: argparse.Namespace) -> None:
+    conn = connect(args)
+    current = conn.store.version(args.run)
+    version = current if args.version is None else args.version
+    blob = conn.store.model_blob(args.run, version) if 0 <= version <= current else None
+    if blob is None:
+        raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
+    weights, _ = loads(blob)
+    checkpoints.export_float32(weights, args.out, {"run": args.run, "version": str(version)})
+    print(f"wrote version {version} of {args.run} to {args.out}")
+
+
+def report(args: argparse.Namespace) -> None:
+    from coordinator.report import plot_run
+
+    conn = connect(args)
+    document = run_document(conn.store, args.run,
+                            list(range(1, conn.store.round_count(args.run) + 1)))
+    plot_run(document, args.out)
+    print(f"wrote {args.out}")
+
+
+def monitor(args: argparse.Namespace) -> int:
+    """Flower is ``celery -A tasks flower``; we only point it at the right broker."""
+    conn = connect(args)
+    env = {**os.environ, "CROWDTRAIN_BROKER_URL": conn.settings.broker_url}
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}"]
+    if args.basic_auth:
+        command.append(f"--basic-auth={args.basic_auth}")
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
+
+
+def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
+    shards = args.shards or int(config.get("shards") or DEFAULT_SHARDS)
+    quorum_spec = args.quorum if args.quorum is not None else config.get("quorum")
+    quorum = parse_quorum(quorum_spec, shards)
+    deadline = float(args.deadline or config.get("deadline") or DEFAULT_DEADLINE)
+    info = _post_round(conn.store, conn.app, args.run, shards, quorum, deadline)
+    return {"run": args.run, "round": info["round"], "shards": shards, "quorum": quorum,
+            "deadline_seconds": deadline, "base_version": info["base_version"]}
+
+
+def _wait(store: Store, run_name: str, number: int, shards: int, quiet: bool) -> dict[str, Any]:
+    with RoundProgress(run_name, number, shards, quiet=quiet) as progress:
+        return wait_round(store, run_name, number, progress.update)
+
+
+def _safe_url(url: str | None) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url or "")

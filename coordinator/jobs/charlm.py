@@ -1,0 +1,312 @@
+"""``charlm``: a small GPT-style byte-level language model, the built-in job.
+
+Corpus: the files matched by ``corpus`` (default: the running Python's standard
+library ``*.py`` files, present everywhere, no download), sorted, at most
+``max_files`` of them and ``max_bytes`` in total, read as raw bytes (vocab 256).
+Every ``eval_every``-th file is held out for evaluation; the rest are training
+files, dealt to shards by index (file ``i`` goes to shard ``i % count``). A shard
+whose files are too few falls back to a byte range of the whole training text, so
+no shard is ever empty.
+
+Training batches are random windows drawn with torch's *global* RNG, which the
+trainer seeds per (run, round, shard). Evaluation uses fixed windows from a
+private generator, so ``evaluate`` is deterministic for a given model.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coordinator.jobs.loader import JobError
+
+VOCAB = 256
+_EVAL_SEED = 0x5EED_C4A1  # fixed: every run and every model sees the same eval windows
+_INIT_STD = 0.02
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CharLMConfig:
+    """The ``--job-arg`` knobs of charlm, validated once."""
+
+    layers: int = 2
+    width: int = 64
+    heads: int = 4
+    context: int = 64
+    batch_size: int = 16
+    corpus: str | None = None
+    max_files: int = 200
+    max_bytes: int = 4_000_000
+    eval_every: int = 10
+    eval_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject bad values with a message naming the knob and the fix."""
+        minimums = {
+            "layers": 1,
+            "width": 1,
+            "heads": 1,
+            "context": 1,
+            "batch_size": 1,
+            "max_files": 1,
+            "max_bytes": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+        }
+        for knob, low in minimums.items():
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise JobError(f"charlm {knob} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise JobError(f"charlm seed must be an integer, got {self.seed!r}")
+        if self.width % self.heads:
+            raise JobError(f"charlm width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.corpus is not None and (not isinstance(self.corpus, str) or not self.corpus):
+            raise JobError(f"charlm corpus must be a glob string, got {self.corpus!r}")
+
+
+class CharGPT(nn.Module):
+    """Token + position embeddings, pre-LN transformer blocks, untied output head."""
+
+    def __init__(self, cfg: CharLMConfig) -> None:
+        super().__init__()
+        self.context = cfg.context
+        self.tok = nn.Embedding(VOCAB, cfg.width)
+        self.pos = nn.Embedding(cfg.context, cfg.width)
+        self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.width)
+        # Untied: tied weights would be two state_dict names for one tensor, which
+        # breaks per-name deltas and safetensors export.
+        self.head = nn.Linear(cfg.width, VOCAB, bias=False)
+        self._init_weights(cfg.layers)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Return next-byte logits ``[batch, time, 256]`` for byte ids ``[batch, time]``."""
+        t = idx.shape[1]
+        if t > self.context:
+            raise ValueError(f"sequence of {t} bytes exceeds the model context {self.context}")
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    def _init_weights(self, layers: int) -> None:
+        """GPT-2 style init, so the first loss is close to ln(256)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=_INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=_INIT_STD)
+        for block in self.blocks:  # residual projections scaled by depth (GPT-2)
+            nn.init.normal_(block.attn_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
+            nn.init.normal_(block.mlp_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
+
+
+class CharLMJob:
+    """The charlm job: model, shards, loss and evaluation over a byte corpus."""
+
+    name = "charlm"
+
+    def __init__(self, config: CharLMConfig) -> None:
+        self.config = config
+        self.batch_size = config.batch_size
+        self.files = _list_files(config)  # listed now so a bad glob fails at load time
+        self._corpus: _Corpus | None = None
+        self._eval: Batch | None = None
+
+    def build_model(self) -> CharGPT:
+        """Return a fresh model; the same seed gives identical weights, global RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return CharGPT(self.config)
+
+    def shard(self, index: int, count: int) -> Iterator[Batch]:
+        """Yield endless ``(x, y)`` batches of random windows from shard ``index`` of ``count``."""
+        text = self.shard_text(index, count)
+        n = self.config.context + 1
+        offsets = torch.arange(n)
+        while True:
+            starts = torch.randint(0, len(text) - n + 1, (self.batch_size,))
+            windows = text[starts[:, None] + offsets].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Return the mean next-byte cross entropy of ``model`` on ``batch``."""
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), y.reshape(-1))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Return mean cross entropy and next-byte accuracy on the fixed held-out windows."""
+        xs, ys = self._eval_windows()
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total_loss, correct, tokens = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for x, y in zip(xs.to(device), ys.to(device), strict=True):
+                    logits = model(x).float()
+                    total_loss += float(
+                        F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
+                    )
+                    correct += int((logits.argmax(-1) == y).sum())
+                    tokens += y.numel()
+        finally:
+            model.train(was_training)
+        return {"eval_loss": total_loss / tokens, "eval_accuracy": correct / tokens}
+
+    def shard_files(self, index: int, count: int) -> list[str]:
+        """Names of the training files dealt to shard ``index`` (empty: byte-range fallback)."""
+        _check_shard(index, count)
+        return [name for name, _ in self.corpus().train[index::count]]
+
+    def shard_text(self, index: int, count: int) -> torch.Tensor:
+        """The uint8 bytes shard ``index`` of ``count`` trains on, never shorter than a window."""
+        _check_shard(index, count)
+        corpus = self.corpus()
+        n = self.config.context + 1
+        pieces = [data for _, data in corpus.train[index::count]]
+        if pieces and sum(len(p) for p in pieces) >= n:
+            return torch.cat(pieces)
+        whole = torch.cat([data for _, data in corpus.train])
+        start = index * len(whole) // count
+        end = max((index + 1) * len(whole) // count, start + n)
+        if end > len(whole):
+            start, end = len(whole) - n, len(whole)
+        return whole[start:end]
+
+    def corpus(self) -> _Corpus:
+        """Read the corpus once (lazily, so building a job is cheap) and keep it."""
+        if self._corpus is None:
+            self._corpus = _read_corpus(self.files, self.config)
+        return self._corpus
+
+    def _eval_windows(self) -> Batch:
+        """Fixed eval windows ``[eval_batches, batch_size, context]`` from a private generator."""
+        if self._eval is None:
+            cfg = self.config
+            text = self.corpus().eval
+            n = cfg.context + 1
+            gen = torch.Generator().manual_seed(_EVAL_SEED)
+            starts = torch.randint(
+                0, len(text) - n + 1, (cfg.eval_batches * cfg.batch_size,), generator=gen
+            )
+            windows = text[starts[:, None] + torch.arange(n)].long()
+            windows = windows.view(cfg.eval_batches, cfg.batch_size, n)
+            self._eval = (windows[..., :-1], windows[..., 1:])
+        return self._eval
+
+
+def make_job(**kwargs: Any) -> CharLMJob:
+    """Factory behind ``--job charlm``: keyword arguments are the ``--job-arg`` knobs."""
+    known = [f.name for f in fields(CharLMConfig)]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise JobError(f"unknown charlm argument {unknown[0]!r}: known are {', '.join(known)}")
+    return CharLMJob(CharLMConfig(**kwargs))
+
+
+@dataclass(frozen=True)
+class _Corpus:
+    """Training files (name, bytes) and the held-out evaluation text."""
+
+    train: list[tuple[str, torch.Tensor]]
+    eval: torch.Tensor
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: causal self-attention then MLP, each residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.attn_out = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp_in = nn.Linear(width, 4 * width)
+        self.mlp_out = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply attention and MLP with residual connections."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))
+
+
+def _list_files(cfg: CharLMConfig) -> list[str]:
+    """The sorted corpus files, at most ``max_files``."""
+    if cfg.corpus is None:
+        pattern = os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
+    else:
+        pattern = os.path.expanduser(cfg.corpus)
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise JobError(
+            f"charlm corpus {pattern!r} matches no files: pass --job-arg corpus=GLOB "
+            "that names text files"
+        )
+    return files[: cfg.max_files]
+
+
+def _read_corpus(files: list[str], cfg: CharLMConfig) -> _Corpus:
+    """Read up to ``max_bytes`` of the files and split off every ``eval_every``-th for eval."""
+    texts: list[tuple[str, torch.Tensor]] = []
+    budget = cfg.max_bytes
+    for path in files:
+        if budget <= 0:
+            break
+        try:
+            with open(path, "rb") as f:
+                data = f.read(budget)
+        except OSError as e:
+            raise JobError(f"charlm cannot read corpus file {path!r}: {e}") from e
+        if data:
+            texts.append((path, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+            budget -= len(data)
+    n = cfg.context + 1
+    total = sum(len(t) for _, t in texts)
+    if total < 2 * n:
+        raise JobError(
+            f"charlm corpus has {total} bytes, fewer than two windows of context+1={n}: "
+            "use more text or a smaller context"
+        )
+    held = [t for i, (_, t) in enumerate(texts) if i % cfg.eval_every == cfg.eval_every - 1]
+    train = [nt for i, nt in enumerate(texts) if i % cfg.eval_every != cfg.eval_every - 1]
+    eval_len = sum(len(t) for t in held)
+    if eval_len >= n and sum(len(t) for _, t in train) >= n:
+        return _Corpus(train=train, eval=torch.cat(held))
+    # Too few files to hold whole ones out: hold out the last tenth of the bytes instead.
+    cut = min(total - n, total - total // 10)
+    whole = torch.cat([t for _, t in texts])
+    kept: list[tuple[str, torch.Tensor]] = []
+    offset = 0
+    for name, t in texts:
+        if offset < cut:
+            kept.append((name, t[: cut - offset]))
+        offset += len(t)
+    return _Corpus(train=kept, eval=whole[cut:])
+
+
+def _check_shard(index: int, count: int) -> None:
+    """Refuse a shard index outside ``[0, count)``."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard index {index} is outside 0..{count - 1} (count={count})")

@@ -1,0 +1,108 @@
+"""Posting rounds, waiting for them, and the JSON documents that describe them."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from coordinator.store import Store
+from tasks.app import TRAIN_QUEUE
+
+POLL_SECONDS = 0.1
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class QuorumError(ValueError):
+    """--quorum is neither a shard count nor a fraction in (0, 1]."""
+
+
+def parse_quorum(spec: str | int | float | None, shards: int) -> int:
+    """An integer is a count of shards; a number with a decimal point a fraction of them."""
+    if spec is None:
+        return shards
+    text = str(spec).strip()
+    try:
+        if "." in text:
+            fraction = float(text)
+            if not 0 < fraction <= 1:
+                raise ValueError
+            return max(1, math.ceil(fraction * shards - 1e-9))
+        count = int(text)
+    except ValueError:
+        raise QuorumError(
+            f"--quorum {text!r}: use a shard count (e.g. 6) or a fraction in (0, 1] (e.g. 0.75)"
+        ) from None
+    if not 1 <= count <= shards:
+        raise QuorumError(f"--quorum {count}: must be between 1 and the round's {shards} shards")
+    return count
+
+
+def post_round(store: Store, app: Celery, run: str, shards: int, quorum: int,
+               deadline: float) -> dict[str, Any]:
+    """Open a round on the current model version and enqueue one task per shard."""
+    info = store.open_round(run, shards, quorum, deadline)
+    for shard in range(shards):
+        app.send_task("train_shard", queue=TRAIN_QUEUE, kwargs=dict(
+            run=run, round=info["round"], shard=shard, shards=shards,
+            version=info["base_version"]))
+    return info
+
+
+def wait_round(store: Store, run: str, number: int, progress: ProgressFn | None = None,
+               poll: float = POLL_SECONDS) -> dict[str, Any]:
+    """Block until the round is done or failed; report its live counters meanwhile."""
+    while True:
+        info = store.round_info(run, number)
+        if info is None:
+            raise LookupError(f"round {number} of run {run!r} does not exist")
+        if progress is not None:
+            progress(info)
+        if info["status"] in ("done", "failed"):
+            return round_record(store, run, number)
+        time.sleep(poll)
+
+
+def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
+    """One entry of the ``rounds`` list of DESIGN.md's JSON."""
+    import json
+
+    info = store.round_info(run, number) or {}
+    summary = json.loads(info["summary"]) if isinstance(info.get("summary"), str) else {}
+    rejections = store.rejections(run, number)
+    record = {
+        "round": number,
+        "status": info.get("status"),
+        "model_version": summary.get("model_version", info.get("base_version")),
+        "shards": info.get("shards"),
+        "accepted": summary.get("accepted", info.get("accepted", 0)),
+        "rejected": len(rejections),
+        "late": info.get("late", 0),
+        "train_loss": summary.get("train_loss"),
+        "eval_loss": summary.get("eval_loss"),
+        "uplink_bytes": info.get("uplink_bytes", 0),
+        "downlink_bytes": info.get("downlink_bytes", 0),
+        "seconds": summary.get("seconds"),
+        "rejections": rejections,
+    }
+    if "eval_accuracy" in summary:
+        record["eval_accuracy"] = summary["eval_accuracy"]
+    return record
+
+
+def run_document(store: Store, run: str, rounds: list[int]) -> dict[str, Any]:
+    """The JSON of ``run``, ``post-round --wait`` and ``quickstart``."""
+    config = store.run_config(run)
+    records = [round_record(store, run, n) for n in rounds]
+    evaluated = [r for r in records if r.get("eval_loss") is not None]
+    initial = dict(config.get("initial") or {})
+    last = evaluated[-1] if evaluated else {"eval_loss": initial.get("eval_loss")}
+    final = {"model_version": store.version(run), "eval_loss": last.get("eval_loss")}
+    if "eval_accuracy" in last:
+        final["eval_accuracy"] = last["eval_accuracy"]
+    return {"run": run, "job": config["job"], "strategy": config["strategy"],
+            "compression": config["compression"], "rounds": records,
+            "initial": {"model_version": 0, **initial}, "final": final}

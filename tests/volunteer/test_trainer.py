@@ -1,0 +1,160 @@
+"""Tests for volunteer.trainer: local training on one shard, returned as a delta."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import pytest
+import torch
+
+from coordinator.jobs import load_job
+from coordinator.jobs.charlm import make_job
+from volunteer.trainer import GRAD_CLIP_NORM, ShardResult, seed_for, train_shard
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fixture_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the small job modules in tests/fixtures importable by bare name."""
+    monkeypatch.syspath_prepend(str(FIXTURES))
+
+
+def initial_weights(job: object) -> dict[str, torch.Tensor]:
+    """The job's initial model weights, as the coordinator would send them."""
+    return job.build_model().state_dict()  # type: ignore[attr-defined]
+
+
+def train(job: object, weights: dict[str, torch.Tensor], **overrides: object) -> ShardResult:
+    """train_shard with small defaults for tests."""
+    kwargs: dict = {
+        "shard": 0,
+        "shards": 2,
+        "steps": 3,
+        "lr": 1e-2,
+        "optimizer": "adamw",
+        "device": CPU,
+        "seed": 5,
+    }
+    kwargs.update(overrides)
+    return train_shard(job, weights, **kwargs)  # type: ignore[arg-type]
+
+
+def test_one_sgd_step_delta_is_local_minus_initial() -> None:
+    job = load_job("jobs_tiny:make_job")
+    weights = initial_weights(job)
+    model = job.build_model()
+    torch.manual_seed(11)
+    job.loss(model, next(iter(job.shard(0, 2)))).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+    expected = {name: -0.1 * p.grad for name, p in model.named_parameters()}
+
+    result = train(job, weights, steps=1, lr=0.1, optimizer="sgd", seed=11)
+
+    assert result.delta.keys() == expected.keys()
+    for name, delta in result.delta.items():
+        torch.testing.assert_close(delta, expected[name])
+
+
+def test_training_reports_finite_loss_samples_steps_and_time() -> None:
+    job = load_job("jobs_tiny:make_job", {"batch_size": 8})
+
+    result = train(job, initial_weights(job), steps=4)
+
+    assert math.isfinite(result.train_loss)
+    assert result.samples == 32
+    assert result.steps == 4
+    assert result.seconds > 0
+    assert all(d.dtype == torch.float32 and d.device == CPU for d in result.delta.values())
+
+
+def test_same_seed_gives_an_identical_delta_and_another_seed_a_different_one() -> None:
+    job = load_job("jobs_tiny:make_job")
+    weights = initial_weights(job)
+
+    first, again = train(job, weights, seed=1), train(job, weights, seed=1)
+    other = train(job, weights, seed=2)
+
+    assert all(torch.equal(first.delta[k], again.delta[k]) for k in first.delta)
+    assert not torch.equal(first.delta["weight"], other.delta["weight"])
+
+
+def test_training_leaves_the_weights_passed_in_untouched() -> None:
+    job = load_job("jobs_tiny:make_job")
+    weights = initial_weights(job)
+    saved = {k: v.clone() for k, v in weights.items()}
+
+    train(job, weights)
+
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
+
+
+def test_a_nan_loss_stops_training_and_reports_a_non_finite_result() -> None:
+    job = load_job("jobs_nan:make_job")
+
+    result = train(job, initial_weights(job), steps=5)
+
+    non_finite_delta = any(not torch.isfinite(d).all() for d in result.delta.values())
+    assert not math.isfinite(result.train_loss) or non_finite_delta
+    assert result.steps < 5
+
+
+def test_a_finite_shard_iterable_is_cycled_for_all_steps() -> None:
+    job = load_job("jobs_tiny:make_job", {"finite": 2, "batch_size": 4})
+
+    result = train(job, initial_weights(job), steps=5)
+
+    assert result.steps == 5
+    assert result.samples == 20
+
+
+def test_dict_batches_are_moved_and_counted() -> None:
+    job = load_job("jobs_tiny:make_job", {"as_dict": True, "batch_size": 6})
+
+    result = train(job, initial_weights(job), steps=2)
+
+    assert result.samples == 12
+    assert math.isfinite(result.train_loss)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_choices() -> None:
+    job = load_job("jobs_tiny:make_job")
+
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'.*adamw, sgd"):
+        train(job, initial_weights(job), optimizer="lion")
+
+
+def test_charlm_local_steps_lower_the_loss_on_the_shard(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    job = make_job(
+        layers=1, width=32, heads=2, context=16, batch_size=8, corpus=str(tmp_path / "*.txt")
+    )
+    weights = initial_weights(job)
+    model = job.build_model()
+    torch.manual_seed(99)
+    batch = next(iter(job.shard(0, 1)))
+    with torch.no_grad():
+        before = float(job.loss(model, batch))
+
+    result = train(job, weights, shards=1, steps=20, lr=3e-3)
+    model.load_state_dict({k: weights[k] + result.delta[k] for k in weights})
+
+    with torch.no_grad():
+        after = float(job.loss(model, batch))
+    assert after < before - 0.5
+    assert result.train_loss < before
+
+
+def test_seed_for_is_stable_and_differs_by_run_round_and_shard() -> None:
+    seeds = {
+        seed_for("demo", 1, 0),
+        seed_for("demo", 2, 0),
+        seed_for("demo", 1, 1),
+        seed_for("other", 1, 0),
+    }
+
+    assert seed_for("demo", 1, 0) == 7645509673246013323  # pinned: volunteers must agree
+    assert len(seeds) == 4
+    assert all(0 <= s < 2**63 for s in seeds)

@@ -1,0 +1,1 @@
+"""The volunteer: device detection, local training and the ``volunteer`` CLI."""

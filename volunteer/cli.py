@@ -1,0 +1,122 @@
+"""The ``volunteer`` command: donate this machine's GPU or CPU to training runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import redis
+
+from coordinator import embedded
+from coordinator.jobs import BUILTIN_JOBS
+from coordinator.store import Store
+from tasks.app import TRAIN_QUEUE, make_app, redis_client
+from tasks.config import Settings, SettingsError
+from volunteer.devices import DeviceError, describe_devices, pool_for, resolve_device, speed_score
+from volunteer.worker import VolunteerOptions
+
+log = logging.getLogger("crowdtrain.volunteer")
+BROKER_RETRY_SECONDS = 5.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``volunteer`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args) or 0
+    except (DeviceError, SettingsError, embedded.EmbeddedRedisError) as e:
+        print(f"volunteer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="volunteer", description="Train shards for crowdtrain runs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("start", help="Pull shard jobs from queue 'train' and train them.",
+                       description="Pull shard jobs from queue 'train' and train them.")
+    p.add_argument("--broker", default=None,
+                   help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--concurrency", type=int, default=1, help="shards trained at once")
+    p.add_argument("--name", default=None, help="Celery node name (default: host-pid)")
+    p.add_argument("--allow-job", action="append", default=None, metavar="JOB",
+                   help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per shard")
+    p.set_defaults(handler=start)
+    p = sub.add_parser("info", help="Detected devices and a short speed score.",
+                       description="Detected devices and a short speed score.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=info)
+    return parser
+
+
+def start(args: argparse.Namespace) -> int:
+    """Run a Celery worker on queue 'train' as this volunteer."""
+    import torch
+
+    settings = Settings.from_env(broker_url=args.broker, torch_threads=args.threads)
+    if settings.broker_url is None:
+        settings = settings.with_broker(embedded.ensure_running(settings.home).url)
+    device = resolve_device(args.device)
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    if "@" in name or not name.strip():
+        print("volunteer start: error: --name must be non-empty and without '@'", file=sys.stderr)
+        return 2
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    allowed = frozenset(args.allow_job) if args.allow_job else frozenset(BUILTIN_JOBS)
+    _announce(Store(redis_client(settings)), name, device.type)
+    app = make_app(settings)
+    app.crowdtrain_volunteer = VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed)
+    pool = pool_for(device)
+    log.info("volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
+             name, device, pool, args.concurrency, ", ".join(sorted(allowed)))
+    app.worker_main(["worker", "-Q", TRAIN_QUEUE, "-n", f"{name}@%h", "-P", pool,
+                     "-c", str(max(1, args.concurrency)), "-E", "--loglevel=INFO",
+                     "--without-mingle", "--without-gossip"])
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    devices = describe_devices()
+    for entry in devices:
+        try:
+            import torch
+
+            kind = entry["type"] if entry["type"] != "cuda" else f"cuda:{entry.get('index', 0)}"
+            entry["speed_gflops"] = round(speed_score(torch.device(kind)), 1)
+        except Exception as e:  # a broken driver should not hide the other devices
+            entry["speed_error"] = str(e)
+    if args.json:
+        print(json.dumps({"devices": devices, "default": str(resolve_device("auto"))}, indent=2))
+        return 0
+    for entry in devices:
+        details = ", ".join(f"{k} {v}" for k, v in entry.items() if k != "type")
+        print(f"{entry['type']}: {details}")
+    print(f"--device auto picks: {resolve_device('auto')}")
+    return 0
+
+
+def _announce(store: Store, name: str, device: str) -> None:
+    """Register the volunteer, retrying while the broker is unreachable."""
+    while True:
+        try:
+            store.describe_volunteer(name, device)
+            return
+        except redis.RedisError as e:
+            log.warning("broker unreachable (%s); retrying in %.0fs", e, BROKER_RETRY_SECONDS)
+            time.sleep(BROKER_RETRY_SECONDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The volunteer's local trainer: a few optimizer steps on one shard, returned as a delta.
+
+``train_shard`` builds the job's model, loads the global weights, seeds torch's
+global RNG (so the job's shard batches are reproducible for a given seed: a
+redelivered shard trains the same batches again), trains ``steps`` steps with a
+fresh optimizer and returns ``local - initial`` for every floating-point entry of
+the model's ``state_dict`` (float32, CPU). Integer buffers (e.g. BatchNorm's
+``num_batches_tracked``) carry no delta and are left out.
+
+Gradients are clipped to a global norm of 1.0, a guard against one bad batch
+blowing up a volunteer's delta. On CUDA the forward pass runs under bf16
+autocast. A non-finite loss stops training early; the caller checks the result's
+``train_loss`` and delta for finiteness and reports the shard failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from coordinator.jobs import Job
+
+GRAD_CLIP_NORM = 1.0
+OPTIMIZERS = ("adamw", "sgd")
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class ShardResult:
+    """What one shard's local training produced, before encoding."""
+
+    delta: TensorDict
+    train_loss: float
+    samples: int
+    steps: int
+    seconds: float
+
+
+def train_shard(
+    job: Job,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    shard: int,
+    shards: int,
+    steps: int,
+    lr: float,
+    optimizer: str = "adamw",
+    device: torch.device,
+    seed: int,
+) -> ShardResult:
+    """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``."""
+    if steps < 1:
+        raise ValueError(f"local steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    started = time.perf_counter()
+    model = job.build_model()
+    model.load_state_dict(weights)
+    model.to(device)
+    model.train()
+    initial = {
+        k: v.detach().to("cpu", torch.float32, copy=True)
+        for k, v in model.state_dict().items()
+        if v.is_floating_point()
+    }
+    opt = _make_optimizer(optimizer, model, lr)
+    torch.manual_seed(seed)  # the job's shard batches come from the global RNG
+    batches = _cycle(job, shard, shards)
+    losses: list[float] = []
+    samples = done = 0
+    for _ in range(steps):
+        batch = _to_device(next(batches), device)
+        with _autocast(device):
+            loss = job.loss(model, batch)
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value):
+            break  # a diverged shard: the caller rejects it on train_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        opt.step()
+        samples += _batch_samples(job, batch)
+        done += 1
+    delta = {
+        k: v.detach().to("cpu", torch.float32) - initial[k]
+        for k, v in model.state_dict().items()
+        if k in initial
+    }
+    return ShardResult(
+        delta=delta,
+        train_loss=sum(losses) / len(losses),
+        samples=samples,
+        steps=done,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def seed_for(run: str, round: int, shard: int) -> int:
+    """Stable 63-bit seed for (run, round, shard): fresh batches each round, same on redelivery."""
+    key = f"{run}\x00{round}\x00{shard}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"crowdtrain").digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """A fresh inner optimizer per shard (DESIGN.md: ``--optimizer adamw|sgd``)."""
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (faster, and the delta is float32 anyway); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _cycle(job: Job, shard: int, shards: int) -> Iterator[Any]:
+    """Yield the shard's batches forever, restarting a finite iterable when it ends."""
+    while True:
+        empty = True
+        for batch in job.shard(shard, shards):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"job {job.name!r} yielded no batches for shard {shard} of {shards}")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``batch`` (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_samples(job: Job, batch: Any) -> int:
+    """Samples in ``batch``: ``job.batch_samples`` if defined, else the first tensor's length."""
+    counter = getattr(job, "batch_samples", None)
+    if callable(counter):
+        return int(counter(batch))
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        return 1  # a batch without a batched tensor counts as one sample
+    return int(first.shape[0])
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor found depth-first in ``batch``, or None."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    if isinstance(values, (tuple, list)) or isinstance(batch, Mapping):
+        for value in values:
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None

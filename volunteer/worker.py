@@ -1,0 +1,114 @@
+"""What a volunteer does with one shard task: fetch, train, compress, upload.
+
+``ShardRunner`` lives once per worker process and caches only what is safe to
+reuse across rounds: model versions (immutable, keyed by version), built jobs
+and the error-feedback residuals of lossy codecs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coordinator.jobs import BUILTIN_JOBS, load_job
+from coordinator.store import Store
+from serialization import loads, parse_codec
+from volunteer.feedback import ErrorFeedback
+from volunteer.trainer import seed_for, train_shard
+
+log = logging.getLogger("crowdtrain.volunteer")
+
+MODEL_CACHE_SIZE = 2
+ReportFn = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class VolunteerOptions:
+    """Who this volunteer is and what it agrees to run."""
+
+    name: str
+    device: str = "cpu"
+    allowed_jobs: frozenset[str] = field(default_factory=lambda: frozenset(BUILTIN_JOBS))
+
+
+class ShardRunner:
+    """Trains shards for any run, one at a time, in one worker process."""
+
+    def __init__(self, store: Store, options: VolunteerOptions) -> None:
+        self.store = store
+        self.options = options
+        self.device = torch.device(options.device)
+        self._models: OrderedDict[tuple[str, int], dict[str, torch.Tensor]] = OrderedDict()
+        self._jobs: dict[str, Any] = {}
+        self._feedback: dict[str, ErrorFeedback] = {}
+
+    def run(self, run: str, number: int, shard: int, shards: int, version: int,
+            report: ReportFn) -> dict[str, Any]:
+        """Train one shard and report it; skip it without training if its round is over."""
+        summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
+        status = self.store.round_status(run, number)
+        if status != "open":
+            log.info("skipping %s round %d shard %d: round is %s", run, number, shard, status)
+            return {**summary, "skipped": f"round {status}"}
+        config = self.store.run_config(run)
+        if config["job"] not in self.options.allowed_jobs:
+            reason = (f"volunteer {self.options.name} does not run job {config['job']!r} "
+                      "(not on its --allow-job list)")
+            report(failure=reason)
+            return {**summary, "skipped": reason}
+        weights = self._model(run, version, number)
+        result = train_shard(
+            self._job(run, config), weights, shard=shard, shards=shards,
+            steps=int(config["local_steps"]), lr=float(config["lr"]),
+            optimizer=str(config.get("optimizer", "adamw")), device=self.device,
+            seed=seed_for(run, number, shard))
+        self.store.credit(self.options.name, shards_done=1)
+        if not math.isfinite(result.train_loss) or not _finite(result.delta):
+            report(failure="non-finite values")
+            log.warning("%s round %d shard %d: non-finite values, not uploaded", run, number, shard)
+            return {**summary, "failed": "non-finite values"}
+        meta = {"run": run, "round": number, "shard": shard, "base_version": version,
+                "samples": result.samples, "train_loss": result.train_loss, "steps": result.steps,
+                "seconds": round(result.seconds, 3), "volunteer": self.options.name}
+        codec = parse_codec(str(config["compression"]))
+        blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
+        token = uuid.uuid4().hex
+        self.store.put_upload(self.store.upload_key(run, number, shard, token), blob)
+        report(token=token)
+        log.info("%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
+                 run, number, shard, result.steps, result.train_loss,
+                 result.samples / max(result.seconds, 1e-9), len(blob))
+        return {**summary, "loss": round(result.train_loss, 4), "samples": result.samples,
+                "bytes": len(blob), "seconds": round(result.seconds, 3)}
+
+    def _model(self, run: str, version: int, number: int) -> dict[str, torch.Tensor]:
+        key = (run, version)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        blob = self.store.model_blob(run, version)
+        if blob is None:
+            raise LookupError(f"model version {version} of run {run!r} is not in Redis")
+        self.store.add_round_bytes(run, number, "downlink_bytes", len(blob))
+        weights, _ = loads(blob)
+        self._models[key] = weights
+        while len(self._models) > MODEL_CACHE_SIZE:
+            self._models.popitem(last=False)
+        return weights
+
+    def _job(self, run: str, config: dict[str, Any]):
+        if run not in self._jobs:
+            self._jobs[run] = load_job(config["job"], config.get("job_args") or {},
+                                       allowed=self.options.allowed_jobs)
+        return self._jobs[run]
+
+
+def _finite(delta: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in delta.values())
