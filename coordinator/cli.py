@@ -17,6 +17,7 @@ from coordinator import commands
 from coordinator.errors import USER_ERRORS
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
+LONG_RUNNING = ("aggregator", "monitor")
 COMPRESSION_HELP = "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 (F a fraction, e.g. 0.01)"
 
 
@@ -24,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coordinator`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # Long-running workers log their work; one-shot commands speak only on trouble.
+    level = logging.INFO if args.command in LONG_RUNNING else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = args.handler(args)

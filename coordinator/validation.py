@@ -79,7 +79,11 @@ def check_meta(meta: Mapping[str, Any], *, base_version: int, max_samples: int) 
 
 
 def delta_norm(delta: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> float:
-    """Global L2 norm over the floating-point tensors (int buffers are not trained), float64 sum."""
+    """Global L2 norm of the floating-point tensors (int buffers are not trained).
+
+    float32 within rows of 65536 values, float64 across rows and tensors: relative error
+    ~1e-7 at memory speed, where one float32 pass over 25M values is off by ~1e-4.
+    """
     tensors = delta.values() if isinstance(delta, Mapping) else delta
     total = 0.0
     for tensor in tensors:
@@ -105,9 +109,7 @@ def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str
             continue
         if median > 0:
             ratio = _num(norm / median)
-            flagged[shard] = (
-                f"norm {_num(norm)} is {ratio}x the round median (limit {_num(max_ratio)}x)"
-            )
+            flagged[shard] = f"norm {_num(norm)} is {ratio}x the round median (limit {_num(max_ratio)}x)"
         else:
             flagged[shard] = f"norm {_num(norm)} with a round median of 0"
     return flagged

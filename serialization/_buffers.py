@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["join"]
+__all__ = ["allocate", "finish"]
 
 _HUGE = 1 << 21
 _MIN_FAST = 4 << 20  # below this, join is as fast and simpler
@@ -44,23 +43,24 @@ def _load() -> tuple | None:
 _API = _load()
 
 
-def join(parts: Sequence, total: int) -> bytes:
-    """Concatenate bytes-like ``parts`` (``total`` bytes in all) into one new bytes."""
+def allocate(total: int) -> tuple[bytes | bytearray, np.ndarray]:
+    """A new ``total``-byte buffer and a writable uint8 view of it; finish() it after filling.
+
+    On CPython/Linux the buffer is already the final ``bytes`` (huge-page backed);
+    elsewhere it is a bytearray that ``finish`` copies once.
+    """
     if _API is None or total < _MIN_FAST:
-        return b"".join(parts)
+        buf = bytearray(total)
+        return buf, np.frombuffer(buf, np.uint8)
     new, addr_of, madvise = _API
     out = new(None, total)
     addr = addr_of(out)
     start, end = -(-addr // _HUGE) * _HUGE, (addr + total) // _HUGE * _HUGE
     if end > start:
         madvise(start, end - start, _MADV_HUGEPAGE)
-    view = np.frombuffer((ctypes.c_char * total).from_address(addr), np.uint8)
-    pos = 0
-    for part in parts:
-        chunk = np.frombuffer(part, np.uint8) if not isinstance(part, np.ndarray) else part
-        chunk = chunk.reshape(-1).view(np.uint8)
-        view[pos:pos + chunk.size] = chunk
-        pos += chunk.size
-    assert pos == total, "part sizes do not add up"
-    del view
-    return out
+    return out, np.frombuffer((ctypes.c_char * total).from_address(addr), np.uint8)
+
+
+def finish(buf: bytes | bytearray) -> bytes:
+    """The filled buffer as bytes (drop every view of it first)."""
+    return buf if isinstance(buf, bytes) else bytes(buf)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .errors import UnknownCodec, WireFormatError
+from .errors import UnknownCodec
 
 __all__ = ["CODECS", "Codec", "parse_codec"]
 
@@ -38,12 +38,23 @@ class Codec:
         """Exact byte length of each field for n elements (checked before decoding)."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> Fields:
-        """Encode a flat contiguous CPU tensor into its named fields."""
+    def encode_into(self, x: torch.Tensor, out: Fields) -> None:
+        """Encode a flat contiguous CPU tensor into uint8 arrays of exactly field_sizes bytes."""
         raise NotImplementedError
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype) -> torch.Tensor:
-        """Decode fields of the sizes field_sizes promised into a flat tensor of ``dtype``."""
+    def encode(self, x: torch.Tensor) -> Fields:
+        """Encode a flat contiguous CPU tensor into new uint8 field arrays."""
+        sizes = self.field_sizes(x.numel(), x.element_size())
+        out = {field: np.empty(size, np.uint8) for field, size in sizes.items()}
+        self.encode_into(x, out)
+        return out
+
+    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
+               out: np.ndarray | None = None) -> torch.Tensor:
+        """Decode fields of the sizes field_sizes promised into a flat tensor of ``dtype``.
+
+        ``out``: a float32 array of n to decode into (lossy codecs, float32 dtype).
+        """
         raise NotImplementedError
 
     def subtract_decoded_(self, x: np.ndarray, fields: Fields) -> None:
@@ -72,10 +83,11 @@ class NoneCodec(Codec):
     def field_sizes(self, n: int, itemsize: int) -> dict[str, int]:
         return {"data": n * itemsize}
 
-    def encode(self, x: torch.Tensor) -> Fields:
-        return {"data": x.reshape(-1).view(torch.uint8).numpy()}
+    def encode_into(self, x: torch.Tensor, out: Fields) -> None:
+        np.copyto(out["data"], x.reshape(-1).view(torch.uint8).numpy())
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
+               out: np.ndarray | None = None) -> torch.Tensor:
         return view_tensor(fields["data"], dtype, n)
 
     def subtract_decoded_(self, x: np.ndarray, fields: Fields) -> None:
@@ -100,15 +112,15 @@ class HalfCodec(Codec):
     def field_sizes(self, n: int, itemsize: int) -> dict[str, int]:
         return {"data": 2 * n}
 
-    def encode(self, x: torch.Tensor) -> Fields:
-        out = np.empty(x.numel(), np.int16)  # numpy memory: huge pages, fewer page faults
-        torch.from_numpy(out).view(self.dtype).copy_(x.reshape(-1))
-        return {"data": out}
+    def encode_into(self, x: torch.Tensor, out: Fields) -> None:
+        torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
+               out: np.ndarray | None = None) -> torch.Tensor:
         half = view_tensor(fields["data"], self.dtype, n)
-        out = torch.from_numpy(np.empty(n, np.float32)) if dtype == torch.float32 else None
-        return half.to(dtype) if out is None else out.copy_(half)
+        if dtype != torch.float32:
+            return half.to(dtype)
+        return torch.from_numpy(_out(out, n)).copy_(half)
 
     def expected_ratio(self) -> float:
         return 2.0
@@ -129,18 +141,19 @@ class Int8Codec(Codec):
     def field_sizes(self, n: int, itemsize: int) -> dict[str, int]:
         return {"q": n, "scale": 4 * -(-n // kernels.BLOCK)}
 
-    def encode(self, x: torch.Tensor) -> Fields:
-        q, scale = kernels.quantize_int8(_float32(x))
-        return {"q": q, "scale": scale}
+    def encode_into(self, x: torch.Tensor, out: Fields) -> None:
+        kernels.quantize_int8(_float32(x), out["q"].view(np.int8), out["scale"].view("<f4"))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype) -> torch.Tensor:
-        out = np.empty(n, np.float32)
+    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
+               out: np.ndarray | None = None) -> torch.Tensor:
+        out = _out(out, n)
         kernels.dequantize_int8(_array(fields["q"], np.int8), _array(fields["scale"], "<f4"), out)
         return _cast(out, dtype)
 
     def subtract_decoded_(self, x: np.ndarray, fields: Fields) -> None:
         dec = np.empty(min(x.size, kernels.CHUNK), np.float32)
-        q, scale, step = fields["q"], fields["scale"], kernels.CHUNK
+        q, scale = _array(fields["q"], np.int8), _array(fields["scale"], "<f4")
+        step = kernels.CHUNK
         for start in range(0, x.size, step):
             stop = min(start + step, x.size)
             part = dec[: stop - start]
@@ -178,21 +191,20 @@ class TopKCodec(Codec):
             sizes["val"] = 4 * k
         return sizes
 
-    def encode(self, x: torch.Tensor) -> Fields:
+    def encode_into(self, x: torch.Tensor, out: Fields) -> None:
         flat = _float32(x)
         idx = kernels.select_topk(flat, kernels.topk_count(self.fraction, flat.size))
-        low, counts = kernels.pack_indices(idx, flat.size)
-        fields = {"idx": low, "cnt": counts}
-        values = flat[idx]
+        kernels.pack_indices(idx, flat.size, out["idx"].view("<u2"), out["cnt"].view("<u4"))
         if self.int8_values:
-            fields["q"], fields["scale"] = kernels.quantize_int8(values)
+            kernels.quantize_int8(flat[idx], out["q"].view(np.int8), out["scale"].view("<f4"))
         else:
-            fields["val"] = values.astype("<f4", copy=False)
-        return fields
+            np.take(flat, idx, out=out["val"].view("<f4"))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
+               out: np.ndarray | None = None) -> torch.Tensor:
         idx, values = self._sparse(fields, n)
-        out = np.zeros(n, np.float32)
+        out = np.zeros(n, np.float32) if out is None else out
+        out.fill(0.0)
         out[idx] = values
         return _cast(out, dtype)
 
@@ -271,6 +283,11 @@ def _array(buf: memoryview | np.ndarray, dtype: str | type) -> np.ndarray:
     """Numpy view of a field (aligned copy where needed)."""
     arr = np.frombuffer(buf, dtype) if not isinstance(buf, np.ndarray) else buf.view(dtype)
     return arr if arr.flags.aligned else arr.copy()
+
+
+def _out(out: np.ndarray | None, n: int) -> np.ndarray:
+    """The caller's float32 output array, or a new one."""
+    return np.empty(n, np.float32) if out is None else out
 
 
 def _float32(x: torch.Tensor) -> np.ndarray:

@@ -33,11 +33,12 @@ _SAMPLE = 1 << 16  # top-k: |x| sample used to guess the threshold
 _RNG = np.random.default_rng(0x5EED)  # sample positions only; the result does not depend on them
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(x: np.ndarray, q: np.ndarray | None = None,
+                  scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax int8: q = rint(x * 127 / absmax(block)), scale = absmax / 127."""
     n = x.size
-    q = np.empty(n, np.int8)
-    scale = np.empty(-(-n // BLOCK), "<f4")
+    q = np.empty(n, np.int8) if q is None else q
+    scale = np.empty(-(-n // BLOCK), "<f4") if scale is None else scale
     work = np.empty(CHUNK, np.float32)
     amax = np.empty(CHUNK // BLOCK, np.float32)
     full = n // BLOCK * BLOCK
@@ -90,10 +91,10 @@ def select_topk(x: np.ndarray, k: int) -> np.ndarray:
     return cand[keep]
 
 
-def pack_indices(idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted indices -> (uint16 offsets within 65536-blocks, uint32 count per block)."""
-    counts = np.bincount(idx >> 16, minlength=-(-n // INDEX_BLOCK)).astype("<u4")
-    return (idx & 0xFFFF).astype("<u2"), counts
+def pack_indices(idx: np.ndarray, n: int, low: np.ndarray, counts: np.ndarray) -> None:
+    """Sorted indices -> uint16 offsets within 65536-blocks and a uint32 count per block."""
+    np.bitwise_and(idx, 0xFFFF, out=low, casting="unsafe")
+    np.copyto(counts, np.bincount(idx >> 16, minlength=-(-n // INDEX_BLOCK)), casting="unsafe")
 
 
 def unpack_indices(low: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:

@@ -211,9 +211,7 @@ def _tracked(alive: list[weakref.ref], i: int) -> tuple[float, TensorDict]:
     return 1.0, {"w": tensor}
 
 
-def _lazy(
-    n: int, alive: list[weakref.ref], pulled: list[int]
-) -> Iterator[tuple[float, TensorDict]]:
+def _lazy(n: int, alive: list[weakref.ref], pulled: list[int]) -> Iterator[tuple[float, TensorDict]]:
     for i in range(n):
         assert all(ref() is None for ref in alive), "an earlier delta is still referenced"
         pulled.append(i)
@@ -317,9 +315,7 @@ def test_clip_norm_applies_to_robust_strategies_too():
 
 
 def test_median_takes_the_middle_value_per_coordinate():
-    new = run(
-        make_strategy("median"), weights(0, 0), deltas((1, [1, 5]), (9, [2, -1]), (1, [3, 0]))
-    )
+    new = run(make_strategy("median"), weights(0, 0), deltas((1, [1, 5]), (9, [2, -1]), (1, [3, 0])))
 
     assert close(new["w"], 2, 0)
 

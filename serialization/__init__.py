@@ -1,0 +1,28 @@
+"""crowdtrain's wire format (msgpack + raw tensor bytes) and delta codecs."""
+
+from .codecs import CODECS, Codec, parse_codec
+from .errors import UnknownCodec, WireFormatError
+from .wire import (
+    DEFAULT_LIMIT,
+    FORMAT_VERSION,
+    MAX_META_BYTES,
+    dumps,
+    dumps_visit,
+    encoded_size_bound,
+    loads,
+)
+
+__all__ = [
+    "CODECS",
+    "DEFAULT_LIMIT",
+    "FORMAT_VERSION",
+    "MAX_META_BYTES",
+    "Codec",
+    "UnknownCodec",
+    "WireFormatError",
+    "dumps",
+    "dumps_visit",
+    "encoded_size_bound",
+    "loads",
+    "parse_codec",
+]

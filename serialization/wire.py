@@ -1,0 +1,333 @@
+"""The wire format: one msgpack map per message, tensor bytes as raw ``bin`` fields.
+
+Byte layout (format version 1; every number little-endian inside ``bin``
+payloads, msgpack's own big-endian framing around them)::
+
+    map(3)                                   0x83
+      "v"       -> 1                         positive fixint: FORMAT_VERSION
+      "tensors" -> array(T) of tensor maps   in the caller's order
+      "meta"    -> map                       str keys; nil, bool, int, float, str, bin,
+                                             array, map values; nesting <= 32; <= 64 KiB
+    tensor map (writers emit this order; readers accept any order, no duplicates):
+      "name"  -> str                         state_dict key, <= 1024 UTF-8 bytes
+      "codec" -> str                         canonical codec spec, e.g. "int8"
+      "dtype" -> int                         DTYPES index: 0 float32, 1 float16, 2 bfloat16,
+                                             3 float64, 4 int64, 5 int32, 6 int16, 7 int8,
+                                             8 uint8, 9 bool
+      "shape" -> array of int >= 0           () for a 0-d tensor
+      per codec field F, in the codec's order:
+        "_F" -> bin8 of 0..63 zero bytes     padding: F's payload starts 64-byte aligned
+        "F"  -> bin32 payload                field bytes, exact size fixed by codec + shape
+
+Fields per codec (n = elements, k = round(F*n) >= 1, B = 256, I = 65536)::
+
+    none        data: n * itemsize of dtype (raw tensor bytes)
+    fp16, bf16  data: 2n (IEEE half / bfloat16)
+    int8        q: n int8, scale: ceil(n/B) float32 (absmax/127 per block of B)
+    topk:F      idx: k uint16 (index mod I), cnt: ceil(n/I) uint32 (entries per block of I),
+                val: k float32
+    topk:F+int8 idx, cnt as above, q: k int8, scale: ceil(k/B) float32 (int8 of the values)
+
+Meta comes last so a reader can hand the rest of the buffer to msgpack, which
+also rejects trailing bytes. Changing any of these bytes means bumping
+FORMAT_VERSION (tests/serialization/test_wire.py pins them).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+import torch
+
+from . import _buffers
+from .codecs import Codec, NoneCodec, parse_codec
+from .errors import WireFormatError
+from .reader import Reader, check_meta
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DTYPES",
+    "FORMAT_VERSION",
+    "MAX_META_BYTES",
+    "dumps",
+    "dumps_visit",
+    "encoded_size_bound",
+    "loads",
+]
+
+FORMAT_VERSION = 1
+DEFAULT_LIMIT = 1 << 30  # 1 GiB: above Redis's 512 MB value limit
+MAX_META_BYTES = 64 << 10
+MAX_NAME_BYTES = 1024
+MAX_NDIM = 64
+ALIGN = 64
+DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+    torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)
+_CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
+_ITEMSIZE = tuple(torch.empty((), dtype=d).element_size() for d in DTYPES)
+_NONE = NoneCodec()
+_TENSOR_OVERHEAD = 64  # map header, fixed keys, dtype, shape header: see encoded_size_bound
+_FIELD_OVERHEAD = 80  # two keys of up to 7 bytes, bin8 + bin32 headers, up to 63 pad bytes
+
+
+Visit = Callable[[str, Codec, dict[str, np.ndarray]], None]
+
+
+def dumps(tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None,
+          codec: str | Codec = "none") -> bytes:
+    """Encode named tensors plus a small meta map into one self-describing message."""
+    return dumps_visit(tensors, meta, codec, None)
+
+
+def dumps_visit(tensors: Mapping[str, torch.Tensor], meta: Mapping | None,
+                codec: str | Codec, visit: Visit | None) -> bytes:
+    """dumps, calling ``visit(name, codec, fields)`` once each tensor's fields are written.
+
+    The field arrays are views of the message being built: read them inside
+    ``visit`` (error feedback does), never keep them.
+    """
+    _check_host()
+    chosen = parse_codec(codec) if isinstance(codec, str) else codec
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of name -> tensor, not {type(tensors).__name__}")
+    items = [_prepare(name, t, chosen) for name, t in tensors.items()]
+    segments, total = _layout(items, _pack_meta(meta))
+    buf, view = _buffers.allocate(total)
+    fields: list[dict[str, np.ndarray]] = [{} for _ in items]
+    pos = 0
+    for seg in segments:
+        if isinstance(seg, bytes):
+            view[pos:pos + len(seg)] = np.frombuffer(seg, np.uint8)
+            pos += len(seg)
+        else:
+            index, field, size = seg
+            fields[index][field] = view[pos:pos + size]
+            pos += size
+    for (name, flat, used, _), out in zip(items, fields, strict=True):
+        used.encode_into(flat, out)
+        if visit is not None:
+            visit(name, used, out)
+    del view, fields
+    return _buffers.finish(buf)
+
+
+def loads(data: bytes | bytearray | memoryview, limit: int = DEFAULT_LIMIT, *,
+          max_decoded: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decode a message; raises WireFormatError (only) on anything malformed.
+
+    ``limit`` caps the payload's length; ``max_decoded`` caps the bytes of the
+    returned tensors, checked before each allocation (default: the larger of
+    ``limit`` and DEFAULT_LIMIT, since lossy codecs expand 4-130x). Tensors sent
+    as ``none`` are read-only views of ``data`` where it is aligned (clone before
+    modifying them in place); all tensors are on the CPU in their declared dtype.
+    """
+    try:
+        return _loads(data, limit, max(limit, DEFAULT_LIMIT) if max_decoded is None else max_decoded)
+    except WireFormatError:
+        raise
+    except Exception as e:  # the contract: nothing else escapes
+        raise WireFormatError(f"malformed payload ({type(e).__name__}: {e})") from e
+
+
+def encoded_size_bound(shapes: Mapping[str, Sequence[int] | tuple[Sequence[int], torch.dtype]],
+                       codec: str | Codec) -> int:
+    """Most bytes dumps can produce for tensors of these shapes (float32 unless a dtype is given)."""
+    chosen = parse_codec(codec) if isinstance(codec, str) else codec
+    total = 32 + MAX_META_BYTES
+    for name, spec in shapes.items():
+        shape, dtype = _shape_and_dtype(spec)
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        used = chosen if chosen.lossy and dtype.is_floating_point else _NONE
+        sizes = used.field_sizes(n, _ITEMSIZE[_CODE[dtype]])
+        total += (_TENSOR_OVERHEAD + len(name.encode()) + len(used.name) + 9 * len(shape)
+                  + sum(_FIELD_OVERHEAD + size for size in sizes.values()))
+    return total
+
+
+def _loads(data: bytes | bytearray | memoryview, limit: int,
+           max_decoded: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The body of loads; any exception it lets out is translated there."""
+    _check_host()
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError as e:
+        raise WireFormatError(f"payload must be bytes-like, not {type(data).__name__}") from e
+    if view.nbytes > limit:
+        raise WireFormatError(f"payload of {view.nbytes} bytes exceeds the limit of {limit} bytes")
+    r = Reader(view)
+    if r.map_header() != 3:
+        raise WireFormatError("message must be a map of exactly 3 entries: v, tensors, meta")
+    r.expect_key("v")
+    version = r.int_()
+    if version != FORMAT_VERSION:
+        raise WireFormatError(f"unsupported format version {version}; this reader knows {FORMAT_VERSION}")
+    r.expect_key("tensors")
+    count = r.array_header()
+    parsed = []
+    budget, arena_size = max_decoded, 0
+    for _ in range(count):
+        entry = _read_tensor(r)
+        budget -= entry[3] * _ITEMSIZE[entry[2]]
+        if budget < 0:
+            raise WireFormatError(f"tensor {entry[0]!r} of shape {tuple(entry[4])} exceeds the "
+                                  f"decode limit of {max_decoded} bytes")
+        arena_size += _arena_need(entry)
+        parsed.append(entry)
+    r.expect_key("meta")
+    meta = _read_meta(r.rest())
+    return _decode_all(parsed, np.empty(arena_size, np.float32)), meta
+
+
+def _read_tensor(r: Reader) -> tuple:
+    """Parse and check one tensor map: (name, codec, dtype code, n, shape, fields)."""
+    header, fields = r.tensor_map(MAX_NAME_BYTES, MAX_NDIM)
+    name = header["name"]
+    try:
+        codec = parse_codec(header["codec"])
+    except WireFormatError as e:
+        raise type(e)(f"tensor {name!r}: {e}") from None
+    code, shape = header["dtype"], header["shape"]
+    if not 0 <= code < len(DTYPES):
+        raise WireFormatError(f"tensor {name!r}: unknown dtype code {code}")
+    if codec.lossy and not DTYPES[code].is_floating_point:
+        raise WireFormatError(f"tensor {name!r}: lossy codec {codec.name} on dtype {DTYPES[code]}")
+    n = 1
+    for dim in shape:
+        n *= dim
+    expected = codec.field_sizes(n, _ITEMSIZE[code])
+    if set(expected) != set(fields):
+        raise WireFormatError(f"tensor {name!r}: codec {codec.name} needs fields "
+                              f"{sorted(expected)}, got {sorted(fields)}")
+    for field, size in expected.items():
+        if fields[field].nbytes != size:
+            raise WireFormatError(f"tensor {name!r}: field {field!r} has {fields[field].nbytes} "
+                                  f"bytes, shape {tuple(shape)} with {codec.name} needs {size}")
+    return name, codec, code, n, shape, fields
+
+
+def _arena_need(entry: tuple) -> int:
+    """float32 elements a tensor decodes into from the shared arena (64-byte rounded)."""
+    _, codec, code, n, _, _ = entry
+    return -(-n // 16) * 16 if codec.lossy and code == 0 else 0
+
+
+def _decode_all(parsed: list, arena: np.ndarray) -> dict[str, torch.Tensor]:
+    """Decode checked tensors; lossy float32 ones into one huge-page arena (one allocation)."""
+    tensors: dict[str, torch.Tensor] = {}
+    pos = 0
+    for entry in parsed:
+        name, codec, code, n, shape, fields = entry
+        if name in tensors:
+            raise WireFormatError(f"duplicate tensor name {name!r}")
+        need = _arena_need(entry)
+        out = arena[pos:pos + n] if need else None
+        pos += need
+        flat = codec.decode(fields, n, DTYPES[code], out)
+        if code == _CODE[torch.bool] and n and int(flat.view(torch.uint8).max()) > 1:
+            raise WireFormatError(f"tensor {name!r}: bool bytes other than 0 and 1")
+        tensors[name] = flat.view(tuple(shape))
+    return tensors
+
+
+def _read_meta(rest: memoryview) -> dict:
+    """Unpack the trailing meta map with msgpack, bounded, and check its shape."""
+    if rest.nbytes > MAX_META_BYTES:
+        raise WireFormatError(f"meta of {rest.nbytes} bytes exceeds {MAX_META_BYTES} bytes")
+    try:
+        meta = msgpack.unpackb(rest, raw=False, strict_map_key=True, use_list=True,
+                               max_str_len=MAX_META_BYTES, max_bin_len=MAX_META_BYTES,
+                               max_array_len=MAX_META_BYTES, max_map_len=MAX_META_BYTES,
+                               max_ext_len=0)
+    except msgpack.ExtraData as e:
+        raise WireFormatError(f"{len(e.extra)} trailing bytes after the message") from None
+    except Exception as e:  # msgpack raises several types
+        raise WireFormatError(f"malformed meta ({type(e).__name__}: {e})") from e
+    check_meta(meta)
+    return meta
+
+
+def _pack_meta(meta: Mapping | None) -> bytes:
+    """Pack the meta map after checking it is small, plain and shallow."""
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a mapping, not {type(meta).__name__}")
+    try:
+        check_meta(dict(meta))
+        packed = msgpack.packb(dict(meta), use_bin_type=True, strict_types=False)
+    except WireFormatError as e:
+        raise ValueError(f"meta cannot go on the wire: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"meta cannot go on the wire: {e}") from e
+    if len(packed) > MAX_META_BYTES:
+        raise ValueError(f"meta packs to {len(packed)} bytes; the limit is {MAX_META_BYTES}")
+    return packed
+
+
+def _prepare(name: str, tensor: torch.Tensor, codec: Codec
+             ) -> tuple[str, torch.Tensor, Codec, torch.Size]:
+    """Check one tensor and pick its codec (``none`` for non-float tensors)."""
+    if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"tensor name {name!r:.80} must be a str of at most {MAX_NAME_BYTES} bytes")
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise TypeError(f"tensor {name!r} must be a dense torch.Tensor, not {type(tensor).__name__}")
+    if tensor.dtype not in _CODE:
+        raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; the wire carries "
+                         f"{', '.join(str(d) for d in DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    used = codec if codec.lossy and tensor.is_floating_point() else _NONE
+    return name, flat, used, tensor.shape
+
+
+def _layout(items: list, meta_bytes: bytes) -> tuple[list, int]:
+    """Header bytes and (tensor index, field, size) slots in message order, and the total."""
+    segments: list = []
+    head = bytearray(b"\x83" + _P("v") + _P(FORMAT_VERSION) + _P("tensors")
+                     + _array_header(len(items)))
+    offset = 0
+    for index, (name, flat, codec, shape) in enumerate(items):
+        sizes = codec.field_sizes(flat.numel(), flat.element_size())
+        head += (bytes((0x80 | (4 + 2 * len(sizes)),)) + _P("name") + _P(name) + _P("codec")
+                 + _P(codec.name) + _P("dtype") + _P(_CODE[flat.dtype]) + _P("shape")
+                 + _P(list(shape)))
+        for field, size in sizes.items():
+            key, pad_key = _P(field), _P("_" + field)
+            pad = -(offset + len(head) + len(pad_key) + 2 + len(key) + 5) % ALIGN
+            head += pad_key + bytes((0xC4, pad)) + bytes(pad) + key + b"\xc6" + struct.pack(">I", size)
+            segments += [bytes(head), (index, field, size)]
+            offset += len(head) + size
+            head = bytearray()
+    head += _P("meta") + meta_bytes
+    segments.append(bytes(head))
+    return segments, offset + len(head)
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack array header for n elements."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    return b"\xdc" + struct.pack(">H", n) if n < 1 << 16 else b"\xdd" + struct.pack(">I", n)
+
+
+def _shape_and_dtype(spec: Sequence) -> tuple[tuple[int, ...], torch.dtype]:
+    """Accept ``shape`` or ``(shape, dtype)`` in encoded_size_bound."""
+    if len(spec) == 2 and isinstance(spec[1], torch.dtype):
+        return tuple(int(d) for d in spec[0]), spec[1]
+    return tuple(int(d) for d in spec), torch.float32
+
+
+def _check_host() -> None:
+    """The fast paths reinterpret memory as little-endian."""
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        raise WireFormatError("crowdtrain's wire format needs a little-endian host")
+
+
+def _P(obj: object) -> bytes:
+    """msgpack-pack one small value."""
+    return msgpack.packb(obj, use_bin_type=True)

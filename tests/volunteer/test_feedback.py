@@ -1,0 +1,87 @@
+"""Error feedback: the sum of what is sent tracks the sum of the true deltas."""
+
+from __future__ import annotations
+
+import torch
+
+from serialization import loads
+from volunteer.feedback import ErrorFeedback
+
+SHAPES = {"emb": (256, 64), "w": (64, 64), "b": (64,)}
+
+
+def _delta(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {k: torch.randn(s, generator=gen) * 0.01 for k, s in SHAPES.items()}
+
+
+def _gap(a: dict, b: dict) -> float:
+    return sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+
+
+def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk():
+    gen, feedback = torch.Generator().manual_seed(0), ErrorFeedback()
+    true = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    sent = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    gaps, one_delta = [], 0.0
+    for round_ in range(50):
+        delta = _delta(gen)
+        one_delta = _gap(delta, {k: torch.zeros(s) for k, s in SHAPES.items()})
+        decoded, meta = loads(feedback.encode(delta, {"round": round_}, "topk:0.01"))
+        assert meta == {"round": round_}
+        for k in SHAPES:
+            true[k] += delta[k]
+            sent[k] += decoded[k]
+        gaps.append(_gap(true, sent))
+        assert abs(gaps[-1] - feedback.residual_norm()) <= 1e-4 * (1 + gaps[-1])
+    without_feedback = 0.95 * one_delta * 50**0.5  # top-1% drops ~95% of each delta's norm
+    assert gaps[-1] < 0.7 * without_feedback
+    assert max(gaps[35:]) < 1.25 * max(gaps[15:25])  # bounded: it levels off
+
+
+def test_int8_feedback_keeps_the_residual_at_quantisation_noise():
+    gen, feedback = torch.Generator().manual_seed(1), ErrorFeedback()
+    for _ in range(20):
+        feedback.encode(_delta(gen), {}, "int8")
+    one = _gap(_delta(gen), {k: torch.zeros(s) for k, s in SHAPES.items()})
+    assert feedback.residual_norm() < 0.02 * one
+
+
+def test_lossless_codec_keeps_no_residual_and_sends_the_delta_exactly():
+    gen, feedback = torch.Generator().manual_seed(2), ErrorFeedback()
+    feedback.encode(_delta(gen), {}, "topk:0.01")
+    delta = _delta(gen)
+    decoded, _ = loads(feedback.encode(delta, {}, "none"))
+    assert feedback.residual_norm() == 0.0
+    assert all(torch.equal(decoded[k], delta[k]) for k in SHAPES)
+
+
+def test_residual_resets_when_a_shape_changes():
+    feedback = ErrorFeedback()
+    feedback.encode({"w": torch.ones(100)}, {}, "topk:0.01")
+    before = feedback.residual_norm()
+    decoded, _ = loads(feedback.encode({"w": torch.ones(10, 10)}, {}, "topk:0.5"))
+    assert before > 0 and decoded["w"].shape == (10, 10)
+    assert float(decoded["w"].sum()) == 50.0  # nothing from the old residual leaked in
+
+
+def test_non_float_tensors_pass_through_without_residual():
+    feedback = ErrorFeedback()
+    decoded, _ = loads(feedback.encode({"steps": torch.tensor(7), "w": torch.ones(4)}, {}, "int8"))
+    assert decoded["steps"].item() == 7 and decoded["steps"].dtype == torch.int64
+
+
+def test_residual_buffers_are_reused_between_rounds():
+    feedback = ErrorFeedback()
+    feedback.encode({"w": torch.randn(1000)}, {}, "topk:0.1")
+    first = feedback._residual["w"].data_ptr()
+    feedback.encode({"w": torch.randn(1000)}, {}, "topk:0.1")
+    assert feedback._residual["w"].data_ptr() == first
+
+
+def test_caller_delta_is_not_modified():
+    delta = {"w": torch.randn(500)}
+    copy = delta["w"].clone()
+    feedback = ErrorFeedback()
+    feedback.encode(delta, {}, "topk:0.01+int8")
+    feedback.encode(delta, {}, "topk:0.01+int8")
+    assert torch.equal(delta["w"], copy)
