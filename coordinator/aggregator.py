@@ -45,18 +45,21 @@ class Aggregator:
 
     # --- one upload --------------------------------------------------------
     def validate(self, run: str, number: int, shard: int, token: str | None, volunteer: str,
-                 failure: str | None = None) -> str:
+                 failure: str | None = None, downlink: int = 0) -> str:
         """Check one shard's upload and count it: accepted, quorum, rejected, duplicate, late."""
         config = self.store.run_config(run)
         info = self.store.round_info(run, number)
         if info is None or not 0 <= shard < int(info["shards"]):
             log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
             return "unknown"
+        self.store.credit(volunteer, shards_done=1)
+        if downlink > 0:
+            self.store.add_round_bytes(run, number, "downlink_bytes", downlink)
         if failure is not None:
             return self._refuse(run, number, shard, volunteer, str(failure)[:200])
         if token is None or not _TOKEN.match(token):
             return self._refuse(run, number, shard, volunteer, "malformed upload token")
-        key = self.store.upload_key(run, number, shard, token)
+        key = self.store.upload_key(volunteer, run, number, shard, token)
         blob = self.store.get_upload(key)
         if blob is None:
             return self._refuse(run, number, shard, volunteer, "upload missing or expired")

@@ -191,8 +191,9 @@ class Store:
         return out
 
     # --- uploads -----------------------------------------------------------
-    def upload_key(self, run: str, number: int, shard: int, token: str) -> str:
-        return _k("run", run, "upload", number, shard, token)
+    def upload_key(self, volunteer: str, run: str, number: int, shard: int, token: str) -> str:
+        """Uploads live under the volunteer's own prefix, which its ACL user may write."""
+        return _k("upload", volunteer, run, number, shard, token)
 
     def put_upload(self, key: str, blob: bytes) -> None:
         self.redis.set(key, blob, ex=UPLOAD_TTL)

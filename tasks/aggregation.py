@@ -15,10 +15,12 @@ def register(app: Celery) -> None:
 
     @app.task(name="validate_delta")
     def validate_delta(run: str, round: int, shard: int, token: str | None = None,
-                       volunteer: str = "?", failure: str | None = None) -> dict[str, Any]:
+                       volunteer: str = "?", failure: str | None = None,
+                       downlink: int = 0) -> dict[str, Any]:
         """Check one volunteer's upload and count it toward the round's quorum."""
-        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer, failure=failure)
-        outcome = _aggregator(app).validate(run, round, shard, token, volunteer, failure)
+        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer,
+                failure=failure, downlink=downlink)
+        outcome = _aggregator(app).validate(run, round, shard, token, volunteer, failure, downlink)
         if outcome == "quorum":
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         return {"run": run, "round": round, "shard": shard, "volunteer": volunteer, "outcome": outcome}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 MAX_TEXT = 200
-_INTS = {"round", "shard", "shards", "version"}
+# Run and volunteer names become parts of Redis keys and file names.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_INTS = {"round", "shard", "shards", "version", "downlink"}
 _TEXTS = {"run", "volunteer"}
 _OPTIONAL_TEXTS = {"token", "failure"}
 
@@ -20,7 +23,7 @@ def checked(**arguments: Any) -> None:
         if name in _INTS:
             ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
         elif name in _TEXTS:
-            ok = isinstance(value, str) and 0 < len(value) <= MAX_TEXT
+            ok = isinstance(value, str) and _NAME.match(value) is not None
         elif name in _OPTIONAL_TEXTS:
             ok = value is None or (isinstance(value, str) and len(value) <= MAX_TEXT)
         else:

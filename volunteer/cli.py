@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from volunteer.worker import VolunteerOptions
 
 log = logging.getLogger("crowdtrain.volunteer")
 BROKER_RETRY_SECONDS = 5.0
+VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,8 +71,9 @@ def start(args: argparse.Namespace) -> int:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    if "@" in name or not name.strip():
-        print("volunteer start: error: --name must be non-empty and without '@'", file=sys.stderr)
+    if not VOLUNTEER_NAME.match(name):
+        print(f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
+              file=sys.stderr)
         return 2
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

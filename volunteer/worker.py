@@ -61,17 +61,16 @@ class ShardRunner:
         if config["job"] not in self.options.allowed_jobs:
             reason = (f"volunteer {self.options.name} does not run job {config['job']!r} "
                       "(not on its --allow-job list)")
-            report(failure=reason)
+            report(failure=reason, downlink=0)
             return {**summary, "skipped": reason}
-        weights = self._model(run, version, number)
+        weights, downlink = self._model(run, version)
         result = train_shard(
             self._job(run, config), weights, shard=shard, shards=shards,
             steps=int(config["local_steps"]), lr=float(config["lr"]),
             optimizer=str(config.get("optimizer", "adamw")), device=self.device,
             seed=seed_for(run, number, shard))
-        self.store.credit(self.options.name, shards_done=1)
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
-            report(failure="non-finite values")
+            report(failure="non-finite values", downlink=downlink)
             log.warning("%s round %d shard %d: non-finite values, not uploaded", run, number, shard)
             return {**summary, "failed": "non-finite values"}
         meta = {"run": run, "round": number, "shard": shard, "base_version": version,
@@ -80,28 +79,28 @@ class ShardRunner:
         codec = parse_codec(str(config["compression"]))
         blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
         token = uuid.uuid4().hex
-        self.store.put_upload(self.store.upload_key(run, number, shard, token), blob)
-        report(token=token)
+        self.store.put_upload(self.store.upload_key(self.options.name, run, number, shard, token), blob)
+        report(token=token, downlink=downlink)
         log.info("%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
                  run, number, shard, result.steps, result.train_loss,
                  result.samples / max(result.seconds, 1e-9), len(blob))
         return {**summary, "loss": round(result.train_loss, 4), "samples": result.samples,
                 "bytes": len(blob), "seconds": round(result.seconds, 3)}
 
-    def _model(self, run: str, version: int, number: int) -> dict[str, torch.Tensor]:
+    def _model(self, run: str, version: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The weights of a version and the bytes fetched for them (0 when cached)."""
         key = (run, version)
         if key in self._models:
             self._models.move_to_end(key)
-            return self._models[key]
+            return self._models[key], 0
         blob = self.store.model_blob(run, version)
         if blob is None:
             raise LookupError(f"model version {version} of run {run!r} is not in Redis")
-        self.store.add_round_bytes(run, number, "downlink_bytes", len(blob))
         weights, _ = loads(blob)
         self._models[key] = weights
         while len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
-        return weights
+        return weights, len(blob)
 
     def _job(self, run: str, config: dict[str, Any]):
         if run not in self._jobs:
