@@ -6,7 +6,7 @@ only caches (jobs, tensor shapes) between calls: all round state is in Redis.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import re
@@ -21,7 +21,7 @@ import torch
 
 from coordinator import checkpoints
 from coordinator.jobs import load_job
-from coordinator.store import Store
+from coordinator.store import CLAIM_LEASE, Store
 from coordinator.strategies import make_strategy
 from coordinator.validation import check_delta, check_meta, delta_norm, norm_outliers
 from serialization import WireFormatError, dumps, encoded_size_bound, loads, parse_codec
@@ -30,7 +30,7 @@ log = logging.getLogger("crowdtrain.aggregator")
 
 _TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
 DEADLINE_POLL = 0.5
-DEADLINE_RESEND = 30.0
+DEADLINE_RESEND = 10.0
 
 
 class Aggregator:
@@ -45,37 +45,43 @@ class Aggregator:
 
     # --- one upload --------------------------------------------------------
     def validate(self, run: str, number: int, shard: int, token: str | None, volunteer: str,
-                 failure: str | None = None, downlink: int = 0) -> str:
-        """Check one shard's upload and count it: accepted, quorum, rejected, duplicate, late."""
+                 failure: str | None = None, downlink: int = 0) -> tuple[str, bool]:
+        """Check one shard's upload and count it at most once.
+
+        Returns the outcome (accepted, rejected, repeat, duplicate, late or
+        unknown) and whether the round is now due for aggregation.
+        """
         config = self.store.run_config(run)
         info = self.store.round_info(run, number)
         if info is None or not 0 <= shard < int(info["shards"]):
             log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
-            return "unknown"
+            return "unknown", False
         self.store.credit(volunteer, shards_done=1)
         if downlink > 0:
             self.store.add_round_bytes(run, number, "downlink_bytes", downlink)
         if failure is not None:
-            return self._refuse(run, number, shard, volunteer, str(failure)[:200])
+            return self._refuse(run, number, shard, volunteer, str(failure)[:200], "failed"), False
         if token is None or not _TOKEN.match(token):
-            return self._refuse(run, number, shard, volunteer, "malformed upload token")
+            return self._refuse(run, number, shard, volunteer, "malformed upload token"), False
         key = self.store.upload_key(volunteer, run, number, shard, token)
         blob = self.store.get_upload(key)
         if blob is None:
-            return self._refuse(run, number, shard, volunteer, "upload missing or expired")
-        self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
+            return self._refuse(run, number, shard, volunteer, "upload missing or expired", token), False
         reason, meta = self._check_upload(run, config, info, blob)
         if reason is not None:
+            self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
             self.store.redis.delete(key)
-            return self._refuse(run, number, shard, volunteer, reason)
-        outcome = self.store.accept(run, number, shard, key)
-        if outcome in ("accepted", "quorum"):
+            return self._refuse(run, number, shard, volunteer, reason, token), False
+        outcome, due = self.store.accept(run, number, shard, key)
+        if outcome != "repeat":  # a redelivered validation must not count the bytes twice
+            self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
+        if outcome == "accepted":
             self.store.credit(volunteer, accepted=1, samples=int(meta["samples"]))
             log.info("accepted %s round %d shard %d from %s", run, number, shard, volunteer)
-        else:
+        elif outcome != "repeat":
             self.store.redis.delete(key)
             log.info("%s result for %s round %d shard %d from %s", outcome, run, number, shard, volunteer)
-        return outcome
+        return outcome, due
 
     def _check_upload(self, run: str, config: dict, info: dict, blob: bytes
                       ) -> tuple[str | None, dict]:
@@ -93,8 +99,9 @@ class Aggregator:
                   or check_delta(delta, reference))
         return reason, meta
 
-    def _refuse(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> str:
-        outcome = self.store.reject(run, number, shard, volunteer, reason)
+    def _refuse(self, run: str, number: int, shard: int, volunteer: str, reason: str,
+                upload: str = "") -> str:
+        outcome = self.store.reject(run, number, shard, volunteer, reason, upload)
         if outcome == "rejected":
             self.store.credit(volunteer, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
@@ -107,15 +114,20 @@ class Aggregator:
         if not self.store.claim(run, number, owner):
             return None
         started = time.time()
+        with _renewing(self.store, run, number, owner):
+            return self._aggregate_claimed(run, number, owner, started)
+
+    def _aggregate_claimed(self, run: str, number: int, owner: str, started: float) -> dict[str, Any] | None:
         config = self.store.run_config(run)
         info = self.store.round_info(run, number) or {}
         base = int(info["base_version"])
         uploads = self.store.accepted_uploads(run, number)
         metas, rejections = self._screen(run, config, uploads)
         for shard, reason in rejections.items():
-            self.store.redis.rpush(f"ct:run:{run}:round:{number}:rejections",
-                                   _rejection(shard, metas.get(shard, {}), reason))
-            self.store.credit(str(metas.get(shard, {}).get("volunteer", "?")), rejected=1, accepted=-1)
+            volunteer = _volunteer_of(uploads[shard])
+            self.store.reject_claimed(run, number, shard, volunteer, reason)
+            self.store.credit(volunteer, rejected=1, accepted=-1)
+            log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         used = {s: k for s, k in uploads.items() if s in metas and s not in rejections}
         summary = self._summary(run, number, info, config, metas, used, rejections)
         if not used:
@@ -205,7 +217,11 @@ class Aggregator:
 
 
 def watch_deadlines(store: Store, send: Callable[[str, int], None], stop: threading.Event) -> None:
-    """Ask for aggregation of every round whose deadline passed (runs in a thread)."""
+    """Ask for aggregation of every due round (runs in a thread beside the worker).
+
+    Covers what no task message triggers: deadlines, and rounds whose
+    aggregator died holding them or before it sent ``aggregate_round``.
+    """
     sent: dict[tuple[str, int], float] = {}
     while not stop.is_set():
         try:
@@ -219,5 +235,27 @@ def watch_deadlines(store: Store, send: Callable[[str, int], None], stop: thread
         stop.wait(DEADLINE_POLL)
 
 
-def _rejection(shard: int, meta: dict, reason: str) -> str:
-    return json.dumps({"shard": shard, "volunteer": str(meta.get("volunteer", "?")), "reason": reason})
+@contextlib.contextmanager
+def _renewing(store: Store, run: str, number: int, owner: str) -> Iterator[None]:
+    """Renew our claim on a round every third of its lease until the block ends."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(CLAIM_LEASE / 3):
+            try:
+                if not store.renew_claim(run, number, owner):
+                    return  # taken over: our commit will be refused, which is safe
+            except Exception as e:  # keep trying; the lease covers short blips
+                log.warning("could not renew the claim on %s round %d: %s", run, number, e)
+
+    thread = threading.Thread(target=renew, name="claim-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def _volunteer_of(upload_key: str) -> str:
+    """The volunteer name inside an upload key (see Store.upload_key)."""
+    return upload_key.split(":")[2]

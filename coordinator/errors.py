@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis
+
 from coordinator.embedded import EmbeddedRedisError
 from coordinator.jobs import JobError
 from coordinator.rounds import QuorumError
@@ -22,4 +24,5 @@ class BrokerUnreachable(ConnectionError):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError, BrokerUnreachable, EmbeddedRedisError, JobError, QuorumError, RoundOpen,
     RunExists, UnknownRun, StrategyError, WireFormatError, SettingsError,
+    redis.ConnectionError,  # the broker went away mid-command and did not come back
 )

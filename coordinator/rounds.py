@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery
 
 from coordinator.store import Store
 from tasks.app import TRAIN_QUEUE
 
 POLL_SECONDS = 0.1
+BROKER_OUTAGE_SECONDS = 120.0
+log = logging.getLogger("crowdtrain.rounds")
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -54,9 +59,25 @@ def post_round(store: Store, app: Celery, run: str, shards: int, quorum: int,
 
 def wait_round(store: Store, run: str, number: int, progress: ProgressFn | None = None,
                poll: float = POLL_SECONDS) -> dict[str, Any]:
-    """Block until the round is done or failed; report its live counters meanwhile."""
+    """Block until the round is done or failed; report its live counters meanwhile.
+
+    A broker that goes away (a Redis restart) is waited for, up to
+    BROKER_OUTAGE_SECONDS, with a log line: the round itself lives in Redis.
+    """
+    outage_since: float | None = None
     while True:
-        info = store.round_info(run, number)
+        try:
+            info = store.round_info(run, number)
+            outage_since = None
+        except redis.ConnectionError as e:
+            now = time.monotonic()
+            if outage_since is None:
+                outage_since = now
+                log.warning("broker unreachable (%s); waiting for it to come back", e)
+            if now - outage_since > BROKER_OUTAGE_SECONDS:
+                raise
+            time.sleep(1.0)
+            continue
         if info is None:
             raise LookupError(f"round {number} of run {run!r} does not exist")
         if progress is not None:
@@ -68,8 +89,6 @@ def wait_round(store: Store, run: str, number: int, progress: ProgressFn | None 
 
 def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
     """One entry of the ``rounds`` list of DESIGN.md's JSON."""
-    import json
-
     info = store.round_info(run, number) or {}
     summary = json.loads(info["summary"]) if isinstance(info.get("summary"), str) else {}
     rejections = store.rejections(run, number)

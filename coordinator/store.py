@@ -18,24 +18,47 @@ PREFIX = "ct"
 UPLOAD_TTL = 24 * 3600
 # Round bookkeeping is kept this long after the round ends, then Redis drops it.
 ROUND_TTL = 7 * 24 * 3600
-CLAIM_LEASE = 300.0
+# An aggregator holds a round this long without renewing its claim; after that
+# (it crashed) another aggregator may take the round over.
+CLAIM_LEASE = 10.0
 
+# Returns {outcome, due}: due is 1 while the round is open with its quorum met,
+# so a redelivered validation (its aggregator died) still triggers aggregation.
+# The fencing token of a result is its upload key (volunteer, run, round,
+# shard, attempt token): the same key seen again is a 'repeat', a second
+# upload for an accepted shard a 'duplicate'.
 _ACCEPT = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return 'late' end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
-local n = redis.call('HINCRBY', KEYS[1], 'accepted', 1)
-if n >= tonumber(redis.call('HGET', KEYS[1], 'quorum')) then return 'quorum' end
-return 'accepted'
+local r = redis.call('HMGET', KEYS[1], 'status', 'quorum')
+if r[1] ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return {'late', 0} end
+local outcome = 'accepted'
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if current == ARGV[2] then
+  outcome = 'repeat'
+elseif current then
+  outcome = 'duplicate'
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'accepted', 1)
+end
+local due = 0
+if tonumber(redis.call('HGET', KEYS[1], 'accepted')) >= tonumber(r[2]) then due = 1 end
+return {outcome, due}
 """
 
+# Rejections are keyed by shard and upload, so a redelivered one counts once.
 _REJECT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return 'late' end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 'duplicate' end
+if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[2]) == 0 then return 'repeat' end
 redis.call('HINCRBY', KEYS[1], 'rejected', 1)
-redis.call('RPUSH', KEYS[2], ARGV[2])
 return 'rejected'
+"""
+
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'claim_owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'claim_until', ARGV[2])
+return 1
 """
 
 _CLAIM = """
@@ -90,6 +113,7 @@ class Store:
         self._accept = client.register_script(_ACCEPT)
         self._reject = client.register_script(_REJECT)
         self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
         self._commit = client.register_script(_COMMIT)
 
     # --- runs --------------------------------------------------------------
@@ -178,17 +202,29 @@ class Store:
         return {int(k): v.decode() for k, v in raw.items()}
 
     def rejections(self, run: str, number: int) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.redis.lrange(_round(run, number) + ":rejections", 0, -1)]
+        raw = self.redis.hvals(_round(run, number) + ":rejections")
+        return sorted((json.loads(x) for x in raw), key=lambda r: (r["shard"], r["volunteer"]))
 
     def due_rounds(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Rounds whose deadline has passed and that are not finished yet."""
+        """Unfinished rounds an aggregator should take now.
+
+        Past their deadline, open with their quorum met, or held by an
+        aggregator whose claim ran out (it died): the same test as ``claim``.
+        """
         now = time.time() if now is None else now
-        due = self.redis.zrangebyscore(_k("deadlines"), "-inf", now)
-        out = []
-        for member in due:
-            run, _, number = member.decode().rpartition("|")
-            out.append((run, int(number)))
-        return out
+        members = [m.decode() for m in self.redis.zrange(_k("deadlines"), 0, -1)]
+        pipe = self.redis.pipeline()
+        for member in members:
+            run, _, number = member.rpartition("|")
+            pipe.hmget(_round(run, int(number)), "status", "accepted", "quorum", "deadline", "claim_until")
+        due = []
+        for member, (status, accepted, quorum, deadline, claim_until) in zip(members, pipe.execute()):
+            run, _, number = member.rpartition("|")
+            if status == b"open" and (int(accepted) >= int(quorum) or float(deadline) <= now):
+                due.append((run, int(number)))
+            elif status == b"aggregating" and float(claim_until) <= now:
+                due.append((run, int(number)))
+        return due
 
     # --- uploads -----------------------------------------------------------
     def upload_key(self, volunteer: str, run: str, number: int, shard: int, token: str) -> str:
@@ -201,22 +237,37 @@ class Store:
     def get_upload(self, key: str) -> bytes | None:
         return self.redis.get(key)
 
-    def accept(self, run: str, number: int, shard: int, upload_key: str) -> str:
-        """Count a validated delta once: 'accepted', 'quorum', 'duplicate' or 'late'."""
-        key = _round(run, number)
-        return self._accept(keys=[key, key + ":accepted"], args=[shard, upload_key]).decode()
+    def accept(self, run: str, number: int, shard: int, upload_key: str) -> tuple[str, bool]:
+        """Count a validated delta once.
 
-    def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> str:
-        """Record why a shard's result was refused: 'rejected', 'duplicate' or 'late'."""
+        Returns the outcome ('accepted', 'repeat', 'duplicate' or 'late') and
+        whether the round is now due for aggregation (open, quorum met).
+        """
+        key = _round(run, number)
+        outcome, due = self._accept(keys=[key, key + ":accepted"], args=[shard, upload_key])
+        return outcome.decode(), bool(due)
+
+    def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str,
+               upload: str = "") -> str:
+        """Record why a shard's result was refused: 'rejected', 'repeat', 'duplicate' or 'late'."""
         key = _round(run, number)
         entry = json.dumps({"shard": shard, "volunteer": volunteer, "reason": reason})
         return self._reject(keys=[key, key + ":rejections", key + ":accepted"],
-                            args=[shard, entry]).decode()
+                            args=[shard, entry, f"{shard}|{volunteer}|{upload}"]).decode()
+
+    def reject_claimed(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> None:
+        """Record a rejection decided during aggregation (the round is no longer open)."""
+        entry = json.dumps({"shard": shard, "volunteer": volunteer, "reason": reason})
+        self.redis.hset(_round(run, number) + ":rejections", f"{shard}|{volunteer}|aggregation", entry)
 
     # --- aggregation -------------------------------------------------------
     def claim(self, run: str, number: int, owner: str, lease: float = CLAIM_LEASE) -> bool:
         """Take the round for aggregation if its quorum or deadline is reached."""
         return bool(self._claim(keys=[_round(run, number)], args=[owner, time.time(), lease]))
+
+    def renew_claim(self, run: str, number: int, owner: str, lease: float = CLAIM_LEASE) -> bool:
+        """Extend our claim while a long aggregation is still working."""
+        return bool(self._renew(keys=[_round(run, number)], args=[owner, time.time() + lease]))
 
     def finish_round(self, run: str, number: int, owner: str, base_version: int,
                      summary: dict[str, Any], staged_key: str | None,

@@ -20,8 +20,8 @@ def register(app: Celery) -> None:
         """Check one volunteer's upload and count it toward the round's quorum."""
         checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer,
                 failure=failure, downlink=downlink)
-        outcome = _aggregator(app).validate(run, round, shard, token, volunteer, failure, downlink)
-        if outcome == "quorum":
+        outcome, due = _aggregator(app).validate(run, round, shard, token, volunteer, failure, downlink)
+        if due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         return {"run": run, "round": round, "shard": shard, "volunteer": volunteer, "outcome": outcome}
 

@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from tasks.config import RESULT_EXPIRES, Settings
+from tasks.visibility import KeepVisible
 
 TRAIN_QUEUE = "train"
 AGGREGATE_QUEUE = "aggregate"
@@ -25,6 +26,7 @@ def make_app(settings: Settings) -> Celery:
     app = Celery("crowdtrain", broker=settings.broker_url, backend=settings.broker_url)
     app.conf.update(_celery_config(settings))
     app.crowdtrain_settings = settings
+    app.steps["worker"].add(KeepVisible)
     training.register(app)
     aggregation.register(app)
     return app
@@ -64,7 +66,11 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": visibility},
+        # A short visibility timeout plus tasks.visibility's heartbeat: dead
+        # workers' messages come back quickly, living workers' never do.
+        broker_transport_options={"visibility_timeout": visibility,
+                                  "unacked_restore_interval": max(1, int(visibility // 10)),
+                                  "unacked_restore_throttle": 1},
         result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=RESULT_EXPIRES,
         result_extended=False,

@@ -18,7 +18,7 @@ DEFAULT_DEADLINE = 600.0
 # refresh the clock of the message they are working on (see volunteer.worker),
 # so only a shard whose volunteer died waits this long, and a long shard is
 # never run twice just because it is long.
-DEFAULT_VISIBILITY_TIMEOUT = 60.0
+DEFAULT_VISIBILITY_TIMEOUT = 30.0
 RESULT_EXPIRES = 3600
 
 

@@ -70,6 +70,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
@@ -92,12 +93,14 @@ class Processes:
         self.home = home
         self.broker = broker
         self.started: list[subprocess.Popen] = []
+        self.extra_env: dict[str, str] = {}  # applied to every process this object starts
         self.logs = home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {**os.environ, "CROWDTRAIN_HOME": str(self.home), "CROWDTRAIN_BROKER_URL": self.broker,
                "CROWDTRAIN_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env.update(self.extra_env)
         env.update(extra)
         return env
 
