@@ -70,7 +70,9 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         # workers' messages come back quickly, living workers' never do.
         broker_transport_options={"visibility_timeout": visibility,
                                   "unacked_restore_interval": max(1, int(visibility // 10)),
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1,
+                                  # a worker killed mid-sweep must not block restores for 5 minutes
+                                  "unacked_mutex_expire": 10},
         result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=RESULT_EXPIRES,
         result_extended=False,
