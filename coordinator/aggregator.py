@@ -122,7 +122,7 @@ class Aggregator:
         info = self.store.round_info(run, number) or {}
         base = int(info["base_version"])
         uploads = self.store.accepted_uploads(run, number)
-        metas, rejections = self._screen(run, config, uploads)
+        metas, norms, rejections = self._screen(run, config, uploads)
         for shard, reason in rejections.items():
             volunteer = _volunteer_of(uploads[shard])
             self.store.reject_claimed(run, number, shard, volunteer, reason)
@@ -130,6 +130,8 @@ class Aggregator:
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         used = {s: k for s, k in uploads.items() if s in metas and s not in rejections}
         summary = self._summary(run, number, info, config, metas, used, rejections)
+        if used:
+            summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
         if not used:
             summary.update(status="failed", model_version=base, seconds=time.time() - float(info["posted_at"]))
             self.store.finish_round(run, number, owner, base, summary, staged_key=None)
@@ -152,7 +154,7 @@ class Aggregator:
         return summary
 
     def _screen(self, run: str, config: dict, uploads: dict[int, str]
-                ) -> tuple[dict[int, dict], dict[int, str]]:
+                ) -> tuple[dict[int, dict], dict[int, float], dict[int, str]]:
         """First pass: read each accepted delta's meta and norm, drop norm outliers."""
         metas: dict[int, dict] = {}
         norms: dict[int, float] = {}
@@ -167,7 +169,7 @@ class Aggregator:
             norms[shard] = delta_norm(delta)
             del delta, blob
         rejections.update(norm_outliers(norms, float(config.get("max_norm_ratio", 10.0))))
-        return metas, rejections
+        return metas, norms, rejections
 
     def _merge(self, run: str, config: dict, base: int, used: dict[int, str], metas: dict[int, dict]):
         """Second pass: stream the deltas through the run's strategy, then evaluate."""

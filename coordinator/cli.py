@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "monitor", commands.monitor, "Start Flower, Celery's web monitor, on this app.")
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--basic-auth", default=None, help="user:password for Flower's login")
+
+    p = _command(sub, "volunteer-credentials", commands.volunteer_credentials,
+                 "Create a volunteer's least-privilege Redis user (Redis 7) and print its broker URL.")
+    p.add_argument("name", metavar="NAME", help="the volunteer's name, its 'volunteer start --name'")
+    p.add_argument("--revoke", action="store_true", help="delete the user and close its connections")
+    p.add_argument("--host", default=None,
+                   help="HOST[:PORT] volunteers reach the broker at (default: the broker URL's)")
+    p.add_argument("--json", action="store_true")
     return parser
 
 

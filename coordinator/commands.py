@@ -136,9 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def aggregator(args: argparse.Namespace) -> None:
     """Run the trusted worker; the deadline watcher runs beside it in a thread."""
     from coordinator.aggregator import watch_deadlines
+    from coordinator.credentials import preload_scripts
 
     conn = connect(args, check=False)
     stop = threading.Event()
+    try:  # so least-privilege volunteers (EVALSHA only) work right after a Redis restart
+        preload_scripts(conn.store.redis)
+    except redis.RedisError as e:
+        log.warning("could not preload kombu's Lua scripts (%s); volunteers load them on demand", e)
 
     def send(run_name: str, number: int) -> None:
         conn.app.send_task("aggregate_round", args=[run_name, number], queue=AGGREGATE_QUEUE)
@@ -148,7 +153,7 @@ def aggregator(args: argparse.Namespace) -> None:
     if args.metrics_port:
         from coordinator.metrics import serve_metrics
 
-        serve_metrics(conn.store, args.metrics_port)
+        serve_metrics(conn.store, args.metrics_port, conn.app)
     name = args.name or f"aggregator-{os.getpid()}"
     try:
         conn.app.worker_main(["worker", "-Q", AGGREGATE_QUEUE, "-P", "solo", "-n", f"{name}@%h",
@@ -193,6 +198,8 @@ def monitor(args: argparse.Namespace) -> int:
     """Flower is ``celery -A tasks flower``; we only point it at the right broker."""
     conn = connect(args)
     env = {**os.environ, "CROWDTRAIN_BROKER_URL": conn.settings.broker_url}
+    # Our task arguments are small and readable: show them in the task list.
+    env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,kwargs,result,received,runtime,worker")
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}"]
     if args.basic_auth:
         command.append(f"--basic-auth={args.basic_auth}")
@@ -203,6 +210,15 @@ def monitor(args: argparse.Namespace) -> int:
         if process.poll() is None:
             process.terminate()
             process.wait(10)
+
+
+def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """Create or revoke one volunteer's Redis ACL user on the broker (admin connection)."""
+    from coordinator import credentials
+
+    conn = connect(args)
+    return credentials.command(conn.store.redis, conn.settings.broker_url, args.name,
+                               revoke=args.revoke, host=args.host, quiet=args.json)
 
 
 def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:

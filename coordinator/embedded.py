@@ -3,23 +3,38 @@
 It binds to 127.0.0.1 on a free port, keeps an append-only file under
 ``CROWDTRAIN_HOME/redis`` and is found again through ``redis.json`` there, so
 every command on this machine shares one server until it is stopped.
+
+To let volunteers on other machines in, set ``CROWDTRAIN_EMBEDDED_BIND`` (the
+addresses to listen on, as Redis's ``bind``) and ``CROWDTRAIN_EMBEDDED_PASSWORD``:
+a bind beyond loopback without a password of at least ``MIN_PASSWORD_LENGTH``
+characters is refused, since anyone who reaches an open Redis can rewrite the
+model and, through CONFIG, the server's files. The bundled server is Redis 6.2,
+without TLS or read-only ACL keys: docs/DEPLOYMENT.md shows a Redis 7 set-up
+for volunteers you do not know.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 STATE_FILE = "redis.json"
 START_TIMEOUT = 15.0
+LOOPBACK = "127.0.0.1"
+MIN_PASSWORD_LENGTH = 16
+BIND_ENV = "CROWDTRAIN_EMBEDDED_BIND"
+PASSWORD_ENV = "CROWDTRAIN_EMBEDDED_PASSWORD"
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -51,12 +66,38 @@ def running_url(home: Path) -> str | None:
     return None
 
 
-def ensure_running(home: Path) -> EmbeddedRedis:
-    """Reuse the embedded server under ``home``, or start one."""
+def ensure_running(home: Path, bind: str | None = None, password: str | None = None,
+                   env: Mapping[str, str] | None = None) -> EmbeddedRedis:
+    """Reuse the embedded server under ``home``, or start one.
+
+    ``bind`` and ``password`` default to $CROWDTRAIN_EMBEDDED_BIND (else loopback)
+    and $CROWDTRAIN_EMBEDDED_PASSWORD; a bind beyond loopback needs the password.
+    """
+    env = os.environ if env is None else env
+    bind = bind or env.get(BIND_ENV) or LOOPBACK
+    password = password or env.get(PASSWORD_ENV) or None
+    check_bind(bind, password)
     state = _read_state(home)
     if state and _alive(state["pid"]) and _pings(state["url"]):
         return EmbeddedRedis(state["url"], state["pid"], state["port"], started=False)
-    return _start(home)
+    return _start(home, bind, password)
+
+
+def check_bind(bind: str, password: str | None) -> None:
+    """Refuse to listen beyond loopback without a real password (EmbeddedRedisError)."""
+    exposed = [address for address in bind.split() if not _is_loopback(address)]
+    if not exposed:
+        return
+    if not password:
+        raise EmbeddedRedisError(
+            f"{BIND_ENV}={bind!r} listens beyond loopback ({', '.join(exposed)}) without a password; "
+            f"set {PASSWORD_ENV} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), "
+            "or keep the default bind 127.0.0.1")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise EmbeddedRedisError(
+            f"{PASSWORD_ENV} is {len(password)} characters; a Redis reachable from other machines "
+            f"needs at least {MIN_PASSWORD_LENGTH} (e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')")
 
 
 def stop(server: EmbeddedRedis, timeout: float = 10.0) -> None:
@@ -72,22 +113,28 @@ def stop(server: EmbeddedRedis, timeout: float = 10.0) -> None:
         os.kill(server.pid, signal.SIGKILL)
 
 
-def _start(home: Path) -> EmbeddedRedis:
+def _start(home: Path, bind: str = LOOPBACK, password: str | None = None) -> EmbeddedRedis:
     data_dir = (home / "redis").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    auth = f":{quote(password, safe='')}@" if password else ""
     for _ in range(5):
         port = _free_port()
         log = open(data_dir / "redis.log", "ab")
         process = subprocess.Popen(
-            [redis_server_path(), "--port", str(port), "--bind", "127.0.0.1",
+            # with a password, its config comes on stdin ("-"): on the command line it would show in ps
+            [redis_server_path(), *(["-"] if password else []), "--port", str(port), "--bind", *bind.split(),
              "--protected-mode", "yes", "--dir", str(data_dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
              "--daemonize", "no", "--loglevel", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if password else subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal must not kill a shared server
         )
+        if password:
+            process.stdin.write(f"requirepass {_config_quote(password)}\n".encode())
+            process.stdin.close()
         log.close()
-        url = f"redis://127.0.0.1:{port}/0"
+        url = f"redis://{auth}{LOOPBACK}:{port}/0"
         if _wait_ready(process, url):
             _write_state(home, {"pid": process.pid, "port": port, "url": url})
             return EmbeddedRedis(url, process.pid, port, started=True)
@@ -95,6 +142,20 @@ def _start(home: Path) -> EmbeddedRedis:
             process.kill()
     raise EmbeddedRedisError(
         f"could not start the embedded redis-server; see {data_dir / 'redis.log'}")
+
+
+def _is_loopback(address: str) -> bool:
+    address = address.lstrip("-")  # Redis 7: "-ADDR" means optional
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # "*", a host name, anything we cannot prove is loopback
+
+
+def _config_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _wait_ready(process: subprocess.Popen, url: str) -> bool:
@@ -145,5 +206,8 @@ def _read_state(home: Path) -> dict | None:
 def _write_state(home: Path, state: dict) -> None:
     path = home / "redis" / STATE_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
+    # The URL may hold the password: readable by this user only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
     tmp.replace(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -12,6 +13,7 @@ from coordinator.store import Store
 from tasks.app import AGGREGATE_QUEUE, TRAIN_QUEUE
 
 PING_TIMEOUT = 1.0
+_CREDIT = ("shards_done", "samples", "accepted", "rejected")
 
 
 def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[str, Any]:
@@ -23,9 +25,8 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
         current = store.current_round(name)
         open_round = None
         if current and current["status"] in ("open", "aggregating"):
-            open_round = {"round": current["round"], "shards": current["shards"],
-                          "accepted": current["accepted"], "rejected": current["rejected"],
-                          "status": current["status"]}
+            open_round = {key: current.get(key) for key in
+                          ("round", "shards", "quorum", "accepted", "rejected", "late", "status")}
         runs.append({"run": name, "job": config["job"], "strategy": config["strategy"],
                      "compression": config["compression"], "model_version": store.version(name),
                      "rounds": store.round_count(name), "open_round": open_round})
@@ -34,31 +35,50 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
     for name, credit in store.volunteers().items():
         volunteers.append({"name": name, "device": credit.get("device", "?"),
                            "online": name in online,
-                           **{k: int(credit.get(k, 0)) for k in
-                              ("shards_done", "samples", "accepted", "rejected")}})
+                           **{k: int(credit.get(k, 0)) for k in _CREDIT}})
     return {"runs": runs, "queues": store.queue_depths((TRAIN_QUEUE, AGGREGATE_QUEUE)),
             "volunteers": volunteers, "workers_online": sorted(online)}
 
 
-def print_status(document: dict[str, Any]) -> None:
-    console = Console()
-    runs = Table(title="runs")
-    for column in ("run", "job", "strategy", "compression", "version", "open round"):
-        runs.add_column(column)
-    for r in document["runs"]:
-        o = r["open_round"]
-        runs.add_row(r["run"], r["job"], r["strategy"], r["compression"], str(r["model_version"]),
-                     f"{o['round']}: {o['accepted']}/{o['shards']} accepted" if o else "-")
-    console.print(runs)
+def print_status(document: dict[str, Any], console: Console | None = None) -> None:
+    """The human form of ``status``: a runs table, a queues line, a volunteers table."""
+    console = console or Console()
+    if document["runs"]:
+        runs = Table(title="runs", box=box.SIMPLE_HEAD, title_justify="left")
+        for column in ("run", "job", "strategy", "compression", "version", "rounds", "open round"):
+            runs.add_column(column, justify="right" if column in ("version", "rounds") else "left")
+        for r in document["runs"]:
+            runs.add_row(r["run"], r["job"], r["strategy"], r["compression"],
+                         str(r["model_version"]), str(r.get("rounds", "")), _open_round(r["open_round"]))
+        console.print(runs)
+    else:
+        console.print("runs: none yet (coordinator init --run NAME --job charlm)")
     queues = document["queues"]
-    console.print(f"queues: train {queues[TRAIN_QUEUE]}, aggregate {queues[AGGREGATE_QUEUE]}")
-    people = Table(title="volunteers")
+    console.print(f"queues: train {queues[TRAIN_QUEUE]} waiting, "
+                  f"aggregate {queues[AGGREGATE_QUEUE]} waiting")
+    if not document["volunteers"]:
+        console.print("volunteers: none yet (volunteer start --name NAME)")
+        return
+    online = sum(v["online"] for v in document["volunteers"])
+    people = Table(title=f"volunteers ({online} of {len(document['volunteers'])} online)",
+                   box=box.SIMPLE_HEAD, title_justify="left")
     for column in ("name", "device", "online", "shards done", "samples", "accepted", "rejected"):
-        people.add_column(column)
+        people.add_column(column, justify="left" if column in ("name", "device", "online") else "right")
     for v in document["volunteers"]:
-        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no", str(v["shards_done"]),
-                       str(v["samples"]), str(v["accepted"]), str(v["rejected"]))
+        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no",
+                       *(str(v[k]) for k in _CREDIT))
     console.print(people)
+
+
+def _open_round(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "-"
+    text = f"round {info['round']}: {info['accepted']}/{info['shards']} accepted"
+    if info.get("quorum") is not None and info["quorum"] != info["shards"]:
+        text += f" (quorum {info['quorum']})"
+    if info.get("rejected"):
+        text += f", {info['rejected']} rejected"
+    return text + f", {info['status']}"
 
 
 def _online_nodes(app: Celery) -> set[str]:

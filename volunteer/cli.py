@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from urllib.parse import urlparse
 
 import redis
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="shards trained at once")
     p.add_argument("--name", default=None, help="Celery node name (default: host-pid)")
     p.add_argument("--allow-job", action="append", default=None, metavar="JOB",
-                   help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})")
+                   help="a job this volunteer may run; repeat "
+                        f"(default: built-ins {', '.join(BUILTIN_JOBS)})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per shard")
     p.set_defaults(handler=start)
     p = sub.add_parser("info", help="Detected devices and a short speed score.",
@@ -70,7 +72,8 @@ def start(args: argparse.Namespace) -> int:
     if settings.broker_url is None:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
-    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    # A volunteer with its own credentials is named after its Redis user by default.
+    name = args.name or urlparse(settings.broker_url).username or f"{socket.gethostname()}-{os.getpid()}"
     if not VOLUNTEER_NAME.match(name):
         print(f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
               file=sys.stderr)
@@ -91,22 +94,24 @@ def start(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
+    """Print this machine's devices, a matmul speed score for each, and what auto picks."""
+    import torch
+
     devices = describe_devices()
     for entry in devices:
         try:
-            import torch
-
-            kind = entry["type"] if entry["type"] != "cuda" else f"cuda:{entry.get('index', 0)}"
-            entry["speed_gflops"] = round(speed_score(torch.device(kind)), 1)
+            entry["speed_gflops"] = round(speed_score(torch.device(_device_name(entry))), 1)
         except Exception as e:  # a broken driver should not hide the other devices
             entry["speed_error"] = str(e)
+    default = str(resolve_device("auto"))
     if args.json:
-        print(json.dumps({"devices": devices, "default": str(resolve_device("auto"))}, indent=2))
+        print(json.dumps({"devices": devices, "default": default}, indent=2))
         return 0
-    for entry in devices:
-        details = ", ".join(f"{k} {v}" for k, v in entry.items() if k != "type")
-        print(f"{entry['type']}: {details}")
-    print(f"--device auto picks: {resolve_device('auto')}")
+    rows = [(_device_name(entry), _device_details(entry), _speed(entry)) for entry in devices]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for name, details, speed in rows:
+        print(f"{name:<{widths[0]}}  {details:<{widths[1]}}  {speed}")
+    print(f"--device auto picks {default}")
     return 0
 
 
@@ -119,6 +124,27 @@ def _announce(store: Store, name: str, device: str) -> None:
         except redis.RedisError as e:
             log.warning("broker unreachable (%s); retrying in %.0fs", e, BROKER_RETRY_SECONDS)
             time.sleep(BROKER_RETRY_SECONDS)
+
+
+def _device_name(entry: dict) -> str:
+    return f"cuda:{entry.get('index', 0)}" if entry["type"] == "cuda" else entry["type"]
+
+
+def _device_details(entry: dict) -> str:
+    parts = [str(entry.get("name", "?"))]
+    if entry.get("cores"):
+        parts.append(f"{entry['cores']} cores")
+    if entry.get("memory_gb"):
+        parts.append(f"{entry['memory_gb']} GB")
+    if entry.get("capability"):
+        parts.append(f"compute capability {entry['capability']}")
+    return ", ".join(parts)
+
+
+def _speed(entry: dict) -> str:
+    if "speed_gflops" in entry:
+        return f"{entry['speed_gflops']:.1f} GFLOP/s (float32 matmul)"
+    return f"speed unknown: {entry.get('speed_error', '?')}"
 
 
 if __name__ == "__main__":

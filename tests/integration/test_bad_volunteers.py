@@ -1,0 +1,63 @@
+"""Dishonest or broken volunteers are rejected with a reason; the rounds go on."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from safetensors.torch import load_file
+
+from coordinator.rounds import round_record
+from coordinator.store import Store
+from tests.conftest import TINY_CHARLM
+
+
+def _evil(processes, name: str, attack: str):
+    return processes.spawn(name, "-m", "tests.fixtures.evil_volunteer", "start", "--device", "cpu",
+                           "--name", name, CROWDTRAIN_TEST_ATTACK=attack)
+
+
+def test_nan_deltas_are_rejected_every_round_completes_and_the_model_stays_finite(processes):
+    processes.aggregator()
+    processes.volunteer("honest")
+    _evil(processes, "broken", "nan")
+    processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "5",
+                   "--shards", "4", "--quorum", "0.5", "--deadline", "60")
+    document = processes.json("run", "--run", "r", "--rounds", "2")
+    assert [r["status"] for r in document["rounds"]] == ["done", "done"]
+    assert [r["model_version"] for r in document["rounds"]] == [1, 2]
+    rejections = [x for r in document["rounds"] for x in r["rejections"]]
+    assert rejections, "the broken volunteer got no shard: " + processes.log_tail()
+    assert all(x == {"shard": x["shard"], "volunteer": "broken", "reason": "non-finite values"}
+               for x in rejections)
+    assert all(r["rejected"] == len(r["rejections"]) for r in document["rounds"])
+    out = processes.home / "model.safetensors"
+    assert processes.cli("export", "--run", "r", "--out", str(out)).returncode == 0
+    assert all(math.isfinite(float(t.abs().max())) for t in load_file(out).values())
+    status = processes.json("status")
+    broken = next(v for v in status["volunteers"] if v["name"] == "broken")
+    assert broken["rejected"] >= 1 and broken["accepted"] == 0
+
+
+def test_a_scaled_delta_is_rejected_by_the_norm_check_against_the_round_median(processes, redis_server):
+    processes.aggregator()
+    _evil(processes, "booster", "scale:1000")
+    for name in ("h1", "h2", "h3"):
+        processes.volunteer(name)
+    processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "3",
+                   "--shards", "4", "--deadline", "90")
+    deadline = time.monotonic() + 90
+    # Four idle volunteers waiting on the queue take one shard each.
+    while len(set(processes.json("status")["workers_online"]) & {"booster", "h1", "h2", "h3"}) < 4:
+        assert time.monotonic() < deadline, processes.log_tail()
+        time.sleep(0.5)
+    processes.cli("post-round", "--run", "r")
+    store = Store(redis_server.client())
+    while store.round_status("r", 1) != "done":
+        assert time.monotonic() < deadline + 60, processes.log_tail()
+        time.sleep(0.2)
+    record = round_record(store, "r", 1)
+    assert record["model_version"] == 1
+    assert [x["volunteer"] for x in record["rejections"]] == ["booster"]
+    assert "round median" in record["rejections"][0]["reason"]
+    assert record["accepted"] == 3
