@@ -41,6 +41,7 @@ class Aggregator:
         self.home = home
         self.name = name
         self._jobs: dict[str, Any] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
         self._references: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
 
     # --- one upload --------------------------------------------------------
@@ -51,7 +52,7 @@ class Aggregator:
         Returns the outcome (accepted, rejected, repeat, duplicate, late or
         unknown) and whether the round is now due for aggregation.
         """
-        config = self.store.run_config(run)
+        config = self._config(run)
         info = self.store.round_info(run, number)
         if info is None or not 0 <= shard < int(info["shards"]):
             log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
@@ -133,12 +134,14 @@ class Aggregator:
         if used:
             summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
         if not used:
-            summary.update(status="failed", model_version=base, seconds=time.time() - float(info["posted_at"]))
+            seconds = round(time.time() - float(info["posted_at"]), 3)
+            summary.update(status="failed", model_version=base, seconds=seconds)
             self.store.finish_round(run, number, owner, base, summary, staged_key=None)
             log.warning("round %d of %s failed: no accepted deltas", number, run)
             return summary
         weights, strategy, evaluation = self._merge(run, config, base, used, metas)
-        staged = self.store.stage_model(run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1}))
+        blob = dumps(weights, {"run": run, "version": base + 1})
+        staged = self.store.stage_model(run, base + 1, owner, blob)
         strategy_state = strategy.state_dict()
         summary.update(evaluation, status="done", model_version=base + 1,
                        seconds=round(time.time() - float(info["posted_at"]), 3))
@@ -205,6 +208,12 @@ class Aggregator:
                 "strategy": config["strategy"], "compression": config["compression"]}
 
     # --- caches ------------------------------------------------------------
+    def _config(self, run: str) -> dict[str, Any]:
+        """A run's settings never change after ``init``: read them once."""
+        if run not in self._configs:
+            self._configs[run] = self.store.run_config(run)
+        return self._configs[run]
+
     def _job(self, run: str, config: dict):
         if run not in self._jobs:
             self._jobs[run] = load_job(config["job"], config.get("job_args") or {})

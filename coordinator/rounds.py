@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -49,12 +52,34 @@ def parse_quorum(spec: str | int | float | None, shards: int) -> int:
 def post_round(store: Store, app: Celery, run: str, shards: int, quorum: int,
                deadline: float) -> dict[str, Any]:
     """Open a round on the current model version and enqueue one task per shard."""
-    info = store.open_round(run, shards, quorum, deadline)
-    for shard in range(shards):
-        app.send_task("train_shard", queue=TRAIN_QUEUE, kwargs=dict(
-            run=run, round=info["round"], shard=shard, shards=shards,
-            version=info["base_version"]))
+    with _interrupts_deferred():  # Ctrl-C must not leave a round with half its shards posted
+        info = store.open_round(run, shards, quorum, deadline)
+        _send_shards(app, run, info, shards)
     return info
+
+
+def _send_shards(app: Celery, run: str, info: dict[str, Any], shards: int) -> None:
+    with app.producer_or_acquire() as producer:  # one connection for the whole round
+        for shard in range(shards):
+            app.send_task("train_shard", queue=TRAIN_QUEUE, producer=producer, kwargs={
+                "run": run, "round": info["round"], "shard": shard, "shards": shards,
+                "version": info["base_version"]})
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block is done, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def wait_round(store: Store, run: str, number: int, progress: ProgressFn | None = None,

@@ -84,6 +84,7 @@ if redis.call('HGET', KEYS[4], 'claim_owner') ~= ARGV[2] then return 0 end
 if ARGV[6] == 'done' then
   if tonumber(redis.call('GET', KEYS[1])) ~= tonumber(ARGV[1]) then return 0 end
   redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('PERSIST', KEYS[3])  -- the staged copy expires; a published version never does
   redis.call('SET', KEYS[1], tonumber(ARGV[1]) + 1)
   redis.call('SET', KEYS[5], ARGV[4])
 end
@@ -220,9 +221,9 @@ class Store:
         due = []
         for member, (status, accepted, quorum, deadline, claim_until) in zip(members, pipe.execute()):
             run, _, number = member.rpartition("|")
-            if status == b"open" and (int(accepted) >= int(quorum) or float(deadline) <= now):
-                due.append((run, int(number)))
-            elif status == b"aggregating" and float(claim_until) <= now:
+            quorum_or_deadline = int(accepted) >= int(quorum) or float(deadline) <= now
+            abandoned = status == b"aggregating" and float(claim_until) <= now
+            if (status == b"open" and quorum_or_deadline) or abandoned:
                 due.append((run, int(number)))
         return due
 

@@ -47,6 +47,7 @@ class ShardRunner:
         self.device = torch.device(options.device)
         self._models: OrderedDict[tuple[str, int], dict[str, torch.Tensor]] = OrderedDict()
         self._jobs: dict[str, Any] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
 
     def run(self, run: str, number: int, shard: int, shards: int, version: int,
@@ -57,7 +58,7 @@ class ShardRunner:
         if status != "open":
             log.info("skipping %s round %d shard %d: round is %s", run, number, shard, status)
             return {**summary, "skipped": f"round {status}"}
-        config = self.store.run_config(run)
+        config = self._config(run)
         if config["job"] not in self.options.allowed_jobs:
             reason = (f"volunteer {self.options.name} does not run job {config['job']!r} "
                       "(not on its --allow-job list)")
@@ -101,6 +102,12 @@ class ShardRunner:
         while len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
         return weights, len(blob)
+
+    def _config(self, run: str) -> dict[str, Any]:
+        """A run's settings never change after ``init``: read them once."""
+        if run not in self._configs:
+            self._configs[run] = self.store.run_config(run)
+        return self._configs[run]
 
     def _job(self, run: str, config: dict[str, Any]):
         if run not in self._jobs:

@@ -43,7 +43,8 @@ def _final_eval_loss(spec: str, attack: str | None) -> float:
 
 @pytest.fixture(scope="module")
 def clean_losses() -> dict[str, float]:
-    return {spec: _final_eval_loss(spec, None) for spec in ("fedavg", "median", "trimmed-mean:0.25", "krum:1")}
+    specs = ("fedavg", "median", "trimmed-mean:0.25", "krum:1")
+    return {spec: _final_eval_loss(spec, None) for spec in specs}
 
 
 @pytest.mark.parametrize("spec", ["median", "trimmed-mean:0.25", "krum:1"])

@@ -67,6 +67,7 @@ def test_the_next_version_is_published_exactly_once(store):
     assert not store.finish_round("r", 1, "agg", 0, {"status": "done"}, staged_a)
     assert store.version("r") == 1
     assert store.model_blob("r", 1) == b"model-v1-b"
+    assert store.redis.ttl("ct:run:r:model:1") == -1, "a published version must never expire"
 
 
 def test_results_after_the_round_closed_count_as_late(store):

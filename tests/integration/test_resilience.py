@@ -156,6 +156,7 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
     assert versions[0] >= stopped_at and versions[1] == versions[0] + 1
     assert document["final"]["model_version"] == versions[-1] == cluster.store.version("r")
     history = [round_record(cluster.store, "r", n) for n in range(1, cluster.store.round_count("r") + 1)]
+    assert [r["status"] for r in history] == ["done"] * len(history)
     assert [r["model_version"] for r in history] == list(range(1, len(history) + 1))
 
 
