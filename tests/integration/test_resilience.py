@@ -132,7 +132,9 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
     import json
 
     document = json.loads(out)
-    print(f"\nkilled aggregator: run finished {time.monotonic() - killed_at:.1f}s after SIGKILL")
+    recovery = time.monotonic() - killed_at
+    print(f"\nkilled aggregator: run finished {recovery:.1f}s after SIGKILL")
+    assert recovery < 60, "recovery waited for the round deadline instead of taking the round over"
     assert [r["model_version"] for r in document["rounds"]] == [1, 2, 3]
     assert all(r["accepted"] <= r["shards"] for r in document["rounds"])
 
@@ -186,3 +188,16 @@ def test_a_straggler_does_not_stall_the_round_and_its_result_is_late(cluster):
     assert _round(cluster)["accepted"] == 1
     wait_for(lambda: _round(cluster).get("late") == 1, 60, "the straggler's late result")
     assert cluster.store.version("r") == 1
+
+
+def test_ctrl_c_on_a_volunteer_finishes_its_shard_before_it_exits(cluster):
+    cluster.aggregator()
+    leaving = cluster.volunteer("leaving", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="1.5")  # ~5 s a shard
+    _init(cluster, "--deadline", "120")
+    cluster.cli("post-round", "--run", "r", "--shards", "1")
+    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 0, 60, "the shard to be taken")
+    time.sleep(1.0)
+    leaving.send_signal(signal.SIGINT)  # Celery's warm shutdown: finish the shard, then exit
+    assert leaving.wait(60) == 0
+    wait_for(lambda: _round(cluster).get("status") == "done", 30, "the round to finish")
+    assert _round(cluster)["accepted"] == 1 and cluster.store.version("r") == 1
