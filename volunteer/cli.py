@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--concurrency", type=int, default=1, help="shards trained at once")
+    p.add_argument("--pool", choices=["auto", "prefork", "threads", "solo"], default="auto",
+                   help="Celery pool (auto: prefork on CPU, solo on a GPU, which must never be "
+                        "forked; threads share torch's RNG, so their shards are not bit-reproducible)")
     p.add_argument("--name", default=None, help="Celery node name (default: host-pid)")
     p.add_argument("--allow-job", action="append", default=None, metavar="JOB",
                    help="a job this volunteer may run; repeat "
@@ -84,7 +87,7 @@ def start(args: argparse.Namespace) -> int:
     _announce(Store(redis_client(settings)), name, device.type)
     app = make_app(settings)
     app.crowdtrain_volunteer = VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed)
-    pool = pool_for(device)
+    pool = pool_for(device) if args.pool == "auto" else args.pool
     log.info("volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
              name, device, pool, args.concurrency, ", ".join(sorted(allowed)))
     app.worker_main(["worker", "-Q", TRAIN_QUEUE, "-n", f"{name}@%h", "-P", pool,
