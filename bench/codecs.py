@@ -132,6 +132,8 @@ def measure(delta: dict[str, torch.Tensor], repeat: int) -> dict[str, dict]:
         td, (out, _) = best(lambda d=data: loads(d), repeat)
         rows[f"crowdtrain {spec}"] = dict(enc=te, dec=td, err=rel_error(out, delta), size=len(data))
         del data, out
+    # Baselines the issue asks for. They round-trip bytes this process just made;
+    # crowdtrain itself never unpickles and never calls torch.load.
     te, blob = best(lambda: pickle.dumps(delta, protocol=5), repeat)
     td, _ = best(lambda b=blob: pickle.loads(b), repeat)
     rows["pickle"] = dict(enc=te, dec=td, err=0.0, size=len(blob))
