@@ -45,37 +45,38 @@ class Aggregator:
         self._references: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
 
     # --- one upload --------------------------------------------------------
-    def validate(self, run: str, number: int, shard: int, token: str | None, volunteer: str,
-                 failure: str | None = None, downlink: int = 0) -> tuple[str, bool]:
+    def validate(self, run: str, number: int, shard: int, token: str, volunteer: str
+                 ) -> tuple[str, bool]:
         """Check one shard's upload and count it at most once.
 
-        Returns the outcome (accepted, rejected, repeat, duplicate, late or
-        unknown) and whether the round is now due for aggregation.
+        Everything counted comes from the upload itself, which only the named
+        volunteer can write (its key prefix): a forged message naming someone
+        else finds no upload and is ignored. Returns the outcome (accepted,
+        rejected, repeat, duplicate, late, unknown or ignored) and whether the
+        round is now due for aggregation.
         """
         config = self._config(run)
         info = self.store.round_info(run, number)
         if info is None or not 0 <= shard < int(info["shards"]):
             log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
             return "unknown", False
-        self.store.credit(volunteer, shards_done=1)
-        if downlink > 0:
-            self.store.add_round_bytes(run, number, "downlink_bytes", downlink)
-        if failure is not None:
-            return self._refuse(run, number, shard, volunteer, str(failure)[:200], "failed"), False
-        if token is None or not _TOKEN.match(token):
-            return self._refuse(run, number, shard, volunteer, "malformed upload token"), False
-        key = self.store.upload_key(volunteer, run, number, shard, token)
-        blob = self.store.get_upload(key)
+        valid = isinstance(token, str) and _TOKEN.match(token)
+        key = self.store.upload_key(volunteer, run, number, shard, token) if valid else None
+        blob = self.store.get_upload(key) if key else None
         if blob is None:
-            return self._refuse(run, number, shard, volunteer, "upload missing or expired", token), False
+            log.warning("ignoring %s round %d shard %d: no upload from %s under token %.16r",
+                        run, number, shard, volunteer, token)
+            return "ignored", False
         reason, meta = self._check_upload(run, config, info, blob)
         if reason is not None:
-            self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
+            outcome = self._refuse(run, number, shard, volunteer, reason, token)
+            if outcome != "repeat":
+                self._count_shard(run, number, volunteer, meta, len(blob))
             self.store.redis.delete(key)
-            return self._refuse(run, number, shard, volunteer, reason, token), False
+            return outcome, False
         outcome, due = self.store.accept(run, number, shard, key)
-        if outcome != "repeat":  # a redelivered validation must not count the bytes twice
-            self.store.add_round_bytes(run, number, "uplink_bytes", len(blob))
+        if outcome != "repeat":  # a redelivered validation must not count anything twice
+            self._count_shard(run, number, volunteer, meta, len(blob))
         if outcome == "accepted":
             self.store.credit(volunteer, accepted=1, samples=int(meta["samples"]))
             log.info("accepted %s round %d shard %d from %s", run, number, shard, volunteer)
@@ -95,10 +96,20 @@ class Aggregator:
             delta, meta = loads(blob, limit=bound)
         except WireFormatError as e:
             return f"malformed upload: {e}", {}
+        if "failure" in meta:  # the volunteer's own report that the shard failed
+            return str(meta["failure"])[:200] or "failed", meta
         max_samples = int(config["local_steps"]) * int(getattr(self._job(run, config), "batch_size", 1 << 20))
         reason = (check_meta(meta, base_version=int(info["base_version"]), max_samples=max_samples)
                   or check_delta(delta, reference))
         return reason, meta
+
+    def _count_shard(self, run: str, number: int, volunteer: str, meta: dict, uplink: int) -> None:
+        """Credit the volunteer for a shard it reported, and count the bytes both ways."""
+        self.store.credit(volunteer, shards_done=1)
+        self.store.add_round_bytes(run, number, "uplink_bytes", uplink)
+        downlink = meta.get("downlink")
+        if isinstance(downlink, int) and 0 < downlink < 1 << 40:
+            self.store.add_round_bytes(run, number, "downlink_bytes", downlink)
 
     def _refuse(self, run: str, number: int, shard: int, volunteer: str, reason: str,
                 upload: str = "") -> str:

@@ -14,13 +14,10 @@ def register(app: Celery) -> None:
     """Add ``validate_delta`` and ``aggregate_round`` to ``app``."""
 
     @app.task(name="validate_delta")
-    def validate_delta(run: str, round: int, shard: int, token: str | None = None,
-                       volunteer: str = "?", failure: str | None = None,
-                       downlink: int = 0) -> dict[str, Any]:
+    def validate_delta(run: str, round: int, shard: int, token: str, volunteer: str) -> dict[str, Any]:
         """Check one volunteer's upload and count it toward the round's quorum."""
-        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer,
-                failure=failure, downlink=downlink)
-        outcome, due = _aggregator(app).validate(run, round, shard, token, volunteer, failure, downlink)
+        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer)
+        outcome, due = _aggregator(app).validate(run, round, shard, token, volunteer)
         if due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         return {"run": run, "round": round, "shard": shard, "volunteer": volunteer, "outcome": outcome}

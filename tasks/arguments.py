@@ -8,9 +8,9 @@ from typing import Any
 MAX_TEXT = 200
 # Run and volunteer names become parts of Redis keys and file names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_INTS = {"round", "shard", "shards", "version", "downlink"}
+_INTS = {"round", "shard", "shards", "version"}
 _TEXTS = {"run", "volunteer"}
-_OPTIONAL_TEXTS = {"token", "failure"}
+_OPTIONAL_TEXTS = {"token"}
 
 
 class BadArguments(ValueError):

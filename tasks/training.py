@@ -19,10 +19,10 @@ def register(app: Celery) -> None:
         checked(run=run, round=round, shard=shard, shards=shards, version=version)
         runner = _runner(app)
 
-        def report(token: str | None = None, failure: str | None = None, downlink: int = 0) -> None:
+        def report(token: str) -> None:
             app.send_task("validate_delta", queue=AGGREGATE_QUEUE, kwargs={
                 "run": run, "round": round, "shard": shard, "token": token,
-                "volunteer": runner.options.name, "failure": failure, "downlink": downlink})
+                "volunteer": runner.options.name})
 
         return runner.run(run, round, shard, shards, version, report)
 

@@ -19,7 +19,7 @@ import torch
 
 from coordinator.jobs import BUILTIN_JOBS, load_job
 from coordinator.store import Store
-from serialization import loads, parse_codec
+from serialization import dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
 from volunteer.trainer import seed_for, train_shard
 
@@ -62,7 +62,7 @@ class ShardRunner:
         if config["job"] not in self.options.allowed_jobs:
             reason = (f"volunteer {self.options.name} does not run job {config['job']!r} "
                       "(not on its --allow-job list)")
-            report(failure=reason, downlink=0)
+            self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
             return {**summary, "skipped": reason}
         weights, downlink = self._model(run, version)
         result = train_shard(
@@ -71,22 +71,32 @@ class ShardRunner:
             optimizer=str(config.get("optimizer", "adamw")), device=self.device,
             seed=seed_for(run, number, shard))
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
-            report(failure="non-finite values", downlink=downlink)
+            failure = {"failure": "non-finite values", "downlink": downlink}
+            self._upload(run, number, shard, dumps({}, failure), report)
             log.warning("%s round %d shard %d: non-finite values, not uploaded", run, number, shard)
             return {**summary, "failed": "non-finite values"}
         meta = {"run": run, "round": number, "shard": shard, "base_version": version,
                 "samples": result.samples, "train_loss": result.train_loss, "steps": result.steps,
-                "seconds": round(result.seconds, 3), "volunteer": self.options.name}
+                "seconds": round(result.seconds, 3), "volunteer": self.options.name,
+                "downlink": downlink}
         codec = parse_codec(str(config["compression"]))
         blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
-        token = uuid.uuid4().hex
-        self.store.put_upload(self.store.upload_key(self.options.name, run, number, shard, token), blob)
-        report(token=token, downlink=downlink)
+        self._upload(run, number, shard, blob, report)
         log.info("%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
                  run, number, shard, result.steps, result.train_loss,
                  result.samples / max(result.seconds, 1e-9), len(blob))
         return {**summary, "loss": round(result.train_loss, 4), "samples": result.samples,
                 "bytes": len(blob), "seconds": round(result.seconds, 3)}
+
+    def _upload(self, run: str, number: int, shard: int, blob: bytes, report: ReportFn) -> None:
+        """Store a result (a delta, or a failure report) under our own key, then announce it.
+
+        Failures travel as uploads too, so everything the aggregator counts
+        comes from a key that only this volunteer's credentials can write.
+        """
+        token = uuid.uuid4().hex
+        self.store.put_upload(self.store.upload_key(self.options.name, run, number, shard, token), blob)
+        report(token)
 
     def _model(self, run: str, version: int) -> tuple[dict[str, torch.Tensor], int]:
         """The weights of a version and the bytes fetched for them (0 when cached)."""

@@ -17,12 +17,21 @@ def _evil(processes, name: str, attack: str):
                            "--name", name, CROWDTRAIN_TEST_ATTACK=attack)
 
 
+def _wait_online(processes, names: set[str]) -> None:
+    """Idle volunteers waiting on the queue each take a shard when a round is posted."""
+    deadline = time.monotonic() + 90
+    while not names <= set(processes.json("status")["workers_online"]):
+        assert time.monotonic() < deadline, processes.log_tail()
+        time.sleep(0.5)
+
+
 def test_nan_deltas_are_rejected_every_round_completes_and_the_model_stays_finite(processes):
     processes.aggregator()
     processes.volunteer("honest")
     _evil(processes, "broken", "nan")
     processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "5",
                    "--shards", "4", "--quorum", "0.5", "--deadline", "60")
+    _wait_online(processes, {"honest", "broken"})
     document = processes.json("run", "--run", "r", "--rounds", "2")
     assert [r["status"] for r in document["rounds"]] == ["done", "done"]
     assert [r["model_version"] for r in document["rounds"]] == [1, 2]
@@ -46,12 +55,9 @@ def test_a_scaled_delta_is_rejected_by_the_norm_check_against_the_round_median(p
         processes.volunteer(name)
     processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "3",
                    "--shards", "4", "--deadline", "90")
-    deadline = time.monotonic() + 90
-    # Four idle volunteers waiting on the queue take one shard each.
-    while len(set(processes.json("status")["workers_online"]) & {"booster", "h1", "h2", "h3"}) < 4:
-        assert time.monotonic() < deadline, processes.log_tail()
-        time.sleep(0.5)
+    _wait_online(processes, {"booster", "h1", "h2", "h3"})
     processes.cli("post-round", "--run", "r")
+    deadline = time.monotonic() + 90
     store = Store(redis_server.client())
     while store.round_status("r", 1) != "done":
         assert time.monotonic() < deadline + 60, processes.log_tail()
