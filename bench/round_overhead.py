@@ -49,7 +49,7 @@ def crowdtrain_round(store, app, run: str, shards: int) -> float:
     started = time.perf_counter()
     info = post_round(store, app, run, shards, shards, 600.0)
     while int(store.redis.get(key)) == before:
-        status = store.round_status(run, info["round"])
+        status = store.rounds.status(run, info["round"])
         if status == "failed":
             raise RuntimeError(f"round {info['round']} failed")
         time.sleep(POLL)
@@ -60,8 +60,10 @@ def bare_round(bare, client, tasks: int, size: int) -> float:
     """Seconds from sending ``tasks`` bare tasks to all their results being stored."""
     token = uuid.uuid4().hex[:8]
     started = time.perf_counter()
-    ids = [bare.send_task("bare_shard", args=["bare:model", f"bare:out:{token}:{i}", size],
-                          queue="bare").id for i in range(tasks)]
+    ids = [
+        bare.send_task("bare_shard", args=["bare:model", f"bare:out:{token}:{i}", size], queue="bare").id
+        for i in range(tasks)
+    ]
     keys = [f"celery-task-meta-{i}" for i in ids]
     while client.exists(*keys) < tasks:
         time.sleep(POLL)
@@ -73,24 +75,44 @@ def bare_round(bare, client, tasks: int, size: int) -> float:
 def measure(rounds: int, latency_rounds: int) -> dict:
     import redis
 
+    from broker.settings import Settings
     from coordinator.store import Store
     from tasks.app import make_app
-    from tasks.config import Settings
 
     with Cluster("overhead") as c:
         c.aggregator()
         c.volunteer(concurrency=2, name="bench")
-        c.start(["-m", "celery", "-A", "bench.bare_app", "worker", "-Q", "bare", "-P", "prefork",
-                 "-c", "2", "-n", "bare@%h", "-E", "--without-mingle", "--without-gossip",
-                 "--loglevel=WARNING"], "bare.log")
+        c.start(
+            [
+                "-m",
+                "celery",
+                "-A",
+                "bench.bare_app",
+                "worker",
+                "-Q",
+                "bare",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-n",
+                "bare@%h",
+                "-E",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel=WARNING",
+            ],
+            "bare.log",
+        )
         c.wait_for_workers(["bench", "bare", "bench-agg"])
-        c.coordinator("init", "--run", "overhead", "--job", TINY_JOB, "--local-steps", "1",
-                      "--json")
-        c.coordinator("init", "--run", "latency", "--job", TINY_JOB, "--local-steps", "1",
-                      "--json")
+        c.coordinator("init", "--run", "overhead", "--job", TINY_JOB, "--local-steps", "1", "--json")
+        c.coordinator("init", "--run", "latency", "--job", TINY_JOB, "--local-steps", "1", "--json")
         t0 = time.perf_counter()
-        cli = json.loads(c.coordinator("post-round", "--run", "overhead", "--shards", str(SHARDS),
-                                       "--wait", "--json").stdout)
+        cli = json.loads(
+            c.coordinator(
+                "post-round", "--run", "overhead", "--shards", str(SHARDS), "--wait", "--json"
+            ).stdout
+        )
         cli_wall = time.perf_counter() - t0
         record = cli["rounds"][0]
         if record["accepted"] != SHARDS:
@@ -114,13 +136,19 @@ def measure(rounds: int, latency_rounds: int) -> dict:
         for _ in range(latency_rounds):
             lat_ct.append(crowdtrain_round(store, app, "latency", 1))
             lat_bare.append(bare_round(bare, client, 1, delta_bytes))
-        last = store.round_info("overhead", store.round_count("overhead")) or {}
+        last = store.rounds.info("overhead", store.rounds.count("overhead")) or {}
         summary = json.loads(last.get("summary", "{}"))
         return {
-            "shards": SHARDS, "rounds": rounds, "delta_bytes": delta_bytes,
-            "model_bytes": model_bytes, "cli_round_seconds": record["seconds"],
-            "cli_wall_seconds": cli_wall, "last_round_accepted": summary.get("accepted"),
-            "crowdtrain_s": ct, "bare_s": base, "latency_crowdtrain_s": lat_ct,
+            "shards": SHARDS,
+            "rounds": rounds,
+            "delta_bytes": delta_bytes,
+            "model_bytes": model_bytes,
+            "cli_round_seconds": record["seconds"],
+            "cli_wall_seconds": cli_wall,
+            "last_round_accepted": summary.get("accepted"),
+            "crowdtrain_s": ct,
+            "bare_s": base,
+            "latency_crowdtrain_s": lat_ct,
             "latency_bare_s": lat_bare,
         }
 
@@ -144,11 +172,15 @@ def report(r: dict) -> str:
         "| round | median s | min s | max s | per shard ms | tasks/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, values in (("crowdtrain (post to new version)", r["crowdtrain_s"]),
-                         ("bare Celery (64 read+write tasks)", r["bare_s"])):
+    for name, values in (
+        ("crowdtrain (post to new version)", r["crowdtrain_s"]),
+        ("bare Celery (64 read+write tasks)", r["bare_s"]),
+    ):
         m = median(values)
-        lines.append(f"| {name} | {m:.3f} | {min(values):.3f} | {max(values):.3f} | "
-                     f"{1000 * m / r['shards']:.2f} | {r['shards'] / m:.0f} |")
+        lines.append(
+            f"| {name} | {m:.3f} | {min(values):.3f} | {max(values):.3f} | "
+            f"{1000 * m / r['shards']:.2f} | {r['shards'] / m:.0f} |"
+        )
     lines += [
         "",
         "| fixed per-round latency (1 shard) | median ms | p90 ms | min ms |",

@@ -47,8 +47,10 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
-            f"{datetime.date.today().isoformat()}")
+    return (
+        f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         command = f"{Path(sys.executable).name} {' '.join(argv_)}"
-        done = subprocess.run([sys.executable, *argv_], cwd=ROOT, capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run([sys.executable, *argv_], cwd=ROOT, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - t0
         section = f"## {name}\n\n`{command}` ({seconds:.0f} s)\n\n{done.stdout.strip()}\n"
         if done.returncode:

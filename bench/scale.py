@@ -31,8 +31,7 @@ from bench.harness import TINY_JOB, Cluster, redis_memory, rss_kib
 
 def key_groups(client, keys: set[bytes]) -> dict[str, dict]:
     """Keys grouped by kind: count, bytes (MEMORY USAGE), how many have no TTL."""
-    groups: dict[str, dict] = defaultdict(lambda: {"keys": 0, "bytes": 0, "no_ttl": 0,
-                                                   "max_ttl": 0})
+    groups: dict[str, dict] = defaultdict(lambda: {"keys": 0, "bytes": 0, "no_ttl": 0, "max_ttl": 0})
     for key in keys:
         name = key.decode(errors="replace")
         if name.startswith("celery-task-meta-"):
@@ -58,18 +57,40 @@ def key_groups(client, keys: set[bytes]) -> dict[str, dict]:
 def measure(shards: int, threads: int, features: int) -> dict:
     import redis
 
+    from broker.settings import Settings
     from coordinator.rounds import post_round
     from coordinator.store import Store
     from tasks.app import make_app
-    from tasks.config import Settings
 
     with Cluster("scale") as c:
         agg = c.aggregator()
-        c.start(["bench/thread_volunteer.py", "--broker", c.url, "--threads", str(threads),
-                 "--name", "bench-threads", "--allow-job", TINY_JOB], "volunteer.log")
+        c.start(
+            [
+                "bench/thread_volunteer.py",
+                "--broker",
+                c.url,
+                "--threads",
+                str(threads),
+                "--name",
+                "bench-threads",
+                "--allow-job",
+                TINY_JOB,
+            ],
+            "volunteer.log",
+        )
         c.wait_for_workers(["bench-threads", "bench-agg"])
-        c.coordinator("init", "--run", "scale", "--job", TINY_JOB, "--job-arg",
-                      f"features={features}", "--local-steps", "1", "--json")
+        c.coordinator(
+            "init",
+            "--run",
+            "scale",
+            "--job",
+            TINY_JOB,
+            "--job-arg",
+            f"features={features}",
+            "--local-steps",
+            "1",
+            "--json",
+        )
         client = redis.Redis.from_url(c.url)
         store = Store(client)
         app = make_app(Settings(broker_url=c.url))
@@ -80,7 +101,7 @@ def measure(shards: int, threads: int, features: int) -> dict:
             info = post_round(store, app, "scale", n, n, 600.0)
             posted = time.perf_counter() - started
             while store.version("scale") == before:
-                if store.round_status("scale", info["round"]) == "failed":
+                if store.rounds.status("scale", info["round"]) == "failed":
                     raise RuntimeError("round failed")
                 time.sleep(0.01)
             return time.perf_counter() - started, posted, info["round"]
@@ -94,20 +115,28 @@ def measure(shards: int, threads: int, features: int) -> dict:
         seconds, posted, number = one_round(shards)
         agg_hwm = rss_kib(agg.pid, "VmHWM")
         time.sleep(1.0)
-        info = store.round_info("scale", number) or {}
+        info = store.rounds.info("scale", number) or {}
         summary = json.loads(info.get("summary", "{}"))
         mem_after = redis_memory(client)
         new_keys = set(client.scan_iter(count=1000)) - keys_before
         groups = key_groups(client, new_keys)
         return {
-            "shards": shards, "threads": threads, "features": features,
-            "accepted": summary.get("accepted"), "round_seconds": seconds,
-            "post_seconds": posted, "uplink_bytes": int(info.get("uplink_bytes", 0)),
+            "shards": shards,
+            "threads": threads,
+            "features": features,
+            "accepted": summary.get("accepted"),
+            "round_seconds": seconds,
+            "post_seconds": posted,
+            "uplink_bytes": int(info.get("uplink_bytes", 0)),
             "model_bytes": len(store.model_blob("scale", store.version("scale"))),
-            "redis_used_before": mem_before["used"], "redis_peak": mem_after["peak"],
-            "redis_peak_before": mem_before["peak"], "redis_used_after": mem_after["used"],
-            "agg_rss_before_kib": agg_rss_before, "agg_hwm_before_kib": agg_hwm_before,
-            "agg_hwm_kib": agg_hwm, "new_keys": groups,
+            "redis_used_before": mem_before["used"],
+            "redis_peak": mem_after["peak"],
+            "redis_peak_before": mem_before["peak"],
+            "redis_used_after": mem_after["used"],
+            "agg_rss_before_kib": agg_rss_before,
+            "agg_hwm_before_kib": agg_hwm_before,
+            "agg_hwm_kib": agg_hwm,
+            "new_keys": groups,
             "model_ttl": client.ttl(f"ct:run:scale:model:{store.version('scale')}"),
         }
 
@@ -150,8 +179,9 @@ def report(r: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for kind, g in sorted(r["new_keys"].items()):
-        lines.append(f"| {kind} | {g['keys']} | {g['bytes'] / mib:.2f} | {g['no_ttl']} | "
-                     f"{_ttl(g['max_ttl'])} |")
+        lines.append(
+            f"| {kind} | {g['keys']} | {g['bytes'] / mib:.2f} | {g['no_ttl']} | {_ttl(g['max_ttl'])} |"
+        )
     lines += [
         "",
         "Goals:",

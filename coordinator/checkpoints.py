@@ -19,15 +19,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-TensorDict = dict[str, torch.Tensor]
+from serialization import TensorDict
 
 
 def run_dir(home: Path, run: str) -> Path:
     return home / "runs" / run
 
 
-def save_version(home: Path, run: str, version: int, weights: Mapping[str, torch.Tensor],
-                 strategy_state: Mapping[str, torch.Tensor] | None, config: Mapping[str, Any]) -> Path:
+def save_version(
+    home: Path,
+    run: str,
+    version: int,
+    weights: Mapping[str, torch.Tensor],
+    strategy_state: Mapping[str, torch.Tensor] | None,
+    config: Mapping[str, Any],
+) -> Path:
     """Write one model version (and the strategy state beside it) atomically."""
     folder = run_dir(home, run)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator import commands
-from coordinator.errors import USER_ERRORS
+import redis
+
+from broker.errors import BrokerError
+from coordinator import commands, quickstart
+from coordinator.errors import CoordinatorError
+from coordinator.strategies import STRATEGY_HELP
+from jobs import JobError
+from serialization import WireFormatError
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
 LONG_RUNNING = ("aggregator", "monitor")
 COMPRESSION_HELP = "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 (F a fraction, e.g. 0.01)"
+# Each package's error root: a mistake the user can fix, shown as one line with exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CoordinatorError,
+    BrokerError,
+    JobError,
+    WireFormatError,
+    redis.ConnectionError,  # the broker went away mid-command and did not come back
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Long-running workers log their work; one-shot commands speak only on trouble.
     level = logging.INFO if args.command in LONG_RUNNING else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         result = args.handler(args)
     except USER_ERRORS as e:
@@ -44,33 +59,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coordinator", description="Post training rounds to volunteers and merge their work.")
+        prog="coordinator", description="Post training rounds to volunteers and merge their work."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _command(sub, "quickstart", commands.quickstart,
-                 "Run the built-in job end to end on this machine (embedded Redis, local volunteers).")
+    p = _command(
+        sub,
+        "quickstart",
+        quickstart.quickstart,
+        "Run the built-in job end to end on this machine (embedded Redis, local volunteers).",
+    )
     p.add_argument("--rounds", type=_positive_int, default=5)
     p.add_argument("--volunteers", type=_positive_int, default=2)
     p.add_argument("--job", default="charlm")
     p.add_argument("--job-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
     p.add_argument("--strategy", default="fedavg", help=STRATEGY_FLAGS_HELP)
-    p.add_argument("--shards", type=_positive_int, default=None,
-                   help="shards per round (default: 2 per volunteer)")
+    p.add_argument(
+        "--shards", type=_positive_int, default=None, help="shards per round (default: 2 per volunteer)"
+    )
     p.add_argument("--local-steps", type=_positive_int, default=30)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = _command(sub, "init", commands.init, "Create a run: its job, strategy and model version 0.")
     p.add_argument("--run", required=True)
     p.add_argument("--job", required=True, help="a built-in job (charlm) or package.module:factory")
-    p.add_argument("--job-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the job's factory; the value is JSON if it parses")
-    p.add_argument("--strategy", default="fedavg", help=_strategy_help())
+    p.add_argument(
+        "--job-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the job's factory; the value is JSON if it parses",
+    )
+    p.add_argument("--strategy", default="fedavg", help=STRATEGY_HELP)
     p.add_argument("--server-lr", type=float, default=None, help="the strategy's learning rate")
     p.add_argument("--momentum", type=float, default=None, help="the strategy's momentum")
     p.add_argument("--clip-norm", type=float, default=None, help="clip each delta to this L2 norm")
-    p.add_argument("--max-norm-ratio", type=float, default=10.0,
-                   help="reject deltas whose norm exceeds this multiple of the round median")
+    p.add_argument(
+        "--max-norm-ratio",
+        type=float,
+        default=10.0,
+        help="reject deltas whose norm exceeds this multiple of the round median",
+    )
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
     p.add_argument("--local-steps", type=_positive_int, default=20)
     p.add_argument("--lr", type=float, default=3e-3, help="the volunteers' inner learning rate")
@@ -91,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     _round_flags(p)
     p.add_argument("--json", action="store_true")
 
-    p = _command(sub, "aggregator", commands.aggregator,
-                 "The trusted worker on queue 'aggregate': validates and merges rounds.")
+    p = _command(
+        sub,
+        "aggregator",
+        commands.aggregator,
+        "The trusted worker on queue 'aggregate': validates and merges rounds.",
+    )
     p.add_argument("--name", default=None, help="Celery node name (default aggregator-PID)")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
 
     p = _command(sub, "status", commands.status, "Runs, rounds, queue depths, volunteers online.")
     p.add_argument("--run", default=None)
@@ -114,20 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5555)
     p.add_argument("--basic-auth", default=None, help="user:password for Flower's login")
 
-    p = _command(sub, "volunteer-credentials", commands.volunteer_credentials,
-                 "Create a volunteer's least-privilege Redis user (Redis 7) and print its broker URL.")
+    p = _command(
+        sub,
+        "volunteer-credentials",
+        commands.volunteer_credentials,
+        "Create a volunteer's least-privilege Redis user (Redis 7) and print its broker URL.",
+    )
     p.add_argument("name", metavar="NAME", help="the volunteer's name, its 'volunteer start --name'")
     p.add_argument("--revoke", action="store_true", help="delete the user and close its connections")
-    p.add_argument("--host", default=None,
-                   help="HOST[:PORT] volunteers reach the broker at (default: the broker URL's)")
+    p.add_argument(
+        "--host", default=None, help="HOST[:PORT] volunteers reach the broker at (default: the broker URL's)"
+    )
     p.add_argument("--json", action="store_true")
     return parser
 
 
 def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--broker", default=None,
-                   help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)")
+    p.add_argument(
+        "--broker", default=None, help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)"
+    )
     p.set_defaults(handler=handler)
     return p
 
@@ -135,18 +174,17 @@ def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.Argu
 def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     word = "default for the run's rounds: " if defaults else ""
     p.add_argument("--shards", type=_positive_int, default=None, help=f"{word}shard jobs per round")
-    p.add_argument("--quorum", default=None,
-                   help=f"{word}accepted shards needed: a count, or a fraction like 0.75 (default all)")
-    p.add_argument("--deadline", type=_positive_float, default=None,
-                   help=f"{word}seconds before the round is merged with what it has")
-
-
-def _strategy_help() -> str:
-    try:
-        from coordinator.strategies import STRATEGY_HELP
-        return STRATEGY_HELP
-    except ImportError:  # pragma: no cover - only while the package is incomplete
-        return STRATEGY_FLAGS_HELP
+    p.add_argument(
+        "--quorum",
+        default=None,
+        help=f"{word}accepted shards needed: a count, or a fraction like 0.75 (default all)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=None,
+        help=f"{word}seconds before the round is merged with what it has",
+    )
 
 
 def _positive_int(text: str) -> int:

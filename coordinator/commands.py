@@ -16,17 +16,25 @@ from typing import Any
 import redis
 from rich.console import Console
 
-from coordinator import checkpoints, embedded
-from coordinator.errors import BrokerUnreachable, UsageError
-from coordinator.jobs import load_job, parse_job_args
+from broker import embedded
+from broker.client import check_reachable, redis_client
+from broker.keys import AGGREGATE_QUEUE
+from broker.settings import DEFAULT_DEADLINE, Settings
+from coordinator import checkpoints, credentials
+from coordinator.aggregator import watch_deadlines
+from coordinator.documents import run_document
+from coordinator.errors import RunExists, UsageError
+from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
-from coordinator.rounds import parse_quorum, run_document, wait_round
+from coordinator.rounds import parse_quorum, wait_round
 from coordinator.rounds import post_round as _post_round
-from coordinator.store import RunExists, Store
+from coordinator.status import collect_status, print_status
+from coordinator.store import Store
 from coordinator.strategies import make_strategy
+from jobs import load_job, parse_job_args
 from serialization import dumps, loads, parse_codec
-from tasks.app import AGGREGATE_QUEUE, make_app, redis_client
-from tasks.config import DEFAULT_DEADLINE, Settings
+from tasks.aggregation import aggregator_app
+from tasks.app import CrowdtrainApp, make_app
 
 log = logging.getLogger("crowdtrain.coordinator")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -39,29 +47,23 @@ class Connection:
 
     settings: Settings
     store: Store
-    app: Any
+    app: CrowdtrainApp
 
 
-def connect(args: argparse.Namespace, check: bool = True) -> Connection:
+def broker_settings(args: argparse.Namespace) -> Settings:
     """Use --broker / $CROWDTRAIN_BROKER_URL, else start or reuse the embedded Redis."""
     settings = Settings.from_env(broker_url=getattr(args, "broker", None))
     if settings.broker_url is None:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
-    store = Store(redis_client(settings))
+    return settings
+
+
+def connect(args: argparse.Namespace, check: bool = True) -> Connection:
+    """Settings, store and a task-less app (it sends tasks by name) for a one-shot command."""
+    settings = broker_settings(args)
     if check:
-        try:
-            store.redis.ping()
-        except redis.RedisError as e:
-            raise BrokerUnreachable(
-                f"cannot reach the broker at {_safe_url(settings.broker_url)} ({e}); "
-                "start Redis there, or pass --broker / CROWDTRAIN_BROKER_URL") from None
-    return Connection(settings, store, make_app(settings))
-
-
-def quickstart(args: argparse.Namespace) -> dict[str, Any]:
-    from coordinator.quickstart import quickstart as run_quickstart
-
-    return run_quickstart(args)
+        check_reachable(settings)
+    return Connection(settings, Store(redis_client(settings)), make_app(settings))
 
 
 def init(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,8 +72,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--run {args.run!r}: use 1-64 letters, digits, '.', '_' or '-'")
     job_args = parse_job_args(args.job_arg)
     codec = parse_codec(args.compression)
-    make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum,
-                  clip_norm=args.clip_norm)
+    make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm)
     shards = args.shards or DEFAULT_SHARDS
     parse_quorum(args.quorum, shards)
     job = load_job(args.job, job_args)
@@ -81,20 +82,39 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     model = job.build_model()
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial = {k: float(v) for k, v in job.evaluate(model).items()}
-    config = dict(job=args.job, job_args=job_args, strategy=args.strategy,
-                  server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm,
-                  max_norm_ratio=args.max_norm_ratio, compression=codec.name,
-                  local_steps=args.local_steps, lr=args.lr, optimizer=args.optimizer,
-                  seed=args.seed, shards=shards, quorum=args.quorum,
-                  deadline=args.deadline or DEFAULT_DEADLINE, initial=initial,
-                  created_at=time.time())
+    config = dict(
+        job=args.job,
+        job_args=job_args,
+        strategy=args.strategy,
+        server_lr=args.server_lr,
+        momentum=args.momentum,
+        clip_norm=args.clip_norm,
+        max_norm_ratio=args.max_norm_ratio,
+        compression=codec.name,
+        local_steps=args.local_steps,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        shards=shards,
+        quorum=args.quorum,
+        deadline=args.deadline or DEFAULT_DEADLINE,
+        initial=initial,
+        created_at=time.time(),
+    )
     conn.store.create_run(args.run, config, dumps(weights, {"run": args.run, "version": 0}))
     checkpoints.save_version(conn.settings.home, args.run, 0, weights, None, config)
-    document = {"run": args.run, "job": args.job, "strategy": args.strategy,
-                "compression": codec.name, "initial": {"model_version": 0, **initial}}
+    document = {
+        "run": args.run,
+        "job": args.job,
+        "strategy": args.strategy,
+        "compression": codec.name,
+        "initial": {"model_version": 0, **initial},
+    }
     if not args.json:
-        print(f"created run {args.run!r}: job {args.job}, strategy {args.strategy}, "
-              f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}")
+        print(
+            f"created run {args.run!r}: job {args.job}, strategy {args.strategy}, "
+            f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
+        )
     return document
 
 
@@ -104,8 +124,10 @@ def post_round(args: argparse.Namespace) -> dict[str, Any]:
     info = _post(conn, args, config)
     if not args.wait:
         if not args.json:
-            print(f"posted round {info['round']} of {args.run}: {info['shards']} shards, "
-                  f"quorum {info['quorum']}, deadline {info['deadline_seconds']:.0f}s")
+            print(
+                f"posted round {info['round']} of {args.run}: {info['shards']} shards, "
+                f"quorum {info['quorum']}, deadline {info['deadline_seconds']:.0f}s"
+            )
         return info
     _wait(conn.store, args.run, info["round"], info["shards"], args.json)
     return run_document(conn.store, args.run, [info["round"]])
@@ -116,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     config = conn.store.run_config(args.run)
     numbers: list[int] = []
-    current = conn.store.current_round(args.run)
+    current = conn.store.rounds.current(args.run)
     if current and current["status"] in ("open", "aggregating"):
         _wait(conn.store, args.run, current["round"], int(current["shards"]), args.json)
         numbers.append(current["round"])
@@ -124,8 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         info = _post(conn, args, config)
         record = _wait(conn.store, args.run, info["round"], info["shards"], args.json)
         if record["status"] == "failed":
-            log.warning("round %d failed: no volunteer delta was accepted before the deadline",
-                        info["round"])
+            log.warning("round %d failed: no volunteer delta was accepted before the deadline", info["round"])
         numbers.append(info["round"])
     document = run_document(conn.store, args.run, numbers)
     if not args.json:
@@ -135,36 +156,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def aggregator(args: argparse.Namespace) -> None:
     """Run the trusted worker; the deadline watcher runs beside it in a thread."""
-    from coordinator.aggregator import watch_deadlines
-    from coordinator.credentials import preload_scripts
-
-    conn = connect(args, check=False)
+    settings = broker_settings(args)
+    store = Store(redis_client(settings))
+    app = aggregator_app(settings)
     stop = threading.Event()
     try:  # so least-privilege volunteers (EVALSHA only) work right after a Redis restart
-        preload_scripts(conn.store.redis)
+        credentials.preload_scripts(store.redis)
     except redis.RedisError as e:
         log.warning("could not preload kombu's Lua scripts (%s); volunteers load them on demand", e)
 
     def send(run_name: str, number: int) -> None:
-        conn.app.send_task("aggregate_round", args=[run_name, number], queue=AGGREGATE_QUEUE)
+        app.send_task("aggregate_round", args=[run_name, number], queue=AGGREGATE_QUEUE)
 
-    threading.Thread(target=watch_deadlines, args=(conn.store, send, stop), daemon=True,
-                     name="deadline-watcher").start()
+    threading.Thread(
+        target=watch_deadlines, args=(store, send, stop), daemon=True, name="deadline-watcher"
+    ).start()
     if args.metrics_port:
-        from coordinator.metrics import serve_metrics
-
-        serve_metrics(conn.store, args.metrics_port, conn.app)
+        serve_metrics(store, args.metrics_port, app)
     name = args.name or f"aggregator-{os.getpid()}"
     try:
-        conn.app.worker_main(["worker", "-Q", AGGREGATE_QUEUE, "-P", "solo", "-n", f"{name}@%h",
-                              "-E", "--loglevel=INFO", "--without-mingle", "--without-gossip"])
+        app.worker_main(
+            [
+                "worker",
+                "-Q",
+                AGGREGATE_QUEUE,
+                "-P",
+                "solo",
+                "-n",
+                f"{name}@%h",
+                "-E",
+                "--loglevel=INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
     finally:
         stop.set()
 
 
 def status(args: argparse.Namespace) -> dict[str, Any]:
-    from coordinator.status import collect_status, print_status
-
     conn = connect(args)
     document = collect_status(conn.store, conn.app, args.run)
     if not args.json:
@@ -185,11 +215,11 @@ def export(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
+    # matplotlib takes most of a second to import: only this command pays for it
     from coordinator.report import plot_run
 
     conn = connect(args)
-    document = run_document(conn.store, args.run,
-                            list(range(1, conn.store.round_count(args.run) + 1)))
+    document = run_document(conn.store, args.run, list(range(1, conn.store.rounds.count(args.run) + 1)))
     plot_run(document, args.out)
     print(f"wrote {args.out}")
 
@@ -197,7 +227,7 @@ def report(args: argparse.Namespace) -> None:
 def monitor(args: argparse.Namespace) -> int:
     """Flower is ``celery -A tasks flower``; we only point it at the right broker."""
     conn = connect(args)
-    env = {**os.environ, "CROWDTRAIN_BROKER_URL": conn.settings.broker_url}
+    env = {**os.environ, "CROWDTRAIN_BROKER_URL": conn.settings.url}
     # Our task arguments are small and readable: show them in the task list.
     env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,kwargs,result,received,runtime,worker")
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}"]
@@ -214,11 +244,10 @@ def monitor(args: argparse.Namespace) -> int:
 
 def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Create or revoke one volunteer's Redis ACL user on the broker (admin connection)."""
-    from coordinator import credentials
-
     conn = connect(args)
-    return credentials.command(conn.store.redis, conn.settings.broker_url, args.name,
-                               revoke=args.revoke, host=args.host, quiet=args.json)
+    return credentials.command(
+        conn.store.redis, conn.settings.url, args.name, revoke=args.revoke, host=args.host, quiet=args.json
+    )
 
 
 def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
@@ -227,14 +256,16 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
     quorum = parse_quorum(quorum_spec, shards)
     deadline = float(args.deadline or config.get("deadline") or DEFAULT_DEADLINE)
     info = _post_round(conn.store, conn.app, args.run, shards, quorum, deadline)
-    return {"run": args.run, "round": info["round"], "shards": shards, "quorum": quorum,
-            "deadline_seconds": deadline, "base_version": info["base_version"]}
+    return {
+        "run": args.run,
+        "round": info["round"],
+        "shards": shards,
+        "quorum": quorum,
+        "deadline_seconds": deadline,
+        "base_version": info["base_version"],
+    }
 
 
 def _wait(store: Store, run_name: str, number: int, shards: int, quiet: bool) -> dict[str, Any]:
     with RoundProgress(run_name, number, shards, quiet=quiet) as progress:
         return wait_round(store, run_name, number, progress.update)
-
-
-def _safe_url(url: str | None) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url or "")

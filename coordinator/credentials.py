@@ -24,7 +24,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 from redis.lock import Lock
 
-from coordinator.errors import UsageError
+from broker import keys
+from coordinator.errors import CredentialsError
 
 MIN_REDIS_MAJOR = 7
 PASSWORD_BYTES = 32
@@ -36,29 +37,81 @@ _RESERVED = frozenset({"default"})
 # Commands only; keys and channels are limited separately below.
 COMMANDS = (
     # connection set-up by redis-py and kombu
-    "ping", "echo", "hello", "select", "time", "client|setinfo", "client|setname", "client|id",
-    "reset", "quit",
+    "ping",
+    "echo",
+    "hello",
+    "select",
+    "time",
+    "client|setinfo",
+    "client|setname",
+    "client|id",
+    "reset",
+    "quit",
     # reading a run; kombu reads its bindings and the unacked index
-    "get", "mget", "exists", "type", "ttl", "pttl", "strlen", "getrange",
-    "hget", "hmget", "hgetall", "hexists", "hlen", "hkeys",
-    "smembers", "sismember", "scard", "llen", "lrange",
-    "zrange", "zrangebyscore", "zrevrangebyscore", "zscore", "zcard",
+    "get",
+    "mget",
+    "exists",
+    "type",
+    "ttl",
+    "pttl",
+    "strlen",
+    "getrange",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hexists",
+    "hlen",
+    "hkeys",
+    "smembers",
+    "sismember",
+    "scard",
+    "llen",
+    "lrange",
+    "zrange",
+    "zrangebyscore",
+    "zrevrangebyscore",
+    "zscore",
+    "zcard",
     # writing what a volunteer owns, and kombu/celery's queue bookkeeping
-    "set", "setex", "psetex", "setnx", "del", "unlink", "expire", "pexpire",
-    "hset", "hdel", "sadd", "srem", "zadd", "zrem",
-    "lpush", "rpush", "brpop", "rpop", "lpop", "brpoplpush", "blmove",
+    "set",
+    "setex",
+    "psetex",
+    "setnx",
+    "del",
+    "unlink",
+    "expire",
+    "pexpire",
+    "hset",
+    "hdel",
+    "sadd",
+    "srem",
+    "zadd",
+    "zrem",
+    "lpush",
+    "rpush",
+    "brpop",
+    "rpop",
+    "lpop",
+    "brpoplpush",
+    "blmove",
     # transactions (Celery's result pipeline) and kombu's mutex, a redis-py Lock whose
     # release is a Lua script: EVALSHA only, so a volunteer cannot load Lua of its own
     # (a busy loop would block the server); commands inside a script are still checked
     # against this user's ACL
-    "multi", "exec", "discard", "watch", "unwatch", "evalsha", "script|exists",
+    "multi",
+    "exec",
+    "discard",
+    "watch",
+    "unwatch",
+    "evalsha",
+    "script|exists",
     # events, pidbox and result notifications
-    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+    "publish",
+    "subscribe",
+    "unsubscribe",
+    "psubscribe",
+    "punsubscribe",
 )
-
-
-class CredentialsError(UsageError):
-    """Volunteer credentials cannot be made or removed; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +127,8 @@ def check_name(name: str) -> str:
     """The name if it can be an ACL user and a volunteer ``--name``."""
     if not _NAME.match(name) or name in _RESERVED:
         raise CredentialsError(
-            f"volunteer name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not 'default')")
+            f"volunteer name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not 'default')"
+        )
     return name
 
 
@@ -86,43 +140,61 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     database number of the broker URL, part of kombu's channel names.
     """
     check_name(name)
-    keys = [
-        "%R~ct:run:*",  # run config, version, model blobs, round status: read only
-        "%R~ct:runs",
-        f"~ct:upload:{name}:*",  # its own uploads (Store.upload_key)
-        f"~ct:volunteer:{name}",  # its own record (Store.describe_volunteer)
-        "~ct:volunteers",  # SADD of its name
+    patterns = [
+        f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
+        f"%R~{keys.runs()}",
+        f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
+        f"~{keys.volunteer(name)}",  # its own record (VolunteerStore.describe)
+        f"~{keys.volunteers()}",  # SADD of its name
         # pull shard tasks, push them back when a worker restores unacked ones; kombu
         # keeps one list per priority step, named QUEUE + "\x06\x16" + step
-        "~train", f"~train{PRIORITY_SEP}*",
-        "%W~aggregate", f"%W~aggregate{PRIORITY_SEP}*",  # send validate_delta, never read it
-        "~unacked", "~unacked_index", "~unacked_mutex",  # kombu's acks_late bookkeeping
+        f"~{keys.TRAIN_QUEUE}",
+        f"~{keys.TRAIN_QUEUE}{PRIORITY_SEP}*",
+        # send validate_delta, never read it
+        f"%W~{keys.AGGREGATE_QUEUE}",
+        f"%W~{keys.AGGREGATE_QUEUE}{PRIORITY_SEP}*",
+        "~unacked",
+        "~unacked_index",
+        "~unacked_mutex",  # kombu's acks_late bookkeeping
         # kombu declares, looks up and refreshes queue bindings
-        "~_kombu.binding.*", "~_kombu.binding_permanent.*", "~_kombu.binding_deadlines",
+        "~_kombu.binding.*",
+        "~_kombu.binding_permanent.*",
+        "~_kombu.binding_deadlines",
         # its own node's control queue (node name NAME@host), declared but fed by pub/sub
-        f"~{name}@*.celery.pidbox", f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",
+        f"~{name}@*.celery.pidbox",
+        f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",
         "%W~*.reply.celery.pidbox",  # answers to control commands (ping from status)
         "~celery-task-meta-*",  # task results
     ]
     # kombu prefixes fanout channels with "/DB."; PSUBSCRIBE is allowed only for a
     # pattern that equals an ACL channel pattern, so the pidbox one is written out
-    channels = [f"&/{db}.celery.pidbox",  # broadcast control commands (PSUBSCRIBE)
-                f"&/{db}.celeryev/*",  # task and heartbeat events (PUBLISH)
-                "&celery-task-meta-*"]  # result notifications (PUBLISH)
-    return ["reset", "on", "resetkeys", "resetchannels", "-@all",
-            *(f"+{c}" for c in COMMANDS if known is None or c in known), *keys, *channels]
+    channels = [
+        f"&/{db}.celery.pidbox",  # broadcast control commands (PSUBSCRIBE)
+        f"&/{db}.celeryev/*",  # task and heartbeat events (PUBLISH)
+        "&celery-task-meta-*",
+    ]  # result notifications (PUBLISH)
+    return [
+        "reset",
+        "on",
+        "resetkeys",
+        "resetchannels",
+        "-@all",
+        *(f"+{c}" for c in COMMANDS if known is None or c in known),
+        *patterns,
+        *channels,
+    ]
 
 
-def create(admin: redis.Redis, name: str, broker_url: str, host: str | None = None
-           ) -> VolunteerCredentials:
+def create(admin: redis.Redis, name: str, broker_url: str, host: str | None = None) -> VolunteerCredentials:
     """Create (or replace the password of) volunteer ``name``'s ACL user."""
     require_acl(admin)
     preload_scripts(admin)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     known = {str(c.decode() if isinstance(c, bytes) else c).lower() for c in admin.command_list()}
     try:
-        admin.execute_command("ACL", "SETUSER", name, *volunteer_rules(name, known, _db(broker_url)),
-                              f">{password}")
+        admin.execute_command(
+            "ACL", "SETUSER", name, *volunteer_rules(name, known, _db(broker_url)), f">{password}"
+        )
     except redis.ResponseError as e:
         raise CredentialsError(f"Redis refused ACL SETUSER for {name!r}: {e}") from e
     return VolunteerCredentials(name, password, volunteer_url(broker_url, name, password, host))
@@ -141,7 +213,8 @@ def volunteer_url(broker_url: str, name: str, password: str, host: str | None = 
     parts = urlparse(broker_url)
     if parts.scheme not in ("redis", "rediss"):
         raise CredentialsError(
-            f"broker URL scheme {parts.scheme!r}: volunteers need a redis:// or rediss:// URL")
+            f"broker URL scheme {parts.scheme!r}: volunteers need a redis:// or rediss:// URL"
+        )
     address = parts.netloc.rpartition("@")[2]
     if host:
         address = host
@@ -151,8 +224,15 @@ def volunteer_url(broker_url: str, name: str, password: str, host: str | None = 
     return urlunparse((parts.scheme, netloc, parts.path or "/0", "", parts.query, ""))
 
 
-def command(admin: redis.Redis, broker_url: str, name: str, *, revoke: bool = False,
-            host: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def command(
+    admin: redis.Redis,
+    broker_url: str,
+    name: str,
+    *,
+    revoke: bool = False,
+    host: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """``coordinator volunteer-credentials``: create or revoke, print what to hand over."""
     if revoke:
         removed = revoke_user(admin, name)
@@ -167,8 +247,11 @@ def command(admin: redis.Redis, broker_url: str, name: str, *, revoke: bool = Fa
         print(made.url)
         print(f"hand this URL to the volunteer, who runs: {start}", file=sys.stderr)
         if not persisted:
-            print("note: Redis has no ACL file (--aclfile), so this user is lost when Redis "
-                  "restarts; see docs/DEPLOYMENT.md", file=sys.stderr)
+            print(
+                "note: Redis has no ACL file (--aclfile), so this user is lost when Redis "
+                "restarts; see docs/DEPLOYMENT.md",
+                file=sys.stderr,
+            )
     return {"name": name, "url": made.url, "command": start, "persisted": persisted}
 
 
@@ -178,8 +261,13 @@ def preload_scripts(admin: redis.Redis) -> None:
     Scripts do not survive a Redis restart; the aggregator's own kombu reloads them
     when it first needs them, and running this command again does too.
     """
-    for script in (Lock.LUA_RELEASE_SCRIPT, Lock.LUA_EXTEND_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT,
-                   kombu_redis.REFRESH_BINDING, kombu_redis.SWEEP_BINDINGS):
+    for script in (
+        Lock.LUA_RELEASE_SCRIPT,
+        Lock.LUA_EXTEND_SCRIPT,
+        Lock.LUA_REACQUIRE_SCRIPT,
+        kombu_redis.REFRESH_BINDING,
+        kombu_redis.SWEEP_BINDINGS,
+    ):
         admin.script_load(script)
 
 
@@ -194,7 +282,8 @@ def require_acl(admin: redis.Redis) -> None:
         raise CredentialsError(
             f"volunteer credentials need Redis {MIN_REDIS_MAJOR} or newer (read-only key "
             f"patterns); this broker runs Redis {version}. Use Redis 7 (docker-compose.yml, "
-            "or your distribution's redis-server) as the broker")
+            "or your distribution's redis-server) as the broker"
+        )
 
 
 def _save(admin: redis.Redis) -> bool:

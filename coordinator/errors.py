@@ -1,28 +1,35 @@
-"""The errors a user can cause, which the CLIs turn into one line and exit 2."""
+"""The coordinator's errors: one root, each a mistake the user can fix.
+
+The CLI turns any ``CoordinatorError`` (with the other packages' roots) into
+one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
-import redis
 
-from coordinator.embedded import EmbeddedRedisError
-from coordinator.jobs import JobError
-from coordinator.rounds import QuorumError
-from coordinator.store import RoundOpen, RunExists, UnknownRun
-from coordinator.strategies import StrategyError
-from serialization import WireFormatError
-from tasks.config import SettingsError
+class CoordinatorError(Exception):
+    """Root of the coordinator's errors; the message names the fix."""
 
 
-class UsageError(ValueError):
+class UsageError(CoordinatorError, ValueError):
     """A flag value or combination that cannot work."""
 
 
-class BrokerUnreachable(ConnectionError):
-    """The Redis broker did not answer."""
+class QuorumError(UsageError):
+    """--quorum is neither a shard count nor a fraction in (0, 1]."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError, BrokerUnreachable, EmbeddedRedisError, JobError, QuorumError, RoundOpen,
-    RunExists, UnknownRun, StrategyError, WireFormatError, SettingsError,
-    redis.ConnectionError,  # the broker went away mid-command and did not come back
-)
+class CredentialsError(UsageError):
+    """Volunteer credentials cannot be made or removed."""
+
+
+class StrategyError(CoordinatorError, ValueError):
+    """A bad strategy spec or option, or deltas/state that do not fit the model."""
+
+
+class RunExists(CoordinatorError, ValueError):
+    """A run of that name exists already."""
+
+
+class RoundOpen(CoordinatorError, RuntimeError):
+    """The run already has a round in progress."""

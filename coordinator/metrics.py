@@ -31,9 +31,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from coordinator.rounds import round_record
+from coordinator.documents import round_record
 from coordinator.store import Store
-from tasks.app import AGGREGATE_QUEUE, TRAIN_QUEUE
 
 PING_INTERVAL = 15.0  # seconds between Celery pings; a scrape never waits for one
 PING_TIMEOUT = 1.0
@@ -107,20 +106,24 @@ class CrowdtrainCollector(Collector):
         self.online = online
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        queue = GaugeMetricFamily("crowdtrain_queue_depth", "Messages waiting per queue",
-                                  labels=["queue"])
-        for name, depth in self.store.queue_depths((TRAIN_QUEUE, AGGREGATE_QUEUE)).items():
+        queue = GaugeMetricFamily("crowdtrain_queue_depth", "Messages waiting per queue", labels=["queue"])
+        for name, depth in self.store.queue_depths().items():
             queue.add_metric([name], depth)
         yield queue
         version = GaugeMetricFamily("crowdtrain_model_version", "Current model version", labels=["run"])
         latest = GaugeMetricFamily("crowdtrain_round", "Number of the latest round", labels=["run"])
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             name: GaugeMetricFamily(f"crowdtrain_{name}", text, labels=["run"])
-            for name, text in _ROUND_GAUGES}
-        families.update({name: CounterMetricFamily(f"crowdtrain_{name}", text, labels=["run"])
-                         for name, text in _RUN_COUNTERS})
+            for name, text in _ROUND_GAUGES
+        }
+        families.update(
+            {
+                name: CounterMetricFamily(f"crowdtrain_{name}", text, labels=["run"])
+                for name, text in _RUN_COUNTERS
+            }
+        )
         for run in self.store.runs():
-            number = self.store.round_count(run)
+            number = self.store.rounds.count(run)
             version.add_metric([run], self.store.version(run))
             latest.add_metric([run], number)
             for name, value in _run_values(self.store, run, number).items():
@@ -137,14 +140,16 @@ class CrowdtrainCollector(Collector):
         yield family
         names = self.online() if self.online else None
         if names is not None:
-            family = GaugeMetricFamily("crowdtrain_volunteers_online",
-                                       "Volunteers whose Celery worker answered the last ping")
+            family = GaugeMetricFamily(
+                "crowdtrain_volunteers_online", "Volunteers whose Celery worker answered the last ping"
+            )
             family.add_metric([], len(known & names))
             yield family
 
 
-def serve_metrics(store: Store, port: int, app: Celery | None = None,
-                  registry: CollectorRegistry = REGISTRY) -> Any:
+def serve_metrics(
+    store: Store, port: int, app: Celery | None = None, registry: CollectorRegistry = REGISTRY
+) -> Any:
     """Serve /metrics on ``port`` from a background thread; returns the HTTP server."""
     online = OnlineVolunteers(app).start() if app is not None else None
     registry.register(CrowdtrainCollector(store, online))
@@ -158,9 +163,11 @@ def _run_values(store: Store, run: str, number: int) -> dict[str, float]:
     if not number:
         return {}
     record = round_record(store, run, number)
-    info = store.round_info(run, number) or {}
-    values = {f"round_{field}": float(record.get(field) or 0) for field in
-              ("shards", "accepted", "rejected", "late", "uplink_bytes", "downlink_bytes")}
+    info = store.rounds.info(run, number) or {}
+    values = {
+        f"round_{field}": float(record.get(field) or 0)
+        for field in ("shards", "accepted", "rejected", "late", "uplink_bytes", "downlink_bytes")
+    }
     values["round_open"] = float(record.get("status") in ("open", "aggregating"))
     if info.get("quorum") is not None:
         values["round_quorum"] = float(info["quorum"])
@@ -176,7 +183,7 @@ def _run_values(store: Store, run: str, number: int) -> dict[str, float]:
             break
     up = down = 0.0
     for n in range(1, number + 1):
-        round_info = store.round_info(run, n) or {}
+        round_info = store.rounds.info(run, n) or {}
         up += float(round_info.get("uplink_bytes") or 0)
         down += float(round_info.get("downlink_bytes") or 0)
     values["uplink_bytes"] = up

@@ -21,8 +21,15 @@ Clock = Callable[[], float]
 class RoundProgress:
     """Shows one round's accepted/total shards, elapsed time and ETA while it is waited for."""
 
-    def __init__(self, run: str, number: int, shards: int, quiet: bool = False,
-                 stream: TextIO | None = None, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        run: str,
+        number: int,
+        shards: int,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.fancy = not quiet and self.stream.isatty()
@@ -32,11 +39,17 @@ class RoundProgress:
         self._last: tuple[Any, ...] | None = None
         self._started = clock()
         if self.fancy:
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("accepted"),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[detail]}"),
-                                 console=Console(file=self.stream, force_terminal=True),
-                                 transient=False, get_time=clock)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("accepted"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(file=self.stream, force_terminal=True),
+                transient=False,
+                get_time=clock,
+            )
             self._task = self._bar.add_task(self.label, total=shards, detail="")
 
     def __enter__(self) -> RoundProgress:
@@ -63,25 +76,50 @@ class RoundProgress:
             return
         if not changed:
             return
-        print(f"{self.label}: {accepted}/{self.shards} accepted, {elapsed:.1f}s elapsed, {detail}",
-              file=self.stream, flush=True)
+        print(
+            f"{self.label}: {accepted}/{self.shards} accepted, {elapsed:.1f}s elapsed, {detail}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def rounds_table(document: dict[str, Any]) -> Table:
     """The per-round table printed after ``run`` and ``quickstart`` (fits 80 columns)."""
-    table = Table(title=f"run {document['run']} ({document['job']}, {document['strategy']}, "
-                        f"compression {document['compression']})",
-                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1))
-    for column in ("round", "version", "accepted", "rejected", "late", "train\nloss",
-                   "eval\nloss", "uplink", "downlink", "secs"):
+    table = Table(
+        title=f"run {document['run']} ({document['job']}, {document['strategy']}, "
+        f"compression {document['compression']})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 0, 0, 1),
+    )
+    for column in (
+        "round",
+        "version",
+        "accepted",
+        "rejected",
+        "late",
+        "train\nloss",
+        "eval\nloss",
+        "uplink",
+        "downlink",
+        "secs",
+    ):
         table.add_column(column, justify="right", no_wrap=True)
     initial = document.get("initial", {})
     table.add_row("-", "0", "", "", "", "", _num(initial.get("eval_loss")), "", "", "")
     for r in document["rounds"]:
-        table.add_row(str(r["round"]), str(r["model_version"]), f"{r['accepted']}/{r['shards']}",
-                      str(r["rejected"]), str(r["late"]), _num(r["train_loss"]),
-                      _num(r["eval_loss"]), _bytes(r["uplink_bytes"]), _bytes(r["downlink_bytes"]),
-                      _num(r["seconds"], 1))
+        table.add_row(
+            str(r["round"]),
+            str(r["model_version"]),
+            f"{r['accepted']}/{r['shards']}",
+            str(r["rejected"]),
+            str(r["late"]),
+            _num(r["train_loss"]),
+            _num(r["eval_loss"]),
+            _bytes(r["uplink_bytes"]),
+            _bytes(r["downlink_bytes"]),
+            _num(r["seconds"], 1),
+        )
     return table
 
 

@@ -14,12 +14,13 @@ import subprocess
 import sys
 from typing import Any
 
-from coordinator import commands, embedded
-from coordinator.jobs import load_job, parse_job_args
+from broker import embedded
+from broker.settings import Settings
+from coordinator import commands
 from coordinator.report import plot_run
 from coordinator.strategies import make_strategy
+from jobs import load_job, parse_job_args
 from serialization import parse_codec
-from tasks.config import Settings
 
 STOP_TIMEOUT = 20.0
 QUICKSTART_DEADLINE = 300.0
@@ -42,15 +43,39 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
         processes.extend(_start_workers(settings, args.volunteers))
         conn_args = argparse.Namespace(broker=settings.broker_url)
         run_name = _fresh_run_name(commands.connect(conn_args).store.runs())
-        commands.init(argparse.Namespace(
-            broker=settings.broker_url, run=run_name, job=args.job, job_arg=args.job_arg,
-            strategy=args.strategy, server_lr=None, momentum=None, clip_norm=None,
-            max_norm_ratio=10.0, compression=args.compression, local_steps=args.local_steps,
-            lr=3e-3, optimizer="adamw", seed=0, shards=args.shards or 2 * args.volunteers,
-            quorum=None, deadline=QUICKSTART_DEADLINE, json=args.json))
-        document = commands.run(argparse.Namespace(
-            broker=settings.broker_url, run=run_name, rounds=args.rounds, shards=None,
-            quorum=None, deadline=None, json=args.json))
+        commands.init(
+            argparse.Namespace(
+                broker=settings.broker_url,
+                run=run_name,
+                job=args.job,
+                job_arg=args.job_arg,
+                strategy=args.strategy,
+                server_lr=None,
+                momentum=None,
+                clip_norm=None,
+                max_norm_ratio=10.0,
+                compression=args.compression,
+                local_steps=args.local_steps,
+                lr=3e-3,
+                optimizer="adamw",
+                seed=0,
+                shards=args.shards or 2 * args.volunteers,
+                quorum=None,
+                deadline=QUICKSTART_DEADLINE,
+                json=args.json,
+            )
+        )
+        document = commands.run(
+            argparse.Namespace(
+                broker=settings.broker_url,
+                run=run_name,
+                rounds=args.rounds,
+                shards=None,
+                quorum=None,
+                deadline=None,
+                json=args.json,
+            )
+        )
         report = plot_run(document, settings.home / "runs" / run_name / "report.png")
         document["report"] = str(report)
         if not args.json:
@@ -66,18 +91,48 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
 def _start_workers(settings: Settings, volunteers: int) -> list[subprocess.Popen]:
     logs = settings.home / "quickstart"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CROWDTRAIN_BROKER_URL": settings.broker_url or "",
-           "CROWDTRAIN_HOME": str(settings.home), "CROWDTRAIN_TORCH_THREADS": "1"}
-    commands_to_run = [[sys.executable, "-m", "coordinator.cli", "aggregator",
-                        "--name", f"quickstart-aggregator-{os.getpid()}"]]
+    env = {
+        **os.environ,
+        "CROWDTRAIN_BROKER_URL": settings.broker_url or "",
+        "CROWDTRAIN_HOME": str(settings.home),
+        "CROWDTRAIN_TORCH_THREADS": "1",
+    }
+    commands_to_run = [
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "aggregator",
+            "--name",
+            f"quickstart-aggregator-{os.getpid()}",
+        ]
+    ]
     for i in range(volunteers):
-        commands_to_run.append([sys.executable, "-m", "volunteer.cli", "start", "--device", "cpu",
-                                "--name", f"quickstart-volunteer-{i + 1}"])
+        commands_to_run.append(
+            [
+                sys.executable,
+                "-m",
+                "volunteer.cli",
+                "start",
+                "--device",
+                "cpu",
+                "--name",
+                f"quickstart-volunteer-{i + 1}",
+            ]
+        )
     processes = []
     for command in commands_to_run:
         log = open(logs / f"{command[-1]}.log", "ab")
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         log.close()
     return processes
 
@@ -113,4 +168,3 @@ def _fresh_run_name(existing: list[str]) -> str:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-

@@ -22,12 +22,16 @@ def plot_run(document: dict[str, Any], out: Path) -> Path:
     initial = document.get("initial") or {}
     points = _points(document)
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
-    title = (f"run {document['run']}: job {document['job']}, strategy {document['strategy']}, "
-             f"compression {document['compression']}")
+    title = (
+        f"run {document['run']}: job {document['job']}, strategy {document['strategy']}, "
+        f"compression {document['compression']}"
+    )
     if points:
         last = points[-1]
-        title += (f"\nfinal eval loss {last['eval_loss']:.3f} at version {last['model_version']}, "
-                  f"{_engineering(last['cumulative_uplink'])} uploaded")
+        title += (
+            f"\nfinal eval loss {last['eval_loss']:.3f} at version {last['model_version']}, "
+            f"{_engineering(last['cumulative_uplink'])} uploaded"
+        )
     fig.suptitle(title)
 
     versions = [0] + [p["model_version"] for p in points]
@@ -39,8 +43,13 @@ def plot_run(document: dict[str, Any], out: Path) -> Path:
     if any(p.get("eval_accuracy") is not None for p in points):
         accuracy = [initial.get("eval_accuracy")] + [p.get("eval_accuracy") for p in points]
         lines += _accuracy(by_round.twinx(), versions, accuracy)
-    fig.legend(lines, [line.get_label() for line in lines], loc="outside lower center",
-               ncol=len(lines), frameon=False)
+    fig.legend(
+        lines,
+        [line.get_label() for line in lines],
+        loc="outside lower center",
+        ncol=len(lines),
+        frameon=False,
+    )
 
     uplink = [p["cumulative_uplink"] for p in points]
     log_x = len(uplink) > 1 and uplink[0] > 0 and uplink[-1] / uplink[0] > LOG_SPAN
@@ -55,8 +64,9 @@ def plot_run(document: dict[str, Any], out: Path) -> Path:
     if not points:
         by_round.set_xlim(-0.5, 1.5)
         by_bytes.set_xlim(-0.1e6, 1e6)
-        by_bytes.text(0.5, 0.3, "no merged rounds yet", transform=by_bytes.transAxes,
-                      ha="center", color="gray")
+        by_bytes.text(
+            0.5, 0.3, "no merged rounds yet", transform=by_bytes.transAxes, ha="center", color="gray"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -80,8 +90,13 @@ def _engineering(count: float) -> str:
 
 def _loss(ax: Any, xs: list[float], losses: list[float | None]) -> list[Any]:
     pairs = [(x, y) for x, y in zip(xs, losses) if y is not None]
-    lines = ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", color=LOSS_COLOR,
-                    label="eval loss (lower is better)")
+    lines = ax.plot(
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        marker="o",
+        color=LOSS_COLOR,
+        label="eval loss (lower is better)",
+    )
     ax.set_ylabel("eval loss", color=LOSS_COLOR)
     ax.tick_params(axis="y", labelcolor=LOSS_COLOR)
     ax.grid(True, alpha=0.3)
@@ -90,8 +105,14 @@ def _loss(ax: Any, xs: list[float], losses: list[float | None]) -> list[Any]:
 
 def _accuracy(ax: Any, xs: list[float], accuracy: list[float | None]) -> list[Any]:
     pairs = [(x, y) for x, y in zip(xs, accuracy) if y is not None]
-    lines = ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="s", linestyle="--",
-                    color=ACCURACY_COLOR, label="eval accuracy (higher is better)")
+    lines = ax.plot(
+        [p[0] for p in pairs],
+        [p[1] for p in pairs],
+        marker="s",
+        linestyle="--",
+        color=ACCURACY_COLOR,
+        label="eval accuracy (higher is better)",
+    )
     ax.set_ylabel("eval accuracy", color=ACCURACY_COLOR)
     ax.tick_params(axis="y", labelcolor=ACCURACY_COLOR)
     return lines

@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from coordinator.store import Store
-from tasks.app import AGGREGATE_QUEUE, TRAIN_QUEUE
 
 PING_TIMEOUT = 1.0
 _CREDIT = ("shards_done", "samples", "accepted", "rejected")
@@ -22,22 +22,41 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
     runs = []
     for name in names:
         config = store.run_config(name)
-        current = store.current_round(name)
+        current = store.rounds.current(name)
         open_round = None
         if current and current["status"] in ("open", "aggregating"):
-            open_round = {key: current.get(key) for key in
-                          ("round", "shards", "quorum", "accepted", "rejected", "late", "status")}
-        runs.append({"run": name, "job": config["job"], "strategy": config["strategy"],
-                     "compression": config["compression"], "model_version": store.version(name),
-                     "rounds": store.round_count(name), "open_round": open_round})
+            open_round = {
+                key: current.get(key)
+                for key in ("round", "shards", "quorum", "accepted", "rejected", "late", "status")
+            }
+        runs.append(
+            {
+                "run": name,
+                "job": config["job"],
+                "strategy": config["strategy"],
+                "compression": config["compression"],
+                "model_version": store.version(name),
+                "rounds": store.rounds.count(name),
+                "open_round": open_round,
+            }
+        )
     online = _online_nodes(app)
     volunteers = []
     for name, credit in store.volunteers().items():
-        volunteers.append({"name": name, "device": credit.get("device", "?"),
-                           "online": name in online,
-                           **{k: int(credit.get(k, 0)) for k in _CREDIT}})
-    return {"runs": runs, "queues": store.queue_depths((TRAIN_QUEUE, AGGREGATE_QUEUE)),
-            "volunteers": volunteers, "workers_online": sorted(online)}
+        volunteers.append(
+            {
+                "name": name,
+                "device": credit.get("device", "?"),
+                "online": name in online,
+                **{k: int(credit.get(k, 0)) for k in _CREDIT},
+            }
+        )
+    return {
+        "runs": runs,
+        "queues": store.queue_depths(),
+        "volunteers": volunteers,
+        "workers_online": sorted(online),
+    }
 
 
 def print_status(document: dict[str, Any], console: Console | None = None) -> None:
@@ -48,25 +67,33 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
         for column in ("run", "job", "strategy", "compression", "version", "rounds", "open round"):
             runs.add_column(column, justify="right" if column in ("version", "rounds") else "left")
         for r in document["runs"]:
-            runs.add_row(r["run"], r["job"], r["strategy"], r["compression"],
-                         str(r["model_version"]), str(r.get("rounds", "")), _open_round(r["open_round"]))
+            runs.add_row(
+                r["run"],
+                r["job"],
+                r["strategy"],
+                r["compression"],
+                str(r["model_version"]),
+                str(r.get("rounds", "")),
+                _open_round(r["open_round"]),
+            )
         console.print(runs)
     else:
         console.print("runs: none yet (coordinator init --run NAME --job charlm)")
     queues = document["queues"]
-    console.print(f"queues: train {queues[TRAIN_QUEUE]} waiting, "
-                  f"aggregate {queues[AGGREGATE_QUEUE]} waiting")
+    console.print(f"queues: train {queues[TRAIN_QUEUE]} waiting, aggregate {queues[AGGREGATE_QUEUE]} waiting")
     if not document["volunteers"]:
         console.print("volunteers: none yet (volunteer start --name NAME)")
         return
     online = sum(v["online"] for v in document["volunteers"])
-    people = Table(title=f"volunteers ({online} of {len(document['volunteers'])} online)",
-                   box=box.SIMPLE_HEAD, title_justify="left")
+    people = Table(
+        title=f"volunteers ({online} of {len(document['volunteers'])} online)",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
     for column in ("name", "device", "online", "shards done", "samples", "accepted", "rejected"):
         people.add_column(column, justify="left" if column in ("name", "device", "online") else "right")
     for v in document["volunteers"]:
-        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no",
-                       *(str(v[k]) for k in _CREDIT))
+        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no", *(str(v[k]) for k in _CREDIT))
     console.print(people)
 
 

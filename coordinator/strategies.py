@@ -22,11 +22,25 @@ Defaults (``make_strategy``), all overridable by ``server_lr`` / ``momentum``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from .validation import delta_norm
+from coordinator.aggregate import (
+    WeightedDelta,
+    check_delta_layout,
+    clipped,
+    coordinate_median,
+    float_keys,
+    krum_select,
+    same_layout,
+    sample_weight,
+    trimmed_mean,
+    weighted_mean,
+    weighted_sum,
+)
+from coordinator.errors import StrategyError
+from serialization import TensorDict
 
 DILOCO_DEFAULTS = {"server_lr": 0.7, "momentum": 0.9}
 FEDAVGM_DEFAULTS = {"server_lr": 1.0, "momentum": 0.9}
@@ -46,13 +60,6 @@ trimmed-mean:B  per coordinate, drop the fraction B (0 <= B < 0.5) at each end a
 krum:F          multi-Krum tolerating F bad deltas: sample-weighted mean of the n-F deltas
                 closest to their n-F-2 nearest neighbours; needs all deltas in memory
 Any strategy: --clip-norm C first scales each delta to a global L2 norm of at most C."""
-
-TensorDict = dict[str, torch.Tensor]
-WeightedDelta = tuple[float, Mapping[str, torch.Tensor]]
-
-
-class StrategyError(ValueError):
-    """A bad strategy spec or option, or deltas/state that do not fit the model."""
 
 
 class Strategy:
@@ -88,7 +95,7 @@ class Strategy:
         self, weights: TensorDict, keys: list[str], deltas: Iterable[WeightedDelta]
     ) -> tuple[TensorDict, float] | None:
         """``(update, factor)`` with the round's combined delta = factor * update; None if empty."""
-        if self._scratch is None or not _same_layout(self._scratch, weights, keys):
+        if self._scratch is None or not same_layout(self._scratch, weights, keys):
             self._scratch = None
         total_sum, total, count = weighted_sum(
             deltas, {k: weights[k] for k in keys}, clip_norm=self.clip_norm, out=self._scratch
@@ -185,8 +192,8 @@ class _Robust(Strategy):
     ) -> tuple[TensorDict, float] | None:
         items: list[WeightedDelta] = []
         for weight, delta in deltas:
-            _check_delta_layout(delta, weights, keys)
-            items.append((_weight(weight), _clipped(delta, keys, self.clip_norm)))
+            check_delta_layout(delta, weights, keys)
+            items.append((sample_weight(weight), clipped(delta, keys, self.clip_norm)))
         return (self._robust(items, {k: weights[k] for k in keys}), 1.0) if items else None
 
     def _robust(self, items: list[WeightedDelta], template: TensorDict) -> TensorDict:
@@ -250,193 +257,22 @@ def make_strategy(
     if name == "fedadam":
         lr, mu = _or(server_lr, FEDADAM_DEFAULTS["server_lr"]), _or(momentum, FEDADAM_DEFAULTS["momentum"])
         return FedAdam(server_lr=lr, beta1=mu, clip_norm=clip_norm)
-    options = {"server_lr": _or(server_lr, 1.0), "clip_norm": clip_norm}
+    lr = _or(server_lr, 1.0)
     if name == "fedavg":
-        return FedAvg(**options)
+        return FedAvg(server_lr=lr, clip_norm=clip_norm)
     if name == "median":
-        return Median(**options)
+        return Median(server_lr=lr, clip_norm=clip_norm)
     if name == "trimmed-mean" and sep:
         beta = _parse(arg, float)
         if beta is None or not (math.isfinite(beta) and 0 <= beta < 0.5):
             raise StrategyError(f"bad strategy {spec!r}: B must satisfy 0 <= B < 0.5; expected {VALID_FORMS}")
-        return TrimmedMean(beta, **options)
+        return TrimmedMean(beta, server_lr=lr, clip_norm=clip_norm)
     if name == "krum" and sep:
         f = _parse(arg, int)
         if f is None or f < 0:
             raise StrategyError(f"bad strategy {spec!r}: F must be an integer >= 0; expected {VALID_FORMS}")
-        return Krum(f, **options)
+        return Krum(int(f), server_lr=lr, clip_norm=clip_norm)
     raise StrategyError(f"unknown strategy {spec!r}: expected {VALID_FORMS}")
-
-
-def float_keys(weights: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names that aggregation merges: floating-point tensors only (int buffers stay as they are)."""
-    return [k for k, t in weights.items() if t.is_floating_point()]
-
-
-def clip_scale(delta: Mapping[str, torch.Tensor], clip_norm: float | None) -> float:
-    """Factor (<= 1) that brings the delta's global L2 norm down to at most ``clip_norm``."""
-    if clip_norm is None:
-        return 1.0
-    norm = delta_norm(delta)
-    if not math.isfinite(norm):
-        raise StrategyError("cannot clip a delta with non-finite values; validate it first")
-    return 1.0 if norm <= clip_norm else clip_norm / norm
-
-
-def weighted_sum(
-    deltas: Iterable[WeightedDelta],
-    template: Mapping[str, torch.Tensor],
-    *,
-    clip_norm: float | None = None,
-    out: TensorDict | None = None,
-) -> tuple[TensorDict, float, int]:
-    """Fold (weight, delta) pairs into accumulators one at a time: O(model) memory.
-
-    Returns ``(sum of weight * delta, total weight, count)`` over the keys of ``template``;
-    with no deltas the sum is unspecified and count is 0. ``out`` (that layout) is reused:
-    in-place ``add_`` into warm buffers runs at memory speed, fresh pages at a third of it.
-    """
-    acc = out if out is not None else _empty_like(template)
-    total, count = 0.0, 0
-    value: torch.Tensor | None = None
-    for weight, delta in deltas:
-        alpha = _weight(weight)
-        _check_delta_layout(delta, acc, list(acc))
-        alpha *= clip_scale({k: delta[k] for k in acc}, clip_norm)
-        for key, buf in acc.items():
-            value = delta[key]
-            if count == 0 and value.dtype == buf.dtype:
-                torch.mul(value, alpha, out=buf)  # first delta: no separate zeroing pass
-            elif count == 0:
-                buf.copy_(value).mul_(alpha)
-            else:
-                buf.add_(value, alpha=alpha)
-        total += float(weight)
-        count += 1
-        delta = value = None  # drop our references before the iterable makes the next delta
-    if count and total <= 0:
-        raise StrategyError("the round's deltas have a total sample weight of 0")
-    return acc, total, count
-
-
-def weighted_mean(deltas: Iterable[WeightedDelta], template: Mapping[str, torch.Tensor]) -> TensorDict:
-    """Sample-weighted mean of the deltas over template's keys (zeros when there are none)."""
-    acc, total, count = weighted_sum(deltas, template)
-    for buf in acc.values():
-        if count:
-            buf.div_(total)
-        else:
-            buf.zero_()
-    return acc
-
-
-def coordinate_median(
-    deltas: Sequence[Mapping[str, torch.Tensor]], template: Mapping[str, torch.Tensor]
-) -> TensorDict:
-    """Per-coordinate median (even count: mean of the two middle values) over template's keys."""
-    out: TensorDict = {}
-    n = len(deltas)
-    for key, like in template.items():
-        ordered = _stack(deltas, key, like).sort(dim=0).values
-        if n % 2:
-            out[key] = ordered[n // 2].clone()
-        else:
-            out[key] = (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    return out
-
-
-def trimmed_mean(
-    deltas: Sequence[Mapping[str, torch.Tensor]], beta: float, template: Mapping[str, torch.Tensor]
-) -> TensorDict:
-    """Per-coordinate mean after dropping floor(beta*n) values at each end (0 <= beta < 0.5)."""
-    n = len(deltas)
-    cut = math.floor(beta * n + 1e-9)  # 1e-9: 0.29 * 100 must trim 29, not 28
-    out: TensorDict = {}
-    for key, like in template.items():
-        ordered = _stack(deltas, key, like).sort(dim=0).values
-        out[key] = ordered[cut : n - cut].mean(dim=0)
-    return out
-
-
-def krum_select(deltas: Sequence[Mapping[str, torch.Tensor]], f: int, keys: Sequence[str]) -> list[int]:
-    """Multi-Krum pick: indices of the n-F deltas with the smallest neighbour-distance scores.
-
-    Score = sum of squared distances to the n-F-2 nearest other deltas. Krum's guarantee needs
-    n > 2F+2; with fewer deltas it degrades instead of failing: scores use
-    max(1, n-F-2) neighbours and the max(1, n-F) best are kept; with n <= 2 there is nothing
-    to compare, so all are kept. Ties go to the earlier delta.
-    """
-    n = len(deltas)
-    if n <= 2:
-        return list(range(n))
-    dist = pairwise_sq_distances(deltas, keys)
-    dist.fill_diagonal_(math.inf)
-    neighbours = min(n - 1, max(1, n - f - 2))
-    scores = dist.sort(dim=1).values[:, :neighbours].sum(dim=1).tolist()
-    best = sorted(range(n), key=lambda i: (scores[i], i))[: max(1, n - f)]
-    return sorted(best)
-
-
-def pairwise_sq_distances(
-    deltas: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str], chunk: int = 1 << 18
-) -> torch.Tensor:
-    """(n, n) float64 squared L2 distances via Gram matrices over column chunks (bounded memory)."""
-    n = len(deltas)
-    dist = torch.zeros(n, n, dtype=torch.float64)
-    for key in keys:
-        flats = [d[key].reshape(-1) for d in deltas]
-        for start in range(0, flats[0].numel(), chunk):
-            block = torch.stack([x[start : start + chunk] for x in flats]).double()
-            gram = block @ block.T
-            sq = gram.diagonal()
-            dist += sq[:, None] + sq[None, :] - 2 * gram
-    return dist.clamp_(min=0)
-
-
-def _weight(weight: float) -> float:
-    value = float(weight)
-    if not (math.isfinite(value) and value >= 0):
-        raise StrategyError(f"sample weight must be a finite number >= 0, got {weight!r}")
-    return value
-
-
-def _clipped(
-    delta: Mapping[str, torch.Tensor], keys: list[str], clip_norm: float | None
-) -> Mapping[str, torch.Tensor]:
-    scale = clip_scale({k: delta[k] for k in keys if k in delta}, clip_norm)
-    return delta if scale == 1.0 else {k: delta[k] * scale for k in keys}
-
-
-def _check_delta_layout(
-    delta: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor], keys: list[str]
-) -> None:
-    # add_ would silently broadcast a (1,)-shaped delta over a whole tensor: refuse instead.
-    for key in keys:
-        value = delta.get(key)
-        if value is None:
-            raise StrategyError(f"delta lacks tensor {key!r}; validate deltas first")
-        if value.shape != like[key].shape:
-            raise StrategyError(
-                f"delta tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(like[key].shape)}"
-            )
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _empty_like(template: Mapping[str, torch.Tensor]) -> TensorDict:
-    return {k: torch.empty(t.shape, dtype=_acc_dtype(t.dtype), device=t.device) for k, t in template.items()}
-
-
-def _same_layout(acc: TensorDict, weights: TensorDict, keys: list[str]) -> bool:
-    return list(acc) == keys and all(
-        acc[k].shape == weights[k].shape and acc[k].dtype == _acc_dtype(weights[k].dtype) for k in keys
-    )
-
-
-def _stack(deltas: Sequence[Mapping[str, torch.Tensor]], key: str, like: torch.Tensor) -> torch.Tensor:
-    return torch.stack([d[key].to(_acc_dtype(like.dtype)) for d in deltas])
 
 
 def _ensure_state(owner: str, kind: str, state: TensorDict, update: TensorDict) -> None:

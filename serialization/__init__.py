@@ -2,6 +2,7 @@
 
 from .codecs import CODECS, Codec, parse_codec
 from .errors import UnknownCodec, WireFormatError
+from .types import TensorDict
 from .wire import (
     DEFAULT_LIMIT,
     FORMAT_VERSION,
@@ -18,6 +19,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_META_BYTES",
     "Codec",
+    "TensorDict",
     "UnknownCodec",
     "WireFormatError",
     "dumps",

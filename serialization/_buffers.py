@@ -58,7 +58,8 @@ def allocate(total: int) -> tuple[bytes | bytearray, np.ndarray]:
     start, end = -(-addr // _HUGE) * _HUGE, (addr + total) // _HUGE * _HUGE
     if end > start:
         madvise(start, end - start, _MADV_HUGEPAGE)
-    return out, np.frombuffer((ctypes.c_char * total).from_address(addr), np.uint8)
+    view = memoryview((ctypes.c_char * total).from_address(addr)).cast("B")
+    return out, np.frombuffer(view, np.uint8)
 
 
 def finish(buf: bytes | bytearray) -> bytes:

@@ -49,8 +49,9 @@ class Codec:
         self.encode_into(x, out)
         return out
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
-               out: np.ndarray | None = None) -> torch.Tensor:
+    def decode(
+        self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
+    ) -> torch.Tensor:
         """Decode fields of the sizes field_sizes promised into a flat tensor of ``dtype``.
 
         ``out``: a float32 array of n to decode into (lossy codecs, float32 dtype).
@@ -59,8 +60,7 @@ class Codec:
 
     def subtract_decoded_(self, x: np.ndarray, fields: Fields) -> None:
         """x -= decode(fields), in place on float32 x: the residual that error feedback keeps."""
-        dec = self.decode({k: memoryview(v).cast("B") for k, v in fields.items()}, x.size,
-                          torch.float32)
+        dec = self.decode({k: memoryview(v.data).cast("B") for k, v in fields.items()}, x.size, torch.float32)
         np.subtract(x, dec.numpy(), out=x)
 
     def expected_ratio(self) -> float:
@@ -86,8 +86,9 @@ class NoneCodec(Codec):
     def encode_into(self, x: torch.Tensor, out: Fields) -> None:
         np.copyto(out["data"], x.reshape(-1).view(torch.uint8).numpy())
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
-               out: np.ndarray | None = None) -> torch.Tensor:
+    def decode(
+        self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
+    ) -> torch.Tensor:
         return view_tensor(fields["data"], dtype, n)
 
     def subtract_decoded_(self, x: np.ndarray, fields: Fields) -> None:
@@ -115,8 +116,9 @@ class HalfCodec(Codec):
     def encode_into(self, x: torch.Tensor, out: Fields) -> None:
         torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
-               out: np.ndarray | None = None) -> torch.Tensor:
+    def decode(
+        self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
+    ) -> torch.Tensor:
         half = view_tensor(fields["data"], self.dtype, n)
         if dtype != torch.float32:
             return half.to(dtype)
@@ -144,8 +146,9 @@ class Int8Codec(Codec):
     def encode_into(self, x: torch.Tensor, out: Fields) -> None:
         kernels.quantize_int8(_float32(x), out["q"].view(np.int8), out["scale"].view("<f4"))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
-               out: np.ndarray | None = None) -> torch.Tensor:
+    def decode(
+        self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
+    ) -> torch.Tensor:
         out = _out(out, n)
         kernels.dequantize_int8(_array(fields["q"], np.int8), _array(fields["scale"], "<f4"), out)
         return _cast(out, dtype)
@@ -157,7 +160,7 @@ class Int8Codec(Codec):
         for start in range(0, x.size, step):
             stop = min(start + step, x.size)
             part = dec[: stop - start]
-            kernels.dequantize_int8(q[start:stop], scale[start // kernels.BLOCK:], part)
+            kernels.dequantize_int8(q[start:stop], scale[start // kernels.BLOCK :], part)
             np.subtract(x[start:stop], part, out=x[start:stop])
 
     def expected_ratio(self) -> float:
@@ -200,8 +203,9 @@ class TopKCodec(Codec):
         else:
             np.take(flat, idx, out=out["val"].view("<f4"))
 
-    def decode(self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype,
-               out: np.ndarray | None = None) -> torch.Tensor:
+    def decode(
+        self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
+    ) -> torch.Tensor:
         idx, values = self._sparse(fields, n)
         out = np.zeros(n, np.float32) if out is None else out
         out.fill(0.0)
@@ -237,8 +241,12 @@ class TopKCodec(Codec):
 
 
 CODECS: dict[str, type[Codec]] = {
-    "none": NoneCodec, "fp16": HalfCodec, "bf16": HalfCodec, "int8": Int8Codec,
-    "topk": TopKCodec, "topk+int8": TopKCodec,
+    "none": NoneCodec,
+    "fp16": HalfCodec,
+    "bf16": HalfCodec,
+    "int8": Int8Codec,
+    "topk": TopKCodec,
+    "topk+int8": TopKCodec,
 }
 EXAMPLES: tuple[str, ...] = ("none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.01+int8")
 
@@ -247,8 +255,7 @@ EXAMPLES: tuple[str, ...] = ("none", "fp16", "bf16", "int8", "topk:0.01", "topk:
 def parse_codec(spec: str) -> Codec:
     """Codec for a spec such as ``int8`` or ``topk:0.01+int8``; UnknownCodec lists valid ones."""
     if not isinstance(spec, str):
-        raise UnknownCodec(f"codec spec must be a string, not {type(spec).__name__}; "
-                           f"valid: {VALID_SPECS}")
+        raise UnknownCodec(f"codec spec must be a string, not {type(spec).__name__}; valid: {VALID_SPECS}")
     text = spec.strip().lower()
     simple = {"none": NoneCodec, "int8": Int8Codec}
     if text in simple:
@@ -264,8 +271,9 @@ def parse_codec(spec: str) -> Codec:
             fraction = math.nan
         if 0 < fraction <= 1 and body.strip() == body and "_" not in body:
             return TopKCodec(fraction, int8_values)
-        raise UnknownCodec(f"bad top-k fraction {body!r} in codec spec {spec!r}: need "
-                           f"0 < F <= 1; valid: {VALID_SPECS}")
+        raise UnknownCodec(
+            f"bad top-k fraction {body!r} in codec spec {spec!r}: need 0 < F <= 1; valid: {VALID_SPECS}"
+        )
     raise UnknownCodec(f"unknown codec spec {spec[:80]!r}; valid: {VALID_SPECS}")
 
 

@@ -33,8 +33,9 @@ _SAMPLE = 1 << 16  # top-k: |x| sample used to guess the threshold
 _RNG = np.random.default_rng(0x5EED)  # sample positions only; the result does not depend on them
 
 
-def quantize_int8(x: np.ndarray, q: np.ndarray | None = None,
-                  scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int8(
+    x: np.ndarray, q: np.ndarray | None = None, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax int8: q = rint(x * 127 / absmax(block)), scale = absmax / 127."""
     n = x.size
     q = np.empty(n, np.int8) if q is None else q
@@ -45,8 +46,7 @@ def quantize_int8(x: np.ndarray, q: np.ndarray | None = None,
     with np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, full, CHUNK):
             stop = min(start + CHUNK, full)
-            _quantize_blocks(x[start:stop], q[start:stop], scale[start // BLOCK:stop // BLOCK],
-                             work, amax)
+            _quantize_blocks(x[start:stop], q[start:stop], scale[start // BLOCK : stop // BLOCK], work, amax)
         if full < n:
             tail = np.zeros(BLOCK, np.float32)
             tail[: n - full] = x[full:]
@@ -62,8 +62,11 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, out: np.ndarray) -> np.nda
     full = n // BLOCK * BLOCK
     for start in range(0, full, CHUNK):
         stop = min(start + CHUNK, full)
-        np.multiply(q[start:stop].reshape(-1, BLOCK), scale[start // BLOCK:stop // BLOCK, None],
-                    out=out[start:stop].reshape(-1, BLOCK))
+        np.multiply(
+            q[start:stop].reshape(-1, BLOCK),
+            scale[start // BLOCK : stop // BLOCK, None],
+            out=out[start:stop].reshape(-1, BLOCK),
+        )
     if full < n:
         np.multiply(q[full:], scale[-1], out=out[full:])
     return out
@@ -107,11 +110,12 @@ def unpack_indices(low: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
     if np.any(counts64 > sizes):
         raise WireFormatError("top-k block count exceeds the block size")
     if int(counts64.sum()) != low.size:
-        raise WireFormatError(f"top-k block counts add up to {int(counts64.sum())}, "
-                              f"not to the {low.size} indices sent")
+        raise WireFormatError(
+            f"top-k block counts add up to {int(counts64.sum())}, not to the {low.size} indices sent"
+        )
     starts = np.arange(nblocks, dtype=np.int64) * INDEX_BLOCK
     idx = np.repeat(starts, counts64) + low
-    if idx.size and nblocks and low[idx.size - int(counts64[-1]):].max(initial=0) >= sizes[-1]:
+    if idx.size and nblocks and low[idx.size - int(counts64[-1]) :].max(initial=0) >= sizes[-1]:
         raise WireFormatError("top-k index out of range")
     return idx
 
@@ -121,8 +125,9 @@ def topk_count(fraction: float, n: int) -> int:
     return 0 if n == 0 else min(n, max(1, round(fraction * n)))
 
 
-def _quantize_blocks(x: np.ndarray, q: np.ndarray, scale: np.ndarray, work: np.ndarray,
-                     amax: np.ndarray) -> None:
+def _quantize_blocks(
+    x: np.ndarray, q: np.ndarray, scale: np.ndarray, work: np.ndarray, amax: np.ndarray
+) -> None:
     """Quantize whole blocks of one chunk with scratch ``work`` / ``amax``."""
     nb = x.size // BLOCK
     w, a = work[: x.size].reshape(nb, BLOCK), amax[:nb]
@@ -149,7 +154,7 @@ def _candidates(x: np.ndarray, k: int) -> np.ndarray | None:
     mask = np.empty(CHUNK, np.bool_)
     found = []
     for start in range(0, n, CHUNK):
-        part = x[start:start + CHUNK]
+        part = x[start : start + CHUNK]
         w, m = work[: part.size], mask[: part.size]
         np.abs(part, out=w)
         np.greater_equal(w, threshold, out=m)

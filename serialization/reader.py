@@ -35,11 +35,12 @@ class Reader:
     def take(self, n: int, what: str) -> memoryview:
         """The next n bytes; WireFormatError if the message ends first."""
         if n > self.end - self.pos:
-            raise WireFormatError(f"truncated message: {what} needs {n} bytes at offset "
-                                  f"{self.pos}, {self.end - self.pos} left")
+            raise WireFormatError(
+                f"truncated message: {what} needs {n} bytes at offset {self.pos}, {self.end - self.pos} left"
+            )
         start = self.pos
         self.pos += n
-        return self.view[start:self.pos]
+        return self.view[start : self.pos]
 
     def byte(self, what: str) -> int:
         """The next type byte."""
@@ -68,8 +69,10 @@ class Reader:
         else:
             raise WireFormatError(f"expected an array at offset {self.pos - 1}, found 0x{b:02x}")
         if n > self.end - self.pos:
-            raise WireFormatError(f"array of {n} elements at offset {self.pos} cannot fit "
-                                  f"in the {self.end - self.pos} bytes left")
+            raise WireFormatError(
+                f"array of {n} elements at offset {self.pos} cannot fit "
+                f"in the {self.end - self.pos} bytes left"
+            )
         return n
 
     def str_(self, limit: int, what: str) -> str:
@@ -151,7 +154,7 @@ class Reader:
 
     def rest(self) -> memoryview:
         """Everything after the cursor."""
-        return self.view[self.pos:]
+        return self.view[self.pos :]
 
 
 def check_meta(meta: Any, depth: int = 0) -> None:
@@ -170,4 +173,3 @@ def check_meta(meta: Any, depth: int = 0) -> None:
             check_meta(value, depth + 1)
     elif not isinstance(meta, _SCALARS):
         raise WireFormatError(f"meta value of type {type(meta).__name__} is not plain msgpack")
-

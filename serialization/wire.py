@@ -66,8 +66,16 @@ MAX_NAME_BYTES = 1024
 MAX_NDIM = 64
 ALIGN = 64
 DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-    torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 )
 _CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
 _ITEMSIZE = tuple(torch.empty((), dtype=d).element_size() for d in DTYPES)
@@ -79,14 +87,16 @@ _FIELD_OVERHEAD = 80  # two keys of up to 7 bytes, bin8 + bin32 headers, up to 6
 Visit = Callable[[str, Codec, dict[str, np.ndarray]], None]
 
 
-def dumps(tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None,
-          codec: str | Codec = "none") -> bytes:
+def dumps(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None, codec: str | Codec = "none"
+) -> bytes:
     """Encode named tensors plus a small meta map into one self-describing message."""
     return dumps_visit(tensors, meta, codec, None)
 
 
-def dumps_visit(tensors: Mapping[str, torch.Tensor], meta: Mapping | None,
-                codec: str | Codec, visit: Visit | None) -> bytes:
+def dumps_visit(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping | None, codec: str | Codec, visit: Visit | None
+) -> bytes:
     """dumps, calling ``visit(name, codec, fields)`` once each tensor's fields are written.
 
     The field arrays are views of the message being built: read them inside
@@ -103,11 +113,11 @@ def dumps_visit(tensors: Mapping[str, torch.Tensor], meta: Mapping | None,
     pos = 0
     for seg in segments:
         if isinstance(seg, bytes):
-            view[pos:pos + len(seg)] = np.frombuffer(seg, np.uint8)
+            view[pos : pos + len(seg)] = np.frombuffer(seg, np.uint8)
             pos += len(seg)
         else:
             index, field, size = seg
-            fields[index][field] = view[pos:pos + size]
+            fields[index][field] = view[pos : pos + size]
             pos += size
     for (name, flat, used, _), out in zip(items, fields, strict=True):
         used.encode_into(flat, out)
@@ -117,8 +127,9 @@ def dumps_visit(tensors: Mapping[str, torch.Tensor], meta: Mapping | None,
     return _buffers.finish(buf)
 
 
-def loads(data: bytes | bytearray | memoryview, limit: int = DEFAULT_LIMIT, *,
-          max_decoded: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def loads(
+    data: bytes | bytearray | memoryview, limit: int = DEFAULT_LIMIT, *, max_decoded: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Decode a message; raises WireFormatError (only) on anything malformed.
 
     ``limit`` caps the payload's length; ``max_decoded`` caps the bytes of the
@@ -135,8 +146,9 @@ def loads(data: bytes | bytearray | memoryview, limit: int = DEFAULT_LIMIT, *,
         raise WireFormatError(f"malformed payload ({type(e).__name__}: {e})") from e
 
 
-def encoded_size_bound(shapes: Mapping[str, Sequence[int] | tuple[Sequence[int], torch.dtype]],
-                       codec: str | Codec) -> int:
+def encoded_size_bound(
+    shapes: Mapping[str, Sequence[int] | tuple[Sequence[int], torch.dtype]], codec: str | Codec
+) -> int:
     """Most bytes dumps can produce for tensors of these shapes (float32 unless a dtype is given)."""
     chosen = parse_codec(codec) if isinstance(codec, str) else codec
     total = 32 + MAX_META_BYTES
@@ -145,13 +157,19 @@ def encoded_size_bound(shapes: Mapping[str, Sequence[int] | tuple[Sequence[int],
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
         used = chosen if chosen.lossy and dtype.is_floating_point else _NONE
         sizes = used.field_sizes(n, _ITEMSIZE[_CODE[dtype]])
-        total += (_TENSOR_OVERHEAD + len(name.encode()) + len(used.name) + 9 * len(shape)
-                  + sum(_FIELD_OVERHEAD + size for size in sizes.values()))
+        total += (
+            _TENSOR_OVERHEAD
+            + len(name.encode())
+            + len(used.name)
+            + 9 * len(shape)
+            + sum(_FIELD_OVERHEAD + size for size in sizes.values())
+        )
     return total
 
 
-def _loads(data: bytes | bytearray | memoryview, limit: int,
-           max_decoded: int) -> tuple[dict[str, torch.Tensor], dict]:
+def _loads(
+    data: bytes | bytearray | memoryview, limit: int, max_decoded: int
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The body of loads; any exception it lets out is translated there."""
     _check_host()
     try:
@@ -175,8 +193,10 @@ def _loads(data: bytes | bytearray | memoryview, limit: int,
         entry = _read_tensor(r)
         budget -= entry[3] * _ITEMSIZE[entry[2]]
         if budget < 0:
-            raise WireFormatError(f"tensor {entry[0]!r} of shape {tuple(entry[4])} exceeds the "
-                                  f"decode limit of {max_decoded} bytes")
+            raise WireFormatError(
+                f"tensor {entry[0]!r} of shape {tuple(entry[4])} exceeds the "
+                f"decode limit of {max_decoded} bytes"
+            )
         arena_size += _arena_need(entry)
         parsed.append(entry)
     r.expect_key("meta")
@@ -202,12 +222,15 @@ def _read_tensor(r: Reader) -> tuple:
         n *= dim
     expected = codec.field_sizes(n, _ITEMSIZE[code])
     if set(expected) != set(fields):
-        raise WireFormatError(f"tensor {name!r}: codec {codec.name} needs fields "
-                              f"{sorted(expected)}, got {sorted(fields)}")
+        raise WireFormatError(
+            f"tensor {name!r}: codec {codec.name} needs fields {sorted(expected)}, got {sorted(fields)}"
+        )
     for field, size in expected.items():
         if fields[field].nbytes != size:
-            raise WireFormatError(f"tensor {name!r}: field {field!r} has {fields[field].nbytes} "
-                                  f"bytes, shape {tuple(shape)} with {codec.name} needs {size}")
+            raise WireFormatError(
+                f"tensor {name!r}: field {field!r} has {fields[field].nbytes} "
+                f"bytes, shape {tuple(shape)} with {codec.name} needs {size}"
+            )
     return name, codec, code, n, shape, fields
 
 
@@ -226,7 +249,7 @@ def _decode_all(parsed: list, arena: np.ndarray) -> dict[str, torch.Tensor]:
         if name in tensors:
             raise WireFormatError(f"duplicate tensor name {name!r}")
         need = _arena_need(entry)
-        out = arena[pos:pos + n] if need else None
+        out = arena[pos : pos + n] if need else None
         pos += need
         flat = codec.decode(fields, n, DTYPES[code], out)
         if code == _CODE[torch.bool] and n and int(flat.view(torch.uint8).max()) > 1:
@@ -240,10 +263,17 @@ def _read_meta(rest: memoryview) -> dict:
     if rest.nbytes > MAX_META_BYTES:
         raise WireFormatError(f"meta of {rest.nbytes} bytes exceeds {MAX_META_BYTES} bytes")
     try:
-        meta = msgpack.unpackb(rest, raw=False, strict_map_key=True, use_list=True,
-                               max_str_len=MAX_META_BYTES, max_bin_len=MAX_META_BYTES,
-                               max_array_len=MAX_META_BYTES, max_map_len=MAX_META_BYTES,
-                               max_ext_len=0)
+        meta = msgpack.unpackb(
+            rest,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_META_BYTES,
+            max_bin_len=MAX_META_BYTES,
+            max_array_len=MAX_META_BYTES,
+            max_map_len=MAX_META_BYTES,
+            max_ext_len=0,
+        )
     except msgpack.ExtraData as e:
         raise WireFormatError(f"{len(e.extra)} trailing bytes after the message") from None
     except Exception as e:  # msgpack raises several types
@@ -270,16 +300,16 @@ def _pack_meta(meta: Mapping | None) -> bytes:
     return packed
 
 
-def _prepare(name: str, tensor: torch.Tensor, codec: Codec
-             ) -> tuple[str, torch.Tensor, Codec, torch.Size]:
+def _prepare(name: str, tensor: torch.Tensor, codec: Codec) -> tuple[str, torch.Tensor, Codec, torch.Size]:
     """Check one tensor and pick its codec (``none`` for non-float tensors)."""
     if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name!r:.80} must be a str of at most {MAX_NAME_BYTES} bytes")
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
         raise TypeError(f"tensor {name!r} must be a dense torch.Tensor, not {type(tensor).__name__}")
     if tensor.dtype not in _CODE:
-        raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; the wire carries "
-                         f"{', '.join(str(d) for d in DTYPES)}")
+        raise ValueError(
+            f"tensor {name!r} has dtype {tensor.dtype}; the wire carries {', '.join(str(d) for d in DTYPES)}"
+        )
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     used = codec if codec.lossy and tensor.is_floating_point() else _NONE
     return name, flat, used, tensor.shape
@@ -288,14 +318,21 @@ def _prepare(name: str, tensor: torch.Tensor, codec: Codec
 def _layout(items: list, meta_bytes: bytes) -> tuple[list, int]:
     """Header bytes and (tensor index, field, size) slots in message order, and the total."""
     segments: list = []
-    head = bytearray(b"\x83" + _P("v") + _P(FORMAT_VERSION) + _P("tensors")
-                     + _array_header(len(items)))
+    head = bytearray(b"\x83" + _P("v") + _P(FORMAT_VERSION) + _P("tensors") + _array_header(len(items)))
     offset = 0
     for index, (name, flat, codec, shape) in enumerate(items):
         sizes = codec.field_sizes(flat.numel(), flat.element_size())
-        head += (bytes((0x80 | (4 + 2 * len(sizes)),)) + _P("name") + _P(name) + _P("codec")
-                 + _P(codec.name) + _P("dtype") + _P(_CODE[flat.dtype]) + _P("shape")
-                 + _P(list(shape)))
+        head += (
+            bytes((0x80 | (4 + 2 * len(sizes)),))
+            + _P("name")
+            + _P(name)
+            + _P("codec")
+            + _P(codec.name)
+            + _P("dtype")
+            + _P(_CODE[flat.dtype])
+            + _P("shape")
+            + _P(list(shape))
+        )
         for field, size in sizes.items():
             key, pad_key = _P(field), _P("_" + field)
             pad = -(offset + len(head) + len(pad_key) + 2 + len(key) + 5) % ALIGN

@@ -1,26 +1,10 @@
-"""The Celery app and its thin tasks.
+"""The Celery wiring: the app and the thin tasks that call into the packages below.
 
-``celery -A tasks flower`` (or ``worker``) finds ``celery`` here, built on
-first use from the environment: ``CROWDTRAIN_BROKER_URL``, else the embedded
-Redis that a coordinator command started under ``CROWDTRAIN_HOME``.
+``tasks.app`` builds an app without tasks; ``tasks.training`` (volunteers) and
+``tasks.aggregation`` (the trusted aggregator) add their side's tasks;
+``tasks.celery`` is what ``celery -A tasks flower`` finds.
 """
 
-from tasks.app import AGGREGATE_QUEUE, TRAIN_QUEUE, make_app
-from tasks.config import Settings
+from tasks.app import CrowdtrainApp, make_app
 
-__all__ = ["AGGREGATE_QUEUE", "TRAIN_QUEUE", "Settings", "celery", "make_app"]
-
-
-def __getattr__(name: str):
-    # Celery looks up ``tasks.app`` first, but that name is our submodule, so
-    # it falls back to ``tasks.celery``: that is the lazily built app.
-    if name != "celery":
-        raise AttributeError(name)
-    from coordinator.embedded import running_url
-
-    settings = Settings.from_env()
-    if settings.broker_url is None:
-        settings = settings.with_broker(running_url(settings.home) or "redis://localhost:6379/0")
-    app = make_app(settings)
-    globals()["celery"] = app
-    return app
+__all__ = ["CrowdtrainApp", "make_app"]

@@ -1,43 +1,57 @@
-"""The trusted aggregator's tasks: ``validate_delta`` and ``aggregate_round``."""
+"""The trusted aggregator's tasks, ``validate_delta`` and ``aggregate_round``, and its app."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
-from celery import Celery
+from celery import Task
 
-from tasks.app import AGGREGATE_QUEUE, store_for
+from broker.client import redis_client
+from broker.keys import AGGREGATE_QUEUE
+from broker.settings import Settings
+from coordinator.aggregator import Aggregator
+from coordinator.store import Store
+from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked
 
 
-def register(app: Celery) -> None:
+class AggregatorTask(Task):
+    """Base of the aggregator's tasks: one Aggregator per worker process, made on first use."""
+
+    @cached_property
+    def aggregator(self) -> Aggregator:
+        app: CrowdtrainApp = self.app
+        return Aggregator(Store(redis_client(app.settings)), app.settings.home)
+
+
+def aggregator_app(settings: Settings) -> CrowdtrainApp:
+    """The app of ``coordinator aggregator``: the only consumer of ``aggregate``."""
+    app = make_app(settings)
+    register(app)
+    return app
+
+
+def register(app: CrowdtrainApp) -> None:
     """Add ``validate_delta`` and ``aggregate_round`` to ``app``."""
 
-    @app.task(name="validate_delta")
-    def validate_delta(run: str, round: int, shard: int, token: str, volunteer: str) -> dict[str, Any]:
+    @app.task(name="validate_delta", base=AggregatorTask, bind=True)
+    def validate_delta(
+        self: AggregatorTask, run: str, round: int, shard: int, token: str, volunteer: str
+    ) -> dict[str, Any]:
         """Check one volunteer's upload and count it toward the round's quorum."""
         checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer)
-        outcome, due = _aggregator(app).validate(run, round, shard, token, volunteer)
+        outcome, due = self.aggregator.validate(run, round, shard, token, volunteer)
         if due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         return {"run": run, "round": round, "shard": shard, "volunteer": volunteer, "outcome": outcome}
 
-    @app.task(name="aggregate_round")
-    def aggregate_round(run: str, round: int) -> dict[str, Any]:
+    @app.task(name="aggregate_round", base=AggregatorTask, bind=True)
+    def aggregate_round(self: AggregatorTask, run: str, round: int) -> dict[str, Any]:
         """Merge the round into the next model version, exactly once."""
         checked(run=run, round=round)
-        summary = _aggregator(app).aggregate(run, round)
+        summary = self.aggregator.aggregate(run, round)
         if summary is None:
             return {"run": run, "round": round, "outcome": "not due or already aggregated"}
         keep = ("status", "model_version", "accepted", "train_loss", "eval_loss", "seconds")
         return {"run": run, "round": round, **{k: summary.get(k) for k in keep}}
-
-
-def _aggregator(app: Celery):
-    from coordinator.aggregator import Aggregator
-
-    aggregator = getattr(app, "_crowdtrain_aggregator", None)
-    if aggregator is None:
-        aggregator = Aggregator(store_for(app), app.crowdtrain_settings.home)
-        app._crowdtrain_aggregator = aggregator
-    return aggregator

@@ -1,54 +1,46 @@
-"""The Celery app: msgpack only, queues ``train`` and ``aggregate``."""
+"""The Celery app: msgpack only, queues ``train`` and ``aggregate``, no tasks of its own.
+
+``tasks.training`` and ``tasks.aggregation`` add the volunteer's and the
+aggregator's tasks; a process registers only the side it runs, so a volunteer
+never imports coordinator code.
+"""
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu import Queue
 
-from tasks.config import RESULT_EXPIRES, Settings
+from broker.client import tls_options
+from broker.keys import AGGREGATE_QUEUE, RESULT_EXPIRES, TRAIN_QUEUE
+from broker.settings import Settings
 from tasks.visibility import KeepVisible
 
-TRAIN_QUEUE = "train"
-AGGREGATE_QUEUE = "aggregate"
 # Content types a worker will deserialize. Anything else (pickle above all) is
 # refused by kombu before a single byte of it is decoded.
 ACCEPT_CONTENT = ["application/x-msgpack"]
 
 
-def make_app(settings: Settings) -> Celery:
-    """Build the Celery app for one broker, with every crowdtrain task registered."""
-    from tasks import aggregation, training  # local: both modules import this one
+class CrowdtrainApp(Celery):
+    """A Celery app that knows the crowdtrain settings it was built from."""
 
-    app = Celery("crowdtrain", broker=settings.broker_url, backend=settings.broker_url)
-    app.conf.update(_celery_config(settings))
-    app.crowdtrain_settings = settings
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("crowdtrain", broker=settings.url, backend=settings.url)
+        # Kept here, not in app.conf: `celery inspect conf` would show it, password and all.
+        self.settings = settings
+
+
+def make_app(settings: Settings) -> CrowdtrainApp:
+    """Build the Celery app for one broker, without tasks."""
+    app = CrowdtrainApp(settings)
+    app.conf.update(celery_config(settings))
     app.steps["worker"].add(KeepVisible)
-    training.register(app)
-    aggregation.register(app)
     return app
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """A redis-py client for crowdtrain's own keys, on the broker's server."""
-    return redis.Redis.from_url(settings.broker_url, **_redis_tls_kwargs(settings))
-
-
-def store_for(app: Celery):
-    """The app's ``coordinator.store.Store``, created once per process."""
-    from coordinator.store import Store
-
-    store = getattr(app, "_crowdtrain_store", None)
-    if store is None:
-        store = Store(redis_client(app.crowdtrain_settings))
-        app._crowdtrain_store = store
-    return store
-
-
-def _celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for crowdtrain: msgpack only, late acks, short visibility timeout."""
     visibility = settings.visibility_timeout
     config: dict[str, Any] = dict(
         accept_content=ACCEPT_CONTENT,
@@ -68,11 +60,13 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         worker_prefetch_multiplier=1,
         # A short visibility timeout plus tasks.visibility's heartbeat: dead
         # workers' messages come back quickly, living workers' never do.
-        broker_transport_options={"visibility_timeout": visibility,
-                                  "unacked_restore_interval": max(1, int(visibility // 10)),
-                                  "unacked_restore_throttle": 1,
-                                  # a worker killed mid-sweep must not block restores for 5 minutes
-                                  "unacked_mutex_expire": 10},
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": max(1, int(visibility // 10)),
+            "unacked_restore_throttle": 1,
+            # a worker killed mid-sweep must not block restores for 5 minutes
+            "unacked_mutex_expire": 10,
+        },
         result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=RESULT_EXPIRES,
         result_extended=False,
@@ -85,28 +79,8 @@ def _celery_config(settings: Settings) -> dict[str, Any]:
         worker_redirect_stdouts=False,
         timezone="UTC",
     )
-    tls = _celery_tls(settings)
+    tls = tls_options(settings)
     if tls:
         config["broker_use_ssl"] = tls
         config["redis_backend_use_ssl"] = tls
     return config
-
-
-def _celery_tls(settings: Settings) -> dict[str, Any] | None:
-    if not (settings.broker_url or "").startswith("rediss://"):
-        return None
-    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if settings.tls_ca:
-        options["ssl_ca_certs"] = settings.tls_ca
-    if settings.tls_cert:
-        options["ssl_certfile"] = settings.tls_cert
-    if settings.tls_key:
-        options["ssl_keyfile"] = settings.tls_key
-    return options
-
-
-def _redis_tls_kwargs(settings: Settings) -> dict[str, Any]:
-    tls = _celery_tls(settings)
-    if not tls:
-        return {}
-    return {k: v for k, v in tls.items()}

@@ -1,38 +1,65 @@
-"""The volunteer's task: ``train_shard``."""
+"""The volunteer's task, ``train_shard``, and the app a volunteer process runs.
+
+This module imports the volunteer side only: a volunteer process never loads
+coordinator code.
+"""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
-from celery import Celery
+from celery import Task
 
-from tasks.app import AGGREGATE_QUEUE, store_for
+from broker.client import redis_client
+from broker.keys import AGGREGATE_QUEUE
+from broker.settings import Settings
+from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked
+from volunteer.store import VolunteerStore
+from volunteer.worker import ShardRunner, VolunteerOptions
 
 
-def register(app: Celery) -> None:
+class VolunteerTask(Task):
+    """Base of ``train_shard``: one ShardRunner per worker process, made on first use (after fork)."""
+
+    @cached_property
+    def runner(self) -> ShardRunner:
+        app: CrowdtrainApp = self.app
+        options: VolunteerOptions = app.conf.crowdtrain_volunteer
+        return ShardRunner(VolunteerStore(redis_client(app.settings), options.name), options)
+
+
+def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainApp:
+    """The app of ``volunteer start``: pulls ``train``, sends ``validate_delta`` by name."""
+    app = make_app(settings)
+    app.conf.crowdtrain_volunteer = options  # who this worker is: name, device, allowed jobs
+    register(app)
+    return app
+
+
+def register(app: CrowdtrainApp) -> None:
     """Add ``train_shard`` to ``app``."""
 
-    @app.task(name="train_shard")
-    def train_shard(run: str, round: int, shard: int, shards: int, version: int) -> dict[str, Any]:
+    @app.task(name="train_shard", base=VolunteerTask, bind=True)
+    def train_shard(
+        self: VolunteerTask, run: str, round: int, shard: int, shards: int, version: int
+    ) -> dict[str, Any]:
         """Train the run's model of ``version`` on one shard; the delta goes to Redis."""
         checked(run=run, round=round, shard=shard, shards=shards, version=version)
-        runner = _runner(app)
+        runner = self.runner
 
         def report(token: str) -> None:
-            app.send_task("validate_delta", queue=AGGREGATE_QUEUE, kwargs={
-                "run": run, "round": round, "shard": shard, "token": token,
-                "volunteer": runner.options.name})
+            app.send_task(
+                "validate_delta",
+                queue=AGGREGATE_QUEUE,
+                kwargs={
+                    "run": run,
+                    "round": round,
+                    "shard": shard,
+                    "token": token,
+                    "volunteer": runner.options.name,
+                },
+            )
 
         return runner.run(run, round, shard, shards, version, report)
-
-
-def _runner(app: Celery):
-    """The process's ShardRunner, made on first use (after the worker forked)."""
-    from volunteer.worker import ShardRunner
-
-    runner = getattr(app, "_crowdtrain_runner", None)
-    if runner is None:
-        runner = ShardRunner(store_for(app), app.crowdtrain_volunteer)
-        app._crowdtrain_runner = runner
-    return runner

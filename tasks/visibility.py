@@ -19,6 +19,9 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state
 
+from broker.client import redis_client
+from broker.settings import Settings
+
 log = logging.getLogger("crowdtrain.visibility")
 DEFAULT_INDEX_KEY = "unacked_index"
 
@@ -34,15 +37,15 @@ class KeepVisible(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
 
     def start(self, worker: Any) -> None:
-        from tasks.app import store_for
-
         app = worker.app
         options = app.conf.broker_transport_options or {}
         index = options.get("unacked_index_key", DEFAULT_INDEX_KEY)
         period = float(options.get("visibility_timeout", 60)) / 4
-        client = store_for(app).redis
-        self._thread = threading.Thread(target=self._beat, args=(client, index, period),
-                                        name="keep-visible", daemon=True)
+        settings: Settings = app.settings
+        client = redis_client(settings)
+        self._thread = threading.Thread(
+            target=self._beat, args=(client, index, period), name="keep-visible", daemon=True
+        )
         self._thread.start()
 
     def stop(self, worker: Any) -> None:

@@ -53,9 +53,25 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--save", "", "--loglevel", "warning", *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--loglevel",
+                "warning",
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         self.wait_ready()
         return self
 
@@ -98,32 +114,50 @@ class Processes:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "CROWDTRAIN_HOME": str(self.home), "CROWDTRAIN_BROKER_URL": self.broker,
-               "CROWDTRAIN_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "CROWDTRAIN_HOME": str(self.home),
+            "CROWDTRAIN_BROKER_URL": self.broker,
+            "CROWDTRAIN_TORCH_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
         env.update(self.extra_env)
         env.update(extra)
         return env
 
     def spawn(self, name: str, *argv: str, **env: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        process = subprocess.Popen([sys.executable, *argv], env=self.env(**env), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=self.home)
+        process = subprocess.Popen(
+            [sys.executable, *argv],
+            env=self.env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.home,
+        )
         log.close()
         self.started.append(process)
         return process
 
     def volunteer(self, name: str, *extra: str, **env: str) -> subprocess.Popen:
-        return self.spawn(name, "-m", "volunteer.cli", "start", "--device", "cpu",
-                          "--name", name, *extra, **env)
+        return self.spawn(
+            name, "-m", "volunteer.cli", "start", "--device", "cpu", "--name", name, *extra, **env
+        )
 
     def aggregator(self, name: str = "aggregator", *extra: str) -> subprocess.Popen:
         return self.spawn(name, "-m", "coordinator.cli", "aggregator", "--name", name, *extra)
 
     def cli(self, *argv: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
         """Run ``coordinator ARGS`` to completion and return its output."""
-        return subprocess.run([sys.executable, "-m", "coordinator.cli", *argv], env=self.env(**env),
-                              capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        return subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *argv],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+        )
 
     def json(self, *argv: str, timeout: float = 240) -> dict:
         result = self.cli(*argv, "--json", timeout=timeout)
@@ -164,5 +198,17 @@ def processes(tmp_path: Path, redis_server: RedisServer) -> Iterator[Processes]:
     procs.stop_all()
 
 
-TINY_CHARLM = ["--job-arg", "layers=1", "--job-arg", "width=32", "--job-arg", "heads=2",
-               "--job-arg", "context=32", "--job-arg", "max_files=40", "--job-arg", "eval_batches=4"]
+TINY_CHARLM = [
+    "--job-arg",
+    "layers=1",
+    "--job-arg",
+    "width=32",
+    "--job-arg",
+    "heads=2",
+    "--job-arg",
+    "context=32",
+    "--job-arg",
+    "max_files=40",
+    "--job-arg",
+    "eval_batches=4",
+]

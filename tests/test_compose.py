@@ -43,7 +43,7 @@ def substitute(text: str, env: dict[str, str]) -> str:
             value = arg
         elif op in (":?", "?") and not value:
             raise AssertionError(f"${{{name}}} is required: {arg}")
-        text = text[:match.start()] + (value or "") + text[match.end():]
+        text = text[: match.start()] + (value or "") + text[match.end() :]
 
 
 def _strings(node: Any) -> list[str]:
@@ -93,8 +93,9 @@ def test_no_secret_is_written_into_the_compose_file():
         environment = service.get("environment") or {}
         for key, value in environment.items():
             if any(word in key.upper() for word in SECRET_WORDS) and not key.endswith("_URL"):
-                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), \
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), (
                     f"{name}: {key} must be a required ${{VAR:?}} with no default"
+                )
     raw = COMPOSE.read_text()
     for secret in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "FLOWER_USER"):
         assert not re.search(r"\$\{" + secret + r":?-", raw), f"{secret} must not have a default"

@@ -9,33 +9,37 @@ import os
 import re
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import redis
+from celery.signals import worker_ready
 
-from coordinator import embedded
-from coordinator.jobs import BUILTIN_JOBS
-from coordinator.store import Store
-from tasks.app import TRAIN_QUEUE, make_app, redis_client
-from tasks.config import Settings, SettingsError
-from volunteer.devices import DeviceError, describe_devices, pool_for, resolve_device, speed_score
+from broker import embedded
+from broker.client import redis_client
+from broker.errors import BrokerError
+from broker.keys import TRAIN_QUEUE
+from broker.settings import Settings
+from jobs import BUILTIN_JOBS
+from tasks.training import volunteer_app
+from volunteer.devices import describe_devices, pool_for, resolve_device, speed_score
+from volunteer.errors import VolunteerError
+from volunteer.store import VolunteerStore
 from volunteer.worker import VolunteerOptions
 
 log = logging.getLogger("crowdtrain.volunteer")
-BROKER_RETRY_SECONDS = 5.0
 VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``volunteer`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.handler(args) or 0
-    except (DeviceError, SettingsError, embedded.EmbeddedRedisError) as e:
+    except (VolunteerError, BrokerError) as e:
         print(f"volunteer {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -45,23 +49,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="volunteer", description="Train shards for crowdtrain runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("start", help="Pull shard jobs from queue 'train' and train them.",
-                       description="Pull shard jobs from queue 'train' and train them.")
-    p.add_argument("--broker", default=None,
-                   help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)")
+    p = sub.add_parser(
+        "start",
+        help="Pull shard jobs from queue 'train' and train them.",
+        description="Pull shard jobs from queue 'train' and train them.",
+    )
+    p.add_argument(
+        "--broker", default=None, help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--concurrency", type=int, default=1, help="shards trained at once")
-    p.add_argument("--pool", choices=["auto", "prefork", "threads", "solo"], default="auto",
-                   help="Celery pool (auto: prefork on CPU, solo on a GPU, which must never be "
-                        "forked; threads share torch's RNG, so their shards are not bit-reproducible)")
+    p.add_argument(
+        "--pool",
+        choices=["auto", "prefork", "threads", "solo"],
+        default="auto",
+        help="Celery pool (auto: prefork on CPU, solo on a GPU, which must never be "
+        "forked; threads share torch's RNG, so their shards are not bit-reproducible)",
+    )
     p.add_argument("--name", default=None, help="Celery node name (default: host-pid)")
-    p.add_argument("--allow-job", action="append", default=None, metavar="JOB",
-                   help="a job this volunteer may run; repeat "
-                        f"(default: built-ins {', '.join(BUILTIN_JOBS)})")
+    p.add_argument(
+        "--allow-job",
+        action="append",
+        default=None,
+        metavar="JOB",
+        help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per shard")
     p.set_defaults(handler=start)
-    p = sub.add_parser("info", help="Detected devices and a short speed score.",
-                       description="Detected devices and a short speed score.")
+    p = sub.add_parser(
+        "info",
+        help="Detected devices and a short speed score.",
+        description="Detected devices and a short speed score.",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=info)
     return parser
@@ -76,23 +95,44 @@ def start(args: argparse.Namespace) -> int:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
     # A volunteer with its own credentials is named after its Redis user by default.
-    name = args.name or urlparse(settings.broker_url).username or f"{socket.gethostname()}-{os.getpid()}"
+    name = args.name or urlparse(settings.url).username or f"{socket.gethostname()}-{os.getpid()}"
     if not VOLUNTEER_NAME.match(name):
-        print(f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
-              file=sys.stderr)
+        print(
+            f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
+            file=sys.stderr,
+        )
         return 2
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     allowed = frozenset(args.allow_job) if args.allow_job else frozenset(BUILTIN_JOBS)
-    _announce(Store(redis_client(settings)), name, device.type)
-    app = make_app(settings)
-    app.crowdtrain_volunteer = VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed)
+    _announce_when_ready(VolunteerStore(redis_client(settings), name), device.type)
+    app = volunteer_app(settings, VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed))
     pool = pool_for(device) if args.pool == "auto" else args.pool
-    log.info("volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
-             name, device, pool, args.concurrency, ", ".join(sorted(allowed)))
-    app.worker_main(["worker", "-Q", TRAIN_QUEUE, "-n", f"{name}@%h", "-P", pool,
-                     "-c", str(max(1, args.concurrency)), "-E", "--loglevel=INFO",
-                     "--without-mingle", "--without-gossip"])
+    log.info(
+        "volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
+        name,
+        device,
+        pool,
+        args.concurrency,
+        ", ".join(sorted(allowed)),
+    )
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            TRAIN_QUEUE,
+            "-n",
+            f"{name}@%h",
+            "-P",
+            pool,
+            "-c",
+            str(max(1, args.concurrency)),
+            "-E",
+            "--loglevel=INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
     return 0
 
 
@@ -118,15 +158,16 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(store: Store, name: str, device: str) -> None:
-    """Register the volunteer, retrying while the broker is unreachable."""
-    while True:
+def _announce_when_ready(store: VolunteerStore, device: str) -> None:
+    """Register the volunteer once its worker is connected (Celery retries the broker until then)."""
+
+    def announce(**_: object) -> None:
         try:
-            store.describe_volunteer(name, device)
-            return
+            store.describe(device)
         except redis.RedisError as e:
-            log.warning("broker unreachable (%s); retrying in %.0fs", e, BROKER_RETRY_SECONDS)
-            time.sleep(BROKER_RETRY_SECONDS)
+            log.warning("could not register volunteer %s: %s", store.name, e)
+
+    worker_ready.connect(announce, weak=False)
 
 
 def _device_name(entry: dict) -> str:

@@ -16,13 +16,11 @@ import time
 
 import torch
 
+from volunteer.errors import DeviceError
+
 _SPEC_HINT = "use auto, cpu, cuda, cuda:N or mps"
 _MATMUL_SIZE = 512
 _MAX_ITERATIONS = 100_000
-
-
-class DeviceError(ValueError):
-    """A ``--device`` that is malformed or not present on this machine."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -39,8 +37,7 @@ def resolve_device(spec: str) -> torch.device:
     if text == "mps":
         if not _mps_available():
             raise DeviceError(
-                f"--device {spec}: no Apple MPS device is available on this machine; "
-                "use --device cpu or auto"
+                f"--device {spec}: no Apple MPS device is available on this machine; use --device cpu or auto"
             )
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
@@ -48,8 +45,7 @@ def resolve_device(spec: str) -> torch.device:
         raise DeviceError(f"--device {spec!r} is not a device: {_SPEC_HINT}")
     if not torch.cuda.is_available():
         raise DeviceError(
-            f"--device {spec}: no CUDA device is available on this machine; "
-            "use --device cpu or auto"
+            f"--device {spec}: no CUDA device is available on this machine; use --device cpu or auto"
         )
     index = int(match.group(1) or 0)
     count = torch.cuda.device_count()

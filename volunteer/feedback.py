@@ -12,11 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from serialization import Codec, dumps, dumps_visit, parse_codec
+from serialization import Codec, TensorDict, dumps, dumps_visit, parse_codec
 
 __all__ = ["ErrorFeedback"]
-
-TensorDict = dict[str, torch.Tensor]
 
 
 class ErrorFeedback:
@@ -25,8 +23,7 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self._residual: dict[str, torch.Tensor] = {}
 
-    def encode(self, delta: Mapping[str, torch.Tensor], meta: Mapping,
-               codec: Codec | str) -> bytes:
+    def encode(self, delta: Mapping[str, torch.Tensor], meta: Mapping, codec: Codec | str) -> bytes:
         """Wire bytes of delta + residual; keeps (that sum - what the receiver decodes)."""
         chosen = parse_codec(codec) if isinstance(codec, str) else codec
         if not chosen.lossy:

@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from coordinator.jobs import Job
+from jobs import Job
+from serialization import TensorDict
 
 GRAD_CLIP_NORM = 1.0
 OPTIMIZERS = ("adamw", "sgd")
-
-TensorDict = dict[str, torch.Tensor]
 
 
 @dataclass

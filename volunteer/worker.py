@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from coordinator.jobs import BUILTIN_JOBS, load_job
-from coordinator.store import Store
-from serialization import dumps, loads, parse_codec
+from jobs import BUILTIN_JOBS, Job, load_job
+from serialization import TensorDict, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
+from volunteer.store import VolunteerStore
 from volunteer.trainer import seed_for, train_shard
 
 log = logging.getLogger("crowdtrain.volunteer")
@@ -41,17 +41,18 @@ class VolunteerOptions:
 class ShardRunner:
     """Trains shards for any run, one at a time, in one worker process."""
 
-    def __init__(self, store: Store, options: VolunteerOptions) -> None:
+    def __init__(self, store: VolunteerStore, options: VolunteerOptions) -> None:
         self.store = store
         self.options = options
         self.device = torch.device(options.device)
-        self._models: OrderedDict[tuple[str, int], dict[str, torch.Tensor]] = OrderedDict()
-        self._jobs: dict[str, Any] = {}
+        self._models: OrderedDict[tuple[str, int], TensorDict] = OrderedDict()
+        self._jobs: dict[str, Job] = {}
         self._configs: dict[str, dict[str, Any]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
 
-    def run(self, run: str, number: int, shard: int, shards: int, version: int,
-            report: ReportFn) -> dict[str, Any]:
+    def run(
+        self, run: str, number: int, shard: int, shards: int, version: int, report: ReportFn
+    ) -> dict[str, Any]:
         """Train one shard and report it; skip it without training if its round is over."""
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
         status = self.store.round_status(run, number)
@@ -60,33 +61,61 @@ class ShardRunner:
             return {**summary, "skipped": f"round {status}"}
         config = self._config(run)
         if config["job"] not in self.options.allowed_jobs:
-            reason = (f"volunteer {self.options.name} does not run job {config['job']!r} "
-                      "(not on its --allow-job list)")
+            reason = (
+                f"volunteer {self.options.name} does not run job {config['job']!r} "
+                "(not on its --allow-job list)"
+            )
             self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
             return {**summary, "skipped": reason}
         weights, downlink = self._model(run, version)
         result = train_shard(
-            self._job(run, config), weights, shard=shard, shards=shards,
-            steps=int(config["local_steps"]), lr=float(config["lr"]),
-            optimizer=str(config.get("optimizer", "adamw")), device=self.device,
-            seed=seed_for(run, number, shard))
+            self._job(run, config),
+            weights,
+            shard=shard,
+            shards=shards,
+            steps=int(config["local_steps"]),
+            lr=float(config["lr"]),
+            optimizer=str(config.get("optimizer", "adamw")),
+            device=self.device,
+            seed=seed_for(run, number, shard),
+        )
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
             self._upload(run, number, shard, dumps({}, failure), report)
             log.warning("%s round %d shard %d: non-finite values, not uploaded", run, number, shard)
             return {**summary, "failed": "non-finite values"}
-        meta = {"run": run, "round": number, "shard": shard, "base_version": version,
-                "samples": result.samples, "train_loss": result.train_loss, "steps": result.steps,
-                "seconds": round(result.seconds, 3), "volunteer": self.options.name,
-                "downlink": downlink}
+        meta = {
+            "run": run,
+            "round": number,
+            "shard": shard,
+            "base_version": version,
+            "samples": result.samples,
+            "train_loss": result.train_loss,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 3),
+            "volunteer": self.options.name,
+            "downlink": downlink,
+        }
         codec = parse_codec(str(config["compression"]))
         blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
         self._upload(run, number, shard, blob, report)
-        log.info("%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
-                 run, number, shard, result.steps, result.train_loss,
-                 result.samples / max(result.seconds, 1e-9), len(blob))
-        return {**summary, "loss": round(result.train_loss, 4), "samples": result.samples,
-                "bytes": len(blob), "seconds": round(result.seconds, 3)}
+        log.info(
+            "%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
+            run,
+            number,
+            shard,
+            result.steps,
+            result.train_loss,
+            result.samples / max(result.seconds, 1e-9),
+            len(blob),
+        )
+        return {
+            **summary,
+            "loss": round(result.train_loss, 4),
+            "samples": result.samples,
+            "bytes": len(blob),
+            "seconds": round(result.seconds, 3),
+        }
 
     def _upload(self, run: str, number: int, shard: int, blob: bytes, report: ReportFn) -> None:
         """Store a result (a delta, or a failure report) under our own key, then announce it.
@@ -95,10 +124,10 @@ class ShardRunner:
         comes from a key that only this volunteer's credentials can write.
         """
         token = uuid.uuid4().hex
-        self.store.put_upload(self.store.upload_key(self.options.name, run, number, shard, token), blob)
+        self.store.put_upload(run, number, shard, token, blob)
         report(token)
 
-    def _model(self, run: str, version: int) -> tuple[dict[str, torch.Tensor], int]:
+    def _model(self, run: str, version: int) -> tuple[TensorDict, int]:
         """The weights of a version and the bytes fetched for them (0 when cached)."""
         key = (run, version)
         if key in self._models:
@@ -119,12 +148,13 @@ class ShardRunner:
             self._configs[run] = self.store.run_config(run)
         return self._configs[run]
 
-    def _job(self, run: str, config: dict[str, Any]):
+    def _job(self, run: str, config: dict[str, Any]) -> Job:
         if run not in self._jobs:
-            self._jobs[run] = load_job(config["job"], config.get("job_args") or {},
-                                       allowed=self.options.allowed_jobs)
+            self._jobs[run] = load_job(
+                config["job"], config.get("job_args") or {}, allowed=self.options.allowed_jobs
+            )
         return self._jobs[run]
 
 
-def _finite(delta: dict[str, torch.Tensor]) -> bool:
+def _finite(delta: TensorDict) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in delta.values())

@@ -25,8 +25,7 @@ class FakeTerminal(io.StringIO):
 
 
 def _round(accepted: int, status: str = "open", rejected: int = 0) -> dict:
-    return {"status": status, "accepted": accepted, "rejected": rejected, "late": 0,
-            "shards": 4, "quorum": 4}
+    return {"status": status, "accepted": accepted, "rejected": rejected, "late": 0, "shards": 4, "quorum": 4}
 
 
 def _watch(stream, quiet: bool = False) -> None:
@@ -89,12 +88,29 @@ def test_eta_counts_to_the_quorum_not_to_all_shards():
 
 def test_rounds_table_fits_80_columns_with_every_number():
     # arrange
-    document = {"run": "quickstart", "job": "charlm", "strategy": "fedavg", "compression": "none",
-                "initial": {"eval_loss": 5.5612},
-                "rounds": [{"round": n, "model_version": n, "shards": 4, "accepted": 4,
-                            "rejected": 0, "late": 0, "train_loss": 3.6213, "eval_loss": 2.7751,
-                            "uplink_bytes": 2_200_000, "downlink_bytes": 1_100_000,
-                            "seconds": 16.24} for n in (1, 2)]}
+    document = {
+        "run": "quickstart",
+        "job": "charlm",
+        "strategy": "fedavg",
+        "compression": "none",
+        "initial": {"eval_loss": 5.5612},
+        "rounds": [
+            {
+                "round": n,
+                "model_version": n,
+                "shards": 4,
+                "accepted": 4,
+                "rejected": 0,
+                "late": 0,
+                "train_loss": 3.6213,
+                "eval_loss": 2.7751,
+                "uplink_bytes": 2_200_000,
+                "downlink_bytes": 1_100_000,
+                "seconds": 16.24,
+            }
+            for n in (1, 2)
+        ],
+    }
     stream = io.StringIO()
     # act
     Console(file=stream, width=80).print(rounds_table(document))

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from coordinator.jobs import load_job
 from coordinator.strategies import make_strategy
+from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 
 JOB_ARGS = {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 40, "eval_batches": 4}
@@ -29,8 +29,16 @@ def _final_eval_loss(spec: str, attack: str | None) -> float:
     for number in range(ROUNDS):
         deltas = []
         for shard in range(SHARDS):
-            result = train_shard(job, weights, shard=shard, shards=SHARDS, steps=STEPS, lr=3e-3,
-                                 device=torch.device("cpu"), seed=seed_for("robust", number, shard))
+            result = train_shard(
+                job,
+                weights,
+                shard=shard,
+                shards=SHARDS,
+                steps=STEPS,
+                lr=3e-3,
+                device=torch.device("cpu"),
+                seed=seed_for("robust", number, shard),
+            )
             delta = result.delta
             if attack and shard == SHARDS - 1:
                 factor = 1000.0 if attack == "scale" else -1.0

@@ -7,14 +7,23 @@ import time
 
 from safetensors.torch import load_file
 
-from coordinator.rounds import round_record
+from coordinator.documents import round_record
 from coordinator.store import Store
 from tests.conftest import TINY_CHARLM
 
 
 def _evil(processes, name: str, attack: str):
-    return processes.spawn(name, "-m", "tests.fixtures.evil_volunteer", "start", "--device", "cpu",
-                           "--name", name, CROWDTRAIN_TEST_ATTACK=attack)
+    return processes.spawn(
+        name,
+        "-m",
+        "tests.fixtures.evil_volunteer",
+        "start",
+        "--device",
+        "cpu",
+        "--name",
+        name,
+        CROWDTRAIN_TEST_ATTACK=attack,
+    )
 
 
 def _wait_online(processes, names: set[str]) -> None:
@@ -29,16 +38,31 @@ def test_nan_deltas_are_rejected_every_round_completes_and_the_model_stays_finit
     processes.aggregator()
     processes.volunteer("honest")
     _evil(processes, "broken", "nan")
-    processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "5",
-                   "--shards", "4", "--quorum", "0.5", "--deadline", "60")
+    processes.json(
+        "init",
+        "--run",
+        "r",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "5",
+        "--shards",
+        "4",
+        "--quorum",
+        "0.5",
+        "--deadline",
+        "60",
+    )
     _wait_online(processes, {"honest", "broken"})
     document = processes.json("run", "--run", "r", "--rounds", "2")
     assert [r["status"] for r in document["rounds"]] == ["done", "done"]
     assert [r["model_version"] for r in document["rounds"]] == [1, 2]
     rejections = [x for r in document["rounds"] for x in r["rejections"]]
     assert rejections, "the broken volunteer got no shard: " + processes.log_tail()
-    assert all(x == {"shard": x["shard"], "volunteer": "broken", "reason": "non-finite values"}
-               for x in rejections)
+    assert all(
+        x == {"shard": x["shard"], "volunteer": "broken", "reason": "non-finite values"} for x in rejections
+    )
     assert all(r["rejected"] == len(r["rejections"]) for r in document["rounds"])
     out = processes.home / "model.safetensors"
     assert processes.cli("export", "--run", "r", "--out", str(out)).returncode == 0
@@ -53,13 +77,25 @@ def test_a_scaled_delta_is_rejected_by_the_norm_check_against_the_round_median(p
     _evil(processes, "booster", "scale:1000")
     for name in ("h1", "h2", "h3"):
         processes.volunteer(name)
-    processes.json("init", "--run", "r", "--job", "charlm", *TINY_CHARLM, "--local-steps", "3",
-                   "--shards", "4", "--deadline", "90")
+    processes.json(
+        "init",
+        "--run",
+        "r",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "3",
+        "--shards",
+        "4",
+        "--deadline",
+        "90",
+    )
     _wait_online(processes, {"booster", "h1", "h2", "h3"})
     processes.cli("post-round", "--run", "r")
     deadline = time.monotonic() + 90
     store = Store(redis_server.client())
-    while store.round_status("r", 1) != "done":
+    while store.rounds.status("r", 1) != "done":
         assert time.monotonic() < deadline + 60, processes.log_tail()
         time.sleep(0.2)
     record = round_record(store, "r", 1)

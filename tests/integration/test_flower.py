@@ -32,23 +32,47 @@ def test_flower_shows_both_volunteers_and_a_finished_rounds_small_tasks(processe
     processes.volunteer("alice")
     processes.volunteer("bob")
     port = free_port()
-    processes.spawn("monitor", "-m", "coordinator.cli", "monitor", "--port", str(port),
-                    FLOWER_UNAUTHENTICATED_API="true", FLOWER_TASKS_COLUMNS=TASKS_COLUMNS)
+    processes.spawn(
+        "monitor",
+        "-m",
+        "coordinator.cli",
+        "monitor",
+        "--port",
+        str(port),
+        FLOWER_UNAUTHENTICATED_API="true",
+        FLOWER_TASKS_COLUMNS=TASKS_COLUMNS,
+    )
     base = f"http://127.0.0.1:{port}"
     # Flower sees only the task events sent after it connected: wait for the heartbeats first.
-    _wait_for(lambda: {"alice", "bob", "aggregator"} <= _worker_names(base), 60,
-              "Flower to see alice, bob and the aggregator", processes)
-    processes.json("init", "--run", "demo", "--job", "charlm", *TINY_CHARLM,
-                   "--local-steps", "5", "--shards", "2", "--deadline", "120")
+    _wait_for(
+        lambda: {"alice", "bob", "aggregator"} <= _worker_names(base),
+        60,
+        "Flower to see alice, bob and the aggregator",
+        processes,
+    )
+    processes.json(
+        "init",
+        "--run",
+        "demo",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "5",
+        "--shards",
+        "2",
+        "--deadline",
+        "120",
+    )
 
     # act
     document = processes.json("post-round", "--run", "demo", "--wait")
-    tasks = _wait_for(lambda: _finished_tasks(base), 30, "Flower to record the round's tasks",
-                      processes)
+    tasks = _wait_for(lambda: _finished_tasks(base), 30, "Flower to record the round's tasks", processes)
     train_id = next(uuid for uuid, t in tasks.items() if t["name"] == "train_shard")
     workers_dom, tasks_dom, task_dom = (
         _render(chromium, tmp_path, f"{base}/{page}", f"flower-{name}.png")
-        for page, name in (("workers", "workers"), ("tasks", "tasks"), (f"task/{train_id}", "task")))
+        for page, name in (("workers", "workers"), ("tasks", "tasks"), (f"task/{train_id}", "task"))
+    )
 
     # assert: the round itself
     assert document["rounds"][0]["accepted"] == 2, processes.log_tail()
@@ -62,8 +86,9 @@ def test_flower_shows_both_volunteers_and_a_finished_rounds_small_tasks(processe
     assert "'run': 'demo'" in task_dom and "'shard':" in task_dom and "samples" in task_dom
     # Flower's own record of them: the right counts, all succeeded, small readable arguments
     names = sorted(t["name"] for t in tasks.values())
-    assert names == ["aggregate_round", "train_shard", "train_shard",
-                     "validate_delta", "validate_delta"], names
+    assert names == ["aggregate_round", "train_shard", "train_shard", "validate_delta", "validate_delta"], (
+        names
+    )
     assert all(t["state"] == "SUCCESS" for t in tasks.values()), tasks
     for task in tasks.values():
         for field in ("args", "kwargs", "result"):
@@ -82,11 +107,16 @@ def test_celery_a_tasks_flower_works_without_the_coordinator_command(processes):
     processes.volunteer("carol")
     port = free_port()
     # act: the plain Celery command line, with only the broker in the environment
-    processes.spawn("flower", "-m", "celery", "-A", "tasks", "flower", f"--port={port}",
-                    "--address=127.0.0.1")
+    processes.spawn(
+        "flower", "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"
+    )
     # assert
-    _wait_for(lambda: "carol" in _worker_names(f"http://127.0.0.1:{port}"), 60,
-              "`celery -A tasks flower` to list carol", processes)
+    _wait_for(
+        lambda: "carol" in _worker_names(f"http://127.0.0.1:{port}"),
+        60,
+        "`celery -A tasks flower` to list carol",
+        processes,
+    )
 
 
 def _worker_names(base: str) -> set[str]:
@@ -115,11 +145,24 @@ def _get_json(url: str) -> Any:
 def _render(binary: str, tmp_path: Path, url: str, screenshot: str) -> str:
     """Load ``url`` in headless Chromium, let its scripts run; screenshot it, return its DOM."""
     out = tmp_path / screenshot
-    command = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium'}",
-               "--virtual-time-budget=5000", "--window-size=1600,900", f"--screenshot={out}",
-               "--dump-dom", url]
+    command = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=5000",
+        "--window-size=1600,900",
+        f"--screenshot={out}",
+        "--dump-dom",
+        url,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0 and out.exists(), result.stderr[-2000:]
     if SCREENSHOT_DIR:

@@ -11,23 +11,36 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from broker.settings import Settings
 from coordinator.metrics import CrowdtrainCollector, OnlineVolunteers
 from coordinator.status import print_status
 from coordinator.store import Store
 from tasks.app import make_app
-from tasks.config import Settings
 from tests.conftest import TINY_CHARLM, free_port
 
 
 def test_after_a_round_metrics_and_status_show_queues_counters_bytes_loss_and_volunteers(
-        processes, redis_server):
+    processes, redis_server
+):
     # arrange: an aggregator serving /metrics, alice and bob, one finished round of run 'demo'
     port = free_port()
     processes.aggregator("aggregator", "--metrics-port", str(port))
     processes.volunteer("alice")
     processes.volunteer("bob")
-    processes.json("init", "--run", "demo", "--job", "charlm", *TINY_CHARLM,
-                   "--local-steps", "5", "--shards", "2", "--deadline", "120")
+    processes.json(
+        "init",
+        "--run",
+        "demo",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "5",
+        "--shards",
+        "2",
+        "--deadline",
+        "120",
+    )
     record = processes.json("post-round", "--run", "demo", "--wait")["rounds"][0]
 
     # act
@@ -63,8 +76,11 @@ def test_after_a_round_metrics_and_status_show_queues_counters_bytes_loss_and_vo
     assert "demo" in out and "charlm" in out and "fedavg" in out
     assert "queues: train 0 waiting, aggregate 0 waiting" in out
     assert "volunteers (2 of 2 online)" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.strip().startswith(("alice", "bob"))}
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.strip().startswith(("alice", "bob"))
+    }
     assert set(rows) == {"alice", "bob"}
     assert all(row[1] == "cpu" and row[2] == "yes" for row in rows.values()), rows
     assert sum(int(row[5]) for row in rows.values()) == 2  # the 'accepted' credit column
@@ -72,8 +88,7 @@ def test_after_a_round_metrics_and_status_show_queues_counters_bytes_loss_and_vo
 
     # assert: a recorded mean delta norm shows up, and who answers a ping is 'online'
     store = Store(redis_server.client())
-    store.redis.hset("ct:run:demo:round:1", "summary",
-                     json.dumps({**summary, "mean_delta_norm": 0.25}))
+    store.redis.hset("ct:run:demo:round:1", "summary", json.dumps({**summary, "mean_delta_norm": 0.25}))
     online = OnlineVolunteers(make_app(Settings(broker_url=redis_server.url)))
     online.refresh()
     samples = _samples(CrowdtrainCollector(store, online).collect())
@@ -85,13 +100,37 @@ def test_after_a_round_metrics_and_status_show_queues_counters_bytes_loss_and_vo
 def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
     # arrange
     document = {
-        "runs": [{"run": "big", "job": "charlm", "strategy": "diloco", "compression": "int8",
-                  "model_version": 3, "rounds": 4,
-                  "open_round": {"round": 4, "shards": 8, "quorum": 6, "accepted": 2,
-                                 "rejected": 1, "late": 0, "status": "open"}}],
+        "runs": [
+            {
+                "run": "big",
+                "job": "charlm",
+                "strategy": "diloco",
+                "compression": "int8",
+                "model_version": 3,
+                "rounds": 4,
+                "open_round": {
+                    "round": 4,
+                    "shards": 8,
+                    "quorum": 6,
+                    "accepted": 2,
+                    "rejected": 1,
+                    "late": 0,
+                    "status": "open",
+                },
+            }
+        ],
         "queues": {"train": 5, "aggregate": 0},
-        "volunteers": [{"name": "carol", "device": "cuda:0", "online": False, "shards_done": 12,
-                        "samples": 3072, "accepted": 11, "rejected": 1}],
+        "volunteers": [
+            {
+                "name": "carol",
+                "device": "cuda:0",
+                "online": False,
+                "shards_done": 12,
+                "samples": 3072,
+                "accepted": 11,
+                "rejected": 1,
+            }
+        ],
     }
     stream = io.StringIO()
     # act
@@ -106,8 +145,10 @@ def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
 
 def test_status_without_runs_or_volunteers_says_how_to_start():
     stream = io.StringIO()
-    print_status({"runs": [], "queues": {"train": 0, "aggregate": 0}, "volunteers": []},
-                 Console(file=stream, width=120))
+    print_status(
+        {"runs": [], "queues": {"train": 0, "aggregate": 0}, "volunteers": []},
+        Console(file=stream, width=120),
+    )
     out = stream.getvalue()
     assert "coordinator init" in out and "volunteer start" in out
 
@@ -127,5 +168,4 @@ def _scrape(port: int, processes, timeout: float = 30.0) -> dict[tuple[str, tupl
 
 
 def _samples(families) -> dict[tuple[str, tuple], float]:
-    return {(s.name, tuple(s.labels.values())): s.value
-            for family in families for s in family.samples}
+    return {(s.name, tuple(s.labels.values())): s.value for family in families for s in family.samples}

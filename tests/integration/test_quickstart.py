@@ -30,14 +30,21 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 def _quickstart(home: Path, *flags: str) -> subprocess.Popen:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "CROWDTRAIN_HOME": str(home)}
-    return subprocess.Popen([sys.executable, "-m", "coordinator.cli", "quickstart", *flags], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home.parent)
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "quickstart", *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=home.parent,
+    )
 
 
 def test_quickstart_trains_writes_the_report_and_stops_everything(tmp_path):
     home = tmp_path / "home"
-    process = _quickstart(home, "--rounds", "2", "--volunteers", "1", "--local-steps", "5",
-                          *TINY_CHARLM, "--json")
+    process = _quickstart(
+        home, "--rounds", "2", "--volunteers", "1", "--local-steps", "5", *TINY_CHARLM, "--json"
+    )
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     document = json.loads(out)

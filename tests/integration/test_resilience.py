@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from coordinator.rounds import round_record
+from coordinator.documents import round_record
 from coordinator.store import Store
 
 SLOW_JOB = "tests.fixtures.jobs_slow:make_job"
@@ -43,7 +43,7 @@ def _init(cluster, *flags: str) -> None:
 
 
 def _round(cluster, number: int = 1) -> dict:
-    return cluster.store.round_info("r", number) or {}
+    return cluster.store.rounds.info("r", number) or {}
 
 
 def _credit(cluster) -> dict[str, int]:
@@ -54,12 +54,13 @@ def test_extra_shards_of_an_aggregated_round_are_skipped_not_trained(cluster):
     cluster.aggregator()
     cluster.volunteer("v1", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="0.2")
     _init(cluster)
-    document = cluster.json("post-round", "--run", "r", "--shards", "6", "--quorum", "2",
-                            "--deadline", "60", "--wait")
+    document = cluster.json(
+        "post-round", "--run", "r", "--shards", "6", "--quorum", "2", "--deadline", "60", "--wait"
+    )
     record = document["rounds"][0]
     assert record["status"] == "done" and record["model_version"] == 1
     assert record["accepted"] == 2
-    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 0, 30, "queue to drain")
+    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 30, "queue to drain")
     time.sleep(2)
     trained = sum(_credit(cluster).values())
     assert trained <= 3, f"{trained} shards trained after quorum 2 of 6"
@@ -87,7 +88,7 @@ def test_a_shard_of_a_killed_volunteer_is_redelivered_to_another(cluster):
     doomed = cluster.volunteer("doomed", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="3")
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 0, 60, "doomed to take the shard")
+    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "doomed to take the shard")
     time.sleep(1.0)
     cluster.kill(doomed)
     killed_at = time.monotonic()
@@ -106,7 +107,7 @@ def test_a_shard_longer_than_the_visibility_timeout_is_trained_once(cluster):
     cluster.volunteer("slow", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="3")  # 3 steps: ~9 s
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 0, 60, "slow to take the shard")
+    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "slow to take the shard")
     cluster.volunteer("idle", *ALLOW)
     wait_for(lambda: _round(cluster).get("status") == "done", 90, "the round to finish")
     time.sleep(4)  # a wrongly redelivered copy would be trained by 'idle' by now
@@ -119,9 +120,14 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
     cluster.volunteer("v1", *ALLOW)
     cluster.volunteer("v2", *ALLOW)
     _init(cluster, "--shards", "2", "--deadline", "120")
-    run = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "3",
-                            "--json"], env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, cwd=cluster.home)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "3", "--json"],
+        env=cluster.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cluster.home,
+    )
     cluster.started.append(run)
     wait_for(lambda: cluster.store.version("r") >= 1, 90, "version 1")
     cluster.kill(first)
@@ -143,9 +149,13 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
     cluster.aggregator()
     cluster.volunteer("v1", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="0.3")
     _init(cluster, "--shards", "2", "--deadline", "120")
-    run = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "5"],
-                           env=cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           cwd=cluster.home)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "5"],
+        env=cluster.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=cluster.home,
+    )
     cluster.started.append(run)
     wait_for(lambda: cluster.store.version("r") >= 1, 90, "version 1")
     run.send_signal(signal.SIGINT)
@@ -157,7 +167,7 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
     # the new run ends two rounds later and every round made exactly one new version.
     assert versions[0] >= stopped_at and versions[1] == versions[0] + 1
     assert document["final"]["model_version"] == versions[-1] == cluster.store.version("r")
-    history = [round_record(cluster.store, "r", n) for n in range(1, cluster.store.round_count("r") + 1)]
+    history = [round_record(cluster.store, "r", n) for n in range(1, cluster.store.rounds.count("r") + 1)]
     assert [r["status"] for r in history] == ["done"] * len(history)
     assert [r["model_version"] for r in history] == list(range(1, len(history) + 1))
 
@@ -181,7 +191,7 @@ def test_a_straggler_does_not_stall_the_round_and_its_result_is_late(cluster):
     cluster.volunteer("straggler", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="10")  # ~30 s a shard
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "15")
-    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 1, 60, "straggler to take a shard")
+    wait_for(lambda: cluster.store.queue_depths()["train"] == 1, 60, "straggler to take a shard")
     cluster.volunteer("quick", *ALLOW)
     wait_for(lambda: _round(cluster).get("status") == "done", 60, "the round to end at its deadline")
     assert _round(cluster)["late"] == 0, "the round ended before the straggler finished"
@@ -195,7 +205,7 @@ def test_ctrl_c_on_a_volunteer_finishes_its_shard_before_it_exits(cluster):
     leaving = cluster.volunteer("leaving", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="1.5")  # ~5 s a shard
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths(("train",))["train"] == 0, 60, "the shard to be taken")
+    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "the shard to be taken")
     time.sleep(1.0)
     leaving.send_signal(signal.SIGINT)  # Celery's warm shutdown: finish the shard, then exit
     assert leaving.wait(60) == 0

@@ -13,7 +13,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from coordinator import credentials, embedded
+from broker import embedded, keys
+from coordinator import credentials
 from coordinator.store import Store
 from tests.conftest import Processes
 from tests.fixtures.servers import password_server
@@ -44,8 +45,7 @@ def admin_processes(tmp_path: Path) -> Iterator[tuple[Processes, redis.Redis]]:
 
 
 # --- 1. never unpickle -------------------------------------------------------------
-def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_completes(
-        processes, tmp_path):
+def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_completes(processes, tmp_path):
     # arrange
     aggregator = processes.aggregator()
     volunteer = processes.volunteer("alice", "--allow-job", TINY)
@@ -60,10 +60,21 @@ def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_c
         for queue, task in (("train", "train_shard"), ("aggregate", "validate_delta")):
             task_id = str(uuid.uuid4())
             producer.publish(
-                Exploit(pwned), serializer="pickle", exchange=Exchange(queue, "direct"),
-                routing_key=queue, declare=[Queue(queue, Exchange(queue, "direct"), queue)],
-                headers={"lang": "py", "task": task, "id": task_id, "root_id": task_id,
-                         "argsrepr": "()", "kwargsrepr": "{}", "origin": "mallory@evil"})
+                Exploit(pwned),
+                serializer="pickle",
+                exchange=Exchange(queue, "direct"),
+                routing_key=queue,
+                declare=[Queue(queue, Exchange(queue, "direct"), queue)],
+                headers={
+                    "lang": "py",
+                    "task": task,
+                    "id": task_id,
+                    "root_id": task_id,
+                    "argsrepr": "()",
+                    "kwargsrepr": "{}",
+                    "origin": "mallory@evil",
+                },
+            )
     document = processes.json("run", "--run", "demo", "--rounds", "1")
     time.sleep(1.0)
     # assert
@@ -72,7 +83,7 @@ def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_c
     assert document["rounds"][0]["status"] == "done", processes.log_tail()
     assert document["rounds"][0]["accepted"] == 2
     store = Store(redis.Redis.from_url(processes.broker))
-    assert store.queue_depths(("train", "aggregate")) == {"train": 0, "aggregate": 0}
+    assert store.queue_depths() == {"train": 0, "aggregate": 0}
     logs = processes.log_tail(100_000)
     assert logs.count("ContentDisallowed") + logs.count("content type") >= 2, logs[-3000:]
 
@@ -97,7 +108,7 @@ def test_a_volunteer_user_trains_a_round_but_cannot_touch_what_it_does_not_own(a
     assert admin.acl_log() == [], "the volunteer needed a right it was not given"
 
     mallory = redis.Redis.from_url(alice["url"])  # alice turned malicious
-    bob_upload = Store(admin).upload_key("bob", "demo", 1, 0, "b" * 32)
+    bob_upload = keys.upload("bob", "demo", 1, 0, "b" * 32)
     admin.set(bob_upload, b"bob's delta")
     round_key = "ct:run:demo:round:1"
     attacks = {
@@ -135,7 +146,7 @@ def test_a_volunteer_user_trains_a_round_but_cannot_touch_what_it_does_not_own(a
     assert int(admin.get("ct:run:demo:version")) == 1
     # what alice may do: read the run, write her own upload
     assert mallory.get("ct:run:demo:version") == b"1"
-    mallory.set(Store(admin).upload_key("alice", "demo", 9, 0, "a" * 32), b"mine", ex=60)
+    mallory.set(keys.upload("alice", "demo", 9, 0, "a" * 32), b"mine", ex=60)
 
     # revoke: alice's user is gone and her password no longer opens the broker
     result = procs.cli("volunteer-credentials", "alice", "--revoke")
@@ -151,11 +162,14 @@ def test_volunteer_credentials_on_redis_6_fail_with_one_line_naming_redis_7(proc
 
 
 def test_volunteer_urls_keep_scheme_database_and_query_and_take_a_public_host():
-    url = credentials.volunteer_url("rediss://:admin@10.0.0.5:6380/2?ssl_cert_reqs=required",
-                                    "alice", "p/w@", host="broker.example.org")
+    url = credentials.volunteer_url(
+        "rediss://:admin@10.0.0.5:6380/2?ssl_cert_reqs=required", "alice", "p/w@", host="broker.example.org"
+    )
     assert url == "rediss://alice:p%2Fw%40@broker.example.org:6380/2?ssl_cert_reqs=required"
-    assert credentials.volunteer_url("redis://127.0.0.1:6379/0", "bob", "pw", host="h:7000") \
+    assert (
+        credentials.volunteer_url("redis://127.0.0.1:6379/0", "bob", "pw", host="h:7000")
         == "redis://bob:pw@h:7000/0"
+    )
     with pytest.raises(credentials.CredentialsError):
         credentials.check_name("default")
     with pytest.raises(credentials.CredentialsError):
@@ -166,9 +180,28 @@ def test_volunteer_rules_grant_no_dangerous_command_and_only_its_own_writes():
     rules = credentials.volunteer_rules("alice")
     assert rules[:5] == ["reset", "on", "resetkeys", "resetchannels", "-@all"]
     granted = {r[1:] for r in rules if r.startswith("+")}
-    assert not granted & {"flushall", "flushdb", "config", "keys", "scan", "debug", "eval",
-                          "script|load", "acl", "shutdown", "module", "bgsave", "save", "migrate",
-                          "replicaof", "slaveof", "monitor", "client|kill", "function", "fcall"}
+    assert not granted & {
+        "flushall",
+        "flushdb",
+        "config",
+        "keys",
+        "scan",
+        "debug",
+        "eval",
+        "script|load",
+        "acl",
+        "shutdown",
+        "module",
+        "bgsave",
+        "save",
+        "migrate",
+        "replicaof",
+        "slaveof",
+        "monitor",
+        "client|kill",
+        "function",
+        "fcall",
+    }
     writable = [r for r in rules if r.startswith("~") or r.startswith("%W~")]
     assert all("ct:run" not in r for r in writable)
     assert "~ct:upload:alice:*" in rules and not any("upload:*" in r for r in rules)
@@ -216,8 +249,7 @@ def test_the_cli_refuses_an_open_embedded_bind_with_one_line(tmp_path):
 
 
 # --- 4. the job allow-list -----------------------------------------------------------
-def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(
-        processes, tmp_path, monkeypatch):
+def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(processes, tmp_path, monkeypatch):
     # arrange: the trusted side imports the job (its marker proves the fixture works);
     # the volunteer, with its own marker path, must never import it
     trusted_marker = tmp_path / "trusted-imported"
@@ -225,8 +257,7 @@ def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(
     monkeypatch.setenv("CROWDTRAIN_TEST_MARKER", str(trusted_marker))  # every other process
     processes.aggregator()
     volunteer = processes.volunteer("alice", CROWDTRAIN_TEST_MARKER=str(volunteer_marker))
-    processes.json("init", "--run", "marked", "--job", MARKER_JOB, "--shards", "2",
-                   "--deadline", "6")
+    processes.json("init", "--run", "marked", "--job", MARKER_JOB, "--shards", "2", "--deadline", "6")
     # act
     document = processes.json("run", "--run", "marked", "--rounds", "1")
     # assert

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.app import _celery_config
-from tasks.config import Settings
+from broker.settings import Settings
+from tasks.app import celery_config
 from tests.conftest import Processes
 from tests.fixtures.servers import TLSRedisServer, make_certs
 
@@ -35,8 +35,9 @@ def test_a_round_completes_over_tls_with_client_certificates(tls):
     procs, server = tls
     procs.aggregator()
     procs.volunteer("alice", "--allow-job", TINY)
-    procs.json("init", "--run", "secure", "--job", TINY, "--local-steps", "3", "--shards", "2",
-               "--deadline", "60")
+    procs.json(
+        "init", "--run", "secure", "--job", TINY, "--local-steps", "3", "--shards", "2", "--deadline", "60"
+    )
     # act
     document = procs.json("run", "--run", "secure", "--rounds", "1")
     # assert
@@ -51,20 +52,26 @@ def test_the_tls_server_refuses_plain_text_and_clients_without_a_certificate(tls
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=server.port, socket_timeout=2).ping()  # plain redis://
     with pytest.raises(redis.ConnectionError):  # TLS, the right CA, but no client certificate
-        redis.Redis.from_url(server.url, ssl_ca_certs=str(certs["ca_cert"]),
-                             ssl_cert_reqs="required", socket_timeout=2).ping()
+        redis.Redis.from_url(
+            server.url, ssl_ca_certs=str(certs["ca_cert"]), ssl_cert_reqs="required", socket_timeout=2
+        ).ping()
     with pytest.raises(redis.ConnectionError):  # a client that does not trust the server's CA
-        redis.Redis.from_url(server.url, ssl_certfile=str(certs["client_cert"]),
-                             ssl_keyfile=str(certs["client_key"]), ssl_cert_reqs="required",
-                             socket_timeout=2).ping()
+        redis.Redis.from_url(
+            server.url,
+            ssl_certfile=str(certs["client_cert"]),
+            ssl_keyfile=str(certs["client_key"]),
+            ssl_cert_reqs="required",
+            socket_timeout=2,
+        ).ping()
 
 
 def test_celery_gets_the_ca_and_client_certificate_for_broker_and_results():
-    settings = Settings(broker_url="rediss://broker:6380/0", tls_ca="/ca.pem", tls_cert="/c.pem",
-                        tls_key="/k.pem")
-    config = _celery_config(settings)
+    settings = Settings(
+        broker_url="rediss://broker:6380/0", tls_ca="/ca.pem", tls_cert="/c.pem", tls_key="/k.pem"
+    )
+    config = celery_config(settings)
     for key in ("broker_use_ssl", "redis_backend_use_ssl"):
         assert config[key]["ssl_ca_certs"] == "/ca.pem"
         assert config[key]["ssl_certfile"] == "/c.pem"
         assert config[key]["ssl_keyfile"] == "/k.pem"
-    assert "broker_use_ssl" not in _celery_config(Settings(broker_url="redis://broker:6379/0"))
+    assert "broker_use_ssl" not in celery_config(Settings(broker_url="redis://broker:6379/0"))

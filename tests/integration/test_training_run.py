@@ -14,8 +14,20 @@ def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_lo
     processes.aggregator()
     processes.volunteer("alice")
     processes.volunteer("bob")
-    init = processes.json("init", "--run", "demo", "--job", "charlm", *TINY_CHARLM,
-                          "--local-steps", "15", "--shards", "4", "--deadline", "120")
+    init = processes.json(
+        "init",
+        "--run",
+        "demo",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "15",
+        "--shards",
+        "4",
+        "--deadline",
+        "120",
+    )
     # act
     document = processes.json("run", "--run", "demo", "--rounds", "3")
     # assert
@@ -25,8 +37,11 @@ def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_lo
     assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in rounds)
     losses = [init["initial"]["eval_loss"]] + [r["eval_loss"] for r in rounds]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
-    assert document["final"] == {"model_version": 3, "eval_loss": rounds[-1]["eval_loss"],
-                                 "eval_accuracy": rounds[-1]["eval_accuracy"]}
+    assert document["final"] == {
+        "model_version": 3,
+        "eval_loss": rounds[-1]["eval_loss"],
+        "eval_accuracy": rounds[-1]["eval_accuracy"],
+    }
     assert {"run", "job", "strategy", "compression", "initial"} <= document.keys()
 
     # export: a float32 safetensors file with the model's names and shapes
@@ -34,8 +49,8 @@ def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_lo
     result = processes.cli("export", "--run", "demo", "--out", str(out))
     assert result.returncode == 0, result.stderr
     tensors = load_file(out)
-    from coordinator.jobs import load_job
-    from coordinator.jobs.loader import parse_job_args
+    from jobs import load_job
+    from jobs.loader import parse_job_args
 
     model = load_job("charlm", parse_job_args(TINY_CHARLM[1::2])).build_model()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -84,8 +84,22 @@ def test_topk_handles_non_finite_values_without_losing_the_count():
     assert select_topk(x, 10).size == 10
 
 
-@pytest.mark.parametrize("spec", ["topk:0", "topk:1.5", "topk:-0.1", "topk:nan", "topk:", "topk:x",
-                                  "int4", "", "topk:0.1+int4", "TOPK", "topk:inf"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk:0",
+        "topk:1.5",
+        "topk:-0.1",
+        "topk:nan",
+        "topk:",
+        "topk:x",
+        "int4",
+        "",
+        "topk:0.1+int4",
+        "TOPK",
+        "topk:inf",
+    ],
+)
 def test_bad_specs_raise_unknown_codec_listing_valid_forms(spec):
     with pytest.raises(UnknownCodec, match="valid: none, fp16"):
         parse_codec(spec)
@@ -96,9 +110,16 @@ def test_unknown_codec_is_a_value_error_for_cli_handling():
         parse_codec("nope")
 
 
-@pytest.mark.parametrize(("spec", "name"), [("INT8", "int8"), (" fp16 ", "fp16"),
-                                            ("topk:.01", "topk:0.01"), ("topk:1", "topk:1.0"),
-                                            ("topk:0.010+INT8", "topk:0.01+int8")])
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("INT8", "int8"),
+        (" fp16 ", "fp16"),
+        ("topk:.01", "topk:0.01"),
+        ("topk:1", "topk:1.0"),
+        ("topk:0.010+INT8", "topk:0.01+int8"),
+    ],
+)
 def test_specs_normalise_to_a_canonical_name_that_parses_back(spec, name):
     assert parse_codec(spec).name == name
     assert parse_codec(name).name == name
@@ -108,8 +129,7 @@ shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=shapes, dtype=st.sampled_from(DTYPES), spec=st.sampled_from(SPECS),
-       seed=st.integers(0, 2**16))
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), spec=st.sampled_from(SPECS), seed=st.integers(0, 2**16))
 def test_any_shape_and_dtype_round_trips_with_shape_and_dtype_kept(shape, dtype, spec, seed):
     gen = torch.Generator().manual_seed(seed)
     source = (torch.randn(shape, generator=gen) * 50).to(dtype)
@@ -127,14 +147,16 @@ finite32 = st.floats(-(2.0**99), 2.0**99, width=32, allow_nan=False, allow_infin
 
 
 @settings(max_examples=60, deadline=None)
-@given(values=st.lists(finite32, min_size=1, max_size=600),
-       spec=st.sampled_from(["int8", "topk:0.5+int8", "bf16"]))
+@given(
+    values=st.lists(finite32, min_size=1, max_size=600),
+    spec=st.sampled_from(["int8", "topk:0.5+int8", "bf16"]),
+)
 def test_quantisation_error_stays_within_half_a_step_per_block(values, spec):
     x = torch.tensor(values, dtype=torch.float32)
     out = loads(dumps({"x": x}, None, spec))[0]["x"]
     assert torch.isfinite(out).all()
     if spec == "int8":
         for block in range(0, x.numel(), 256):
-            xb, ob = x[block:block + 256], out[block:block + 256]
+            xb, ob = x[block : block + 256], out[block : block + 256]
             step = xb.abs().max() / 127
             assert float((xb - ob).abs().max()) <= float(step) * 0.5001 + 1e-30

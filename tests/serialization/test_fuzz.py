@@ -20,9 +20,14 @@ SPECS = ["none", "fp16", "bf16", "int8", "topk:0.25", "topk:0.5+int8"]
 def _seeds() -> list[bytes]:
     """Valid small payloads over every codec and a spread of dtypes and shapes."""
     gen = torch.Generator().manual_seed(0)
-    tensors = {"w": torch.randn(3, 70, generator=gen), "b": torch.randn(5, generator=gen).double(),
-               "i": torch.arange(6).reshape(2, 3), "m": torch.tensor([True, False]),
-               "s": torch.tensor(2.5).half(), "e": torch.zeros(0, 4)}
+    tensors = {
+        "w": torch.randn(3, 70, generator=gen),
+        "b": torch.randn(5, generator=gen).double(),
+        "i": torch.arange(6).reshape(2, 3),
+        "m": torch.tensor([True, False]),
+        "s": torch.tensor(2.5).half(),
+        "e": torch.zeros(0, 4),
+    }
     return [dumps(tensors, {"round": 3, "tags": ["a", {"b": None}]}, spec) for spec in SPECS]
 
 
@@ -36,8 +41,27 @@ def _random_obj(rng: random.Random, depth: int = 0) -> object:
     if kind == 2:
         return rng.choice([0.5, float("nan"), float("inf"), -1e300])
     if kind == 3:
-        return rng.choice(["v", "tensors", "meta", "name", "codec", "dtype", "shape", "data",
-                           "none", "int8", "topk:0.5", "q", "scale", "idx", "cnt", "val", "_data"])
+        return rng.choice(
+            [
+                "v",
+                "tensors",
+                "meta",
+                "name",
+                "codec",
+                "dtype",
+                "shape",
+                "data",
+                "none",
+                "int8",
+                "topk:0.5",
+                "q",
+                "scale",
+                "idx",
+                "cnt",
+                "val",
+                "_data",
+            ]
+        )
     if kind == 4:
         return rng.randbytes(rng.randrange(0, 40))
     if kind == 5:
@@ -51,12 +75,18 @@ def _random_obj(rng: random.Random, depth: int = 0) -> object:
 
 def _random_tensor_map(rng: random.Random, depth: int) -> dict:
     """A tensor map that is nearly right: one field wrong, missing or huge."""
-    entry = {"name": "x", "codec": rng.choice([*SPECS, "topk:1e-9", "zip"]),
-             "dtype": rng.choice([0, 3, 4, 9, 10, -1]),
-             "shape": rng.choice([[4], [], [0], [2**40], [2**31, 2**31], [-3], [2**63]]),
-             "data": rng.randbytes(rng.choice([0, 4, 16])), "q": b"\x01" * 4,
-             "scale": b"\x00\x00\x80\x3f", "idx": b"\x00\x00", "cnt": b"\x01\x00\x00\x00",
-             "val": b"\x00\x00\x80\x3f"}
+    entry = {
+        "name": "x",
+        "codec": rng.choice([*SPECS, "topk:1e-9", "zip"]),
+        "dtype": rng.choice([0, 3, 4, 9, 10, -1]),
+        "shape": rng.choice([[4], [], [0], [2**40], [2**31, 2**31], [-3], [2**63]]),
+        "data": rng.randbytes(rng.choice([0, 4, 16])),
+        "q": b"\x01" * 4,
+        "scale": b"\x00\x00\x80\x3f",
+        "idx": b"\x00\x00",
+        "cnt": b"\x01\x00\x00\x00",
+        "val": b"\x00\x00\x80\x3f",
+    }
     if rng.random() < 0.5:
         del entry[rng.choice(list(entry))]
     if rng.random() < 0.3:
@@ -67,8 +97,11 @@ def _random_tensor_map(rng: random.Random, depth: int) -> dict:
 def _message(rng: random.Random) -> bytes:
     """A random msgpack message shaped roughly like ours."""
     tensors = [_random_tensor_map(rng, 0) for _ in range(rng.randrange(3))]
-    body: dict = {"v": rng.choice([1, 1, 1, 0, 2, "1"]), "tensors": tensors,
-                  "meta": _random_obj(rng) if rng.random() < 0.3 else {"k": _random_obj(rng)}}
+    body: dict = {
+        "v": rng.choice([1, 1, 1, 0, 2, "1"]),
+        "tensors": tensors,
+        "meta": _random_obj(rng) if rng.random() < 0.3 else {"k": _random_obj(rng)},
+    }
     if rng.random() < 0.1:
         body = _random_obj(rng)  # type: ignore[assignment]
     return msgpack.packb(body, use_bin_type=True)
@@ -82,10 +115,10 @@ def _mutate(rng: random.Random, data: bytes, seeds: list[bytes]) -> bytes:
         for _ in range(rng.randrange(1, 9)):
             buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
     elif kind == 1:
-        del buf[rng.randrange(len(buf) + 1):]
+        del buf[rng.randrange(len(buf) + 1) :]
     elif kind == 2:
         other = rng.choice(seeds)
-        buf = buf[: rng.randrange(len(buf) + 1)] + other[rng.randrange(len(other) + 1):]
+        buf = buf[: rng.randrange(len(buf) + 1)] + other[rng.randrange(len(other) + 1) :]
     elif kind == 3:
         at = rng.randrange(len(buf) + 1)
         buf[at:at] = rng.randbytes(rng.randrange(1, 9))
@@ -128,22 +161,45 @@ def test_ten_thousand_random_and_mutated_payloads_only_raise_wire_format_error()
 
 def _huge_topk_payload(n: int) -> bytes:
     """A top-k tensor declaring n elements with index fields sized for n."""
-    entry = {"name": "x", "codec": "topk:1e-09", "dtype": 0, "shape": [n],
-             "idx": b"\x00\x00", "cnt": b"\x01\x00\x00\x00" + bytes(4 * (-(-n // 65536) - 1)),
-             "val": b"\x00\x00\x80\x3f"}
+    entry = {
+        "name": "x",
+        "codec": "topk:1e-09",
+        "dtype": 0,
+        "shape": [n],
+        "idx": b"\x00\x00",
+        "cnt": b"\x01\x00\x00\x00" + bytes(4 * (-(-n // 65536) - 1)),
+        "val": b"\x00\x00\x80\x3f",
+    }
     return msgpack.packb({"v": 1, "tensors": [entry], "meta": {}}, use_bin_type=True)
 
 
-@pytest.mark.parametrize("payload", [
-    _huge_topk_payload(1 << 26),
-    msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 3,
-                                        "shape": [2**31, 2**31], "data": b"1234"}], "meta": {}}),
-    msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "int8", "dtype": 0,
-                                        "shape": [2**40], "q": b"", "scale": b""}], "meta": {}}),
-    b"\x83\xa1v\x01\xa7tensors\xdd\xff\xff\xff\xff",
-    b"\x83\xa1v\x01\xa7tensors\x91\x85\xa4name\xdb\xff\xff\xff\xff",
-    b"\x83\xa1v\x01\xa7tensors\x90\xa4meta\xdf\xff\xff\xff\xff",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _huge_topk_payload(1 << 26),
+        msgpack.packb(
+            {
+                "v": 1,
+                "tensors": [
+                    {"name": "x", "codec": "none", "dtype": 3, "shape": [2**31, 2**31], "data": b"1234"}
+                ],
+                "meta": {},
+            }
+        ),
+        msgpack.packb(
+            {
+                "v": 1,
+                "tensors": [
+                    {"name": "x", "codec": "int8", "dtype": 0, "shape": [2**40], "q": b"", "scale": b""}
+                ],
+                "meta": {},
+            }
+        ),
+        b"\x83\xa1v\x01\xa7tensors\xdd\xff\xff\xff\xff",
+        b"\x83\xa1v\x01\xa7tensors\x91\x85\xa4name\xdb\xff\xff\xff\xff",
+        b"\x83\xa1v\x01\xa7tensors\x90\xa4meta\xdf\xff\xff\xff\xff",
+    ],
+)
 def test_payloads_declaring_huge_sizes_fail_without_allocating_them(payload):
     tracemalloc.start()
     try:

@@ -88,8 +88,16 @@ def test_payloads_are_64_byte_aligned_from_the_message_start():
 
 
 def test_meta_round_trips_plain_values():
-    meta = {"run": "r", "samples": 3, "loss": 2.5, "ok": True, "none": None,
-            "list": [1, "a", [2.0]], "nested": {"a": {"b": 1}}, "raw": b"\x00\x01"}
+    meta = {
+        "run": "r",
+        "samples": 3,
+        "loss": 2.5,
+        "ok": True,
+        "none": None,
+        "list": [1, "a", [2.0]],
+        "nested": {"a": {"b": 1}},
+        "raw": b"\x00\x01",
+    }
     assert loads(dumps({}, meta))[1] == meta
 
 
@@ -158,29 +166,88 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
     assert encoded_size_bound(shapes, "topk:0.01+int8") < 4 * 4096 * 1024 / 50
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    (b"", "truncated"),
-    (b"\x90", "expected a map"),
-    (msgpack.packb({"v": 2, "tensors": [], "meta": {}}), "version 2"),
-    (msgpack.packb({"v": 1, "tensors": [], "meta": []}), "meta must be a map"),
-    (msgpack.packb({"v": 1, "meta": {}, "tensors": []}), "expected key 'tensors'"),
-    (msgpack.packb({"v": 1, "tensors": [], "meta": {}}) + b"\x00", "trailing"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x"}], "meta": {}}), "lacks codec, dtype, shape"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "zip", "dtype": 0, "shape": [],
-                                          "data": b"1234"}], "meta": {}}), "unknown codec"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 42, "shape": [],
-                                          "data": b"1234"}], "meta": {}}), "dtype code 42"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [-1],
-                                          "data": b""}], "meta": {}}), "negative"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [2],
-                                          "data": b"1234"}], "meta": {}}), "needs 8"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "int8", "dtype": 4, "shape": [1],
-                                          "data": b"1234"}], "meta": {}}), "lossy codec"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [],
-                                          "data": "text"}], "meta": {}}), "must be bin"),
-    (msgpack.packb({"v": 1, "tensors": [{"name": "x", "codec": "none", "dtype": 9, "shape": [1],
-                                          "data": b"\x07"}], "meta": {}}), "bool bytes"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "truncated"),
+        (b"\x90", "expected a map"),
+        (msgpack.packb({"v": 2, "tensors": [], "meta": {}}), "version 2"),
+        (msgpack.packb({"v": 1, "tensors": [], "meta": []}), "meta must be a map"),
+        (msgpack.packb({"v": 1, "meta": {}, "tensors": []}), "expected key 'tensors'"),
+        (msgpack.packb({"v": 1, "tensors": [], "meta": {}}) + b"\x00", "trailing"),
+        (msgpack.packb({"v": 1, "tensors": [{"name": "x"}], "meta": {}}), "lacks codec, dtype, shape"),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "zip", "dtype": 0, "shape": [], "data": b"1234"}],
+                    "meta": {},
+                }
+            ),
+            "unknown codec",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "none", "dtype": 42, "shape": [], "data": b"1234"}],
+                    "meta": {},
+                }
+            ),
+            "dtype code 42",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [-1], "data": b""}],
+                    "meta": {},
+                }
+            ),
+            "negative",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [2], "data": b"1234"}],
+                    "meta": {},
+                }
+            ),
+            "needs 8",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "int8", "dtype": 4, "shape": [1], "data": b"1234"}],
+                    "meta": {},
+                }
+            ),
+            "lossy codec",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [], "data": "text"}],
+                    "meta": {},
+                }
+            ),
+            "must be bin",
+        ),
+        (
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "tensors": [{"name": "x", "codec": "none", "dtype": 9, "shape": [1], "data": b"\x07"}],
+                    "meta": {},
+                }
+            ),
+            "bool bytes",
+        ),
+    ],
+)
 def test_malformed_payloads_raise_wire_format_error_naming_the_problem(payload, message):
     with pytest.raises(WireFormatError, match=message):
         loads(payload)

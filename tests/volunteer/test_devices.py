@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from volunteer.devices import DeviceError, describe_devices, pool_for, resolve_device, speed_score
+from volunteer.devices import describe_devices, pool_for, resolve_device, speed_score
+from volunteer.errors import DeviceError
 
 NO_CUDA = not torch.cuda.is_available()
 NO_ACCELERATOR = NO_CUDA and not torch.backends.mps.is_available()

@@ -41,11 +41,11 @@ def test_info_prints_one_line_per_device_and_the_auto_choice(capsys):
 
 def test_info_shows_gpus_with_name_and_memory_and_survives_a_broken_one(capsys, monkeypatch):
     # arrange: a machine with two GPUs, the second of which fails its benchmark
-    devices = [{"type": "cpu", "name": "Test CPU", "cores": 8},
-               {"type": "cuda", "index": 0, "name": "NVIDIA H100", "memory_gb": 79.1,
-                "capability": "9.0"},
-               {"type": "cuda", "index": 1, "name": "NVIDIA H100", "memory_gb": 79.1,
-                "capability": "9.0"}]
+    devices = [
+        {"type": "cpu", "name": "Test CPU", "cores": 8},
+        {"type": "cuda", "index": 0, "name": "NVIDIA H100", "memory_gb": 79.1, "capability": "9.0"},
+        {"type": "cuda", "index": 1, "name": "NVIDIA H100", "memory_gb": 79.1, "capability": "9.0"},
+    ]
 
     def score(device: torch.device) -> float:
         if device == torch.device("cuda", 1):
@@ -60,10 +60,8 @@ def test_info_shows_gpus_with_name_and_memory_and_survives_a_broken_one(capsys, 
     # assert
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["cpu", "Test", "CPU,", "8", "cores", "20.0", "GFLOP/s",
-                                "(float32", "matmul)"]
+    assert lines[0].split() == ["cpu", "Test", "CPU,", "8", "cores", "20.0", "GFLOP/s", "(float32", "matmul)"]
     assert lines[1].startswith("cuda:0") and "NVIDIA H100, 79.1 GB" in lines[1]
     assert "50000.0 GFLOP/s" in lines[1]
     assert lines[2].startswith("cuda:1") and "speed unknown: CUDA error" in lines[2]
     assert lines[3] == "--device auto picks cuda:0"
-

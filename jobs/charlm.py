@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coordinator.jobs.loader import JobError
+from jobs.interface import JobError
 
 VOCAB = 256
 _EVAL_SEED = 0x5EED_C4A1  # fixed: every run and every model sees the same eval windows
@@ -112,6 +112,7 @@ class CharGPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=_INIT_STD)
         for block in self.blocks:  # residual projections scaled by depth (GPT-2)
+            assert isinstance(block, _Block)
             nn.init.normal_(block.attn_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
             nn.init.normal_(block.mlp_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
 
@@ -203,9 +204,7 @@ class CharLMJob:
             text = self.corpus().eval
             n = cfg.context + 1
             gen = torch.Generator().manual_seed(_EVAL_SEED)
-            starts = torch.randint(
-                0, len(text) - n + 1, (cfg.eval_batches * cfg.batch_size,), generator=gen
-            )
+            starts = torch.randint(0, len(text) - n + 1, (cfg.eval_batches * cfg.batch_size,), generator=gen)
             windows = text[starts[:, None] + torch.arange(n)].long()
             windows = windows.view(cfg.eval_batches, cfg.batch_size, n)
             self._eval = (windows[..., :-1], windows[..., 1:])
@@ -261,8 +260,7 @@ def _list_files(cfg: CharLMConfig) -> list[str]:
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
         raise JobError(
-            f"charlm corpus {pattern!r} matches no files: pass --job-arg corpus=GLOB "
-            "that names text files"
+            f"charlm corpus {pattern!r} matches no files: pass --job-arg corpus=GLOB that names text files"
         )
     return files[: cfg.max_files]
 

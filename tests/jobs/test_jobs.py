@@ -1,4 +1,4 @@
-"""Tests for coordinator.jobs: the job interface, loading, job args, and the charlm job."""
+"""Tests for jobs: the job interface, loading, job args, and the charlm job."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from coordinator.jobs import BUILTIN_JOBS, JobError, load_job, parse_job_args
-from coordinator.jobs.charlm import CharLMJob, make_job
+from jobs import BUILTIN_JOBS, JobError, load_job, parse_job_args
+from jobs.charlm import CharLMJob, make_job
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -280,9 +280,7 @@ def test_load_job_builds_a_job_from_an_import_path(fixture_jobs: None) -> None:
         ("jobs_tiny:make_not_a_job", "lacks name, build_model"),
     ],
 )
-def test_load_job_names_the_problem_and_the_fix(
-    fixture_jobs: None, name: str, fragment: str
-) -> None:
+def test_load_job_names_the_problem_and_the_fix(fixture_jobs: None, name: str, fragment: str) -> None:
     with pytest.raises(JobError) as info:
         load_job(name)
 
@@ -305,8 +303,7 @@ def test_load_job_refuses_a_job_off_the_allow_list() -> None:
         load_job("jobs_tiny:make_job", allowed=["charlm"])
 
     assert str(info.value) == (
-        "job 'jobs_tiny:make_job' is not on this volunteer's allow-list (--allow-job); "
-        "allowed: charlm"
+        "job 'jobs_tiny:make_job' is not on this volunteer's allow-list (--allow-job); allowed: charlm"
     )
 
 

@@ -8,9 +8,12 @@ environment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+from broker.errors import SettingsError
 
 DEFAULT_HOME = ".crowdtrain"
 DEFAULT_DEADLINE = 600.0
@@ -19,11 +22,6 @@ DEFAULT_DEADLINE = 600.0
 # so only a shard whose volunteer died waits this long, and a long shard is
 # never run twice just because it is long.
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
-RESULT_EXPIRES = 3600
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot work; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -52,17 +50,19 @@ class Settings:
             raise SettingsError("CROWDTRAIN_TORCH_THREADS must be a positive integer")
 
     @classmethod
-    def from_env(cls, broker_url: str | None = None, env: dict[str, str] | None = None,
-                 **overrides) -> Settings:
+    def from_env(
+        cls, broker_url: str | None = None, env: dict[str, str] | None = None, **overrides
+    ) -> Settings:
         """Build settings from flags (which win) and the environment."""
         env = dict(os.environ if env is None else env)
         threads = env.get("CROWDTRAIN_TORCH_THREADS")
         try:
-            values = dict(
+            values: dict[str, Any] = dict(
                 home=Path(env.get("CROWDTRAIN_HOME") or DEFAULT_HOME),
                 broker_url=broker_url or env.get("CROWDTRAIN_BROKER_URL") or None,
                 visibility_timeout=float(
-                    env.get("CROWDTRAIN_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)),
+                    env.get("CROWDTRAIN_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)
+                ),
                 torch_threads=int(threads) if threads else None,
                 tls_ca=env.get("CROWDTRAIN_TLS_CA") or None,
                 tls_cert=env.get("CROWDTRAIN_TLS_CERT") or None,
@@ -75,4 +75,11 @@ class Settings:
 
     def with_broker(self, url: str) -> Settings:
         """The same settings pointing at another broker (e.g. the embedded one)."""
-        return Settings(**{**self.__dict__, "broker_url": url})
+        return replace(self, broker_url=url)
+
+    @property
+    def url(self) -> str:
+        """The broker URL; only valid once one is chosen (flag, environment or embedded)."""
+        if self.broker_url is None:
+            raise SettingsError("no broker chosen: pass --broker or set CROWDTRAIN_BROKER_URL")
+        return self.broker_url

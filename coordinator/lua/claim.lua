@@ -1,0 +1,18 @@
+-- Take a round for aggregation: open with its quorum met or past its deadline, or
+-- aggregating under a claim whose lease ran out (its aggregator died).
+-- KEYS: round hash
+-- ARGV: owner, now, lease seconds
+-- Returns 'claimed' | 'not-due' | 'held' (another live claim) | 'closed' (done, failed or missing)
+local r = redis.call('HMGET', KEYS[1], 'status', 'accepted', 'quorum', 'deadline', 'claim_until')
+local now = tonumber(ARGV[2])
+local status = r[1]
+if status == 'open' then
+  if tonumber(r[2]) < tonumber(r[3]) and tonumber(r[4]) > now then return 'not-due' end
+elseif status == 'aggregating' then
+  if tonumber(r[5]) > now then return 'held' end
+else
+  return 'closed'
+end
+redis.call('HSET', KEYS[1], 'status', 'aggregating', 'claim_owner', ARGV[1],
+           'claim_until', tostring(now + tonumber(ARGV[3])))
+return 'claimed'

@@ -1,0 +1,237 @@
+"""The round state machine, kept in Redis: open -> aggregating -> done | failed.
+
+Each transition is one Lua script under ``coordinator/lua/``, so it is atomic
+on the server however many coordinators, aggregators and volunteers race, and
+each failure comes back as a distinct result (written in the script's header):
+
+| transition | script | results |
+| --- | --- | --- |
+| open a round | ``open.lua`` | opened, round-open, raced, unknown-run |
+| count an upload | ``accept.lua`` | accepted, repeat, duplicate, late |
+| refuse an upload | ``reject.lua`` | rejected, repeat, duplicate, late |
+| take it to merge | ``claim.lua`` | claimed, not-due, held, closed |
+| keep it | ``renew.lua`` | renewed, lost |
+| end it | ``commit.lua`` | done, failed, lost, stale-base |
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+import redis
+
+from broker import keys
+from broker.errors import UnknownRun
+from coordinator.errors import RoundOpen
+
+# An aggregator holds a round this long without renewing its claim; after that
+# (it crashed) another aggregator may take the round over.
+CLAIM_LEASE = 10.0
+OPEN_ATTEMPTS = 5
+ACTIVE = ("open", "aggregating")
+
+
+class RoundState:
+    """The rounds of every run on one Redis server."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._scripts = {
+            name: client.register_script(_lua(name))
+            for name in ("open", "accept", "reject", "claim", "renew", "commit")
+        }
+
+    # --- transitions ---------------------------------------------------------
+    def open(self, run: str, shards: int, quorum: int, deadline: float) -> dict[str, Any]:
+        """Number and record a new round on the current version; RoundOpen if one is in progress."""
+        for _ in range(OPEN_ATTEMPTS):
+            current = self.count(run)
+            now = time.time()
+            result = self._scripts["open"](
+                keys=[
+                    keys.run_rounds(run),
+                    keys.run_version(run),
+                    keys.round_(run, current),
+                    keys.round_(run, current + 1),
+                    keys.deadlines(),
+                ],
+                args=[current, shards, quorum, now, now + deadline, keys.deadline_member(run, current + 1)],
+            )
+            outcome = _text(result[0])
+            if outcome == "opened":
+                return self.info(run, int(result[1])) or {}
+            if outcome == "round-open":
+                raise RoundOpen(
+                    f"run {run!r} has round {int(result[1])} in progress; "
+                    "wait for it (post-round --wait) or let its deadline pass"
+                )
+            if outcome == "unknown-run":
+                raise UnknownRun(f"unknown run {run!r}: create it with 'coordinator init --run {run}'")
+        raise RoundOpen(f"run {run!r}: another coordinator kept opening rounds at the same time")
+
+    def accept(self, run: str, number: int, shard: int, upload_key: str) -> tuple[str, bool]:
+        """Count a validated upload once: (accepted | repeat | duplicate | late, round now due)."""
+        outcome, due = self._scripts["accept"](
+            keys=[keys.round_(run, number), keys.round_accepted(run, number)], args=[shard, upload_key]
+        )
+        return _text(outcome), bool(due)
+
+    def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str, upload: str = "") -> str:
+        """Record why an upload was refused: rejected | repeat | duplicate | late."""
+        entry = json.dumps({"shard": shard, "volunteer": volunteer, "reason": reason})
+        return _text(
+            self._scripts["reject"](
+                keys=[
+                    keys.round_(run, number),
+                    keys.round_rejections(run, number),
+                    keys.round_accepted(run, number),
+                ],
+                args=[shard, entry, f"{shard}|{volunteer}|{upload}"],
+            )
+        )
+
+    def reject_claimed(self, run: str, number: int, shard: int, volunteer: str, reason: str) -> None:
+        """Record a rejection decided while merging (the round is no longer open)."""
+        entry = json.dumps({"shard": shard, "volunteer": volunteer, "reason": reason})
+        self.redis.hset(keys.round_rejections(run, number), f"{shard}|{volunteer}|aggregation", entry)
+
+    def claim(self, run: str, number: int, owner: str, lease: float = CLAIM_LEASE) -> str:
+        """Take the round for aggregation: claimed | not-due | held | closed."""
+        return _text(
+            self._scripts["claim"](keys=[keys.round_(run, number)], args=[owner, time.time(), lease])
+        )
+
+    def renew(self, run: str, number: int, owner: str, lease: float = CLAIM_LEASE) -> str:
+        """Extend our claim while a long aggregation works: renewed | lost."""
+        return _text(
+            self._scripts["renew"](keys=[keys.round_(run, number)], args=[owner, time.time() + lease])
+        )
+
+    def commit(
+        self,
+        run: str,
+        number: int,
+        owner: str,
+        base_version: int,
+        summary: dict[str, Any],
+        staged_key: str | None,
+        strategy_blob: bytes = b"",
+        reason: str = "",
+    ) -> str:
+        """Publish the staged model as base+1 (done), or record the round failed.
+
+        Returns done | failed | lost | stale-base; the round's bookkeeping starts
+        to expire once it has ended.
+        """
+        status = "done" if staged_key else "failed"
+        result = _text(
+            self._scripts["commit"](
+                keys=[
+                    keys.run_version(run),
+                    staged_key or keys.staged_model(run, base_version + 1, owner),
+                    keys.model(run, base_version + 1),
+                    keys.round_(run, number),
+                    keys.strategy(run),
+                    keys.deadlines(),
+                ],
+                args=[
+                    base_version,
+                    owner,
+                    json.dumps(summary),
+                    strategy_blob,
+                    keys.deadline_member(run, number),
+                    status,
+                    reason,
+                ],
+            )
+        )
+        if result != "lost":
+            self._expire(run, number)
+        return result
+
+    # --- reads ---------------------------------------------------------------
+    def count(self, run: str) -> int:
+        """Number of the latest round (0 before the first)."""
+        return int(self.redis.get(keys.run_rounds(run)) or 0)
+
+    def info(self, run: str, number: int) -> dict[str, Any] | None:
+        """The round's hash as numbers and text, with ``round`` added; None if unknown."""
+        raw = self.redis.hgetall(keys.round_(run, number))
+        if not raw:
+            return None
+        info: dict[str, Any] = {"round": number}
+        for key, value in raw.items():
+            info[key.decode()] = number_or_text(value.decode())
+        return info
+
+    def current(self, run: str) -> dict[str, Any] | None:
+        number = self.count(run)
+        return self.info(run, number) if number else None
+
+    def status(self, run: str, number: int) -> str | None:
+        raw = self.redis.hget(keys.round_(run, number), "status")
+        return raw.decode() if raw is not None else None
+
+    def add_bytes(self, run: str, number: int, field: str, count: int) -> None:
+        self.redis.hincrby(keys.round_(run, number), field, count)
+
+    def accepted_uploads(self, run: str, number: int) -> dict[int, str]:
+        raw = self.redis.hgetall(keys.round_accepted(run, number))
+        return {int(k): v.decode() for k, v in raw.items()}
+
+    def rejections(self, run: str, number: int) -> list[dict[str, Any]]:
+        raw = self.redis.hvals(keys.round_rejections(run, number))
+        return sorted((json.loads(x) for x in raw), key=lambda r: (r["shard"], r["volunteer"]))
+
+    def due(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Unfinished rounds an aggregator should take now (the same test as ``claim.lua``)."""
+        now = time.time() if now is None else now
+        members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
+        rounds = [keys.parse_deadline_member(m) for m in members]
+        pipe = self.redis.pipeline()
+        for run, number in rounds:
+            pipe.hmget(keys.round_(run, number), "status", "accepted", "quorum", "deadline", "claim_until")
+        due = []
+        for (run, number), fields in zip(rounds, pipe.execute()):
+            status, accepted, quorum, deadline, claim_until = fields
+            if status is None:
+                continue  # its bookkeeping expired: nothing left to merge
+            met = status == b"open" and (int(accepted) >= int(quorum) or float(deadline) <= now)
+            abandoned = status == b"aggregating" and float(claim_until) <= now
+            if met or abandoned:
+                due.append((run, number))
+        return due
+
+    def _expire(self, run: str, number: int) -> None:
+        uploads = list(self.accepted_uploads(run, number).values())
+        pipe = self.redis.pipeline()
+        if uploads:
+            pipe.delete(*uploads)
+        for key in (
+            keys.round_(run, number),
+            keys.round_accepted(run, number),
+            keys.round_rejections(run, number),
+        ):
+            pipe.expire(key, keys.ROUND_TTL)
+        pipe.execute()
+
+
+def number_or_text(text: str) -> Any:
+    """Redis hash values come back as text: give numbers back as numbers."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _lua(name: str) -> str:
+    return (resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
