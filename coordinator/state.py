@@ -12,6 +12,7 @@ each failure comes back as a distinct result (written in the script's header):
 | take it to merge | ``claim.lua`` | claimed, not-due, held, closed |
 | keep it | ``renew.lua`` | renewed, lost |
 | end it | ``commit.lua`` | done, failed, lost, stale-base |
+| end it by hand | ``abort.lua`` | aborted, not-active |
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class RoundState:
         self.redis = client
         self._scripts = {
             name: client.register_script(_lua(name))
-            for name in ("open", "accept", "reject", "claim", "renew", "commit")
+            for name in ("open", "accept", "reject", "claim", "renew", "commit", "abort")
         }
 
     # --- transitions ---------------------------------------------------------
@@ -149,6 +150,18 @@ class RoundState:
             )
         )
         if result != "lost":
+            self._expire(run, number)
+        return result
+
+    def abort(self, run: str, number: int, reason: str = "aborted") -> str:
+        """Fail an open or aggregating round by hand: aborted | not-active."""
+        result = _text(
+            self._scripts["abort"](
+                keys=[keys.round_(run, number), keys.deadlines()],
+                args=[keys.deadline_member(run, number), reason],
+            )
+        )
+        if result == "aborted":
             self._expire(run, number)
         return result
 

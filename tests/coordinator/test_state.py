@@ -157,3 +157,13 @@ def test_runs_are_never_overwritten_and_unknown_runs_are_named(store):
         store.create_run("r", {"job": "other"}, b"x")
     with pytest.raises(UnknownRun, match="ghost"):
         store.run_config("ghost")
+
+
+def test_an_open_round_can_be_aborted_by_hand_and_the_next_one_opens(store):
+    store.rounds.open("r", shards=2, quorum=2, deadline=60)
+    assert store.rounds.abort("r", 1) == "aborted"
+    info = store.rounds.info("r", 1)
+    assert info["status"] == "failed" and info["reason"] == "aborted"
+    assert store.rounds.abort("r", 1) == "not-active"
+    assert store.rounds.claim("r", 1, "agg") == "closed"
+    assert store.rounds.open("r", shards=2, quorum=2, deadline=60)["round"] == 2
