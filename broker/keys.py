@@ -11,12 +11,15 @@ place and the volunteer ACL (``coordinator.credentials``) follows it::
     ct:run:RUN:staged:V:OWNER            a candidate version V before it is published
     ct:run:RUN:strategy                  wire bytes of the strategy's state
     ct:run:RUN:round:N                   hash: status, counters, deadline, claim, summary
-    ct:run:RUN:round:N:accepted          hash: shard -> upload key
+    ct:run:RUN:round:N:accepted          hash: shard -> key of the accepted copy
+    ct:run:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, copied out of reach
+    ct:run:RUN:round:N:digests           hash: sha256 of accepted uploads -> shard
     ct:run:RUN:round:N:rejections        hash: shard|volunteer|upload -> JSON reason
+    ct:run:RUN:round:N:reoffers          hash: shard -> times it was posted again after a failure
     ct:deadlines                         sorted set: "RUN|N" -> deadline of unfinished rounds
     ct:upload:VOLUNTEER:RUN:N:SHARD:TOKEN  one upload, writable by that volunteer only
-    ct:volunteers                        set of volunteer names
-    ct:volunteer:NAME                    hash: device and credit
+    ct:volunteers                        set of volunteer names     (trusted side only)
+    ct:volunteer:NAME                    hash: device and credit    (trusted side only)
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ QUEUES = (TRAIN_QUEUE, AGGREGATE_QUEUE)
 UPLOAD_TTL = 24 * 3600
 # Round bookkeeping is kept this long after the round ends, then Redis drops it.
 ROUND_TTL = 7 * 24 * 3600
+# Model versions kept in Redis; older ones stay on disk (export --version reads them).
+KEEP_VERSIONS = 3
+# Uploads one volunteer may have waiting in Redis before the oldest are dropped.
+MAX_OUTSTANDING_UPLOADS = 16
 # A staged model that was never published (its aggregator died) goes after this.
 STAGED_TTL = 3600
 RESULT_EXPIRES = 3600
@@ -74,6 +81,19 @@ def round_rejections(run: str, number: int) -> str:
     return round_(run, number) + ":rejections"
 
 
+def round_digests(run: str, number: int) -> str:
+    return round_(run, number) + ":digests"
+
+
+def round_reoffers(run: str, number: int) -> str:
+    return round_(run, number) + ":reoffers"
+
+
+def accepted_upload(run: str, number: int, volunteer: str, shard: int, token: str) -> str:
+    """Where the aggregator keeps the exact bytes it validated: volunteers may read, not write."""
+    return _k("run", run, "round", number, "upload", volunteer, shard, token)
+
+
 def deadline_member(run: str, number: int) -> str:
     return f"{run}|{number}"
 
@@ -98,8 +118,9 @@ def upload_pattern(volunteer: str) -> str:
 
 
 def volunteer_of(upload_key: str) -> str:
-    """The volunteer name inside an upload key."""
-    return upload_key.split(":")[2]
+    """The volunteer name inside an upload key or an accepted copy's key."""
+    parts = upload_key.split(":")
+    return parts[6] if parts[1] == "run" else parts[2]
 
 
 def volunteers() -> str:

@@ -1,11 +1,12 @@
 """Least-privilege Redis ACL users for volunteers (``coordinator volunteer-credentials``).
 
 A volunteer's user may read a run (config, versions, model blobs, round
-status), write only its own uploads and its own volunteer record, and use what
-Celery and kombu need to pull ``train`` tasks and send ``validate_delta`` tasks:
-the ``train`` list, pushes to ``aggregate``, kombu's unacked bookkeeping and
-bindings, pidbox replies, task results and event/pidbox pub/sub channels. It
-gets no dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, EVAL, ...). The
+status), write only its own uploads, and use what Celery and kombu need to
+pull ``train`` tasks and send ``validate_delta`` tasks: the ``train`` list,
+pushes to ``aggregate``, kombu's unacked bookkeeping and bindings, pidbox
+replies, publishing events, and listening (only) on the control channel. Its
+credit, the volunteer list and task results are written by the trusted side
+only. It gets no dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, EVAL, ...). The
 read-only key selector ``%R~`` needs Redis 7; older servers are refused with a
 clear message. See docs/SECURITY.md for what this does and does not cover.
 """
@@ -33,6 +34,10 @@ PRIORITY_SEP = "\x06\x16"  # kombu.transport.redis: queue name + sep + priority 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Names an operator must not hand out: they would replace the admin user.
 _RESERVED = frozenset({"default"})
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>\d{1,5}))?$"
+)
 
 # Commands only; keys and channels are limited separately below.
 COMMANDS = (
@@ -144,8 +149,6 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
-        f"~{keys.volunteer(name)}",  # its own record (VolunteerStore.describe)
-        f"~{keys.volunteers()}",  # SADD of its name
         # pull shard tasks, push them back when a worker restores unacked ones; kombu
         # keeps one list per priority step, named QUEUE + "\x06\x16" + step
         f"~{keys.TRAIN_QUEUE}",
@@ -164,15 +167,14 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"~{name}@*.celery.pidbox",
         f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",
         "%W~*.reply.celery.pidbox",  # answers to control commands (ping from status)
-        "~celery-task-meta-*",  # task results
     ]
-    # kombu prefixes fanout channels with "/DB."; PSUBSCRIBE is allowed only for a
-    # pattern that equals an ACL channel pattern, so the pidbox one is written out
-    channels = [
-        f"&/{db}.celery.pidbox",  # broadcast control commands (PSUBSCRIBE)
-        f"&/{db}.celeryev/*",  # task and heartbeat events (PUBLISH)
-        "&celery-task-meta-*",
-    ]  # result notifications (PUBLISH)
+    # kombu prefixes fanout channels with "/DB.". A volunteer publishes task and
+    # heartbeat events (Flower) and nothing else: no PUBLISH on the control channel,
+    # so it can command no worker. A selector lets it only *listen* there, to answer
+    # the operator's pings; PSUBSCRIBE is allowed only for a pattern that equals an
+    # ACL channel pattern, so the pidbox one is written out.
+    channels = [f"&/{db}.celeryev/*"]
+    listen_only = f"(+subscribe +psubscribe +unsubscribe +punsubscribe &/{db}.celery.pidbox)"
     return [
         "reset",
         "on",
@@ -182,6 +184,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         *(f"+{c}" for c in COMMANDS if known is None or c in known),
         *patterns,
         *channels,
+        listen_only,
     ]
 
 
@@ -208,6 +211,17 @@ def revoke_user(admin: redis.Redis, name: str) -> bool:
     return removed > 0
 
 
+def check_host(host: str) -> str:
+    """``HOST[:PORT]`` (a DNS name, IPv4 or [IPv6]) or CredentialsError: it goes into a URL."""
+    match = _HOST.match(host)
+    port = match.group("port") if match else None
+    if match is None or (port is not None and not 1 <= int(port) <= 65535):
+        raise CredentialsError(
+            f"--host {host!r}: use HOST or HOST:PORT, e.g. broker.example.org:6379 or [2001:db8::1]:6379"
+        )
+    return host
+
+
 def volunteer_url(broker_url: str, name: str, password: str, host: str | None = None) -> str:
     """The broker URL with the volunteer's user and password, at ``host[:port]`` if given."""
     parts = urlparse(broker_url)
@@ -217,6 +231,7 @@ def volunteer_url(broker_url: str, name: str, password: str, host: str | None = 
         )
     address = parts.netloc.rpartition("@")[2]
     if host:
+        check_host(host)
         address = host
         if not re.search(r":\d+$", host.rpartition("]")[2]) and parts.port:
             address += f":{parts.port}"
@@ -242,7 +257,8 @@ def command(
         return {"name": name, "revoked": removed, "persisted": persisted}
     made = create(admin, name, broker_url, host)
     persisted = _save(admin)
-    start = f"volunteer start --broker '{made.url}' --name {name}"
+    # In the environment, not on the command line, where `ps` would show the password.
+    start = f"CROWDTRAIN_BROKER_URL='{made.url}' volunteer start --name {name}"
     if not quiet:
         print(made.url)
         print(f"hand this URL to the volunteer, who runs: {start}", file=sys.stderr)

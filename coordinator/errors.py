@@ -33,3 +33,7 @@ class RunExists(CoordinatorError, ValueError):
 
 class RoundOpen(CoordinatorError, RuntimeError):
     """The run already has a round in progress."""
+
+
+class BrokerFull(CoordinatorError):
+    """Redis refused a write because it reached its maxmemory; nothing half-done was left."""

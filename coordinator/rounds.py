@@ -10,14 +10,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import redis
 from celery import Celery
 
 from broker.keys import TRAIN_QUEUE
 from coordinator.documents import round_record
-from coordinator.errors import QuorumError
+from coordinator.errors import BrokerFull, QuorumError
 from coordinator.store import Store
 
 POLL_SECONDS = 0.1
+_FULL = (
+    "no round of {run!r} was posted: the broker's Redis is full (maxmemory); "
+    "free memory or raise maxmemory, then post again"
+)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -45,11 +50,30 @@ def parse_quorum(spec: str | int | float | None, shards: int) -> int:
 def post_round(
     store: Store, app: Celery, run: str, shards: int, quorum: int, deadline: float
 ) -> dict[str, Any]:
-    """Open a round on the current model version and enqueue one task per shard."""
+    """Open a round on the current model version and enqueue one task per shard.
+
+    If the shards cannot all be posted (Redis full, broker gone), the round is
+    ended (failed) at once rather than left open with part of its shards.
+    """
     with _interrupts_deferred():  # Ctrl-C must not leave a round with half its shards posted
-        info = store.rounds.open(run, shards, quorum, deadline)
-        _send_shards(app, run, info, shards)
+        try:
+            info = store.rounds.open(run, shards, quorum, deadline)
+        except redis.exceptions.OutOfMemoryError:
+            raise BrokerFull(_FULL.format(run=run)) from None
+        try:
+            _send_shards(app, run, info, shards)
+        except Exception as e:
+            reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
+            store.rounds.abort(run, int(info["round"]), reason)
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e):
+                raise BrokerFull(_FULL.format(run=run)) from None
+            raise
     return info
+
+
+def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> dict[str, Any]:
+    """The keyword arguments of one ``train_shard`` task."""
+    return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
 
 
 def _send_shards(app: Celery, run: str, info: dict[str, Any], shards: int) -> None:
@@ -59,13 +83,8 @@ def _send_shards(app: Celery, run: str, info: dict[str, Any], shards: int) -> No
                 "train_shard",
                 queue=TRAIN_QUEUE,
                 producer=producer,
-                kwargs={
-                    "run": run,
-                    "round": info["round"],
-                    "shard": shard,
-                    "shards": shards,
-                    "version": info["base_version"],
-                },
+                ignore_result=True,
+                kwargs=shard_task(run, int(info["round"]), shard, shards, int(info["base_version"])),
             )
 
 

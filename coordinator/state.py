@@ -7,7 +7,7 @@ each failure comes back as a distinct result (written in the script's header):
 | transition | script | results |
 | --- | --- | --- |
 | open a round | ``open.lua`` | opened, round-open, raced, unknown-run |
-| count an upload | ``accept.lua`` | accepted, repeat, duplicate, late |
+| count an upload | ``accept.lua`` | accepted, repeat, duplicate, identical, late |
 | refuse an upload | ``reject.lua`` | rejected, repeat, duplicate, late |
 | take it to merge | ``claim.lua`` | claimed, not-due, held, closed |
 | keep it | ``renew.lua`` | renewed, lost |
@@ -73,10 +73,15 @@ class RoundState:
                 raise UnknownRun(f"unknown run {run!r}: create it with 'coordinator init --run {run}'")
         raise RoundOpen(f"run {run!r}: another coordinator kept opening rounds at the same time")
 
-    def accept(self, run: str, number: int, shard: int, upload_key: str) -> tuple[str, bool]:
-        """Count a validated upload once: (accepted | repeat | duplicate | late, round now due)."""
+    def accept(self, run: str, number: int, shard: int, copy_key: str, digest: str) -> tuple[str, bool]:
+        """Count a validated upload once: (accepted | repeat | duplicate | identical | late, due)."""
         outcome, due = self._scripts["accept"](
-            keys=[keys.round_(run, number), keys.round_accepted(run, number)], args=[shard, upload_key]
+            keys=[
+                keys.round_(run, number),
+                keys.round_accepted(run, number),
+                keys.round_digests(run, number),
+            ],
+            args=[shard, copy_key, digest],
         )
         return _text(outcome), bool(due)
 
@@ -218,15 +223,26 @@ class RoundState:
                 due.append((run, number))
         return due
 
+    def reoffer(self, run: str, number: int, shard: int, limit: int) -> bool:
+        """Count one more posting of a failed shard; False once it was posted again ``limit`` times."""
+        count = int(self.redis.hincrby(keys.round_reoffers(run, number), shard, 1))
+        return count <= limit
+
+    def note_error(self, run: str, number: int, error: str) -> None:
+        """Keep the latest merge error on the round and let its claim lapse now, for a retry."""
+        self.redis.hset(keys.round_(run, number), mapping={"last_error": error, "claim_until": 0})
+
     def _expire(self, run: str, number: int) -> None:
-        uploads = list(self.accepted_uploads(run, number).values())
+        copies = list(self.accepted_uploads(run, number).values())
         pipe = self.redis.pipeline()
-        if uploads:
-            pipe.delete(*uploads)
+        if copies:
+            pipe.delete(*copies)
         for key in (
             keys.round_(run, number),
             keys.round_accepted(run, number),
             keys.round_rejections(run, number),
+            keys.round_digests(run, number),
+            keys.round_reoffers(run, number),
         ):
             pipe.expire(key, keys.ROUND_TTL)
         pipe.execute()

@@ -66,19 +66,36 @@ class Store:
         self.redis.set(key, blob, ex=keys.STAGED_TTL)
         return key
 
+    def prune_versions(self, run: str, current: int) -> None:
+        """Drop model versions older than the latest KEEP_VERSIONS from Redis (they stay on disk)."""
+        old = current - keys.KEEP_VERSIONS
+        if old >= 0:
+            self.redis.delete(*(keys.model(run, v) for v in range(max(0, old - 8), old + 1)))
+
     # --- uploads -------------------------------------------------------------
+    def upload_size(self, key: str) -> int:
+        """Bytes stored under ``key`` (0 if absent), known before anything is downloaded."""
+        return int(self.redis.strlen(key))
+
     def get_upload(self, key: str) -> bytes | None:
         blob: bytes | None = self.redis.get(key)
         return blob
 
-    def delete_upload(self, key: str) -> None:
-        self.redis.delete(key)
+    def keep_copy(self, key: str, blob: bytes) -> None:
+        """Store validated bytes where no volunteer can write (see keys.accepted_upload)."""
+        self.redis.set(key, blob, ex=keys.UPLOAD_TTL)
+
+    def delete_upload(self, *upload_keys: str) -> None:
+        if upload_keys:
+            self.redis.delete(*upload_keys)
 
     # --- volunteers and queues ----------------------------------------------
-    def credit(self, volunteer: str, **counts: int) -> None:
-        """Add to a volunteer's credit (shards_done, samples, accepted, rejected)."""
+    def credit(self, volunteer: str, device: str | None = None, **counts: int) -> None:
+        """Add to a volunteer's record (shards_done, samples, accepted, rejected); trusted side only."""
         pipe = self.redis.pipeline()
         pipe.sadd(keys.volunteers(), volunteer)
+        if device:
+            pipe.hset(keys.volunteer(volunteer), "device", device)
         for field, count in counts.items():
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()

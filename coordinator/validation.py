@@ -94,25 +94,50 @@ def delta_norm(delta: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> fl
 
 def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str]:
     """Shards whose delta norm exceeds max_ratio x the round's median norm (needs >= 3 norms)."""
+    return screen_norms(norms, {shard: str(shard) for shard in norms}, max_ratio)
+
+
+def screen_norms(
+    norms: Mapping[int, float], owners: Mapping[int, str], max_ratio: float, model_norm: float | None = None
+) -> dict[int, str]:
+    """Shards whose delta norm is out of scale, with one voice per volunteer.
+
+    A volunteer's voice is the median of its shards' norms, so training many
+    shards of a round does not move the yardstick. With three voices or more,
+    a shard above ``max_ratio`` x the median voice is flagged; with fewer,
+    there is no crowd to compare with, and a shard above ``max_ratio`` x the
+    model's own norm is (when ``model_norm`` is given). Non-finite norms always are.
+    """
     if not max_ratio > 0:
         raise ValueError(f"max_ratio must be positive, got {max_ratio}")
-    if len(norms) < 3:
-        return {}
     flagged = {shard: "non-finite norm" for shard, n in norms.items() if not math.isfinite(n)}
-    finite = [n for n in norms.values() if math.isfinite(n)]
-    if not finite:
+    by_owner: dict[str, list[float]] = {}
+    for shard, norm in norms.items():
+        if shard not in flagged:
+            by_owner.setdefault(owners[shard], []).append(norm)
+    voices = [statistics.median(values) for values in by_owner.values()]
+    if len(voices) >= 3:
+        yardstick, what = statistics.median(voices), "round median"
+    elif model_norm is not None and len(norms) > 0:
+        yardstick, what = model_norm, "model's norm"
+    else:
         return flagged
-    median = statistics.median(finite)
-    limit = max_ratio * median
+    limit = max_ratio * yardstick
     for shard, norm in norms.items():
         if shard in flagged or norm <= limit:
             continue
-        if median > 0:
-            ratio = _num(norm / median)
-            flagged[shard] = f"norm {_num(norm)} is {ratio}x the round median (limit {_num(max_ratio)}x)"
+        if yardstick > 0:
+            ratio = _num(norm / yardstick)
+            flagged[shard] = f"norm {_num(norm)} is {ratio}x the {what} (limit {_num(max_ratio)}x)"
         else:
-            flagged[shard] = f"norm {_num(norm)} with a round median of 0"
+            flagged[shard] = f"norm {_num(norm)} with a {what} of 0"
     return flagged
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Text a volunteer wrote, safe for logs and JSON: control characters escaped, length capped."""
+    clipped = text[:limit]
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in clipped)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 REQUIRED_METHODS = ("build_model", "shard", "loss", "evaluate")
+# Samples one training step counts for when a job declares no ``batch_size``.
+DEFAULT_BATCH_SIZE = 1
 
 
 class JobError(ValueError):
@@ -21,7 +23,13 @@ class JobError(ValueError):
 
 @runtime_checkable
 class Job(Protocol):
-    """What ``factory(**job_args)`` returns."""
+    """What ``factory(**job_args)`` returns.
+
+    Optional: ``batch_size`` (int), the most samples one training step sees. A
+    shard's sample count weighs its delta in the merge, so the aggregator caps
+    it at ``local_steps * batch_size``; a job without one counts each step as
+    one sample (``DEFAULT_BATCH_SIZE``), so no volunteer can claim more.
+    """
 
     name: str
 
@@ -40,3 +48,11 @@ class Job(Protocol):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Return held-out metrics: ``eval_loss`` and optionally ``eval_accuracy``."""
         ...
+
+
+def batch_size(job: object) -> int:
+    """The most samples one step of ``job`` counts for: its ``batch_size``, else DEFAULT_BATCH_SIZE."""
+    value = getattr(job, "batch_size", None)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return DEFAULT_BATCH_SIZE

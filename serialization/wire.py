@@ -53,6 +53,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
     "MAX_META_BYTES",
+    "Expected",
     "dumps",
     "dumps_visit",
     "encoded_size_bound",
@@ -85,6 +86,8 @@ _FIELD_OVERHEAD = 80  # two keys of up to 7 bytes, bin8 + bin32 headers, up to 6
 
 
 Visit = Callable[[str, Codec, dict[str, np.ndarray]], None]
+# What a reader requires of each tensor: name -> (shape, dtype, canonical codec spec).
+Expected = Mapping[str, tuple[Sequence[int], torch.dtype, str]]
 
 
 def dumps(
@@ -128,18 +131,27 @@ def dumps_visit(
 
 
 def loads(
-    data: bytes | bytearray | memoryview, limit: int = DEFAULT_LIMIT, *, max_decoded: int | None = None
+    data: bytes | bytearray | memoryview,
+    limit: int = DEFAULT_LIMIT,
+    *,
+    max_decoded: int | None = None,
+    expect: Expected | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Decode a message; raises WireFormatError (only) on anything malformed.
 
     ``limit`` caps the payload's length; ``max_decoded`` caps the bytes of the
     returned tensors, checked before each allocation (default: the larger of
-    ``limit`` and DEFAULT_LIMIT, since lossy codecs expand 4-130x). Tensors sent
-    as ``none`` are read-only views of ``data`` where it is aligned (clone before
-    modifying them in place); all tensors are on the CPU in their declared dtype.
+    ``limit`` and DEFAULT_LIMIT, since lossy codecs expand 4-130x). ``expect``
+    (name -> (shape, dtype, codec spec)) makes every tensor header match it,
+    and every expected name appear, before anything is allocated: an upload
+    cannot make the reader allocate more than the model it claims to update.
+    Tensors sent as ``none`` are read-only views of ``data`` where it is aligned
+    (clone before modifying them in place); all tensors are on the CPU in their
+    declared dtype.
     """
     try:
-        return _loads(data, limit, max(limit, DEFAULT_LIMIT) if max_decoded is None else max_decoded)
+        budget = max(limit, DEFAULT_LIMIT) if max_decoded is None else max_decoded
+        return _loads(data, limit, budget, expect)
     except WireFormatError:
         raise
     except Exception as e:  # the contract: nothing else escapes
@@ -168,7 +180,7 @@ def encoded_size_bound(
 
 
 def _loads(
-    data: bytes | bytearray | memoryview, limit: int, max_decoded: int
+    data: bytes | bytearray | memoryview, limit: int, max_decoded: int, expect: Expected | None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The body of loads; any exception it lets out is translated there."""
     _check_host()
@@ -189,8 +201,12 @@ def _loads(
     count = r.array_header()
     parsed = []
     budget, arena_size = max_decoded, 0
+    if expect is not None and count != len(expect):
+        raise WireFormatError(f"message has {count} tensors, expected {len(expect)}")
     for _ in range(count):
         entry = _read_tensor(r)
+        if expect is not None:
+            _check_expected(entry, expect)
         budget -= entry[3] * _ITEMSIZE[entry[2]]
         if budget < 0:
             raise WireFormatError(
@@ -232,6 +248,20 @@ def _read_tensor(r: Reader) -> tuple:
                 f"bytes, shape {tuple(shape)} with {codec.name} needs {size}"
             )
     return name, codec, code, n, shape, fields
+
+
+def _check_expected(entry: tuple, expect: Expected) -> None:
+    """The tensor header must be one the reader expects: name, shape, dtype and codec."""
+    name, codec, code, _, shape, _ = entry
+    if name not in expect:
+        raise WireFormatError(f"unexpected tensor {str(name)[:60]!r}")
+    want_shape, want_dtype, want_codec = expect[name]
+    if tuple(shape) != tuple(want_shape):
+        raise WireFormatError(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(want_shape)}")
+    if DTYPES[code] != want_dtype:
+        raise WireFormatError(f"tensor {name!r} has dtype {DTYPES[code]}, expected {want_dtype}")
+    if codec.name != want_codec:
+        raise WireFormatError(f"tensor {name!r} is encoded with {codec.name}, expected {want_codec}")
 
 
 def _arena_need(entry: tuple) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from broker.client import redis_client
-from broker.keys import AGGREGATE_QUEUE
+from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from broker.settings import Settings
 from coordinator.aggregator import Aggregator
 from coordinator.store import Store
@@ -41,10 +41,18 @@ def register(app: CrowdtrainApp) -> None:
     ) -> dict[str, Any]:
         """Check one volunteer's upload and count it toward the round's quorum."""
         checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer)
-        outcome, due = self.aggregator.validate(run, round, shard, token, volunteer)
-        if due:
+        verdict = self.aggregator.validate(run, round, shard, token, volunteer)
+        if verdict.due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
-        return {"run": run, "round": round, "shard": shard, "volunteer": volunteer, "outcome": outcome}
+        if verdict.retry is not None:  # a failed shard goes back on the queue for someone else
+            app.send_task("train_shard", queue=TRAIN_QUEUE, kwargs=verdict.retry, ignore_result=True)
+        return {
+            "run": run,
+            "round": round,
+            "shard": shard,
+            "volunteer": volunteer,
+            "outcome": verdict.outcome,
+        }
 
     @app.task(name="aggregate_round", base=AggregatorTask, bind=True)
     def aggregate_round(self: AggregatorTask, run: str, round: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from kombu import Queue
 from broker.client import tls_options
 from broker.keys import AGGREGATE_QUEUE, RESULT_EXPIRES, TRAIN_QUEUE
 from broker.settings import Settings
+from tasks.poison import DropMalformed, GuardedTransport
 from tasks.visibility import KeepVisible
 
 # Content types a worker will deserialize. Anything else (pickle above all) is
@@ -36,6 +37,7 @@ def make_app(settings: Settings) -> CrowdtrainApp:
     app = CrowdtrainApp(settings)
     app.conf.update(celery_config(settings))
     app.steps["worker"].add(KeepVisible)
+    app.steps["consumer"].add(DropMalformed)
     return app
 
 
@@ -43,6 +45,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's settings for crowdtrain: msgpack only, late acks, short visibility timeout."""
     visibility = settings.visibility_timeout
     config: dict[str, Any] = dict(
+        broker_transport=GuardedTransport,  # drops envelopes it cannot decode (tasks.poison)
         accept_content=ACCEPT_CONTENT,
         result_accept_content=ACCEPT_CONTENT,
         task_serializer="msgpack",

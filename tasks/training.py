@@ -6,7 +6,7 @@ coordinator code.
 
 from __future__ import annotations
 
-from functools import cached_property
+import threading
 from typing import Any
 
 from celery import Task
@@ -21,13 +21,24 @@ from volunteer.worker import ShardRunner, VolunteerOptions
 
 
 class VolunteerTask(Task):
-    """Base of ``train_shard``: one ShardRunner per worker process, made on first use (after fork)."""
+    """Base of ``train_shard``: one ShardRunner per worker thread, made on first use (after fork).
 
-    @cached_property
+    A runner caches model versions and keeps error-feedback residuals, which
+    must never be shared between shards trained at the same time: with
+    ``--pool threads`` each thread gets its own.
+    """
+
+    _local = threading.local()
+
+    @property
     def runner(self) -> ShardRunner:
-        app: CrowdtrainApp = self.app
-        options: VolunteerOptions = app.conf.crowdtrain_volunteer
-        return ShardRunner(VolunteerStore(redis_client(app.settings), options.name), options)
+        runner: ShardRunner | None = getattr(self._local, "runner", None)
+        if runner is None:
+            app: CrowdtrainApp = self.app
+            options: VolunteerOptions = app.conf.crowdtrain_volunteer
+            runner = ShardRunner(VolunteerStore(redis_client(app.settings), options.name), options)
+            self._local.runner = runner
+        return runner
 
 
 def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainApp:
@@ -41,7 +52,8 @@ def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainAp
 def register(app: CrowdtrainApp) -> None:
     """Add ``train_shard`` to ``app``."""
 
-    @app.task(name="train_shard", base=VolunteerTask, bind=True)
+    # No result is stored: a volunteer may not write (or read) the result backend.
+    @app.task(name="train_shard", base=VolunteerTask, bind=True, ignore_result=True)
     def train_shard(
         self: VolunteerTask, run: str, round: int, shard: int, shards: int, version: int
     ) -> dict[str, Any]:
@@ -53,6 +65,7 @@ def register(app: CrowdtrainApp) -> None:
             app.send_task(
                 "validate_delta",
                 queue=AGGREGATE_QUEUE,
+                ignore_result=True,  # so no subscription to the result backend either
                 kwargs={
                     "run": run,
                     "round": round,

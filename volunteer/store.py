@@ -2,7 +2,8 @@
 
 Everything here is allowed by the least-privilege ACL user that
 ``coordinator volunteer-credentials`` makes (read ``ct:run:*``, write
-``ct:upload:NAME:*`` and its own record); no Lua, nothing of the coordinator.
+``ct:upload:NAME:*``); no Lua, nothing of the coordinator. Its record and
+credit are written by the aggregator, from what its uploads show.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ class VolunteerStore:
         config: dict[str, Any] = msgpack.unpackb(raw)
         return config
 
-    def round_status(self, run: str, number: int) -> str | None:
-        raw = self.redis.hget(keys.round_(run, number), "status")
-        return raw.decode() if raw is not None else None
+    def round_info(self, run: str, number: int) -> dict[str, Any] | None:
+        """The round's status, shard count and base version; None if there is no such round."""
+        status, shards, base = self.redis.hmget(keys.round_(run, number), "status", "shards", "base_version")
+        if status is None:
+            return None
+        return {
+            "status": status.decode(),
+            "shards": int(shards) if shards is not None else None,
+            "base_version": int(base) if base is not None else None,
+        }
 
     def model_blob(self, run: str, version: int) -> bytes | None:
         blob: bytes | None = self.redis.get(keys.model(run, version))
@@ -43,10 +51,3 @@ class VolunteerStore:
         key = keys.upload(self.name, run, number, shard, token)
         self.redis.set(key, blob, ex=keys.UPLOAD_TTL)
         return key
-
-    def describe(self, device: str) -> None:
-        """Register this volunteer and the device it trains on."""
-        pipe = self.redis.pipeline()
-        pipe.sadd(keys.volunteers(), self.name)
-        pipe.hset(keys.volunteer(self.name), mapping={"device": device})
-        pipe.execute()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from jobs import Job
+from jobs import Job, batch_size
 from serialization import TensorDict
 
 GRAD_CLIP_NORM = 1.0
@@ -87,7 +87,8 @@ def train_shard(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         opt.step()
-        samples += _batch_samples(job, batch)
+        # never more than the job's batch_size: the aggregator's cap on a shard's samples
+        samples += min(_batch_samples(job, batch), batch_size(job))
         done += 1
     delta = {
         k: v.detach().to("cpu", torch.float32) - initial[k]

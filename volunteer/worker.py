@@ -26,6 +26,7 @@ from volunteer.trainer import seed_for, train_shard
 log = logging.getLogger("crowdtrain.volunteer")
 
 MODEL_CACHE_SIZE = 2
+MAX_REASON = 200
 ReportFn = Callable[..., None]
 
 
@@ -53,12 +54,37 @@ class ShardRunner:
     def run(
         self, run: str, number: int, shard: int, shards: int, version: int, report: ReportFn
     ) -> dict[str, Any]:
-        """Train one shard and report it; skip it without training if its round is over."""
+        """Train one shard and report it; skip it without training if it is not the round's to do.
+
+        The round in Redis, not the task message, says which shards and base
+        version are wanted: anyone may push a task. Whatever goes wrong while
+        training is reported as the shard's failure, so the round need not
+        wait for its deadline.
+        """
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
-        status = self.store.round_status(run, number)
-        if status != "open":
-            log.info("skipping %s round %d shard %d: round is %s", run, number, shard, status)
-            return {**summary, "skipped": f"round {status}"}
+        wanted = self.store.round_info(run, number)
+        problem = _not_wanted(wanted, shard, shards, version)
+        if problem is not None:
+            log.info("skipping %s round %d shard %d: %s", run, number, shard, problem)
+            return {**summary, "skipped": problem}
+        try:
+            return self._train(run, number, shard, shards, version, report, summary)
+        except Exception as e:  # out of memory, a job's own error, a job it may not import
+            reason = f"volunteer error: {type(e).__name__}: {e}"[:MAX_REASON]
+            log.exception("%s round %d shard %d failed", run, number, shard)
+            self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
+            return {**summary, "failed": reason}
+
+    def _train(
+        self,
+        run: str,
+        number: int,
+        shard: int,
+        shards: int,
+        version: int,
+        report: ReportFn,
+        summary: dict[str, Any],
+    ) -> dict[str, Any]:
         config = self._config(run)
         if config["job"] not in self.options.allowed_jobs:
             reason = (
@@ -94,6 +120,7 @@ class ShardRunner:
             "steps": result.steps,
             "seconds": round(result.seconds, 3),
             "volunteer": self.options.name,
+            "device": self.device.type,
             "downlink": downlink,
         }
         codec = parse_codec(str(config["compression"]))
@@ -158,3 +185,16 @@ class ShardRunner:
 
 def _finite(delta: TensorDict) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in delta.values())
+
+
+def _not_wanted(round_info: dict[str, Any] | None, shard: int, shards: int, version: int) -> str | None:
+    """Why a shard task does not match its round in Redis (forged or stale), or None."""
+    if round_info is None:
+        return "no such round"
+    if round_info.get("status") != "open":
+        return f"round {round_info.get('status')}"
+    if round_info.get("shards") != shards or not 0 <= shard < shards:
+        return f"shard {shard} of {shards} is not one of the round's {round_info.get('shards')}"
+    if round_info.get("base_version") != version:
+        return f"version {version} is not the round's base {round_info.get('base_version')}"
+    return None

@@ -2,6 +2,8 @@
 -- aggregating under a claim whose lease ran out (its aggregator died).
 -- KEYS: round hash
 -- ARGV: owner, now, lease seconds
+-- Each claim counts as an attempt ('attempts'), so a round that cannot be merged
+-- is failed after a bounded number of them instead of retried forever.
 -- Returns 'claimed' | 'not-due' | 'held' (another live claim) | 'closed' (done, failed or missing)
 local r = redis.call('HMGET', KEYS[1], 'status', 'accepted', 'quorum', 'deadline', 'claim_until')
 local now = tonumber(ARGV[2])
@@ -15,4 +17,5 @@ else
 end
 redis.call('HSET', KEYS[1], 'status', 'aggregating', 'claim_owner', ARGV[1],
            'claim_until', tostring(now + tonumber(ARGV[3])))
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return 'claimed'

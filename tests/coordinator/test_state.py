@@ -20,6 +20,11 @@ def store(redis_server):
     return s
 
 
+def accept(store: Store, shard: int, key: str) -> tuple[str, bool]:
+    """Count an upload of round 1 whose bytes are told apart by its key."""
+    return store.rounds.accept("r", 1, shard, key, f"sha256-of-{key}")
+
+
 def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -30,35 +35,35 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 def test_a_shard_is_accepted_once_and_its_redelivered_validation_is_a_repeat(store):
     info = store.rounds.open("r", shards=3, quorum=2, deadline=60)
     first = keys.upload("alice", "r", info["round"], 0, "aa")
-    assert store.rounds.accept("r", 1, 0, first) == ("accepted", False)
-    assert store.rounds.accept("r", 1, 0, first) == ("repeat", False)
-    assert store.rounds.accept("r", 1, 0, keys.upload("bob", "r", 1, 0, "bb")) == ("duplicate", False)
+    assert accept(store, 0, first) == ("accepted", False)
+    assert accept(store, 0, first) == ("repeat", False)
+    assert accept(store, 0, keys.upload("bob", "r", 1, 0, "bb")) == ("duplicate", False)
     assert store.rounds.info("r", 1)["accepted"] == 1
 
 
 def test_quorum_makes_the_round_due_and_stays_due_for_repeats(store):
     store.rounds.open("r", shards=3, quorum=2, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
-    assert store.rounds.accept("r", 1, 1, "k1") == ("accepted", True)
-    assert store.rounds.accept("r", 1, 1, "k1") == ("repeat", True)
+    accept(store, 0, "k0")
+    assert accept(store, 1, "k1") == ("accepted", True)
+    assert accept(store, 1, "k1") == ("repeat", True)
 
 
 def test_only_one_of_two_aggregators_claims_a_due_round(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     assert store.rounds.claim("r", 1, "agg-a") == "claimed"
     assert store.rounds.claim("r", 1, "agg-b") == "held"
 
 
 def test_a_round_is_not_claimed_before_quorum_or_deadline(store):
     store.rounds.open("r", shards=2, quorum=2, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     assert store.rounds.claim("r", 1, "agg") == "not-due"
 
 
 def test_a_crashed_aggregators_claim_can_be_taken_over_after_its_lease(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     assert store.rounds.claim("r", 1, "dead", lease=0.2) == "claimed"
     assert store.rounds.claim("r", 1, "alive") == "held"
     wait_until(lambda: store.rounds.claim("r", 1, "alive") == "claimed")
@@ -68,7 +73,7 @@ def test_a_crashed_aggregators_claim_can_be_taken_over_after_its_lease(store):
 
 def test_the_next_version_is_published_exactly_once(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     store.rounds.claim("r", 1, "agg", lease=0.1)
     staged_a = store.stage_model("r", 1, "agg", b"model-v1-a")
     wait_until(lambda: store.rounds.claim("r", 1, "other") == "claimed")
@@ -83,7 +88,7 @@ def test_the_next_version_is_published_exactly_once(store):
 
 def test_a_commit_on_a_stale_base_fails_the_round_instead_of_looping(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     store.rounds.claim("r", 1, "agg")
     store.redis.set(keys.run_version("r"), 5)  # the run moved on behind this round's back
     staged = store.stage_model("r", 1, "agg", b"model")
@@ -103,9 +108,9 @@ def test_a_failed_round_records_its_reason_and_leaves_the_model(store):
 
 def test_results_after_the_round_closed_count_as_late(store):
     store.rounds.open("r", shards=2, quorum=1, deadline=60)
-    store.rounds.accept("r", 1, 0, "k0")
+    accept(store, 0, "k0")
     store.rounds.claim("r", 1, "agg")
-    assert store.rounds.accept("r", 1, 1, "k1") == ("late", False)
+    assert accept(store, 1, "k1") == ("late", False)
     assert store.rounds.reject("r", 1, 1, "bob", "non-finite values") == "late"
     assert store.rounds.info("r", 1)["late"] == 2
 
@@ -167,3 +172,17 @@ def test_an_open_round_can_be_aborted_by_hand_and_the_next_one_opens(store):
     assert store.rounds.abort("r", 1) == "not-active"
     assert store.rounds.claim("r", 1, "agg") == "closed"
     assert store.rounds.open("r", shards=2, quorum=2, deadline=60)["round"] == 2
+
+
+def test_bytes_identical_to_an_accepted_upload_count_once(store):
+    store.rounds.open("r", shards=3, quorum=3, deadline=60)
+    assert store.rounds.accept("r", 1, 0, "k0", "same-bytes") == ("accepted", False)
+    assert store.rounds.accept("r", 1, 1, "k1", "same-bytes") == ("identical", False)
+    assert store.rounds.info("r", 1)["accepted"] == 1
+
+
+def test_every_claim_counts_as_an_attempt(store):
+    store.rounds.open("r", shards=1, quorum=1, deadline=0.01)
+    wait_until(lambda: store.rounds.claim("r", 1, "a", lease=0.05) == "claimed")
+    wait_until(lambda: store.rounds.claim("r", 1, "b", lease=0.05) == "claimed")
+    assert store.rounds.info("r", 1)["attempts"] == 2

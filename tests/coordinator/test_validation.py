@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from coordinator.validation import check_delta, check_meta, delta_norm, norm_outliers
+from coordinator.validation import (
+    check_delta,
+    check_meta,
+    delta_norm,
+    norm_outliers,
+    printable,
+    screen_norms,
+)
 
 REFERENCE = {"a": ((2,), torch.float32), "b": ((2, 2), torch.float32), "n": ((), torch.int64)}
 
@@ -185,3 +192,23 @@ def test_with_a_zero_median_any_nonzero_norm_is_flagged():
 def test_a_non_positive_ratio_is_a_programming_error():
     with pytest.raises(ValueError, match="max_ratio"):
         norm_outliers({0: 1.0, 1: 1.0, 2: 1.0}, max_ratio=0)
+
+
+# --- one voice per volunteer, and the model's scale for small rounds ------------------------
+def test_a_volunteer_with_many_shards_does_not_move_the_yardstick():
+    # mallory's five huge shards would be the median of all eight norms; as one voice they are not
+    norms = {0: 1.0, 1: 1.1, 2: 0.9, 3: 50.0, 4: 50.0, 5: 50.0, 6: 50.0, 7: 50.0}
+    owners = {0: "ann", 1: "ben", 2: "cid", 3: "mal", 4: "mal", 5: "mal", 6: "mal", 7: "mal"}
+    flagged = screen_norms(norms, owners, max_ratio=10)
+    assert sorted(flagged) == [3, 4, 5, 6, 7]
+
+
+def test_with_fewer_than_three_voices_the_model_norm_is_the_yardstick():
+    flagged = screen_norms({0: 1.0, 1: 500.0}, {0: "ann", 1: "mal"}, max_ratio=10, model_norm=20.0)
+    assert list(flagged) == [1] and "model's norm" in flagged[1]
+    assert screen_norms({0: 1.0, 1: 500.0}, {0: "ann", 1: "mal"}, max_ratio=10) == {}
+
+
+def test_text_from_volunteers_is_escaped_and_capped_before_logs_and_json():
+    assert printable("fine\nFAKE LOG LINE\x1b[31m") == "fine\\nFAKE LOG LINE\\x1b[31m"
+    assert len(printable("x" * 10_000)) == 200

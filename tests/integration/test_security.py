@@ -6,7 +6,6 @@ import json
 import pickle
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,11 @@ from kombu import Connection, Exchange, Queue
 
 from broker import embedded, keys
 from coordinator import credentials
+from coordinator.intake import MAX_REOFFERS
 from coordinator.store import Store
 from tests.conftest import Processes
-from tests.fixtures.servers import password_server
+
+pytestmark = pytest.mark.attack
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
 MARKER_JOB = "tests.fixtures.jobs_marker:make_job"
@@ -32,16 +33,6 @@ class Exploit:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
-
-
-@pytest.fixture
-def admin_processes(tmp_path: Path) -> Iterator[tuple[Processes, redis.Redis]]:
-    """Processes on a Redis 7 whose admin (default) user has a password."""
-    server = password_server(tmp_path / "redis7")
-    procs = Processes(tmp_path / "home", server.url)
-    yield procs, server.client()
-    procs.stop_all()
-    server.stop()
 
 
 # --- 1. never unpickle -------------------------------------------------------------
@@ -174,6 +165,9 @@ def test_volunteer_urls_keep_scheme_database_and_query_and_take_a_public_host():
         credentials.check_name("default")
     with pytest.raises(credentials.CredentialsError):
         credentials.check_name("alice ~* +@all")  # no ACL rule injection through the name
+    for host in ("evil/host", "a b", "h:99999", "h:port", "user@h"):  # it goes into a URL
+        with pytest.raises(credentials.CredentialsError, match="--host"):
+            credentials.volunteer_url("redis://127.0.0.1:6379/0", "bob", "pw", host=host)
 
 
 def test_volunteer_rules_grant_no_dangerous_command_and_only_its_own_writes():
@@ -205,6 +199,11 @@ def test_volunteer_rules_grant_no_dangerous_command_and_only_its_own_writes():
     writable = [r for r in rules if r.startswith("~") or r.startswith("%W~")]
     assert all("ct:run" not in r for r in writable)
     assert "~ct:upload:alice:*" in rules and not any("upload:*" in r for r in rules)
+    # records and results are the trusted side's; the control channel is listen-only
+    assert not any("ct:volunteer" in r or "celery-task-meta" in r for r in rules)
+    channels = [r for r in rules if r.startswith("&")]
+    assert channels == ["&/0.celeryev/*"]
+    assert rules[-1] == "(+subscribe +psubscribe +unsubscribe +punsubscribe &/0.celery.pidbox)"
 
 
 # --- 2b. the embedded Redis never listens beyond loopback without a password -------
@@ -267,5 +266,7 @@ def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(proce
     assert volunteer.poll() is None
     assert round_["status"] == "failed" and round_["accepted"] == 0
     reasons = [r["reason"] for r in round_["rejections"]]
-    assert len(reasons) == 2 and all("not on its --allow-job list" in r for r in reasons), reasons
+    # each shard is offered again after a failure, MAX_REOFFERS times, and refused each time
+    assert len(reasons) == 2 * (1 + MAX_REOFFERS), reasons
+    assert all("not on its --allow-job list" in r for r in reasons), reasons
     assert json.dumps(round_)  # the reasons are plain JSON for the report

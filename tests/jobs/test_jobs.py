@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from jobs import BUILTIN_JOBS, JobError, load_job, parse_job_args
+from jobs import BUILTIN_JOBS, JobError, batch_size, load_job, parse_job_args
 from jobs.charlm import CharLMJob, make_job
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
@@ -333,3 +333,13 @@ def test_load_job_imports_a_job_on_the_allow_list(
     assert job.name == "marker"
     assert marker.exists()
     sys.modules.pop("jobs_marker", None)
+
+
+# --- batch_size: the cap on a shard's samples --------------------------------------------
+class _NoBatchSize:
+    name = "plain"
+
+
+def test_a_job_without_batch_size_counts_one_sample_per_step():
+    assert batch_size(_NoBatchSize()) == 1
+    assert batch_size(make_job(layers=1, width=8, heads=2, context=8, batch_size=5)) == 5

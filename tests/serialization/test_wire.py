@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -275,3 +277,36 @@ def test_declared_sizes_over_the_decode_limit_are_rejected_before_allocating():
 def test_non_bytes_input_raises_wire_format_error():
     with pytest.raises(WireFormatError, match="bytes-like"):
         loads("not bytes")  # type: ignore[arg-type]
+
+
+# --- expected headers: checked before anything is allocated ----------------------------
+EXPECT = {"w": ((4, 3), torch.float32, "int8"), "b": ((3,), torch.float32, "int8")}
+
+
+def test_a_message_matching_the_expected_headers_decodes():
+    tensors = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    decoded, _ = loads(dumps(tensors, {}, "int8"), expect=EXPECT)
+    assert set(decoded) == {"w", "b"}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "codec", "error"),
+    [
+        ({"w": torch.randn(4, 3)}, "int8", "1 tensors, expected 2"),
+        ({"w": torch.randn(4, 3), "x": torch.randn(3)}, "int8", "unexpected tensor 'x'"),
+        ({"w": torch.randn(3, 4), "b": torch.randn(3)}, "int8", "shape (3, 4)"),
+        ({"w": torch.randn(4, 3).double(), "b": torch.randn(3)}, "int8", "dtype"),
+        ({"w": torch.randn(4, 3), "b": torch.randn(3)}, "fp16", "encoded with fp16"),
+    ],
+)
+def test_headers_that_differ_from_the_expected_model_are_refused(tensors, codec, error):
+    with pytest.raises(WireFormatError, match=re.escape(error)):
+        loads(dumps(tensors, {}, codec), expect=EXPECT)
+
+
+def test_a_tiny_upload_claiming_a_huge_sparse_tensor_is_refused_before_allocating():
+    # 1e-9 of a (65536, 4096) tensor is one entry: a few KB that would decode to 1 GiB.
+    huge = dumps({"w": torch.zeros(1, 1)}, {}, "topk:1e-09")
+    forged = huge.replace(msgpack.packb([1, 1]), msgpack.packb([65536, 4096]), 1)
+    with pytest.raises(WireFormatError):
+        loads(forged, expect={"w": ((1, 1), torch.float32, "topk:1e-09")})

@@ -156,3 +156,30 @@ def test_seed_for_is_stable_and_differs_by_run_round_and_shard() -> None:
     assert seed_for("demo", 1, 0) == 7645509673246013323  # pinned: volunteers must agree
     assert len(seeds) == 4
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_samples_never_exceed_what_the_job_declares_per_step():
+    class Plain:  # the tiny job without a batch_size: one sample per step
+        name = "plain"
+
+        def __init__(self):
+            self.inner = load_job("tests.fixtures.jobs_tiny:make_job")
+
+        def build_model(self):
+            return self.inner.build_model()
+
+        def shard(self, index, count):
+            return self.inner.shard(index, count)
+
+        def loss(self, model, batch):
+            return self.inner.loss(model, batch)
+
+        def evaluate(self, model):
+            return self.inner.evaluate(model)
+
+    job = Plain()
+    weights = job.build_model().state_dict()
+    result = train_shard(
+        job, weights, shard=0, shards=1, steps=3, lr=0.01, device=torch.device("cpu"), seed=0
+    )
+    assert result.samples == 3

@@ -1,0 +1,82 @@
+"""What the trusted side knows about a run, read once: settings, job, model layout, bounds.
+
+A run's settings and model layout never change after ``init``, so they are
+cached per process. The bounds derived from them are what every upload is
+checked against before it is downloaded or decoded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from coordinator.store import Store
+from jobs import Job, batch_size, load_job
+from serialization import Expected, encoded_size_bound, loads, parse_codec
+
+Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run as the aggregator sees it."""
+
+    name: str
+    config: dict[str, Any]
+    job: Job
+    reference: Reference  # the floating tensors a delta must hold, as float32
+    expected: Expected  # the same, with the run's codec: checked in every upload's header
+    upload_bound: int  # most bytes an honest upload can have
+    download_bound: int  # bytes of the whole model on the wire: the most one shard fetches
+    model_bytes: int  # float32 bytes of the model: the most an upload may decode to
+    model_norm: float  # L2 norm of version 0: the scale of small rounds' norm screen
+    max_samples: int  # local_steps * batch_size: the most samples a shard may claim
+
+    @property
+    def codec(self) -> str:
+        return str(self.config["compression"])
+
+
+class RunContexts:
+    """``RunContext`` per run, built on first use from Redis."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._contexts: dict[str, RunContext] = {}
+
+    def __getitem__(self, run: str) -> RunContext:
+        if run not in self._contexts:
+            self._contexts[run] = self._build(run)
+        return self._contexts[run]
+
+    def model_blob(self, run: str, version: int) -> bytes:
+        """A model version's bytes; LookupError if it left Redis."""
+        blob = self.store.model_blob(run, version)
+        if blob is None:
+            raise LookupError(f"model version {version} of run {run!r} is not in Redis")
+        return blob
+
+    def _build(self, run: str) -> RunContext:
+        config = self.store.run_config(run)
+        job = load_job(config["job"], config.get("job_args") or {})
+        weights, _ = loads(self.model_blob(run, 0))
+        floats = {k: v for k, v in weights.items() if v.is_floating_point()}
+        reference = {k: (tuple(v.shape), torch.float32) for k, v in floats.items()}
+        codec = parse_codec(str(config["compression"]))
+        shapes = {k: shape for k, (shape, _) in reference.items()}
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in floats.values()))
+        return RunContext(
+            name=run,
+            config=config,
+            job=job,
+            reference=reference,
+            expected={k: (shape, dtype, codec.name) for k, (shape, dtype) in reference.items()},
+            upload_bound=encoded_size_bound(shapes, codec),
+            download_bound=encoded_size_bound(shapes, "none"),
+            model_bytes=sum(4 * v.numel() for v in floats.values()),
+            model_norm=norm,
+            max_samples=int(config["local_steps"]) * batch_size(job),
+        )

@@ -1,0 +1,178 @@
+"""Taking in one volunteer's upload: check it, keep a copy out of its reach, count it once.
+
+Everything counted comes from the upload itself, which only the named
+volunteer can write (its key prefix): a forged message naming someone else
+finds no upload and is ignored. The order of the checks is the order of cost:
+the round and shard, the upload's size (before a byte is downloaded), its
+header against the run's model and codec (before anything is allocated), then
+the values. What is accepted is copied to a key no volunteer can write, and
+that copy is what the merge reads: the bytes merged are the bytes validated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from broker import keys
+from coordinator.context import RunContext, RunContexts
+from coordinator.rounds import shard_task
+from coordinator.store import Store
+from coordinator.validation import check_delta, check_meta, printable
+from serialization import WireFormatError, loads
+
+log = logging.getLogger("crowdtrain.intake")
+
+_TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
+# A shard whose upload was rejected is posted again, so another volunteer may train it,
+# at most this many times per round: a volunteer spamming failures costs only that.
+MAX_REOFFERS = 2
+_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of one upload, and what the task should do next."""
+
+    outcome: str  # accepted, rejected, repeat, duplicate, identical, late, unknown or ignored
+    due: bool = False  # the round's quorum is met: ask for aggregation
+    retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload named by a ``validate_delta`` message."""
+
+    run: str
+    round: int
+    shard: int
+    volunteer: str
+    token: str
+
+    @property
+    def key(self) -> str:
+        return keys.upload(self.volunteer, self.run, self.round, self.shard, self.token)
+
+    @property
+    def copy_key(self) -> str:
+        return keys.accepted_upload(self.run, self.round, self.volunteer, self.shard, self.token)
+
+
+class Intake:
+    """Validates uploads for every run on one broker."""
+
+    def __init__(self, store: Store, contexts: RunContexts) -> None:
+        self.store = store
+        self.contexts = contexts
+
+    def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
+        """Check one shard's upload and count it at most once."""
+        info = self.store.rounds.info(run, number)
+        if info is None or not 0 <= shard < int(info["shards"]):
+            log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
+            return Verdict("unknown")
+        if not (isinstance(token, str) and _TOKEN.match(token)):
+            log.warning(
+                "ignoring %s round %d shard %d: malformed token from %s", run, number, shard, volunteer
+            )
+            return Verdict("ignored")
+        upload = Upload(run, number, shard, volunteer, token)
+        size = self.store.upload_size(upload.key)
+        if size == 0:
+            log.warning("ignoring %s round %d shard %d: no upload from %s", run, number, shard, volunteer)
+            return Verdict("ignored")
+        context = self.contexts[run]
+        # No upload counts for more bytes than an honest one can have.
+        self.store.rounds.add_bytes(run, number, "uplink_bytes", min(size, context.upload_bound))
+        try:
+            if info["status"] != "open":
+                return self._refuse(upload, info, "the round is closed")
+            if size > context.upload_bound:
+                reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
+                return self._refuse(upload, info, reason)
+            blob = self.store.get_upload(upload.key)
+            if blob is None:
+                return Verdict("ignored")
+            return self._judge(upload, context, info, blob)
+        finally:
+            self.store.delete_upload(upload.key)  # kept as the accepted copy, or not at all
+
+    def _judge(self, upload: Upload, context: RunContext, info: dict[str, Any], blob: bytes) -> Verdict:
+        """Decode and check the values; accept a good upload as a copy out of the volunteer's reach."""
+        reason, meta = _check(blob, context, int(info["base_version"]))
+        self._count_downlink(upload, context, meta)
+        if reason is not None:
+            return self._refuse(upload, info, reason)
+        digest = hashlib.sha256(blob).hexdigest()
+        self.store.keep_copy(upload.copy_key, blob)
+        outcome, due = self.store.rounds.accept(
+            upload.run, upload.round, upload.shard, upload.copy_key, digest
+        )
+        if outcome == "accepted":
+            device = meta.get("device")
+            if isinstance(device, str) and _DEVICE.match(device):
+                self.store.credit(upload.volunteer, device=device)
+            log.info(
+                "accepted %s round %d shard %d from %s",
+                upload.run,
+                upload.round,
+                upload.shard,
+                upload.volunteer,
+            )
+        elif outcome != "repeat":  # a redelivered validation finds its own copy: keep it
+            self.store.delete_upload(upload.copy_key)
+        if outcome == "identical":
+            return self._refuse(upload, info, "identical to an upload accepted for another shard")
+        return Verdict(outcome, due)
+
+    def _count_downlink(self, upload: Upload, context: RunContext, meta: dict[str, Any]) -> None:
+        downlink = meta.get("downlink")
+        if isinstance(downlink, int) and not isinstance(downlink, bool) and downlink > 0:
+            # at most one model's bytes per shard: the rest is a volunteer's claim
+            counted = min(downlink, context.download_bound)
+            self.store.rounds.add_bytes(upload.run, upload.round, "downlink_bytes", counted)
+
+    def _refuse(self, upload: Upload, info: dict[str, Any], reason: str) -> Verdict:
+        """Record the rejection once; post the shard again (bounded) so another volunteer can train it."""
+        outcome = self.store.rounds.reject(
+            upload.run, upload.round, upload.shard, upload.volunteer, reason, upload.token
+        )
+        if outcome != "rejected":
+            return Verdict(outcome)
+        self.store.credit(upload.volunteer, rejected=1)
+        log.warning(
+            "rejected %s round %d shard %d from %s: %s",
+            upload.run,
+            upload.round,
+            upload.shard,
+            upload.volunteer,
+            reason,
+        )
+        retry = None
+        if self.store.rounds.reoffer(upload.run, upload.round, upload.shard, MAX_REOFFERS):
+            base = int(info["base_version"])
+            retry = shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
+        return Verdict("rejected", retry=retry)
+
+
+def _check(blob: bytes, context: RunContext, base_version: int) -> tuple[str | None, dict[str, Any]]:
+    """Why the upload cannot be merged (None if it can), and its meta."""
+    try:
+        delta, meta = loads(
+            blob, limit=context.upload_bound, max_decoded=context.model_bytes, expect=context.expected
+        )
+    except WireFormatError as e:
+        try:  # a volunteer's own failure report carries no tensors
+            _, meta = loads(blob, limit=context.upload_bound, max_decoded=0)
+        except WireFormatError:
+            return f"malformed upload: {printable(str(e))}", {}
+        if "failure" in meta:
+            return printable(str(meta["failure"])) or "failed", meta
+        return f"malformed upload: {printable(str(e))}", meta
+    if "failure" in meta:
+        return printable(str(meta["failure"])) or "failed", meta
+    reason = check_meta(meta, base_version=base_version, max_samples=context.max_samples)
+    return reason or check_delta(delta, context.reference), meta

@@ -1,0 +1,384 @@
+"""Every door one volunteer could use to stop, poison or stall a run, tried against the running system.
+
+Each test starts a Redis 7 whose admin user has a password, a real aggregator
+process and real volunteer processes on least-privilege ACL users (``coordinator
+volunteer-credentials``), then attacks with nothing but a volunteer's credentials
+(``tests.fixtures.attacker.Mallory``). ``pytest -m attack`` runs them all; the
+table in docs/SECURITY.md names the test of each door.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+import torch
+from safetensors.torch import load_file
+
+from broker import keys
+from broker.settings import Settings
+from coordinator.context import RunContexts
+from coordinator.documents import round_record
+from coordinator.janitor import sweep_uploads
+from coordinator.store import Store
+from serialization import dumps, loads
+from tasks.app import make_app
+from tests.conftest import ROOT, Processes
+from tests.fixtures.attacker import Mallory, delta_blob
+
+pytestmark = pytest.mark.attack
+
+TINY = "tests.fixtures.jobs_tiny:make_job"
+WAIT = 120.0
+
+
+class Cluster:
+    """A run on a password-protected Redis 7: the admin's view and helpers to act as volunteers."""
+
+    def __init__(self, procs: Processes, admin: redis.Redis) -> None:
+        self.procs = procs
+        self.admin = admin
+        self.store = Store(admin)
+
+    def url_for(self, name: str) -> str:
+        """A volunteer's own broker URL, made by the operator."""
+        return str(self.procs.json("volunteer-credentials", name)["url"])
+
+    def volunteer(self, name: str, *extra: str, **env: str) -> subprocess.Popen:
+        return self.procs.volunteer(
+            name, "--allow-job", TINY, *extra, CROWDTRAIN_BROKER_URL=self.url_for(name), **env
+        )
+
+    def mallory(self, name: str = "mallory") -> Mallory:
+        return Mallory(self.url_for(name), name)
+
+    def init(self, *flags: str) -> None:
+        self.procs.json("init", "--run", "r", "--job", TINY, "--local-steps", "3", *flags)
+
+    def post(self, *flags: str) -> int:
+        return int(self.procs.json("post-round", "--run", "r", *flags)["round"])
+
+    def round(self, number: int) -> dict[str, Any]:
+        return self.store.rounds.info("r", number) or {}
+
+    def wait_until(self, condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"waited {timeout}s for {what}" + self.procs.log_tail()
+            time.sleep(0.1)
+
+    def wait_ended(self, number: int) -> dict[str, Any]:
+        self.wait_until(
+            lambda: self.round(number).get("status") in ("done", "failed"), f"round {number} to end"
+        )
+        return round_record(self.store, "r", number)
+
+    def wait_online(self, *names: str) -> None:
+        app = make_app(Settings(broker_url=self.procs.broker))
+        self.wait_until(lambda: set(names) <= _pinged(app), f"{names} to answer pings")
+
+    def weights(self, version: int) -> dict[str, torch.Tensor]:
+        blob = self.store.model_blob("r", version)
+        assert blob is not None
+        return loads(blob)[0]
+
+
+@pytest.fixture
+def cluster(admin_processes: tuple[Processes, redis.Redis]) -> Iterator[Cluster]:
+    procs, admin = admin_processes
+    yield Cluster(procs, admin)
+
+
+def _pinged(app: Any) -> set[str]:
+    return {node.split("@", 1)[0] for reply in app.control.ping(timeout=1.0) or [] for node in reply}
+
+
+def _refused(action: Callable[[], object]) -> str:
+    """Run an action that the ACL must refuse; return the refusal's text."""
+    with pytest.raises(Exception) as refusal:  # redis-py or kombu, depending on the path
+        action()
+    assert "NOPERM" in str(refusal.value) or "permission" in str(refusal.value).lower(), refusal.value
+    return str(refusal.value)
+
+
+def _tiny_delta(value: float, noise: float = 0.0) -> dict[str, torch.Tensor]:
+    """A delta of the tiny job's model (nn.Linear(4, 1)), every entry ``value`` (+ noise)."""
+    weight = torch.full((1, 4), value) + noise * torch.randn(1, 4)
+    bias = torch.full((1,), value) + noise * torch.randn(1)
+    return {"weight": weight, "bias": bias}
+
+
+# --- 1. remote control ------------------------------------------------------------------------
+def test_a_volunteer_can_command_no_worker_while_the_operator_still_can(cluster):
+    aggregator = cluster.procs.aggregator()
+    bob = cluster.volunteer("bob")
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2")
+    cluster.wait_online("aggregator", "bob")
+    # act: every command of the reproduced attack, with mallory's credentials
+    _refused(lambda: mallory.app.control.broadcast("shutdown"))
+    _refused(lambda: mallory.app.control.cancel_consumer("aggregate"))
+    _refused(lambda: mallory.redis.publish("/0.celery.pidbox", "{}"))
+    # assert: nobody obeyed, the run goes on, the operator's tools work
+    record = cluster.wait_ended(cluster.post())
+    assert record["status"] == "done", cluster.procs.log_tail()
+    assert aggregator.poll() is None and bob.poll() is None
+    env = {**cluster.procs.env(), "CROWDTRAIN_BROKER_URL": cluster.procs.broker}
+    ping = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert ping.returncode == 0 and "bob@" in ping.stdout and "aggregator@" in ping.stdout, ping
+
+
+# --- 2. poison messages -----------------------------------------------------------------------
+def test_malformed_messages_on_both_queues_are_dropped_and_no_worker_dies(cluster):
+    aggregator = cluster.procs.aggregator()
+    bob = cluster.volunteer("bob")
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2")
+    cluster.wait_online("aggregator", "bob")
+    map_body = msgpack.packb({"run": "r", "round": 1, "shard": 0})
+    for queue, task in (("train", "train_shard"), ("aggregate", "validate_delta")):
+        for junk in (b"\xff\xfe not json", b"", b"[1, 2, 3]", b'{"no": "properties"}'):
+            mallory.push_raw(queue, junk)
+        mallory.push_envelope(queue, task, map_body)
+        mallory.push_envelope(queue, task, msgpack.packb([1, 2]))
+    cluster.wait_until(
+        lambda: cluster.store.queue_depths() == {"train": 0, "aggregate": 0}, "the junk to be read"
+    )
+    assert aggregator.poll() is None and bob.poll() is None, cluster.procs.log_tail()
+    assert cluster.wait_ended(cluster.post())["status"] == "done", cluster.procs.log_tail()
+    # the junk is gone for good: restarted workers do not die on it again
+    cluster.procs.kill(aggregator, signal.SIGTERM)  # a warm shutdown, as an operator restarts it
+    cluster.procs.kill(bob, signal.SIGTERM)
+    aggregator, bob = cluster.procs.aggregator(), cluster.volunteer("bob")
+    assert cluster.wait_ended(cluster.post())["status"] == "done", cluster.procs.log_tail()
+    assert aggregator.poll() is None and bob.poll() is None
+    assert cluster.procs.log_tail(200_000).count("dropped a malformed") >= 6
+
+
+# --- 3. swap after validation -----------------------------------------------------------------
+def test_the_bytes_merged_are_exactly_the_bytes_validated(cluster):
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    good = [_tiny_delta(0.01 * (i + 1)) for i in range(2)]
+    token = mallory.deliver("r", number, 0, delta_blob(good[0], "r", number, 0, 0))
+    cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "shard 0 to be accepted")
+    # act: rewrite the validated upload with NaN and a samples claim of 2e12
+    poison = delta_blob(_tiny_delta(math.nan), "r", number, 0, 0, samples=2 * 10**12)
+    mallory.upload("r", number, 0, poison)  # a new key under its prefix: allowed, and ignored
+    mallory.redis.set(keys.upload("mallory", "r", number, 0, token), poison)
+    copy = keys.accepted_upload("r", number, "mallory", 0, token)
+    _refused(lambda: mallory.redis.set(copy, poison))
+    _refused(lambda: mallory.redis.hset(keys.round_accepted("r", number), 0, "x"))
+    mallory.deliver("r", number, 1, delta_blob(good[1], "r", number, 1, 0))
+    record = cluster.wait_ended(number)
+    # assert: version 1 = version 0 + the mean of the two deltas that were validated
+    assert record["status"] == "done", record
+    before, after = cluster.weights(0), cluster.weights(1)
+    for name in before:
+        expected = before[name] + (good[0][name] + good[1][name]) / 2
+        assert torch.allclose(after[name], expected, atol=1e-6), name
+    assert math.isfinite(record["eval_loss"])
+
+
+# --- 4. forged records ------------------------------------------------------------------------
+def test_credit_and_the_volunteer_list_are_written_by_the_trusted_side_only(cluster):
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    forgeries = {
+        "credit": lambda: mallory.redis.hset(keys.volunteer("mallory"), "accepted", 1_000_000),
+        "device": lambda: mallory.redis.hset(keys.volunteer("mallory"), "device", "cuda"),
+        "remove bob": lambda: mallory.redis.srem(keys.volunteers(), "bob"),
+        "add a fake": lambda: mallory.redis.sadd(keys.volunteers(), "fake"),
+        "read results": lambda: mallory.redis.get("celery-task-meta-x"),
+        "write results": lambda: mallory.redis.set("celery-task-meta-x", b"{}"),
+    }
+    for action in forgeries.values():
+        _refused(action)
+    number = cluster.post()
+    mallory.deliver("r", number, 0, dumps({}, {"failure": "I failed"}))  # a failure earns nothing
+    mallory.deliver("r", number, 1, b"junk that is not the wire format")
+    cluster.wait_until(lambda: cluster.round(number).get("rejected") == 2, "both to be rejected")
+    bob = cluster.volunteer("bob")
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and bob.poll() is None, cluster.procs.log_tail()
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["mallory"]["accepted"] == 0 and people["mallory"]["samples"] == 0
+    assert people["mallory"]["shards_done"] == 0 and people["mallory"]["rejected"] == 2
+    assert people["bob"]["accepted"] >= 1 and people["bob"]["device"] == "cpu"
+    # late junk counts for no more than one honest upload's bytes
+    bound = RunContexts(cluster.store)["r"].upload_bound
+    uplink = int(cluster.round(number)["uplink_bytes"])
+    mallory.deliver("r", number, 0, b"\0" * (bound + 5_000_000))
+    cluster.wait_until(lambda: int(cluster.round(number)["late"]) >= 1, "the late upload to be counted")
+    assert int(cluster.round(number)["uplink_bytes"]) - uplink <= bound
+
+
+# --- 5. one identity takes a round ------------------------------------------------------------
+def test_a_volunteer_answering_many_shards_has_one_voice(cluster):
+    cluster.procs.aggregator()
+    honest = [cluster.mallory(name) for name in ("ann", "ben", "cid")]
+    mallory = cluster.mallory()
+    cluster.init("--shards", "6", "--strategy", "median", "--deadline", "600")
+    number = cluster.post()
+    for shard, person in enumerate(honest):
+        person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, 1e-3), "r", number, shard, 0))
+    for shard in (3, 4, 5):  # the opposite push, at an ordinary norm, three times
+        mallory.deliver("r", number, shard, delta_blob(_tiny_delta(-0.1, 1e-3), "r", number, shard, 0))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done", record
+    moved = {name: (cluster.weights(1)[name] - cluster.weights(0)[name]) for name in ("weight", "bias")}
+    # 6 equal votes would put the median at 0; one voice each (3 honest, 1 mallory) keeps it near +0.1
+    assert all(float(t.min()) > 0.09 for t in moved.values()), moved
+
+
+def test_copied_bytes_count_once_and_a_lone_wild_delta_is_screened_by_the_model_scale(cluster):
+    cluster.procs.aggregator()
+    ann, mallory = cluster.mallory("ann"), cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    blob = delta_blob(_tiny_delta(0.05), "r", number, 0, 0)
+    ann.deliver("r", number, 0, blob)
+    cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "ann's shard")
+    mallory.deliver("r", number, 1, blob)  # the very same bytes
+    cluster.wait_until(lambda: cluster.round(number).get("rejected") == 1, "the copy to be refused")
+    mallory.deliver("r", number, 1, delta_blob(_tiny_delta(1e4), "r", number, 1, 0))
+    record = cluster.wait_ended(number)
+    reasons = {x["reason"] for x in record["rejections"] if x["volunteer"] == "mallory"}
+    assert any("identical" in r for r in reasons), reasons
+    assert any("model's norm" in r for r in reasons), reasons
+    assert record["status"] == "done" and record["accepted"] == 1
+
+
+# --- 6. resource exhaustion -------------------------------------------------------------------
+def test_uploads_are_bounded_before_download_and_by_count_and_ttl(cluster):
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    bound = RunContexts(cluster.store)["r"].upload_bound
+    mallory.deliver("r", number, 0, b"\0" * (bound + 1))
+    mallory.deliver("r", number, 1, dumps(_tiny_delta(0.1), {"samples": 8, "base_version": 0}, "fp16"))
+    cluster.wait_until(lambda: cluster.round(number).get("rejected") == 2, "both to be refused")
+    reasons = {x["shard"]: x["reason"] for x in round_record(cluster.store, "r", number)["rejections"]}
+    assert "exceeds the bound" in reasons[0] and "encoded with fp16" in reasons[1], reasons
+    # uploads never announced: no TTL, too many, for no run
+    for shard in range(keys.MAX_OUTSTANDING_UPLOADS + 8):
+        mallory.upload("r", number, shard % 2, b"x" * 100)
+    mallory.redis.set(keys.upload("mallory", "ghost", 1, 0, "ab" * 16), b"x")
+    sweep_uploads(cluster.store, RunContexts(cluster.store))
+    left = [k.decode() for k in cluster.admin.scan_iter(match=keys.upload_pattern("mallory"))]
+    assert len(left) == keys.MAX_OUTSTANDING_UPLOADS
+    assert all(0 < cluster.admin.ttl(k) <= keys.UPLOAD_TTL for k in left)
+    assert not any(":ghost:" in k for k in left)
+
+
+def test_old_versions_leave_redis_and_a_full_redis_leaves_no_half_posted_round(cluster):
+    cluster.procs.aggregator()
+    cluster.volunteer("bob")
+    cluster.init("--shards", "1")
+    rounds = 5
+    document = cluster.procs.json("run", "--run", "r", "--rounds", str(rounds))
+    assert [r["status"] for r in document["rounds"]] == ["done"] * rounds
+    kept = [v for v in range(rounds + 1) if cluster.admin.exists(keys.model("r", v))]
+    assert kept == list(range(rounds + 1 - keys.KEEP_VERSIONS, rounds + 1))
+    out = cluster.procs.home / "v1.safetensors"
+    assert cluster.procs.cli("export", "--run", "r", "--version", "1", "--out", str(out)).returncode == 0
+    assert set(load_file(out)) == {"weight", "bias"}
+    # act: Redis at its maxmemory, with the default eviction-safe policy
+    used = int(cluster.admin.info("memory")["used_memory"])
+    cluster.admin.config_set("maxmemory-policy", "noeviction")
+    cluster.admin.config_set("maxmemory", max(1, used - 100_000))
+    result = cluster.procs.cli("post-round", "--run", "r", "--shards", "4")
+    cluster.admin.config_set("maxmemory", 0)
+    # assert: one clear line, exit 2, and no round left open
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "maxmemory" in result.stderr
+    current = cluster.store.rounds.current("r") or {}
+    assert current.get("status") in ("done", "failed"), current
+    assert cluster.wait_ended(cluster.post("--shards", "1"))["status"] == "done"
+
+
+# --- 7. stuck rounds ----------------------------------------------------------------------------
+def test_a_round_that_cannot_be_merged_fails_after_bounded_attempts_and_the_run_goes_on(cluster):
+    # every merge raises in evaluate(), on the aggregator only
+    cluster.procs.spawn(
+        "aggregator", "-m", "coordinator.cli", "aggregator", "--name", "aggregator", TINY_EVALUATE_FAILS="1"
+    )
+    cluster.volunteer("bob")
+    cluster.init("--shards", "1", "--deadline", "600")
+    record = cluster.wait_ended(cluster.post())
+    assert record["status"] == "failed", record
+    assert "aggregation failed 3 times" in record["reason"] and "evaluation failure" in record["reason"]
+    assert cluster.store.version("r") == 0
+    assert cluster.post() == 2  # the next round opens
+
+
+def test_two_coordinators_posting_at_once_open_one_round(cluster):
+    cluster.init("--shards", "1", "--deadline", "600")
+    posts = [
+        subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "post-round", "--run", "r"],
+            env=cluster.procs.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cluster.procs.home,
+        )
+        for _ in range(2)
+    ]
+    codes = sorted(p.wait(120) for p in posts)
+    assert codes == [0, 2]
+    assert cluster.store.rounds.count("r") == 1
+
+
+# --- 8. liveness -----------------------------------------------------------------------------
+def test_a_volunteer_error_is_reported_and_the_shard_trained_again_before_the_deadline(cluster):
+    cluster.procs.aggregator()
+    cluster.volunteer("bob", TINY_FAIL_FIRST="1")  # its first shard raises, like an out-of-memory
+    cluster.init("--shards", "2", "--deadline", "600")
+    record = cluster.wait_ended(cluster.post())
+    assert record["status"] == "done" and record["accepted"] == 2, record
+    assert [x["reason"] for x in record["rejections"]] == [
+        "volunteer error: RuntimeError: simulated volunteer failure"
+    ]
+
+
+def test_forged_shard_tasks_are_not_trained_and_a_refused_script_is_survived(cluster):
+    mallory = cluster.mallory()
+    bob = cluster.volunteer("bob")
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    for shard in range(2, 40):  # indices beyond the round's 2 shards, as in the reproduced attack
+        mallory.app.send_task(
+            "train_shard",
+            queue="train",
+            ignore_result=True,
+            kwargs={"run": "r", "round": number, "shard": shard, "shards": 40, "version": 0},
+        )
+    cluster.admin.script_flush()  # what a Redis restart does to kombu's preloaded scripts
+    cluster.wait_until(lambda: "not permitted" in cluster.procs.log_tail(100_000), "bob to meet the refusal")
+    assert bob.poll() is None, cluster.procs.log_tail()
+    cluster.procs.aggregator()
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 2 and record["rejections"] == []
+    uploads = list(cluster.admin.scan_iter(match=keys.upload_pattern("bob")))
+    assert uploads == [] and cluster.store.queue_depths()["train"] == 0
+    assert cluster.procs.log_tail(100_000).count("is not one of the round's") >= 30
