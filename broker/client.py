@@ -16,7 +16,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from broker.errors import BrokerUnreachable
-from broker.settings import Settings
+from broker.settings import Settings, safe_url
+
+__all__ = ["check_reachable", "redis_client", "retries_for", "safe_url", "tls_options"]
 
 SOCKET_TIMEOUT = 60.0  # per read or write, not per command: a 500 MB blob may take longer
 CONNECT_TIMEOUT = 5.0
@@ -75,11 +77,3 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     if settings.tls_key:
         options["ssl_keyfile"] = settings.tls_key
     return options
-
-
-def safe_url(url: str | None) -> str:
-    """The URL with any user and password masked, for messages and logs."""
-    if not url or "@" not in url:
-        return url or ""
-    scheme, _, rest = url.partition("//")
-    return f"{scheme}//***@{rest.rpartition('@')[2]}"

@@ -41,7 +41,7 @@ class Settings:
             scheme = urlparse(self.broker_url).scheme
             if scheme not in ("redis", "rediss", "unix"):
                 raise SettingsError(
-                    f"broker URL {self.broker_url!r} is not a Redis URL: "
+                    f"broker URL {safe_url(self.broker_url)!r} is not a Redis URL: "
                     "use redis://host:port/db or rediss:// for TLS"
                 )
         if self.visibility_timeout <= 0:
@@ -83,3 +83,11 @@ class Settings:
         if self.broker_url is None:
             raise SettingsError("no broker chosen: pass --broker or set CROWDTRAIN_BROKER_URL")
         return self.broker_url
+
+
+def safe_url(url: str | None) -> str:
+    """The URL with any user and password masked, for messages and logs."""
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("//")
+    return f"{scheme}//***@{rest.rpartition('@')[2]}"

@@ -6,12 +6,15 @@ Known errors become one line on stderr and exit code 2 (DESIGN.md).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -33,12 +36,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WireFormatError,
     redis.ConnectionError,  # the broker went away mid-command and did not come back
 )
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+MAX_SHARDS = 10_000
+MAX_LOCAL_STEPS = 1_000_000
+MAX_DEADLINE = 7 * 24 * 3600.0
+MAX_ROUNDS = 100_000
+MAX_VOLUNTEERS = 64
+MAX_SEED = 2**63 - 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coordinator`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error exits 2 with one line (OneLineParser)
     # Long-running workers log their work; one-shot commands speak only on trouble.
     level = logging.INFO if args.command in LONG_RUNNING else logging.WARNING
     logging.basicConfig(
@@ -47,18 +58,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.handler(args)
     except USER_ERRORS as e:
-        print(f"coordinator {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(e))
+    except redis.ResponseError as e:
+        if not commands.is_broker_full(e):
+            raise
+        return _fail(args.command, commands.BROKER_FULL)
     except KeyboardInterrupt:
         print(f"coordinator {args.command}: interrupted", file=sys.stderr)
         return 130
+    if isinstance(result, int):  # a child's exit status (monitor)
+        return result
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2))
     return 0
 
 
+def _fail(command: str, message: str) -> int:
+    """Print one error line on stderr; exit status 2."""
+    print(f"coordinator {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``coordinator`` parser with every sub-command and its bounded flags."""
+    parser = OneLineParser(
         prog="coordinator", description="Post training rounds to volunteers and merge their work."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,16 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
         quickstart.quickstart,
         "Run the built-in job end to end on this machine (embedded Redis, local volunteers).",
     )
-    p.add_argument("--rounds", type=_positive_int, default=5)
-    p.add_argument("--volunteers", type=_positive_int, default=2)
+    p.add_argument("--rounds", type=_int_in(1, MAX_ROUNDS), default=5, help=f"1 to {MAX_ROUNDS}")
+    p.add_argument(
+        "--volunteers",
+        type=_int_in(1, MAX_VOLUNTEERS),
+        default=2,
+        help=f"local volunteer processes, 1 to {MAX_VOLUNTEERS}",
+    )
     p.add_argument("--job", default="charlm")
     p.add_argument("--job-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
     p.add_argument("--strategy", default="fedavg", help=STRATEGY_FLAGS_HELP)
     p.add_argument(
-        "--shards", type=_positive_int, default=None, help="shards per round (default: 2 per volunteer)"
+        "--shards",
+        type=_int_in(1, MAX_SHARDS),
+        default=None,
+        help=f"shards per round, 1 to {MAX_SHARDS} (default: 2 per volunteer)",
     )
-    p.add_argument("--local-steps", type=_positive_int, default=30)
+    _local_steps_flag(p, default=30)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = _command(sub, "init", commands.init, "Create a run: its job, strategy and model version 0.")
@@ -92,20 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyword argument for the job's factory; the value is JSON if it parses",
     )
     p.add_argument("--strategy", default="fedavg", help=STRATEGY_HELP)
-    p.add_argument("--server-lr", type=float, default=None, help="the strategy's learning rate")
-    p.add_argument("--momentum", type=float, default=None, help="the strategy's momentum")
-    p.add_argument("--clip-norm", type=float, default=None, help="clip each delta to this L2 norm")
+    p.add_argument(
+        "--server-lr",
+        type=_float_in(0, 100),
+        default=None,
+        help="the strategy's learning rate, > 0 and <= 100",
+    )
+    p.add_argument(
+        "--momentum",
+        type=_float_in(0, 1, low_ok=True, high_ok=False),
+        default=None,
+        help="the strategy's momentum, 0 <= m < 1",
+    )
+    p.add_argument(
+        "--clip-norm", type=_float_in(0, math.inf), default=None, help="clip each delta to this L2 norm (> 0)"
+    )
     p.add_argument(
         "--max-norm-ratio",
-        type=float,
+        type=_float_in(0, 1e6),
         default=10.0,
-        help="reject deltas whose norm exceeds this multiple of the round median",
+        help="reject deltas whose norm exceeds this multiple of the round median (> 0 and <= 1e6)",
     )
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
-    p.add_argument("--local-steps", type=_positive_int, default=20)
-    p.add_argument("--lr", type=float, default=3e-3, help="the volunteers' inner learning rate")
+    _local_steps_flag(p, default=20)
+    p.add_argument(
+        "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
+    )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     _round_flags(p, defaults=True)
     p.add_argument("--json", action="store_true")
 
@@ -117,8 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "run", commands.run, "Post rounds one after another until R have finished.")
     p.add_argument("--run", required=True)
-    p.add_argument("--rounds", type=_positive_int, required=True)
+    p.add_argument("--rounds", type=_int_in(1, MAX_ROUNDS), required=True, help=f"1 to {MAX_ROUNDS}")
     _round_flags(p)
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
+        sub,
+        "abort-round",
+        commands.abort_round,
+        "End the run's open or aggregating round by hand: it fails with reason 'aborted'.",
+    )
+    p.add_argument("--run", required=True)
     p.add_argument("--json", action="store_true")
 
     p = _command(
@@ -128,7 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         "The trusted worker on queue 'aggregate': validates and merges rounds.",
     )
     p.add_argument("--name", default=None, help="Celery node name (default aggregator-PID)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port (1-65535)"
+    )
+    p.add_argument(
+        "--metrics-address",
+        type=_address,
+        default="127.0.0.1",
+        help="the address /metrics listens on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
 
     p = _command(sub, "status", commands.status, "Runs, rounds, queue depths, volunteers online.")
     p.add_argument("--run", default=None)
@@ -136,16 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "export", commands.export, "Write a model version as float32 safetensors.")
     p.add_argument("--run", required=True)
-    p.add_argument("--version", type=int, default=None, help="default: the current version")
+    p.add_argument("--version", type=_int_in(0, 10**9), default=None, help="default: the current version")
     p.add_argument("--out", required=True, type=Path)
 
     p = _command(sub, "report", commands.report, "Plot eval loss per round and per uplink byte.")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, type=Path)
 
-    p = _command(sub, "monitor", commands.monitor, "Start Flower, Celery's web monitor, on this app.")
-    p.add_argument("--port", type=int, default=5555)
-    p.add_argument("--basic-auth", default=None, help="user:password for Flower's login")
+    p = _command(
+        sub,
+        "monitor",
+        commands.monitor,
+        "Start Flower, Celery's web monitor, on this app. Flower reads its login from "
+        "$FLOWER_BASIC_AUTH (user:password), which is passed through unchanged.",
+    )
+    p.add_argument("--port", type=_port, default=5555, help="Flower's port (1-65535, default 5555)")
+    p.add_argument(
+        "--address",
+        type=_address,
+        default="127.0.0.1",
+        help="the address Flower listens on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
 
     p = _command(
         sub,
@@ -171,9 +252,23 @@ def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.Argu
     return p
 
 
+def _local_steps_flag(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument(
+        "--local-steps",
+        type=_int_in(1, MAX_LOCAL_STEPS),
+        default=default,
+        help=f"optimizer steps per shard, 1 to {MAX_LOCAL_STEPS}",
+    )
+
+
 def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     word = "default for the run's rounds: " if defaults else ""
-    p.add_argument("--shards", type=_positive_int, default=None, help=f"{word}shard jobs per round")
+    p.add_argument(
+        "--shards",
+        type=_int_in(1, MAX_SHARDS),
+        default=None,
+        help=f"{word}shard jobs per round, 1 to {MAX_SHARDS}",
+    )
     p.add_argument(
         "--quorum",
         default=None,
@@ -181,29 +276,60 @@ def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     )
     p.add_argument(
         "--deadline",
-        type=_positive_float,
+        type=_float_in(0, MAX_DEADLINE),
         default=None,
-        help=f"{word}seconds before the round is merged with what it has",
+        help=f"{word}seconds before the round is merged with what it has (> 0, at most {MAX_DEADLINE:.0f})",
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
+def _float_in(low: float, high: float, low_ok: bool = False, high_ok: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number between ``low`` and ``high`` (inclusive where ``*_ok``)."""
+    lower = f">= {low:g}" if low_ok else f"> {low:g}"
+    upper = "" if math.isinf(high) else (f" and <= {high:g}" if high_ok else f" and < {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        above = value >= low if low_ok else value > low
+        below = value <= high if high_ok else value < high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range: must be {lower}{upper}")
+        return value
+
+    return parse
+
+
+_port = _int_in(1, 65535)
+
+
+def _address(text: str) -> str:
+    """An argparse type: an IP address or a host name to listen on."""
+    value = text.strip()
     try:
-        value = float(text)
+        return str(ipaddress.ip_address(value))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
+        pass
+    if not _HOSTNAME.match(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
     return value
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -13,17 +14,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import redis
+from redis.exceptions import OutOfMemoryError
 from rich.console import Console
+from safetensors import SafetensorError
 
-from broker import embedded
+from broker import embedded, keys
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator import checkpoints, credentials
 from coordinator.aggregator import watch_deadlines
 from coordinator.documents import run_document
-from coordinator.errors import RunExists, UsageError
+from coordinator.errors import BrokerFull, RunExists, UsageError
 from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
 from coordinator.rounds import parse_quorum, wait_round
@@ -31,14 +35,21 @@ from coordinator.rounds import post_round as _post_round
 from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
-from jobs import load_job, parse_job_args
-from serialization import dumps, loads, parse_codec
+from jobs import Job, load_job, parse_job_args
+from serialization import TensorDict, dumps, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
 log = logging.getLogger("crowdtrain.coordinator")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Redis's refusal at maxmemory is "OOM command not allowed ..."; redis-py makes that an
+# OutOfMemoryError, but Redis 6 wraps a script's refusal in "Error running script ...: -OOM ...".
+_OOM = re.compile(r"(^|[\s:-])OOM\b")
+_PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 DEFAULT_SHARDS = 4
+# Redis refuses a single value larger than this (proto-max-bulk-len).
+REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
 
 
 @dataclass
@@ -79,9 +90,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     if args.run in conn.store.runs():
         raise RunExists(f"run {args.run!r} exists already; choose another --run name")
-    model = job.build_model()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    initial = {k: float(v) for k, v in job.evaluate(model).items()}
+    weights, blob, initial = _build_model(job, args.job, args.run)
     config = dict(
         job=args.job,
         job_args=job_args,
@@ -101,8 +110,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         initial=initial,
         created_at=time.time(),
     )
-    conn.store.create_run(args.run, config, dumps(weights, {"run": args.run, "version": 0}))
-    checkpoints.save_version(conn.settings.home, args.run, 0, weights, None, config)
+    _create_run(conn, args.run, config, blob, weights)
     document = {
         "run": args.run,
         "job": args.job,
@@ -116,6 +124,74 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
         )
     return document
+
+
+def _build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[str, float]]:
+    """Model version 0, its wire bytes and its evaluation; a model too large is a UsageError."""
+    try:
+        model = job.build_model()
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        _check_value_size(size)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        blob = dumps(weights, {"run": run, "version": 0})
+        _check_value_size(len(blob))
+        initial = {k: float(v) for k, v in job.evaluate(model).items()}
+    except (MemoryError, RuntimeError) as e:
+        raise UsageError(
+            f"job {name!r}: the model is too large for this machine ({first_line(e)[:200]}); "
+            "choose smaller --job-arg values"
+        ) from None
+    return weights, blob, initial
+
+
+def _check_value_size(size: int) -> None:
+    if size > REDIS_VALUE_LIMIT:
+        raise UsageError(
+            f"the encoded model is {size / 2**20:.0f} MiB, over Redis's limit of "
+            f"{REDIS_VALUE_LIMIT // 2**20} MiB for one value; choose smaller --job-arg values"
+        )
+
+
+def _create_run(conn: Connection, run: str, config: dict[str, Any], blob: bytes, weights: TensorDict) -> None:
+    """Store the run in Redis, then version 0 on disk; if either is refused, remove what was written."""
+    try:
+        conn.store.create_run(run, config, blob)
+    except redis.ResponseError as e:
+        _forget_run(conn, run, config)
+        if is_broker_full(e):
+            raise BrokerFull(f"{BROKER_FULL}; run {run!r} was not created") from None
+        raise UsageError(f"the broker refused to store run {run!r}: {first_line(e)}") from None
+    try:
+        checkpoints.save_version(conn.settings.home, run, 0, weights, None, config)
+    except (OSError, SafetensorError) as e:
+        _forget_run(conn, run, config)
+        folder = checkpoints.run_dir(conn.settings.home, run)
+        raise UsageError(f"cannot write run {run!r}'s checkpoint under {folder}: {e}") from None
+
+
+def _forget_run(conn: Connection, run: str, config: dict[str, Any]) -> None:
+    """Delete the keys ``init`` writes for ``run``, if the run's stored config is the one we wrote."""
+    client = conn.store.redis
+    if client.get(keys.run_config(run)) != msgpack.packb(config):
+        return  # we never wrote it (refused at once), or it is another coordinator's run
+    pipe = client.pipeline()
+    pipe.srem(keys.runs(), run)
+    pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))
+    pipe.execute()
+
+
+def is_broker_full(error: BaseException) -> bool:
+    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
+    if isinstance(error, OutOfMemoryError):  # redis-py strips the "OOM " prefix itself
+        return True
+    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (without a pipeline's echo of its command and arguments)."""
+    text = _PIPELINE_ECHO.sub("", str(error).strip())
+    lines = text.splitlines()
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def post_round(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,11 +230,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
+def abort_round(args: argparse.Namespace) -> dict[str, Any]:
+    """End the run's open or aggregating round: it fails with reason "aborted"."""
+    conn = connect(args)
+    conn.store.run_config(args.run)  # an unknown run is named as such
+    number = conn.store.rounds.count(args.run)
+    if not number or conn.store.rounds.abort(args.run, number) != "aborted":
+        state = conn.store.rounds.status(args.run, number) if number else None
+        latest = f"round {number} is {state}" if state else "it has no rounds"
+        raise UsageError(f"run {args.run!r} has no round in progress ({latest}); nothing to abort")
+    if not args.json:
+        print(f"aborted round {number} of {args.run}: failed, reason 'aborted'")
+    return {"run": args.run, "round": number, "status": "failed", "reason": "aborted"}
+
+
 def aggregator(args: argparse.Namespace) -> None:
     """Run the trusted worker; the deadline watcher runs beside it in a thread."""
     settings = broker_settings(args)
     store = Store(redis_client(settings))
     app = aggregator_app(settings)
+    if args.metrics_port:
+        try:
+            serve_metrics(store, args.metrics_port, app, address=args.metrics_address)
+        except OSError as e:
+            raise UsageError(
+                f"--metrics-address {args.metrics_address} --metrics-port {args.metrics_port}: "
+                f"cannot listen there ({e.strerror or e})"
+            ) from None
     stop = threading.Event()
     try:  # so least-privilege volunteers (EVALSHA only) work right after a Redis restart
         credentials.preload_scripts(store.redis)
@@ -171,8 +269,6 @@ def aggregator(args: argparse.Namespace) -> None:
     threading.Thread(
         target=watch_deadlines, args=(store, send, stop), daemon=True, name="deadline-watcher"
     ).start()
-    if args.metrics_port:
-        serve_metrics(store, args.metrics_port, app)
     name = args.name or f"aggregator-{os.getpid()}"
     try:
         app.worker_main(
@@ -203,15 +299,33 @@ def status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export(args: argparse.Namespace) -> None:
+    """Write a version as float32 safetensors, from Redis or, once it left Redis, from its checkpoint."""
     conn = connect(args)
     current = conn.store.version(args.run)
     version = current if args.version is None else args.version
-    blob = conn.store.model_blob(args.run, version) if 0 <= version <= current else None
-    if blob is None:
+    if not 0 <= version <= current:
         raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
-    weights, _ = loads(blob)
-    checkpoints.export_float32(weights, args.out, {"run": args.run, "version": str(version)})
+    weights = _version_weights(conn, args.run, version)
+    try:
+        checkpoints.export_float32(weights, args.out, {"run": args.run, "version": str(version)})
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"--out {args.out}: cannot write it ({e})") from None
     print(f"wrote version {version} of {args.run} to {args.out}")
+
+
+def _version_weights(conn: Connection, run: str, version: int) -> TensorDict:
+    blob = conn.store.model_blob(run, version)
+    if blob is not None:
+        weights, _ = loads(blob)
+        return weights
+    try:
+        return checkpoints.load_version(conn.settings.home, run, version)
+    except (OSError, SafetensorError) as e:
+        folder = checkpoints.run_dir(conn.settings.home, run)
+        raise UsageError(
+            f"version {version} of run {run!r} is no longer in Redis and its checkpoint "
+            f"under {folder} cannot be read ({e})"
+        ) from None
 
 
 def report(args: argparse.Namespace) -> None:
@@ -227,19 +341,34 @@ def report(args: argparse.Namespace) -> None:
 def monitor(args: argparse.Namespace) -> int:
     """Flower is ``celery -A tasks flower``; we only point it at the right broker."""
     conn = connect(args)
+    _check_listen(args.address, args.port)
     env = {**os.environ, "CROWDTRAIN_BROKER_URL": conn.settings.url}
     # Our task arguments are small and readable: show them in the task list.
     env.setdefault("FLOWER_TASKS_COLUMNS", "name,uuid,state,args,kwargs,result,received,runtime,worker")
-    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={args.port}"]
-    if args.basic_auth:
-        command.append(f"--basic-auth={args.basic_auth}")
+    # Flower's login comes from $FLOWER_BASIC_AUTH (in env), never from its command line (`ps`).
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "flower"]
+    command += [f"--port={args.port}", f"--address={args.address}"]
     process = subprocess.Popen(command, env=env)
     try:
-        return process.wait()
+        code = process.wait()
+        return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
     finally:
         if process.poll() is None:
             process.terminate()
             process.wait(10)
+
+
+def _check_listen(address: str, port: int) -> None:
+    """Refuse at once an address and port that cannot be listened on (in use, not this host's)."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+    except OSError as e:
+        raise UsageError(
+            f"--address {address} --port {port}: cannot listen there ({e.strerror or e})"
+        ) from None
 
 
 def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,8 +5,9 @@ volunteer can write (its key prefix): a forged message naming someone else
 finds no upload and is ignored. The order of the checks is the order of cost:
 the round and shard, the upload's size (before a byte is downloaded), its
 header against the run's model and codec (before anything is allocated), then
-the values. What is accepted is copied to a key no volunteer can write, and
-that copy is what the merge reads: the bytes merged are the bytes validated.
+the values. The upload is moved (a server-side RENAME) to a key no volunteer
+can write before it is read, and what is accepted stays there for the merge:
+the bytes merged are the bytes validated.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class Intake:
             if size > context.upload_bound:
                 reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
                 return self._refuse(upload, info, reason)
-            blob = self.store.get_upload(upload.key)
+            # Moved (server-side) out of the volunteer's reach before a byte is read:
+            # what is checked below is what the merge will read.
+            blob = self.store.take_upload(upload.key, upload.copy_key)
             if blob is None:
                 return Verdict("ignored")
             return self._judge(upload, context, info, blob)
@@ -107,7 +110,6 @@ class Intake:
         if reason is not None:
             return self._refuse(upload, info, reason)
         digest = hashlib.sha256(blob).hexdigest()
-        self.store.keep_copy(upload.copy_key, blob)
         outcome, due = self.store.rounds.accept(
             upload.run, upload.round, upload.shard, upload.copy_key, digest
         )
@@ -122,7 +124,7 @@ class Intake:
                 upload.shard,
                 upload.volunteer,
             )
-        elif outcome != "repeat":  # a redelivered validation finds its own copy: keep it
+        elif outcome != "repeat":  # the same copy counted before: keep it
             self.store.delete_upload(upload.copy_key)
         if outcome == "identical":
             return self._refuse(upload, info, "identical to an upload accepted for another shard")
@@ -140,6 +142,7 @@ class Intake:
         outcome = self.store.rounds.reject(
             upload.run, upload.round, upload.shard, upload.volunteer, reason, upload.token
         )
+        self.store.delete_upload(upload.copy_key)  # nothing rejected is kept
         if outcome != "rejected":
             return Verdict(outcome)
         self.store.credit(upload.volunteer, rejected=1)

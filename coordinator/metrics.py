@@ -148,13 +148,19 @@ class CrowdtrainCollector(Collector):
 
 
 def serve_metrics(
-    store: Store, port: int, app: Celery | None = None, registry: CollectorRegistry = REGISTRY
+    store: Store,
+    port: int,
+    app: Celery | None = None,
+    registry: CollectorRegistry = REGISTRY,
+    address: str = "127.0.0.1",
 ) -> Any:
-    """Serve /metrics on ``port`` from a background thread; returns the HTTP server."""
+    """Serve /metrics on ``address:port`` (loopback by default) from a background thread."""
+    # Listen first: an address in use or not of this host raises OSError with nothing started.
+    server, _thread = start_http_server(port, addr=address, registry=registry)
     online = OnlineVolunteers(app).start() if app is not None else None
     registry.register(CrowdtrainCollector(store, online))
-    server, _thread = start_http_server(port, registry=registry)
-    log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", port)
+    host = f"[{address}]" if ":" in address else address
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
     return server
 
 

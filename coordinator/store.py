@@ -81,9 +81,17 @@ class Store:
         blob: bytes | None = self.redis.get(key)
         return blob
 
-    def keep_copy(self, key: str, blob: bytes) -> None:
-        """Store validated bytes where no volunteer can write (see keys.accepted_upload)."""
-        self.redis.set(key, blob, ex=keys.UPLOAD_TTL)
+    def take_upload(self, key: str, trusted_key: str) -> bytes | None:
+        """Move an upload where no volunteer can write (keys.accepted_upload), then read it."""
+        pipe = self.redis.pipeline()
+        pipe.rename(key, trusted_key)
+        pipe.expire(trusted_key, keys.UPLOAD_TTL)
+        pipe.get(trusted_key)
+        try:
+            blob: bytes | None = pipe.execute()[-1]
+        except redis.ResponseError:  # "no such key": it expired or was deleted meanwhile
+            return None
+        return blob
 
     def delete_upload(self, *upload_keys: str) -> None:
         if upload_keys:

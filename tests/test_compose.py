@@ -77,8 +77,10 @@ def test_each_service_runs_a_real_entry_point_with_flags_its_parser_accepts(serv
         pytest.fail(f"{service}: `{' '.join(argv)}` is refused by the {argv[0]} CLI")
     # assert
     assert callable(args.handler)
-    if service == "flower":
-        assert args.command == "monitor" and args.basic_auth == "ops:f-pw"
+    if service == "flower":  # inside a container: every interface, published on loopback
+        assert args.command == "monitor" and args.address == "0.0.0.0"
+    if service == "aggregator":
+        assert args.metrics_port == 9100 and args.metrics_address == "0.0.0.0"
     if service.startswith("volunteer"):
         assert args.command == "start"
         assert args.device == ("cuda" if service == "volunteer-gpu" else "cpu")
@@ -112,6 +114,27 @@ def test_redis_keeps_an_append_only_file_and_requires_the_admin_password():
     assert any(v.endswith(":/data") for v in redis["volumes"])
     assert redis["image"].startswith("redis:7")  # volunteer ACLs need Redis 7
     assert substitute(redis["ports"][0], {}).startswith("127.0.0.1:")  # published on purpose only
+
+
+def test_redis_refuses_writes_when_full_instead_of_evicting_model_versions():
+    redis = _compose()["services"]["redis"]
+    argv = substitute(" ".join(redis["command"]), {}).split()
+    assert argv[argv.index("--maxmemory") + 1] == "4gb"
+    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    argv = substitute(" ".join(redis["command"]), {"REDIS_MAXMEMORY": "16gb"}).split()
+    assert argv[argv.index("--maxmemory") + 1] == "16gb"
+
+
+def test_flowers_login_is_in_its_environment_never_on_a_command_line():
+    compose = _compose()
+    flower = compose["services"]["flower"]
+    assert substitute(flower["environment"]["FLOWER_BASIC_AUTH"], FAKE_ENV) == "ops:f-pw"
+    assert substitute(flower["environment"]["CROWDTRAIN_BROKER_URL"], FAKE_ENV).startswith("redis://")
+    for name, service in compose["services"].items():
+        command = " ".join(_strings(service.get("command")))
+        assert "basic-auth" not in command and "FLOWER_PASSWORD" not in command, name
+    with pytest.raises(AssertionError, match="FLOWER_PASSWORD"):
+        substitute(flower["environment"]["FLOWER_BASIC_AUTH"], {"FLOWER_USER": "ops"})
 
 
 def test_the_gpu_volunteer_reserves_an_nvidia_device():

@@ -9,14 +9,12 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
-import redis
-from celery.signals import worker_ready
-
 from broker import embedded
-from broker.client import redis_client
 from broker.errors import BrokerError
 from broker.keys import TRAIN_QUEUE
 from broker.settings import Settings
@@ -24,11 +22,13 @@ from jobs import BUILTIN_JOBS
 from tasks.training import volunteer_app
 from volunteer.devices import describe_devices, pool_for, resolve_device, speed_score
 from volunteer.errors import VolunteerError
-from volunteer.store import VolunteerStore
 from volunteer.worker import VolunteerOptions
 
 log = logging.getLogger("crowdtrain.volunteer")
 VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_CONCURRENCY = 256
+MAX_THREADS = 1024
+BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,19 +46,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="volunteer", description="Train shards for crowdtrain runs.")
+    """The ``volunteer`` parser: ``start`` and ``info``."""
+    parser = OneLineParser(prog="volunteer", description="Train shards for crowdtrain runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "start",
         help="Pull shard jobs from queue 'train' and train them.",
         description="Pull shard jobs from queue 'train' and train them.",
     )
-    p.add_argument(
-        "--broker", default=None, help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis)"
+    broker = p.add_mutually_exclusive_group()
+    broker.add_argument(
+        "--broker",
+        default=None,
+        help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis); a password in it "
+        "is visible to other users of this machine: prefer $CROWDTRAIN_BROKER_URL or --broker-file",
+    )
+    broker.add_argument(
+        "--broker-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a file whose first line is the broker URL (keeps its password out of `ps`)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--concurrency", type=int, default=1, help="shards trained at once")
+    p.add_argument(
+        "--concurrency",
+        type=_int_in(1, MAX_CONCURRENCY),
+        default=1,
+        help=f"shards trained at once, 1 to {MAX_CONCURRENCY}",
+    )
     p.add_argument(
         "--pool",
         choices=["auto", "prefork", "threads", "solo"],
@@ -74,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JOB",
         help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per shard")
+    p.add_argument(
+        "--threads",
+        type=_int_in(1, MAX_THREADS),
+        default=None,
+        help=f"torch CPU threads per shard, 1 to {MAX_THREADS}",
+    )
     p.set_defaults(handler=start)
     p = sub.add_parser(
         "info",
@@ -90,7 +120,8 @@ def start(args: argparse.Namespace) -> int:
     """Run a Celery worker on queue 'train' as this volunteer."""
     import torch
 
-    settings = Settings.from_env(broker_url=args.broker, torch_threads=args.threads)
+    broker_url = _broker_url(args)
+    settings = Settings.from_env(broker_url=broker_url, torch_threads=args.threads)
     if settings.broker_url is None:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
@@ -105,7 +136,6 @@ def start(args: argparse.Namespace) -> int:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     allowed = frozenset(args.allow_job) if args.allow_job else frozenset(BUILTIN_JOBS)
-    _announce_when_ready(VolunteerStore(redis_client(settings), name), device.type)
     app = volunteer_app(settings, VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed))
     pool = pool_for(device) if args.pool == "auto" else args.pool
     log.info(
@@ -126,7 +156,7 @@ def start(args: argparse.Namespace) -> int:
             "-P",
             pool,
             "-c",
-            str(max(1, args.concurrency)),
+            str(args.concurrency),
             "-E",
             "--loglevel=INFO",
             "--without-mingle",
@@ -134,6 +164,48 @@ def start(args: argparse.Namespace) -> int:
         ]
     )
     return 0
+
+
+def _broker_url(args: argparse.Namespace) -> str | None:
+    """The URL of --broker-file (first line) or --broker, warning when --broker shows a password."""
+    if args.broker_file is not None:
+        return _read_broker_file(args.broker_file)
+    if args.broker and urlparse(args.broker).password:
+        log.warning(
+            "--broker holds a password, which is visible to other users of this machine (ps); "
+            "use CROWDTRAIN_BROKER_URL or --broker-file PATH instead"
+        )
+    broker: str | None = args.broker
+    return broker
+
+
+def _read_broker_file(path: Path) -> str:
+    """The first line of ``path``, stripped; an unreadable or empty file is a VolunteerError."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(BROKER_FILE_LIMIT)
+    except OSError as e:
+        raise VolunteerError(f"--broker-file {path}: cannot read it ({e.strerror or e})") from None
+    lines = head.decode("utf-8", errors="replace").splitlines()
+    url = lines[0].strip() if lines else ""
+    if not url:
+        raise VolunteerError(f"--broker-file {path}: its first line is empty; write the broker URL there")
+    return url
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
+        return value
+
+    return parse
 
 
 def info(args: argparse.Namespace) -> int:
@@ -156,18 +228,6 @@ def info(args: argparse.Namespace) -> int:
         print(f"{name:<{widths[0]}}  {details:<{widths[1]}}  {speed}")
     print(f"--device auto picks {default}")
     return 0
-
-
-def _announce_when_ready(store: VolunteerStore, device: str) -> None:
-    """Register the volunteer once its worker is connected (Celery retries the broker until then)."""
-
-    def announce(**_: object) -> None:
-        try:
-            store.describe(device)
-        except redis.RedisError as e:
-            log.warning("could not register volunteer %s: %s", store.name, e)
-
-    worker_ready.connect(announce, weak=False)
 
 
 def _device_name(entry: dict) -> str:

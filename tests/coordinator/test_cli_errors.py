@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from coordinator.cli import main
+from tests.conftest import ROOT, TINY_CHARLM, free_port
 
 
 def _coordinator(tmp_path, *argv, broker=None):
@@ -22,6 +24,24 @@ def _coordinator(tmp_path, *argv, broker=None):
         timeout=120,
         cwd=tmp_path,
     )
+
+
+@pytest.fixture
+def in_process(tmp_path, redis_server, monkeypatch, capsys):
+    """``coordinator ARGS`` run by ``main()`` in this process: the same parser, no torch start-up cost."""
+    monkeypatch.setenv("CROWDTRAIN_BROKER_URL", redis_server.url)
+    monkeypatch.setenv("CROWDTRAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+    return run
 
 
 def _assert_one_clear_line(result, *words):
@@ -60,6 +80,7 @@ def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, 
         ["status", "--run", "ghost"],
         ["export", "--run", "ghost", "--out", "x.safetensors"],
         ["report", "--run", "ghost", "--out", "x.png"],
+        ["abort-round", "--run", "ghost"],
     ],
 )
 def test_unknown_run_is_one_line_naming_the_run(tmp_path, redis_server, command):
@@ -99,6 +120,179 @@ def test_every_command_has_help(tmp_path):
         "export",
         "report",
         "monitor",
+        "abort-round",
     ]:
         result = _coordinator(tmp_path, command, "--help")
         assert result.returncode == 0 and "usage: coordinator " + command in result.stdout
+
+
+def _volunteer(tmp_path, *argv, broker=None):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "CROWDTRAIN_HOME": str(tmp_path / "home")}
+    if broker:
+        env["CROWDTRAIN_BROKER_URL"] = broker
+    return subprocess.run(
+        [sys.executable, "-m", "volunteer.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--shards", "0"], ["--shards", "1 to 10000"]),
+        (["--shards", "10001"], ["--shards"]),
+        (["--shards", "many"], ["--shards", "whole number"]),
+        (["--local-steps", "0"], ["--local-steps"]),
+        (["--local-steps", "1000001"], ["--local-steps"]),
+        (["--deadline", "0"], ["--deadline"]),
+        (["--deadline", "604801"], ["--deadline", "604800"]),
+        (["--deadline", "nan"], ["--deadline", "finite"]),
+        (["--deadline", "inf"], ["--deadline", "finite"]),
+        (["--lr", "0"], ["--lr"]),
+        (["--lr", "11"], ["--lr", "<= 10"]),
+        (["--lr", "nan"], ["--lr", "finite"]),
+        (["--lr=-inf"], ["--lr", "finite"]),
+        (["--server-lr", "-1"], ["--server-lr"]),
+        (["--server-lr", "101"], ["--server-lr", "<= 100"]),
+        (["--momentum", "1"], ["--momentum", "< 1"]),
+        (["--momentum", "-0.1"], ["--momentum", ">= 0"]),
+        (["--momentum", "nan"], ["--momentum", "finite"]),
+        (["--clip-norm", "0"], ["--clip-norm", "> 0"]),
+        (["--clip-norm", "inf"], ["--clip-norm", "finite"]),
+        (["--max-norm-ratio", "0"], ["--max-norm-ratio", "> 0"]),
+        (["--max-norm-ratio", "1e7"], ["--max-norm-ratio", "1e+06"]),
+        (["--max-norm-ratio", "nan"], ["--max-norm-ratio", "finite"]),
+        (["--seed", "-1"], ["--seed"]),
+        (["--seed", str(2**70)], ["--seed"]),
+    ],
+)
+def test_init_refuses_out_of_range_numbers_naming_the_flag(in_process, redis_server, tmp_path, flags, words):
+    result = in_process("init", "--run", "r1", "--job", "charlm", *flags)
+    _assert_one_clear_line(result, *words)
+    assert redis_server.client().keys("ct:*") == []
+    assert not (tmp_path / "home" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        (["post-round", "--run", "r1", "--shards", str(10**11)], ["--shards", "1 to 10000"]),
+        (["post-round", "--run", "r1", "--deadline", "-5"], ["--deadline"]),
+        (["post-round", "--run", "r1", "--deadline", "1e9"], ["--deadline"]),
+        (["run", "--run", "r1", "--rounds", "0"], ["--rounds", "1 to 100000"]),
+        (["run", "--run", "r1", "--rounds", "100001"], ["--rounds"]),
+        (["run", "--run", "r1", "--rounds", "2", "--shards", "0"], ["--shards"]),
+        (["quickstart", "--volunteers", "0"], ["--volunteers", "1 to 64"]),
+        (["quickstart", "--volunteers", "65"], ["--volunteers", "1 to 64"]),
+        (["quickstart", "--rounds", "0"], ["--rounds"]),
+        (["quickstart", "--shards", "10001"], ["--shards"]),
+        (["quickstart", "--local-steps", "-3"], ["--local-steps"]),
+        (["export", "--run", "r1", "--version", "-1", "--out", "x.safetensors"], ["--version"]),
+        (["monitor", "--port", "-5"], ["--port", "1 to 65535"]),
+        (["monitor", "--port", "0"], ["--port", "1 to 65535"]),
+        (["monitor", "--port", "65536"], ["--port", "1 to 65535"]),
+        (["monitor", "--address", "bad host!"], ["--address", "bad host!"]),
+        (["monitor", "--basic-auth", "ops:secret"], ["--basic-auth"]),
+        (["aggregator", "--metrics-port", "99999"], ["--metrics-port", "1 to 65535"]),
+        (["aggregator", "--metrics-port", "0"], ["--metrics-port"]),
+        (["aggregator", "--metrics-address", "::not-an-address"], ["--metrics-address"]),
+        (["abort-round"], ["--run"]),
+        (["no-such-command"], ["no-such-command"]),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_runs(in_process, redis_server, command, words):
+    result = in_process(*command)
+    _assert_one_clear_line(result, *words)
+    assert redis_server.client().keys("ct:*") == []
+
+
+def test_a_model_too_large_to_allocate_is_a_usage_error_and_nothing_is_written(tmp_path, redis_server):
+    flags = ["--job-arg", "width=100000000", "--job-arg", "max_files=2"]
+    result = _coordinator(
+        tmp_path, "init", "--run", "huge", "--job", "charlm", *flags, broker=redis_server.url
+    )
+    _assert_one_clear_line(result, "too large for this machine", "--job-arg")
+    assert redis_server.client().keys("ct:*") == []
+    assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_a_model_over_redis_value_limit_is_refused_naming_size_and_limit(tmp_path, redis_server):
+    # about 620 MB of float32 weights: one layer of width 3584
+    flags = ["layers=1", "width=3584", "heads=4", "context=8", "max_files=2", "eval_batches=1"]
+    argv = [part for flag in flags for part in ("--job-arg", flag)]
+    result = _coordinator(tmp_path, "init", "--run", "big", "--job", "charlm", *argv, broker=redis_server.url)
+    _assert_one_clear_line(result, "MiB", "512 MiB", "--job-arg")
+    assert redis_server.client().keys("ct:*") == []
+    assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_export_to_an_unwritable_path_is_one_line_and_writes_nothing(tmp_path, redis_server):
+    created = _coordinator(
+        tmp_path, "init", "--run", "r1", "--job", "charlm", *TINY_CHARLM, broker=redis_server.url
+    )
+    assert created.returncode == 0, created.stderr
+    for out in ("/proc/x", "/proc/x/model.safetensors", str(tmp_path)):
+        result = _coordinator(tmp_path, "export", "--run", "r1", "--out", out, broker=redis_server.url)
+        _assert_one_clear_line(result, "--out", out)
+    assert not (tmp_path / "home" / "r1.safetensors").exists()
+
+
+def test_abort_round_without_a_round_in_progress_is_a_usage_error(tmp_path, redis_server):
+    created = _coordinator(
+        tmp_path, "init", "--run", "r1", "--job", "charlm", *TINY_CHARLM, broker=redis_server.url
+    )
+    assert created.returncode == 0, created.stderr
+    result = _coordinator(tmp_path, "abort-round", "--run", "r1", broker=redis_server.url)
+    _assert_one_clear_line(result, "r1", "no round in progress")
+    result = _coordinator(tmp_path, "abort-round", "--run", "ghost", "--json", broker=redis_server.url)
+    _assert_one_clear_line(result, "ghost")
+
+
+@pytest.mark.parametrize(
+    "command", [["monitor", "--port", "{port}"], ["aggregator", "--metrics-port", "{port}"]]
+)
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, redis_server, command):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = _coordinator(
+            tmp_path, *(part.format(port=port) for part in command), broker=redis_server.url
+        )
+    _assert_one_clear_line(result, port, "cannot listen")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["monitor", "--address", "192.0.2.1"],
+        ["aggregator", "--metrics-port", "9", "--metrics-address", "192.0.2.1"],
+    ],
+)
+def test_an_address_not_of_this_host_is_one_line_and_exit_2(tmp_path, redis_server, command):
+    result = _coordinator(tmp_path, *command, broker=redis_server.url)
+    _assert_one_clear_line(result, "192.0.2.1", "cannot listen")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["start", "--concurrency", "0"], ["--concurrency"]),
+        (["start", "--threads", "-1"], ["--threads"]),
+        (["start", "--broker-file", "{missing}"], ["--broker-file", "cannot read"]),
+        (["start", "--broker-file", "{empty}"], ["--broker-file", "empty"]),
+        (["start", "--broker-file", "{folder}"], ["--broker-file"]),
+        (["start", "--broker-file", "{empty}", "--broker", "redis://127.0.0.1:1/0"], ["--broker"]),
+        (["start", "--pool", "gevent"], ["--pool"]),
+    ],
+)
+def test_volunteer_start_refuses_bad_input_in_one_line(tmp_path, argv, words):
+    empty = tmp_path / "empty.url"
+    empty.write_text("\n  \n")
+    paths = {"missing": tmp_path / "missing.url", "empty": empty, "folder": tmp_path}
+    result = _volunteer(tmp_path, *(part.format(**paths) for part in argv))
+    _assert_one_clear_line(result, *words)

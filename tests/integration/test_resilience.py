@@ -150,7 +150,8 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
     cluster.volunteer("v1", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="0.3")
     _init(cluster, "--shards", "2", "--deadline", "120")
     run = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "5"],
+        # 50 rounds: interrupted long before it ends, however slow this machine is
+        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "50"],
         env=cluster.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
