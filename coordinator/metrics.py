@@ -14,7 +14,7 @@ The collector reads Redis at scrape time, so every aggregator that serves
 | ``crowdtrain_round_mean_delta_norm`` | run | mean L2 norm of its merged deltas, where recorded |
 | ``crowdtrain_{train,eval}_loss``, ``crowdtrain_eval_accuracy`` | run | of the latest merged round |
 | ``crowdtrain_{uplink,downlink}_bytes_total`` | run | counters: summed over the run's rounds in Redis |
-| ``crowdtrain_volunteers_known`` | | volunteers that ever registered |
+| ``crowdtrain_volunteers_known`` | | volunteers the aggregator has a record of (first validated upload) |
 | ``crowdtrain_volunteers_online`` | | those answering a Celery ping (when an app is given) |
 """
 
@@ -135,7 +135,7 @@ class CrowdtrainCollector(Collector):
 
     def _volunteers(self) -> Iterator[GaugeMetricFamily]:
         known = set(self.store.volunteers())
-        family = GaugeMetricFamily("crowdtrain_volunteers_known", "Volunteers that ever registered")
+        family = GaugeMetricFamily("crowdtrain_volunteers_known", "Volunteers the aggregator has a record of")
         family.add_metric([], len(known))
         yield family
         names = self.online() if self.online else None
