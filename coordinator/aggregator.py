@@ -192,13 +192,21 @@ class Aggregator:
         return delta
 
     def _credit(self, used: dict[int, str], metas: dict[int, dict]) -> None:
-        """Credit counts merged deltas only: shards, samples and accepted per volunteer."""
-        credit: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        """Credit counts merged deltas only: shards, samples, accepted and training time per volunteer."""
+        credit: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
         for shard, key in used.items():
-            credit[keys.volunteer_of(key)][0] += 1
-            credit[keys.volunteer_of(key)][1] += int(metas[shard]["samples"])
-        for volunteer, (shards, samples) in credit.items():
-            self.store.credit(volunteer, shards_done=shards, accepted=shards, samples=samples)
+            entry = credit[keys.volunteer_of(key)]
+            entry[0] += 1
+            entry[1] += int(metas[shard]["samples"])
+            entry[2] += _seconds(metas[shard].get("seconds"))
+        for volunteer, (shards, samples, seconds) in credit.items():
+            self.store.credit(
+                volunteer,
+                seconds=seconds,
+                shards_done=int(shards),
+                accepted=int(shards),
+                samples=int(samples),
+            )
 
     def _fail(
         self, context: RunContext, number: int, owner: str, info: dict, summary: dict[str, Any], reason: str
@@ -244,6 +252,13 @@ def _summary(
         "strategy": config["strategy"],
         "compression": config["compression"],
     }
+
+
+def _seconds(value: Any) -> float:
+    """A shard's reported training time, kept in sane bounds (it only feeds samples_per_second)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return min(max(float(value), 1e-3), 7 * 24 * 3600.0)
+    return 0.0
 
 
 def _since(info: dict) -> float:

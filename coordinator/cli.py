@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
     _local_steps_flag(p, default=20)
     p.add_argument(
+        "--shard-seconds",
+        type=_float_in(0, MAX_DEADLINE),
+        default=None,
+        help="time budget of a shard: train until this many seconds have passed or --local-steps "
+        "are done, whichever is first (at least one step); deltas weigh by the samples they trained",
+    )
+    p.add_argument(
         "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")

@@ -101,6 +101,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         max_norm_ratio=args.max_norm_ratio,
         compression=codec.name,
         local_steps=args.local_steps,
+        shard_seconds=getattr(args, "shard_seconds", None),
         lr=args.lr,
         optimizer=args.optimizer,
         seed=args.seed,

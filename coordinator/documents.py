@@ -19,6 +19,7 @@ def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
         "model_version": summary.get("model_version", info.get("base_version")),
         "shards": info.get("shards"),
         "accepted": summary.get("accepted", info.get("accepted", 0)),
+        "samples": summary.get("samples", 0),
         "rejected": len(rejections),
         "late": info.get("late", 0),
         "train_loss": summary.get("train_loss"),

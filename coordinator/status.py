@@ -49,6 +49,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 "device": credit.get("device", "?"),
                 "online": name in online,
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
+                "samples_per_second": _speed(credit),
             }
         )
     return {
@@ -90,10 +91,12 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
         box=box.SIMPLE_HEAD,
         title_justify="left",
     )
-    for column in ("name", "device", "online", "shards done", "samples", "accepted", "rejected"):
+    for column in ("name", "device", "online", "shards done", "samples", "accepted", "rejected", "samples/s"):
         people.add_column(column, justify="left" if column in ("name", "device", "online") else "right")
     for v in document["volunteers"]:
-        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no", *(str(v[k]) for k in _CREDIT))
+        speed = "-" if v["samples_per_second"] is None else f"{v['samples_per_second']:g}"
+        credit = (str(v[k]) for k in _CREDIT)
+        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no", *credit, speed)
     console.print(people)
 
 
@@ -115,3 +118,9 @@ def _online_nodes(app: Celery) -> set[str]:
     except Exception:  # no broker answer means nobody is online
         return set()
     return {node.split("@", 1)[0] for reply in replies for node in reply}
+
+
+def _speed(record: dict[str, Any]) -> float | None:
+    """Samples per second of training in a volunteer's merged shards; None before any."""
+    seconds = float(record.get("train_seconds") or 0)
+    return round(int(record.get("samples", 0)) / seconds, 1) if seconds > 0 else None

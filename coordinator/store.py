@@ -98,12 +98,14 @@ class Store:
             self.redis.delete(*upload_keys)
 
     # --- volunteers and queues ----------------------------------------------
-    def credit(self, volunteer: str, device: str | None = None, **counts: int) -> None:
+    def credit(self, volunteer: str, device: str | None = None, seconds: float = 0.0, **counts: int) -> None:
         """Add to a volunteer's record (shards_done, samples, accepted, rejected); trusted side only."""
         pipe = self.redis.pipeline()
         pipe.sadd(keys.volunteers(), volunteer)
         if device:
             pipe.hset(keys.volunteer(volunteer), "device", device)
+        if seconds:
+            pipe.hincrbyfloat(keys.volunteer(volunteer), "train_seconds", seconds)
         for field, count in counts.items():
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()

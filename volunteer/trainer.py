@@ -54,8 +54,13 @@ def train_shard(
     optimizer: str = "adamw",
     device: torch.device,
     seed: int,
+    seconds: float | None = None,
 ) -> ShardResult:
-    """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``."""
+    """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
+
+    With a time budget ``seconds``, training stops once that much time has passed
+    (after at least one step), so a slow machine sends fewer samples, not a late delta.
+    """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
     if not lr > 0:
@@ -76,6 +81,8 @@ def train_shard(
     losses: list[float] = []
     samples = done = 0
     for _ in range(steps):
+        if seconds is not None and done and time.perf_counter() - started >= seconds:
+            break  # the time budget is spent: send what was trained
         batch = _to_device(next(batches), device)
         with _autocast(device):
             loss = job.loss(model, batch)

@@ -104,6 +104,7 @@ class ShardRunner:
             optimizer=str(config.get("optimizer", "adamw")),
             device=self.device,
             seed=seed_for(run, number, shard),
+            seconds=_budget(config.get("shard_seconds")),
         )
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
@@ -197,4 +198,11 @@ def _not_wanted(round_info: dict[str, Any] | None, shard: int, shards: int, vers
         return f"shard {shard} of {shards} is not one of the round's {round_info.get('shards')}"
     if round_info.get("base_version") != version:
         return f"version {version} is not the round's base {round_info.get('base_version')}"
+    return None
+
+
+def _budget(value: Any) -> float | None:
+    """A run's shard time budget in seconds, or None for a step count only."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
     return None

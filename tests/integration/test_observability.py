@@ -129,6 +129,7 @@ def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
                 "samples": 3072,
                 "accepted": 11,
                 "rejected": 1,
+                "samples_per_second": 812.5,
             }
         ],
     }
@@ -140,7 +141,7 @@ def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
     assert "round 4: 2/8 accepted (quorum 6), 1 rejected, open" in out
     assert "queues: train 5 waiting, aggregate 0 waiting" in out
     assert "volunteers (0 of 1 online)" in out
-    assert "carol" in out and "cuda:0" in out and "3072" in out and " no " in out
+    assert "carol" in out and "cuda:0" in out and "3072" in out and " no " in out and "812.5" in out
 
 
 def test_status_without_runs_or_volunteers_says_how_to_start():

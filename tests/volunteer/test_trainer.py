@@ -183,3 +183,13 @@ def test_samples_never_exceed_what_the_job_declares_per_step():
         job, weights, shard=0, shards=1, steps=3, lr=0.01, device=torch.device("cpu"), seed=0
     )
     assert result.samples == 3
+
+
+def test_a_time_budget_stops_training_after_at_least_one_step(monkeypatch):
+    monkeypatch.setenv("CROWDTRAIN_TEST_STEP_SECONDS", "0.05")
+    job = load_job("tests.fixtures.jobs_slow:make_job")
+    weights = job.build_model().state_dict()
+    common = dict(shard=0, shards=1, steps=1000, lr=0.01, device=torch.device("cpu"), seed=0)
+    budgeted = train_shard(job, weights, seconds=0.3, **common)
+    assert 1 <= budgeted.steps < 100 and budgeted.samples == 8 * budgeted.steps
+    assert train_shard(job, weights, seconds=1e-9, **common).steps == 1
