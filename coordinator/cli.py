@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument(
+        "--data",
+        choices=["coordinator", "volunteer"],
+        default="coordinator",
+        help="whose data shards train on: the job's own shards, or only volunteers' own data "
+        "(volunteer start --data); a volunteer with --data uses its own data either way",
+    )
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
     _round_flags(p, defaults=True)
     p.add_argument("--json", action="store_true")

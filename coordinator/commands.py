@@ -102,6 +102,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         compression=codec.name,
         local_steps=args.local_steps,
         shard_seconds=getattr(args, "shard_seconds", None),
+        data=getattr(args, "data", "coordinator"),
         lr=args.lr,
         optimizer=args.optimizer,
         seed=args.seed,

@@ -137,7 +137,14 @@ class CharLMJob:
 
     def shard(self, index: int, count: int) -> Iterator[Batch]:
         """Yield endless ``(x, y)`` batches of random windows from shard ``index`` of ``count``."""
-        text = self.shard_text(index, count)
+        return self._windows(self.shard_text(index, count))
+
+    def local_shard(self, path: str) -> Iterator[Batch]:
+        """Endless batches from the text files at ``path`` (a file, folder or glob) on this machine."""
+        return self._windows(_read_local(path, self.config))
+
+    def _windows(self, text: torch.Tensor) -> Iterator[Batch]:
+        """Random ``(x, y)`` windows of ``text``, drawn with torch's global RNG."""
         n = self.config.context + 1
         offsets = torch.arange(n)
         while True:
@@ -302,6 +309,29 @@ def _read_corpus(files: list[str], cfg: CharLMConfig) -> _Corpus:
             kept.append((name, t[: cut - offset]))
         offset += len(t)
     return _Corpus(train=kept, eval=whole[cut:])
+
+
+def _read_local(path: str, cfg: CharLMConfig) -> torch.Tensor:
+    """A volunteer's own text at ``path``, up to ``max_bytes``; JobError if there is too little."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        expanded = os.path.join(expanded, "**", "*")
+    files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    chunks, budget = [], cfg.max_bytes
+    for name in files:
+        if budget <= 0:
+            break
+        try:
+            with open(name, "rb") as f:
+                data = f.read(budget)
+        except OSError as e:
+            raise JobError(f"charlm cannot read local data file {name!r}: {e}") from e
+        chunks.append(data)
+        budget -= len(data)
+    text = b"".join(chunks)
+    if len(text) < cfg.context + 1:
+        raise JobError(f"charlm local data at {path!r} has {len(text)} bytes, fewer than one window")
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8)
 
 
 def _check_shard(index: int, count: int) -> None:

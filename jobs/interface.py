@@ -29,6 +29,9 @@ class Job(Protocol):
     shard's sample count weighs its delta in the merge, so the aggregator caps
     it at ``local_steps * batch_size``; a job without one counts each step as
     one sample (``DEFAULT_BATCH_SIZE``), so no volunteer can claim more.
+    Optional: ``local_shard(path) -> Iterable[batch]``, batches from a
+    volunteer's own data (``volunteer start --data PATH``), which never
+    leaves its machine: only deltas do.
     """
 
     name: str
@@ -56,3 +59,8 @@ def batch_size(job: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     return DEFAULT_BATCH_SIZE
+
+
+def reads_local_data(job: object) -> bool:
+    """True when ``job`` can train on a volunteer's own data (it has ``local_shard``)."""
+    return callable(getattr(job, "local_shard", None))

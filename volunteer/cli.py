@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})",
     )
     p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="train on your own data at PATH (a file, folder or glob) for jobs that can read it; "
+        "it never leaves this machine: only deltas do",
+    )
+    p.add_argument(
         "--threads",
         type=_int_in(1, MAX_THREADS),
         default=None,
@@ -120,6 +128,9 @@ def start(args: argparse.Namespace) -> int:
     """Run a Celery worker on queue 'train' as this volunteer."""
     import torch
 
+    if args.data is not None and not _matches_files(args.data):
+        print(f"volunteer start: error: --data {args.data!r} names no readable file", file=sys.stderr)
+        return 2
     broker_url = _broker_url(args)
     settings = Settings.from_env(broker_url=broker_url, torch_threads=args.threads)
     if settings.broker_url is None:
@@ -136,7 +147,8 @@ def start(args: argparse.Namespace) -> int:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     allowed = frozenset(args.allow_job) if args.allow_job else frozenset(BUILTIN_JOBS)
-    app = volunteer_app(settings, VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed))
+    options = VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed, data=args.data)
+    app = volunteer_app(settings, options)
     pool = pool_for(device) if args.pool == "auto" else args.pool
     log.info(
         "volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
@@ -249,6 +261,14 @@ def _speed(entry: dict) -> str:
     if "speed_gflops" in entry:
         return f"{entry['speed_gflops']:.1f} GFLOP/s (float32 matmul)"
     return f"speed unknown: {entry.get('speed_error', '?')}"
+
+
+def _matches_files(path: str) -> bool:
+    """True when ``path`` is a readable file, a folder, or a glob matching at least one file."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) or (os.path.isfile(expanded) and os.access(expanded, os.R_OK)):
+        return True
+    return any(os.path.isfile(p) for p in glob.glob(expanded, recursive=True))
 
 
 if __name__ == "__main__":

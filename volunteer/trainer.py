@@ -55,11 +55,13 @@ def train_shard(
     device: torch.device,
     seed: int,
     seconds: float | None = None,
+    data: str | None = None,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
     With a time budget ``seconds``, training stops once that much time has passed
     (after at least one step), so a slow machine sends fewer samples, not a late delta.
+    With ``data`` (a path on this machine) the batches come from ``job.local_shard(data)``.
     """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
@@ -77,7 +79,7 @@ def train_shard(
     }
     opt = _make_optimizer(optimizer, model, lr)
     torch.manual_seed(seed)  # the job's shard batches come from the global RNG
-    batches = _cycle(job, shard, shards)
+    batches = _cycle(job, shard, shards, data)
     losses: list[float] = []
     samples = done = 0
     for _ in range(steps):
@@ -134,11 +136,12 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _cycle(job: Job, shard: int, shards: int) -> Iterator[Any]:
-    """Yield the shard's batches forever, restarting a finite iterable when it ends."""
+def _cycle(job: Job, shard: int, shards: int, data: str | None = None) -> Iterator[Any]:
+    """Yield the shard's batches (or the local data's) forever, restarting a finite iterable."""
     while True:
         empty = True
-        for batch in job.shard(shard, shards):
+        source = job.local_shard(data) if data is not None else job.shard(shard, shards)  # type: ignore[attr-defined]
+        for batch in source:
             empty = False
             yield batch
         if empty:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from jobs import BUILTIN_JOBS, Job, load_job
+from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data
 from serialization import TensorDict, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
 from volunteer.store import VolunteerStore
@@ -37,6 +37,7 @@ class VolunteerOptions:
     name: str
     device: str = "cpu"
     allowed_jobs: frozenset[str] = field(default_factory=lambda: frozenset(BUILTIN_JOBS))
+    data: str | None = None  # its own training data (volunteer start --data): never leaves this machine
 
 
 class ShardRunner:
@@ -93,9 +94,14 @@ class ShardRunner:
             )
             self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
             return {**summary, "skipped": reason}
+        job = self._job(run, config)
+        data, refusal = _local_data(self.options.data, job, config)
+        if refusal is not None:
+            self._upload(run, number, shard, dumps({}, {"failure": refusal}), report)
+            return {**summary, "skipped": refusal}
         weights, downlink = self._model(run, version)
         result = train_shard(
-            self._job(run, config),
+            job,
             weights,
             shard=shard,
             shards=shards,
@@ -105,6 +111,7 @@ class ShardRunner:
             device=self.device,
             seed=seed_for(run, number, shard),
             seconds=_budget(config.get("shard_seconds")),
+            data=data,
         )
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
@@ -206,3 +213,19 @@ def _budget(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
     return None
+
+
+def _local_data(path: str | None, job: Job, config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where this shard's batches come from: (local path or None, or a reason to refuse the shard).
+
+    A volunteer with ``--data`` trains on its own data whenever the job can read
+    it; a run made with ``init --data volunteer`` trains on nothing else.
+    """
+    only_local = config.get("data") == "volunteer"
+    if path is None:
+        return None, "no local data" if only_local else None
+    if reads_local_data(job):
+        return path, None
+    if only_local:
+        return None, f"job {config['job']!r} cannot read local data (it has no local_shard)"
+    return None, None

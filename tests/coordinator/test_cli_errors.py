@@ -288,6 +288,7 @@ def test_an_address_not_of_this_host_is_one_line_and_exit_2(tmp_path, redis_serv
         (["start", "--broker-file", "{folder}"], ["--broker-file"]),
         (["start", "--broker-file", "{empty}", "--broker", "redis://127.0.0.1:1/0"], ["--broker"]),
         (["start", "--pool", "gevent"], ["--pool"]),
+        (["start", "--data", "{missing}"], ["--data", "no readable file"]),
     ],
 )
 def test_volunteer_start_refuses_bad_input_in_one_line(tmp_path, argv, words):

@@ -343,3 +343,16 @@ class _NoBatchSize:
 def test_a_job_without_batch_size_counts_one_sample_per_step():
     assert batch_size(_NoBatchSize()) == 1
     assert batch_size(make_job(layers=1, width=8, heads=2, context=8, batch_size=5)) == 5
+
+
+# --- local data: a volunteer's own text ---------------------------------------------------
+def test_charlm_reads_a_volunteers_own_text_from_a_file_folder_or_glob(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_bytes(b"abcdefgh" * 64)
+    job = make_job(layers=1, width=8, heads=2, context=8, batch_size=4)
+    for path in (tmp_path / "mine", tmp_path / "mine" / "a.txt", str(tmp_path / "mine" / "*.txt")):
+        x, y = next(iter(job.local_shard(str(path))))
+        assert x.shape == (4, 8) and set(x.flatten().tolist()) <= set(b"abcdefgh")
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(JobError, match="fewer than one window"):
+        job.local_shard(str(tmp_path / "nothing-here"))
