@@ -26,6 +26,7 @@ from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
 from coordinator.janitor import housekeeping
+from coordinator.privacy import from_config, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
@@ -83,6 +84,9 @@ class Aggregator:
         if not used:
             return self._fail(context, number, owner, info, summary, "no accepted deltas")
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
+        privacy = from_config(context.config)
+        if privacy is not None:
+            summary["epsilon"] = spent(privacy, base + 1)
         weights, strategy, evaluation = self._merge(context, base, used, metas)
         if not all(all_finite(t) for t in weights.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
@@ -129,7 +133,10 @@ class Aggregator:
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
-        rejections.update(screen_norms(norms, owners, ratio, context.model_norm))
+        if from_config(context.config) is None:
+            rejections.update(screen_norms(norms, owners, ratio, context.model_norm))
+        # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
+        # by the others' norms would let one person's data decide whether another's counts.
         return metas, norms, rejections
 
     def _merge(
@@ -156,7 +163,12 @@ class Aggregator:
             for shards in voices.values():
                 yield self._voice(context, used, metas, shards)
 
-        weights = strategy.aggregate(weights, deltas())
+        privacy = from_config(config)
+        if privacy is None:
+            weights = strategy.aggregate(weights, deltas())
+        else:  # DP-FedAvg: the strategy applies the noised mean of the clipped voices
+            mean, count = privatize((delta for _, delta in deltas()), privacy.clip, privacy.noise)
+            weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []))
         model = context.job.build_model()
         model.load_state_dict(weights)
         evaluation = {k: float(v) for k, v in context.job.evaluate(model).items()}

@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    _privacy_flags(p)
     p.add_argument(
         "--data",
         choices=["coordinator", "volunteer"],
@@ -264,6 +265,45 @@ def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.Argu
     )
     p.set_defaults(handler=handler)
     return p
+
+
+def _privacy_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("differential privacy (DP-FedAvg; docs/PRIVACY.md)")
+    group.add_argument(
+        "--dp-clip",
+        type=_float_in(0, 1e6),
+        default=None,
+        metavar="C",
+        help="clip each volunteer's delta of a round to this L2 norm",
+    )
+    group.add_argument(
+        "--dp-noise",
+        type=_float_in(0, 1e6),
+        default=None,
+        metavar="Z",
+        help="Gaussian noise of standard deviation Z*C on the sum of clipped deltas",
+    )
+    group.add_argument(
+        "--dp-delta",
+        type=_float_in(0, 1, high_ok=False),
+        default=1e-5,
+        metavar="D",
+        help="the delta of (epsilon, delta)-DP (default 1e-5)",
+    )
+    group.add_argument(
+        "--dp-epsilon",
+        type=_float_in(0, 1e6),
+        default=None,
+        metavar="E",
+        help="privacy budget: no round may take epsilon above E",
+    )
+    group.add_argument(
+        "--dp-population",
+        type=_int_in(1, 10**9),
+        default=None,
+        metavar="N",
+        help="volunteers a round samples from: sampling rate q = quorum/N (default q = 1)",
+    )
 
 
 def _local_steps_flag(p: argparse.ArgumentParser, default: int) -> None:

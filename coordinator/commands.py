@@ -24,10 +24,10 @@ from broker import embedded, keys
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import checkpoints, credentials
+from coordinator import checkpoints, credentials, privacy
 from coordinator.aggregator import watch_deadlines
 from coordinator.documents import run_document
-from coordinator.errors import BrokerFull, RunExists, UsageError
+from coordinator.errors import BrokerFull, PrivacyBudgetSpent, RunExists, UsageError
 from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
 from coordinator.rounds import parse_quorum, wait_round
@@ -47,6 +47,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _OOM = re.compile(r"(^|[\s:-])OOM\b")
 _PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 DEFAULT_SHARDS = 4
+DP_KEYS = ("dp_clip", "dp_noise", "dp_delta", "dp_epsilon", "dp_population")
 # Redis refuses a single value larger than this (proto-max-bulk-len).
 REDIS_VALUE_LIMIT = 512 * 1024 * 1024
 BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
@@ -86,6 +87,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm)
     shards = args.shards or DEFAULT_SHARDS
     parse_quorum(args.quorum, shards)
+    dp = {key: getattr(args, key, None) for key in DP_KEYS}
+    privacy.check_settings(dp["dp_clip"], dp["dp_noise"], args.strategy, dp["dp_population"], shards)
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():
@@ -103,6 +106,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         local_steps=args.local_steps,
         shard_seconds=getattr(args, "shard_seconds", None),
         data=getattr(args, "data", "coordinator"),
+        **dp,
         lr=args.lr,
         optimizer=args.optimizer,
         seed=args.seed,
@@ -220,13 +224,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if current and current["status"] in ("open", "aggregating"):
         _wait(conn.store, args.run, current["round"], int(current["shards"]), args.json)
         numbers.append(current["round"])
+    stopped = None
     while len(numbers) < args.rounds:
-        info = _post(conn, args, config)
+        try:
+            info = _post(conn, args, config)
+        except PrivacyBudgetSpent as e:
+            log.warning("%s: stopping", e)
+            stopped = "privacy budget"
+            break
         record = _wait(conn.store, args.run, info["round"], info["shards"], args.json)
         if record["status"] == "failed":
             log.warning("round %d failed: no volunteer delta was accepted before the deadline", info["round"])
         numbers.append(info["round"])
     document = run_document(conn.store, args.run, numbers)
+    if stopped:
+        document["stopped"] = stopped
     if not args.json:
         Console().print(rounds_table(document))
     return document
@@ -386,6 +398,7 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
     quorum_spec = args.quorum if args.quorum is not None else config.get("quorum")
     quorum = parse_quorum(quorum_spec, shards)
     deadline = float(args.deadline or config.get("deadline") or DEFAULT_DEADLINE)
+    privacy.check_round(config, conn.store.version(args.run), shards, quorum)
     info = _post_round(conn.store, conn.app, args.run, shards, quorum, deadline)
     return {
         "run": args.run,

@@ -33,6 +33,8 @@ def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
         record["eval_accuracy"] = summary["eval_accuracy"]
     if info.get("reason"):
         record["reason"] = info["reason"]
+    if "epsilon" in summary:
+        record["epsilon"] = summary["epsilon"]
     return record
 
 

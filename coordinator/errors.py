@@ -37,3 +37,7 @@ class RoundOpen(CoordinatorError, RuntimeError):
 
 class BrokerFull(CoordinatorError):
     """Redis refused a write because it reached its maxmemory; nothing half-done was left."""
+
+
+class PrivacyBudgetSpent(UsageError):
+    """One more round would take the run's ε above its --dp-epsilon budget."""

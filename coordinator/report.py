@@ -21,7 +21,14 @@ def plot_run(document: dict[str, Any], out: Path) -> Path:
     """Draw the run's learning curve against rounds and against cumulative uplink bytes."""
     initial = document.get("initial") or {}
     points = _points(document)
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.4), constrained_layout=True)
+    private = any(p.get("epsilon") is not None for p in points)
+    columns = 3 if private else 2
+    fig, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.4), constrained_layout=True)
+    by_round, by_bytes = axes[0], axes[1]
+    if private:
+        _epsilon(
+            axes[2], [0] + [p["model_version"] for p in points], [0.0] + [p.get("epsilon") for p in points]
+        )
     title = (
         f"run {document['run']}: job {document['job']}, strategy {document['strategy']}, "
         f"compression {document['compression']}"
@@ -72,6 +79,16 @@ def plot_run(document: dict[str, Any], out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _epsilon(ax: Any, versions: list[int], epsilons: list[float | None]) -> None:
+    """Privacy spent: cumulative epsilon of DP-FedAvg after each merged round."""
+    ax.plot(versions, epsilons, marker="s", color="tab:purple", label="epsilon")
+    ax.set_title("privacy spent (epsilon, DP-FedAvg)")
+    ax.set_xlabel("model version (rounds merged)")
+    ax.set_ylabel("epsilon")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
 
 
 def _points(document: dict[str, Any]) -> list[dict[str, Any]]:

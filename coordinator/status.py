@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
+from coordinator.privacy import from_config, spent
 from coordinator.store import Store
 
 PING_TIMEOUT = 1.0
@@ -29,17 +30,20 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 key: current.get(key)
                 for key in ("round", "shards", "quorum", "accepted", "rejected", "late", "status")
             }
-        runs.append(
-            {
-                "run": name,
-                "job": config["job"],
-                "strategy": config["strategy"],
-                "compression": config["compression"],
-                "model_version": store.version(name),
-                "rounds": store.rounds.count(name),
-                "open_round": open_round,
-            }
-        )
+        version = store.version(name)
+        entry = {
+            "run": name,
+            "job": config["job"],
+            "strategy": config["strategy"],
+            "compression": config["compression"],
+            "model_version": version,
+            "rounds": store.rounds.count(name),
+            "open_round": open_round,
+        }
+        dp = from_config(config)
+        if dp is not None:
+            entry.update(epsilon=spent(dp, version), epsilon_budget=dp.budget)
+        runs.append(entry)
     online = _online_nodes(app)
     volunteers = []
     for name, credit in store.volunteers().items():

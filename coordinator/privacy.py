@@ -1,0 +1,149 @@
+"""DP-FedAvg (McMahan et al. 2018): clip each volunteer's voice, noise the sum, account for ε.
+
+The aggregator (trusted: it sees individual deltas) clips every volunteer's
+combined delta of the round to L2 norm ``clip``, sums the clipped voices, adds
+Gaussian noise of standard deviation ``noise * clip`` to the sum and divides by
+the number of voices; the strategy then applies that mean like any other. One
+volunteer changes the sum by at most ``clip``, so each merge is the Gaussian
+mechanism with noise multiplier ``noise``. ε after r merges is what Google's
+``dp-accounting`` RDP accountant gives for r compositions of the
+Poisson-subsampled Gaussian mechanism at sampling rate q (quorum / population,
+1 without a population) and δ. No privacy maths is written here.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dp_accounting
+import torch
+from dp_accounting.rdp import RdpAccountant
+
+from coordinator.errors import PrivacyBudgetSpent, UsageError
+from coordinator.rounds import parse_quorum
+from coordinator.validation import delta_norm
+from serialization import TensorDict
+
+DEFAULT_DELTA = 1e-5
+DEFAULT_SHARDS = 4
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A run's DP settings (``init --dp-*``)."""
+
+    clip: float
+    noise: float
+    delta: float = DEFAULT_DELTA
+    budget: float | None = None  # --dp-epsilon: no round may take epsilon above it
+    population: int | None = None  # --dp-population: volunteers a round samples from
+
+    quorum: int = 1  # accepted shards a round needs (init's --quorum): q = quorum / population
+
+    @property
+    def sampling_rate(self) -> float:
+        """q of the accountant: the fraction of the population whose voices one round takes."""
+        return 1.0 if not self.population else min(1.0, self.quorum / self.population)
+
+    def epsilon(self, merges: int) -> float:
+        """ε after ``merges`` merged rounds, at this run's δ (0 before the first)."""
+        return epsilon_after(merges, self.noise, self.sampling_rate, self.delta)
+
+
+def epsilon_after(rounds: int, noise: float, q: float, delta: float) -> float:
+    """ε of ``rounds`` Poisson-subsampled Gaussian mechanisms (noise multiplier, rate q) at δ."""
+    if rounds <= 0:
+        return 0.0
+    accountant = RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def from_config(config: Mapping[str, Any]) -> Privacy | None:
+    """The run's DP settings, or None for a run without differential privacy."""
+    if config.get("dp_clip") is None:
+        return None
+    shards = int(config.get("shards") or DEFAULT_SHARDS)
+    return Privacy(
+        quorum=parse_quorum(config.get("quorum"), shards),
+        clip=float(config["dp_clip"]),
+        noise=float(config["dp_noise"]),
+        delta=float(config.get("dp_delta") or DEFAULT_DELTA),
+        budget=None if config.get("dp_epsilon") is None else float(config["dp_epsilon"]),
+        population=None if config.get("dp_population") is None else int(config["dp_population"]),
+    )
+
+
+def check_settings(
+    clip: float | None, noise: float | None, strategy: str, population: int | None, shards: int
+) -> None:
+    """Refuse DP settings that cannot work, or a strategy the accountant does not cover (UsageError)."""
+    if clip is None and noise is None:
+        return
+    if clip is None or noise is None:
+        raise UsageError("differential privacy needs both --dp-clip C and --dp-noise Z")
+    if strategy.split(":")[0] in ("median", "trimmed-mean", "krum"):
+        raise UsageError(
+            f"--strategy {strategy} with differential privacy: a robust strategy picks among the "
+            "clipped deltas, which the accountant's Gaussian sum does not cover; use fedavg, "
+            "fedavgm, diloco or fedadam (clipping already bounds every volunteer's influence)"
+        )
+    if population is not None and population < 1:
+        raise UsageError("--dp-population must be at least 1")
+    if population is not None and population < shards:
+        raise UsageError(f"--dp-population {population} is smaller than a round's {shards} shards")
+
+
+def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[TensorDict, int]:
+    """(mean of the clipped voices plus noise of std noise*clip on their sum, number of voices)."""
+    total: TensorDict = {}
+    count = 0
+    for voice in voices:
+        norm = delta_norm(voice)
+        scale = 1.0 if norm <= clip else clip / norm
+        for name, tensor in voice.items():
+            if name in total:
+                total[name].add_(tensor, alpha=scale)
+            else:
+                total[name] = tensor.to(torch.float32) * scale
+        count += 1
+    if count == 0:
+        return total, 0
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    for tensor in total.values():
+        tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=noise * clip)
+        tensor.div_(count)
+    return total, count
+
+
+def spent(privacy: Privacy | None, merges: int) -> float | None:
+    """ε so far for the JSON and status (None for a run without DP)."""
+    if privacy is None:
+        return None
+    value = privacy.epsilon(merges)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def check_round(config: Mapping[str, Any], merges: int, shards: int, quorum: int) -> None:
+    """Refuse a round the budget cannot pay for, or one the accountant's q would not describe."""
+    privacy = from_config(config)
+    if privacy is None:
+        return
+    if privacy.population and (quorum != privacy.quorum or shards != int(config.get("shards") or 0)):
+        raise UsageError(
+            f"this run is accounted with q = quorum/population = {privacy.quorum}/{privacy.population}: "
+            "its rounds keep the --shards and --quorum given to init"
+        )
+    if privacy.budget is None:
+        return
+    now, after = privacy.epsilon(merges), privacy.epsilon(merges + 1)
+    if after > privacy.budget:
+        raise PrivacyBudgetSpent(
+            f"privacy budget: one more round would take epsilon from {now:.4g} to {after:.4g}, "
+            f"over --dp-epsilon {privacy.budget:g} (delta {privacy.delta:g})"
+        )

@@ -1,0 +1,61 @@
+"""DP-FedAvg: clipped voices, noise on the sum, and epsilon from Google's dp-accounting."""
+
+from __future__ import annotations
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting.rdp import RdpAccountant
+
+from coordinator.errors import PrivacyBudgetSpent, UsageError
+from coordinator.privacy import check_round, check_settings, epsilon_after, from_config, privatize
+from coordinator.validation import delta_norm
+
+
+def independent_epsilon(rounds: int, noise: float, q: float, delta: float) -> float:
+    """The same question asked of dp-accounting directly, one round at a time."""
+    accountant = RdpAccountant()
+    for _ in range(rounds):
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise)))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize(("noise", "q"), [(1.0, 1.0), (2.0, 0.25), (0.8, 0.5)])
+def test_epsilon_matches_dp_accounting_and_grows_round_over_round(noise, q):
+    ours = [epsilon_after(r, noise, q, 1e-5) for r in range(1, 6)]
+    theirs = [independent_epsilon(r, noise, q, 1e-5) for r in range(1, 6)]
+    assert all(abs(a - b) <= 0.01 * b for a, b in zip(ours, theirs)), (ours, theirs)
+    assert all(later > earlier for earlier, later in zip(ours, ours[1:]))
+    assert epsilon_after(0, noise, q, 1e-5) == 0.0
+
+
+def test_each_voice_is_clipped_and_the_sum_is_noised_by_z_times_c():
+    big = {"w": torch.full((10_000,), 3.0)}  # norm 300: clipped to 1
+    small = {"w": torch.full((10_000,), 0.001)}  # norm 0.1: kept
+    mean, count = privatize([big, small], clip=1.0, noise=0.0)
+    assert count == 2
+    expected = (big["w"] / delta_norm(big) + small["w"]) / 2
+    assert torch.allclose(mean["w"], expected, atol=1e-6)
+    noised, _ = privatize([{"w": torch.zeros(200_000)}], clip=2.0, noise=1.5)
+    assert float(noised["w"].std()) == pytest.approx(3.0, rel=0.02)  # Z * C, one voice
+
+
+def test_settings_that_cannot_be_accounted_are_refused():
+    check_settings(None, None, "median", None, 4)  # no DP: anything goes
+    with pytest.raises(UsageError, match="both"):
+        check_settings(1.0, None, "fedavg", None, 4)
+    with pytest.raises(UsageError, match="robust strategy"):
+        check_settings(1.0, 1.0, "trimmed-mean:0.1", None, 4)
+    with pytest.raises(UsageError, match="smaller than"):
+        check_settings(1.0, 1.0, "fedavg", 2, 4)
+
+
+def test_the_budget_refuses_the_round_that_would_cross_it():
+    config = {"dp_clip": 1.0, "dp_noise": 1.0, "dp_delta": 1e-5, "shards": 4, "quorum": None}
+    two_rounds = epsilon_after(2, 1.0, 1.0, 1e-5)
+    config["dp_epsilon"] = two_rounds * 1.001
+    privacy = from_config(config)
+    assert privacy is not None and privacy.sampling_rate == 1.0
+    check_round(config, merges=1, shards=4, quorum=4)
+    with pytest.raises(PrivacyBudgetSpent, match="dp-epsilon"):
+        check_round(config, merges=2, shards=4, quorum=4)
