@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import redis
 
 from broker.errors import BrokerError
-from coordinator import commands, quickstart
+from coordinator import commands, creation, quickstart
 from coordinator.errors import CoordinatorError
 from coordinator.strategies import STRATEGY_HELP
 from jobs import JobError
@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         return _fail(args.command, str(e))
     except redis.ResponseError as e:
-        if not commands.is_broker_full(e):
+        if not creation.is_broker_full(e):
             raise
-        return _fail(args.command, commands.BROKER_FULL)
+        return _fail(args.command, creation.BROKER_FULL)
     except KeyboardInterrupt:
         print(f"coordinator {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,20 +14,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import redis
-from redis.exceptions import OutOfMemoryError
 from rich.console import Console
 from safetensors import SafetensorError
 
-from broker import embedded, keys
+from broker import embedded
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator import checkpoints, credentials, privacy
 from coordinator.aggregator import watch_deadlines
+from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
-from coordinator.errors import BrokerFull, PrivacyBudgetSpent, RunExists, UsageError
+from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
 from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
 from coordinator.rounds import parse_quorum, wait_round
@@ -35,22 +34,15 @@ from coordinator.rounds import post_round as _post_round
 from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
-from jobs import Job, load_job, parse_job_args
-from serialization import TensorDict, dumps, loads, parse_codec
+from jobs import load_job, parse_job_args
+from serialization import TensorDict, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
 log = logging.getLogger("crowdtrain.coordinator")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Redis's refusal at maxmemory is "OOM command not allowed ..."; redis-py makes that an
-# OutOfMemoryError, but Redis 6 wraps a script's refusal in "Error running script ...: -OOM ...".
-_OOM = re.compile(r"(^|[\s:-])OOM\b")
-_PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 DEFAULT_SHARDS = 4
 DP_KEYS = ("dp_clip", "dp_noise", "dp_delta", "dp_epsilon", "dp_population")
-# Redis refuses a single value larger than this (proto-max-bulk-len).
-REDIS_VALUE_LIMIT = 512 * 1024 * 1024
-BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
 
 
 @dataclass
@@ -93,7 +85,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     if args.run in conn.store.runs():
         raise RunExists(f"run {args.run!r} exists already; choose another --run name")
-    weights, blob, initial = _build_model(job, args.job, args.run)
+    weights, blob, initial = build_model(job, args.job, args.run)
     config = dict(
         job=args.job,
         job_args=job_args,
@@ -116,7 +108,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         initial=initial,
         created_at=time.time(),
     )
-    _create_run(conn, args.run, config, blob, weights)
+    create_run(conn.store, conn.settings.home, args.run, config, blob, weights)
     document = {
         "run": args.run,
         "job": args.job,
@@ -130,74 +122,6 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
         )
     return document
-
-
-def _build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[str, float]]:
-    """Model version 0, its wire bytes and its evaluation; a model too large is a UsageError."""
-    try:
-        model = job.build_model()
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        _check_value_size(size)
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        blob = dumps(weights, {"run": run, "version": 0})
-        _check_value_size(len(blob))
-        initial = {k: float(v) for k, v in job.evaluate(model).items()}
-    except (MemoryError, RuntimeError) as e:
-        raise UsageError(
-            f"job {name!r}: the model is too large for this machine ({first_line(e)[:200]}); "
-            "choose smaller --job-arg values"
-        ) from None
-    return weights, blob, initial
-
-
-def _check_value_size(size: int) -> None:
-    if size > REDIS_VALUE_LIMIT:
-        raise UsageError(
-            f"the encoded model is {size / 2**20:.0f} MiB, over Redis's limit of "
-            f"{REDIS_VALUE_LIMIT // 2**20} MiB for one value; choose smaller --job-arg values"
-        )
-
-
-def _create_run(conn: Connection, run: str, config: dict[str, Any], blob: bytes, weights: TensorDict) -> None:
-    """Store the run in Redis, then version 0 on disk; if either is refused, remove what was written."""
-    try:
-        conn.store.create_run(run, config, blob)
-    except redis.ResponseError as e:
-        _forget_run(conn, run, config)
-        if is_broker_full(e):
-            raise BrokerFull(f"{BROKER_FULL}; run {run!r} was not created") from None
-        raise UsageError(f"the broker refused to store run {run!r}: {first_line(e)}") from None
-    try:
-        checkpoints.save_version(conn.settings.home, run, 0, weights, None, config)
-    except (OSError, SafetensorError) as e:
-        _forget_run(conn, run, config)
-        folder = checkpoints.run_dir(conn.settings.home, run)
-        raise UsageError(f"cannot write run {run!r}'s checkpoint under {folder}: {e}") from None
-
-
-def _forget_run(conn: Connection, run: str, config: dict[str, Any]) -> None:
-    """Delete the keys ``init`` writes for ``run``, if the run's stored config is the one we wrote."""
-    client = conn.store.redis
-    if client.get(keys.run_config(run)) != msgpack.packb(config):
-        return  # we never wrote it (refused at once), or it is another coordinator's run
-    pipe = client.pipeline()
-    pipe.srem(keys.runs(), run)
-    pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))
-    pipe.execute()
-
-
-def is_broker_full(error: BaseException) -> bool:
-    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
-    if isinstance(error, OutOfMemoryError):  # redis-py strips the "OOM " prefix itself
-        return True
-    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's text (without a pipeline's echo of its command and arguments)."""
-    text = _PIPELINE_ECHO.sub("", str(error).strip())
-    lines = text.splitlines()
-    return lines[0][:300] if lines else type(error).__name__
 
 
 def post_round(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""Creating a run: model version 0, the checks it must pass, and no half-created run left behind.
+
+A model too large for this machine or for one Redis value is a usage error
+before anything is written; if Redis refuses a write (full at maxmemory), what
+was written is removed again.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import redis
+from redis.exceptions import OutOfMemoryError
+from safetensors import SafetensorError
+
+from broker import keys
+from coordinator import checkpoints
+from coordinator.errors import BrokerFull, UsageError
+from coordinator.store import Store
+from jobs import Job
+from serialization import TensorDict, dumps
+
+# Redis's refusal at maxmemory is "OOM command not allowed ..."; redis-py makes that an
+# OutOfMemoryError, but Redis 6 wraps a script's refusal in "Error running script ...: -OOM ...".
+_OOM = re.compile(r"(^|[\s:-])OOM\b")
+_PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
+# Redis refuses a single value larger than this (proto-max-bulk-len).
+REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
+
+
+def build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[str, float]]:
+    """Model version 0, its wire bytes and its evaluation; a model too large is a UsageError."""
+    try:
+        model = job.build_model()
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        _check_value_size(size)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        blob = dumps(weights, {"run": run, "version": 0})
+        _check_value_size(len(blob))
+        initial = {k: float(v) for k, v in job.evaluate(model).items()}
+    except (MemoryError, RuntimeError) as e:
+        raise UsageError(
+            f"job {name!r}: the model is too large for this machine ({first_line(e)[:200]}); "
+            "choose smaller --job-arg values"
+        ) from None
+    return weights, blob, initial
+
+
+def _check_value_size(size: int) -> None:
+    if size > REDIS_VALUE_LIMIT:
+        raise UsageError(
+            f"the encoded model is {size / 2**20:.0f} MiB, over Redis's limit of "
+            f"{REDIS_VALUE_LIMIT // 2**20} MiB for one value; choose smaller --job-arg values"
+        )
+
+
+def create_run(
+    store: Store, home: Path, run: str, config: dict[str, Any], blob: bytes, weights: TensorDict
+) -> None:
+    """Store the run in Redis, then version 0 on disk; if either is refused, remove what was written."""
+    try:
+        store.create_run(run, config, blob)
+    except redis.ResponseError as e:
+        _forget_run(store, run, config)
+        if is_broker_full(e):
+            raise BrokerFull(f"{BROKER_FULL}; run {run!r} was not created") from None
+        raise UsageError(f"the broker refused to store run {run!r}: {first_line(e)}") from None
+    try:
+        checkpoints.save_version(home, run, 0, weights, None, config)
+    except (OSError, SafetensorError) as e:
+        _forget_run(store, run, config)
+        folder = checkpoints.run_dir(home, run)
+        raise UsageError(f"cannot write run {run!r}'s checkpoint under {folder}: {e}") from None
+
+
+def _forget_run(store: Store, run: str, config: dict[str, Any]) -> None:
+    """Delete the keys ``init`` writes for ``run``, if the run's stored config is the one we wrote."""
+    client = store.redis
+    if client.get(keys.run_config(run)) != msgpack.packb(config):
+        return  # we never wrote it (refused at once), or it is another coordinator's run
+    pipe = client.pipeline()
+    pipe.srem(keys.runs(), run)
+    pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))
+    pipe.execute()
+
+
+def is_broker_full(error: BaseException) -> bool:
+    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
+    if isinstance(error, OutOfMemoryError):  # redis-py strips the "OOM " prefix itself
+        return True
+    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (without a pipeline's echo of its command and arguments)."""
+    text = _PIPELINE_ECHO.sub("", str(error).strip())
+    lines = text.splitlines()
+    return lines[0][:300] if lines else type(error).__name__
