@@ -278,7 +278,7 @@ def _privacy_flags(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--dp-noise",
-        type=_float_in(0, 1e6),
+        type=_float_in(0, 1e6, low_ok=True),
         default=None,
         metavar="Z",
         help="Gaussian noise of standard deviation Z*C on the sum of clipped deltas",

@@ -58,6 +58,8 @@ def epsilon_after(rounds: int, noise: float, q: float, delta: float) -> float:
     """ε of ``rounds`` Poisson-subsampled Gaussian mechanisms (noise multiplier, rate q) at δ."""
     if rounds <= 0:
         return 0.0
+    if noise <= 0:
+        return math.inf  # clipping alone protects nobody
     accountant = RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
@@ -141,7 +143,7 @@ def check_round(config: Mapping[str, Any], merges: int, shards: int, quorum: int
         )
     if privacy.budget is None:
         return
-    now, after = privacy.epsilon(merges), privacy.epsilon(merges + 1)
+    now, after = privacy.epsilon(merges), privacy.epsilon(merges + 1)  # inf without noise
     if after > privacy.budget:
         raise PrivacyBudgetSpent(
             f"privacy budget: one more round would take epsilon from {now:.4g} to {after:.4g}, "

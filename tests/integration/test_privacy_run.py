@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from safetensors.torch import load_file
 
 from coordinator.privacy import epsilon_after
 
@@ -12,7 +13,8 @@ TINY = "tests.fixtures.jobs_tiny:make_job"
 def test_a_private_run_reports_epsilon_and_stops_at_its_budget(processes):
     processes.aggregator()
     processes.volunteer("bob", "--allow-job", TINY)
-    budget = epsilon_after(2, 1.2, 1.0, 1e-5) * 1.001  # room for two merged rounds
+    two, three = (epsilon_after(n, 1.2, 1.0, 1e-5) for n in (2, 3))
+    budget = (two + three) / 2  # between epsilon(2) and epsilon(3)
     processes.json(
         "init",
         "--run",
@@ -33,7 +35,7 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(processes):
         str(budget),
     )
     # act
-    document = processes.json("run", "--run", "r", "--rounds", "5")
+    document = processes.json("run", "--run", "r", "--rounds", "3")
     # assert
     assert document["stopped"] == "privacy budget", processes.log_tail()
     rounds = document["rounds"]
@@ -55,3 +57,27 @@ def test_a_robust_strategy_with_differential_privacy_is_refused_at_init(processe
         "init", "--run", "r", "--job", TINY, "--strategy", "median", "--dp-clip", "1", "--dp-noise", "1"
     )
     assert result.returncode == 2 and "robust strategy" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_noise_is_really_added_and_a_tiny_clip_barely_moves_the_model(processes):
+    processes.aggregator()
+    processes.volunteer("bob", "--allow-job", TINY)
+    flags = ["--job", TINY, "--local-steps", "3", "--shards", "2", "--deadline", "120", "--dp-clip"]
+    processes.json("init", "--run", "tiny-clip", *flags, "1e-6", "--dp-noise", "1")
+    processes.json("init", "--run", "noisy", *flags, "0.5", "--dp-noise", "1")
+    processes.json("init", "--run", "quiet", *flags, "0.5", "--dp-noise", "0")
+    moved = {}
+    for run in ("tiny-clip", "noisy", "quiet"):
+        assert processes.json("run", "--run", run, "--rounds", "1")["rounds"][0]["status"] == "done"
+        before, after = (_weights(processes, run, v) for v in (0, 1))
+        moved[run] = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert moved["tiny-clip"] < 1e-4, moved  # at most C plus noise of std Z*C = 1e-6
+    # the same clipped mean, with and without noise of std Z*C/voices = 0.5: far apart
+    assert moved["noisy"] > 5 * moved["quiet"], moved
+
+
+def _weights(processes, run: str, version: int) -> dict:
+    out = processes.home / f"{run}-{version}.safetensors"
+    result = processes.cli("export", "--run", run, "--version", str(version), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return load_file(out)
