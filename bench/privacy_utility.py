@@ -80,7 +80,7 @@ def simulate(
         if clip is None:
             mean = {k: sum(d[k] for d in deltas) / len(deltas) for k in deltas[0]}
         else:
-            mean, _ = privatize(deltas, clip, noise)
+            mean, _, _ = privatize(deltas, clip, noise)
         weights = {k: weights[k] + mean[k] if k in mean else weights[k] for k in weights}
     model.load_state_dict(weights)
     return float(job.evaluate(model)["eval_loss"]), first_norms

@@ -10,6 +10,7 @@ place and the volunteer ACL (``coordinator.credentials``) follows it::
     ct:run:RUN:model:V                   wire bytes of model version V
     ct:run:RUN:staged:V:OWNER            a candidate version V before it is published
     ct:run:RUN:strategy                  wire bytes of the strategy's state
+    ct:run:RUN:dp_clip                   adaptive clipping's current C (DP runs)
     ct:run:RUN:round:N                   hash: status, counters, deadline, claim, summary
     ct:run:RUN:round:N:accepted          hash: shard -> key of the accepted copy
     ct:run:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, copied out of reach
@@ -59,6 +60,11 @@ def run_rounds(run: str) -> str:
 
 def model(run: str, version: int) -> str:
     return _k("run", run, "model", version)
+
+
+def dp_clip(run: str) -> str:
+    """The current clip of a run with adaptive clipping (DP-FedAvg)."""
+    return _k("run", run, "dp_clip")
 
 
 def staged_model(run: str, version: int, owner: str) -> str:

@@ -26,7 +26,7 @@ from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
 from coordinator.janitor import housekeeping
-from coordinator.privacy import from_config, privatize, spent
+from coordinator.privacy import from_config, next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
@@ -87,7 +87,7 @@ class Aggregator:
         privacy = from_config(context.config)
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
-        weights, strategy, evaluation = self._merge(context, base, used, metas)
+        weights, strategy, evaluation, clip = self._merge(context, base, used, metas)
         if not all(all_finite(t) for t in weights.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
         staged = self.store.stage_model(
@@ -103,6 +103,8 @@ class Aggregator:
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
         self._credit(used, metas)
+        if clip is not None:  # adaptive clipping: the next round's C, once this one is published
+            self.store.set_dp_clip(run, clip)
         self.store.prune_versions(run, base + 1)
         checkpoints.save_version(self.home, run, base + 1, weights, strategy_state, context.config)
         checkpoints.append_metrics(self.home, run, summary)
@@ -141,8 +143,12 @@ class Aggregator:
 
     def _merge(
         self, context: RunContext, base: int, used: dict[int, str], metas: dict[int, dict]
-    ) -> tuple[TensorDict, Strategy, dict[str, float]]:
-        """Second pass: stream one combined delta per volunteer through the strategy, then evaluate."""
+    ) -> tuple[TensorDict, Strategy, dict[str, float], float | None]:
+        """Second pass: one combined delta per volunteer through the strategy, then evaluate.
+
+        Returns the new weights, the strategy, the evaluation and, with adaptive
+        clipping, the next round's clip.
+        """
         config = context.config
         weights, _ = loads(self.contexts.model_blob(context.name, base))
         weights = {k: v.clone() for k, v in weights.items()}  # views of the blob are read-only
@@ -164,15 +170,19 @@ class Aggregator:
                 yield self._voice(context, used, metas, shards)
 
         privacy = from_config(config)
+        next_value: float | None = None
         if privacy is None:
             weights = strategy.aggregate(weights, deltas())
         else:  # DP-FedAvg: the strategy applies the noised mean of the clipped voices
-            mean, count = privatize((delta for _, delta in deltas()), privacy.clip, privacy.noise)
+            clip = self.store.dp_clip(context.name) or privacy.clip
+            mean, count, unclipped = privatize((delta for _, delta in deltas()), clip, privacy.noise)
             weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []))
+            if privacy.quantile is not None:
+                next_value = next_clip(privacy, clip, unclipped, count)
         model = context.job.build_model()
         model.load_state_dict(weights)
         evaluation = {k: float(v) for k, v in context.job.evaluate(model).items()}
-        return weights, strategy, evaluation
+        return weights, strategy, evaluation, next_value
 
     def _voice(
         self, context: RunContext, used: dict[int, str], metas: dict[int, dict], shards: list[int]

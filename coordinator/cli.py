@@ -304,6 +304,28 @@ def _privacy_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="volunteers a round samples from: sampling rate q = quorum/N (default q = 1)",
     )
+    group.add_argument(
+        "--dp-quantile",
+        type=_float_in(0, 1, high_ok=False),
+        default=None,
+        metavar="Q",
+        help="adaptive clipping (Andrew et al. 2021): move C each round toward the Q-quantile of the "
+        "voices' norms, --dp-clip being its start; the noised count it needs is accounted in epsilon",
+    )
+    group.add_argument(
+        "--dp-clip-lr",
+        type=_float_in(0, 10),
+        default=None,
+        metavar="ETA",
+        help="adaptive clipping's rate (0.2)",
+    )
+    group.add_argument(
+        "--dp-count-noise",
+        type=_float_in(0, 1e6),
+        default=None,
+        metavar="S",
+        help="noise std on the count of unclipped voices (default: the round's quorum / 20)",
+    )
 
 
 def _local_steps_flag(p: argparse.ArgumentParser, default: int) -> None:

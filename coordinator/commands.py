@@ -42,7 +42,16 @@ from tasks.app import CrowdtrainApp, make_app
 log = logging.getLogger("crowdtrain.coordinator")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_SHARDS = 4
-DP_KEYS = ("dp_clip", "dp_noise", "dp_delta", "dp_epsilon", "dp_population")
+DP_KEYS = (
+    "dp_clip",
+    "dp_noise",
+    "dp_delta",
+    "dp_epsilon",
+    "dp_population",
+    "dp_quantile",
+    "dp_clip_lr",
+    "dp_count_noise",
+)
 
 
 @dataclass
@@ -81,6 +90,10 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     parse_quorum(args.quorum, shards)
     dp = {key: getattr(args, key, None) for key in DP_KEYS}
     privacy.check_settings(dp["dp_clip"], dp["dp_noise"], args.strategy, dp["dp_population"], shards)
+    if dp["dp_clip"] is None and any(
+        dp[k] is not None for k in ("dp_quantile", "dp_clip_lr", "dp_count_noise")
+    ):
+        raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():

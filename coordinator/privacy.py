@@ -29,6 +29,7 @@ from coordinator.validation import delta_norm
 from serialization import TensorDict
 
 DEFAULT_DELTA = 1e-5
+DEFAULT_CLIP_LR = 0.2
 DEFAULT_SHARDS = 4
 
 
@@ -41,8 +42,10 @@ class Privacy:
     delta: float = DEFAULT_DELTA
     budget: float | None = None  # --dp-epsilon: no round may take epsilon above it
     population: int | None = None  # --dp-population: volunteers a round samples from
-
     quorum: int = 1  # accepted shards a round needs (init's --quorum): q = quorum / population
+    quantile: float | None = None  # --dp-quantile: adaptive clipping's target (None: fixed C)
+    clip_lr: float = DEFAULT_CLIP_LR  # --dp-clip-lr: how fast C follows that quantile
+    count_noise: float = 0.0  # --dp-count-noise: std of the noise on the count of unclipped voices
 
     @property
     def sampling_rate(self) -> float:
@@ -51,19 +54,43 @@ class Privacy:
 
     def epsilon(self, merges: int) -> float:
         """ε after ``merges`` merged rounds, at this run's δ (0 before the first)."""
-        return epsilon_after(merges, self.noise, self.sampling_rate, self.delta)
+        count = self.count_noise if self.quantile is not None else None
+        return epsilon_after(merges, self.noise, self.sampling_rate, self.delta, count)
 
 
-def epsilon_after(rounds: int, noise: float, q: float, delta: float) -> float:
-    """ε of ``rounds`` Poisson-subsampled Gaussian mechanisms (noise multiplier, rate q) at δ."""
+def epsilon_after(
+    rounds: int, noise: float, q: float, delta: float, count_noise: float | None = None
+) -> float:
+    """ε of ``rounds`` Poisson-subsampled Gaussian mechanisms (noise multiplier, rate q) at δ.
+
+    With adaptive clipping each round also releases the noised count of unclipped
+    voices (sensitivity 1, noise std ``count_noise``): a second Gaussian mechanism,
+    composed in by the accountant (its extra privacy cost).
+    """
     if rounds <= 0:
         return 0.0
-    if noise <= 0:
-        return math.inf  # clipping alone protects nobody
+    if noise <= 0 or (count_noise is not None and count_noise <= 0):
+        return math.inf  # a release without noise protects nobody
+    mechanisms = [dp_accounting.GaussianDpEvent(noise)]
+    if count_noise is not None:
+        mechanisms.append(dp_accounting.GaussianDpEvent(count_noise))
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.ComposedDpEvent(mechanisms))
     accountant = RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return float(accountant.get_epsilon(delta))
+
+
+def next_clip(privacy: Privacy, clip: float, unclipped: int, voices: int) -> float:
+    """Adaptive clipping (Andrew et al. 2021): move C geometrically toward the target quantile.
+
+    The fraction of voices that were not clipped is released with Gaussian noise
+    (accounted in ``epsilon``); C shrinks when more than the target fraction fit under it.
+    """
+    if privacy.quantile is None or voices == 0:
+        return clip
+    noise = torch.randn((), generator=torch.Generator().manual_seed(secrets.randbits(63)))
+    fraction = (unclipped + privacy.count_noise * float(noise)) / voices
+    return clip * math.exp(-privacy.clip_lr * (fraction - privacy.quantile))
 
 
 def from_config(config: Mapping[str, Any]) -> Privacy | None:
@@ -78,7 +105,17 @@ def from_config(config: Mapping[str, Any]) -> Privacy | None:
         delta=float(config.get("dp_delta") or DEFAULT_DELTA),
         budget=None if config.get("dp_epsilon") is None else float(config["dp_epsilon"]),
         population=None if config.get("dp_population") is None else int(config["dp_population"]),
+        quantile=None if config.get("dp_quantile") is None else float(config["dp_quantile"]),
+        clip_lr=float(config.get("dp_clip_lr") or DEFAULT_CLIP_LR),
+        count_noise=_count_noise(config, parse_quorum(config.get("quorum"), shards)),
     )
+
+
+def _count_noise(config: Mapping[str, Any], quorum: int) -> float:
+    """--dp-count-noise, else the paper's choice: the expected voices of a round over 20."""
+    if config.get("dp_count_noise") is not None:
+        return float(config["dp_count_noise"])
+    return quorum / 20
 
 
 def check_settings(
@@ -101,12 +138,13 @@ def check_settings(
         raise UsageError(f"--dp-population {population} is smaller than a round's {shards} shards")
 
 
-def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[TensorDict, int]:
-    """(mean of the clipped voices plus noise of std noise*clip on their sum, number of voices)."""
+def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[TensorDict, int, int]:
+    """(mean of the clipped voices plus noise of std noise*clip on their sum, voices, voices not clipped)."""
     total: TensorDict = {}
-    count = 0
+    count = unclipped = 0
     for voice in voices:
         norm = delta_norm(voice)
+        unclipped += norm <= clip
         scale = 1.0 if norm <= clip else clip / norm
         for name, tensor in voice.items():
             if name in total:
@@ -115,12 +153,12 @@ def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[
                 total[name] = tensor.to(torch.float32) * scale
         count += 1
     if count == 0:
-        return total, 0
+        return total, 0, 0
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     for tensor in total.values():
         tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=noise * clip)
         tensor.div_(count)
-    return total, count
+    return total, count, unclipped
 
 
 def spent(privacy: Privacy | None, merges: int) -> float | None:

@@ -42,7 +42,9 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
         }
         dp = from_config(config)
         if dp is not None:
-            entry.update(epsilon=spent(dp, version), epsilon_budget=dp.budget)
+            entry.update(
+                epsilon=spent(dp, version), epsilon_budget=dp.budget, dp_clip=store.dp_clip(name) or dp.clip
+            )
         runs.append(entry)
     online = _online_nodes(app)
     volunteers = []

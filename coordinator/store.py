@@ -72,6 +72,14 @@ class Store:
         if old >= 0:
             self.redis.delete(*(keys.model(run, v) for v in range(max(0, old - 8), old + 1)))
 
+    def dp_clip(self, run: str) -> float | None:
+        """The adaptive clip C of a DP run, once a merge has moved it (None before)."""
+        raw = self.redis.get(keys.dp_clip(run))
+        return float(raw) if raw is not None else None
+
+    def set_dp_clip(self, run: str, clip: float) -> None:
+        self.redis.set(keys.dp_clip(run), repr(float(clip)))
+
     # --- uploads -------------------------------------------------------------
     def upload_size(self, key: str) -> int:
         """Bytes stored under ``key`` (0 if absent), known before anything is downloaded."""

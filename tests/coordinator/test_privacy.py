@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import dp_accounting
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
 from coordinator.errors import PrivacyBudgetSpent, UsageError
-from coordinator.privacy import check_round, check_settings, epsilon_after, from_config, privatize
+from coordinator.privacy import check_round, check_settings, epsilon_after, from_config, next_clip, privatize
 from coordinator.validation import delta_norm
 
 
@@ -32,11 +34,11 @@ def test_epsilon_matches_dp_accounting_and_grows_round_over_round(noise, q):
 def test_each_voice_is_clipped_and_the_sum_is_noised_by_z_times_c():
     big = {"w": torch.full((10_000,), 3.0)}  # norm 300: clipped to 1
     small = {"w": torch.full((10_000,), 0.001)}  # norm 0.1: kept
-    mean, count = privatize([big, small], clip=1.0, noise=0.0)
-    assert count == 2
+    mean, count, unclipped = privatize([big, small], clip=1.0, noise=0.0)
+    assert count == 2 and unclipped == 1
     expected = (big["w"] / delta_norm(big) + small["w"]) / 2
     assert torch.allclose(mean["w"], expected, atol=1e-6)
-    noised, _ = privatize([{"w": torch.zeros(200_000)}], clip=2.0, noise=1.5)
+    noised, _, _ = privatize([{"w": torch.zeros(200_000)}], clip=2.0, noise=1.5)
     assert float(noised["w"].std()) == pytest.approx(3.0, rel=0.02)  # Z * C, one voice
 
 
@@ -59,3 +61,34 @@ def test_the_budget_refuses_the_round_that_would_cross_it():
     check_round(config, merges=1, shards=4, quorum=4)
     with pytest.raises(PrivacyBudgetSpent, match="dp-epsilon"):
         check_round(config, merges=2, shards=4, quorum=4)
+
+
+# --- adaptive clipping (Andrew et al. 2021) ---------------------------------------------
+def test_adaptive_clipping_pays_for_its_noised_count_in_epsilon():
+    fixed = epsilon_after(5, 1.0, 1.0, 1e-5)
+    adaptive = epsilon_after(5, 1.0, 1.0, 1e-5, count_noise=2.0)
+    accountant = RdpAccountant()
+    both = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(1.0), dp_accounting.GaussianDpEvent(2.0)]
+    )
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(1.0, both), 5)
+    assert adaptive > fixed
+    assert adaptive == pytest.approx(accountant.get_epsilon(1e-5), rel=0.01)
+
+
+def test_the_clip_moves_toward_the_target_quantile():
+    config = {
+        "dp_clip": 1.0,
+        "dp_noise": 1.0,
+        "dp_quantile": 0.5,
+        "dp_clip_lr": 0.2,
+        "dp_count_noise": 0.0,
+        "shards": 4,
+        "quorum": None,
+    }
+    privacy = from_config(config)
+    assert privacy is not None and privacy.quantile == 0.5
+    grown = next_clip(privacy, 1.0, unclipped=0, voices=4)  # every voice was clipped: C too small
+    shrunk = next_clip(privacy, 1.0, unclipped=4, voices=4)  # none was: C too large
+    assert grown == pytest.approx(math.exp(0.1)) and shrunk == pytest.approx(math.exp(-0.1))
+    assert from_config({**config, "dp_count_noise": None}).count_noise == pytest.approx(4 / 20)

@@ -81,3 +81,17 @@ def _weights(processes, run: str, version: int) -> dict:
     result = processes.cli("export", "--run", run, "--version", str(version), "--out", str(out))
     assert result.returncode == 0, result.stderr
     return load_file(out)
+
+
+def test_adaptive_clipping_moves_the_clip_and_accounts_for_it(processes):
+    processes.aggregator()
+    processes.volunteer("bob", "--allow-job", TINY)
+    flags = ["--local-steps", "3", "--shards", "2", "--deadline", "120", "--dp-clip", "10", "--dp-noise", "1"]
+    processes.json(
+        "init", "--run", "r", "--job", TINY, *flags, "--dp-quantile", "0.5", "--dp-count-noise", "0.1"
+    )
+    record = processes.json("run", "--run", "r", "--rounds", "1")["rounds"][0]
+    assert record["status"] == "done", processes.log_tail()
+    assert record["epsilon"] == pytest.approx(epsilon_after(1, 1.0, 1.0, 1e-5, count_noise=0.1), rel=1e-4)
+    run = processes.json("status", "--run", "r")["runs"][0]
+    assert run["dp_clip"] < 10  # the tiny job's deltas all fit far under C = 10: it shrinks
