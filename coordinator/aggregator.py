@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
 from coordinator.janitor import housekeeping
-from coordinator.privacy import next_clip, privatize, spent
+from coordinator.privacy import from_config, next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
@@ -40,7 +39,6 @@ DEADLINE_POLL = 0.5
 DEADLINE_RESEND = 10.0
 HOUSEKEEPING_PERIOD = 30.0
 MAX_ATTEMPTS = 3
-_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")  # what a volunteer may call its device
 
 
 class Aggregator:
@@ -86,7 +84,7 @@ class Aggregator:
         if not used:
             return self._fail(context, number, owner, info, summary, "no accepted deltas")
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
-        privacy = context.privacy
+        privacy = from_config(context.config)
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
         weights, strategy, evaluation, clip = self._merge(context, base, used, metas)
@@ -137,7 +135,7 @@ class Aggregator:
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
-        if context.privacy is None:
+        if from_config(context.config) is None:
             rejections.update(screen_norms(norms, owners, ratio, context.model_norm))
         # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
         # by the others' norms would let one person's data decide whether another's counts.
@@ -171,7 +169,7 @@ class Aggregator:
             for shards in voices.values():
                 yield self._voice(context, used, metas, shards)
 
-        privacy = context.privacy
+        privacy = from_config(config)
         next_value: float | None = None
         if privacy is None:
             weights = strategy.aggregate(weights, deltas())
@@ -216,25 +214,20 @@ class Aggregator:
         return delta
 
     def _credit(self, used: dict[int, str], metas: dict[int, dict]) -> None:
-        """Credit counts merged deltas only: shards, samples and training time; the device they report."""
-        credit: dict[str, dict[str, Any]] = defaultdict(lambda: {"shards": 0, "samples": 0, "seconds": 0.0})
+        """Credit counts merged deltas only: shards, samples, accepted and training time per volunteer."""
+        credit: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
         for shard, key in used.items():
-            entry, meta = credit[keys.volunteer_of(key)], metas[shard]
-            entry["shards"] += 1
-            entry["samples"] += int(meta["samples"])
-            entry["seconds"] += _seconds(meta.get("seconds"))
-            device = meta.get("device")
-            if isinstance(device, str) and _DEVICE.match(device):
-                entry["device"] = device
-        for volunteer, entry in credit.items():
-            shards = entry["shards"]
+            entry = credit[keys.volunteer_of(key)]
+            entry[0] += 1
+            entry[1] += int(metas[shard]["samples"])
+            entry[2] += _seconds(metas[shard].get("seconds"))
+        for volunteer, (shards, samples, seconds) in credit.items():
             self.store.credit(
                 volunteer,
-                device=entry.get("device"),
-                seconds=entry["seconds"],
-                shards_done=shards,
-                accepted=shards,
-                samples=entry["samples"],
+                seconds=seconds,
+                shards_done=int(shards),
+                accepted=int(shards),
+                samples=int(samples),
             )
 
     def _fail(

@@ -31,6 +31,7 @@ _TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
 # A shard whose upload was rejected is posted again, so another volunteer may train it,
 # at most this many times per round: a volunteer spamming failures costs only that.
 MAX_REOFFERS = 2
+_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,9 @@ class Intake:
             upload.run, upload.round, upload.shard, upload.copy_key, digest
         )
         if outcome == "accepted":
+            device = meta.get("device")
+            if isinstance(device, str) and _DEVICE.match(device):
+                self.store.credit(upload.volunteer, device=device)
             log.info(
                 "accepted %s round %d shard %d from %s",
                 upload.run,

@@ -15,10 +15,14 @@ from celery import Celery
 
 from broker.keys import TRAIN_QUEUE
 from coordinator.documents import round_record
-from coordinator.errors import BROKER_FULL, BrokerFull, QuorumError, is_broker_full
+from coordinator.errors import BrokerFull, QuorumError
 from coordinator.store import Store
 
 POLL_SECONDS = 0.1
+_FULL = (
+    "no round of {run!r} was posted: the broker's Redis is full (maxmemory); "
+    "free memory or raise maxmemory, then post again"
+)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -54,17 +58,15 @@ def post_round(
     with _interrupts_deferred():  # Ctrl-C must not leave a round with half its shards posted
         try:
             info = store.rounds.open(run, shards, quorum, deadline)
-        except redis.ResponseError as e:
-            if is_broker_full(e):
-                raise BrokerFull(f"no round of {run!r} was posted: {BROKER_FULL}, then post again") from None
-            raise
+        except redis.exceptions.OutOfMemoryError:
+            raise BrokerFull(_FULL.format(run=run)) from None
         try:
             _send_shards(app, run, info, shards)
         except Exception as e:
             reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
             store.rounds.abort(run, int(info["round"]), reason)
-            if is_broker_full(e):
-                raise BrokerFull(f"no round of {run!r} was posted: {BROKER_FULL}, then post again") from None
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e):
+                raise BrokerFull(_FULL.format(run=run)) from None
             raise
     return info
 

@@ -10,12 +10,12 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from broker import embedded
-from broker.arguments import OneLineParser, int_in
 from broker.errors import BrokerError
 from broker.keys import TRAIN_QUEUE
 from broker.settings import Settings
@@ -47,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``volunteer`` parser: ``start`` and ``info``."""
     parser = OneLineParser(prog="volunteer", description="Train shards for crowdtrain runs.")
@@ -73,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument(
         "--concurrency",
-        type=int_in(1, MAX_CONCURRENCY),
+        type=_int_in(1, MAX_CONCURRENCY),
         default=1,
         help=f"shards trained at once, 1 to {MAX_CONCURRENCY}",
     )
@@ -101,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=int_in(1, MAX_THREADS),
+        type=_int_in(1, MAX_THREADS),
         default=None,
         help=f"torch CPU threads per shard, 1 to {MAX_THREADS}",
     )
@@ -195,6 +203,21 @@ def _read_broker_file(path: Path) -> str:
     if not url:
         raise VolunteerError(f"--broker-file {path}: its first line is empty; write the broker URL there")
     return url
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
+        return value
+
+    return parse
 
 
 def info(args: argparse.Namespace) -> int:
