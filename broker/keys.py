@@ -118,6 +118,17 @@ def upload(volunteer: str, run: str, number: int, shard: int, token: str) -> str
     return _k("upload", volunteer, run, number, shard, token)
 
 
+def parse_upload(key: str) -> tuple[str, str, int, int, str] | None:
+    """(volunteer, run, round, shard, token) of an upload key; None for any other key."""
+    parts = key.split(":")
+    if len(parts) != 7 or parts[:2] != [PREFIX, "upload"]:
+        return None
+    _, _, volunteer, run, number, shard, token = parts
+    if not (number.isdigit() and shard.isdigit()):
+        return None
+    return volunteer, run, int(number), int(shard), token
+
+
 def upload_pattern(volunteer: str) -> str:
     """The ACL key pattern of everything ``volunteer`` may upload."""
     return _k("upload", volunteer, "*")

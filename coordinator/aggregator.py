@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from broker import keys
 from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
-from coordinator.janitor import housekeeping
 from coordinator.privacy import from_config, next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
@@ -35,9 +34,6 @@ from serialization import TensorDict, dumps, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
 
-DEADLINE_POLL = 0.5
-DEADLINE_RESEND = 10.0
-HOUSEKEEPING_PERIOD = 30.0
 MAX_ATTEMPTS = 3
 
 
@@ -285,30 +281,6 @@ def _seconds(value: Any) -> float:
 
 def _since(info: dict) -> float:
     return round(time.time() - float(info["posted_at"]), 3)
-
-
-def watch_deadlines(store: Store, send: Callable[[str, int], None], stop: threading.Event) -> None:
-    """Ask for aggregation of every due round, and keep Redis tidy (runs in a thread beside the worker).
-
-    Covers what no task message triggers: deadlines, and rounds whose
-    aggregator died holding them or before it sent ``aggregate_round``.
-    """
-    sent: dict[tuple[str, int], float] = {}
-    contexts = RunContexts(store)
-    tidied = 0.0
-    while not stop.is_set():
-        try:
-            now = time.time()
-            for key in store.rounds.due(now):
-                if now - sent.get(key, 0.0) >= DEADLINE_RESEND:
-                    sent[key] = now
-                    send(*key)
-            if now - tidied >= HOUSEKEEPING_PERIOD:
-                tidied = now
-                housekeeping(store, contexts)
-        except Exception as e:  # a broker outage must not kill the watcher
-            log.warning("deadline watcher: %s (retrying)", e)
-        stop.wait(DEADLINE_POLL)
 
 
 @contextlib.contextmanager

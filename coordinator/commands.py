@@ -22,8 +22,7 @@ from broker import embedded
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import checkpoints, credentials, privacy
-from coordinator.aggregator import watch_deadlines
+from coordinator import checkpoints, credentials, janitor, privacy
 from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
@@ -214,11 +213,14 @@ def aggregator(args: argparse.Namespace) -> None:
     except redis.RedisError as e:
         log.warning("could not preload kombu's Lua scripts (%s); volunteers load them on demand", e)
 
-    def send(run_name: str, number: int) -> None:
-        app.send_task("aggregate_round", args=[run_name, number], queue=AGGREGATE_QUEUE)
+    def send(task: str, task_args: list) -> None:
+        app.send_task(task, args=task_args, queue=AGGREGATE_QUEUE)
 
+    # Uploads are swept once per visibility timeout: a lost validate_delta is made good
+    # on the time scale that a dead worker's unacknowledged one comes back.
+    sweep = max(1.0, settings.visibility_timeout)
     threading.Thread(
-        target=watch_deadlines, args=(store, send, stop), daemon=True, name="deadline-watcher"
+        target=janitor.watch, args=(store, send, stop, sweep), daemon=True, name="watcher"
     ).start()
     name = args.name or f"aggregator-{os.getpid()}"
     try:

@@ -81,11 +81,10 @@ class Intake:
             )
             return Verdict("ignored")
         upload = Upload(run, number, shard, volunteer, token)
+        context = self.contexts[run]
         size = self.store.upload_size(upload.key)
         if size == 0:
-            log.warning("ignoring %s round %d shard %d: no upload from %s", run, number, shard, volunteer)
-            return Verdict("ignored")
-        context = self.contexts[run]
+            return self._resume(upload, context, info)
         # No upload counts for more bytes than an honest one can have.
         self.store.rounds.add_bytes(run, number, "uplink_bytes", min(size, context.upload_bound))
         try:
@@ -102,6 +101,36 @@ class Intake:
             return self._judge(upload, context, info, blob)
         finally:
             self.store.delete_upload(upload.key)  # kept as the accepted copy, or not at all
+
+    def _resume(self, upload: Upload, context: RunContext, info: dict[str, Any]) -> Verdict:
+        """Finish a validation cut short after the move (its aggregator died; the message came back).
+
+        Only this class writes the copy, and only after the size check, so its
+        bytes are the volunteer's as they were moved. Its uplink bytes were
+        counted before the move.
+        """
+        if self.store.rounds.accepted_uploads(upload.run, upload.round).get(upload.shard) == upload.copy_key:
+            return Verdict("repeat")  # judged and counted already; the merge reads this copy
+        blob = self.store.get_upload(upload.copy_key)
+        if blob is None:
+            log.warning(
+                "ignoring %s round %d shard %d: no upload from %s",
+                upload.run,
+                upload.round,
+                upload.shard,
+                upload.volunteer,
+            )
+            return Verdict("ignored")
+        log.info(
+            "resuming the validation of %s round %d shard %d from %s",
+            upload.run,
+            upload.round,
+            upload.shard,
+            upload.volunteer,
+        )
+        if info["status"] != "open":
+            return self._refuse(upload, info, "the round is closed")
+        return self._judge(upload, context, info, blob)
 
     def _judge(self, upload: Upload, context: RunContext, info: dict[str, Any], blob: bytes) -> Verdict:
         """Decode and check the values; accept a good upload as a copy out of the volunteer's reach."""

@@ -1,18 +1,29 @@
-"""Keeping Redis bounded against volunteers who upload and never announce it.
+"""The aggregator's watcher: deadlines, lost messages, and a bounded Redis.
 
-A volunteer may write any key under its own upload prefix, with any TTL or
-none, without ever sending ``validate_delta``. The aggregator's watcher thread
-sweeps those prefixes now and then: every upload gets a TTL, an upload larger
-than its run's bound (or for no known run) is deleted, and a volunteer keeps
-at most ``MAX_OUTSTANDING_UPLOADS`` waiting (the oldest go first). It also
-reloads the Lua scripts kombu runs, which least-privilege volunteers may only
-EVALSHA and which a Redis restart forgets.
+It runs in a thread beside the aggregator's worker and covers what no task
+message triggers:
+
+- rounds due by their deadline, or whose aggregator died holding them or
+  before it sent ``aggregate_round``;
+- uploads whose ``validate_delta`` was lost: kombu's Redis transport loses a
+  message popped by a worker that dies before recording it as unacked, so an
+  upload still waiting after a whole sweep period gets a validation posted for it;
+- uploads never announced: a volunteer may write any key under its own
+  upload prefix, with any TTL or none. Every upload gets a TTL, one larger
+  than its run's bound (or for no known run) is deleted, and a volunteer keeps
+  at most ``MAX_OUTSTANDING_UPLOADS`` waiting (the oldest go first).
+
+It also reloads the Lua scripts kombu runs, which least-privilege volunteers
+may only EVALSHA and which a Redis restart forgets.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import redis
 
@@ -24,14 +35,40 @@ from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.janitor")
 SCAN_BATCH = 1000
+DEADLINE_POLL = 0.5
+DEADLINE_RESEND = 10.0
+
+# send(task name, args): how the watcher posts ``aggregate_round`` and ``validate_delta``
+Send = Callable[[str, list], None]
 
 
-def sweep_uploads(store: Store, contexts: RunContexts) -> int:
-    """One sweep over every volunteer's uploads; returns how many were deleted."""
+def watch(store: Store, send: Send, stop: threading.Event, sweep_period: float) -> None:
+    """Post what is due until ``stop`` is set; sweep uploads every ``sweep_period`` seconds."""
+    sent: dict[tuple[str, int], float] = {}
+    contexts = RunContexts(store)
+    waiting: set[str] = set()
+    swept = 0.0
+    while not stop.is_set():
+        try:
+            now = time.time()
+            for key in store.rounds.due(now):
+                if now - sent.get(key, 0.0) >= DEADLINE_RESEND:
+                    sent[key] = now
+                    send("aggregate_round", list(key))
+            if now - swept >= sweep_period:
+                swept = now
+                waiting = housekeeping(store, contexts, send, waiting)
+        except Exception as e:  # a broker outage must not kill the watcher
+            log.warning("watcher: %s (retrying)", e)
+        stop.wait(DEADLINE_POLL)
+
+
+def sweep_uploads(store: Store, contexts: RunContexts) -> set[str]:
+    """One sweep over every volunteer's uploads; returns the keys left waiting."""
     pattern = keys.upload_pattern("*")
     found = [key.decode() for key in store.redis.scan_iter(match=pattern, count=SCAN_BATCH)]
     if not found:
-        return 0
+        return set()
     pipe = store.redis.pipeline(transaction=False)
     for key in found:
         pipe.strlen(key)
@@ -55,24 +92,45 @@ def sweep_uploads(store: Store, contexts: RunContexts) -> int:
         log.warning(
             "deleted %d uploads that were too large, for no run, or over a volunteer's cap", len(doomed)
         )
-    return len(doomed)
+    return set(found) - set(doomed)
 
 
-def housekeeping(store: Store, contexts: RunContexts) -> None:
-    """What the watcher runs every sweep period; a failure is logged, never fatal."""
+def housekeeping(store: Store, contexts: RunContexts, send: Send, waiting_before: set[str]) -> set[str]:
+    """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal."""
     try:
-        sweep_uploads(store, contexts)
+        waiting = sweep_uploads(store, contexts)
+        revalidate(store, send, waiting & waiting_before)
         preload_scripts(store.redis)
     except redis.RedisError as e:
         log.warning("housekeeping: %s (retrying)", e)
+        return waiting_before
+    return waiting
+
+
+def revalidate(store: Store, send: Send, stuck: set[str]) -> None:
+    """Post ``validate_delta`` for uploads of open rounds that waited a whole sweep period.
+
+    Validating twice is harmless (the upload is moved before it is read, and a
+    shard is counted once), so a message that was only slow costs one lookup.
+    """
+    for key in sorted(stuck):
+        parsed = keys.parse_upload(key)
+        if parsed is None:
+            continue
+        volunteer, run, number, shard, token = parsed
+        info = store.rounds.info(run, number)
+        if info is None or info.get("status") != "open":
+            continue
+        log.warning("upload %s waited a whole sweep unvalidated: validating it now", key)
+        send("validate_delta", [run, number, shard, token, volunteer])
 
 
 def _bound(contexts: RunContexts, key: str) -> int:
     """The upload bound of the run named in ``key``, 0 (delete it) when that run is unknown."""
-    parts = key.split(":")
-    if len(parts) != 7:
+    parsed = keys.parse_upload(key)
+    if parsed is None:
         return 0  # not a key volunteer.store writes
-    run = parts[3]
+    run = parsed[1]
     try:
         return contexts[run].upload_bound
     except (UnknownRun, LookupError):

@@ -9,11 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
+import torch
 
+from broker import keys
+from coordinator.aggregator import Aggregator
 from coordinator.documents import round_record
 from coordinator.store import Store
+from serialization import loads
+from tests.fixtures.attacker import delta_blob
 
 SLOW_JOB = "tests.fixtures.jobs_slow:make_job"
 ALLOW = ("--allow-job", SLOW_JOB)
@@ -143,6 +149,41 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
     assert recovery < 60, "recovery waited for the round deadline instead of taking the round over"
     assert [r["model_version"] for r in document["rounds"]] == [1, 2, 3]
     assert all(r["accepted"] <= r["shards"] for r in document["rounds"])
+
+
+def _honest_upload(cluster, volunteer: str, number: int, shard: int) -> str:
+    """Write a plausible delta of round ``number`` as ``volunteer`` would, without announcing it."""
+    weights, _ = loads(cluster.store.model_blob("r", 0))
+    delta = {name: torch.full_like(tensor, 0.01) for name, tensor in weights.items()}
+    token = uuid.uuid4().hex
+    blob = delta_blob(delta, "r", number, shard, version=0)
+    cluster.store.redis.set(keys.upload(volunteer, "r", number, shard, token), blob)
+    return token
+
+
+def test_a_validation_cut_short_after_the_move_resumes_from_the_copy(cluster):
+    """The aggregator died after moving the upload out of the volunteer's reach; the message came back."""
+    _init(cluster, "--deadline", "120")
+    cluster.cli("post-round", "--run", "r", "--shards", "2")
+    token = _honest_upload(cluster, "v1", 1, 0)
+    moved = keys.accepted_upload("r", 1, "v1", 0, token)
+    assert cluster.store.take_upload(keys.upload("v1", "r", 1, 0, token), moved) is not None
+    aggregator = Aggregator(cluster.store, cluster.home)
+    assert aggregator.validate("r", 1, 0, token, "v1").outcome == "accepted"
+    assert aggregator.validate("r", 1, 0, token, "v1").outcome == "repeat"
+    assert cluster.store.rounds.accepted_uploads("r", 1) == {0: moved}
+    assert cluster.store.get_upload(moved) is not None, "the accepted copy must stay for the merge"
+    assert aggregator.validate("r", 1, 1, "ab" * 16, "v1").outcome == "ignored"
+
+
+def test_an_upload_whose_validation_message_was_lost_is_still_counted(cluster):
+    """kombu loses a message popped by a worker that dies before recording it; the watcher makes it good."""
+    cluster.aggregator()
+    _init(cluster, "--deadline", "600")
+    cluster.cli("post-round", "--run", "r", "--shards", "1")
+    _honest_upload(cluster, "v1", 1, 0)  # and no validate_delta, as if it were lost
+    wait_for(lambda: _round(cluster).get("status") == "done", 90, "the watcher to validate the upload")
+    assert _round(cluster)["accepted"] == 1 and cluster.store.version("r") == 1
 
 
 def test_an_interrupted_run_continues_from_the_last_version(cluster):
