@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import redis
 
 from broker.errors import BrokerError
+from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
 from coordinator import commands, creation, quickstart
 from coordinator.errors import CoordinatorError
 from coordinator.strategies import STRATEGY_HELP
@@ -160,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time budget of a shard: train until this many seconds have passed or --local-steps "
         "are done, whichever is first (at least one step); deltas weigh by the samples they trained",
+    )
+    p.add_argument(
+        "--require",
+        choices=DEVICE_CLASSES,
+        default=None,
+        help="train this run's shards only on volunteers with an accelerator (CUDA or MPS)",
+    )
+    p.add_argument(
+        "--min-memory-gb",
+        type=_float_in(0, MEMORY_TIERS_GB[-1]),
+        default=None,
+        metavar="X",
+        help="train this run's shards only on volunteers whose device has at least X GB "
+        f"(rounded up to one of {', '.join(map(str, MEMORY_TIERS_GB))})",
     )
     p.add_argument(
         "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from broker import embedded
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
+from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator import checkpoints, credentials, janitor, privacy
 from coordinator.creation import build_model, create_run
@@ -93,6 +94,10 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         dp[k] is not None for k in ("dp_quantile", "dp_clip_lr", "dp_count_noise")
     ):
         raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
+    try:
+        need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():
@@ -110,6 +115,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         local_steps=args.local_steps,
         shard_seconds=getattr(args, "shard_seconds", None),
         data=getattr(args, "data", "coordinator"),
+        **need.as_config(),
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,

@@ -153,6 +153,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         # keeps one list per priority step, named QUEUE + "\x06\x16" + step
         f"~{keys.TRAIN_QUEUE}",
         f"~{keys.TRAIN_QUEUE}{PRIORITY_SEP}*",
+        f"~{keys.TRAIN_QUEUE}.*",  # the routed queues (broker.routing), priority lists included
         # send validate_delta, never read it
         f"%W~{keys.AGGREGATE_QUEUE}",
         f"%W~{keys.AGGREGATE_QUEUE}{PRIORITY_SEP}*",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import keys
+from broker.routing import need_from_config
 from coordinator.context import RunContext, RunContexts
 from coordinator.rounds import shard_task
 from coordinator.store import Store
@@ -32,6 +33,7 @@ _TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
 # at most this many times per round: a volunteer spamming failures costs only that.
 MAX_REOFFERS = 2
 _DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")
+MAX_MEMORY_GB = 4096  # what a volunteer may claim to offer, as its uploads tell it
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Verdict:
     outcome: str  # accepted, rejected, repeat, duplicate, identical, late, unknown or ignored
     due: bool = False  # the round's quorum is met: ask for aggregation
     retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
+    queue: str = keys.TRAIN_QUEUE  # where to post it: the run's (broker.routing)
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,11 @@ class Intake:
         )
         if outcome == "accepted":
             device = meta.get("device")
+            memory = meta.get("memory_gb")
+            if not (isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory <= MAX_MEMORY_GB):
+                memory = None
             if isinstance(device, str) and _DEVICE.match(device):
-                self.store.credit(upload.volunteer, device=device)
+                self.store.credit(upload.volunteer, device=device, memory_gb=memory)
             log.info(
                 "accepted %s round %d shard %d from %s",
                 upload.run,
@@ -187,7 +193,9 @@ class Intake:
         if self.store.rounds.reoffer(upload.run, upload.round, upload.shard, MAX_REOFFERS):
             base = int(info["base_version"])
             retry = shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
-        return Verdict("rejected", retry=retry)
+        return Verdict(
+            "rejected", retry=retry, queue=need_from_config(self.contexts[upload.run].config).queue
+        )
 
 
 def _check(blob: bytes, context: RunContext, base_version: int) -> tuple[str | None, dict[str, Any]]:

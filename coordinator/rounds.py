@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from broker.keys import TRAIN_QUEUE
+from broker.routing import need_from_config
 from coordinator.documents import round_record
 from coordinator.errors import BrokerFull, QuorumError
 from coordinator.store import Store
@@ -61,7 +61,7 @@ def post_round(
         except redis.exceptions.OutOfMemoryError:
             raise BrokerFull(_FULL.format(run=run)) from None
         try:
-            _send_shards(app, run, info, shards)
+            _send_shards(app, need_from_config(store.run_config(run)).queue, run, info, shards)
         except Exception as e:
             reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
             store.rounds.abort(run, int(info["round"]), reason)
@@ -76,12 +76,12 @@ def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> 
     return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
 
 
-def _send_shards(app: Celery, run: str, info: dict[str, Any], shards: int) -> None:
+def _send_shards(app: Celery, queue: str, run: str, info: dict[str, Any], shards: int) -> None:
     with app.producer_or_acquire() as producer:  # one connection for the whole round
         for shard in range(shards):
             app.send_task(
                 "train_shard",
-                queue=TRAIN_QUEUE,
+                queue=queue,
                 producer=producer,
                 ignore_result=True,
                 kwargs=shard_task(run, int(info["round"]), shard, shards, int(info["base_version"])),

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
+from broker.routing import Need, need_from_config
 from coordinator.privacy import from_config, spent
 from coordinator.store import Store
 
@@ -40,6 +41,10 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
             "rounds": store.rounds.count(name),
             "open_round": open_round,
         }
+        need = need_from_config(config)
+        entry["queue"] = need.queue
+        if need.queue != TRAIN_QUEUE:
+            entry["requires"] = {"device": need.device, "memory_gb": need.memory_gb or None}
         dp = from_config(config)
         if dp is not None:
             entry.update(
@@ -47,12 +52,19 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
             )
         runs.append(entry)
     online = _online_nodes(app)
+    routed = {r["queue"] for r in runs if "requires" in r}
+    if routed:  # who takes shards from where: the queues each online worker consumes
+        consumers = _consumers(app)
+        for entry in runs:
+            if "requires" in entry:
+                entry["qualified_online"] = sum(entry["queue"] in q for q in consumers.values())
     volunteers = []
     for name, credit in store.volunteers().items():
         volunteers.append(
             {
                 "name": name,
                 "device": credit.get("device", "?"),
+                "memory_gb": credit.get("memory_gb"),
                 "online": name in online,
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
                 "samples_per_second": _speed(credit),
@@ -60,7 +72,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
         )
     return {
         "runs": runs,
-        "queues": store.queue_depths(),
+        "queues": store.queue_depths(sorted(routed)),
         "volunteers": volunteers,
         "workers_online": sorted(online),
     }
@@ -86,8 +98,18 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
         console.print(runs)
     else:
         console.print("runs: none yet (coordinator init --run NAME --job charlm)")
+    for r in document["runs"]:
+        if "qualified_online" in r:
+            need = Need(r["requires"]["device"], r["requires"]["memory_gb"] or 0)
+            count = r["qualified_online"]
+            who = "no online volunteer qualifies" if not count else f"{count} online volunteer(s) qualify"
+            console.print(f"run {r['run']} needs {need.describe()}: {who}")
     queues = document["queues"]
-    console.print(f"queues: train {queues[TRAIN_QUEUE]} waiting, aggregate {queues[AGGREGATE_QUEUE]} waiting")
+    shared = (TRAIN_QUEUE, AGGREGATE_QUEUE)
+    routed = "".join(f", {name} {depth} waiting" for name, depth in queues.items() if name not in shared)
+    console.print(
+        f"queues: train {queues[TRAIN_QUEUE]} waiting{routed}, aggregate {queues[AGGREGATE_QUEUE]} waiting"
+    )
     if not document["volunteers"]:
         console.print("volunteers: none yet (volunteer start --name NAME)")
         return
@@ -124,6 +146,19 @@ def _online_nodes(app: Celery) -> set[str]:
     except Exception:  # no broker answer means nobody is online
         return set()
     return {node.split("@", 1)[0] for reply in replies for node in reply}
+
+
+def _consumers(app: Celery) -> dict[str, set[str]]:
+    """Queue names each online worker consumes (Celery's ``inspect active_queues``), by node name."""
+    try:
+        replies = app.control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
+    except Exception:  # no broker answer: nobody consumes anything
+        return {}
+    return {
+        node.split("@", 1)[0]: {q.get("name", "") for q in queues if isinstance(q, dict)}
+        for node, queues in replies.items()
+        if isinstance(queues, list)
+    }
 
 
 def _speed(record: dict[str, Any]) -> float | None:

@@ -106,12 +106,21 @@ class Store:
             self.redis.delete(*upload_keys)
 
     # --- volunteers and queues ----------------------------------------------
-    def credit(self, volunteer: str, device: str | None = None, seconds: float = 0.0, **counts: int) -> None:
+    def credit(
+        self,
+        volunteer: str,
+        device: str | None = None,
+        seconds: float = 0.0,
+        memory_gb: int | None = None,
+        **counts: int,
+    ) -> None:
         """Add to a volunteer's record (shards_done, samples, accepted, rejected); trusted side only."""
         pipe = self.redis.pipeline()
         pipe.sadd(keys.volunteers(), volunteer)
         if device:
             pipe.hset(keys.volunteer(volunteer), "device", device)
+        if memory_gb:
+            pipe.hset(keys.volunteer(volunteer), "memory_gb", memory_gb)
         if seconds:
             pipe.hincrbyfloat(keys.volunteer(volunteer), "train_seconds", seconds)
         for field, count in counts.items():
@@ -125,5 +134,6 @@ class Store:
             out[name] = {k.decode(): number_or_text(v.decode()) for k, v in raw.items()}
         return out
 
-    def queue_depths(self) -> dict[str, int]:
-        return {queue: int(self.redis.llen(queue)) for queue in keys.QUEUES}
+    def queue_depths(self, routed: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
+        """Messages waiting on ``train`` and ``aggregate``, and on the ``routed`` queues named."""
+        return {queue: int(self.redis.llen(queue)) for queue in (*keys.QUEUES, *routed)}

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from broker.client import redis_client
-from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
+from broker.keys import AGGREGATE_QUEUE
 from broker.settings import Settings
 from coordinator.aggregator import Aggregator
 from coordinator.store import Store
@@ -45,7 +45,7 @@ def register(app: CrowdtrainApp) -> None:
         if verdict.due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         if verdict.retry is not None:  # a failed shard goes back on the queue for someone else
-            app.send_task("train_shard", queue=TRAIN_QUEUE, kwargs=verdict.retry, ignore_result=True)
+            app.send_task("train_shard", queue=verdict.queue, kwargs=verdict.retry, ignore_result=True)
         return {
             "run": run,
             "round": round,

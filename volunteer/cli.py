@@ -12,23 +12,34 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlparse
 
 from broker import embedded
 from broker.errors import BrokerError
-from broker.keys import TRAIN_QUEUE
+from broker.routing import queues_for
 from broker.settings import Settings
 from jobs import BUILTIN_JOBS
 from tasks.training import volunteer_app
-from volunteer.devices import describe_devices, pool_for, resolve_device, speed_score
+from volunteer.devices import (
+    describe_devices,
+    device_class,
+    device_memory_gb,
+    pool_for,
+    resolve_device,
+    speed_score,
+)
 from volunteer.errors import VolunteerError
 from volunteer.worker import VolunteerOptions
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("crowdtrain.volunteer")
 VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_CONCURRENCY = 256
 MAX_THREADS = 1024
+MAX_MEMORY_GB = 4096
 BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
 
 
@@ -62,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "start",
         help="Pull shard jobs from queue 'train' and train them.",
-        description="Pull shard jobs from queue 'train' and train them.",
+        description="Pull shard jobs from queue 'train', and from the routed queues of runs "
+        "this device qualifies for (init --require, --min-memory-gb), and train them.",
     )
     broker = p.add_mutually_exclusive_group()
     broker.add_argument(
@@ -91,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Celery pool (auto: prefork on CPU, solo on a GPU, which must never be "
         "forked; threads share torch's RNG, so their shards are not bit-reproducible)",
+    )
+    p.add_argument(
+        "--memory-gb",
+        type=_int_in(1, MAX_MEMORY_GB),
+        default=None,
+        help="offer at most this many GB of device memory to runs that ask for it "
+        "(init --min-memory-gb); default: all the device has",
     )
     p.add_argument("--name", default=None, help="Celery node name (default: host-pid)")
     p.add_argument(
@@ -147,22 +166,27 @@ def start(args: argparse.Namespace) -> int:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     allowed = frozenset(args.allow_job) if args.allow_job else frozenset(BUILTIN_JOBS)
-    options = VolunteerOptions(name=name, device=str(device), allowed_jobs=allowed, data=args.data)
-    app = volunteer_app(settings, options)
     pool = pool_for(device) if args.pool == "auto" else args.pool
+    memory = _offered_memory(device, pool, args.memory_gb)
+    queues = queues_for(device_class(device), memory)
+    options = VolunteerOptions(
+        name=name, device=str(device), allowed_jobs=allowed, data=args.data, memory_gb=int(memory)
+    )
+    app = volunteer_app(settings, options)
     log.info(
-        "volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s",
+        "volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s; taking shards from %s",
         name,
         device,
         pool,
         args.concurrency,
         ", ".join(sorted(allowed)),
+        ", ".join(queues),
     )
     app.worker_main(
         [
             "worker",
             "-Q",
-            TRAIN_QUEUE,
+            ",".join(queues),
             "-n",
             f"{name}@%h",
             "-P",
@@ -176,6 +200,14 @@ def start(args: argparse.Namespace) -> int:
         ]
     )
     return 0
+
+
+def _offered_memory(device: torch.device, pool: str, cap: int | None) -> float:
+    """GB of device memory this volunteer offers: the device's, at most ``--memory-gb``."""
+    if device.type == "cuda" and pool == "prefork":
+        return float(cap or 0)  # reading it would initialise CUDA before the pool forks
+    detected = device_memory_gb(device)
+    return min(detected, cap) if cap is not None else detected
 
 
 def _broker_url(args: argparse.Namespace) -> str | None:

@@ -96,6 +96,25 @@ def speed_score(device: torch.device, seconds: float = 0.5) -> float:
     return 2 * n**3 * iterations / max(elapsed, 1e-9) / 1e9
 
 
+def device_class(device: torch.device) -> str:
+    """``gpu`` for an accelerator (CUDA or MPS), else ``cpu``: what ``init --require`` names."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def device_memory_gb(device: torch.device) -> float:
+    """GB of memory a shard on ``device`` can use: the GPU's own, else the machine's RAM.
+
+    On CUDA this initialises CUDA in the calling process (no pool may fork
+    after it); Apple's MPS shares the machine's RAM.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it
+        return 0.0
+
+
 def pool_for(device: torch.device) -> str:
     """The Celery pool for a volunteer on ``device``: never fork a process that uses a GPU."""
     if device.type == "cpu":

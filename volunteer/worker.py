@@ -38,6 +38,7 @@ class VolunteerOptions:
     device: str = "cpu"
     allowed_jobs: frozenset[str] = field(default_factory=lambda: frozenset(BUILTIN_JOBS))
     data: str | None = None  # its own training data (volunteer start --data): never leaves this machine
+    memory_gb: int = 0  # device memory it offers (broker.routing), told to the coordinator in its uploads
 
 
 class ShardRunner:
@@ -129,6 +130,7 @@ class ShardRunner:
             "seconds": round(result.seconds, 3),
             "volunteer": self.options.name,
             "device": self.device.type,
+            "memory_gb": self.options.memory_gb,
             "downlink": downlink,
         }
         codec = parse_codec(str(config["compression"]))

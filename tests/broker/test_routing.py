@@ -1,0 +1,40 @@
+"""Capability routing: a run's need names one queue; a volunteer takes exactly the queues it meets."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.routing import Need, need_from_config, need_of, queues_for
+
+
+def test_a_run_without_needs_posts_to_train():
+    assert need_of(None, None).queue == "train"
+    assert need_from_config({}).queue == "train"  # runs made before routing
+
+
+def test_memory_needs_round_up_to_a_tier_and_name_the_queue():
+    assert need_of(None, 10).queue == "train.12g"
+    assert need_of("gpu", 16).queue == "train.gpu.16g"
+    assert need_of("gpu", None).queue == "train.gpu"
+    assert need_from_config(need_of("gpu", 7).as_config()) == Need("gpu", 8)
+
+
+@pytest.mark.parametrize(
+    ("require", "memory", "words"),
+    [("tpu", None, "--require 'tpu'"), (None, 0, "above 0"), (None, 9999, "at most 512 GB")],
+)
+def test_a_need_that_cannot_be_met_is_refused_with_the_reason(require, memory, words):
+    with pytest.raises(ValueError, match=words):
+        need_of(require, memory)
+
+
+def test_a_volunteer_takes_every_queue_it_meets_and_no_other():
+    cpu = queues_for("cpu", 12.5)
+    assert cpu[0] == "train"
+    assert need_of(None, 10).queue in cpu and need_of(None, 12).queue in cpu
+    assert need_of(None, 13).queue not in cpu
+    assert not any("gpu" in q for q in cpu)
+    gpu = queues_for("gpu", 24)
+    assert {"train", "train.gpu", "train.gpu.24g", "train.24g"} <= set(gpu)
+    assert "train.gpu.32g" not in gpu
+    assert len(gpu) == len(set(gpu))
