@@ -30,6 +30,7 @@ from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
 from coordinator.validation import all_finite, delta_norm, printable, screen_norms
+from coordinator.verification import Prober, judge, next_reputation, weigh
 from serialization import TensorDict, dumps, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
@@ -70,12 +71,18 @@ class Aggregator:
         base = int(info["base_version"])
         copies = self.store.rounds.accepted_uploads(run, number)
         metas, norms, rejections = self._screen(context, copies)
+        used = {s: k for s, k in copies.items() if s in metas and s not in rejections}
+        weights, _ = loads(self.contexts.model_blob(context.name, base))
+        reputations: dict[str, float | None] = {}
+        if _probes(context) and len(_voices(used)) > 1:
+            reputations = self.store.reputations(_voices(used))
+            rejections.update(self._probe(context, weights, used, metas))
+            used = {s: k for s, k in used.items() if s not in rejections}
         for shard, reason in rejections.items():
             volunteer = keys.volunteer_of(copies[shard])
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
             self.store.credit(volunteer, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
-        used = {s: k for s, k in copies.items() if s in metas and s not in rejections}
         summary = _summary(context, number, info, metas, used)
         if not used:
             return self._fail(context, number, owner, info, summary, "no accepted deltas")
@@ -83,7 +90,7 @@ class Aggregator:
         privacy = from_config(context.config)
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
-        weights, strategy, evaluation, clip = self._merge(context, base, used, metas)
+        weights, strategy, evaluation, clip = self._merge(context, weights, used, metas, reputations)
         if not all(all_finite(t) for t in weights.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
         staged = self.store.stage_model(
@@ -99,6 +106,11 @@ class Aggregator:
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
         self._credit(used, metas)
+        if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
+            merged = set(_voices(used))
+            self.store.set_reputations(
+                {name: next_reputation(value, name in merged) for name, value in reputations.items()}
+            )
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
         self.store.prune_versions(run, base + 1)
@@ -137,17 +149,37 @@ class Aggregator:
         # by the others' norms would let one person's data decide whether another's counts.
         return metas, norms, rejections
 
+    def _probe(
+        self, context: RunContext, base: TensorDict, used: dict[int, str], metas: dict[int, dict]
+    ) -> dict[int, str]:
+        """``--verify probe``: each voice's gain on the probe set; the shards of the voices judged useless."""
+        prober = Prober(context.job, base)
+        voices = _voices(used)
+        share = 1.0 / len(voices)  # what the merge moves by each voice, about
+        gains, norms = {}, {}
+        for name, shards in voices.items():
+            delta = self._voice(context, used, metas, shards)[1]
+            gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
+            del delta
+        reasons = judge(gains, norms)
+        return {shard: reasons[name] for name in reasons for shard in voices[name]}
+
     def _merge(
-        self, context: RunContext, base: int, used: dict[int, str], metas: dict[int, dict]
+        self,
+        context: RunContext,
+        base: TensorDict,
+        used: dict[int, str],
+        metas: dict[int, dict],
+        reputations: dict[str, float | None],
     ) -> tuple[TensorDict, Strategy, dict[str, float], float | None]:
         """Second pass: one combined delta per volunteer through the strategy, then evaluate.
 
         Returns the new weights, the strategy, the evaluation and, with adaptive
-        clipping, the next round's clip.
+        clipping, the next round's clip. With ``reputations`` (a judged round)
+        each voice weighs by its samples times its volunteer's reputation.
         """
         config = context.config
-        weights, _ = loads(self.contexts.model_blob(context.name, base))
-        weights = {k: v.clone() for k, v in weights.items()}  # views of the blob are read-only
+        weights = {k: v.clone() for k, v in base.items()}  # views of the blob are read-only
         strategy = make_strategy(
             config["strategy"],
             server_lr=config.get("server_lr"),
@@ -157,13 +189,11 @@ class Aggregator:
         state_blob = self.store.strategy_blob(context.name)
         if state_blob:
             strategy.load_state_dict(loads(state_blob)[0])
-        voices: dict[str, list[int]] = defaultdict(list)
-        for shard, key in used.items():
-            voices[keys.volunteer_of(key)].append(shard)
 
         def deltas() -> Iterator[tuple[float, TensorDict]]:
-            for shards in voices.values():
-                yield self._voice(context, used, metas, shards)
+            for name, shards in _voices(used).items():
+                samples, delta = self._voice(context, used, metas, shards)
+                yield (weigh(samples, reputations[name]) if reputations else samples), delta
 
         privacy = from_config(config)
         next_value: float | None = None
@@ -249,6 +279,23 @@ class Aggregator:
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
         return self._fail(self.contexts[run], number, owner, info, summary, reason)
+
+
+def _voices(used: dict[int, str]) -> dict[str, list[int]]:
+    """The round's voices: each volunteer's merged shards."""
+    voices: dict[str, list[int]] = defaultdict(list)
+    for shard, key in sorted(used.items()):
+        voices[keys.volunteer_of(key)].append(shard)
+    return dict(voices)
+
+
+def _probes(context: RunContext) -> bool:
+    """True for a run made with ``--verify probe`` and without DP.
+
+    With DP nothing judges one person's delta by itself: the decision would
+    depend on that person's data beyond what the accountant counts.
+    """
+    return context.config.get("verify", "none") == "probe" and from_config(context.config) is None
 
 
 def _summary(

@@ -23,6 +23,7 @@ from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
 from coordinator import commands, creation, quickstart
 from coordinator.errors import CoordinatorError
 from coordinator.strategies import STRATEGY_HELP
+from coordinator.verification import VERIFY_MODES
 from jobs import JobError
 from serialization import WireFormatError
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="time budget of a shard: train until this many seconds have passed or --local-steps "
         "are done, whichever is first (at least one step); deltas weigh by the samples they trained",
+    )
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default="probe",
+        help="probe: weigh each volunteer's delta by its effect on a fixed probe set and reject "
+        "those far less useful than the round's others (default); none: norms and strategy only",
     )
     p.add_argument(
         "--require",

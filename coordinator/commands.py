@@ -116,6 +116,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         shard_seconds=getattr(args, "shard_seconds", None),
         data=getattr(args, "data", "coordinator"),
         **need.as_config(),
+        verify=getattr(args, "verify", "probe"),
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,

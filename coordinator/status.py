@@ -13,6 +13,7 @@ from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from broker.routing import Need, need_from_config
 from coordinator.privacy import from_config, spent
 from coordinator.store import Store
+from coordinator.verification import START_REPUTATION
 
 PING_TIMEOUT = 1.0
 _CREDIT = ("shards_done", "samples", "accepted", "rejected")
@@ -68,6 +69,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 "online": name in online,
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
                 "samples_per_second": _speed(credit),
+                "reputation": float(credit.get("reputation", START_REPUTATION)),
             }
         )
     return {
@@ -119,12 +121,14 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
         box=box.SIMPLE_HEAD,
         title_justify="left",
     )
-    for column in ("name", "device", "online", "shards done", "samples", "accepted", "rejected", "samples/s"):
+    columns = ("name", "device", "online", "shards done", "samples", "accepted", "rejected", "samples/s")
+    for column in (*columns, "reputation"):
         people.add_column(column, justify="left" if column in ("name", "device", "online") else "right")
     for v in document["volunteers"]:
         speed = "-" if v["samples_per_second"] is None else f"{v['samples_per_second']:g}"
         credit = (str(v[k]) for k in _CREDIT)
-        people.add_row(v["name"], v["device"], "yes" if v["online"] else "no", *credit, speed)
+        answers = "yes" if v["online"] else "no"
+        people.add_row(v["name"], v["device"], answers, *credit, speed, f"{v['reputation']:.2f}")
     console.print(people)
 
 

@@ -127,6 +127,20 @@ class Store:
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()
 
+    def reputations(self, names: list[str] | dict[str, Any]) -> dict[str, float | None]:
+        """Each volunteer's reputation (``--verify probe``); None for one never judged."""
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.hget(keys.volunteer(name), "reputation")
+        return {name: float(raw) if raw is not None else None for name, raw in zip(names, pipe.execute())}
+
+    def set_reputations(self, values: dict[str, float]) -> None:
+        pipe = self.redis.pipeline()
+        for name, value in values.items():
+            pipe.sadd(keys.volunteers(), name)
+            pipe.hset(keys.volunteer(name), "reputation", repr(round(float(value), 6)))
+        pipe.execute()
+
     def volunteers(self) -> dict[str, dict[str, Any]]:
         out = {}
         for name in sorted(n.decode() for n in self.redis.smembers(keys.volunteers())):

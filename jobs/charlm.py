@@ -31,6 +31,8 @@ from jobs.interface import JobError
 
 VOCAB = 256
 _EVAL_SEED = 0x5EED_C4A1  # fixed: every run and every model sees the same eval windows
+_PROBE_SEED = 0x9A0BE  # the probe windows: held-out text too, drawn apart from the eval ones
+PROBE_BATCHES = 8
 _INIT_STD = 0.02
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -128,6 +130,7 @@ class CharLMJob:
         self.files = _list_files(config)  # listed now so a bad glob fails at load time
         self._corpus: _Corpus | None = None
         self._eval: Batch | None = None
+        self._probe: Batch | None = None
 
     def build_model(self) -> CharGPT:
         """Return a fresh model; the same seed gives identical weights, global RNG untouched."""
@@ -198,6 +201,13 @@ class CharLMJob:
             start, end = len(whole) - n, len(whole)
         return whole[start:end]
 
+    def probe_batches(self) -> list[Batch]:
+        """A few fixed held-out batches on which the aggregator weighs each delta (``--verify probe``)."""
+        if self._probe is None:
+            self._probe = self._held_out_windows(_PROBE_SEED, PROBE_BATCHES)
+        xs, ys = self._probe
+        return list(zip(xs, ys, strict=True))
+
     def corpus(self) -> _Corpus:
         """Read the corpus once (lazily, so building a job is cheap) and keep it."""
         if self._corpus is None:
@@ -207,15 +217,18 @@ class CharLMJob:
     def _eval_windows(self) -> Batch:
         """Fixed eval windows ``[eval_batches, batch_size, context]`` from a private generator."""
         if self._eval is None:
-            cfg = self.config
-            text = self.corpus().eval
-            n = cfg.context + 1
-            gen = torch.Generator().manual_seed(_EVAL_SEED)
-            starts = torch.randint(0, len(text) - n + 1, (cfg.eval_batches * cfg.batch_size,), generator=gen)
-            windows = text[starts[:, None] + torch.arange(n)].long()
-            windows = windows.view(cfg.eval_batches, cfg.batch_size, n)
-            self._eval = (windows[..., :-1], windows[..., 1:])
+            self._eval = self._held_out_windows(_EVAL_SEED, self.config.eval_batches)
         return self._eval
+
+    def _held_out_windows(self, seed: int, batches: int) -> Batch:
+        """``batches`` fixed batches of held-out windows drawn by a private generator seeded ``seed``."""
+        cfg = self.config
+        text = self.corpus().eval
+        n = cfg.context + 1
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(text) - n + 1, (batches * cfg.batch_size,), generator=gen)
+        windows = text[starts[:, None] + torch.arange(n)].long().view(batches, cfg.batch_size, n)
+        return windows[..., :-1], windows[..., 1:]
 
 
 def make_job(**kwargs: Any) -> CharLMJob:

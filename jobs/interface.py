@@ -32,6 +32,9 @@ class Job(Protocol):
     Optional: ``local_shard(path) -> Iterable[batch]``, batches from a
     volunteer's own data (``volunteer start --data PATH``), which never
     leaves its machine: only deltas do.
+    Optional: ``probe_batches() -> list[batch]``, a small fixed set of batches
+    on which the aggregator weighs each delta's effect (``init --verify
+    probe``); without it, its ``evaluate`` gives the probe loss.
     """
 
     name: str

@@ -33,6 +33,7 @@ from serialization import dumps, loads
 from tasks.app import make_app
 from tests.conftest import ROOT, Processes
 from tests.fixtures.attacker import Mallory, delta_blob
+from tests.fixtures.jobs_tiny import TinyJob
 
 pytestmark = pytest.mark.attack
 
@@ -236,7 +237,7 @@ def test_a_volunteer_answering_many_shards_has_one_voice(cluster):
     cluster.procs.aggregator()
     honest = [cluster.mallory(name) for name in ("ann", "ben", "cid")]
     mallory = cluster.mallory()
-    cluster.init("--shards", "6", "--strategy", "median", "--deadline", "600")
+    cluster.init("--shards", "6", "--strategy", "median", "--deadline", "600", "--verify", "none")
     number = cluster.post()
     for shard, person in enumerate(honest):
         person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, 1e-3), "r", number, shard, 0))
@@ -382,3 +383,38 @@ def test_forged_shard_tasks_are_not_trained_and_a_refused_script_is_survived(clu
     uploads = list(cluster.admin.scan_iter(match=keys.upload_pattern("bob")))
     assert uploads == [] and cluster.store.queue_depths()["train"] == 0
     assert cluster.procs.log_tail(100_000).count("is not one of the round's") >= 30
+
+
+# --- 9. quiet attackers: judged by their effect -------------------------------------------------
+def _toward_optimum(cluster: Cluster, version: int, step: float) -> dict[str, torch.Tensor]:
+    """A delta moving the tiny model ``step`` of the way to its optimum (negative: away from it)."""
+    job, weights = TinyJob(), cluster.weights(version)
+    return {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
+
+
+def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
+    cluster.procs.aggregator()
+    ann, ben, mallory = cluster.mallory("ann"), cluster.mallory("ben"), cluster.mallory()
+    cluster.init("--shards", "3", "--deadline", "600")  # fedavg, --verify probe by default
+    attacks = {
+        # the honest direction reversed, at an honest norm: norm screens cannot see it
+        "reversed": lambda good: {k: -v for k, v in good.items()},
+        # a near-zero delta claiming full samples, for the credit
+        "free-rider": lambda good: {k: 1e-4 * v for k, v in good.items()},
+    }
+    for version, (attack, make) in enumerate(attacks.items()):
+        number = cluster.post()
+        good = _toward_optimum(cluster, version, 0.2)
+        ann.deliver("r", number, 0, delta_blob(good, "r", number, 0, version))
+        ben.deliver(
+            "r", number, 1, delta_blob(_toward_optimum(cluster, version, 0.15), "r", number, 1, version)
+        )
+        mallory.deliver("r", number, 2, delta_blob(make(good), "r", number, 2, version, samples=24))
+        record = cluster.wait_ended(number)
+        assert record["status"] == "done" and record["accepted"] == 2, (attack, record)
+        reasons = [x["reason"] for x in record["rejections"] if x["volunteer"] == "mallory"]
+        assert len(reasons) == 1 and "probe" in reasons[0], (attack, record["rejections"])
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["mallory"]["accepted"] == 0 and people["mallory"]["samples"] == 0
+    assert people["mallory"]["reputation"] < min(people["ann"]["reputation"], people["ben"]["reputation"])
+    assert people["mallory"]["reputation"] < 0.5 < people["ann"]["reputation"]

@@ -1,0 +1,247 @@
+"""Probe scoring against quiet attackers: honest rejections, attacked loss, and what the probe costs.
+
+    python bench/probe_scoring.py [--rounds 30] [--local-steps 10] [--seeds 1] [--json]
+
+Simulated in one process with crowdtrain's own pieces: charlm (1 layer, width 32) from
+``jobs.load_job``, each volunteer trains its own shard with ``volunteer.trainer.train_shard``,
+the round's voices are judged by ``coordinator.verification`` (``Prober``, ``judge``,
+reputation) exactly as the aggregator does, and FedAvg merges the kept voices weighted by
+samples x reputation. Scenarios:
+
+* ``clean-8``: 8 honest volunteers on non-identical shards; the share of honest voices the
+  probe rejects (goal: under 2% over 30 rounds).
+* ``clean-3``: 3 honest volunteers: the loss an attacked run is compared with.
+* ``attacked``: those 3 plus an *ascender* (trains to raise the loss, its delta scaled to
+  the honest median norm) and a *negator* (returns its honest delta negated), with and
+  without ``--verify probe`` (goal: within 1.1x of ``clean-3``).
+* ``free-rider`` and ``random-tokens``: 3 honest plus one volunteer that sends 1e-3 of an
+  honest delta, or trains on random bytes; how often each is merged.
+
+The probe's cost is the time spent scoring voices as a fraction of the whole round
+(training included), measured in the ``clean-8`` scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from coordinator.validation import delta_norm  # noqa: E402
+from coordinator.verification import Prober, judge, next_reputation, weigh  # noqa: E402
+from jobs import load_job  # noqa: E402
+from volunteer.trainer import seed_for, train_shard  # noqa: E402
+
+JOB_ARGS = {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 60, "eval_batches": 4}
+Delta = dict[str, torch.Tensor]
+
+
+class Ascender:
+    """A job wrapper whose training loss is the real loss negated: it climbs."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def __getattr__(self, name):
+        return getattr(self.job, name)
+
+    def loss(self, model, batch):
+        return -self.job.loss(model, batch)
+
+
+class RandomTokens:
+    """A job wrapper whose batches are random bytes of the right shape."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def __getattr__(self, name):
+        return getattr(self.job, name)
+
+    def shard(self, index, count):
+        for x, y in self.job.shard(index, count):
+            yield torch.randint_like(x, 0, 256), torch.randint_like(y, 0, 256)
+
+
+def honest(job, weights, shard, shards, args, number, seed) -> Delta:
+    return train_shard(
+        job,
+        weights,
+        shard=shard,
+        shards=shards,
+        steps=args.local_steps,
+        lr=3e-3,
+        device=torch.device("cpu"),
+        seed=seed_for(f"probe-{seed}", number, shard),
+    ).delta
+
+
+def scaled(delta: Delta, norm: float) -> Delta:
+    factor = norm / max(delta_norm(delta), 1e-12)
+    return {k: v * factor for k, v in delta.items()}
+
+
+# name -> how a bad volunteer makes its delta (job, weights, shard, shards, args, round, seed, honest norm)
+Attack = Callable[..., Delta]
+ATTACKS: dict[str, Attack] = {
+    "ascender": lambda job, w, i, n, a, r, s, norm: scaled(honest(Ascender(job), w, i, n, a, r, s), norm),
+    "negator": lambda job, w, i, n, a, r, s, norm: {k: -v for k, v in honest(job, w, i, n, a, r, s).items()},
+    "free-rider": lambda job, w, i, n, a, r, s, norm: {
+        k: v * 1e-3 for k, v in honest(job, w, i, n, a, r, s).items()
+    },
+    "random-tokens": lambda job, w, i, n, a, r, s, norm: honest(RandomTokens(job), w, i, n, a, r, s),
+}
+
+
+def simulate(args, honest_count: int, attackers: list[str], verify: bool, seed: int) -> dict:
+    """One run: final eval loss, rejections per volunteer kind, reputations, probe time share."""
+    job = load_job("charlm", {**JOB_ARGS, "seed": seed})
+    model = job.build_model()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [f"honest-{i}" for i in range(honest_count)] + attackers
+    shards = len(names)
+    reputation: dict[str, float | None] = dict.fromkeys(names)
+    judged = {name: 0 for name in names}
+    rejected = {name: 0 for name in names}
+    train_s = probe_s = 0.0
+    ratios: dict[str, list[float]] = {}
+    rounds_gains: list[dict[str, float]] = []
+    for number in range(1, args.rounds + 1):
+        started = time.perf_counter()
+        voices: dict[str, Delta] = {}
+        for i, name in enumerate(names[:honest_count]):
+            voices[name] = honest(job, weights, i, shards, args, number, seed)
+        norm = statistics.median(delta_norm(d) for d in voices.values())
+        for i, name in enumerate(attackers, start=honest_count):
+            voices[name] = ATTACKS[name](job, weights, i, shards, args, number, seed, norm)
+        train_s += time.perf_counter() - started
+        kept = dict(voices)
+        if verify:
+            started = time.perf_counter()
+            prober = Prober(job, weights)
+            share = 1.0 / len(voices)  # as the aggregator probes: each voice's share of the merge
+            gains = {name: prober.gain(delta, share) for name, delta in voices.items()}
+            reasons = judge(gains, {name: delta_norm(delta) for name, delta in voices.items()})
+            rounds_gains.append(gains)
+            for name, gain in gains.items():
+                typical = statistics.median(g for n, g in gains.items() if n != name)
+                if typical > 0:
+                    kind = "honest" if name.startswith("honest") else name
+                    ratios.setdefault(kind, []).append(gain / typical)
+            probe_s += time.perf_counter() - started
+            for name in voices:
+                judged[name] += 1
+                rejected[name] += name in reasons
+                reputation[name] = next_reputation(reputation[name], name not in reasons)
+            kept = {n: d for n, d in voices.items() if n not in reasons}
+        if kept:
+            total = sum(weigh(1.0, reputation[n]) for n in kept)
+            mean = {
+                k: sum(weigh(1.0, reputation[n]) * d[k] for n, d in kept.items()) / total
+                for k in next(iter(kept.values()))
+            }
+            weights = {k: weights[k] + mean[k] if k in mean else weights[k] for k in weights}
+    model.load_state_dict(weights)
+    honest_names = names[:honest_count]
+    return {
+        "eval_loss": float(job.evaluate(model)["eval_loss"]),
+        "honest_rejected": sum(rejected[n] for n in honest_names),
+        "honest_judged": sum(judged[n] for n in honest_names),
+        "attackers": {n: {"rejected": rejected[n], "reputation": reputation[n]} for n in attackers},
+        "min_honest_reputation": min((reputation[n] or 0.5) for n in honest_names),
+        "probe_share": probe_s / max(train_s + probe_s, 1e-9),
+        "gain_ratios": ratios,
+        "gains": rounds_gains,
+    }
+
+
+def mean_of(runs: list[dict], key: str) -> float:
+    return statistics.mean(r[key] for r in runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.time()
+    seeds = range(args.seeds)
+    scenarios = {
+        "clean-8 (probe)": (8, [], True),
+        "clean-3 (no verify)": (3, [], False),
+        "clean-3 (probe)": (3, [], True),
+        "attacked (no verify)": (3, ["ascender", "negator"], False),
+        "attacked (probe)": (3, ["ascender", "negator"], True),
+        "free-rider (probe)": (3, ["free-rider"], True),
+        "random-tokens (probe)": (3, ["random-tokens"], True),
+    }
+    results = {name: [simulate(args, *spec, seed) for seed in seeds] for name, spec in scenarios.items()}
+    clean = mean_of(results["clean-3 (no verify)"], "eval_loss")
+    rows = []
+    for name, runs in results.items():
+        honest_judged = sum(r["honest_judged"] for r in runs)
+        attackers = {}
+        for run in runs:
+            for who, entry in run["attackers"].items():
+                attackers.setdefault(who, []).append(entry)
+        rows.append(
+            {
+                "scenario": name,
+                "eval_loss": mean_of(runs, "eval_loss"),
+                "vs_clean_3": mean_of(runs, "eval_loss") / clean,
+                "honest_rejected": sum(r["honest_rejected"] for r in runs),
+                "honest_judged": honest_judged,
+                "attackers_rejected": {
+                    who: f"{sum(e['rejected'] for e in entries)}/{args.rounds * len(entries)}"
+                    for who, entries in attackers.items()
+                },
+                "attacker_reputation": {
+                    who: statistics.mean(e["reputation"] or 0.5 for e in entries)
+                    for who, entries in attackers.items()
+                },
+                "min_honest_reputation": mean_of(runs, "min_honest_reputation"),
+                "probe_share": mean_of(runs, "probe_share"),
+            }
+        )
+    document = {"rounds": args.rounds, "local_steps": args.local_steps, "seeds": args.seeds, "rows": rows}
+    document["seconds"] = round(time.time() - started, 1)
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    print(
+        f"charlm (1 layer, width 32), {args.rounds} rounds of {args.local_steps} local steps, "
+        f"{args.seeds} seed(s), fedavg; {document['seconds']} s\n"
+    )
+    print(
+        "| scenario | eval loss | vs clean-3 | honest rejected | attackers rejected "
+        "| attacker reputation | lowest honest reputation | probe time share |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        honest_text = f"{r['honest_rejected']}/{r['honest_judged']}" if r["honest_judged"] else "-"
+        caught = ", ".join(f"{who} {text}" for who, text in r["attackers_rejected"].items()) or "-"
+        reps = ", ".join(f"{who} {v:.2f}" for who, v in r["attacker_reputation"].items()) or "-"
+        share = f"{r['probe_share']:.1%}" if r["honest_judged"] else "-"
+        print(
+            f"| {r['scenario']} | {r['eval_loss']:.3f} | {r['vs_clean_3']:.3f}x | {honest_text} | {caught} "
+            f"| {reps} | {r['min_honest_reputation']:.2f} | {share} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
