@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from coordinator.strategies import make_strategy  # noqa: E402
 from coordinator.validation import delta_norm  # noqa: E402
 from coordinator.verification import Prober, judge, next_reputation, weigh  # noqa: E402
 from jobs import load_job  # noqa: E402
@@ -104,8 +105,11 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-def simulate(args, honest_count: int, attackers: list[str], verify: bool, seed: int) -> dict:
+def simulate(
+    args, honest_count: int, attackers: list[str], verify: bool, seed: int, strategy: str = "fedavg"
+) -> dict:
     """One run: final eval loss, rejections per volunteer kind, reputations, probe time share."""
+    merger = make_strategy(strategy)
     job = load_job("charlm", {**JOB_ARGS, "seed": seed})
     model = job.build_model()
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -145,13 +149,9 @@ def simulate(args, honest_count: int, attackers: list[str], verify: bool, seed: 
                 rejected[name] += name in reasons
                 reputation[name] = next_reputation(reputation[name], name not in reasons)
             kept = {n: d for n, d in voices.items() if n not in reasons}
-        if kept:
-            total = sum(weigh(1.0, reputation[n]) for n in kept)
-            mean = {
-                k: sum(weigh(1.0, reputation[n]) * d[k] for n, d in kept.items()) / total
-                for k in next(iter(kept.values()))
-            }
-            weights = {k: weights[k] + mean[k] if k in mean else weights[k] for k in weights}
+        if kept:  # as the aggregator merges: samples (equal here) x reputation, through the strategy
+            voices_in = [(weigh(1.0, reputation[n]) if verify else 1.0, d) for n, d in kept.items()]
+            weights = merger.aggregate({k: v.clone() for k, v in weights.items()}, iter(voices_in))
     model.load_state_dict(weights)
     honest_names = names[:honest_count]
     return {
@@ -175,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument(
+        "--strategies",
+        nargs="*",
+        default=["median", "trimmed-mean:0.2", "krum:2"],
+        help="robust strategies to run the attacked scenario with, beside fedavg",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -189,8 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         "free-rider (probe)": (3, ["free-rider"], True),
         "random-tokens (probe)": (3, ["random-tokens"], True),
     }
-    results = {name: [simulate(args, *spec, seed) for seed in seeds] for name, spec in scenarios.items()}
-    clean = mean_of(results["clean-3 (no verify)"], "eval_loss")
+    for strategy in args.strategies:
+        scenarios[f"attacked, {strategy} (no verify)"] = (3, ["ascender", "negator"], False, strategy)
+        scenarios[f"attacked, {strategy} (probe)"] = (3, ["ascender", "negator"], True, strategy)
+        scenarios[f"clean-3, {strategy} (no verify)"] = (3, [], False, strategy)
+    results = {
+        name: [simulate(args, *spec[:3], seed, *spec[3:]) for seed in seeds]
+        for name, spec in scenarios.items()
+    }
+
+    def clean(name: str) -> float:
+        """The clean 3-volunteer loss of the scenario's strategy (fedavg unless named)."""
+        strategy = next((x for x in args.strategies if f", {x} " in name), None)
+        reference = f"clean-3, {strategy} (no verify)" if strategy else "clean-3 (no verify)"
+        return mean_of(results[reference], "eval_loss")
+
     rows = []
     for name, runs in results.items():
         honest_judged = sum(r["honest_judged"] for r in runs)
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "scenario": name,
                 "eval_loss": mean_of(runs, "eval_loss"),
-                "vs_clean_3": mean_of(runs, "eval_loss") / clean,
+                "vs_clean_3": mean_of(runs, "eval_loss") / clean(name),
                 "honest_rejected": sum(r["honest_rejected"] for r in runs),
                 "honest_judged": honest_judged,
                 "attackers_rejected": {

@@ -17,6 +17,8 @@ place and the volunteer ACL (``coordinator.credentials``) follows it::
     ct:run:RUN:round:N:digests           hash: sha256 of accepted uploads -> shard
     ct:run:RUN:round:N:rejections        hash: shard|volunteer|upload -> JSON reason
     ct:run:RUN:round:N:reoffers          hash: shard -> times it was posted again after a failure
+    ct:run:RUN:round:N:replicated        set: shards posted twice (init --replicate)
+    ct:run:RUN:round:N:replicas          hash: shard -> key of the second volunteer's accepted copy
     ct:deadlines                         sorted set: "RUN|N" -> deadline of unfinished rounds
     ct:upload:VOLUNTEER:RUN:N:SHARD:TOKEN  one upload, writable by that volunteer only
     ct:volunteers                        set of volunteer names     (trusted side only)
@@ -93,6 +95,14 @@ def round_digests(run: str, number: int) -> str:
 
 def round_reoffers(run: str, number: int) -> str:
     return round_(run, number) + ":reoffers"
+
+
+def round_replicated(run: str, number: int) -> str:
+    return round_(run, number) + ":replicated"
+
+
+def round_replicas(run: str, number: int) -> str:
+    return round_(run, number) + ":replicas"
 
 
 def accepted_upload(run: str, number: int, volunteer: str, shard: int, token: str) -> str:

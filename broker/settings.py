@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from broker.errors import SettingsError
+from broker.keys import KEEP_VERSIONS
 
 DEFAULT_HOME = ".crowdtrain"
 DEFAULT_DEADLINE = 600.0
@@ -35,6 +36,7 @@ class Settings:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    keep_versions: int = KEEP_VERSIONS  # model versions Redis keeps; older ones stay on disk
 
     def __post_init__(self) -> None:
         if self.broker_url is not None:
@@ -48,6 +50,8 @@ class Settings:
             raise SettingsError("CROWDTRAIN_VISIBILITY_TIMEOUT must be a positive number of seconds")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise SettingsError("CROWDTRAIN_TORCH_THREADS must be a positive integer")
+        if self.keep_versions < 1:
+            raise SettingsError("CROWDTRAIN_KEEP_VERSIONS must be a whole number of at least 1")
 
     @classmethod
     def from_env(
@@ -56,6 +60,7 @@ class Settings:
         """Build settings from flags (which win) and the environment."""
         env = dict(os.environ if env is None else env)
         threads = env.get("CROWDTRAIN_TORCH_THREADS")
+        keep = env.get("CROWDTRAIN_KEEP_VERSIONS")
         try:
             values: dict[str, Any] = dict(
                 home=Path(env.get("CROWDTRAIN_HOME") or DEFAULT_HOME),
@@ -67,6 +72,7 @@ class Settings:
                 tls_ca=env.get("CROWDTRAIN_TLS_CA") or None,
                 tls_cert=env.get("CROWDTRAIN_TLS_CERT") or None,
                 tls_key=env.get("CROWDTRAIN_TLS_KEY") or None,
+                keep_versions=int(keep) if keep else KEEP_VERSIONS,
             )
         except ValueError as e:
             raise SettingsError(f"bad CROWDTRAIN_* environment variable: {e}") from e

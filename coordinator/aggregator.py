@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -25,26 +26,31 @@ from broker import keys
 from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
-from coordinator.privacy import from_config, next_clip, privatize, spent
+from coordinator.privacy import next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
 from coordinator.validation import all_finite, delta_norm, printable, screen_norms
-from coordinator.verification import Prober, judge, next_reputation, weigh
+from coordinator.verification import Prober, disagreement, judge, next_reputation, weigh
 from serialization import TensorDict, dumps, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
 
 MAX_ATTEMPTS = 3
+_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")  # what a volunteer may call its device
+MAX_MEMORY_GB = 4096  # the most device memory a volunteer may say it offers
 
 
 class Aggregator:
     """Validates uploads and aggregates rounds for every run on one broker."""
 
-    def __init__(self, store: Store, home: Path, name: str = "aggregator") -> None:
+    def __init__(
+        self, store: Store, home: Path, name: str = "aggregator", keep_versions: int = keys.KEEP_VERSIONS
+    ) -> None:
         self.store = store
         self.home = home
         self.name = name
+        self.keep_versions = keep_versions
         self.contexts = RunContexts(store)
         self.intake = Intake(store, self.contexts)
 
@@ -73,6 +79,7 @@ class Aggregator:
         metas, norms, rejections = self._screen(context, copies)
         used = {s: k for s, k in copies.items() if s in metas and s not in rejections}
         weights, _ = loads(self.contexts.model_blob(context.name, base))
+        losers = self._check_replicas(context, number, weights, used, metas, norms)
         reputations: dict[str, float | None] = {}
         if _probes(context) and len(_voices(used)) > 1:
             reputations = self.store.reputations(_voices(used))
@@ -83,11 +90,15 @@ class Aggregator:
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
             self.store.credit(volunteer, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
+        for shard, volunteer, reason in losers:
+            self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
+            self.store.credit(volunteer, rejected=1)
+            log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
         if not used:
             return self._fail(context, number, owner, info, summary, "no accepted deltas")
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
-        privacy = from_config(context.config)
+        privacy = context.privacy
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
         weights, strategy, evaluation, clip = self._merge(context, weights, used, metas, reputations)
@@ -113,7 +124,7 @@ class Aggregator:
             )
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
-        self.store.prune_versions(run, base + 1)
+        self.store.prune_versions(run, base + 1, self.keep_versions)
         checkpoints.save_version(self.home, run, base + 1, weights, strategy_state, context.config)
         checkpoints.append_metrics(self.home, run, summary)
         log.info(
@@ -143,11 +154,56 @@ class Aggregator:
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
-        if from_config(context.config) is None:
+        if context.privacy is None:
             rejections.update(screen_norms(norms, owners, ratio, context.model_norm))
         # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
         # by the others' norms would let one person's data decide whether another's counts.
         return metas, norms, rejections
+
+    def _check_replicas(
+        self,
+        context: RunContext,
+        number: int,
+        base: TensorDict,
+        used: dict[int, str],
+        metas: dict[int, dict],
+        norms: dict[int, float],
+    ) -> list[tuple[int, str, str]]:
+        """``--replicate``: compare each shard trained twice; the one the probe likes less is rejected.
+
+        When the second training wins, it takes the shard's place in ``used``
+        (and ``metas``, ``norms``). Returns (shard, volunteer, reason) of the losers.
+        """
+        replicas = self.store.rounds.replicas(context.name, number) if context.config.get("replicate") else {}
+        losers: list[tuple[int, str, str]] = []
+        prober: Prober | None = None
+        for shard, second_key in sorted(replicas.items()):
+            if shard not in used:
+                continue  # the first training was rejected already: nothing to compare
+            second_meta: dict[int, dict] = {}
+            first, second = (
+                self._delta(context, used[shard], {}, shard),
+                self._delta(context, second_key, second_meta, shard),
+            )
+            if first is None or second is None:
+                continue
+            why = disagreement(first, second)
+            if why is None:
+                continue
+            prober = prober or Prober(context.job, base)
+            share = 1.0 / max(1, len(_voices(used)))
+            keys_by_gain = sorted(
+                [(prober.gain(first, share), used[shard]), (prober.gain(second, share), second_key)]
+            )
+            loser, winner = keys_by_gain[0][1], keys_by_gain[1][1]
+            reason = (
+                f"replica: disagrees with {keys.volunteer_of(winner)}'s training of the same shard "
+                f"({why}) and helps the probe less"
+            )
+            losers.append((shard, keys.volunteer_of(loser), reason))
+            if winner == second_key:
+                used[shard], metas[shard], norms[shard] = second_key, second_meta[shard], delta_norm(second)
+        return losers
 
     def _probe(
         self, context: RunContext, base: TensorDict, used: dict[int, str], metas: dict[int, dict]
@@ -195,7 +251,7 @@ class Aggregator:
                 samples, delta = self._voice(context, used, metas, shards)
                 yield (weigh(samples, reputations[name]) if reputations else samples), delta
 
-        privacy = from_config(config)
+        privacy = context.privacy
         next_value: float | None = None
         if privacy is None:
             weights = strategy.aggregate(weights, deltas())
@@ -240,20 +296,29 @@ class Aggregator:
         return delta
 
     def _credit(self, used: dict[int, str], metas: dict[int, dict]) -> None:
-        """Credit counts merged deltas only: shards, samples, accepted and training time per volunteer."""
-        credit: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+        """Credit counts merged deltas only: shards, samples and training time; the device they report."""
+        credit: dict[str, dict[str, Any]] = defaultdict(lambda: {"shards": 0, "samples": 0, "seconds": 0.0})
         for shard, key in used.items():
-            entry = credit[keys.volunteer_of(key)]
-            entry[0] += 1
-            entry[1] += int(metas[shard]["samples"])
-            entry[2] += _seconds(metas[shard].get("seconds"))
-        for volunteer, (shards, samples, seconds) in credit.items():
+            entry, meta = credit[keys.volunteer_of(key)], metas[shard]
+            entry["shards"] += 1
+            entry["samples"] += int(meta["samples"])
+            entry["seconds"] += _seconds(meta.get("seconds"))
+            device = meta.get("device")
+            if isinstance(device, str) and _DEVICE.match(device):
+                entry["device"] = device
+            memory = meta.get("memory_gb")
+            if isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory <= MAX_MEMORY_GB:
+                entry["memory_gb"] = memory
+        for volunteer, entry in credit.items():
+            shards = entry["shards"]
             self.store.credit(
                 volunteer,
-                seconds=seconds,
-                shards_done=int(shards),
-                accepted=int(shards),
-                samples=int(samples),
+                device=entry.get("device"),
+                memory_gb=entry.get("memory_gb"),
+                seconds=entry["seconds"],
+                shards_done=shards,
+                accepted=shards,
+                samples=entry["samples"],
             )
 
     def _fail(
@@ -295,7 +360,7 @@ def _probes(context: RunContext) -> bool:
     With DP nothing judges one person's delta by itself: the decision would
     depend on that person's data beyond what the accountant counts.
     """
-    return context.config.get("verify", "none") == "probe" and from_config(context.config) is None
+    return context.config.get("verify", "none") == "probe" and context.privacy is None
 
 
 def _summary(

@@ -12,16 +12,17 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import redis
 
+from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
-from coordinator import commands, creation, quickstart
-from coordinator.errors import CoordinatorError
+from coordinator import commands, quickstart
+from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
 from coordinator.strategies import STRATEGY_HELP
 from coordinator.verification import VERIFY_MODES
 from jobs import JobError
@@ -62,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         return _fail(args.command, str(e))
     except redis.ResponseError as e:
-        if not creation.is_broker_full(e):
+        if not is_broker_full(e):
             raise
-        return _fail(args.command, creation.BROKER_FULL)
+        return _fail(args.command, BROKER_FULL)
     except KeyboardInterrupt:
         print(f"coordinator {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -81,14 +82,6 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``coordinator`` parser with every sub-command and its bounded flags."""
     parser = OneLineParser(
@@ -102,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         quickstart.quickstart,
         "Run the built-in job end to end on this machine (embedded Redis, local volunteers).",
     )
-    p.add_argument("--rounds", type=_int_in(1, MAX_ROUNDS), default=5, help=f"1 to {MAX_ROUNDS}")
+    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=5, help=f"1 to {MAX_ROUNDS}")
     p.add_argument(
         "--volunteers",
-        type=_int_in(1, MAX_VOLUNTEERS),
+        type=int_in(1, MAX_VOLUNTEERS),
         default=2,
         help=f"local volunteer processes, 1 to {MAX_VOLUNTEERS}",
     )
@@ -115,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fedavg", help=STRATEGY_FLAGS_HELP)
     p.add_argument(
         "--shards",
-        type=_int_in(1, MAX_SHARDS),
+        type=int_in(1, MAX_SHARDS),
         default=None,
         help=f"shards per round, 1 to {MAX_SHARDS} (default: 2 per volunteer)",
     )
@@ -135,22 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="fedavg", help=STRATEGY_HELP)
     p.add_argument(
         "--server-lr",
-        type=_float_in(0, 100),
+        type=float_in(0, 100),
         default=None,
         help="the strategy's learning rate, > 0 and <= 100",
     )
     p.add_argument(
         "--momentum",
-        type=_float_in(0, 1, low_ok=True, high_ok=False),
+        type=float_in(0, 1, low_ok=True, high_ok=False),
         default=None,
         help="the strategy's momentum, 0 <= m < 1",
     )
     p.add_argument(
-        "--clip-norm", type=_float_in(0, math.inf), default=None, help="clip each delta to this L2 norm (> 0)"
+        "--clip-norm", type=float_in(0, math.inf), default=None, help="clip each delta to this L2 norm (> 0)"
     )
     p.add_argument(
         "--max-norm-ratio",
-        type=_float_in(0, 1e6),
+        type=float_in(0, 1e6),
         default=10.0,
         help="reject deltas whose norm exceeds this multiple of the round median (> 0 and <= 1e6)",
     )
@@ -158,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _local_steps_flag(p, default=20)
     p.add_argument(
         "--shard-seconds",
-        type=_float_in(0, MAX_DEADLINE),
+        type=float_in(0, MAX_DEADLINE),
         default=None,
         help="time budget of a shard: train until this many seconds have passed or --local-steps "
         "are done, whichever is first (at least one step); deltas weigh by the samples they trained",
@@ -171,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         "those far less useful than the round's others (default); none: norms and strategy only",
     )
     p.add_argument(
+        "--replicate",
+        type=float_in(0, 1, low_ok=True),
+        default=0.0,
+        metavar="F",
+        help="post this fraction of each round's shards twice, to two volunteers, and compare "
+        "the deltas; on a mismatch the one the probe likes less is rejected (0 <= F <= 1)",
+    )
+    p.add_argument(
         "--require",
         choices=DEVICE_CLASSES,
         default=None,
@@ -178,14 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--min-memory-gb",
-        type=_float_in(0, MEMORY_TIERS_GB[-1]),
+        type=float_in(0, MEMORY_TIERS_GB[-1]),
         default=None,
         metavar="X",
         help="train this run's shards only on volunteers whose device has at least X GB "
         f"(rounded up to one of {', '.join(map(str, MEMORY_TIERS_GB))})",
     )
     p.add_argument(
-        "--lr", type=_float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
+        "--lr", type=float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     _privacy_flags(p)
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="whose data shards train on: the job's own shards, or only volunteers' own data "
         "(volunteer start --data); a volunteer with --data uses its own data either way",
     )
-    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     _round_flags(p, defaults=True)
     p.add_argument("--json", action="store_true")
 
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "run", commands.run, "Post rounds one after another until R have finished.")
     p.add_argument("--run", required=True)
-    p.add_argument("--rounds", type=_int_in(1, MAX_ROUNDS), required=True, help=f"1 to {MAX_ROUNDS}")
+    p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), required=True, help=f"1 to {MAX_ROUNDS}")
     _round_flags(p)
     p.add_argument("--json", action="store_true")
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "export", commands.export, "Write a model version as float32 safetensors.")
     p.add_argument("--run", required=True)
-    p.add_argument("--version", type=_int_in(0, 10**9), default=None, help="default: the current version")
+    p.add_argument("--version", type=int_in(0, 10**9), default=None, help="default: the current version")
     p.add_argument("--out", required=True, type=Path)
 
     p = _command(sub, "report", commands.report, "Plot eval loss per round and per uplink byte.")
@@ -294,42 +295,42 @@ def _privacy_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("differential privacy (DP-FedAvg; docs/PRIVACY.md)")
     group.add_argument(
         "--dp-clip",
-        type=_float_in(0, 1e6),
+        type=float_in(0, 1e6),
         default=None,
         metavar="C",
         help="clip each volunteer's delta of a round to this L2 norm",
     )
     group.add_argument(
         "--dp-noise",
-        type=_float_in(0, 1e6, low_ok=True),
+        type=float_in(0, 1e6, low_ok=True),
         default=None,
         metavar="Z",
         help="Gaussian noise of standard deviation Z*C on the sum of clipped deltas",
     )
     group.add_argument(
         "--dp-delta",
-        type=_float_in(0, 1, high_ok=False),
+        type=float_in(0, 1, high_ok=False),
         default=1e-5,
         metavar="D",
         help="the delta of (epsilon, delta)-DP (default 1e-5)",
     )
     group.add_argument(
         "--dp-epsilon",
-        type=_float_in(0, 1e6),
+        type=float_in(0, 1e6),
         default=None,
         metavar="E",
         help="privacy budget: no round may take epsilon above E",
     )
     group.add_argument(
         "--dp-population",
-        type=_int_in(1, 10**9),
+        type=int_in(1, 10**9),
         default=None,
         metavar="N",
         help="volunteers a round samples from: sampling rate q = quorum/N (default q = 1)",
     )
     group.add_argument(
         "--dp-quantile",
-        type=_float_in(0, 1, high_ok=False),
+        type=float_in(0, 1, high_ok=False),
         default=None,
         metavar="Q",
         help="adaptive clipping (Andrew et al. 2021): move C each round toward the Q-quantile of the "
@@ -337,14 +338,14 @@ def _privacy_flags(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--dp-clip-lr",
-        type=_float_in(0, 10),
+        type=float_in(0, 10),
         default=None,
         metavar="ETA",
         help="adaptive clipping's rate (0.2)",
     )
     group.add_argument(
         "--dp-count-noise",
-        type=_float_in(0, 1e6),
+        type=float_in(0, 1e6),
         default=None,
         metavar="S",
         help="noise std on the count of unclipped voices (default: the round's quorum / 20)",
@@ -354,7 +355,7 @@ def _privacy_flags(p: argparse.ArgumentParser) -> None:
 def _local_steps_flag(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument(
         "--local-steps",
-        type=_int_in(1, MAX_LOCAL_STEPS),
+        type=int_in(1, MAX_LOCAL_STEPS),
         default=default,
         help=f"optimizer steps per shard, 1 to {MAX_LOCAL_STEPS}",
     )
@@ -364,7 +365,7 @@ def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     word = "default for the run's rounds: " if defaults else ""
     p.add_argument(
         "--shards",
-        type=_int_in(1, MAX_SHARDS),
+        type=int_in(1, MAX_SHARDS),
         default=None,
         help=f"{word}shard jobs per round, 1 to {MAX_SHARDS}",
     )
@@ -375,49 +376,13 @@ def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     )
     p.add_argument(
         "--deadline",
-        type=_float_in(0, MAX_DEADLINE),
+        type=float_in(0, MAX_DEADLINE),
         default=None,
         help=f"{word}seconds before the round is merged with what it has (> 0, at most {MAX_DEADLINE:.0f})",
     )
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float, low_ok: bool = False, high_ok: bool = True) -> Callable[[str], float]:
-    """An argparse type: a finite number between ``low`` and ``high`` (inclusive where ``*_ok``)."""
-    lower = f">= {low:g}" if low_ok else f"> {low:g}"
-    upper = "" if math.isinf(high) else (f" and <= {high:g}" if high_ok else f" and < {high:g}")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        above = value >= low if low_ok else value > low
-        below = value <= high if high_ok else value < high
-        if not (above and below):
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range: must be {lower}{upper}")
-        return value
-
-    return parse
-
-
-_port = _int_in(1, 65535)
+_port = int_in(1, 65535)
 
 
 def _address(text: str) -> str:

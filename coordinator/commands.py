@@ -94,6 +94,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         dp[k] is not None for k in ("dp_quantile", "dp_clip_lr", "dp_count_noise")
     ):
         raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
+    if getattr(args, "replicate", 0.0) and dp["dp_clip"] is not None:
+        raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
     try:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
@@ -117,6 +119,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         data=getattr(args, "data", "coordinator"),
         **need.as_config(),
         verify=getattr(args, "verify", "probe"),
+        replicate=getattr(args, "replicate", 0.0) or 0.0,
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from coordinator.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
 from serialization import Expected, encoded_size_bound, loads, parse_codec
@@ -34,6 +35,7 @@ class RunContext:
     model_bytes: int  # float32 bytes of the model: the most an upload may decode to
     model_norm: float  # L2 norm of version 0: the scale of small rounds' norm screen
     max_samples: int  # local_steps * batch_size: the most samples a shard may claim
+    privacy: Privacy | None  # DP-FedAvg settings, None for a run without them
 
     @property
     def codec(self) -> str:
@@ -79,4 +81,5 @@ class RunContexts:
             model_bytes=sum(4 * v.numel() for v in floats.values()),
             model_norm=norm,
             max_samples=int(config["local_steps"]) * batch_size(job),
+            privacy=from_config(config),
         )

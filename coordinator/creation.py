@@ -13,23 +13,18 @@ from typing import Any
 
 import msgpack
 import redis
-from redis.exceptions import OutOfMemoryError
 from safetensors import SafetensorError
 
 from broker import keys
 from coordinator import checkpoints
-from coordinator.errors import BrokerFull, UsageError
+from coordinator.errors import BROKER_FULL, BrokerFull, UsageError, is_broker_full
 from coordinator.store import Store
 from jobs import Job
 from serialization import TensorDict, dumps
 
-# Redis's refusal at maxmemory is "OOM command not allowed ..."; redis-py makes that an
-# OutOfMemoryError, but Redis 6 wraps a script's refusal in "Error running script ...: -OOM ...".
-_OOM = re.compile(r"(^|[\s:-])OOM\b")
 _PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 # Redis refuses a single value larger than this (proto-max-bulk-len).
 REDIS_VALUE_LIMIT = 512 * 1024 * 1024
-BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
 
 
 def build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[str, float]]:
@@ -86,13 +81,6 @@ def _forget_run(store: Store, run: str, config: dict[str, Any]) -> None:
     pipe.srem(keys.runs(), run)
     pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))
     pipe.execute()
-
-
-def is_broker_full(error: BaseException) -> bool:
-    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
-    if isinstance(error, OutOfMemoryError):  # redis-py strips the "OOM " prefix itself
-        return True
-    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))
 
 
 def first_line(error: BaseException) -> str:

@@ -6,6 +6,15 @@ one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import re
+
+import redis
+
+BROKER_FULL = "the broker's Redis is full (maxmemory): free memory or raise maxmemory"
+# Redis's refusal at maxmemory is "OOM command not allowed ..."; redis-py makes that an
+# OutOfMemoryError, but Redis 6 wraps a script's refusal in "Error running script ...: -OOM ...".
+_OOM = re.compile(r"(^|[\s:-])OOM\b")
+
 
 class CoordinatorError(Exception):
     """Root of the coordinator's errors; the message names the fix."""
@@ -41,3 +50,10 @@ class BrokerFull(CoordinatorError):
 
 class PrivacyBudgetSpent(UsageError):
     """One more round would take the run's ε above its --dp-epsilon budget."""
+
+
+def is_broker_full(error: BaseException) -> bool:
+    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
+    if isinstance(error, redis.exceptions.OutOfMemoryError):  # redis-py strips the "OOM " prefix
+        return True
+    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))

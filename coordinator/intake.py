@@ -32,15 +32,13 @@ _TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
 # A shard whose upload was rejected is posted again, so another volunteer may train it,
 # at most this many times per round: a volunteer spamming failures costs only that.
 MAX_REOFFERS = 2
-_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")
-MAX_MEMORY_GB = 4096  # what a volunteer may claim to offer, as its uploads tell it
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What became of one upload, and what the task should do next."""
 
-    outcome: str  # accepted, rejected, repeat, duplicate, identical, late, unknown or ignored
+    outcome: str  # accepted, replica, rejected, repeat, duplicate, identical, late, unknown or ignored
     due: bool = False  # the round's quorum is met: ask for aggregation
     retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
     queue: str = keys.TRAIN_QUEUE  # where to post it: the run's (broker.routing)
@@ -112,7 +110,8 @@ class Intake:
         bytes are the volunteer's as they were moved. Its uplink bytes were
         counted before the move.
         """
-        if self.store.rounds.accepted_uploads(upload.run, upload.round).get(upload.shard) == upload.copy_key:
+        kept = (self.store.rounds.accepted_uploads, self.store.rounds.replicas)
+        if any(copies(upload.run, upload.round).get(upload.shard) == upload.copy_key for copies in kept):
             return Verdict("repeat")  # judged and counted already; the merge reads this copy
         blob = self.store.get_upload(upload.copy_key)
         if blob is None:
@@ -143,17 +142,12 @@ class Intake:
             return self._refuse(upload, info, reason)
         digest = hashlib.sha256(blob).hexdigest()
         outcome, due = self.store.rounds.accept(
-            upload.run, upload.round, upload.shard, upload.copy_key, digest
+            upload.run, upload.round, upload.shard, upload.copy_key, digest, upload.volunteer
         )
-        if outcome == "accepted":
-            device = meta.get("device")
-            memory = meta.get("memory_gb")
-            if not (isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory <= MAX_MEMORY_GB):
-                memory = None
-            if isinstance(device, str) and _DEVICE.match(device):
-                self.store.credit(upload.volunteer, device=device, memory_gb=memory)
+        if outcome in ("accepted", "replica"):
             log.info(
-                "accepted %s round %d shard %d from %s",
+                "%s %s round %d shard %d from %s",
+                "accepted" if outcome == "accepted" else "kept as the replica of",
                 upload.run,
                 upload.round,
                 upload.shard,
@@ -163,6 +157,10 @@ class Intake:
             self.store.delete_upload(upload.copy_key)
         if outcome == "identical":
             return self._refuse(upload, info, "identical to an upload accepted for another shard")
+        if outcome == "duplicate" and self.store.rounds.wants_replica(upload.run, upload.round, upload.shard):
+            # the volunteer that trained the shard took its second posting too: post it again,
+            # (bounded) so a different volunteer may check it
+            return Verdict(outcome, due, self._retry(upload, info), self._queue(upload))
         return Verdict(outcome, due)
 
     def _count_downlink(self, upload: Upload, context: RunContext, meta: dict[str, Any]) -> None:
@@ -189,13 +187,17 @@ class Intake:
             upload.volunteer,
             reason,
         )
-        retry = None
-        if self.store.rounds.reoffer(upload.run, upload.round, upload.shard, MAX_REOFFERS):
-            base = int(info["base_version"])
-            retry = shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
-        return Verdict(
-            "rejected", retry=retry, queue=need_from_config(self.contexts[upload.run].config).queue
-        )
+        return Verdict("rejected", retry=self._retry(upload, info), queue=self._queue(upload))
+
+    def _retry(self, upload: Upload, info: dict[str, Any]) -> dict[str, Any] | None:
+        """The shard's task to post again, or None once it was posted again MAX_REOFFERS times."""
+        if not self.store.rounds.reoffer(upload.run, upload.round, upload.shard, MAX_REOFFERS):
+            return None
+        base = int(info["base_version"])
+        return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
+
+    def _queue(self, upload: Upload) -> str:
+        return need_from_config(self.contexts[upload.run].config).queue
 
 
 def _check(blob: bytes, context: RunContext, base_version: int) -> tuple[str | None, dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import signal
 import threading
 import time
@@ -15,14 +16,10 @@ from celery import Celery
 
 from broker.routing import need_from_config
 from coordinator.documents import round_record
-from coordinator.errors import BrokerFull, QuorumError
+from coordinator.errors import BROKER_FULL, BrokerFull, QuorumError, is_broker_full
 from coordinator.store import Store
 
 POLL_SECONDS = 0.1
-_FULL = (
-    "no round of {run!r} was posted: the broker's Redis is full (maxmemory); "
-    "free memory or raise maxmemory, then post again"
-)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -58,15 +55,20 @@ def post_round(
     with _interrupts_deferred():  # Ctrl-C must not leave a round with half its shards posted
         try:
             info = store.rounds.open(run, shards, quorum, deadline)
-        except redis.exceptions.OutOfMemoryError:
-            raise BrokerFull(_FULL.format(run=run)) from None
+        except redis.ResponseError as e:
+            if is_broker_full(e):
+                raise BrokerFull(f"no round of {run!r} was posted: {BROKER_FULL}, then post again") from None
+            raise
         try:
-            _send_shards(app, need_from_config(store.run_config(run)).queue, run, info, shards)
+            config = store.run_config(run)
+            twice = replicated_shards(run, int(info["round"]), shards, float(config.get("replicate") or 0))
+            store.rounds.replicate(run, int(info["round"]), twice)
+            _send_shards(app, need_from_config(config).queue, run, info, shards, set(twice))
         except Exception as e:
             reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
             store.rounds.abort(run, int(info["round"]), reason)
-            if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e):
-                raise BrokerFull(_FULL.format(run=run)) from None
+            if is_broker_full(e):
+                raise BrokerFull(f"no round of {run!r} was posted: {BROKER_FULL}, then post again") from None
             raise
     return info
 
@@ -76,16 +78,21 @@ def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> 
     return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
 
 
-def _send_shards(app: Celery, queue: str, run: str, info: dict[str, Any], shards: int) -> None:
+def replicated_shards(run: str, number: int, shards: int, fraction: float) -> list[int]:
+    """The shards of a round posted twice (``init --replicate F``): a fixed draw per round."""
+    count = min(shards, math.ceil(fraction * shards - 1e-9)) if fraction > 0 else 0
+    return sorted(random.Random(f"{run}|{number}").sample(range(shards), count))
+
+
+def _send_shards(
+    app: Celery, queue: str, run: str, info: dict[str, Any], shards: int, twice: set[int]
+) -> None:
     with app.producer_or_acquire() as producer:  # one connection for the whole round
         for shard in range(shards):
-            app.send_task(
-                "train_shard",
-                queue=queue,
-                producer=producer,
-                ignore_result=True,
-                kwargs=shard_task(run, int(info["round"]), shard, shards, int(info["base_version"])),
-            )
+            task = shard_task(run, int(info["round"]), shard, shards, int(info["base_version"]))
+            # a replicated shard is posted twice in a row, so two volunteers take it at about once
+            for _ in range(2 if shard in twice else 1):
+                app.send_task("train_shard", queue=queue, producer=producer, ignore_result=True, kwargs=task)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ each failure comes back as a distinct result (written in the script's header):
 | transition | script | results |
 | --- | --- | --- |
 | open a round | ``open.lua`` | opened, round-open, raced, unknown-run |
-| count an upload | ``accept.lua`` | accepted, repeat, duplicate, identical, late |
+| count an upload | ``accept.lua`` | accepted, replica, repeat, duplicate, identical, late |
 | refuse an upload | ``reject.lua`` | rejected, repeat, duplicate, late |
 | take it to merge | ``claim.lua`` | claimed, not-due, held, closed |
 | keep it | ``renew.lua`` | renewed, lost |
@@ -73,15 +73,19 @@ class RoundState:
                 raise UnknownRun(f"unknown run {run!r}: create it with 'coordinator init --run {run}'")
         raise RoundOpen(f"run {run!r}: another coordinator kept opening rounds at the same time")
 
-    def accept(self, run: str, number: int, shard: int, copy_key: str, digest: str) -> tuple[str, bool]:
-        """Count a validated upload once: (accepted | repeat | duplicate | identical | late, due)."""
+    def accept(
+        self, run: str, number: int, shard: int, copy_key: str, digest: str, volunteer: str
+    ) -> tuple[str, bool]:
+        """Count a validated upload once: (outcome, due); the outcomes are in ``accept.lua``."""
         outcome, due = self._scripts["accept"](
             keys=[
                 keys.round_(run, number),
                 keys.round_accepted(run, number),
                 keys.round_digests(run, number),
+                keys.round_replicated(run, number),
+                keys.round_replicas(run, number),
             ],
-            args=[shard, copy_key, digest],
+            args=[shard, copy_key, digest, volunteer],
         )
         return _text(outcome), bool(due)
 
@@ -196,6 +200,28 @@ class RoundState:
     def add_bytes(self, run: str, number: int, field: str, count: int) -> None:
         self.redis.hincrby(keys.round_(run, number), field, count)
 
+    def replicate(self, run: str, number: int, shards: list[int]) -> None:
+        """Mark shards of an open round as posted twice: it is due only once their replicas are in."""
+        if not shards:
+            return
+        pipe = self.redis.pipeline()
+        pipe.sadd(keys.round_replicated(run, number), *shards)
+        pipe.hset(keys.round_(run, number), "replicas_expected", len(shards))
+        pipe.execute()
+
+    def wants_replica(self, run: str, number: int, shard: int) -> bool:
+        """True while a replicated shard of the round has no replica yet."""
+        pipe = self.redis.pipeline()
+        pipe.sismember(keys.round_replicated(run, number), shard)
+        pipe.hexists(keys.round_replicas(run, number), shard)
+        replicated, has_one = pipe.execute()
+        return bool(replicated) and not has_one
+
+    def replicas(self, run: str, number: int) -> dict[int, str]:
+        """Replicated shard -> key of the second volunteer's accepted copy."""
+        raw = self.redis.hgetall(keys.round_replicas(run, number))
+        return {int(k): v.decode() for k, v in raw.items()}
+
     def accepted_uploads(self, run: str, number: int) -> dict[int, str]:
         raw = self.redis.hgetall(keys.round_accepted(run, number))
         return {int(k): v.decode() for k, v in raw.items()}
@@ -211,13 +237,23 @@ class RoundState:
         rounds = [keys.parse_deadline_member(m) for m in members]
         pipe = self.redis.pipeline()
         for run, number in rounds:
-            pipe.hmget(keys.round_(run, number), "status", "accepted", "quorum", "deadline", "claim_until")
+            pipe.hmget(
+                keys.round_(run, number),
+                "status",
+                "accepted",
+                "quorum",
+                "deadline",
+                "claim_until",
+                "replicas",
+                "replicas_expected",
+            )
         due = []
         for (run, number), fields in zip(rounds, pipe.execute()):
-            status, accepted, quorum, deadline, claim_until = fields
+            status, accepted, quorum, deadline, claim_until, replicas, expected = fields
             if status is None:
                 continue  # its bookkeeping expired: nothing left to merge
-            met = status == b"open" and (int(accepted) >= int(quorum) or float(deadline) <= now)
+            counted = int(accepted) >= int(quorum) and int(replicas or 0) >= int(expected or 0)
+            met = status == b"open" and (counted or float(deadline) <= now)
             abandoned = status == b"aggregating" and float(claim_until) <= now
             if met or abandoned:
                 due.append((run, number))
@@ -233,7 +269,7 @@ class RoundState:
         self.redis.hset(keys.round_(run, number), mapping={"last_error": error, "claim_until": 0})
 
     def _expire(self, run: str, number: int) -> None:
-        copies = list(self.accepted_uploads(run, number).values())
+        copies = [*self.accepted_uploads(run, number).values(), *self.replicas(run, number).values()]
         pipe = self.redis.pipeline()
         if copies:
             pipe.delete(*copies)
@@ -243,6 +279,8 @@ class RoundState:
             keys.round_rejections(run, number),
             keys.round_digests(run, number),
             keys.round_reoffers(run, number),
+            keys.round_replicated(run, number),
+            keys.round_replicas(run, number),
         ):
             pipe.expire(key, keys.ROUND_TTL)
         pipe.execute()

@@ -66,9 +66,9 @@ class Store:
         self.redis.set(key, blob, ex=keys.STAGED_TTL)
         return key
 
-    def prune_versions(self, run: str, current: int) -> None:
-        """Drop model versions older than the latest KEEP_VERSIONS from Redis (they stay on disk)."""
-        old = current - keys.KEEP_VERSIONS
+    def prune_versions(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
+        """Drop model versions older than the latest ``keep`` from Redis (they stay on disk)."""
+        old = current - keep
         if old >= 0:
             self.redis.delete(*(keys.model(run, v) for v in range(max(0, old - 8), old + 1)))
 

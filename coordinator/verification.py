@@ -40,6 +40,10 @@ START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
 VERIFY_MODES = ("probe", "none")
+# Two trainings of one shard agree when their deltas point the same way (cosine) at about
+# the same length: GPUs are not bit-reproducible, so equality is not asked for.
+REPLICA_COSINE = 0.9
+REPLICA_NORM_RATIO = 1.25
 
 
 def probe_loss(job: Job, model: torch.nn.Module) -> float:
@@ -120,6 +124,25 @@ def judge(gains: Mapping[str, float], norms: Mapping[str, float] | None = None) 
                 f"of the round's others ({typical:.3g})"
             )
     return reasons
+
+
+def disagreement(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> str | None:
+    """Why two deltas of the same shard cannot both be honest (None if they agree)."""
+    dot = norm_a = norm_b = 0.0
+    for name, a in first.items():
+        if not a.is_floating_point() or name not in second:
+            continue
+        x, y = a.double().flatten(), second[name].double().flatten()
+        dot += float(x @ y)
+        norm_a += float(x @ x)
+        norm_b += float(y @ y)
+    if norm_a == 0.0 and norm_b == 0.0:
+        return None
+    cosine = dot / max((norm_a * norm_b) ** 0.5, 1e-300)
+    ratio = max(norm_a, norm_b) ** 0.5 / max(min(norm_a, norm_b) ** 0.5, 1e-300)
+    if cosine >= REPLICA_COSINE and ratio <= REPLICA_NORM_RATIO:
+        return None
+    return f"cosine {cosine:.2f}, norm ratio {min(ratio, 1e6):.3g}"
 
 
 def next_reputation(current: float | None, merged: bool) -> float:

@@ -287,19 +287,10 @@ def _list_files(cfg: CharLMConfig) -> list[str]:
 
 def _read_corpus(files: list[str], cfg: CharLMConfig) -> _Corpus:
     """Read up to ``max_bytes`` of the files and split off every ``eval_every``-th for eval."""
-    texts: list[tuple[str, torch.Tensor]] = []
-    budget = cfg.max_bytes
-    for path in files:
-        if budget <= 0:
-            break
-        try:
-            with open(path, "rb") as f:
-                data = f.read(budget)
-        except OSError as e:
-            raise JobError(f"charlm cannot read corpus file {path!r}: {e}") from e
-        if data:
-            texts.append((path, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
-            budget -= len(data)
+    texts = [
+        (name, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        for name, data in _read_files(files, cfg.max_bytes, "corpus")
+    ]
     n = cfg.context + 1
     total = sum(len(t) for _, t in texts)
     if total < 2 * n:
@@ -324,24 +315,30 @@ def _read_corpus(files: list[str], cfg: CharLMConfig) -> _Corpus:
     return _Corpus(train=kept, eval=whole[cut:])
 
 
+def _read_files(files: list[str], budget: int, what: str) -> list[tuple[str, bytes]]:
+    """The non-empty contents of ``files`` in order, at most ``budget`` bytes in all."""
+    texts: list[tuple[str, bytes]] = []
+    for path in files:
+        if budget <= 0:
+            break
+        try:
+            with open(path, "rb") as f:
+                data = f.read(budget)
+        except OSError as e:
+            raise JobError(f"charlm cannot read {what} file {path!r}: {e}") from e
+        if data:
+            texts.append((path, data))
+            budget -= len(data)
+    return texts
+
+
 def _read_local(path: str, cfg: CharLMConfig) -> torch.Tensor:
     """A volunteer's own text at ``path``, up to ``max_bytes``; JobError if there is too little."""
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         expanded = os.path.join(expanded, "**", "*")
     files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-    chunks, budget = [], cfg.max_bytes
-    for name in files:
-        if budget <= 0:
-            break
-        try:
-            with open(name, "rb") as f:
-                data = f.read(budget)
-        except OSError as e:
-            raise JobError(f"charlm cannot read local data file {name!r}: {e}") from e
-        chunks.append(data)
-        budget -= len(data)
-    text = b"".join(chunks)
+    text = b"".join(data for _, data in _read_files(files, cfg.max_bytes, "local data"))
     if len(text) < cfg.context + 1:
         raise JobError(f"charlm local data at {path!r} has {len(text)} bytes, fewer than one window")
     return torch.frombuffer(bytearray(text), dtype=torch.uint8)

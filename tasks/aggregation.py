@@ -22,7 +22,8 @@ class AggregatorTask(Task):
     @cached_property
     def aggregator(self) -> Aggregator:
         app: CrowdtrainApp = self.app
-        return Aggregator(Store(redis_client(app.settings)), app.settings.home)
+        settings = app.settings
+        return Aggregator(Store(redis_client(settings)), settings.home, keep_versions=settings.keep_versions)
 
 
 def aggregator_app(settings: Settings) -> CrowdtrainApp:

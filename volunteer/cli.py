@@ -10,12 +10,13 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from broker import embedded
+from broker.arguments import OneLineParser, int_in
 from broker.errors import BrokerError
 from broker.routing import queues_for
 from broker.settings import Settings
@@ -58,14 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        """Print ``PROG: error: MESSAGE (see PROG --help)`` and exit 2."""
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``volunteer`` parser: ``start`` and ``info``."""
     parser = OneLineParser(prog="volunteer", description="Train shards for crowdtrain runs.")
@@ -93,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument(
         "--concurrency",
-        type=_int_in(1, MAX_CONCURRENCY),
+        type=int_in(1, MAX_CONCURRENCY),
         default=1,
         help=f"shards trained at once, 1 to {MAX_CONCURRENCY}",
     )
@@ -106,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory-gb",
-        type=_int_in(1, MAX_MEMORY_GB),
+        type=int_in(1, MAX_MEMORY_GB),
         default=None,
         help="offer at most this many GB of device memory to runs that ask for it "
         "(init --min-memory-gb); default: all the device has",
@@ -128,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_int_in(1, MAX_THREADS),
+        type=int_in(1, MAX_THREADS),
         default=None,
         help=f"torch CPU threads per shard, 1 to {MAX_THREADS}",
     )
@@ -235,21 +228,6 @@ def _read_broker_file(path: Path) -> str:
     if not url:
         raise VolunteerError(f"--broker-file {path}: its first line is empty; write the broker URL there")
     return url
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low} to {high}")
-        return value
-
-    return parse
 
 
 def info(args: argparse.Namespace) -> int:

@@ -1,20 +1,32 @@
 -- Count a validated upload toward the quorum, once per shard (first valid wins).
 -- The fencing token of an upload is its key: the same key again is a 'repeat',
 -- another key for an accepted shard a 'duplicate', bytes identical to an upload
--- accepted for another shard 'identical' (a copy earns nothing).
--- KEYS: round hash, round accepted hash, round digests hash
--- ARGV: shard, key of the accepted copy, sha256 of the upload
--- Returns {outcome, due}: outcome 'accepted' | 'repeat' | 'duplicate' | 'identical' | 'late';
--- due is 1 while the round is open with its quorum met, so a redelivered validation
--- still triggers aggregation.
+-- accepted for another shard 'identical' (a copy earns nothing). For a shard posted
+-- twice (init --replicate), the first upload of it from a *second* volunteer is kept
+-- as its 'replica', to be compared with the first at the merge; it is no quorum vote.
+-- KEYS: round hash, round accepted hash, round digests hash, replicated set, replicas hash
+-- ARGV: shard, key of the accepted copy, sha256 of the upload, volunteer
+-- Returns {outcome, due}: outcome 'accepted' | 'replica' | 'repeat' | 'duplicate' |
+-- 'identical' | 'late'; due is 1 while the round is open with its quorum met and its
+-- replicas in, so a redelivered validation still triggers aggregation.
 local r = redis.call('HMGET', KEYS[1], 'status', 'quorum')
 if r[1] ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return {'late', 0} end
 local outcome = 'accepted'
 local current = redis.call('HGET', KEYS[2], ARGV[1])
-if current == ARGV[2] then
+local replica = redis.call('HGET', KEYS[5], ARGV[1])
+if current == ARGV[2] or replica == ARGV[2] then
   outcome = 'repeat'
 elseif current then
-  outcome = 'duplicate'
+  -- accepted copies are named ct:run:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN
+  local first = string.match(current, ':upload:([^:]+):[^:]+:[^:]+$')
+  if (not replica) and first ~= ARGV[4]
+     and redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
+    redis.call('HSET', KEYS[5], ARGV[1], ARGV[2])
+    redis.call('HINCRBY', KEYS[1], 'replicas', 1)
+    outcome = 'replica'
+  else
+    outcome = 'duplicate'
+  end
 elseif redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
   outcome = 'identical'
 else
@@ -22,6 +34,7 @@ else
   redis.call('HSET', KEYS[3], ARGV[3], ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'accepted', 1)
 end
+local f = redis.call('HMGET', KEYS[1], 'accepted', 'replicas', 'replicas_expected')
 local due = 0
-if tonumber(redis.call('HGET', KEYS[1], 'accepted')) >= tonumber(r[2]) then due = 1 end
+if tonumber(f[1]) >= tonumber(r[2]) and tonumber(f[2] or '0') >= tonumber(f[3] or '0') then due = 1 end
 return {outcome, due}

@@ -22,7 +22,7 @@ def store(redis_server):
 
 def accept(store: Store, shard: int, key: str) -> tuple[str, bool]:
     """Count an upload of round 1 whose bytes are told apart by its key."""
-    return store.rounds.accept("r", 1, shard, key, f"sha256-of-{key}")
+    return store.rounds.accept("r", 1, shard, key, f"sha256-of-{key}", "alice")
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -176,8 +176,8 @@ def test_an_open_round_can_be_aborted_by_hand_and_the_next_one_opens(store):
 
 def test_bytes_identical_to_an_accepted_upload_count_once(store):
     store.rounds.open("r", shards=3, quorum=3, deadline=60)
-    assert store.rounds.accept("r", 1, 0, "k0", "same-bytes") == ("accepted", False)
-    assert store.rounds.accept("r", 1, 1, "k1", "same-bytes") == ("identical", False)
+    assert store.rounds.accept("r", 1, 0, "k0", "same-bytes", "alice") == ("accepted", False)
+    assert store.rounds.accept("r", 1, 1, "k1", "same-bytes", "bob") == ("identical", False)
     assert store.rounds.info("r", 1)["accepted"] == 1
 
 
@@ -186,3 +186,22 @@ def test_every_claim_counts_as_an_attempt(store):
     wait_until(lambda: store.rounds.claim("r", 1, "a", lease=0.05) == "claimed")
     wait_until(lambda: store.rounds.claim("r", 1, "b", lease=0.05) == "claimed")
     assert store.rounds.info("r", 1)["attempts"] == 2
+
+
+def test_a_replicated_shard_keeps_a_second_volunteers_upload_and_the_round_waits_for_it(store):
+    store.rounds.open("r", shards=2, quorum=2, deadline=60)
+    store.rounds.replicate("r", 1, [1])
+    first = keys.accepted_upload("r", 1, "alice", 1, "aa")
+    assert store.rounds.accept("r", 1, 1, first, "d1", "alice") == ("accepted", False)
+    assert store.rounds.accept("r", 1, 0, "k0", "d0", "bob") == ("accepted", False)  # quorum, no replica
+    assert store.rounds.claim("r", 1, "agg") == "not-due"
+    assert store.rounds.due() == []
+    again = keys.accepted_upload("r", 1, "alice", 1, "bb")
+    assert store.rounds.accept("r", 1, 1, again, "d2", "alice") == ("duplicate", False)  # same volunteer
+    assert store.rounds.wants_replica("r", 1, 1)
+    second = keys.accepted_upload("r", 1, "carol", 1, "cc")
+    assert store.rounds.accept("r", 1, 1, second, "d3", "carol") == ("replica", True)
+    assert store.rounds.accept("r", 1, 1, second, "d3", "carol") == ("repeat", True)
+    assert store.rounds.replicas("r", 1) == {1: second} and not store.rounds.wants_replica("r", 1, 1)
+    assert store.rounds.info("r", 1)["accepted"] == 2
+    assert store.rounds.claim("r", 1, "agg") == "claimed"

@@ -8,6 +8,7 @@ import torch
 from coordinator.verification import (
     START_REPUTATION,
     Prober,
+    disagreement,
     judge,
     next_reputation,
     probe_loss,
@@ -74,3 +75,13 @@ def test_a_free_riders_tiny_delta_is_rejected_by_its_norm_whatever_its_gain():
     reasons = judge(gains, norms)
     assert set(reasons) == {"freeloader"} and "probe" in reasons["freeloader"]
     assert "too small" in reasons["freeloader"]
+
+
+def test_two_trainings_of_a_shard_agree_up_to_floating_point_noise_and_not_beyond():
+    gen = torch.Generator().manual_seed(0)
+    honest = {"w": torch.randn(64, 8, generator=gen), "b": torch.randn(8, generator=gen)}
+    noisy = {k: v * (1 + 1e-3 * torch.randn(v.shape, generator=gen)) for k, v in honest.items()}
+    assert disagreement(honest, noisy) is None
+    other = {k: torch.randn(v.shape, generator=gen) for k, v in honest.items()}
+    assert "cosine" in (disagreement(honest, other) or "")
+    assert "norm ratio" in (disagreement(honest, {k: 3 * v for k, v in honest.items()}) or "")

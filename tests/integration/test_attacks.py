@@ -292,6 +292,7 @@ def test_uploads_are_bounded_before_download_and_by_count_and_ttl(cluster):
 
 
 def test_old_versions_leave_redis_and_a_full_redis_leaves_no_half_posted_round(cluster):
+    cluster.procs.extra_env["CROWDTRAIN_KEEP_VERSIONS"] = "2"  # the default is keys.KEEP_VERSIONS
     cluster.procs.aggregator()
     cluster.volunteer("bob")
     cluster.init("--shards", "1")
@@ -299,7 +300,7 @@ def test_old_versions_leave_redis_and_a_full_redis_leaves_no_half_posted_round(c
     document = cluster.procs.json("run", "--run", "r", "--rounds", str(rounds))
     assert [r["status"] for r in document["rounds"]] == ["done"] * rounds
     kept = [v for v in range(rounds + 1) if cluster.admin.exists(keys.model("r", v))]
-    assert kept == list(range(rounds + 1 - keys.KEEP_VERSIONS, rounds + 1))
+    assert kept == [rounds - 1, rounds]
     out = cluster.procs.home / "v1.safetensors"
     assert cluster.procs.cli("export", "--run", "r", "--version", "1", "--out", str(out)).returncode == 0
     assert set(load_file(out)) == {"weight", "bias"}
@@ -418,3 +419,22 @@ def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
     assert people["mallory"]["accepted"] == 0 and people["mallory"]["samples"] == 0
     assert people["mallory"]["reputation"] < min(people["ann"]["reputation"], people["ben"]["reputation"])
     assert people["mallory"]["reputation"] < 0.5 < people["ann"]["reputation"]
+
+
+def test_a_wrong_delta_on_a_replicated_shard_is_caught_by_its_replica(cluster):
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    # the probe is off: the replica alone must catch it
+    cluster.init("--shards", "2", "--replicate", "0.5", "--verify", "none", "--deadline", "600")
+    number = cluster.post()
+    (twice,) = [int(x) for x in cluster.admin.smembers(keys.round_replicated("r", number))]
+    wrong = _toward_optimum(cluster, 0, -0.1)  # plausible in size and form, the wrong way
+    mallory.deliver("r", number, twice, delta_blob(wrong, "r", number, twice, 0, samples=24))
+    cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "mallory's upload")
+    cluster.volunteer("bob")  # trains both shards, and the second posting of mallory's
+    record = cluster.wait_ended(number)
+    reasons = [x["reason"] for x in record["rejections"] if x["volunteer"] == "mallory"]
+    assert len(reasons) == 1 and reasons[0].startswith("replica: disagrees with bob's"), record
+    assert record["status"] == "done" and record["accepted"] == 2
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["mallory"]["accepted"] == 0 and people["bob"]["accepted"] == 2, people
