@@ -26,12 +26,13 @@ from broker import keys
 from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
+from coordinator.judging import check_replicas, probe_voices, voices
 from coordinator.privacy import next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
 from coordinator.validation import all_finite, delta_norm, printable, screen_norms
-from coordinator.verification import Prober, disagreement, judge, next_reputation, weigh
+from coordinator.verification import next_reputation, weigh
 from serialization import TensorDict, dumps, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
@@ -76,21 +77,26 @@ class Aggregator:
         info = self.store.rounds.info(run, number) or {}
         base = int(info["base_version"])
         copies = self.store.rounds.accepted_uploads(run, number)
-        metas, norms, rejections = self._screen(context, copies)
-        used = {s: k for s, k in copies.items() if s in metas and s not in rejections}
+        metas, norms, screened = self._screen(context, copies)
+        rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
+        used = {s: k for s, k in copies.items() if s in metas and s not in screened}
         weights, _ = loads(self.contexts.model_blob(context.name, base))
-        losers = self._check_replicas(context, number, weights, used, metas, norms)
+
+        def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
+            return self._delta(context, key, out, shard)
+
+        if context.config.get("replicate"):
+            replicas = self.store.rounds.replicas(run, number)
+            rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
-        if _probes(context) and len(_voices(used)) > 1:
-            reputations = self.store.reputations(_voices(used))
-            rejections.update(self._probe(context, weights, used, metas))
-            used = {s: k for s, k in used.items() if s not in rejections}
-        for shard, reason in rejections.items():
-            volunteer = keys.volunteer_of(copies[shard])
-            self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
-            self.store.credit(volunteer, rejected=1)
-            log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
-        for shard, volunteer, reason in losers:
+        if _probes(context) and len(voices(used)) > 1:
+            reputations = self.store.reputations(voices(used))
+            probed = probe_voices(
+                context.job, weights, used, lambda shards: self._voice(context, used, metas, shards)[1]
+            )
+            rejections += probed
+            used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in probed}}
+        for shard, volunteer, reason in rejections:
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
             self.store.credit(volunteer, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
@@ -118,7 +124,7 @@ class Aggregator:
             return None
         self._credit(used, metas)
         if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
-            merged = set(_voices(used))
+            merged = set(voices(used))
             self.store.set_reputations(
                 {name: next_reputation(value, name in merged) for name, value in reputations.items()}
             )
@@ -160,66 +166,6 @@ class Aggregator:
         # by the others' norms would let one person's data decide whether another's counts.
         return metas, norms, rejections
 
-    def _check_replicas(
-        self,
-        context: RunContext,
-        number: int,
-        base: TensorDict,
-        used: dict[int, str],
-        metas: dict[int, dict],
-        norms: dict[int, float],
-    ) -> list[tuple[int, str, str]]:
-        """``--replicate``: compare each shard trained twice; the one the probe likes less is rejected.
-
-        When the second training wins, it takes the shard's place in ``used``
-        (and ``metas``, ``norms``). Returns (shard, volunteer, reason) of the losers.
-        """
-        replicas = self.store.rounds.replicas(context.name, number) if context.config.get("replicate") else {}
-        losers: list[tuple[int, str, str]] = []
-        prober: Prober | None = None
-        for shard, second_key in sorted(replicas.items()):
-            if shard not in used:
-                continue  # the first training was rejected already: nothing to compare
-            second_meta: dict[int, dict] = {}
-            first, second = (
-                self._delta(context, used[shard], {}, shard),
-                self._delta(context, second_key, second_meta, shard),
-            )
-            if first is None or second is None:
-                continue
-            why = disagreement(first, second)
-            if why is None:
-                continue
-            prober = prober or Prober(context.job, base)
-            share = 1.0 / max(1, len(_voices(used)))
-            keys_by_gain = sorted(
-                [(prober.gain(first, share), used[shard]), (prober.gain(second, share), second_key)]
-            )
-            loser, winner = keys_by_gain[0][1], keys_by_gain[1][1]
-            reason = (
-                f"replica: disagrees with {keys.volunteer_of(winner)}'s training of the same shard "
-                f"({why}) and helps the probe less"
-            )
-            losers.append((shard, keys.volunteer_of(loser), reason))
-            if winner == second_key:
-                used[shard], metas[shard], norms[shard] = second_key, second_meta[shard], delta_norm(second)
-        return losers
-
-    def _probe(
-        self, context: RunContext, base: TensorDict, used: dict[int, str], metas: dict[int, dict]
-    ) -> dict[int, str]:
-        """``--verify probe``: each voice's gain on the probe set; the shards of the voices judged useless."""
-        prober = Prober(context.job, base)
-        voices = _voices(used)
-        share = 1.0 / len(voices)  # what the merge moves by each voice, about
-        gains, norms = {}, {}
-        for name, shards in voices.items():
-            delta = self._voice(context, used, metas, shards)[1]
-            gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
-            del delta
-        reasons = judge(gains, norms)
-        return {shard: reasons[name] for name in reasons for shard in voices[name]}
-
     def _merge(
         self,
         context: RunContext,
@@ -247,7 +193,7 @@ class Aggregator:
             strategy.load_state_dict(loads(state_blob)[0])
 
         def deltas() -> Iterator[tuple[float, TensorDict]]:
-            for name, shards in _voices(used).items():
+            for name, shards in voices(used).items():
                 samples, delta = self._voice(context, used, metas, shards)
                 yield (weigh(samples, reputations[name]) if reputations else samples), delta
 
@@ -344,14 +290,6 @@ class Aggregator:
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
         return self._fail(self.contexts[run], number, owner, info, summary, reason)
-
-
-def _voices(used: dict[int, str]) -> dict[str, list[int]]:
-    """The round's voices: each volunteer's merged shards."""
-    voices: dict[str, list[int]] = defaultdict(list)
-    for shard, key in sorted(used.items()):
-        voices[keys.volunteer_of(key)].append(shard)
-    return dict(voices)
 
 
 def _probes(context: RunContext) -> bool:

@@ -130,6 +130,7 @@ def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
                 "accepted": 11,
                 "rejected": 1,
                 "samples_per_second": 812.5,
+                "reputation": 0.84,
             }
         ],
     }
@@ -142,6 +143,7 @@ def test_status_shows_an_open_rounds_progress_and_offline_volunteers():
     assert "queues: train 5 waiting, aggregate 0 waiting" in out
     assert "volunteers (0 of 1 online)" in out
     assert "carol" in out and "cuda:0" in out and "3072" in out and " no " in out and "812.5" in out
+    assert "reputation" in out and "0.84" in out
 
 
 def test_status_without_runs_or_volunteers_says_how_to_start():

@@ -1,0 +1,86 @@
+"""Judging a round's voices before the merge: shards trained twice compared, voices probed.
+
+The rules live in ``coordinator.verification``; this module applies them to a
+round's accepted copies, which the aggregator reads for it (``ReadDelta``,
+``ReadVoice``), one delta in memory at a time besides the base model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+from broker import keys
+from coordinator.validation import delta_norm
+from coordinator.verification import Prober, disagreement, judge
+from jobs.interface import Job
+from serialization import TensorDict
+
+# (key of an accepted copy, metas to fill in, shard) -> its delta, None if it left Redis
+ReadDelta = Callable[[str, dict[int, dict], int], TensorDict | None]
+# a volunteer's shards -> its combined delta
+ReadVoice = Callable[[list[int]], TensorDict]
+# (shard, volunteer, reason)
+Rejection = tuple[int, str, str]
+
+
+def voices(used: dict[int, str]) -> dict[str, list[int]]:
+    """The round's voices: each volunteer's merged shards."""
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for shard, key in sorted(used.items()):
+        grouped[keys.volunteer_of(key)].append(shard)
+    return dict(grouped)
+
+
+def check_replicas(
+    job: Job,
+    base: TensorDict,
+    replicas: dict[int, str],
+    used: dict[int, str],
+    metas: dict[int, dict],
+    norms: dict[int, float],
+    read: ReadDelta,
+) -> list[Rejection]:
+    """``--replicate``: compare each shard trained twice; the one the probe likes less is rejected.
+
+    When the second training wins, it takes the shard's place in ``used``,
+    ``metas`` and ``norms``.
+    """
+    losers: list[Rejection] = []
+    prober: Prober | None = None
+    for shard, second_key in sorted(replicas.items()):
+        if shard not in used:
+            continue  # the first training was rejected already: nothing to compare
+        second_meta: dict[int, dict] = {}
+        first, second = read(used[shard], {}, shard), read(second_key, second_meta, shard)
+        if first is None or second is None:
+            continue
+        why = disagreement(first, second)
+        if why is None:
+            continue
+        prober = prober or Prober(job, base)
+        share = 1.0 / max(1, len(voices(used)))
+        ranked = sorted([(prober.gain(first, share), used[shard]), (prober.gain(second, share), second_key)])
+        loser, winner = ranked[0][1], ranked[1][1]
+        reason = (
+            f"replica: disagrees with {keys.volunteer_of(winner)}'s training of the same shard "
+            f"({why}) and helps the probe less"
+        )
+        losers.append((shard, keys.volunteer_of(loser), reason))
+        if winner == second_key:
+            used[shard], metas[shard], norms[shard] = second_key, second_meta[shard], delta_norm(second)
+    return losers
+
+
+def probe_voices(job: Job, base: TensorDict, used: dict[int, str], read: ReadVoice) -> list[Rejection]:
+    """``--verify probe``: each voice's gain on the probe set; the shards of the voices judged useless."""
+    prober = Prober(job, base)
+    grouped = voices(used)
+    share = 1.0 / len(grouped)  # what the merge moves by each voice, about
+    gains, norms = {}, {}
+    for name, shards in grouped.items():
+        delta = read(shards)
+        gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
+        del delta
+    reasons = judge(gains, norms)
+    return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
