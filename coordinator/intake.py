@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from coordinator.context import RunContext, RunContexts
 from coordinator.rounds import shard_task
 from coordinator.store import Store
 from coordinator.validation import check_delta, check_meta, printable
+from coordinator.verification import START_REPUTATION
 from serialization import WireFormatError, loads
 
 log = logging.getLogger("crowdtrain.intake")
@@ -155,6 +157,9 @@ class Intake:
             )
         elif outcome != "repeat":  # the same copy counted before: keep it
             self.store.delete_upload(upload.copy_key)
+        if outcome == "accepted" and self._spot_check(upload, context):
+            # a volunteer with a poor record: its shard is trained again by someone else and compared
+            return Verdict(outcome, False, self._retry(upload, info), self._queue(upload))
         if outcome == "identical":
             return self._refuse(upload, info, "identical to an upload accepted for another shard")
         if outcome == "duplicate" and self.store.rounds.wants_replica(upload.run, upload.round, upload.shard):
@@ -188,6 +193,24 @@ class Intake:
             reason,
         )
         return Verdict("rejected", retry=self._retry(upload, info), queue=self._queue(upload))
+
+    def _spot_check(self, upload: Upload, context: RunContext) -> bool:
+        """Adaptive replication (``--replicate``): check a low-reputation volunteer's shard again.
+
+        Beyond the fixed fraction posted twice, a volunteer whose reputation is
+        below the start is checked with probability (start - reputation) /
+        start: always at 0, never once it has earned the start back. The draw
+        is unpredictable (``secrets``), so it cannot be gamed.
+        """
+        if not context.config.get("replicate"):
+            return False
+        reputation = self.store.reputations([upload.volunteer])[upload.volunteer]
+        if reputation is None or reputation >= START_REPUTATION:
+            return False
+        chance = (START_REPUTATION - reputation) / START_REPUTATION
+        if secrets.randbelow(1_000_000) >= chance * 1_000_000:
+            return False
+        return self.store.rounds.check_again(upload.run, upload.round, upload.shard)
 
     def _retry(self, upload: Upload, info: dict[str, Any]) -> dict[str, Any] | None:
         """The shard's task to post again, or None once it was posted again MAX_REOFFERS times."""

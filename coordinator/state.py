@@ -209,6 +209,13 @@ class RoundState:
         pipe.hset(keys.round_(run, number), "replicas_expected", len(shards))
         pipe.execute()
 
+    def check_again(self, run: str, number: int, shard: int) -> bool:
+        """Mark one more shard of an open round for a replica; False if it was marked already."""
+        if not self.redis.sadd(keys.round_replicated(run, number), shard):
+            return False
+        self.redis.hincrby(keys.round_(run, number), "replicas_expected", 1)
+        return True
+
     def wants_replica(self, run: str, number: int, shard: int) -> bool:
         """True while a replicated shard of the round has no replica yet."""
         pipe = self.redis.pipeline()

@@ -176,6 +176,25 @@ def test_a_validation_cut_short_after_the_move_resumes_from_the_copy(cluster):
     assert aggregator.validate("r", 1, 1, "ab" * 16, "v1").outcome == "ignored"
 
 
+def test_a_low_reputation_volunteers_shard_is_checked_again_and_a_trusted_ones_is_not(cluster):
+    """Adaptive replication: beyond the fixed fraction, poor records get their shards trained twice."""
+    _init(cluster, "--replicate", "0.01", "--shards", "4", "--deadline", "120")
+    cluster.cli("post-round", "--run", "r")
+    fixed = {int(x) for x in cluster.store.redis.smembers(keys.round_replicated("r", 1))}
+    free = sorted(set(range(4)) - fixed)
+    assert len(fixed) == 1 and len(free) == 3  # ceil(0.01 * 4) shards posted twice
+    cluster.store.set_reputations({"shady": 0.0, "trusted": 0.9})
+    aggregator = Aggregator(cluster.store, cluster.home)
+    checked = aggregator.validate("r", 1, free[0], _honest_upload(cluster, "shady", 1, free[0]), "shady")
+    trusted = aggregator.validate("r", 1, free[1], _honest_upload(cluster, "trusted", 1, free[1]), "trusted")
+    assert checked.outcome == trusted.outcome == "accepted"
+    assert checked.retry is not None and checked.retry["shard"] == free[0], "shady's shard goes out again"
+    assert trusted.retry is None
+    marked = {int(x) for x in cluster.store.redis.smembers(keys.round_replicated("r", 1))}
+    assert marked == fixed | {free[0]}
+    assert int(_round(cluster)["replicas_expected"]) == 2
+
+
 def test_an_upload_whose_validation_message_was_lost_is_still_counted(cluster):
     """kombu loses a message popped by a worker that dies before recording it; the watcher makes it good."""
     cluster.aggregator()
