@@ -26,7 +26,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/coordinator quickstart
 
 test: check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Lint, format, one-way layers (import-linter) and types: each fails the build.
 check: $(STAMP)

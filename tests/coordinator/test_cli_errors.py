@@ -63,10 +63,15 @@ def _assert_one_clear_line(result, *words):
         (["--job", "charlm", "--compression", "zstd"], ["zstd"]),
         (["--job", "charlm", "--strategy", "krum:x"], ["krum:x"]),
         (["--job", "charlm", "--job-arg", "colour=3"], ["colour"]),
+        (["--job", "charlm", "--min-memory-gb", "100000"], ["--min-memory-gb"]),
+        (["--job", "charlm", "--require", "tpu"], ["--require"]),
+        (["--job", "charlm", "--verify", "vibes"], ["--verify"]),
+        (["--job", "charlm", "--replicate", "1.5"], ["--replicate"]),
+        (["--job", "charlm", "--replicate", ".5", "--dp-clip", "1", "--dp-noise", "1"], ["--replicate"]),
     ],
 )
-def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, flags, words):
-    result = _coordinator(tmp_path, "init", "--run", "r1", *flags, broker=redis_server.url)
+def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, in_process, flags, words):
+    result = in_process("init", "--run", "r1", *flags)
     _assert_one_clear_line(result, *words)
     assert redis_server.client().keys("ct:*") == []
     assert not (tmp_path / "home" / "runs").exists()
@@ -83,8 +88,8 @@ def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, 
         ["abort-round", "--run", "ghost"],
     ],
 )
-def test_unknown_run_is_one_line_naming_the_run(tmp_path, redis_server, command):
-    result = _coordinator(tmp_path, *command, broker=redis_server.url)
+def test_unknown_run_is_one_line_naming_the_run(in_process, command):
+    result = in_process(*command)
     _assert_one_clear_line(result, "ghost")
 
 
@@ -109,7 +114,7 @@ def test_quorum_that_is_neither_count_nor_fraction_is_refused(tmp_path, redis_se
     _assert_one_clear_line(result, "--quorum")
 
 
-def test_every_command_has_help(tmp_path):
+def test_every_command_has_help(tmp_path, in_process):
     for command in [
         "quickstart",
         "init",
@@ -122,8 +127,11 @@ def test_every_command_has_help(tmp_path):
         "monitor",
         "abort-round",
     ]:
-        result = _coordinator(tmp_path, command, "--help")
+        result = in_process(command, "--help")
         assert result.returncode == 0 and "usage: coordinator " + command in result.stdout
+    # and through the real entry point, once
+    result = _coordinator(tmp_path, "init", "--help")
+    assert result.returncode == 0 and "usage: coordinator init" in result.stdout
 
 
 def _volunteer(tmp_path, *argv, broker=None):
@@ -230,25 +238,21 @@ def test_a_model_over_redis_value_limit_is_refused_naming_size_and_limit(tmp_pat
     assert not (tmp_path / "home" / "runs").exists()
 
 
-def test_export_to_an_unwritable_path_is_one_line_and_writes_nothing(tmp_path, redis_server):
-    created = _coordinator(
-        tmp_path, "init", "--run", "r1", "--job", "charlm", *TINY_CHARLM, broker=redis_server.url
-    )
+def test_export_to_an_unwritable_path_is_one_line_and_writes_nothing(tmp_path, in_process):
+    created = in_process("init", "--run", "r1", "--job", "charlm", *TINY_CHARLM)
     assert created.returncode == 0, created.stderr
     for out in ("/proc/x", "/proc/x/model.safetensors", str(tmp_path)):
-        result = _coordinator(tmp_path, "export", "--run", "r1", "--out", out, broker=redis_server.url)
+        result = in_process("export", "--run", "r1", "--out", out)
         _assert_one_clear_line(result, "--out", out)
     assert not (tmp_path / "home" / "r1.safetensors").exists()
 
 
-def test_abort_round_without_a_round_in_progress_is_a_usage_error(tmp_path, redis_server):
-    created = _coordinator(
-        tmp_path, "init", "--run", "r1", "--job", "charlm", *TINY_CHARLM, broker=redis_server.url
-    )
+def test_abort_round_without_a_round_in_progress_is_a_usage_error(in_process):
+    created = in_process("init", "--run", "r1", "--job", "charlm", *TINY_CHARLM)
     assert created.returncode == 0, created.stderr
-    result = _coordinator(tmp_path, "abort-round", "--run", "r1", broker=redis_server.url)
+    result = in_process("abort-round", "--run", "r1")
     _assert_one_clear_line(result, "r1", "no round in progress")
-    result = _coordinator(tmp_path, "abort-round", "--run", "ghost", "--json", broker=redis_server.url)
+    result = in_process("abort-round", "--run", "ghost", "--json")
     _assert_one_clear_line(result, "ghost")
 
 
