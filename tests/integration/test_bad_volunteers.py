@@ -11,8 +11,10 @@ from coordinator.documents import round_record
 from coordinator.store import Store
 from tests.conftest import TINY_CHARLM
 
+TINY = "tests.fixtures.jobs_tiny:make_job"
 
-def _evil(processes, name: str, attack: str):
+
+def _evil(processes, name: str, attack: str, *extra: str):
     return processes.spawn(
         name,
         "-m",
@@ -22,6 +24,7 @@ def _evil(processes, name: str, attack: str):
         "cpu",
         "--name",
         name,
+        *extra,
         CROWDTRAIN_TEST_ATTACK=attack,
     )
 
@@ -103,3 +106,33 @@ def test_a_scaled_delta_is_rejected_by_the_norm_check_against_the_round_median(p
     assert [x["volunteer"] for x in record["rejections"]] == ["booster"]
     assert "round median" in record["rejections"][0]["reason"]
     assert record["accepted"] == 3
+
+
+def test_quiet_attackers_among_honest_volunteers_are_rejected_by_the_probe(processes):
+    """Three honest volunteers and two that pass every norm check (the issue's scenario): judged by effect.
+
+    The free-rider has its own test (test_attacks.py); honest voices must be the
+    majority of a round for any robust rule, the probe's included.
+    """
+    tiny = ("--allow-job", TINY)
+    processes.aggregator()
+    for name in ("h1", "h2", "h3"):
+        processes.volunteer(name, *tiny)
+    attackers = {"ascender": "ascend", "negator": "flip"}
+    for name, attack in attackers.items():
+        _evil(processes, name, attack, *tiny)
+    processes.json(
+        "init", "--run", "r", "--job", TINY, "--local-steps", "3", "--shards", "5", "--deadline", "120"
+    )  # fedavg, --verify probe by default
+    _wait_online(processes, {"h1", "h2", "h3", *attackers})
+    document = processes.json("run", "--run", "r", "--rounds", "3")
+    assert [r["status"] for r in document["rounds"]] == ["done"] * 3
+    rejections = [x for r in document["rounds"] for x in r["rejections"]]
+    assert {x["volunteer"] for x in rejections} == set(attackers), rejections  # each caught, no honest one
+    assert all(x["reason"].startswith("probe:") for x in rejections), rejections
+    assert document["final"]["eval_loss"] < document["initial"]["eval_loss"]
+    people = {v["name"]: v for v in processes.json("status")["volunteers"]}
+    honest_floor = min(people[name]["reputation"] for name in ("h1", "h2", "h3"))
+    for name in attackers:
+        assert people[name]["accepted"] == 0 and people[name]["samples"] == 0, people[name]
+        assert people[name]["reputation"] < min(0.5, honest_floor), (name, people[name])
