@@ -42,37 +42,11 @@ from coordinator.strategies import make_strategy  # noqa: E402
 from coordinator.validation import delta_norm  # noqa: E402
 from coordinator.verification import Prober, judge, next_reputation, weigh  # noqa: E402
 from jobs import load_job  # noqa: E402
+from tests.fixtures.lying_jobs import Ascending, RandomTokens  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
 
 JOB_ARGS = {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 60, "eval_batches": 4}
 Delta = dict[str, torch.Tensor]
-
-
-class Ascender:
-    """A job wrapper whose training loss is the real loss negated: it climbs."""
-
-    def __init__(self, job):
-        self.job = job
-
-    def __getattr__(self, name):
-        return getattr(self.job, name)
-
-    def loss(self, model, batch):
-        return -self.job.loss(model, batch)
-
-
-class RandomTokens:
-    """A job wrapper whose batches are random bytes of the right shape."""
-
-    def __init__(self, job):
-        self.job = job
-
-    def __getattr__(self, name):
-        return getattr(self.job, name)
-
-    def shard(self, index, count):
-        for x, y in self.job.shard(index, count):
-            yield torch.randint_like(x, 0, 256), torch.randint_like(y, 0, 256)
 
 
 def honest(job, weights, shard, shards, args, number, seed) -> Delta:
@@ -96,7 +70,7 @@ def scaled(delta: Delta, norm: float) -> Delta:
 # name -> how a bad volunteer makes its delta (job, weights, shard, shards, args, round, seed, honest norm)
 Attack = Callable[..., Delta]
 ATTACKS: dict[str, Attack] = {
-    "ascender": lambda job, w, i, n, a, r, s, norm: scaled(honest(Ascender(job), w, i, n, a, r, s), norm),
+    "ascender": lambda job, w, i, n, a, r, s, norm: scaled(honest(Ascending(job), w, i, n, a, r, s), norm),
     "negator": lambda job, w, i, n, a, r, s, norm: {k: -v for k, v in honest(job, w, i, n, a, r, s).items()},
     "free-rider": lambda job, w, i, n, a, r, s, norm: {
         k: v * 1e-3 for k, v in honest(job, w, i, n, a, r, s).items()

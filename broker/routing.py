@@ -21,6 +21,8 @@ from broker.keys import TRAIN_QUEUE
 
 # GB of device memory a run may require, rounded up to the next of these.
 MEMORY_TIERS_GB = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# The most device memory a volunteer may offer (volunteer start --memory-gb) or report.
+MAX_MEMORY_GB = 4096
 # Device classes a run may require; "gpu" is any accelerator (CUDA or Apple MPS).
 DEVICE_CLASSES = ("gpu",)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import keys
+from broker.routing import MAX_MEMORY_GB
 from coordinator import checkpoints
 from coordinator.context import RunContext, RunContexts
 from coordinator.intake import Intake, Verdict
@@ -39,7 +40,6 @@ log = logging.getLogger("crowdtrain.aggregator")
 
 MAX_ATTEMPTS = 3
 _DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")  # what a volunteer may call its device
-MAX_MEMORY_GB = 4096  # the most device memory a volunteer may say it offers
 
 
 class Aggregator:
@@ -89,8 +89,9 @@ class Aggregator:
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
-        if _probes(context) and len(voices(used)) > 1:
-            reputations = self.store.reputations(voices(used))
+        judged = voices(used)
+        if _probes(context) and len(judged) > 1:
+            reputations = self.store.reputations(list(judged))
             probed = probe_voices(
                 context.job, weights, used, lambda shards: self._voice(context, used, metas, shards)[1]
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from broker.routing import need_from_config
 from coordinator.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
@@ -36,6 +37,7 @@ class RunContext:
     model_norm: float  # L2 norm of version 0: the scale of small rounds' norm screen
     max_samples: int  # local_steps * batch_size: the most samples a shard may claim
     privacy: Privacy | None  # DP-FedAvg settings, None for a run without them
+    queue: str  # the train queue its shards go to (broker.routing)
 
     @property
     def codec(self) -> str:
@@ -82,4 +84,5 @@ class RunContexts:
             model_norm=norm,
             max_samples=int(config["local_steps"]) * batch_size(job),
             privacy=from_config(config),
+            queue=need_from_config(config).queue,
         )

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker import keys
-from broker.routing import need_from_config
 from coordinator.context import RunContext, RunContexts
 from coordinator.rounds import shard_task
 from coordinator.store import Store
@@ -220,7 +219,7 @@ class Intake:
         return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
 
     def _queue(self, upload: Upload) -> str:
-        return need_from_config(self.contexts[upload.run].config).queue
+        return self.contexts[upload.run].queue
 
 
 def _check(blob: bytes, context: RunContext, base_version: int) -> tuple[str | None, dict[str, Any]]:

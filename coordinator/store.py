@@ -127,7 +127,7 @@ class Store:
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()
 
-    def reputations(self, names: list[str] | dict[str, Any]) -> dict[str, float | None]:
+    def reputations(self, names: list[str]) -> dict[str, float | None]:
         """Each volunteer's reputation (``--verify probe``); None for one never judged."""
         pipe = self.redis.pipeline()
         for name in names:

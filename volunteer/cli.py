@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from broker import embedded
 from broker.arguments import OneLineParser, int_in
 from broker.errors import BrokerError
-from broker.routing import queues_for
+from broker.routing import MAX_MEMORY_GB, queues_for
 from broker.settings import Settings
 from jobs import BUILTIN_JOBS
 from tasks.training import volunteer_app
@@ -40,7 +40,6 @@ log = logging.getLogger("crowdtrain.volunteer")
 VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_CONCURRENCY = 256
 MAX_THREADS = 1024
-MAX_MEMORY_GB = 4096
 BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
 
 
