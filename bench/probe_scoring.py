@@ -14,6 +14,8 @@ samples x reputation. Scenarios:
 * ``attacked``: those 3 plus an *ascender* (trains to raise the loss, its delta scaled to
   the honest median norm) and a *negator* (returns its honest delta negated), with and
   without ``--verify probe`` (goal: within 1.1x of ``clean-3``).
+* ``attacked-8``: the same two attackers among 6 honest volunteers; ``three attackers``:
+  the two plus a free-rider among 3 honest ones (half the voices bad).
 * ``free-rider`` and ``random-tokens``: 3 honest plus one volunteer that sends 1e-3 of an
   honest delta, or trains on random bytes; how often each is merged.
 
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 
 from coordinator.strategies import make_strategy  # noqa: E402
 from coordinator.validation import delta_norm  # noqa: E402
-from coordinator.verification import Prober, judge, next_reputation, weigh  # noqa: E402
+from coordinator.verification import Consensus, Evidence, Prober, judge, next_reputation, weigh  # noqa: E402
 from jobs import load_job  # noqa: E402
 from tests.fixtures.lying_jobs import Ascending, RandomTokens  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
@@ -110,7 +112,16 @@ def simulate(
             prober = Prober(job, weights)
             share = 1.0 / len(voices)  # as the aggregator probes: each voice's share of the merge
             gains = {name: prober.gain(delta, share) for name, delta in voices.items()}
-            reasons = judge(gains, {name: delta_norm(delta) for name, delta in voices.items()})
+            consensus = Consensus()
+            for name, delta in voices.items():
+                consensus.add(delta, weigh(1.0, reputation[name]))
+            evidence = {
+                name: Evidence(
+                    gains[name], delta_norm(delta), consensus.agreement(delta, weigh(1.0, reputation[name]))
+                )
+                for name, delta in voices.items()
+            }
+            reasons = judge(evidence)
             rounds_gains.append(gains)
             for name, gain in gains.items():
                 typical = statistics.median(g for n, g in gains.items() if n != name)
@@ -166,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         "clean-3 (probe)": (3, [], True),
         "attacked (no verify)": (3, ["ascender", "negator"], False),
         "attacked (probe)": (3, ["ascender", "negator"], True),
+        "attacked-8 (probe)": (6, ["ascender", "negator"], True),
+        "three attackers (probe)": (3, ["ascender", "negator", "free-rider"], True),
         "free-rider (probe)": (3, ["free-rider"], True),
         "random-tokens (probe)": (3, ["random-tokens"], True),
     }

@@ -93,7 +93,11 @@ class Aggregator:
         if _probes(context) and len(judged) > 1:
             reputations = self.store.reputations(list(judged))
             probed = probe_voices(
-                context.job, weights, used, lambda shards: self._voice(context, used, metas, shards)[1]
+                context.job,
+                weights,
+                used,
+                lambda shards: self._voice(context, used, metas, shards)[1],
+                reputations,
             )
             rejections += probed
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in probed}}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from broker import keys
 from coordinator.validation import delta_norm
-from coordinator.verification import Prober, disagreement, judge
+from coordinator.verification import Consensus, Evidence, Prober, disagreement, judge, weigh
 from jobs.interface import Job
 from serialization import TensorDict
 
@@ -72,15 +72,33 @@ def check_replicas(
     return losers
 
 
-def probe_voices(job: Job, base: TensorDict, used: dict[int, str], read: ReadVoice) -> list[Rejection]:
-    """``--verify probe``: each voice's gain on the probe set; the shards of the voices judged useless."""
+def probe_voices(
+    job: Job,
+    base: TensorDict,
+    used: dict[int, str],
+    read: ReadVoice,
+    reputations: dict[str, float | None],
+) -> list[Rejection]:
+    """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
+
+    Each voice is read twice (its direction summed, then compared with the
+    others' sum), so only one delta is in memory at a time besides the sum.
+    """
     prober = Prober(job, base)
     grouped = voices(used)
     share = 1.0 / len(grouped)  # what the merge moves by each voice, about
+    consensus = Consensus()
     gains, norms = {}, {}
     for name, shards in grouped.items():
         delta = read(shards)
         gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
+        consensus.add(delta, weigh(1.0, reputations.get(name)))
         del delta
-    reasons = judge(gains, norms)
+    evidence = {
+        name: Evidence(
+            gains[name], norms[name], consensus.agreement(read(shards), weigh(1.0, reputations.get(name)))
+        )
+        for name, shards in grouped.items()
+    }
+    reasons = judge(evidence)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]

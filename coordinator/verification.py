@@ -2,18 +2,32 @@
 
 Norm limits and robust medians stop loud attacks; a quiet one passes them: the
 honest direction reversed at an ordinary norm, training on junk, or a
-near-zero delta that collects credit. So the aggregator applies each voice
-(a volunteer's combined deltas of the round) alone to the round's base model
-and measures its *gain*: how much it lowers the loss on a small fixed probe
-set (the job's ``probe_batches()``, else its evaluation). A voice is judged only
-against the round's other voices, so the bar follows the run as gains shrink
-late in training, and it is probed at its share of the merge (``1/n`` of a
-full step), where its direction counts rather than the curvature of a whole
-step. A voice is rejected when its gain is both under ``USEFUL_FRACTION`` of
-the others' median and more than ``SPREAD`` robust deviations below it (so
-honest volunteers on different data, whose gains differ, are not), or when
-its delta is under ``NORM_FLOOR`` of the others' median norm (a free-rider's
-near-zero upload). Nothing is judged while the others gain nothing.
+near-zero delta that collects credit. So the aggregator weighs two pieces of
+evidence about each voice (a volunteer's combined deltas of the round):
+
+* its *gain*: how much it lowers the loss on a small fixed probe set (the job's
+  ``probe_batches()``, else its evaluation) when applied alone to the round's
+  base model at its share of the merge (``1/n`` of a full step);
+* its *agreement*: the cosine between its direction and the round's other
+  voices' directions, summed with their volunteers' reputations as weights.
+
+Late in training a probe of a few batches is mostly noise: an honest voice
+trained on other files may raise it a little while the others lower it
+(5.8% of honest voices were rejected on the probe alone, bench/probe_scoring.py).
+Honest voices still point the way the others do (cosine 0.1 to 0.9 measured),
+while a reversed delta, an ascender or a junk trainer points away (below 0).
+So a voice is rejected when (``judge``):
+
+* its delta is under ``NORM_FLOOR`` of the others' median norm (a free-rider), or
+* it points against the others (agreement under ``OPPOSED``) and gains less on
+  the probe than their median, or
+* it barely follows them (agreement under ``AGREEMENT``) and the probe finds it
+  far worse than them: under ``USEFUL_FRACTION`` of their median gain and more
+  than ``SPREAD`` robust deviations below it.
+
+A voice that follows the round's direction is not rejected by the probe; its
+harm is bounded by that agreement and by the norm screen. Every rule needs
+honest voices to carry most of the round's reputation.
 
 Each volunteer's reputation, in [0, 1] from 0.5, moves toward 1 with every
 merged voice and toward 0 with every rejected one; the merge weighs voices by
@@ -24,18 +38,24 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from coordinator.validation import delta_norm
 from jobs.interface import Job
 from serialization import TensorDict
 
 # A voice gaining less than this fraction of the others' median gain, and more than SPREAD
-# robust standard deviations (1.4826 MAD) below it, is rejected.
+# robust standard deviations (1.4826 MAD) below it, is far worse than them.
 USEFUL_FRACTION = 0.1
 SPREAD = 3.0
 # A voice whose delta norm is under this fraction of the others' median norm is rejected.
 NORM_FLOOR = 0.05
+# Cosines with the others' reputation-weighted directions: under OPPOSED a voice points
+# against them; under AGREEMENT it does not clearly follow them (honest: 0.1 to 0.9).
+OPPOSED = 0.0
+AGREEMENT = 0.1
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
@@ -87,43 +107,97 @@ class Prober:
         return self.base_loss - probe_loss(self.job, self.model)
 
 
-def judge(gains: Mapping[str, float], norms: Mapping[str, float] | None = None) -> dict[str, str]:
+@dataclass(frozen=True)
+class Evidence:
+    """What the aggregator measured of one voice: probe gain, delta norm, agreement with the others."""
+
+    gain: float
+    norm: float = 1.0
+    agreement: float = 0.0
+
+
+def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
     """The voices to reject, with a reason containing ``probe``; the others are kept.
 
     Each voice is measured against the *other* voices, so one bad voice cannot
-    shift its own bar; a round of one voice, or one whose others gain nothing,
-    rejects none.
+    shift its own bar; a round of one voice rejects none.
     """
-    reasons = {}
-    for name, gain in gains.items():
-        others = [g for other, g in gains.items() if other != name]
-        if not others:
+    reasons: dict[str, str] = {}
+    for name, seen in evidence.items():
+        usual = [e.norm for other, e in evidence.items() if other != name]
+        if usual and seen.norm < NORM_FLOOR * statistics.median(usual):
+            reasons[name] = (
+                f"probe: a delta of norm {seen.norm:.3g}, under {NORM_FLOOR:.0%} "
+                f"of the round's others ({statistics.median(usual):.3g}): too small to be of use"
+            )
+    for name, seen in evidence.items():
+        others = [e.gain for other, e in evidence.items() if other != name and other not in reasons]
+        if name in reasons or not others:
             continue
         typical = statistics.median(others)
-        if typical <= 0:
-            continue
         deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
-        if norms is not None:
-            usual = statistics.median(n for other, n in norms.items() if other != name)
-            if norms[name] < NORM_FLOOR * usual:
-                reasons[name] = (
-                    f"probe: a delta of norm {norms[name]:.3g}, under {NORM_FLOOR:.0%} "
-                    f"of the round's others ({usual:.3g}): too small to be of use"
-                )
-                continue
-        if gain >= USEFUL_FRACTION * typical or gain >= typical - SPREAD * deviation:
-            continue
-        if gain < 0:
+        if seen.agreement < OPPOSED and seen.gain < typical:
             reasons[name] = (
-                f"probe: raises the probe loss by {-gain:.3g} "
-                f"while the round's others lower it by {typical:.3g}"
+                f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
+                f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
             )
-        else:
+        elif seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
             reasons[name] = (
-                f"probe: lowers the probe loss by {gain:.3g}, under {USEFUL_FRACTION:.0%} "
+                f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it by "
+                f"{-typical:.3g}"
+                if seen.gain < 0
+                else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
                 f"of the round's others ({typical:.3g})"
             )
     return reasons
+
+
+def _far_worse(gain: float, typical: float, deviation: float) -> bool:
+    """Under a tenth of the others' median gain (when they gain) and SPREAD deviations below it."""
+    if typical > 0 and gain >= USEFUL_FRACTION * typical:
+        return False
+    return gain < typical - SPREAD * deviation
+
+
+class Consensus:
+    """The round's voices' unit directions summed with reputation weights, for each one's agreement.
+
+    Two passes over the voices (``add`` each, then ``agreement`` of each) keep
+    one delta in memory at a time besides the sum; a voice's agreement leaves
+    its own direction out of the sum.
+    """
+
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        scale = weight / max(delta_norm(delta), 1e-30)
+        for name, tensor in _floats(delta):
+            if name in self.total:
+                self.total[name].add_(tensor.float(), alpha=scale)
+            else:
+                self.total[name] = tensor.float() * scale
+
+    def agreement(self, delta: Mapping[str, torch.Tensor], weight: float) -> float:
+        """Cosine of ``delta`` with the sum of the *other* voices' weighted directions (0 if none)."""
+        norm = delta_norm(delta)
+        if norm == 0.0:
+            return 0.0
+        dot = sum(_dot(tensor, self.total[name]) for name, tensor in _floats(delta) if name in self.total)
+        total_sq = sum(_dot(t, t) for t in self.total.values())
+        along = dot / norm  # the unit direction's projection on the sum, itself included
+        others_sq = total_sq - 2 * weight * along + weight * weight
+        if others_sq <= 1e-18 * max(total_sq, 1.0):
+            return 0.0
+        return (along - weight) / others_sq**0.5
+
+
+def _floats(delta: Mapping[str, torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:
+    return ((name, tensor) for name, tensor in delta.items() if tensor.is_floating_point())
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.flatten().double(), b.flatten().double()))
 
 
 def disagreement(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> str | None:
@@ -156,8 +230,3 @@ def weigh(samples: float, reputation: float | None) -> float:
     """A voice's merge weight: its samples scaled by its volunteer's reputation (floored above 0)."""
     value = START_REPUTATION if reputation is None else reputation
     return samples * max(value, 0.01)
-
-
-def gains_of(prober: Prober, voices: Iterable[tuple[str, TensorDict]]) -> dict[str, float]:
-    """Each voice's gain, one voice in memory at a time."""
-    return {name: prober.gain(delta) for name, delta in voices}

@@ -7,6 +7,8 @@ import torch
 
 from coordinator.verification import (
     START_REPUTATION,
+    Consensus,
+    Evidence,
     Prober,
     disagreement,
     judge,
@@ -18,24 +20,58 @@ from jobs import load_job
 from tests.fixtures.jobs_tiny import TinyJob
 
 
-def test_a_voice_that_raises_the_loss_while_the_others_lower_it_is_rejected():
-    reasons = judge({"alice": 0.30, "bob": 0.25, "mallory": -0.28})
+def _judge(gains: dict[str, float], agreement: float = 0.5, **special: Evidence) -> dict[str, str]:
+    """Judge voices that all follow the round's direction, except those given in full."""
+    return judge({**{name: Evidence(gain, 1.0, agreement) for name, gain in gains.items()}, **special})
+
+
+def test_a_voice_that_raises_the_loss_and_turns_away_from_the_others_is_rejected():
+    reasons = _judge({"alice": 0.30, "bob": 0.25}, mallory=Evidence(-0.28, 1.0, -0.6))
     assert set(reasons) == {"mallory"} and "probe" in reasons["mallory"]
-    assert "raises the probe loss" in reasons["mallory"]
+    assert "points against the round's other deltas" in reasons["mallory"]
 
 
-def test_a_near_zero_voice_is_far_less_useful_and_rejected():
-    reasons = judge({"alice": 0.30, "bob": 0.25, "freeloader": 0.001})
-    assert set(reasons) == {"freeloader"} and "probe" in reasons["freeloader"]
+def test_a_voice_far_worse_on_the_probe_that_barely_follows_the_others_is_rejected():
+    gains = {"alice": 0.30, "bob": 0.25, "carol": 0.28}
+    reasons = _judge(gains, junk=Evidence(-0.20, 1.0, 0.05))
+    assert set(reasons) == {"junk"} and "raises the probe loss" in reasons["junk"]
+    reasons = _judge(gains, idler=Evidence(0.001, 1.0, 0.05))
+    assert set(reasons) == {"idler"} and "under 10%" in reasons["idler"]
+
+
+def test_an_honest_voice_the_noisy_probe_dislikes_is_kept_while_it_follows_the_others():
+    """Late in training an honest voice on other files may raise the probe a little (measured)."""
+    reasons = _judge({"a": 0.003, "b": 0.002, "c": 0.0025}, late=Evidence(-0.002, 1.0, 0.35))
+    assert reasons == {}
+
+
+def test_a_voice_turned_away_from_the_others_but_more_useful_on_the_probe_is_kept():
+    assert _judge({"a": 0.30, "b": 0.25}, odd=Evidence(0.40, 1.0, -0.2)) == {}
 
 
 def test_honest_voices_of_different_usefulness_are_all_kept():
-    assert judge({"a": 0.30, "b": 0.12, "c": 0.05, "d": 0.41}) == {}
+    assert _judge({"a": 0.30, "b": 0.12, "c": 0.05, "d": 0.41}) == {}
 
 
-def test_nothing_is_judged_alone_or_when_the_others_gain_nothing():
-    assert judge({"alone": -1.0}) == {}
-    assert judge({"a": -0.01, "b": -0.02, "c": 0.0}) == {}
+def test_nothing_is_judged_alone_and_a_voice_that_follows_a_still_round_is_kept():
+    assert judge({"alone": Evidence(-1.0, 1.0, -1.0)}) == {}
+    assert _judge({"a": -0.01, "b": -0.02, "c": 0.0}) == {}
+
+
+def test_agreement_is_the_cosine_with_the_others_weighted_directions_leaving_itself_out():
+    east, north = {"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([0.0, 3.0])}
+    west = {"w": torch.tensor([-5.0, 0.0])}
+    consensus = Consensus()
+    for delta, weight in ((east, 1.0), (north, 1.0), (west, 0.1)):
+        consensus.add(delta, weight)
+    # the others of east: north (1.0) and west (0.1), as unit directions: (-0.1, 1)
+    assert consensus.agreement(east, 1.0) == pytest.approx(-0.1 / (1.01**0.5))
+    # the others of west: east and north, equally weighted: (1, 1)
+    assert consensus.agreement(west, 0.1) == pytest.approx(-(0.5**0.5))
+    assert consensus.agreement({"w": torch.zeros(2)}, 1.0) == 0.0
+    alone = Consensus()
+    alone.add(east, 1.0)
+    assert alone.agreement(east, 1.0) == 0.0  # nobody else: no direction to follow
 
 
 def test_reputation_starts_in_the_middle_and_moves_toward_what_happened():
@@ -72,9 +108,12 @@ def test_charlm_probes_on_fixed_held_out_batches_apart_from_its_eval():
 def test_a_free_riders_tiny_delta_is_rejected_by_its_norm_whatever_its_gain():
     gains = {"alice": 0.30, "bob": 0.10, "carol": -0.05, "freeloader": 0.0}
     norms = {"alice": 1.0, "bob": 1.2, "carol": 0.9, "freeloader": 0.001}
-    reasons = judge(gains, norms)
+    reasons = judge({name: Evidence(gains[name], norms[name], 0.9) for name in gains})
     assert set(reasons) == {"freeloader"} and "probe" in reasons["freeloader"]
     assert "too small" in reasons["freeloader"]
+    # caught even while the others gain nothing on the probe
+    still = {name: Evidence(-0.001, norms[name], 0.9) for name in gains}
+    assert set(judge(still)) == {"freeloader"}
 
 
 def test_two_trainings_of_a_shard_agree_up_to_floating_point_noise_and_not_beyond():
