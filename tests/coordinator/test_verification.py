@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from broker import keys
+from coordinator.judging import probe_voices
 from coordinator.verification import (
     START_REPUTATION,
     Consensus,
@@ -18,6 +20,8 @@ from coordinator.verification import (
 )
 from jobs import load_job
 from tests.fixtures.jobs_tiny import TinyJob
+from tests.fixtures.lying_jobs import RandomTokens
+from volunteer.trainer import train_shard
 
 
 def _judge(gains: dict[str, float], agreement: float = 0.5, **special: Evidence) -> dict[str, str]:
@@ -124,3 +128,22 @@ def test_two_trainings_of_a_shard_agree_up_to_floating_point_noise_and_not_beyon
     other = {k: torch.randn(v.shape, generator=gen) for k, v in honest.items()}
     assert "cosine" in (disagreement(honest, other) or "")
     assert "norm ratio" in (disagreement(honest, {k: 3 * v for k, v in honest.items()}) or "")
+
+
+def test_a_trainer_on_random_tokens_is_rejected_among_honest_charlm_voices():
+    """The issue's junk trainer, through the aggregator's own judging of a round's voices."""
+    job = load_job(
+        "charlm", {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 40, "eval_batches": 4}
+    )
+    weights = {k: v.detach().clone() for k, v in job.build_model().state_dict().items()}
+    trainers = {"h0": job, "h1": job, "h2": job, "junk": RandomTokens(job)}
+    deltas = {
+        name: train_shard(
+            trainer, weights, shard=i, shards=4, steps=10, lr=3e-3, device=torch.device("cpu"), seed=i
+        ).delta
+        for i, (name, trainer) in enumerate(trainers.items())
+    }
+    used = {i: keys.accepted_upload("r", 1, name, i, "t") for i, name in enumerate(deltas)}
+    rejected = probe_voices(job, weights, used, lambda shards: deltas[list(deltas)[shards[0]]], {})
+    assert [(shard, name) for shard, name, _ in rejected] == [(3, "junk")]
+    assert rejected[0][2].startswith("probe:")

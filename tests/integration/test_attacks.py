@@ -425,16 +425,16 @@ def test_a_wrong_delta_on_a_replicated_shard_is_caught_by_its_replica(cluster):
     cluster.procs.aggregator()
     mallory = cluster.mallory()
     # the probe is off: the replica alone must catch it
-    cluster.init("--shards", "2", "--replicate", "0.5", "--verify", "none", "--deadline", "600")
+    cluster.init("--shards", "4", "--replicate", "0.25", "--verify", "none", "--deadline", "600")
     number = cluster.post()
     (twice,) = [int(x) for x in cluster.admin.smembers(keys.round_replicated("r", number))]
     wrong = _toward_optimum(cluster, 0, -0.1)  # plausible in size and form, the wrong way
     mallory.deliver("r", number, twice, delta_blob(wrong, "r", number, twice, 0, samples=24))
     cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "mallory's upload")
-    cluster.volunteer("bob")  # trains both shards, and the second posting of mallory's
+    cluster.volunteer("bob")  # trains every shard, and the second posting of mallory's
     record = cluster.wait_ended(number)
     reasons = [x["reason"] for x in record["rejections"] if x["volunteer"] == "mallory"]
     assert len(reasons) == 1 and reasons[0].startswith("replica: disagrees with bob's"), record
-    assert record["status"] == "done" and record["accepted"] == 2
+    assert record["status"] == "done" and record["accepted"] == 4
     people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
-    assert people["mallory"]["accepted"] == 0 and people["bob"]["accepted"] == 2, people
+    assert people["mallory"]["accepted"] == 0 and people["bob"]["accepted"] == 4, people
