@@ -6,6 +6,7 @@ Layout under ``CROWDTRAIN_HOME/runs/NAME/``::
     model-v000003.safetensors  weights of version 3 (float32, state_dict names)
     strategy-v000003.safetensors  the strategy's state that produced it
     metrics.jsonl            one JSON line per finished round
+    tokenizer.json           the job's tokenizer, for jobs that have one (``gpt``)
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def save_version(
     config_path = folder / "config.json"
     if not config_path.exists():
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path
+
+
+def save_text(home: Path, run: str, name: str, text: str) -> Path:
+    """Write a file of the run (its tokenizer) atomically: a reader sees all of it or none."""
+    folder = run_dir(home, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
     return path
 
 

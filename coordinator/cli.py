@@ -248,6 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int_in(0, 10**9), default=None, help="default: the current version")
     p.add_argument("--out", required=True, type=Path)
 
+    p = _command(sub, "sample", commands.sample, "Print text the run's model generates after a prompt.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--version", type=int_in(0, 10**9), default=None, help="default: the current version")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument(
+        "--tokens", type=int_in(1, 100_000), default=100, help="how many tokens to add (default 100)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float_in(0.0, 100.0, low_ok=True),
+        default=0.8,
+        help="0: always the likeliest (default 0.8)",
+    )
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="the same seed gives the same text")
+    p.add_argument("--json", action="store_true")
+
     p = _command(sub, "report", commands.report, "Plot eval loss per round and per uplink byte.")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True, type=Path)

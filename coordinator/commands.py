@@ -34,7 +34,7 @@ from coordinator.rounds import post_round as _post_round
 from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
-from jobs import load_job, parse_job_args
+from jobs import Job, load_job, parse_job_args
 from serialization import TensorDict, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
@@ -130,7 +130,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         initial=initial,
         created_at=time.time(),
     )
-    create_run(conn.store, conn.settings.home, args.run, config, blob, weights)
+    create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))
     document = {
         "run": args.run,
         "job": args.job,
@@ -144,6 +144,12 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
         )
     return document
+
+
+def _job_files(job: Job) -> dict[str, str]:
+    """Files a run keeps beside its checkpoints: the job's tokenizer, if it has one."""
+    tokenizer = getattr(job, "tokenizer_json", None)
+    return {"tokenizer.json": tokenizer()} if callable(tokenizer) else {}
 
 
 def post_round(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,6 +280,26 @@ def export(args: argparse.Namespace) -> None:
     except (OSError, SafetensorError) as e:
         raise UsageError(f"--out {args.out}: cannot write it ({e})") from None
     print(f"wrote version {version} of {args.run} to {args.out}")
+
+
+def sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Print text the run's model of a version generates after ``--prompt``: what the compute bought."""
+    conn = connect(args)
+    config = conn.store.run_config(args.run)
+    job = load_job(config["job"], config.get("job_args") or {})
+    generate = getattr(job, "generate", None)
+    if not callable(generate):
+        raise UsageError(f"job {config['job']!r} of run {args.run!r} does not generate text")
+    current = conn.store.version(args.run)
+    version = current if args.version is None else args.version
+    if not 0 <= version <= current:
+        raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
+    model = job.build_model()
+    model.load_state_dict(_version_weights(conn, args.run, version))
+    text = generate(model, args.prompt, args.tokens, temperature=args.temperature, seed=args.seed)
+    if not args.json:
+        print(text)
+    return {"run": args.run, "version": version, "prompt": args.prompt, "text": text}
 
 
 def _version_weights(conn: Connection, run: str, version: int) -> TensorDict:

@@ -8,6 +8,7 @@ was written is removed again.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,18 @@ def _check_value_size(size: int) -> None:
 
 
 def create_run(
-    store: Store, home: Path, run: str, config: dict[str, Any], blob: bytes, weights: TensorDict
+    store: Store,
+    home: Path,
+    run: str,
+    config: dict[str, Any],
+    blob: bytes,
+    weights: TensorDict,
+    files: Mapping[str, str] | None = None,
 ) -> None:
-    """Store the run in Redis, then version 0 on disk; if either is refused, remove what was written."""
+    """Store the run in Redis, then version 0 (and ``files``, e.g. a tokenizer) on disk.
+
+    If either is refused, what was written is removed.
+    """
     try:
         store.create_run(run, config, blob)
     except redis.ResponseError as e:
@@ -66,6 +76,8 @@ def create_run(
         raise UsageError(f"the broker refused to store run {run!r}: {first_line(e)}") from None
     try:
         checkpoints.save_version(home, run, 0, weights, None, config)
+        for name, text in (files or {}).items():
+            checkpoints.save_text(home, run, name, text)
     except (OSError, SafetensorError) as e:
         _forget_run(store, run, config)
         folder = checkpoints.run_dir(home, run)

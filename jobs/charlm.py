@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.generation import continue_ids
 from jobs.interface import JobError
+from jobs.transformer import Block
 
 VOCAB = 256
 _EVAL_SEED = 0x5EED_C4A1  # fixed: every run and every model sees the same eval windows
@@ -87,7 +89,7 @@ class CharGPT(nn.Module):
         self.context = cfg.context
         self.tok = nn.Embedding(VOCAB, cfg.width)
         self.pos = nn.Embedding(cfg.context, cfg.width)
-        self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.width)
         # Untied: tied weights would be two state_dict names for one tensor, which
         # breaks per-name deltas and safetensors export.
@@ -114,7 +116,7 @@ class CharGPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=_INIT_STD)
         for block in self.blocks:  # residual projections scaled by depth (GPT-2)
-            assert isinstance(block, _Block)
+            assert isinstance(block, Block)
             nn.init.normal_(block.attn_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
             nn.init.normal_(block.mlp_out.weight, std=_INIT_STD / math.sqrt(2 * layers))
 
@@ -181,6 +183,14 @@ class CharLMJob:
             model.train(was_training)
         return {"eval_loss": total_loss / tokens, "eval_accuracy": correct / tokens}
 
+    def generate(
+        self, model: nn.Module, prompt: str, tokens: int, *, temperature: float = 0.8, seed: int = 0
+    ) -> str:
+        """``prompt`` and ``tokens`` more bytes sampled from ``model``, as text (``coordinator sample``)."""
+        ids = list(prompt.encode("utf-8")) or [ord("\n")]
+        more = continue_ids(model, ids, tokens, self.config.context, temperature=temperature, seed=seed)
+        return bytes(ids + more).decode("utf-8", errors="replace")
+
     def shard_files(self, index: int, count: int) -> list[str]:
         """Names of the training files dealt to shard ``index`` (empty: byte-range fallback)."""
         _check_shard(index, count)
@@ -246,29 +256,6 @@ class _Corpus:
 
     train: list[tuple[str, torch.Tensor]]
     eval: torch.Tensor
-
-
-class _Block(nn.Module):
-    """Pre-LN transformer block: causal self-attention then MLP, each residual."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.attn_out = nn.Linear(width, width)
-        self.ln2 = nn.LayerNorm(width)
-        self.mlp_in = nn.Linear(width, 4 * width)
-        self.mlp_out = nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply attention and MLP with residual connections."""
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_out(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))
 
 
 def _list_files(cfg: CharLMConfig) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from jobs.interface import REQUIRED_METHODS, Job, JobError
 
-BUILTIN_JOBS: dict[str, str] = {"charlm": "jobs.charlm:make_job"}
+BUILTIN_JOBS: dict[str, str] = {"charlm": "jobs.charlm:make_job", "gpt": "jobs.gpt:make_job"}
 
 _PATH_HINT = "package.module:factory"
 

@@ -68,6 +68,8 @@ def _assert_one_clear_line(result, *words):
         (["--job", "charlm", "--verify", "vibes"], ["--verify"]),
         (["--job", "charlm", "--replicate", "1.5"], ["--replicate"]),
         (["--job", "charlm", "--replicate", ".5", "--dp-clip", "1", "--dp-noise", "1"], ["--replicate"]),
+        (["--job", "gpt", "--job-arg", "corpus=/nonexistent/*.txt"], ["matches no files", "corpus="]),
+        (["--job", "gpt", "--job-arg", "preset=huge"], ["preset", "nano"]),
     ],
 )
 def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, in_process, flags, words):
@@ -86,6 +88,7 @@ def test_init_refuses_bad_input_before_writing_anything(tmp_path, redis_server, 
         ["export", "--run", "ghost", "--out", "x.safetensors"],
         ["report", "--run", "ghost", "--out", "x.png"],
         ["abort-round", "--run", "ghost"],
+        ["sample", "--run", "ghost", "--prompt", "hello"],
     ],
 )
 def test_unknown_run_is_one_line_naming_the_run(in_process, command):
@@ -126,6 +129,7 @@ def test_every_command_has_help(tmp_path, in_process):
         "report",
         "monitor",
         "abort-round",
+        "sample",
     ]:
         result = in_process(command, "--help")
         assert result.returncode == 0 and "usage: coordinator " + command in result.stdout
@@ -301,3 +305,22 @@ def test_volunteer_start_refuses_bad_input_in_one_line(tmp_path, argv, words):
     paths = {"missing": tmp_path / "missing.url", "empty": empty, "folder": tmp_path}
     result = _volunteer(tmp_path, *(part.format(**paths) for part in argv))
     _assert_one_clear_line(result, *words)
+
+
+def test_a_parquet_corpus_without_the_text_field_is_one_line_and_nothing_is_written(
+    tmp_path, redis_server, in_process
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text " * 50] * 20}), tmp_path / "docs.parquet")
+    result = in_process("init", "--run", "g", "--job", "gpt", "--job-arg", f"corpus={tmp_path}/*.parquet")
+    _assert_one_clear_line(result, "no column 'text'", "body", "text_field=NAME")
+    assert redis_server.client().keys("ct:*") == []
+    assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_sample_of_a_job_that_writes_no_text_is_one_line(in_process):
+    assert in_process("init", "--run", "t", "--job", "tests.fixtures.jobs_tiny:make_job").returncode == 0
+    _assert_one_clear_line(in_process("sample", "--run", "t", "--prompt", "hi"), "does not generate text")
+    _assert_one_clear_line(in_process("sample", "--run", "t", "--prompt", "hi", "--tokens", "0"), "--tokens")

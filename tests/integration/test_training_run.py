@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from safetensors.torch import load_file
@@ -65,3 +66,25 @@ def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_lo
     assert set(volunteers) == {"alice", "bob"}
     assert sum(v["accepted"] for v in volunteers.values()) == 12
     assert all(v["online"] for v in volunteers.values())
+
+
+def test_a_gpt_round_trains_on_a_jsonl_corpus_and_sample_prints_its_text(processes, tmp_path):
+    """The ``gpt`` job end to end: volunteers train its tokenizer and model; ``sample`` shows the result."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [{"body": f"volunteer {i} trains the shared model on donated machines. " * 8} for i in range(30)]
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    processes.aggregator()
+    processes.volunteer("alice")
+    gpt = ["layers=1", "width=32", "heads=2", "context=32", "vocab=320", "positions=rotary"]
+    gpt += [f"corpus={corpus}", "text_field=body"]
+    init = processes.json(
+        "init", "--run", "g", "--job", "gpt", *[x for arg in gpt for x in ("--job-arg", arg)],
+        "--local-steps", "20", "--shards", "2", "--deadline", "120",
+    )  # fmt: skip
+    assert (processes.home / "runs" / "g" / "tokenizer.json").is_file()
+    document = processes.json("run", "--run", "g", "--rounds", "1")
+    assert document["rounds"][0]["accepted"] == 2, processes.log_tail()
+    assert document["final"]["eval_loss"] < init["initial"]["eval_loss"]
+    sampled = processes.json("sample", "--run", "g", "--prompt", "volunteer", "--tokens", "12")
+    assert sampled["version"] == 1 and sampled["text"].startswith("volunteer")
+    assert len(sampled["text"]) > len("volunteer")

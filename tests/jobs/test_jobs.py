@@ -269,7 +269,7 @@ def test_load_job_builds_a_job_from_an_import_path(fixture_jobs: None) -> None:
     [
         (
             "foo",
-            "unknown job 'foo': use a built-in (charlm) or an import path package.module:factory",
+            "unknown job 'foo': use a built-in (charlm, gpt) or an import path package.module:factory",
         ),
         (":make_job", "malformed job path"),
         ("jobs_tiny:", "malformed job path"),
