@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serialization import dumps, loads, parse_codec
 
-SPECS = ("none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.01+int8")
+SPECS = ("none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.01+int8", "topk:0.01+int4", "topk:0.01+int2")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 PEER_SCRIPT = r"""

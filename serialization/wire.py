@@ -27,6 +27,10 @@ Fields per codec (n = elements, k = round(F*n) >= 1, B = 256, I = 65536)::
     topk:F      idx: k uint16 (index mod I), cnt: ceil(n/I) uint32 (entries per block of I),
                 val: k float32
     topk:F+int8 idx, cnt as above, q: k int8, scale: ceil(k/B) float32 (int8 of the values)
+    topk:F+int4, topk:F+int2
+                data: ceil(n/4096) float32 scales, then a 12-bit offset per entry (two in
+                3 bytes), then a 4- or 2-bit code per entry; k_b = round(F * block) >= 1
+                per block of 4096 (codecs.BlockTopKCodec has the bit layout)
 
 Meta comes last so a reader can hand the rest of the buffer to msgpack, which
 also rejects trailing bytes. Changing any of these bytes means bumping

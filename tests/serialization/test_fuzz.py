@@ -14,7 +14,7 @@ from serialization import WireFormatError, dumps, loads
 
 LIMIT = 1 << 20
 MAX_DECODED = 4 << 20
-SPECS = ["none", "fp16", "bf16", "int8", "topk:0.25", "topk:0.5+int8"]
+SPECS = ["none", "fp16", "bf16", "int8", "topk:0.25", "topk:0.5+int8", "topk:0.25+int4", "topk:0.5+int2"]
 
 
 def _seeds() -> list[bytes]:
@@ -173,10 +173,18 @@ def _huge_topk_payload(n: int) -> bytes:
     return msgpack.packb({"v": 1, "tensors": [entry], "meta": {}}, use_bin_type=True)
 
 
+def _huge_block_topk_payload(n: int) -> bytes:
+    """A block top-k tensor declaring n elements with a tiny data field."""
+    entry = {"name": "x", "codec": "topk:1e-09+int2", "dtype": 0, "shape": [n], "data": bytes(16)}
+    return msgpack.packb({"v": 1, "tensors": [entry], "meta": {}}, use_bin_type=True)
+
+
 @pytest.mark.parametrize(
     "payload",
     [
         _huge_topk_payload(1 << 26),
+        _huge_block_topk_payload(1 << 26),
+        _huge_block_topk_payload(1 << 62),
         msgpack.packb(
             {
                 "v": 1,
@@ -211,8 +219,9 @@ def test_payloads_declaring_huge_sizes_fail_without_allocating_them(payload):
     assert peak < 1 << 20
 
 
-def test_a_small_limit_bounds_the_allocation_of_an_honest_but_large_topk_payload():
-    data = dumps({"x": torch.zeros(1 << 22)}, None, "topk:0.0001")
+@pytest.mark.parametrize("spec", ["topk:0.0001", "topk:0.0001+int2"])
+def test_a_small_limit_bounds_the_allocation_of_an_honest_but_large_topk_payload(spec):
+    data = dumps({"x": torch.zeros(1 << 22)}, None, spec)
     assert len(data) < 1 << 20
     with pytest.raises(WireFormatError, match="decode limit"):
         loads(data, limit=1 << 20, max_decoded=1 << 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serialization import loads
@@ -18,7 +19,8 @@ def _gap(a: dict, b: dict) -> float:
     return sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
 
 
-def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk():
+@pytest.mark.parametrize("spec", ["topk:0.01", "topk:0.01+int4", "topk:0.01+int2"])
+def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk(spec):
     gen, feedback = torch.Generator().manual_seed(0), ErrorFeedback()
     true = {k: torch.zeros(s) for k, s in SHAPES.items()}
     sent = {k: torch.zeros(s) for k, s in SHAPES.items()}
@@ -26,7 +28,7 @@ def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk(
     for round_ in range(50):
         delta = _delta(gen)
         one_delta = _gap(delta, {k: torch.zeros(s) for k, s in SHAPES.items()})
-        decoded, meta = loads(feedback.encode(delta, {"round": round_}, "topk:0.01"))
+        decoded, meta = loads(feedback.encode(delta, {"round": round_}, spec))
         assert meta == {"round": round_}
         for k in SHAPES:
             true[k] += delta[k]
@@ -36,6 +38,21 @@ def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk(
     without_feedback = 0.95 * one_delta * 50**0.5  # top-1% drops ~95% of each delta's norm
     assert gaps[-1] < 0.7 * without_feedback
     assert max(gaps[35:]) < 1.25 * max(gaps[15:25])  # bounded: it levels off
+
+
+def test_block_topk_int2_sums_over_fifty_rounds_are_closer_than_one_round_is():
+    gen, feedback = torch.Generator().manual_seed(3), ErrorFeedback()
+    zero = {k: torch.zeros(s) for k, s in SHAPES.items()}
+    true, sent = dict(zero), dict(zero)
+    for round_ in range(50):
+        delta = _delta(gen)
+        decoded, _ = loads(feedback.encode(delta, {}, "topk:0.01+int2"))
+        if round_ == 0:
+            one_round = _gap(delta, decoded) / _gap(delta, zero)  # ~0.96: top-1% sends little
+        true = {k: true[k] + delta[k] for k in SHAPES}
+        sent = {k: sent[k] + decoded[k] for k in SHAPES}
+    assert _gap(true, sent) / _gap(true, zero) < 0.75 * one_round
+    assert abs(_gap(true, sent) - feedback.residual_norm()) <= 1e-4 * (1 + _gap(true, sent))
 
 
 def test_int8_feedback_keeps_the_residual_at_quantisation_noise():
