@@ -9,8 +9,15 @@ place and the volunteer ACL (``coordinator.credentials``) follows it::
     ct:run:RUN:rounds                    number of the latest round (integer)
     ct:run:RUN:model:V                   wire bytes of model version V
     ct:run:RUN:staged:V:OWNER            a candidate version V before it is published
+    ct:run:RUN:update:V                  version V as an encoded update from V-1 (lossy downlink)
+    ct:run:RUN:staged-update:V:OWNER     that update before it is published
+    ct:run:RUN:downlink-residual         what the downlink codec has not sent yet (aggregator only)
+    ct:run:RUN:staged-residual:OWNER     the residual after a candidate version
     ct:run:RUN:strategy                  wire bytes of the strategy's state
     ct:run:RUN:dp_clip                   adaptive clipping's current C (DP runs)
+    ct:run:RUN:jobs                      hash: shard jobs posted to an asynchronous run
+    ct:run:RUN:finished                  hash: "ROUND:SHARD" of each asynchronous job answered -> outcome
+    ct:run:RUN:taken                     set: accepted copies, so none counts in two buffers
     ct:run:RUN:round:N                   hash: status, counters, deadline, claim, summary
     ct:run:RUN:round:N:accepted          hash: shard -> key of the accepted copy
     ct:run:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, copied out of reach
@@ -69,8 +76,41 @@ def dp_clip(run: str) -> str:
     return _k("run", run, "dp_clip")
 
 
+def run_jobs(run: str) -> str:
+    """Counters of an asynchronous run's shard jobs (``posted``)."""
+    return _k("run", run, "jobs")
+
+
+def run_finished(run: str) -> str:
+    """An asynchronous run's answered jobs, each once, so the coordinator knows how many are out."""
+    return _k("run", run, "finished")
+
+
+def run_taken(run: str) -> str:
+    """Every accepted copy of a run: an upload counts in one round (one buffer) only."""
+    return _k("run", run, "taken")
+
+
 def staged_model(run: str, version: int, owner: str) -> str:
     return _k("run", run, "staged", version, owner)
+
+
+def update(run: str, version: int) -> str:
+    """Version ``version`` as the encoded update from the version before (``--downlink-compression``)."""
+    return _k("run", run, "update", version)
+
+
+def staged_update(run: str, version: int, owner: str) -> str:
+    return _k("run", run, "staged-update", version, owner)
+
+
+def downlink_residual(run: str) -> str:
+    """What the lossy downlink codec left out so far: added to the next update."""
+    return _k("run", run, "downlink-residual")
+
+
+def staged_residual(run: str, owner: str) -> str:
+    return _k("run", run, "staged-residual", owner)
 
 
 def strategy(run: str) -> str:

@@ -25,7 +25,9 @@ from typing import Any
 from broker import keys
 from broker.routing import MAX_MEMORY_GB
 from coordinator import checkpoints
+from coordinator.asynchronous import is_async, max_staleness, open_buffer, staleness_weight
 from coordinator.context import RunContext, RunContexts
+from coordinator.downlink import lossy, publish, read_residual
 from coordinator.intake import Intake, Verdict
 from coordinator.judging import check_replicas, probe_voices, voices
 from coordinator.privacy import next_clip, privatize, spent
@@ -67,9 +69,13 @@ class Aggregator:
         started = time.time()
         with _renewing(self.store, run, number, owner):
             try:
-                return self._aggregate_claimed(run, number, owner, started)
+                summary = self._aggregate_claimed(run, number, owner, started)
             except Exception as e:
-                return self._after_error(run, number, owner, e)
+                summary = self._after_error(run, number, owner, e)
+        context = self.contexts[run]
+        if summary is not None and is_async(context.config):
+            open_buffer(self.store, run, context.config)  # the next buffer, at once: no barrier
+        return summary
 
     # --- one round -----------------------------------------------------------
     def _aggregate_claimed(self, run: str, number: int, owner: str, started: float) -> dict[str, Any] | None:
@@ -78,6 +84,8 @@ class Aggregator:
         base = int(info["base_version"])
         copies = self.store.rounds.accepted_uploads(run, number)
         metas, norms, screened = self._screen(context, copies)
+        for meta in metas.values():  # asynchronous runs: how many versions old each delta is
+            meta["staleness"] = base - int(meta.get("base_version", base))
         rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
         used = {s: k for s, k in copies.items() if s in metas and s not in screened}
         weights, _ = loads(self.contexts.model_blob(context.name, base))
@@ -109,12 +117,18 @@ class Aggregator:
         if not used:
             return self._fail(context, number, owner, info, summary, "no accepted deltas")
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
+        if is_async(context.config):
+            summary["staleness"] = max(int(metas[s]["staleness"]) for s in used)
         privacy = context.privacy
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
-        weights, strategy, evaluation, clip = self._merge(context, weights, used, metas, reputations)
-        if not all(all_finite(t) for t in weights.values()):
+        merged, strategy, clip = self._merge(context, weights, used, metas, reputations)
+        if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
+        weights = self._publishable(context, weights, merged, base + 1, owner)
+        model = context.job.build_model()
+        model.load_state_dict(weights)
+        evaluation = {k: float(v) for k, v in context.job.evaluate(model).items()}
         staged = self.store.stage_model(
             run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1})
         )
@@ -129,13 +143,16 @@ class Aggregator:
             return None
         self._credit(used, metas)
         if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
-            merged = set(voices(used))
+            heard = set(voices(used))
             self.store.set_reputations(
-                {name: next_reputation(value, name in merged) for name, value in reputations.items()}
+                {name: next_reputation(value, name in heard) for name, value in reputations.items()}
             )
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
-        self.store.prune_versions(run, base + 1, self.keep_versions)
+        keep = self.keep_versions
+        if is_async(context.config):  # a job up to max-staleness versions old still fetches its base
+            keep = max(keep, max_staleness(context.config) + 1)
+        self.store.prune_versions(run, base + 1, keep)
         checkpoints.save_version(self.home, run, base + 1, weights, strategy_state, context.config)
         checkpoints.append_metrics(self.home, run, summary)
         log.info(
@@ -178,12 +195,12 @@ class Aggregator:
         used: dict[int, str],
         metas: dict[int, dict],
         reputations: dict[str, float | None],
-    ) -> tuple[TensorDict, Strategy, dict[str, float], float | None]:
-        """Second pass: one combined delta per volunteer through the strategy, then evaluate.
+    ) -> tuple[TensorDict, Strategy, float | None]:
+        """Second pass: one combined delta per volunteer through the strategy.
 
-        Returns the new weights, the strategy, the evaluation and, with adaptive
-        clipping, the next round's clip. With ``reputations`` (a judged round)
-        each voice weighs by its samples times its volunteer's reputation.
+        Returns the new weights, the strategy and, with adaptive clipping, the
+        next round's clip. With ``reputations`` (a judged round) each voice
+        weighs by its samples times its volunteer's reputation.
         """
         config = context.config
         weights = {k: v.clone() for k, v in base.items()}  # views of the blob are read-only
@@ -212,22 +229,37 @@ class Aggregator:
             weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []))
             if privacy.quantile is not None:
                 next_value = next_clip(privacy, clip, unclipped, count)
-        model = context.job.build_model()
-        model.load_state_dict(weights)
-        evaluation = {k: float(v) for k, v in context.job.evaluate(model).items()}
-        return weights, strategy, evaluation, next_value
+        return weights, strategy, next_value
+
+    def _publishable(
+        self, context: RunContext, base: TensorDict, merged: TensorDict, version: int, owner: str
+    ) -> TensorDict:
+        """The version to publish: the merged weights, or with a lossy downlink (``coordinator.downlink``)
+        the base moved by the encoded update, which is staged with its residual for the commit."""
+        spec = context.config.get("downlink_compression")
+        if not lossy(spec):
+            return merged
+        residual = read_residual(self.store.downlink_residual(context.name))
+        meta = {"run": context.name, "version": version}
+        published, update, left = publish(base, merged, residual, str(spec), meta)
+        self.store.stage_update(context.name, version, owner, update, left)
+        return published
 
     def _voice(
         self, context: RunContext, used: dict[int, str], metas: dict[int, dict], shards: list[int]
     ) -> tuple[float, TensorDict]:
-        """One volunteer's deltas of the round, combined by samples: (total samples, delta)."""
-        total = float(sum(int(metas[s]["samples"]) for s in shards))
+        """One volunteer's deltas of the round, combined by weight: (total weight, delta).
+
+        A delta weighs its samples, discounted by its staleness in an
+        asynchronous run (always 0 in a synchronous one).
+        """
+        total = sum(_weight(metas[s]) for s in shards)
         combined: TensorDict = {}
         for shard in shards:
             delta = self._delta(context, used[shard], {}, shard)
             if delta is None:
                 raise LookupError(f"the accepted upload of shard {shard} left Redis during the merge")
-            share = int(metas[shard]["samples"]) / total
+            share = _weight(metas[shard]) / total
             for name, tensor in delta.items():
                 if name in combined:
                     combined[name].add_(tensor, alpha=share)
@@ -325,6 +357,11 @@ def _summary(
         "strategy": config["strategy"],
         "compression": config["compression"],
     }
+
+
+def _weight(meta: dict) -> float:
+    """A delta's weight in the merge: its samples, discounted by how many versions old it is."""
+    return int(meta["samples"]) * staleness_weight(int(meta.get("staleness", 0)))
 
 
 def _seconds(value: Any) -> float:

@@ -22,6 +22,7 @@ from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
 from coordinator import commands, quickstart
+from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
 from coordinator.strategies import STRATEGY_HELP
 from coordinator.verification import VERIFY_MODES
@@ -30,7 +31,9 @@ from serialization import WireFormatError
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
 LONG_RUNNING = ("aggregator", "monitor")
-COMPRESSION_HELP = "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 (F a fraction, e.g. 0.01)"
+COMPRESSION_HELP = (
+    "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2 (F a fraction, e.g. 0.01)"
+)
 # Each package's error root: a mistake the user can fix, shown as one line with exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CoordinatorError,
@@ -148,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject deltas whose norm exceeds this multiple of the round median (> 0 and <= 1e6)",
     )
     p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
+    p.add_argument(
+        "--downlink-compression",
+        default=None,
+        metavar="SPEC",
+        help="how each new version is also published, as an update from the one before, for "
+        "volunteers that hold it (default: --compression; a lossless spec publishes whole models only)",
+    )
     _local_steps_flag(p, default=20)
     p.add_argument(
         "--shard-seconds",
@@ -189,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
     )
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument(
+        "--inner-state",
+        choices=["keep", "reset"],
+        default=None,
+        help="keep: a volunteer's inner optimizer goes on from the state its previous shard of the "
+        "run left (moments, step count); reset: from zero every shard. Default: keep, or reset "
+        f"with an outer strategy that has momentum ({', '.join(commands.OUTER_MOMENTUM)}), as measured",
+    )
     _privacy_flags(p)
     p.add_argument(
         "--data",
@@ -198,6 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(volunteer start --data); a volunteer with --data uses its own data either way",
     )
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="sync",
+        help="sync: rounds, each merged once its quorum is in; async: no round barrier, every "
+        "--buffer accepted deltas make a version whatever version they were trained on (FedBuff)",
+    )
+    p.add_argument(
+        "--buffer",
+        type=int_in(1, MAX_SHARDS),
+        default=None,
+        metavar="K",
+        help="async: accepted deltas per new version (needed with --mode async)",
+    )
+    p.add_argument(
+        "--max-staleness",
+        type=int_in(0, 10**6),
+        default=None,
+        metavar="S",
+        help=f"async: reject a delta trained more than S versions ago (default {DEFAULT_MAX_STALENESS}); "
+        "younger ones weigh samples / sqrt(1 + staleness)",
+    )
     _round_flags(p, defaults=True)
     p.add_argument("--json", action="store_true")
 
@@ -207,7 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the round to end")
     p.add_argument("--json", action="store_true")
 
-    p = _command(sub, "run", commands.run, "Post rounds one after another until R have finished.")
+    p = _command(
+        sub,
+        "run",
+        commands.run,
+        "Post rounds one after another until R have finished (async runs: keep --shards jobs "
+        "outstanding until R new versions are out).",
+    )
     p.add_argument("--run", required=True)
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), required=True, help=f"1 to {MAX_ROUNDS}")
     _round_flags(p)

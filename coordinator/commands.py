@@ -23,7 +23,8 @@ from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import checkpoints, credentials, janitor, privacy
+from coordinator import asynchronous, checkpoints, credentials, janitor, privacy
+from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
@@ -38,6 +39,17 @@ from jobs import Job, load_job, parse_job_args
 from serialization import TensorDict, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
+
+# Outer strategies with momentum, for which a volunteer's inner optimizer starts afresh each
+# shard by default (init --inner-state): measured with bench/inner_state.py (docs/BENCHMARKS.md,
+# "Inner optimizer state"), keeping it helped fedavg (0.968x the loss) and hurt diloco (1.034x).
+OUTER_MOMENTUM = ("diloco", "fedavgm", "fedadam")
+
+
+def default_inner_state(strategy: str) -> str:
+    """``keep`` unless the outer strategy has momentum of its own (then ``reset``)."""
+    return "reset" if strategy.split(":")[0] in OUTER_MOMENTUM else "keep"
+
 
 log = logging.getLogger("crowdtrain.coordinator")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -85,6 +97,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--run {args.run!r}: use 1-64 letters, digits, '.', '_' or '-'")
     job_args = parse_job_args(args.job_arg)
     codec = parse_codec(args.compression)
+    downlink = parse_codec(getattr(args, "downlink_compression", None) or args.compression)
     make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm)
     shards = args.shards or DEFAULT_SHARDS
     parse_quorum(args.quorum, shards)
@@ -96,6 +109,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
     if getattr(args, "replicate", 0.0) and dp["dp_clip"] is not None:
         raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
+    mode = _check_mode(args, dp)
     try:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
@@ -114,15 +128,18 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         clip_norm=args.clip_norm,
         max_norm_ratio=args.max_norm_ratio,
         compression=codec.name,
+        downlink_compression=downlink.name,
         local_steps=args.local_steps,
         shard_seconds=getattr(args, "shard_seconds", None),
         data=getattr(args, "data", "coordinator"),
         **need.as_config(),
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
+        **mode,
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,
+        inner_state=getattr(args, "inner_state", None) or default_inner_state(args.strategy),
         seed=args.seed,
         shards=shards,
         quorum=args.quorum,
@@ -146,6 +163,24 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     return document
 
 
+def _check_mode(args: argparse.Namespace, dp: dict[str, Any]) -> dict[str, Any]:
+    """The run's mode settings; async ones need --buffer and go without replication and DP."""
+    mode = getattr(args, "mode", "sync")
+    buffer, staleness = getattr(args, "buffer", None), getattr(args, "max_staleness", None)
+    if mode != "async":
+        if buffer is not None or staleness is not None:
+            raise UsageError("--buffer and --max-staleness are for --mode async")
+        return {"mode": "sync"}
+    if buffer is None:
+        raise UsageError("--mode async needs --buffer K: the accepted deltas that make one new version")
+    if getattr(args, "replicate", 0.0):
+        raise UsageError("--replicate compares two trainings of one round's shard: use it with --mode sync")
+    if dp["dp_clip"] is not None:
+        raise UsageError("differential privacy (--dp-clip) accounts per round: use it with --mode sync")
+    limit = DEFAULT_MAX_STALENESS if staleness is None else staleness
+    return {"mode": "async", "buffer": buffer, "max_staleness": limit}
+
+
 def _job_files(job: Job) -> dict[str, str]:
     """Files a run keeps beside its checkpoints: the job's tokenizer, if it has one."""
     tokenizer = getattr(job, "tokenizer_json", None)
@@ -155,6 +190,11 @@ def _job_files(job: Job) -> dict[str, str]:
 def post_round(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     config = conn.store.run_config(args.run)
+    if is_async(config):
+        raise UsageError(
+            f"run {args.run!r} is asynchronous (no rounds to post): "
+            f"use 'coordinator run --run {args.run} --rounds R'"
+        )
     info = _post(conn, args, config)
     if not args.wait:
         if not args.json:
@@ -171,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Finish R rounds, first waiting for one left open by an interrupted run."""
     conn = connect(args)
     config = conn.store.run_config(args.run)
+    if is_async(config):
+        return _run_async(conn, args)
     numbers: list[int] = []
     current = conn.store.rounds.current(args.run)
     if current and current["status"] in ("open", "aggregating"):
@@ -191,6 +233,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     document = run_document(conn.store, args.run, numbers)
     if stopped:
         document["stopped"] = stopped
+    if not args.json:
+        Console().print(rounds_table(document))
+    return document
+
+
+def _run_async(conn: Connection, args: argparse.Namespace) -> dict[str, Any]:
+    """An asynchronous run: jobs kept outstanding until R new versions; one report entry per version."""
+
+    def progress(info: dict[str, Any]) -> None:
+        if not args.json:
+            log.debug("buffer %s: %s/%s accepted", info["round"], info.get("accepted"), info.get("quorum"))
+
+    numbers = asynchronous.drive(conn.store, conn.app, args.run, args.rounds, progress)
+    document = run_document(conn.store, args.run, numbers)
     if not args.json:
         Console().print(rounds_table(document))
     return document

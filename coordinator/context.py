@@ -34,7 +34,7 @@ class RunContext:
     upload_bound: int  # most bytes an honest upload can have
     download_bound: int  # bytes of the whole model on the wire: the most one shard fetches
     model_bytes: int  # float32 bytes of the model: the most an upload may decode to
-    model_norm: float  # L2 norm of version 0: the scale of small rounds' norm screen
+    model_norm: float  # L2 norm of version 0 (or the current one): the scale of small rounds' norm screen
     max_samples: int  # local_steps * batch_size: the most samples a shard may claim
     privacy: Privacy | None  # DP-FedAvg settings, None for a run without them
     queue: str  # the train queue its shards go to (broker.routing)
@@ -66,7 +66,10 @@ class RunContexts:
     def _build(self, run: str) -> RunContext:
         config = self.store.run_config(run)
         job = load_job(config["job"], config.get("job_args") or {})
-        weights, _ = loads(self.model_blob(run, 0))
+        # Version 0 gives the shapes and the norm's yardstick; once it left Redis
+        # (CROWDTRAIN_KEEP_VERSIONS) the current version has the same shapes.
+        blob = self.store.model_blob(run, 0) or self.model_blob(run, self.store.version(run))
+        weights, _ = loads(blob)
         floats = {k: v for k, v in weights.items() if v.is_floating_point()}
         reference = {k: (tuple(v.shape), torch.float32) for k, v in floats.items()}
         codec = parse_codec(str(config["compression"]))

@@ -35,6 +35,8 @@ def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
         record["reason"] = info["reason"]
     if "epsilon" in summary:
         record["epsilon"] = summary["epsilon"]
+    if "staleness" in summary:  # an asynchronous run: the oldest delta merged, in versions
+        record["staleness"] = summary["staleness"]
     return record
 
 

@@ -16,10 +16,11 @@ import hashlib
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from broker import keys
+from coordinator.asynchronous import is_async, max_staleness, slot
 from coordinator.context import RunContext, RunContexts
 from coordinator.rounds import shard_task
 from coordinator.store import Store
@@ -39,7 +40,9 @@ MAX_REOFFERS = 2
 class Verdict:
     """What became of one upload, and what the task should do next."""
 
-    outcome: str  # accepted, replica, rejected, repeat, duplicate, identical, late, unknown or ignored
+    # accepted, replica, rejected, repeat, duplicate, identical, late, unknown, ignored, or wait
+    # (an asynchronous run's buffer is being merged: ask again shortly)
+    outcome: str
     due: bool = False  # the round's quorum is met: ask for aggregation
     retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
     queue: str = keys.TRAIN_QUEUE  # where to post it: the run's (broker.routing)
@@ -47,13 +50,28 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Upload:
-    """One upload named by a ``validate_delta`` message."""
+    """One upload named by a ``validate_delta`` message.
+
+    It counts in the round it was posted with, except in an asynchronous run,
+    where it counts in the buffer open when it arrives (``counted_in``) under
+    its slot there (``field``).
+    """
 
     run: str
     round: int
     shard: int
     volunteer: str
     token: str
+    target: int | None = None
+    slot: int | None = None
+
+    @property
+    def counted_in(self) -> int:
+        return self.round if self.target is None else self.target
+
+    @property
+    def field(self) -> int:
+        return self.shard if self.slot is None else self.slot
 
     @property
     def key(self) -> str:
@@ -84,6 +102,11 @@ class Intake:
             return Verdict("ignored")
         upload = Upload(run, number, shard, volunteer, token)
         context = self.contexts[run]
+        if is_async(context.config):
+            verdict = self._validate_buffered(upload, context, info)
+            if verdict.outcome not in ("wait", "ignored"):
+                self.store.rounds.answered(run, number, shard, verdict.outcome)
+            return verdict
         size = self.store.upload_size(upload.key)
         if size == 0:
             return self._resume(upload, context, info)
@@ -104,6 +127,42 @@ class Intake:
         finally:
             self.store.delete_upload(upload.key)  # kept as the accepted copy, or not at all
 
+    def _validate_buffered(self, upload: Upload, context: RunContext, posted: dict[str, Any]) -> Verdict:
+        """An asynchronous run's upload: counted in the buffer open now, if not too stale.
+
+        ``posted`` is the round the job was posted with: its version is the one
+        the delta must have been trained on. While a buffer is being merged
+        there is none open, and the upload waits (``wait``: the task asks again).
+        """
+        current = self.store.rounds.current(upload.run)
+        if current is None or current["status"] != "open":
+            return Verdict("wait")
+        staleness = int(current["base_version"]) - int(posted["base_version"])
+        upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
+        size = self.store.upload_size(upload.key)
+        if size == 0:
+            return self._resume(upload, context, posted)
+        self.store.rounds.add_bytes(
+            upload.run, upload.counted_in, "uplink_bytes", min(size, context.upload_bound)
+        )
+        try:
+            limit = max_staleness(context.config)
+            if staleness > limit:
+                reason = (
+                    f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
+                    f"the current {current['base_version']} (at most {limit})"
+                )
+                return self._refuse(upload, posted, reason)
+            if size > context.upload_bound:
+                reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
+                return self._refuse(upload, posted, reason)
+            blob = self.store.take_upload(upload.key, upload.copy_key)
+            if blob is None:
+                return Verdict("ignored")
+            return self._judge(upload, context, posted, blob)
+        finally:
+            self.store.delete_upload(upload.key)
+
     def _resume(self, upload: Upload, context: RunContext, info: dict[str, Any]) -> Verdict:
         """Finish a validation cut short after the move (its aggregator died; the message came back).
 
@@ -112,7 +171,7 @@ class Intake:
         counted before the move.
         """
         kept = (self.store.rounds.accepted_uploads, self.store.rounds.replicas)
-        if any(copies(upload.run, upload.round).get(upload.shard) == upload.copy_key for copies in kept):
+        if any(copies(upload.run, upload.counted_in).get(upload.field) == upload.copy_key for copies in kept):
             return Verdict("repeat")  # judged and counted already; the merge reads this copy
         blob = self.store.get_upload(upload.copy_key)
         if blob is None:
@@ -131,7 +190,7 @@ class Intake:
             upload.shard,
             upload.volunteer,
         )
-        if info["status"] != "open":
+        if upload.target is None and info["status"] != "open":
             return self._refuse(upload, info, "the round is closed")
         return self._judge(upload, context, info, blob)
 
@@ -143,7 +202,7 @@ class Intake:
             return self._refuse(upload, info, reason)
         digest = hashlib.sha256(blob).hexdigest()
         outcome, due = self.store.rounds.accept(
-            upload.run, upload.round, upload.shard, upload.copy_key, digest, upload.volunteer
+            upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer
         )
         if outcome in ("accepted", "replica"):
             log.info(
@@ -172,12 +231,12 @@ class Intake:
         if isinstance(downlink, int) and not isinstance(downlink, bool) and downlink > 0:
             # at most one model's bytes per shard: the rest is a volunteer's claim
             counted = min(downlink, context.download_bound)
-            self.store.rounds.add_bytes(upload.run, upload.round, "downlink_bytes", counted)
+            self.store.rounds.add_bytes(upload.run, upload.counted_in, "downlink_bytes", counted)
 
     def _refuse(self, upload: Upload, info: dict[str, Any], reason: str) -> Verdict:
         """Record the rejection once; post the shard again (bounded) so another volunteer can train it."""
         outcome = self.store.rounds.reject(
-            upload.run, upload.round, upload.shard, upload.volunteer, reason, upload.token
+            upload.run, upload.counted_in, upload.field, upload.volunteer, reason, upload.token
         )
         self.store.delete_upload(upload.copy_key)  # nothing rejected is kept
         if outcome != "rejected":
@@ -212,8 +271,13 @@ class Intake:
         return self.store.rounds.check_again(upload.run, upload.round, upload.shard)
 
     def _retry(self, upload: Upload, info: dict[str, Any]) -> dict[str, Any] | None:
-        """The shard's task to post again, or None once it was posted again MAX_REOFFERS times."""
-        if not self.store.rounds.reoffer(upload.run, upload.round, upload.shard, MAX_REOFFERS):
+        """The shard's task to post again, or None once it was posted again MAX_REOFFERS times.
+
+        Never in an asynchronous run, whose coordinator keeps its jobs topped up.
+        """
+        if upload.target is not None or not self.store.rounds.reoffer(
+            upload.run, upload.round, upload.shard, MAX_REOFFERS
+        ):
             return None
         base = int(info["base_version"])
         return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)

@@ -29,6 +29,7 @@ import redis
 
 from broker import keys
 from broker.errors import UnknownRun
+from coordinator.asynchronous import is_async
 from coordinator.context import RunContexts
 from coordinator.credentials import preload_scripts
 from coordinator.store import Store
@@ -119,10 +120,20 @@ def revalidate(store: Store, send: Send, stuck: set[str]) -> None:
             continue
         volunteer, run, number, shard, token = parsed
         info = store.rounds.info(run, number)
+        if info is not None and _buffered(store, run):  # counted in the buffer open now, if any
+            info = store.rounds.current(run)
         if info is None or info.get("status") != "open":
             continue
         log.warning("upload %s waited a whole sweep unvalidated: validating it now", key)
         send("validate_delta", [run, number, shard, token, volunteer])
+
+
+def _buffered(store: Store, run: str) -> bool:
+    """True for an asynchronous run, whose uploads count in whichever buffer is open."""
+    try:
+        return is_async(store.run_config(run))
+    except UnknownRun:
+        return False
 
 
 def _bound(contexts: RunContexts, key: str) -> int:

@@ -84,8 +84,9 @@ class RoundState:
                 keys.round_digests(run, number),
                 keys.round_replicated(run, number),
                 keys.round_replicas(run, number),
+                keys.run_taken(run),
             ],
-            args=[shard, copy_key, digest, volunteer],
+            args=[shard, copy_key, digest, volunteer, keys.ROUND_TTL],
         )
         return _text(outcome), bool(due)
 
@@ -146,6 +147,10 @@ class RoundState:
                     keys.round_(run, number),
                     keys.strategy(run),
                     keys.deadlines(),
+                    keys.staged_update(run, base_version + 1, owner),
+                    keys.update(run, base_version + 1),
+                    keys.staged_residual(run, owner),
+                    keys.downlink_residual(run),
                 ],
                 args=[
                     base_version,
@@ -270,6 +275,30 @@ class RoundState:
         """Count one more posting of a failed shard; False once it was posted again ``limit`` times."""
         count = int(self.redis.hincrby(keys.round_reoffers(run, number), shard, 1))
         return count <= limit
+
+    # --- asynchronous runs: jobs posted and answered (coordinator.asynchronous) -----
+    def add_jobs(self, run: str, number: int, count: int) -> int:
+        """Count ``count`` more jobs posted with round ``number``; the round's job total after them."""
+        pipe = self.redis.pipeline()
+        pipe.hincrby(keys.round_(run, number), "shards", count)
+        pipe.hincrby(keys.run_jobs(run), "posted", count)
+        total, _ = pipe.execute()
+        return int(total)
+
+    def answered(self, run: str, number: int, shard: int, outcome: str) -> None:
+        """Note that job ``shard`` of round ``number`` was answered (once: repeats change nothing)."""
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(keys.run_finished(run), f"{number}:{shard}", outcome)
+        pipe.expire(keys.run_finished(run), keys.ROUND_TTL)
+        pipe.execute()
+
+    def outstanding(self, run: str) -> int:
+        """Jobs of an asynchronous run posted and not yet answered."""
+        pipe = self.redis.pipeline()
+        pipe.hget(keys.run_jobs(run), "posted")
+        pipe.hlen(keys.run_finished(run))
+        posted, finished = pipe.execute()
+        return max(0, int(posted or 0) - int(finished))
 
     def note_error(self, run: str, number: int, error: str) -> None:
         """Keep the latest merge error on the round and let its claim lapse now, for a retry."""

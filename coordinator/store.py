@@ -66,11 +66,26 @@ class Store:
         self.redis.set(key, blob, ex=keys.STAGED_TTL)
         return key
 
+    def stage_update(self, run: str, version: int, owner: str, update: bytes, residual: bytes) -> None:
+        """Write a candidate version's downlink update and residual; ``rounds.commit`` publishes both."""
+        pipe = self.redis.pipeline()
+        pipe.set(keys.staged_update(run, version, owner), update, ex=keys.STAGED_TTL)
+        pipe.set(keys.staged_residual(run, owner), residual, ex=keys.STAGED_TTL)
+        pipe.execute()
+
+    def downlink_residual(self, run: str) -> bytes | None:
+        blob: bytes | None = self.redis.get(keys.downlink_residual(run))
+        return blob
+
     def prune_versions(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
-        """Drop model versions older than the latest ``keep`` from Redis (they stay on disk)."""
+        """Drop model versions (and their updates) older than the latest ``keep`` from Redis.
+
+        They stay on disk; a volunteer whose base is older fetches the whole model.
+        """
         old = current - keep
         if old >= 0:
-            self.redis.delete(*(keys.model(run, v) for v in range(max(0, old - 8), old + 1)))
+            span = range(max(0, old - 8), old + 1)
+            self.redis.delete(*(keys.model(run, v) for v in span), *(keys.update(run, v) for v in span))
 
     def dp_clip(self, run: str) -> float | None:
         """The adaptive clip C of a DP run, once a merge has moved it (None before)."""

@@ -3,6 +3,7 @@
 from .codecs import CODECS, Codec, parse_codec
 from .errors import UnknownCodec, WireFormatError
 from .types import TensorDict
+from .updates import apply_update
 from .wire import (
     DEFAULT_LIMIT,
     FORMAT_VERSION,
@@ -24,6 +25,7 @@ __all__ = [
     "TensorDict",
     "UnknownCodec",
     "WireFormatError",
+    "apply_update",
     "dumps",
     "dumps_visit",
     "encoded_size_bound",

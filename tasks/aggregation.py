@@ -15,6 +15,11 @@ from coordinator.store import Store
 from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked
 
+# An upload to an asynchronous run that arrives while its buffer is merged asks again this
+# often, this many times (a merge takes seconds; the watcher sweeps up anything left after).
+WAIT_SECONDS = 0.5
+MAX_WAITS = 600
+
 
 class AggregatorTask(Task):
     """Base of the aggregator's tasks: one Aggregator per worker process, made on first use."""
@@ -38,11 +43,19 @@ def register(app: CrowdtrainApp) -> None:
 
     @app.task(name="validate_delta", base=AggregatorTask, bind=True)
     def validate_delta(
-        self: AggregatorTask, run: str, round: int, shard: int, token: str, volunteer: str
+        self: AggregatorTask, run: str, round: int, shard: int, token: str, volunteer: str, attempt: int = 0
     ) -> dict[str, Any]:
         """Check one volunteer's upload and count it toward the round's quorum."""
-        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer)
+        checked(run=run, round=round, shard=shard, token=token, volunteer=volunteer, attempt=attempt)
         verdict = self.aggregator.validate(run, round, shard, token, volunteer)
+        if verdict.outcome == "wait" and attempt < MAX_WAITS:  # an asynchronous buffer is being merged
+            kwargs = {"run": run, "round": round, "shard": shard, "token": token, "volunteer": volunteer}
+            app.send_task(
+                "validate_delta",
+                queue=AGGREGATE_QUEUE,
+                kwargs={**kwargs, "attempt": attempt + 1},
+                countdown=WAIT_SECONDS,
+            )
         if verdict.due:
             app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
         if verdict.retry is not None:  # a failed shard goes back on the queue for someone else

@@ -8,7 +8,7 @@ from typing import Any
 MAX_TEXT = 200
 # Run and volunteer names become parts of Redis keys and file names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_INTS = {"round", "shard", "shards", "version"}
+_INTS = {"round", "shard", "shards", "version", "attempt"}
 _TEXTS = {"run", "volunteer"}
 _OPTIONAL_TEXTS = {"token"}
 

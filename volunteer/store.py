@@ -42,9 +42,19 @@ class VolunteerStore:
             "base_version": int(base) if base is not None else None,
         }
 
+    def version(self, run: str) -> int | None:
+        """The run's current model version (None for an unknown run)."""
+        raw = self.redis.get(keys.run_version(run))
+        return int(raw) if raw is not None else None
+
     def model_blob(self, run: str, version: int) -> bytes | None:
         blob: bytes | None = self.redis.get(keys.model(run, version))
         return blob
+
+    def update_blobs(self, run: str, versions: range) -> list[bytes | None]:
+        """The encoded updates that make each of ``versions`` from the one before (lossy downlink)."""
+        blobs: list[bytes | None] = self.redis.mget([keys.update(run, v) for v in versions])
+        return blobs
 
     def put_upload(self, run: str, number: int, shard: int, token: str, blob: bytes) -> str:
         """Store one upload under this volunteer's own key prefix; returns its key."""

@@ -2,10 +2,11 @@
 
 ``train_shard`` builds the job's model, loads the global weights, seeds torch's
 global RNG (so the job's shard batches are reproducible for a given seed: a
-redelivered shard trains the same batches again), trains ``steps`` steps with a
-fresh optimizer and returns ``local - initial`` for every floating-point entry of
-the model's ``state_dict`` (float32, CPU). Integer buffers (e.g. BatchNorm's
-``num_batches_tracked``) carry no delta and are left out.
+redelivered shard trains the same batches again), trains ``steps`` steps and
+returns ``local - initial`` for every floating-point entry of the model's
+``state_dict`` (float32, CPU). Integer buffers (e.g. BatchNorm's
+``num_batches_tracked``) carry no delta and are left out. With ``init --inner-state
+keep`` the optimizer starts from the state the volunteer's previous shard left.
 
 Gradients are clipped to a global norm of 1.0, a guard against one bad batch
 blowing up a volunteer's delta. On CUDA the forward pass runs under bf16
@@ -41,6 +42,7 @@ class ShardResult:
     samples: int
     steps: int
     seconds: float
+    optimizer_state: dict[str, Any] | None = None  # the inner optimizer's state after the last step
 
 
 def train_shard(
@@ -56,12 +58,16 @@ def train_shard(
     seed: int,
     seconds: float | None = None,
     data: str | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
     With a time budget ``seconds``, training stops once that much time has passed
     (after at least one step), so a slow machine sends fewer samples, not a late delta.
     With ``data`` (a path on this machine) the batches come from ``job.local_shard(data)``.
+    With ``optimizer_state`` (``init --inner-state keep``: the state this volunteer's
+    previous shard of the run left) the inner optimizer goes on from it instead of
+    from zero; one that does not fit this model and optimizer is ignored.
     """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
@@ -78,6 +84,8 @@ def train_shard(
         if v.is_floating_point()
     }
     opt = _make_optimizer(optimizer, model, lr)
+    if optimizer_state is not None:
+        _resume(opt, optimizer_state, lr)
     torch.manual_seed(seed)  # the job's shard batches come from the global RNG
     batches = _cycle(job, shard, shards, data)
     losses: list[float] = []
@@ -110,6 +118,7 @@ def train_shard(
         samples=samples,
         steps=done,
         seconds=time.perf_counter() - started,
+        optimizer_state=opt.state_dict(),
     )
 
 
@@ -121,12 +130,27 @@ def seed_for(run: str, round: int, shard: int) -> int:
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """A fresh inner optimizer per shard (DESIGN.md: ``--optimizer adamw|sgd``)."""
+    """The inner optimizer of one shard (DESIGN.md: ``--optimizer adamw|sgd``)."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def _resume(opt: torch.optim.Optimizer, state: dict[str, Any], lr: float) -> None:
+    """Load a previous shard's optimizer state (moments, step counts), keeping this run's lr."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, entry in dict(state.get("state") or {}).items():
+        moments = [v for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        if not 0 <= int(index) < len(params) or any(m.shape != params[int(index)].shape for m in moments):
+            return  # another model: start afresh
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError):
+        return  # another optimizer: start afresh
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

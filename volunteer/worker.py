@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data
-from serialization import TensorDict, dumps, loads, parse_codec
+from serialization import TensorDict, apply_update, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
 from volunteer.store import VolunteerStore
 from volunteer.trainer import seed_for, train_shard
@@ -26,6 +26,9 @@ from volunteer.trainer import seed_for, train_shard
 log = logging.getLogger("crowdtrain.volunteer")
 
 MODEL_CACHE_SIZE = 2
+# A volunteer this many versions behind, or more, fetches the whole model rather than the updates.
+MAX_UPDATES = 8
+INNER_STATES = 2
 MAX_REASON = 200
 ReportFn = Callable[..., None]
 
@@ -52,6 +55,8 @@ class ShardRunner:
         self._jobs: dict[str, Job] = {}
         self._configs: dict[str, dict[str, Any]] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
+        # --inner-state keep: each run's inner optimizer state, for the few latest runs only
+        self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def run(
         self, run: str, number: int, shard: int, shards: int, version: int, report: ReportFn
@@ -65,10 +70,19 @@ class ShardRunner:
         """
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
         wanted = self.store.round_info(run, number)
-        problem = _not_wanted(wanted, shard, shards, version)
+        buffered = wanted is not None and self._config(run).get("mode") == "async"
+        if wanted is not None and buffered:
+            problem = _not_wanted_async(wanted, shard, shards, version, self._config(run))
+        else:
+            problem = _not_wanted(wanted, shard, shards, version)
         if problem is not None:
             log.info("skipping %s round %d shard %d: %s", run, number, shard, problem)
             return {**summary, "skipped": problem}
+        if buffered:  # a job of an asynchronous run: too old to be of use is said so, not trained
+            stale = self._too_stale(run, version)
+            if stale is not None:
+                self._upload(run, number, shard, dumps({}, {"failure": stale}), report)
+                return {**summary, "skipped": stale}
         try:
             return self._train(run, number, shard, shards, version, report, summary)
         except Exception as e:  # out of memory, a job's own error, a job it may not import
@@ -104,7 +118,7 @@ class ShardRunner:
         result = train_shard(
             job,
             weights,
-            shard=shard,
+            shard=shard % shards,  # an asynchronous run numbers its jobs on: they cycle over the shards
             shards=shards,
             steps=int(config["local_steps"]),
             lr=float(config["lr"]),
@@ -113,7 +127,9 @@ class ShardRunner:
             seed=seed_for(run, number, shard),
             seconds=_budget(config.get("shard_seconds")),
             data=data,
+            optimizer_state=self._inner.get(run) if config.get("inner_state") == "keep" else None,
         )
+        self._keep_inner(run, config, result.optimizer_state if math.isfinite(result.train_loss) else None)
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
             self._upload(run, number, shard, dumps({}, failure), report)
@@ -154,6 +170,28 @@ class ShardRunner:
             "seconds": round(result.seconds, 3),
         }
 
+    def _keep_inner(self, run: str, config: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Keep a run's inner optimizer state for its next shard (``--inner-state keep``).
+
+        At most INNER_STATES runs' states (each about twice the model) stay in
+        memory: the least recently trained run's goes first.
+        """
+        if config.get("inner_state") != "keep" or state is None:
+            self._inner.pop(run, None)  # none kept, or a diverged shard's: the next starts afresh
+            return
+        self._inner[run] = state
+        self._inner.move_to_end(run)
+        while len(self._inner) > INNER_STATES:
+            self._inner.popitem(last=False)
+
+    def _too_stale(self, run: str, version: int) -> str | None:
+        """Why a job on ``version`` is not worth training any more (None if it is)."""
+        limit = self._config(run).get("max_staleness")
+        current = self.store.version(run)
+        if isinstance(limit, int) and current is not None and current - version > limit:
+            return f"stale: version {version} is {current - version} versions behind the current {current}"
+        return None
+
     def _upload(self, run: str, number: int, shard: int, blob: bytes, report: ReportFn) -> None:
         """Store a result (a delta, or a failure report) under our own key, then announce it.
 
@@ -165,19 +203,46 @@ class ShardRunner:
         report(token)
 
     def _model(self, run: str, version: int) -> tuple[TensorDict, int]:
-        """The weights of a version and the bytes fetched for them (0 when cached)."""
+        """The weights of a version and the bytes fetched for them (0 when cached).
+
+        With a lossy downlink (``--downlink-compression``) a volunteer holding an
+        older version of the run fetches only the updates since, and rebuilds
+        the version bit for bit as the aggregator published it; without a base
+        (or once an update left Redis) it fetches the whole model.
+        """
         key = (run, version)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key], 0
-        blob = self.store.model_blob(run, version)
-        if blob is None:
-            raise LookupError(f"model version {version} of run {run!r} is not in Redis")
-        weights, _ = loads(blob)
+        rebuilt = self._from_updates(run, version)
+        if rebuilt is not None:
+            weights, fetched = rebuilt
+        else:
+            blob = self.store.model_blob(run, version)
+            if blob is None:
+                raise LookupError(f"model version {version} of run {run!r} is not in Redis")
+            weights, _ = loads(blob)
+            fetched = len(blob)
         self._models[key] = weights
         while len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
-        return weights, len(blob)
+        return weights, fetched
+
+    def _from_updates(self, run: str, version: int) -> tuple[TensorDict, int] | None:
+        """``version`` rebuilt from the newest cached older one and the updates since, if they exist."""
+        spec = self._config(run).get("downlink_compression")
+        held = [v for (r, v) in self._models if r == run and v < version]
+        if not held or spec in (None, "none") or version - max(held) > MAX_UPDATES:
+            return None
+        base = max(held)
+        blobs = self.store.update_blobs(run, range(base + 1, version + 1))
+        if any(blob is None for blob in blobs):
+            return None
+        weights = self._models[(run, base)]
+        for blob in blobs:
+            assert blob is not None
+            weights = apply_update(weights, loads(blob)[0])
+        return weights, sum(len(blob or b"") for blob in blobs)
 
     def _config(self, run: str) -> dict[str, Any]:
         """A run's settings never change after ``init``: read them once."""
@@ -205,6 +270,21 @@ def _not_wanted(round_info: dict[str, Any] | None, shard: int, shards: int, vers
         return f"round {round_info.get('status')}"
     if round_info.get("shards") != shards or not 0 <= shard < shards:
         return f"shard {shard} of {shards} is not one of the round's {round_info.get('shards')}"
+    if round_info.get("base_version") != version:
+        return f"version {version} is not the round's base {round_info.get('base_version')}"
+    return None
+
+
+def _not_wanted_async(
+    round_info: dict[str, Any], shard: int, shards: int, version: int, config: dict[str, Any]
+) -> str | None:
+    """Why a job of an asynchronous run does not match its posting round (forged), or None.
+
+    Its round may have been merged since: the delta then counts in the buffer open when it
+    arrives. Each round numbers the jobs posted with it, 0 up to its ``shards`` count.
+    """
+    if shards != config.get("shards") or not 0 <= shard < int(round_info.get("shards") or 0):
+        return f"job {shard} of {shards} shards is not one posted with this round"
     if round_info.get("base_version") != version:
         return f"version {version} is not the round's base {round_info.get('base_version')}"
     return None

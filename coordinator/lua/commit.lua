@@ -1,5 +1,9 @@
 -- End a claimed round: publish the staged model as base+1 ('done') or record 'failed'.
--- KEYS: version, staged model, final model, round hash, strategy, deadlines zset
+-- With a lossy downlink the staged update (version base+1 as encoded from base) and the
+-- downlink residual are published in the same step, so what volunteers rebuild from the
+-- updates is always the published model.
+-- KEYS: version, staged model, final model, round hash, strategy, deadlines zset,
+--       staged update, final update, staged residual, residual
 -- ARGV: base version, owner, summary JSON, strategy blob, deadline member, 'done' | 'failed', reason
 -- Returns 'done' | 'failed' | 'lost' (our claim was taken over: nothing written) |
 --         'stale-base' (the run moved past our base: the round is failed with that reason)
@@ -15,6 +19,14 @@ if ARGV[6] == 'done' then
   redis.call('PERSIST', KEYS[3])  -- the staged copy expires; a published version never does
   redis.call('SET', KEYS[1], tonumber(ARGV[1]) + 1)
   redis.call('SET', KEYS[5], ARGV[4])
+  if redis.call('EXISTS', KEYS[7]) == 1 then
+    redis.call('RENAME', KEYS[7], KEYS[8])
+    redis.call('PERSIST', KEYS[8])
+  end
+  if redis.call('EXISTS', KEYS[9]) == 1 then
+    redis.call('RENAME', KEYS[9], KEYS[10])
+    redis.call('PERSIST', KEYS[10])
+  end
 end
 redis.call('HSET', KEYS[4], 'status', ARGV[6], 'summary', ARGV[3])
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[4], 'reason', ARGV[7]) end

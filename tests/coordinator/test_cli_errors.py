@@ -69,6 +69,16 @@ def _assert_one_clear_line(result, *words):
         (["--job", "charlm", "--replicate", "1.5"], ["--replicate"]),
         (["--job", "charlm", "--replicate", ".5", "--dp-clip", "1", "--dp-noise", "1"], ["--replicate"]),
         (["--job", "gpt", "--job-arg", "corpus=/nonexistent/*.txt"], ["matches no files", "corpus="]),
+        (["--job", "charlm", "--mode", "async"], ["--buffer"]),
+        (["--job", "charlm", "--buffer", "2"], ["--mode async"]),
+        (["--job", "charlm", "--mode", "async", "--buffer", "2", "--replicate", ".5"], ["--replicate"]),
+        (
+            ["--job", "charlm", "--mode", "async", "--buffer", "2", "--dp-clip", "1", "--dp-noise", "1"],
+            ["--dp-clip"],
+        ),
+        (["--job", "charlm", "--mode", "later"], ["--mode"]),
+        (["--job", "charlm", "--inner-state", "forever"], ["--inner-state"]),
+        (["--job", "charlm", "--downlink-compression", "zstd"], ["zstd"]),
         (["--job", "gpt", "--job-arg", "preset=huge"], ["preset", "nano"]),
     ],
 )
@@ -324,3 +334,17 @@ def test_sample_of_a_job_that_writes_no_text_is_one_line(in_process):
     assert in_process("init", "--run", "t", "--job", "tests.fixtures.jobs_tiny:make_job").returncode == 0
     _assert_one_clear_line(in_process("sample", "--run", "t", "--prompt", "hi"), "does not generate text")
     _assert_one_clear_line(in_process("sample", "--run", "t", "--prompt", "hi", "--tokens", "0"), "--tokens")
+
+
+def test_the_inner_state_is_kept_by_default_unless_the_outer_strategy_has_momentum(in_process, redis_server):
+    from coordinator.store import Store
+
+    store = Store(redis_server.client())
+    for run, flags, expected in [
+        ("plain", [], "keep"),
+        ("outer", ["--strategy", "diloco"], "reset"),
+        ("chosen", ["--strategy", "diloco", "--inner-state", "keep"], "keep"),
+    ]:
+        result = in_process("init", "--run", run, "--job", "tests.fixtures.jobs_tiny:make_job", *flags)
+        assert result.returncode == 0, result.stderr
+        assert store.run_config(run)["inner_state"] == expected, run

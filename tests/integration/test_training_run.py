@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_CHARLM
@@ -88,3 +89,46 @@ def test_a_gpt_round_trains_on_a_jsonl_corpus_and_sample_prints_its_text(process
     sampled = processes.json("sample", "--run", "g", "--prompt", "volunteer", "--tokens", "12")
     assert sampled["version"] == 1 and sampled["text"].startswith("volunteer")
     assert len(sampled["text"]) > len("volunteer")
+
+
+def test_a_lossy_downlink_sends_updates_that_volunteers_rebuild_bit_for_bit(processes, redis_server):
+    """``--downlink-compression int8``: versions also published as updates; rebuilt, they are the model."""
+    from serialization import loads
+    from volunteer.store import VolunteerStore
+    from volunteer.worker import ShardRunner, VolunteerOptions
+
+    processes.aggregator()
+    processes.volunteer("alice")
+    processes.json(
+        "init",
+        "--run",
+        "d",
+        "--job",
+        "charlm",
+        *TINY_CHARLM,
+        "--local-steps",
+        "5",
+        "--shards",
+        "2",
+        "--compression",
+        "int8",
+        "--deadline",
+        "120",
+    )  # fmt: skip  (the downlink follows --compression)
+    document = processes.json("run", "--run", "d", "--rounds", "4")
+    rounds = document["rounds"]
+    assert [r["model_version"] for r in rounds] == [1, 2, 3, 4], processes.log_tail()
+    # the first round fetches the model; later ones the int8 updates, about a quarter of it
+    assert all(r["downlink_bytes"] < 0.5 * rounds[0]["downlink_bytes"] for r in rounds[1:]), rounds
+
+    client = redis_server.client()
+    runner = ShardRunner(VolunteerStore(client, "probe"), VolunteerOptions(name="probe"))
+    runner._models[("d", 2)] = loads(client.get("ct:run:d:model:2"))[0]  # a volunteer holding version 2
+    rebuilt, fetched = runner._model("d", 4)
+    updates = [len(client.get(f"ct:run:d:update:{v}")) for v in (3, 4)]
+    assert fetched == sum(updates) and max(updates) < 0.3 * len(client.get("ct:run:d:model:4"))
+    out = processes.home / "v4.safetensors"
+    assert processes.cli("export", "--run", "d", "--version", "4", "--out", str(out)).returncode == 0
+    exported = load_file(out)
+    assert exported.keys() == rebuilt.keys()
+    assert all(torch.equal(exported[k], rebuilt[k]) for k in exported)  # bit for bit

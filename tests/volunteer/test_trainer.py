@@ -193,3 +193,24 @@ def test_a_time_budget_stops_training_after_at_least_one_step(monkeypatch):
     budgeted = train_shard(job, weights, seconds=0.3, **common)
     assert 1 <= budgeted.steps < 100 and budgeted.samples == 8 * budgeted.steps
     assert train_shard(job, weights, seconds=1e-9, **common).steps == 1
+
+
+def test_a_kept_inner_state_goes_on_from_the_previous_shards_moments_and_steps() -> None:
+    job = load_job("jobs_tiny:make_job")
+    weights = initial_weights(job)
+    first = train(job, weights, steps=3)
+    steps = [float(s["step"]) for s in first.optimizer_state["state"].values()]
+    assert steps and all(s == 3 for s in steps)
+    kept = train(job, weights, steps=3, seed=6, optimizer_state=first.optimizer_state)
+    assert all(float(s["step"]) == 6 for s in kept.optimizer_state["state"].values())
+    # AdamW's first steps are sign-like; from warm moments the same batches move the model otherwise
+    fresh = train(job, weights, steps=3, seed=6)
+    assert not torch.equal(kept.delta["weight"], fresh.delta["weight"])
+
+
+def test_an_inner_state_that_does_not_fit_the_model_is_ignored() -> None:
+    small, other = load_job("jobs_tiny:make_job"), load_job("jobs_tiny:make_job", {"features": 7})
+    foreign = train(other, initial_weights(other), steps=2).optimizer_state
+    weights = initial_weights(small)
+    resumed = train(small, weights, steps=3, optimizer_state=foreign)
+    torch.testing.assert_close(resumed.delta["weight"], train(small, weights, steps=3).delta["weight"])
