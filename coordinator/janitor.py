@@ -64,8 +64,15 @@ def watch(store: Store, send: Send, stop: threading.Event, sweep_period: float) 
         stop.wait(DEADLINE_POLL)
 
 
-def sweep_uploads(store: Store, contexts: RunContexts) -> set[str]:
-    """One sweep over every volunteer's uploads; returns the keys left waiting."""
+def sweep_uploads(
+    store: Store, contexts: RunContexts, seen: set[str] | frozenset[str] = frozenset()
+) -> set[str]:
+    """One sweep over every volunteer's uploads; returns the keys left waiting.
+
+    An upload for no known run goes at once. One larger than its run's bound
+    goes once it was ``seen`` by the sweep before: its announcement, if any,
+    has had a whole sweep to be validated, so the volunteer hears why.
+    """
     pattern = keys.upload_pattern("*")
     found = [key.decode() for key in store.redis.scan_iter(match=pattern, count=SCAN_BATCH)]
     if not found:
@@ -78,7 +85,8 @@ def sweep_uploads(store: Store, contexts: RunContexts) -> set[str]:
     doomed: list[str] = []
     waiting: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for key, size, ttl in zip(found, replies[0::2], replies[1::2]):
-        if int(size) > _bound(contexts, key):
+        bound = _bound(contexts, key)
+        if int(size) > bound and (bound == 0 or key in seen):
             doomed.append(key)
             continue
         if int(ttl) == -1:
@@ -99,7 +107,7 @@ def sweep_uploads(store: Store, contexts: RunContexts) -> set[str]:
 def housekeeping(store: Store, contexts: RunContexts, send: Send, waiting_before: set[str]) -> set[str]:
     """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal."""
     try:
-        waiting = sweep_uploads(store, contexts)
+        waiting = sweep_uploads(store, contexts, waiting_before)
         revalidate(store, send, waiting & waiting_before)
         preload_scripts(store.redis)
     except redis.RedisError as e:

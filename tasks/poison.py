@@ -13,15 +13,17 @@ worker dies, so every restart dies on it again. Two guards stop that:
   headers or msgpack body do not have the shape of a Celery task is acked
   (dropped) with a log line; so is one that makes Celery's own handling raise.
 
-The same transport also keeps a volunteer alive when kombu's restore of other
-workers' unacked messages is refused by its least-privilege ACL (after a Redis
-restart the scripts it may run with EVALSHA are gone until the aggregator
-loads them again).
+The same transport also keeps a volunteer alive when one of kombu's Lua scripts
+is refused by its least-privilege ACL (after a Redis restart the scripts it may
+run with EVALSHA are gone until the aggregator loads them again): the restore
+of other workers' unacked messages and the periodic binding refresh are
+skipped, and a queue binding at start-up is made without the script.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,10 @@ _HEADER_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+# A kombu Lua script that a least-privilege volunteer may only EVALSHA, gone after a Redis restart.
+SCRIPT_REFUSED = (redis.exceptions.NoPermissionError, redis.exceptions.NoScriptError)
+
+
 class GuardedQoS(kombu_redis.QoS):
     """kombu's QoS whose restore of unacked messages survives a refused script."""
 
@@ -80,6 +86,28 @@ class GuardedChannel(kombu_redis.Channel):
         except MALFORMED as e:
             log.warning("dropped a malformed message from %s: %s", queue, _describe(e))
             raise Empty() from None
+
+    def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> None:
+        """Bind a queue; if kombu's binding script is refused (a Redis restart forgot it, and a
+        volunteer may not load scripts), make the same two writes without it."""
+        try:
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+        except SCRIPT_REFUSED as e:
+            key = self.keyprefix_queue % (exchange,)
+            member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+            deadline = int(time.time() * 1000) + self._binding_ttl(queue)
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.sadd(key, member)
+                pipe.zadd(self._script_binding_deadlines, {exchange: deadline}, gt=True)
+                pipe.execute()
+            log.warning("bound %s without kombu's script (%s); the aggregator reloads it", queue, e)
+
+    def maybe_refresh_binding_expiry(self) -> None:
+        """kombu's periodic binding refresh and sweep: skipped (not fatal) while its scripts are refused."""
+        try:
+            super().maybe_refresh_binding_expiry()
+        except SCRIPT_REFUSED as e:
+            log.warning("skipped refreshing queue bindings (%s); the aggregator reloads the scripts", e)
 
 
 class GuardedTransport(kombu_redis.Transport):

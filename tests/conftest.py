@@ -148,8 +148,17 @@ class Processes:
     def aggregator(self, name: str = "aggregator", *extra: str) -> subprocess.Popen:
         return self.spawn(name, "-m", "coordinator.cli", "aggregator", "--name", name, *extra)
 
-    def cli(self, *argv: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-        """Run ``coordinator ARGS`` to completion and return its output."""
+    def cli(
+        self, *argv: str, timeout: float = 240, spawn: bool = False, **env: str
+    ) -> subprocess.CompletedProcess:
+        """Run ``coordinator ARGS`` to completion and return its output.
+
+        One-shot commands run through ``main()`` in this process, with this
+        object's environment (a Python process each would cost a torch start-up
+        apiece); long-running ones, and ``spawn=True``, in a process of their own.
+        """
+        if argv and argv[0] in INLINE_COMMANDS and not spawn:
+            return _inline(list(argv), {**self.env(**env), "CROWDTRAIN_TORCH_THREADS": ""})
         return subprocess.run(
             [sys.executable, "-m", "coordinator.cli", *argv],
             env=self.env(**env),
@@ -189,6 +198,52 @@ class Processes:
         for path in sorted(self.logs.glob("*.log")):
             out.append(f"\n--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
         return "".join(out)
+
+
+# Commands that talk to Redis and end: run in the test's own process by Processes.cli.
+INLINE_COMMANDS = frozenset(
+    {
+        "init",
+        "status",
+        "post-round",
+        "run",
+        "export",
+        "sample",
+        "report",
+        "abort-round",
+        "volunteer-credentials",
+    }
+)
+_CROWDTRAIN_VARIABLES = ("CROWDTRAIN_", "AWS_")
+
+
+def _inline(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``coordinator ARGV`` through ``main()``, under ``env``'s crowdtrain variables, output captured."""
+    import contextlib
+    import io
+
+    from coordinator.cli import main
+
+    wanted = {k: v for k, v in env.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
+    saved = {k: v for k, v in os.environ.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        for key in saved:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in wanted.items() if v != ""})
+        os.chdir(env.get("CROWDTRAIN_HOME", cwd))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(cwd)
+        for key in [k for k in os.environ if k.startswith(_CROWDTRAIN_VARIABLES)]:
+            del os.environ[key]
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
