@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -145,6 +146,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         quorum=args.quorum,
         deadline=args.deadline or DEFAULT_DEADLINE,
         initial=initial,
+        # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
+        initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
     )
     create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))

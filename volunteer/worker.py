@@ -7,6 +7,7 @@ and the error-feedback residuals of lossy codecs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -214,7 +215,7 @@ class ShardRunner:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key], 0
-        rebuilt = self._from_updates(run, version)
+        rebuilt = self._from_updates(run, version) if version else self._built_here(run)
         if rebuilt is not None:
             weights, fetched = rebuilt
         else:
@@ -227,6 +228,23 @@ class ShardRunner:
         while len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
         return weights, fetched
+
+    def _built_here(self, run: str) -> tuple[TensorDict, int] | None:
+        """Version 0 built from the job's seed, if its bytes are the run's (``initial_digest``): no fetch.
+
+        The same seed gives the same weights on any machine with the same torch;
+        where it does not (another version, another platform), the model is fetched.
+        """
+        config = self._config(run)
+        digest = config.get("initial_digest")
+        if not isinstance(digest, str) or config["job"] not in self.options.allowed_jobs:
+            return None
+        model = self._job(run, config).build_model()
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if hashlib.sha256(dumps(weights, {"run": run, "version": 0})).hexdigest() != digest:
+            log.info("version 0 of %s built here differs from the run's: fetching it", run)
+            return None
+        return weights, 0
 
     def _from_updates(self, run: str, version: int) -> tuple[TensorDict, int] | None:
         """``version`` rebuilt from the newest cached older one and the updates since, if they exist."""

@@ -36,7 +36,9 @@ def test_three_rounds_with_two_volunteers_make_consecutive_versions_and_lower_lo
     rounds = document["rounds"]
     assert [r["model_version"] for r in rounds] == [1, 2, 3], processes.log_tail()
     assert all(r["accepted"] == 4 and r["rejected"] == 0 for r in rounds)
-    assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in rounds)
+    assert all(r["uplink_bytes"] > 0 for r in rounds)
+    # version 0 is built on each volunteer from the job's seed (its digest checked); later ones fetched
+    assert rounds[0]["downlink_bytes"] == 0 and all(r["downlink_bytes"] > 0 for r in rounds[1:])
     losses = [init["initial"]["eval_loss"]] + [r["eval_loss"] for r in rounds]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     assert document["final"] == {
@@ -118,8 +120,12 @@ def test_a_lossy_downlink_sends_updates_that_volunteers_rebuild_bit_for_bit(proc
     document = processes.json("run", "--run", "d", "--rounds", "4")
     rounds = document["rounds"]
     assert [r["model_version"] for r in rounds] == [1, 2, 3, 4], processes.log_tail()
-    # the first round fetches the model; later ones the int8 updates, about a quarter of it
-    assert all(r["downlink_bytes"] < 0.5 * rounds[0]["downlink_bytes"] for r in rounds[1:]), rounds
+    # version 0 is built from the job's seed; then each version comes as an int8 update, about a
+    # quarter of the model (the volunteer's first shard of a round holds the version before)
+    model = len(redis_server.client().get("ct:run:d:model:4"))
+    assert rounds[0]["downlink_bytes"] == 0 and all(0 < r["downlink_bytes"] < model for r in rounds[1:]), (
+        rounds
+    )
 
     client = redis_server.client()
     runner = ShardRunner(VolunteerStore(client, "probe"), VolunteerOptions(name="probe"))
@@ -132,3 +138,28 @@ def test_a_lossy_downlink_sends_updates_that_volunteers_rebuild_bit_for_bit(proc
     exported = load_file(out)
     assert exported.keys() == rebuilt.keys()
     assert all(torch.equal(exported[k], rebuilt[k]) for k in exported)  # bit for bit
+
+
+def test_version_0_is_built_from_the_seed_when_its_bytes_match_and_fetched_otherwise(processes, redis_server):
+    import msgpack
+
+    from serialization import loads
+    from volunteer.store import VolunteerStore
+    from volunteer.worker import ShardRunner, VolunteerOptions
+
+    tiny = "tests.fixtures.jobs_tiny:make_job"
+    processes.json("init", "--run", "z", "--job", tiny)
+    client = redis_server.client()
+    stored = loads(client.get("ct:run:z:model:0"))[0]
+
+    def runner() -> ShardRunner:
+        return ShardRunner(
+            VolunteerStore(client, "v"), VolunteerOptions(name="v", allowed_jobs=frozenset({tiny}))
+        )
+
+    built, fetched = runner()._model("z", 0)
+    assert fetched == 0 and all(torch.equal(built[k], stored[k]) for k in stored)
+    config = msgpack.unpackb(client.get("ct:run:z:config"))
+    client.set("ct:run:z:config", msgpack.packb({**config, "initial_digest": "0" * 64}))  # another torch
+    _, fetched = runner()._model("z", 0)
+    assert fetched == len(client.get("ct:run:z:model:0"))
