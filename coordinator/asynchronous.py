@@ -117,6 +117,7 @@ def drive(
     made = []
     for number in range(first_round, store.rounds.count(run) + 1):
         info = store.rounds.info(run, number) or {}
-        if info.get("status") == "done":
+        # the R versions asked for (a buffer may have been merged since the loop looked)
+        if info.get("status") == "done" and int(info["base_version"]) < target:
             made.append(number)
     return made

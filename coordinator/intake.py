@@ -46,6 +46,7 @@ class Verdict:
     due: bool = False  # the round's quorum is met: ask for aggregation
     retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
     queue: str = keys.TRAIN_QUEUE  # where to post it: the run's (broker.routing)
+    counted_in: int | None = None  # the round it counted in, when not the message's (async buffers)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ class Intake:
             # the volunteer that trained the shard took its second posting too: post it again,
             # (bounded) so a different volunteer may check it
             return Verdict(outcome, due, self._retry(upload, info), self._queue(upload))
-        return Verdict(outcome, due)
+        return Verdict(outcome, due, counted_in=upload.target)
 
     def _count_downlink(self, upload: Upload, context: RunContext, meta: dict[str, Any]) -> None:
         downlink = meta.get("downlink")

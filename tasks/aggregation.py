@@ -56,8 +56,9 @@ def register(app: CrowdtrainApp) -> None:
                 kwargs={**kwargs, "attempt": attempt + 1},
                 countdown=WAIT_SECONDS,
             )
-        if verdict.due:
-            app.send_task("aggregate_round", args=[run, round], queue=AGGREGATE_QUEUE)
+        if verdict.due:  # the round it counted in: in an asynchronous run, the open buffer
+            merge = round if verdict.counted_in is None else verdict.counted_in
+            app.send_task("aggregate_round", args=[run, merge], queue=AGGREGATE_QUEUE)
         if verdict.retry is not None:  # a failed shard goes back on the queue for someone else
             app.send_task("train_shard", queue=verdict.queue, kwargs=verdict.retry, ignore_result=True)
         return {
