@@ -1,6 +1,6 @@
 """Probe scoring against quiet attackers: honest rejections, attacked loss, and what the probe costs.
 
-    python bench/probe_scoring.py [--rounds 30] [--local-steps 10] [--seeds 1] [--json]
+    python bench/probe_scoring.py [--rounds 30] [--local-steps 10] [--seeds 1] [--compression SPEC] [--json]
 
 Simulated in one process with crowdtrain's own pieces: charlm (1 layer, width 32) from
 ``jobs.load_job``, each volunteer trains its own shard with ``volunteer.trainer.train_shard``,
@@ -44,7 +44,9 @@ from coordinator.strategies import make_strategy  # noqa: E402
 from coordinator.validation import delta_norm  # noqa: E402
 from coordinator.verification import Consensus, Evidence, Prober, judge, next_reputation, weigh  # noqa: E402
 from jobs import load_job  # noqa: E402
+from serialization import loads  # noqa: E402
 from tests.fixtures.lying_jobs import Ascending, RandomTokens  # noqa: E402
+from volunteer.feedback import ErrorFeedback  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
 
 JOB_ARGS = {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 60, "eval_batches": 4}
@@ -92,6 +94,7 @@ def simulate(
     names = [f"honest-{i}" for i in range(honest_count)] + attackers
     shards = len(names)
     reputation: dict[str, float | None] = dict.fromkeys(names)
+    feedback = {name: ErrorFeedback() for name in names}
     judged = {name: 0 for name in names}
     rejected = {name: 0 for name in names}
     train_s = probe_s = 0.0
@@ -106,6 +109,8 @@ def simulate(
         for i, name in enumerate(attackers, start=honest_count):
             voices[name] = ATTACKS[name](job, weights, i, shards, args, number, seed, norm)
         train_s += time.perf_counter() - started
+        if args.compression != "none":  # what the aggregator would decode: each volunteer's error feedback
+            voices = {n: loads(feedback[n].encode(d, {}, args.compression))[0] for n, d in voices.items()}
         kept = dict(voices)
         if verify:
             started = time.perf_counter()
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=["median", "trimmed-mean:0.2", "krum:2"],
         help="robust strategies to run the attacked scenario with, beside fedavg",
+    )
+    p.add_argument(
+        "--compression", default="none", help="the uplink codec the voices go through (with error feedback)"
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
