@@ -108,14 +108,27 @@ class Intake:
             if verdict.outcome not in ("wait", "ignored"):
                 self.store.rounds.answered(run, number, shard, verdict.outcome)
             return verdict
+        blocked = "the round is closed" if info["status"] != "open" else None
+        return self._take(upload, context, info, blocked)
+
+    def _take(
+        self, upload: Upload, context: RunContext, info: dict[str, Any], blocked: str | None
+    ) -> Verdict:
+        """Count the upload's bytes, refuse it (``blocked``, or over the bound) or move and judge it.
+
+        ``info`` is the round the shard was posted with: its base version is
+        the one the delta must have been trained on.
+        """
         size = self.store.upload_size(upload.key)
         if size == 0:
             return self._resume(upload, context, info)
         # No upload counts for more bytes than an honest one can have.
-        self.store.rounds.add_bytes(run, number, "uplink_bytes", min(size, context.upload_bound))
+        self.store.rounds.add_bytes(
+            upload.run, upload.counted_in, "uplink_bytes", min(size, context.upload_bound)
+        )
         try:
-            if info["status"] != "open":
-                return self._refuse(upload, info, "the round is closed")
+            if blocked is not None:
+                return self._refuse(upload, info, blocked)
             if size > context.upload_bound:
                 reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
                 return self._refuse(upload, info, reason)
@@ -140,29 +153,14 @@ class Intake:
             return Verdict("wait")
         staleness = int(current["base_version"]) - int(posted["base_version"])
         upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
-        size = self.store.upload_size(upload.key)
-        if size == 0:
-            return self._resume(upload, context, posted)
-        self.store.rounds.add_bytes(
-            upload.run, upload.counted_in, "uplink_bytes", min(size, context.upload_bound)
-        )
-        try:
-            limit = max_staleness(context.config)
-            if staleness > limit:
-                reason = (
-                    f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
-                    f"the current {current['base_version']} (at most {limit})"
-                )
-                return self._refuse(upload, posted, reason)
-            if size > context.upload_bound:
-                reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
-                return self._refuse(upload, posted, reason)
-            blob = self.store.take_upload(upload.key, upload.copy_key)
-            if blob is None:
-                return Verdict("ignored")
-            return self._judge(upload, context, posted, blob)
-        finally:
-            self.store.delete_upload(upload.key)
+        limit = max_staleness(context.config)
+        blocked = None
+        if staleness > limit:
+            blocked = (
+                f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
+                f"the current {current['base_version']} (at most {limit})"
+            )
+        return self._take(upload, context, posted, blocked)
 
     def _resume(self, upload: Upload, context: RunContext, info: dict[str, Any]) -> Verdict:
         """Finish a validation cut short after the move (its aggregator died; the message came back).

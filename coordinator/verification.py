@@ -169,8 +169,10 @@ class Consensus:
 
     def __init__(self) -> None:
         self.total: dict[str, torch.Tensor] = {}
+        self._total_sq: float | None = None  # |sum|^2, once every voice is added
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        self._total_sq = None
         scale = weight / max(delta_norm(delta), 1e-30)
         for name, tensor in _floats(delta):
             if name in self.total:
@@ -184,7 +186,9 @@ class Consensus:
         if norm == 0.0:
             return 0.0
         dot = sum(_dot(tensor, self.total[name]) for name, tensor in _floats(delta) if name in self.total)
-        total_sq = sum(_dot(t, t) for t in self.total.values())
+        if self._total_sq is None:
+            self._total_sq = sum(_dot(t, t) for t in self.total.values())
+        total_sq = self._total_sq
         along = dot / norm  # the unit direction's projection on the sum, itself included
         others_sq = total_sq - 2 * weight * along + weight * weight
         if others_sq <= 1e-18 * max(total_sq, 1.0):

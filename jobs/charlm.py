@@ -18,17 +18,25 @@ from __future__ import annotations
 import glob
 import math
 import os
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jobs.generation import continue_ids
 from jobs.interface import JobError
+from jobs.language import (
+    Batch,
+    check_shard,
+    corpus_files,
+    evaluate_windows,
+    held_out_windows,
+    next_token_loss,
+    random_windows,
+    shard_of,
+)
 from jobs.transformer import Block
 
 VOCAB = 256
@@ -36,8 +44,6 @@ _EVAL_SEED = 0x5EED_C4A1  # fixed: every run and every model sees the same eval 
 _PROBE_SEED = 0x9A0BE  # the probe windows: held-out text too, drawn apart from the eval ones
 PROBE_BATCHES = 8
 _INIT_STD = 0.02
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,9 @@ class CharLMJob:
     def __init__(self, config: CharLMConfig) -> None:
         self.config = config
         self.batch_size = config.batch_size
-        self.files = _list_files(config)  # listed now so a bad glob fails at load time
+        self.files = corpus_files(
+            config.corpus, config.max_files, "charlm", "text files"
+        )  # listed now so a bad glob fails at load time
         self._corpus: _Corpus | None = None
         self._eval: Batch | None = None
         self._probe: Batch | None = None
@@ -150,38 +158,15 @@ class CharLMJob:
 
     def _windows(self, text: torch.Tensor) -> Iterator[Batch]:
         """Random ``(x, y)`` windows of ``text``, drawn with torch's global RNG."""
-        n = self.config.context + 1
-        offsets = torch.arange(n)
-        while True:
-            starts = torch.randint(0, len(text) - n + 1, (self.batch_size,))
-            windows = text[starts[:, None] + offsets].long()
-            yield windows[:, :-1], windows[:, 1:]
+        return random_windows(text, self.config.context + 1, self.batch_size)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Return the mean next-byte cross entropy of ``model`` on ``batch``."""
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), y.reshape(-1))
+        return next_token_loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Return mean cross entropy and next-byte accuracy on the fixed held-out windows."""
-        xs, ys = self._eval_windows()
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        total_loss, correct, tokens = 0.0, 0, 0
-        try:
-            with torch.no_grad():
-                for x, y in zip(xs.to(device), ys.to(device), strict=True):
-                    logits = model(x).float()
-                    total_loss += float(
-                        F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="sum")
-                    )
-                    correct += int((logits.argmax(-1) == y).sum())
-                    tokens += y.numel()
-        finally:
-            model.train(was_training)
-        return {"eval_loss": total_loss / tokens, "eval_accuracy": correct / tokens}
+        return evaluate_windows(model, self._eval_windows())
 
     def generate(
         self, model: nn.Module, prompt: str, tokens: int, *, temperature: float = 0.8, seed: int = 0
@@ -193,23 +178,13 @@ class CharLMJob:
 
     def shard_files(self, index: int, count: int) -> list[str]:
         """Names of the training files dealt to shard ``index`` (empty: byte-range fallback)."""
-        _check_shard(index, count)
+        check_shard(index, count)
         return [name for name, _ in self.corpus().train[index::count]]
 
     def shard_text(self, index: int, count: int) -> torch.Tensor:
         """The uint8 bytes shard ``index`` of ``count`` trains on, never shorter than a window."""
-        _check_shard(index, count)
-        corpus = self.corpus()
-        n = self.config.context + 1
-        pieces = [data for _, data in corpus.train[index::count]]
-        if pieces and sum(len(p) for p in pieces) >= n:
-            return torch.cat(pieces)
-        whole = torch.cat([data for _, data in corpus.train])
-        start = index * len(whole) // count
-        end = max((index + 1) * len(whole) // count, start + n)
-        if end > len(whole):
-            start, end = len(whole) - n, len(whole)
-        return whole[start:end]
+        pieces = [data for _, data in self.corpus().train]
+        return shard_of(pieces, index, count, self.config.context + 1)
 
     def probe_batches(self) -> list[Batch]:
         """A few fixed held-out batches on which the aggregator weighs each delta (``--verify probe``)."""
@@ -233,12 +208,7 @@ class CharLMJob:
     def _held_out_windows(self, seed: int, batches: int) -> Batch:
         """``batches`` fixed batches of held-out windows drawn by a private generator seeded ``seed``."""
         cfg = self.config
-        text = self.corpus().eval
-        n = cfg.context + 1
-        gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(text) - n + 1, (batches * cfg.batch_size,), generator=gen)
-        windows = text[starts[:, None] + torch.arange(n)].long().view(batches, cfg.batch_size, n)
-        return windows[..., :-1], windows[..., 1:]
+        return held_out_windows(self.corpus().eval, cfg.context + 1, cfg.batch_size, seed, batches)
 
 
 def make_job(**kwargs: Any) -> CharLMJob:
@@ -256,20 +226,6 @@ class _Corpus:
 
     train: list[tuple[str, torch.Tensor]]
     eval: torch.Tensor
-
-
-def _list_files(cfg: CharLMConfig) -> list[str]:
-    """The sorted corpus files, at most ``max_files``."""
-    if cfg.corpus is None:
-        pattern = os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
-    else:
-        pattern = os.path.expanduser(cfg.corpus)
-    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise JobError(
-            f"charlm corpus {pattern!r} matches no files: pass --job-arg corpus=GLOB that names text files"
-        )
-    return files[: cfg.max_files]
 
 
 def _read_corpus(files: list[str], cfg: CharLMConfig) -> _Corpus:
@@ -329,9 +285,3 @@ def _read_local(path: str, cfg: CharLMConfig) -> torch.Tensor:
     if len(text) < cfg.context + 1:
         raise JobError(f"charlm local data at {path!r} has {len(text)} bytes, fewer than one window")
     return torch.frombuffer(bytearray(text), dtype=torch.uint8)
-
-
-def _check_shard(index: int, count: int) -> None:
-    """Refuse a shard index outside ``[0, count)``."""
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard index {index} is outside 0..{count - 1} (count={count})")

@@ -26,11 +26,9 @@ tokenizer file every machine has.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import math
 import os
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -41,6 +39,15 @@ from torch import nn
 
 from jobs.generation import continue_ids
 from jobs.interface import JobError
+from jobs.language import (
+    Batch,
+    corpus_files,
+    evaluate_windows,
+    held_out_windows,
+    next_token_loss,
+    random_windows,
+    shard_of,
+)
 from jobs.transformer import Block, rotary_tables
 
 END_OF_TEXT = "<|endoftext|>"
@@ -55,8 +62,6 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "mini": (8, 512, 8, 512, 8192),  # ~29M
     "small": (12, 768, 12, 1024, 50257),  # GPT-2 small: ~124M
 }
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,9 @@ class GPTJob:
     def __init__(self, config: GPTConfig) -> None:
         self.config = config
         self.batch_size = config.batch_size
-        self.files = _list_files(config)  # listed now so a bad glob fails at load time
+        self.files = corpus_files(
+            config.corpus, config.max_files, "gpt", "text, .jsonl or .parquet files"
+        )  # listed now so a bad glob fails at load time
         self._eval: Batch | None = None
         self._probe: Batch | None = None
 
@@ -196,55 +203,24 @@ class GPTJob:
 
     def shard_tokens(self, index: int, count: int) -> torch.Tensor:
         """The token ids shard ``index`` of ``count`` trains on, never shorter than a window."""
-        if count < 1 or not 0 <= index < count:
-            raise ValueError(f"shard index {index} is outside 0..{count - 1} (count={count})")
-        data, n = self.data(), self.window
-        pieces = data.train[index::count]
-        if pieces and sum(len(p) for p in pieces) >= n:
-            return torch.cat(pieces)
-        whole = torch.cat(data.train)
-        start = index * len(whole) // count
-        end = min(len(whole), max((index + 1) * len(whole) // count, start + n))
-        return whole[max(0, end - max(n, end - start)) : end]
+        return shard_of(self.data().train, index, count, self.window)
 
     @property
     def window(self) -> int:
         return self.config.shape[3] + 1
 
     def _windows(self, tokens: torch.Tensor) -> Iterator[Batch]:
-        n = self.window
-        offsets = torch.arange(n)
-        while True:
-            starts = torch.randint(0, len(tokens) - n + 1, (self.batch_size,))
-            windows = tokens[starts[:, None] + offsets].long()
-            yield windows[:, :-1], windows[:, 1:]
+        return random_windows(tokens, self.window, self.batch_size)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean next-token cross entropy of ``model`` on ``batch``."""
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return next_token_loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Mean cross entropy (nats per token) and next-token accuracy on fixed held-out windows."""
         if self._eval is None:
             self._eval = self._held_out(_EVAL_SEED, self.config.eval_batches)
-        xs, ys = self._eval
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        total, correct, tokens = 0.0, 0, 0
-        try:
-            with torch.no_grad():
-                for x, y in zip(xs.to(device), ys.to(device), strict=True):
-                    logits = model(x).float()
-                    flat = logits.reshape(-1, logits.shape[-1])
-                    total += float(F.cross_entropy(flat, y.reshape(-1), reduction="sum"))
-                    correct += int((logits.argmax(-1) == y).sum())
-                    tokens += y.numel()
-        finally:
-            model.train(was_training)
-        return {"eval_loss": total / tokens, "eval_accuracy": correct / tokens}
+        return evaluate_windows(model, self._eval)
 
     def probe_batches(self) -> list[Batch]:
         """A few fixed held-out batches on which the aggregator weighs each delta."""
@@ -272,11 +248,7 @@ class GPTJob:
         return prompt + str(tokenizer.decode(more))
 
     def _held_out(self, seed: int, batches: int) -> Batch:
-        tokens, n = self.data().eval, self.window
-        gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(tokens) - n + 1, (batches * self.batch_size,), generator=gen)
-        windows = tokens[starts[:, None] + torch.arange(n)].long().view(batches, self.batch_size, n)
-        return windows[..., :-1], windows[..., 1:]
+        return held_out_windows(self.data().eval, self.window, self.batch_size, seed, batches)
 
 
 def make_job(**kwargs: Any) -> GPTJob:
@@ -351,21 +323,6 @@ def _tokenizer(config: GPTConfig, documents: list[str]) -> Any:
     )
     tokenizer.train_from_iterator(documents, trainer)
     return tokenizer
-
-
-def _list_files(cfg: GPTConfig) -> list[str]:
-    """The sorted corpus files, at most ``max_files``."""
-    if cfg.corpus is None:
-        pattern = os.path.join(sysconfig.get_paths()["stdlib"], "*.py")
-    else:
-        pattern = os.path.expanduser(cfg.corpus)
-    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise JobError(
-            f"gpt corpus {pattern!r} matches no files: pass --job-arg corpus=GLOB that names "
-            "text, .jsonl or .parquet files"
-        )
-    return files[: cfg.max_files]
 
 
 def _documents(files: list[str], cfg: GPTConfig) -> list[str]:
