@@ -1,7 +1,9 @@
 """The Redis key schema, TTLs and queue names: where both sides meet.
 
 Every key crowdtrain writes is built here, so the layout can be read in one
-place and the volunteer ACL (``coordinator.credentials``) follows it::
+place and the volunteer ACL (``coordinator.credentials``) follows it. Every
+model, update, residual, strategy state and upload is a blob: a list of
+chunks (``broker.blobs``)::
 
     ct:runs                              set of run names
     ct:run:RUN:config                    msgpack map, written once by ``init``
@@ -14,6 +16,7 @@ place and the volunteer ACL (``coordinator.credentials``) follows it::
     ct:run:RUN:downlink-residual         what the downlink codec has not sent yet (aggregator only)
     ct:run:RUN:staged-residual:OWNER     the residual after a candidate version
     ct:run:RUN:strategy                  wire bytes of the strategy's state
+    ct:run:RUN:staged-strategy:OWNER     that state after a candidate version
     ct:run:RUN:dp_clip                   adaptive clipping's current C (DP runs)
     ct:run:RUN:jobs                      hash: shard jobs posted to an asynchronous run
     ct:run:RUN:finished                  hash: "ROUND:SHARD" of each asynchronous job answered -> outcome
@@ -115,6 +118,10 @@ def staged_residual(run: str, owner: str) -> str:
 
 def strategy(run: str) -> str:
     return _k("run", run, "strategy")
+
+
+def staged_strategy(run: str, owner: str) -> str:
+    return _k("run", run, "staged-strategy", owner)
 
 
 def round_(run: str, number: int) -> str:

@@ -133,10 +133,10 @@ class Aggregator:
             run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1})
         )
         strategy_state = strategy.state_dict()
+        if strategy_state:
+            self.store.stage_strategy(run, owner, dumps(strategy_state))
         summary.update(evaluation, status="done", model_version=base + 1, seconds=_since(info))
-        result = self.store.rounds.commit(
-            run, number, owner, base, summary, staged, dumps(strategy_state) if strategy_state else b""
-        )
+        result = self.store.rounds.commit(run, number, owner, base, summary, staged)
         if result != "done":
             self.store.delete_upload(staged)
             log.warning("round %d of %s not published: %s", number, run, result)
@@ -269,7 +269,7 @@ class Aggregator:
 
     def _delta(self, context: RunContext, key: str, metas: dict[int, dict], shard: int) -> TensorDict | None:
         """Decode an accepted copy (exactly the bytes validated); its meta goes into ``metas``."""
-        blob = self.store.get_upload(key)
+        blob = self.store.get_upload(key, context.upload_bound)
         if blob is None:
             return None
         delta, meta = loads(

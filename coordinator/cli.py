@@ -31,6 +31,9 @@ from serialization import WireFormatError
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
 LONG_RUNNING = ("aggregator", "monitor")
+# init's defaults: the configuration that sent the fewest bytes to a target loss (docs/BENCHMARKS.md 4).
+DEFAULT_COMPRESSION = "topk:0.01+int2"
+DEFAULT_LOCAL_STEPS = 10
 COMPRESSION_HELP = (
     "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2 (F a fraction, e.g. 0.01)"
 )
@@ -150,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="reject deltas whose norm exceeds this multiple of the round median (> 0 and <= 1e6)",
     )
-    p.add_argument("--compression", default="none", help=COMPRESSION_HELP)
+    p.add_argument(
+        "--compression",
+        default=DEFAULT_COMPRESSION,
+        help=COMPRESSION_HELP + f" (default {DEFAULT_COMPRESSION}: the fewest bytes to a target loss, "
+        "docs/BENCHMARKS.md section 4)",
+    )
     p.add_argument(
         "--downlink-compression",
         default=None,
@@ -158,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how each new version is also published, as an update from the one before, for "
         "volunteers that hold it (default: --compression; a lossless spec publishes whole models only)",
     )
-    _local_steps_flag(p, default=20)
+    _local_steps_flag(p, default=DEFAULT_LOCAL_STEPS)
     p.add_argument(
         "--shard-seconds",
         type=float_in(0, MAX_DEADLINE),

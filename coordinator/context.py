@@ -56,7 +56,7 @@ class RunContexts:
             self._contexts[run] = self._build(run)
         return self._contexts[run]
 
-    def model_blob(self, run: str, version: int) -> bytes:
+    def model_blob(self, run: str, version: int) -> bytes | bytearray:
         """A model version's bytes; LookupError if it left Redis."""
         blob = self.store.model_blob(run, version)
         if blob is None:

@@ -1,8 +1,8 @@
 """Creating a run: model version 0, the checks it must pass, and no half-created run left behind.
 
-A model too large for this machine or for one Redis value is a usage error
-before anything is written; if Redis refuses a write (full at maxmemory), what
-was written is removed again.
+A model too large for this machine is a usage error before anything is
+written (any size fits Redis: blobs are chunked, ``broker.blobs``); if Redis
+refuses a write (full at maxmemory), what was written is removed again.
 """
 
 from __future__ import annotations
@@ -24,19 +24,14 @@ from jobs import Job
 from serialization import TensorDict, dumps
 
 _PIPELINE_ECHO = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
-# Redis refuses a single value larger than this (proto-max-bulk-len).
-REDIS_VALUE_LIMIT = 512 * 1024 * 1024
 
 
 def build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[str, float]]:
     """Model version 0, its wire bytes and its evaluation; a model too large is a UsageError."""
     try:
         model = job.build_model()
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        _check_value_size(size)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         blob = dumps(weights, {"run": run, "version": 0})
-        _check_value_size(len(blob))
         initial = {k: float(v) for k, v in job.evaluate(model).items()}
     except (MemoryError, RuntimeError) as e:
         raise UsageError(
@@ -44,14 +39,6 @@ def build_model(job: Job, name: str, run: str) -> tuple[TensorDict, bytes, dict[
             "choose smaller --job-arg values"
         ) from None
     return weights, blob, initial
-
-
-def _check_value_size(size: int) -> None:
-    if size > REDIS_VALUE_LIMIT:
-        raise UsageError(
-            f"the encoded model is {size / 2**20:.0f} MiB, over Redis's limit of "
-            f"{REDIS_VALUE_LIMIT // 2**20} MiB for one value; choose smaller --job-arg values"
-        )
 
 
 def create_run(
@@ -89,7 +76,7 @@ def _forget_run(store: Store, run: str, config: dict[str, Any]) -> None:
     client = store.redis
     if client.get(keys.run_config(run)) != msgpack.packb(config):
         return  # we never wrote it (refused at once), or it is another coordinator's run
-    pipe = client.pipeline()
+    pipe = client.pipeline(transaction=False)  # Redis refuses any MULTI while it is over maxmemory
     pipe.srem(keys.runs(), run)
     pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))
     pipe.execute()

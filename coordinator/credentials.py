@@ -72,6 +72,7 @@ COMMANDS = (
     "scard",
     "llen",
     "lrange",
+    "lindex",
     "zrange",
     "zrangebyscore",
     "zrevrangebyscore",

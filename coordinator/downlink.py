@@ -52,5 +52,5 @@ def publish(
     return apply_update(base, decoded), update, dumps(left, {"downlink_residual": True})
 
 
-def read_residual(blob: bytes | None) -> TensorDict | None:
+def read_residual(blob: bytes | bytearray | None) -> TensorDict | None:
     return loads(blob)[0] if blob else None

@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
-from broker import keys
+from broker import blobs, keys
 from coordinator.asynchronous import is_async, max_staleness, slot
 from coordinator.context import RunContext, RunContexts
 from coordinator.rounds import shard_task
@@ -119,22 +119,26 @@ class Intake:
         ``info`` is the round the shard was posted with: its base version is
         the one the delta must have been trained on.
         """
-        size = self.store.upload_size(upload.key)
-        if size == 0:
+        declared, stored = self.store.upload_size(upload.key)
+        if stored == 0:
             return self._resume(upload, context, info)
+        bound = context.upload_bound
         # No upload counts for more bytes than an honest one can have.
         self.store.rounds.add_bytes(
-            upload.run, upload.counted_in, "uplink_bytes", min(size, context.upload_bound)
+            upload.run, upload.counted_in, "uplink_bytes", min(declared or stored, bound)
         )
         try:
             if blocked is not None:
                 return self._refuse(upload, info, blocked)
-            if size > context.upload_bound:
-                reason = f"upload of {size} bytes exceeds the bound {context.upload_bound}"
+            if declared > bound or stored > blobs.storage_bound(bound):
+                reason = f"upload of {max(declared, stored)} bytes exceeds the bound {bound}"
                 return self._refuse(upload, info, reason)
             # Moved (server-side) out of the volunteer's reach before a byte is read:
             # what is checked below is what the merge will read.
-            blob = self.store.take_upload(upload.key, upload.copy_key)
+            try:
+                blob = self.store.take_upload(upload.key, upload.copy_key, bound)
+            except blobs.BlobError as e:
+                return self._refuse(upload, info, f"malformed upload: {e}")
             if blob is None:
                 return Verdict("ignored")
             return self._judge(upload, context, info, blob)
@@ -172,7 +176,10 @@ class Intake:
         kept = (self.store.rounds.accepted_uploads, self.store.rounds.replicas)
         if any(copies(upload.run, upload.counted_in).get(upload.field) == upload.copy_key for copies in kept):
             return Verdict("repeat")  # judged and counted already; the merge reads this copy
-        blob = self.store.get_upload(upload.copy_key)
+        try:
+            blob = self.store.get_upload(upload.copy_key, context.upload_bound)
+        except blobs.BlobError as e:
+            return self._refuse(upload, info, f"malformed upload: {e}")
         if blob is None:
             log.warning(
                 "ignoring %s round %d shard %d: no upload from %s",
@@ -193,7 +200,9 @@ class Intake:
             return self._refuse(upload, info, "the round is closed")
         return self._judge(upload, context, info, blob)
 
-    def _judge(self, upload: Upload, context: RunContext, info: dict[str, Any], blob: bytes) -> Verdict:
+    def _judge(
+        self, upload: Upload, context: RunContext, info: dict[str, Any], blob: bytes | bytearray
+    ) -> Verdict:
         """Decode and check the values; accept a good upload as a copy out of the volunteer's reach."""
         reason, meta = _check(blob, context, int(info["base_version"]))
         self._count_downlink(upload, context, meta)
@@ -285,7 +294,9 @@ class Intake:
         return self.contexts[upload.run].queue
 
 
-def _check(blob: bytes, context: RunContext, base_version: int) -> tuple[str | None, dict[str, Any]]:
+def _check(
+    blob: bytes | bytearray, context: RunContext, base_version: int
+) -> tuple[str | None, dict[str, Any]]:
     """Why the upload cannot be merged (None if it can), and its meta."""
     try:
         delta, meta = loads(

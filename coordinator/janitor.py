@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import redis
 
-from broker import keys
+from broker import blobs, keys
 from broker.errors import UnknownRun
 from coordinator.asynchronous import is_async
 from coordinator.context import RunContexts
@@ -79,14 +79,16 @@ def sweep_uploads(
         return set()
     pipe = store.redis.pipeline(transaction=False)
     for key in found:
-        pipe.strlen(key)
+        blobs.stored_bytes(pipe, key)
         pipe.ttl(key)
     replies = pipe.execute()
     doomed: list[str] = []
     waiting: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for key, size, ttl in zip(found, replies[0::2], replies[1::2]):
+        if size is None:  # gone since the scan
+            continue
         bound = _bound(contexts, key)
-        if int(size) > bound and (bound == 0 or key in seen):
+        if bound == 0 or (int(size) > blobs.storage_bound(bound) and key in seen):
             doomed.append(key)
             continue
         if int(ttl) == -1:

@@ -129,10 +129,9 @@ class RoundState:
         base_version: int,
         summary: dict[str, Any],
         staged_key: str | None,
-        strategy_blob: bytes = b"",
         reason: str = "",
     ) -> str:
-        """Publish the staged model as base+1 (done), or record the round failed.
+        """Publish the staged model (and strategy state, update, residual) as base+1, or record a failure.
 
         Returns done | failed | lost | stale-base; the round's bookkeeping starts
         to expire once it has ended.
@@ -151,12 +150,13 @@ class RoundState:
                     keys.update(run, base_version + 1),
                     keys.staged_residual(run, owner),
                     keys.downlink_residual(run),
+                    keys.staged_strategy(run, owner),
                 ],
                 args=[
                     base_version,
                     owner,
                     json.dumps(summary),
-                    strategy_blob,
+                    "",
                     keys.deadline_member(run, number),
                     status,
                     reason,

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import redis
 
-from broker import keys
+from broker import blobs, keys
 from broker.errors import UnknownRun
 from coordinator.errors import RunExists
 from coordinator.state import RoundState, number_or_text
@@ -29,8 +29,8 @@ class Store:
         """Create a run with model version 0; refuses to overwrite one."""
         if not self.redis.set(keys.run_config(run), msgpack.packb(config), nx=True):
             raise RunExists(f"run {run!r} exists already; choose another --run name")
+        blobs.write(self.redis, keys.model(run, 0), model_blob)
         pipe = self.redis.pipeline()
-        pipe.set(keys.model(run, 0), model_blob)
         pipe.set(keys.run_version(run), 0)
         pipe.sadd(keys.runs(), run)
         pipe.execute()
@@ -52,30 +52,29 @@ class Store:
             raise UnknownRun(f"unknown run {run!r}")
         return int(raw)
 
-    def model_blob(self, run: str, version: int) -> bytes | None:
-        blob: bytes | None = self.redis.get(keys.model(run, version))
-        return blob
+    def model_blob(self, run: str, version: int) -> bytearray | None:
+        return blobs.read(self.redis, keys.model(run, version))
 
-    def strategy_blob(self, run: str) -> bytes | None:
-        blob: bytes | None = self.redis.get(keys.strategy(run))
-        return blob
+    def strategy_blob(self, run: str) -> bytearray | None:
+        return blobs.read(self.redis, keys.strategy(run))
 
     def stage_model(self, run: str, version: int, owner: str, blob: bytes) -> str:
         """Write a candidate model under a private key; ``rounds.commit`` publishes it."""
         key = keys.staged_model(run, version, owner)
-        self.redis.set(key, blob, ex=keys.STAGED_TTL)
+        blobs.write(self.redis, key, blob, ttl=keys.STAGED_TTL)
         return key
+
+    def stage_strategy(self, run: str, owner: str, blob: bytes) -> None:
+        """Write the strategy's state after a candidate version; ``rounds.commit`` publishes it."""
+        blobs.write(self.redis, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL)
 
     def stage_update(self, run: str, version: int, owner: str, update: bytes, residual: bytes) -> None:
         """Write a candidate version's downlink update and residual; ``rounds.commit`` publishes both."""
-        pipe = self.redis.pipeline()
-        pipe.set(keys.staged_update(run, version, owner), update, ex=keys.STAGED_TTL)
-        pipe.set(keys.staged_residual(run, owner), residual, ex=keys.STAGED_TTL)
-        pipe.execute()
+        blobs.write(self.redis, keys.staged_update(run, version, owner), update, ttl=keys.STAGED_TTL)
+        blobs.write(self.redis, keys.staged_residual(run, owner), residual, ttl=keys.STAGED_TTL)
 
-    def downlink_residual(self, run: str) -> bytes | None:
-        blob: bytes | None = self.redis.get(keys.downlink_residual(run))
-        return blob
+    def downlink_residual(self, run: str) -> bytearray | None:
+        return blobs.read(self.redis, keys.downlink_residual(run))
 
     def prune_versions(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
         """Drop model versions (and their updates) older than the latest ``keep`` from Redis.
@@ -96,25 +95,35 @@ class Store:
         self.redis.set(keys.dp_clip(run), repr(float(clip)))
 
     # --- uploads -------------------------------------------------------------
-    def upload_size(self, key: str) -> int:
-        """Bytes stored under ``key`` (0 if absent), known before anything is downloaded."""
-        return int(self.redis.strlen(key))
+    def upload_size(self, key: str) -> tuple[int, int]:
+        """(declared, stored) bytes under ``key``, (0, 0) if absent, known before a chunk is read.
 
-    def get_upload(self, key: str) -> bytes | None:
-        blob: bytes | None = self.redis.get(key)
-        return blob
+        ``declared`` is the volunteer's word (its blob header); ``stored`` what
+        Redis holds for it, overhead included (``blobs.sizes``).
+        """
+        return blobs.sizes(self.redis, key)
 
-    def take_upload(self, key: str, trusted_key: str) -> bytes | None:
-        """Move an upload where no volunteer can write (keys.accepted_upload), then read it."""
+    def get_upload(self, key: str, limit: int | None = None) -> bytearray | None:
+        """An upload's payload; BlobError if it is no well-formed blob or declares over ``limit`` bytes."""
+        return blobs.read(self.redis, key, limit)
+
+    def take_upload(self, key: str, trusted_key: str, limit: int) -> bytearray | None:
+        """Move an upload where no volunteer can write (keys.accepted_upload), then read it.
+
+        None if it went meanwhile (expired or deleted); BlobError if the moved
+        copy is larger than ``limit`` or no well-formed blob.
+        """
         pipe = self.redis.pipeline()
         pipe.rename(key, trusted_key)
         pipe.expire(trusted_key, keys.UPLOAD_TTL)
-        pipe.get(trusted_key)
         try:
-            blob: bytes | None = pipe.execute()[-1]
+            pipe.execute()
         except redis.ResponseError:  # "no such key": it expired or was deleted meanwhile
             return None
-        return blob
+        # Bounded again after the move: the volunteer could have grown it after the first look.
+        if self.upload_size(trusted_key)[1] > blobs.storage_bound(limit):
+            raise blobs.BlobError(f"upload of more than {limit} bytes")
+        return blobs.read(self.redis, trusted_key, limit)
 
     def delete_upload(self, *upload_keys: str) -> None:
         if upload_keys:

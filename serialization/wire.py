@@ -65,7 +65,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-DEFAULT_LIMIT = 1 << 30  # 1 GiB: above Redis's 512 MB value limit
+# Trusted blobs (models, updates) of up to 4G float32 parameters; uploads pass their own bound.
+DEFAULT_LIMIT = 1 << 34
 MAX_META_BYTES = 64 << 10
 MAX_NAME_BYTES = 1024
 MAX_NDIM = 64

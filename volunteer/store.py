@@ -2,7 +2,8 @@
 
 Everything here is allowed by the least-privilege ACL user that
 ``coordinator volunteer-credentials`` makes (read ``ct:run:*``, write
-``ct:upload:NAME:*``); no Lua, nothing of the coordinator. Its record and
+``ct:upload:NAME:*``); no Lua, nothing of the coordinator. Models, updates and
+uploads are chunk lists (``broker.blobs``). Its record and
 credit are written by the aggregator, from what its uploads show.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 import msgpack
 import redis
 
-from broker import keys
+from broker import blobs, keys
 from broker.errors import UnknownRun
 
 
@@ -47,17 +48,15 @@ class VolunteerStore:
         raw = self.redis.get(keys.run_version(run))
         return int(raw) if raw is not None else None
 
-    def model_blob(self, run: str, version: int) -> bytes | None:
-        blob: bytes | None = self.redis.get(keys.model(run, version))
-        return blob
+    def model_blob(self, run: str, version: int) -> bytearray | None:
+        return blobs.read(self.redis, keys.model(run, version))
 
-    def update_blobs(self, run: str, versions: range) -> list[bytes | None]:
+    def update_blobs(self, run: str, versions: range) -> list[bytearray | None]:
         """The encoded updates that make each of ``versions`` from the one before (lossy downlink)."""
-        blobs: list[bytes | None] = self.redis.mget([keys.update(run, v) for v in versions])
-        return blobs
+        return [blobs.read(self.redis, keys.update(run, v)) for v in versions]
 
     def put_upload(self, run: str, number: int, shard: int, token: str, blob: bytes) -> str:
         """Store one upload under this volunteer's own key prefix; returns its key."""
         key = keys.upload(self.name, run, number, shard, token)
-        self.redis.set(key, blob, ex=keys.UPLOAD_TTL)
+        blobs.write(self.redis, key, blob, ttl=keys.UPLOAD_TTL)
         return key

@@ -4,7 +4,8 @@
 global RNG (so the job's shard batches are reproducible for a given seed: a
 redelivered shard trains the same batches again), trains ``steps`` steps and
 returns ``local - initial`` for every floating-point entry of the model's
-``state_dict`` (float32, CPU). Integer buffers (e.g. BatchNorm's
+``state_dict`` (float32, CPU), formed in the trained model's own storage on the
+CPU so a volunteer holds no extra model-sized copy for it. Integer buffers (e.g. BatchNorm's
 ``num_batches_tracked``) carry no delta and are left out. With ``init --inner-state
 keep`` the optimizer starts from the state the volunteer's previous shard left.
 
@@ -78,11 +79,7 @@ def train_shard(
     model.load_state_dict(weights)
     model.to(device)
     model.train()
-    initial = {
-        k: v.detach().to("cpu", torch.float32, copy=True)
-        for k, v in model.state_dict().items()
-        if v.is_floating_point()
-    }
+    initial = _base_copy(model, weights)
     opt = _make_optimizer(optimizer, model, lr)
     if optimizer_state is not None:
         _resume(opt, optimizer_state, lr)
@@ -107,11 +104,8 @@ def train_shard(
         # never more than the job's batch_size: the aggregator's cap on a shard's samples
         samples += min(_batch_samples(job, batch), batch_size(job))
         done += 1
-    delta = {
-        k: v.detach().to("cpu", torch.float32) - initial[k]
-        for k, v in model.state_dict().items()
-        if k in initial
-    }
+    opt.zero_grad(set_to_none=True)  # the gradients go before the delta is formed
+    delta = _delta(model, initial)
     return ShardResult(
         delta=delta,
         train_loss=sum(losses) / len(losses),
@@ -120,6 +114,47 @@ def train_shard(
         seconds=time.perf_counter() - started,
         optimizer_state=opt.state_dict(),
     )
+
+
+def _base_copy(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> TensorDict:
+    """The loaded weights as float32 on the CPU, to subtract from after training.
+
+    Where the caller's tensor already is exactly that (a CPU float32 model: the
+    volunteer's cached version) it is used as it is, not copied: one model's
+    size less at the volunteer's peak. It is only read.
+    """
+    base: TensorDict = {}
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        given = weights.get(k)
+        if given is not None and _cpu_float32(given) and _cpu_float32(v) and given.shape == v.shape:
+            base[k] = given
+        else:
+            base[k] = v.detach().to("cpu", torch.float32, copy=True)
+    return base
+
+
+def _delta(model: torch.nn.Module, initial: TensorDict) -> TensorDict:
+    """``local - initial`` per floating entry; formed in the trained weights where they are CPU float32.
+
+    The model is not used after this, so its own storage can hold the delta:
+    no second model-sized set of tensors at the peak.
+    """
+    delta: TensorDict = {}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k not in initial:
+                continue
+            if _cpu_float32(v):
+                delta[k] = v.detach().sub_(initial[k])
+            else:
+                delta[k] = v.detach().to("cpu", torch.float32) - initial[k]
+    return delta
+
+
+def _cpu_float32(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
 
 
 def seed_for(run: str, round: int, shard: int) -> int:

@@ -2,9 +2,11 @@
 -- With a lossy downlink the staged update (version base+1 as encoded from base) and the
 -- downlink residual are published in the same step, so what volunteers rebuild from the
 -- updates is always the published model.
+-- Every model, update, residual and strategy state is a chunk list (broker/blobs.py):
+-- RENAME moves one whole, PERSIST keeps all its chunks.
 -- KEYS: version, staged model, final model, round hash, strategy, deadlines zset,
---       staged update, final update, staged residual, residual
--- ARGV: base version, owner, summary JSON, strategy blob, deadline member, 'done' | 'failed', reason
+--       staged update, final update, staged residual, residual, staged strategy
+-- ARGV: base version, owner, summary JSON, (unused), deadline member, 'done' | 'failed', reason
 -- Returns 'done' | 'failed' | 'lost' (our claim was taken over: nothing written) |
 --         'stale-base' (the run moved past our base: the round is failed with that reason)
 if redis.call('HGET', KEYS[4], 'claim_owner') ~= ARGV[2]
@@ -18,7 +20,10 @@ if ARGV[6] == 'done' then
   redis.call('RENAME', KEYS[2], KEYS[3])
   redis.call('PERSIST', KEYS[3])  -- the staged copy expires; a published version never does
   redis.call('SET', KEYS[1], tonumber(ARGV[1]) + 1)
-  redis.call('SET', KEYS[5], ARGV[4])
+  if redis.call('EXISTS', KEYS[11]) == 1 then
+    redis.call('RENAME', KEYS[11], KEYS[5])
+    redis.call('PERSIST', KEYS[5])
+  end
   if redis.call('EXISTS', KEYS[7]) == 1 then
     redis.call('RENAME', KEYS[7], KEYS[8])
     redis.call('PERSIST', KEYS[8])

@@ -242,16 +242,6 @@ def test_a_model_too_large_to_allocate_is_a_usage_error_and_nothing_is_written(t
     assert not (tmp_path / "home" / "runs").exists()
 
 
-def test_a_model_over_redis_value_limit_is_refused_naming_size_and_limit(tmp_path, redis_server):
-    # about 620 MB of float32 weights: one layer of width 3584
-    flags = ["layers=1", "width=3584", "heads=4", "context=8", "max_files=2", "eval_batches=1"]
-    argv = [part for flag in flags for part in ("--job-arg", flag)]
-    result = _coordinator(tmp_path, "init", "--run", "big", "--job", "charlm", *argv, broker=redis_server.url)
-    _assert_one_clear_line(result, "MiB", "512 MiB", "--job-arg")
-    assert redis_server.client().keys("ct:*") == []
-    assert not (tmp_path / "home" / "runs").exists()
-
-
 def test_export_to_an_unwritable_path_is_one_line_and_writes_nothing(tmp_path, in_process):
     created = in_process("init", "--run", "r1", "--job", "charlm", *TINY_CHARLM)
     assert created.returncode == 0, created.stderr

@@ -23,7 +23,7 @@ import redis
 import torch
 from safetensors.torch import load_file
 
-from broker import keys
+from broker import blobs, keys
 from broker.settings import Settings
 from coordinator.context import RunContexts
 from coordinator.documents import round_record
@@ -62,7 +62,10 @@ class Cluster:
         return Mallory(self.url_for(name), name)
 
     def init(self, *flags: str) -> None:
-        self.procs.json("init", "--run", "r", "--job", TINY, "--local-steps", "3", *flags)
+        # crafted uploads below are float32 (delta_blob): the run must expect that codec
+        self.procs.json(
+            "init", "--run", "r", "--job", TINY, "--local-steps", "3", "--compression", "none", *flags
+        )
 
     def post(self, *flags: str) -> int:
         return int(self.procs.json("post-round", "--run", "r", *flags)["round"])
@@ -183,7 +186,7 @@ def test_the_bytes_merged_are_exactly_the_bytes_validated(cluster):
     # act: rewrite the validated upload with NaN and a samples claim of 2e12
     poison = delta_blob(_tiny_delta(math.nan), "r", number, 0, 0, samples=2 * 10**12)
     mallory.upload("r", number, 0, poison)  # a new key under its prefix: allowed, and ignored
-    mallory.redis.set(keys.upload("mallory", "r", number, 0, token), poison)
+    blobs.write(mallory.redis, keys.upload("mallory", "r", number, 0, token), poison)
     copy = keys.accepted_upload("r", number, "mallory", 0, token)
     _refused(lambda: mallory.redis.set(copy, poison))
     _refused(lambda: mallory.redis.hset(keys.round_accepted("r", number), 0, "x"))

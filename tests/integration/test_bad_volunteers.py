@@ -48,6 +48,8 @@ def test_nan_deltas_are_rejected_every_round_completes_and_the_model_stays_finit
         "--job",
         "charlm",
         *TINY_CHARLM,
+        "--compression",
+        "none",
         "--local-steps",
         "5",
         "--shards",
@@ -87,6 +89,8 @@ def test_a_scaled_delta_is_rejected_by_the_norm_check_against_the_round_median(p
         "--job",
         "charlm",
         *TINY_CHARLM,
+        "--compression",
+        "none",
         "--local-steps",
         "3",
         "--shards",
@@ -123,8 +127,20 @@ def test_quiet_attackers_and_a_free_rider_among_honest_volunteers_are_rejected_b
     for name, attack in attackers.items():
         _evil(processes, name, attack, *tiny)
     processes.json(
-        "init", "--run", "r", "--job", TINY, "--local-steps", "3", "--shards", "6", "--deadline", "120"
-    )  # fedavg, --verify probe by default
+        "init",
+        "--run",
+        "r",
+        "--job",
+        TINY,
+        "--compression",
+        "none",
+        "--local-steps",
+        "3",
+        "--shards",
+        "6",
+        "--deadline",
+        "120",
+    )  # fedavg, --verify probe by default; float32 deltas, as the attackers' were measured
     _wait_online(processes, {"h1", "h2", "h3", *attackers})
     document = processes.json("run", "--run", "r", "--rounds", "5")
     assert [r["status"] for r in document["rounds"]] == ["done"] * 5

@@ -8,6 +8,7 @@ import math
 import torch
 from safetensors.torch import load_file
 
+from broker import blobs
 from tests.conftest import TINY_CHARLM
 
 
@@ -122,17 +123,19 @@ def test_a_lossy_downlink_sends_updates_that_volunteers_rebuild_bit_for_bit(proc
     assert [r["model_version"] for r in rounds] == [1, 2, 3, 4], processes.log_tail()
     # version 0 is built from the job's seed; then each version comes as an int8 update, about a
     # quarter of the model (the volunteer's first shard of a round holds the version before)
-    model = len(redis_server.client().get("ct:run:d:model:4"))
+    model = len(blobs.read(redis_server.client(), "ct:run:d:model:4"))
     assert rounds[0]["downlink_bytes"] == 0 and all(0 < r["downlink_bytes"] < model for r in rounds[1:]), (
         rounds
     )
 
     client = redis_server.client()
     runner = ShardRunner(VolunteerStore(client, "probe"), VolunteerOptions(name="probe"))
-    runner._models[("d", 2)] = loads(client.get("ct:run:d:model:2"))[0]  # a volunteer holding version 2
+    runner._models[("d", 2)] = loads(blobs.read(client, "ct:run:d:model:2"))[
+        0
+    ]  # a volunteer holding version 2
     rebuilt, fetched = runner._model("d", 4)
-    updates = [len(client.get(f"ct:run:d:update:{v}")) for v in (3, 4)]
-    assert fetched == sum(updates) and max(updates) < 0.3 * len(client.get("ct:run:d:model:4"))
+    updates = [len(blobs.read(client, f"ct:run:d:update:{v}")) for v in (3, 4)]
+    assert fetched == sum(updates) and max(updates) < 0.3 * len(blobs.read(client, "ct:run:d:model:4"))
     out = processes.home / "v4.safetensors"
     assert processes.cli("export", "--run", "d", "--version", "4", "--out", str(out)).returncode == 0
     exported = load_file(out)
@@ -150,7 +153,7 @@ def test_version_0_is_built_from_the_seed_when_its_bytes_match_and_fetched_other
     tiny = "tests.fixtures.jobs_tiny:make_job"
     processes.json("init", "--run", "z", "--job", tiny)
     client = redis_server.client()
-    stored = loads(client.get("ct:run:z:model:0"))[0]
+    stored = loads(blobs.read(client, "ct:run:z:model:0"))[0]
 
     def runner() -> ShardRunner:
         return ShardRunner(
@@ -162,4 +165,4 @@ def test_version_0_is_built_from_the_seed_when_its_bytes_match_and_fetched_other
     config = msgpack.unpackb(client.get("ct:run:z:config"))
     client.set("ct:run:z:config", msgpack.packb({**config, "initial_digest": "0" * 64}))  # another torch
     _, fetched = runner()._model("z", 0)
-    assert fetched == len(client.get("ct:run:z:model:0"))
+    assert fetched == len(blobs.read(client, "ct:run:z:model:0"))

@@ -1,0 +1,172 @@
+"""Blobs of any size in Redis: a list of chunks under one key.
+
+One Redis value holds at most 512 MB, and a reader that GETs a whole model
+holds it twice while it decodes. So every model, update, delta and strategy
+state is a Redis list: a 16-byte header, then the payload cut into chunks of
+``CROWDTRAIN_CHUNK_MIB`` (default 16, at most 64) MiB::
+
+    LINDEX 0   b"ctblob\\x00\\x01" + total payload bytes (uint64 little-endian)
+    LINDEX 1.. the payload, in order; every chunk but the last is full
+
+A writer replaces the whole list in one MULTI/EXEC, so a reader sees the old
+blob or the new one, never half; one key means one TTL, so the chunks expire
+together, and RENAME/PERSIST in the coordinator's scripts move a blob whole.
+A reader allocates the declared size once (after checking it against its
+limit), then copies the chunks in one at a time: it holds the payload plus one
+chunk. The header of an upload is the volunteer's claim: each chunk is checked
+against what is left of it, and a blob whose chunks do not add up is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping
+
+import redis
+
+from .errors import BrokerError, SettingsError
+
+__all__ = [
+    "CHUNK_ENV",
+    "DEFAULT_CHUNK_MIB",
+    "HEADER",
+    "MAX_CHUNK_MIB",
+    "BlobError",
+    "chunk_bytes",
+    "read",
+    "sizes",
+    "storage_bound",
+    "stored_bytes",
+    "write",
+]
+
+CHUNK_ENV = "CROWDTRAIN_CHUNK_MIB"
+DEFAULT_CHUNK_MIB = 16
+MAX_CHUNK_MIB = 64
+MAGIC = b"ctblob\x00\x01"
+HEADER = struct.Struct("<8sQ")
+MIB = 1 << 20
+
+
+class BlobError(BrokerError, ValueError):
+    """A stored blob is not a well-formed chunk list, or is larger than the reader allows."""
+
+
+def chunk_bytes(env: Mapping[str, str] | None = None) -> int:
+    """The chunk size writers use, from ``CROWDTRAIN_CHUNK_MIB`` (1 to 64 MiB)."""
+    raw = (os.environ if env is None else env).get(CHUNK_ENV) or str(DEFAULT_CHUNK_MIB)
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = 0
+    if not 1 <= mib <= MAX_CHUNK_MIB:
+        raise SettingsError(
+            f"{CHUNK_ENV} must be a whole number of MiB from 1 to {MAX_CHUNK_MIB}, not {raw!r}"
+        )
+    return mib * MIB
+
+
+def write(client: redis.Redis, key: str, data: bytes | bytearray | memoryview, ttl: int | None = None) -> int:
+    """Store ``data`` under ``key`` as a chunk list, replacing what was there; returns its bytes.
+
+    With ``ttl`` the blob expires after that many seconds, else never. The
+    chunks are slices of ``data``: nothing is copied on this side.
+    """
+    view = memoryview(data).cast("B")
+    size = chunk_bytes()
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.rpush(key, HEADER.pack(MAGIC, view.nbytes))
+    for start in range(0, view.nbytes, size):
+        pipe.rpush(key, view[start : start + size])
+    if ttl is not None:
+        pipe.expire(key, ttl)
+    pipe.execute()
+    return view.nbytes
+
+
+def read(client: redis.Redis, key: str, limit: int | None = None) -> bytearray | None:
+    """The payload under ``key``; None if there is no such key.
+
+    Raises BlobError if the key holds anything but a well-formed chunk list,
+    or declares more than ``limit`` bytes (checked before anything is allocated).
+    A chunk list that changes while it is read (it was replaced or expired) is
+    refused too, rather than returned mixed.
+    """
+    try:
+        head, count = _head(client, key)
+    except redis.ResponseError as e:  # WRONGTYPE: a plain string or another type
+        raise BlobError(f"{key} is not a chunk list ({e})") from None
+    if head is None:
+        return None
+    total = _declared(head, key)
+    if limit is not None and total > limit:
+        raise BlobError(f"{key} declares {total} bytes, over the limit of {limit}")
+    out = bytearray(total)
+    pos = 0
+    for index in range(1, count):
+        chunk = client.lindex(key, index)
+        if chunk is None:
+            raise BlobError(f"{key} changed while it was read (chunk {index} of {count - 1} is gone)")
+        if len(chunk) > total - pos:
+            raise BlobError(f"{key}: its chunks hold more than the {total} bytes its header declares")
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+        del chunk
+    if pos != total:
+        raise BlobError(f"{key}: its chunks hold {pos} bytes, its header declares {total}")
+    return out
+
+
+def sizes(client: redis.Redis, key: str) -> tuple[int, int]:
+    """(declared, stored) bytes of ``key`` in one round trip; (0, 0) if there is no such key.
+
+    ``declared`` is what the header says (0 if there is none); ``stored`` is
+    Redis's MEMORY USAGE, at least the bytes really there whatever the type.
+    The trusted side bounds a volunteer's upload by both before reading a
+    chunk: the header is only the volunteer's word, and one chunk could be as
+    large as Redis allows.
+    """
+    pipe = client.pipeline(transaction=False)
+    stored_bytes(pipe, key)
+    pipe.lindex(key, 0)
+    stored, head = pipe.execute(raise_on_error=False)
+    if stored is None or isinstance(stored, Exception):
+        return 0, 0
+    declared = 0
+    if isinstance(head, bytes):  # not WRONGTYPE: a list
+        try:
+            declared = _declared(head, key)
+        except BlobError:
+            declared = 0
+    return declared, int(stored)
+
+
+def stored_bytes(client: redis.Redis | redis.client.Pipeline, key: str) -> object:
+    """Queue or run MEMORY USAGE of ``key`` (None if absent)."""
+    return client.execute_command("MEMORY USAGE", key, "SAMPLES", "0")
+
+
+def storage_bound(limit: int) -> int:
+    """The most MEMORY USAGE a blob of ``limit`` payload bytes can show: the payload plus list overhead."""
+    return limit + limit // 8 + 64 * 1024
+
+
+def _head(client: redis.Redis, key: str) -> tuple[bytes | None, int]:
+    """The header chunk and the list's length, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.lindex(key, 0)
+    pipe.llen(key)
+    head, count = pipe.execute()
+    return head, int(count)
+
+
+def _declared(head: bytes, key: str) -> int:
+    """The payload size the header declares; BlobError if it is no crowdtrain header."""
+    if len(head) != HEADER.size:
+        raise BlobError(f"{key} does not start with a {HEADER.size}-byte blob header")
+    magic, total = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise BlobError(f"{key} does not start with the blob header (magic {magic!r})")
+    return int(total)

@@ -1,0 +1,81 @@
+"""Chunked blobs on a real redis-server: any size, whole or nothing, bounded before reading."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import blobs
+from broker.errors import SettingsError
+
+
+@pytest.fixture
+def client(redis_server, monkeypatch):
+    monkeypatch.setenv(blobs.CHUNK_ENV, "1")  # 1 MiB chunks, so a few MiB make many
+    return redis_server.client()
+
+
+def test_a_blob_round_trips_as_a_list_of_bounded_chunks(client):
+    data = bytes(range(256)) * (10 * 4096 + 3)  # 10 MiB and a bit: 11 chunks of at most 1 MiB
+    assert blobs.write(client, "b", data) == len(data)
+    assert client.type("b") == b"list"
+    chunks = client.lrange("b", 1, -1)
+    assert len(chunks) == 11 and max(len(c) for c in chunks) == blobs.MIB
+    assert bytes(blobs.read(client, "b")) == data
+    assert blobs.sizes(client, "b")[0] == len(data)
+    assert blobs.sizes(client, "b")[1] >= len(data)
+
+
+def test_an_empty_blob_and_a_missing_key_differ(client):
+    blobs.write(client, "empty", b"")
+    assert blobs.read(client, "empty") == bytearray()
+    assert blobs.read(client, "missing") is None
+    assert blobs.sizes(client, "missing") == (0, 0)
+
+
+def test_rewriting_replaces_the_whole_blob_and_the_ttl_covers_every_chunk(client):
+    blobs.write(client, "b", b"x" * (3 * blobs.MIB))
+    blobs.write(client, "b", b"short", ttl=100)
+    assert bytes(blobs.read(client, "b")) == b"short"
+    assert 0 < client.ttl("b") <= 100
+    blobs.write(client, "b", b"again")
+    assert client.ttl("b") == -1, "a blob written without a ttl never expires"
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_reading(client):
+    blobs.write(client, "b", b"y" * 1000)
+    with pytest.raises(blobs.BlobError, match="over the limit of 999"):
+        blobs.read(client, "b", limit=999)
+
+
+@pytest.mark.parametrize(
+    ("what", "store", "match"),
+    [
+        ("a plain string", lambda c: c.set("b", b"not chunks"), "not a chunk list"),
+        ("no header", lambda c: c.rpush("b", b"data"), "header"),
+        ("a wrong magic", lambda c: c.rpush("b", blobs.HEADER.pack(b"ctblob\x00\x09", 3), b"abc"), "magic"),
+        ("chunks past the header", lambda c: c.rpush("b", blobs.HEADER.pack(blobs.MAGIC, 2), b"abc"), "more"),
+        (
+            "chunks short of it",
+            lambda c: c.rpush("b", blobs.HEADER.pack(blobs.MAGIC, 9), b"abc"),
+            "declares 9",
+        ),
+    ],
+)
+def test_a_malformed_blob_is_refused_with_one_error(client, what, store, match):
+    store(client)
+    with pytest.raises(blobs.BlobError, match=match):
+        blobs.read(client, "b")
+
+
+def test_a_lying_header_cannot_hide_a_huge_chunk_from_the_stored_size(client):
+    client.rpush("b", blobs.HEADER.pack(blobs.MAGIC, 10), b"z" * (5 * blobs.MIB))
+    declared, stored = blobs.sizes(client, "b")
+    assert declared == 10
+    assert stored > blobs.storage_bound(10), "the trusted side bounds the stored bytes, not the claim"
+
+
+@pytest.mark.parametrize("value", ["0", "65", "ten", "-1"])
+def test_a_bad_chunk_size_setting_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv(blobs.CHUNK_ENV, value)
+    with pytest.raises(SettingsError, match=blobs.CHUNK_ENV):
+        blobs.chunk_bytes()

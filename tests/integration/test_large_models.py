@@ -1,0 +1,88 @@
+"""A model over Redis's 512 MB value limit trains a round end to end (blobs are chunked)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors.torch import load_file
+
+from broker import blobs, keys
+
+# About 155M float32 parameters (620 MB): one charlm layer of width 3584.
+LARGE_CHARLM = [
+    "--job-arg",
+    "layers=1",
+    "--job-arg",
+    "width=3584",
+    "--job-arg",
+    "heads=4",
+    "--job-arg",
+    "context=8",
+    "--job-arg",
+    "batch_size=2",
+    "--job-arg",
+    "max_files=2",
+    "--job-arg",
+    "eval_batches=1",
+]
+REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+
+
+def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exported(
+    processes, redis_server
+):
+    chunk_mib = 16
+    processes.extra_env[blobs.CHUNK_ENV] = str(chunk_mib)
+    processes.aggregator()
+    processes.volunteer("alice")
+    init = processes.json(
+        "init",
+        "--run",
+        "big",
+        "--job",
+        "charlm",
+        *LARGE_CHARLM,
+        "--compression",
+        "none",  # the largest delta: a whole float32 model
+        "--verify",
+        "none",
+        "--local-steps",
+        "1",
+        "--shards",
+        "1",
+        "--deadline",
+        "600",
+    )
+    client = redis_server.client()
+    model_key = keys.model("big", 0)
+    declared, _ = blobs.sizes(client, model_key)
+    assert declared > REDIS_VALUE_LIMIT, f"the model must not fit one Redis value ({declared} bytes)"
+
+    document = processes.json("run", "--run", "big", "--rounds", "1", timeout=900)
+
+    (round_,) = document["rounds"]
+    assert round_["model_version"] == 1 and round_["accepted"] == 1, processes.log_tail()
+    assert round_["uplink_bytes"] > REDIS_VALUE_LIMIT, "the delta itself is over the value limit"
+    assert math.isfinite(round_["eval_loss"])
+    assert round_["eval_loss"] != init["initial"]["eval_loss"], "the merged delta moved the model"
+    assert _largest_value(client) <= chunk_mib << 20, "no Redis value is larger than one chunk"
+
+    out = processes.home / "big.safetensors"
+    result = processes.cli("export", "--run", "big", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    tensors = load_file(out)
+    assert sum(t.numel() for t in tensors.values()) * 4 > REDIS_VALUE_LIMIT
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def _largest_value(client) -> int:
+    """The largest string or list element under crowdtrain's keys, read one at a time."""
+    largest = 0
+    for key in client.scan_iter("ct:*"):
+        kind = client.type(key)
+        if kind == b"string":
+            largest = max(largest, client.strlen(key))
+        elif kind == b"list":
+            largest = max(largest, *(len(client.lindex(key, i) or b"") for i in range(client.llen(key))))
+    return largest
