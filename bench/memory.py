@@ -23,10 +23,10 @@ fails, a process that dies, a timeout) is a row "failed: <reason>", and the next
 (Redis, aggregator, volunteer, the coordinator CLI) is summed in each sample; the largest
 sum above the idle sum, divided by the parameter count, is a slope in bytes per parameter.
 ``--machine-gib`` (24) minus the idle sum, over the slope of the largest size that passed,
-estimates the largest model; it is an extrapolation, not a run. Today a model above 512 MiB
-of float32 (~134M parameters) is also refused by Redis's value limit; the report says which
-limit binds. ``--trace`` runs both processes under ``bench/memtrace.py`` and prints, for
-the largest size that passed, RSS above idle on entry and exit of every memory-heavy step.
+estimates the largest model; it is an extrapolation, not a run (blobs are chunked, so
+Redis's 512 MB value limit no longer binds). ``--trace`` runs both processes under
+``bench/memtrace.py`` and prints, for the largest size that passed, RSS above idle on entry
+and exit of every memory-heavy step.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from bench.harness import Cluster, redis_memory, rss_kib
 JOB = "bench.memory_job:make_job"
 AGG_BOUND = 4.0
 VOL_BOUND = 6.0
-REDIS_VALUE_LIMIT = 512 * 2**20
 SAMPLE_SECONDS = 0.05
 MIB = 2**20
 DEFAULT_SIZES = "1e6,1e7,1e8,3e8"
@@ -344,16 +343,12 @@ def estimate(rows: list[dict[str, Any]], machine_gib: float) -> dict[str, Any]:
     best = max(passed, key=lambda r: r["params"])
     slope = best["machine_above_mib"] * MIB / best["params"]  # bytes per parameter, all processes
     memory_bound = int((machine_gib * 2**30 - best["machine_idle_mib"] * MIB) / slope)
-    redis_bound = REDIS_VALUE_LIMIT // 4
     return {
         "machine_gib": machine_gib,
         "largest_passed": best["params"],
         "bytes_per_param": slope,
         "idle_mib": best["machine_idle_mib"],
-        "memory_bound_params": memory_bound,
-        "redis_bound_params": redis_bound,
-        "largest_params": min(memory_bound, redis_bound),
-        "binding": "Redis's 512 MiB value limit" if redis_bound < memory_bound else "memory",
+        "largest_params": memory_bound,
     }
 
 
@@ -386,12 +381,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     else:
         lines.append(
             f"Largest model one {est['machine_gib']:.0f} GiB machine can run a round of "
-            f"(estimated, not run): ~{_count(est['largest_params'])} parameters, bound by "
-            f"{est['binding']}. From the largest size that passed "
-            f"({_count(est['largest_passed'])}): all processes together peak "
-            f"{est['bytes_per_param']:.1f} bytes per parameter above an idle "
-            f"{est['idle_mib']:.0f} MiB, so memory alone allows ~{_count(est['memory_bound_params'])}; "
-            f"Redis's value limit allows {_count(est['redis_bound_params'])} (float32, none codec)."
+            f"(estimated, not run): ~{_count(est['largest_params'])} parameters. From the largest "
+            f"size that passed ({_count(est['largest_passed'])}): all processes together (Redis, "
+            f"aggregator, volunteer) peak {est['bytes_per_param']:.1f} bytes per parameter above an "
+            f"idle {est['idle_mib']:.0f} MiB (float32, none codec)."
         )
     if any(not r.get("hwm_reset", True) for r in rows):
         lines.append("(Peak counters could not be reset: peaks are the 50 ms samples only.)")

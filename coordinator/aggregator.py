@@ -125,14 +125,16 @@ class Aggregator:
         merged, strategy, clip = self._merge(context, weights, used, metas, reputations)
         if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
+        strategy_state = strategy.state_dict()
+        # Each model-sized object goes as soon as it is done with: the strategy's scratch,
+        # the base (views of its blob), the evaluation's model; the peak stays under 4x.
+        del strategy
         weights = self._publishable(context, weights, merged, base + 1, owner)
-        model = context.job.build_model()
-        model.load_state_dict(weights)
-        evaluation = {k: float(v) for k, v in context.job.evaluate(model).items()}
+        del merged
+        evaluation = _evaluate(context, weights)
         staged = self.store.stage_model(
             run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1})
         )
-        strategy_state = strategy.state_dict()
         if strategy_state:
             self.store.stage_strategy(run, owner, dumps(strategy_state))
         summary.update(evaluation, status="done", model_version=base + 1, seconds=_since(info))
@@ -203,7 +205,10 @@ class Aggregator:
         weighs by its samples times its volunteer's reputation.
         """
         config = context.config
-        weights = {k: v.clone() for k, v in base.items()}  # views of the blob are read-only
+        # ``base`` is views of its blob (a bytearray: writable), which nothing reads after the
+        # merge unless a lossy downlink publishes base + update: only then is a copy needed.
+        keep_base = lossy(config.get("downlink_compression"))
+        weights = {k: v.clone() for k, v in base.items()} if keep_base else dict(base)
         strategy = make_strategy(
             config["strategy"],
             server_lr=config.get("server_lr"),
@@ -327,6 +332,13 @@ class Aggregator:
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
         return self._fail(self.contexts[run], number, owner, info, summary, reason)
+
+
+def _evaluate(context: RunContext, weights: TensorDict) -> dict[str, float]:
+    """The job's evaluation of ``weights``; its model is gone when this returns."""
+    model = context.job.build_model()
+    model.load_state_dict(weights)
+    return {k: float(v) for k, v in context.job.evaluate(model).items()}
 
 
 def _probes(context: RunContext) -> bool:

@@ -225,6 +225,9 @@ class ShardRunner:
             weights, _ = loads(blob)
             fetched = len(blob)
         self._models[key] = weights
+        if self._config(run).get("mode") != "async":  # a synchronous run never asks for an older one
+            for older in [k for k in self._models if k[0] == run and k[1] < version]:
+                del self._models[older]
         while len(self._models) > MODEL_CACHE_SIZE:
             self._models.popitem(last=False)
         return weights, fetched
