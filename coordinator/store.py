@@ -6,6 +6,7 @@ Round state lives in ``coordinator.state`` (``Store.rounds``); the key layout in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -14,7 +15,7 @@ import redis
 from broker import keys
 from broker.errors import UnknownRun
 from coordinator.errors import RunExists
-from coordinator.state import RoundState, number_or_text
+from coordinator.state import RoundState, lua_source, number_or_text
 
 
 class Store:
@@ -23,6 +24,7 @@ class Store:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.rounds = RoundState(client)
+        self._drain = client.register_script(lua_source("drain"))
 
     # --- runs and versions ---------------------------------------------------
     def create_run(self, run: str, config: dict[str, Any], model_blob: bytes) -> None:
@@ -100,9 +102,25 @@ class Store:
         """Bytes stored under ``key`` (0 if absent), known before anything is downloaded."""
         return int(self.redis.strlen(key))
 
+    def upload_sizes(self, upload_keys: Sequence[str]) -> list[int]:
+        """``upload_size`` of each key, in one round trip."""
+        if not upload_keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in upload_keys:
+            pipe.strlen(key)
+        return [int(size) for size in pipe.execute()]
+
     def get_upload(self, key: str) -> bytes | None:
         blob: bytes | None = self.redis.get(key)
         return blob
+
+    def get_uploads(self, upload_keys: Sequence[str]) -> list[bytes | None]:
+        """Each key's bytes (None where absent), in one round trip."""
+        if not upload_keys:
+            return []
+        blobs: list[bytes | None] = self.redis.mget(upload_keys)
+        return blobs
 
     def take_upload(self, key: str, trusted_key: str) -> bytes | None:
         """Move an upload where no volunteer can write (keys.accepted_upload), then read it."""
@@ -115,6 +133,56 @@ class Store:
         except redis.ResponseError:  # "no such key": it expired or was deleted meanwhile
             return None
         return blob
+
+    def take_uploads(
+        self,
+        moves: Sequence[tuple[str, str]],
+        counts: Sequence[tuple[str, int, str, int]] = (),
+        discard: Sequence[str] = (),
+    ) -> list[bytes | None]:
+        """``take_upload`` for each (key, trusted key) in ``moves``, in one round trip; the blobs.
+
+        First the ``counts`` are added to their rounds (run, round, field, count);
+        last the ``discard`` keys are deleted. A move whose upload went meanwhile
+        reads None.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, field, count in counts:
+            pipe.hincrby(keys.round_(run, number), field, count)
+        for key, trusted_key in moves:
+            pipe.rename(key, trusted_key)
+            pipe.expire(trusted_key, keys.UPLOAD_TTL)
+            pipe.get(trusted_key)
+        if discard:
+            pipe.delete(*discard)
+        replies = pipe.execute(raise_on_error=False)
+        blobs: list[bytes | None] = []
+        for index, reply in enumerate(replies):
+            first_move = index - len(counts)
+            if 0 <= first_move < 3 * len(moves) and first_move % 3 == 0:
+                blob = replies[index + 2]
+                # "no such key": the upload expired or was deleted meanwhile, and nothing was moved
+                gone = isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower()
+                blobs.append(None if gone or not isinstance(blob, bytes) else blob)
+                if gone:
+                    continue
+            if isinstance(reply, Exception):
+                raise reply
+        return blobs
+
+    def announce(self, *upload_keys: str) -> None:
+        """Put uploads on the announcement list, as their volunteers did (the watcher's recovery)."""
+        if upload_keys:
+            self.redis.rpush(keys.announcements(), *upload_keys)
+
+    def take_announcements(self, count: int, longest: int, cap: int) -> tuple[int, list[bytes]]:
+        """Up to ``count`` announcements, oldest first, and how many were dropped (``lua/drain.lua``).
+
+        Entries longer than ``longest`` bytes are dropped unread, and entries
+        beyond the list's ``cap`` (the newest) are dropped too.
+        """
+        dropped, entries = self._drain(keys=[keys.announcements()], args=[count, longest, cap])
+        return int(dropped), list(entries)
 
     def delete_upload(self, *upload_keys: str) -> None:
         if upload_keys:
