@@ -41,9 +41,10 @@ log = logging.getLogger("crowdtrain.announcements")
 BATCH = 256  # entries taken, and validated together, at a time
 MAX_ENTRY = 256  # bytes: an upload key is far shorter (two names of 64, two numbers, a token of 64)
 MAX_BACKLOG = 100_000  # entries the list may hold: 25 MB at most
-# An idle intake looks at the list this often, backing off from POLL_MIN to POLL_MAX. Blocking
-# (BLPOP) would hand the aggregator whatever a volunteer pushed, however large, unread.
-POLL_MIN = 0.001
+# After a batch the intake waits POLL_MIN before the next, so that uploads trickling in are
+# validated a few at a time (a round's last upload waits that much more); idle, it backs off
+# to POLL_MAX. Blocking (BLPOP) would hand it whatever a volunteer pushed, however large, unread.
+POLL_MIN = 0.005
 POLL_MAX = 0.01
 ERROR_PAUSE = 1.0
 # An upload to an asynchronous run that arrives while its buffer is merged is looked at again
@@ -152,16 +153,18 @@ def parse(entries: Sequence[bytes]) -> tuple[list[Upload], list[bytes]]:
 
 
 def serve(inbox: Inbox, stop: threading.Event) -> None:
-    """Drain the list until ``stop`` is set: at once while it has entries, backing off while idle."""
+    """Drain the list until ``stop`` is set: at once while batches come full, backing off while idle."""
     pause = POLL_MIN
     while not stop.is_set():
         try:
-            if inbox.drain():
-                pause = POLL_MIN
-                continue
+            taken = inbox.drain()
         except Exception as e:  # a broker outage must not kill the intake
             log.warning("intake: %s (retrying)", e)
-            pause = ERROR_PAUSE
+            taken, pause = 0, ERROR_PAUSE
+        if taken >= BATCH:
+            continue  # more are waiting
+        if taken:
+            pause = POLL_MIN
         stop.wait(pause)
         pause = min(POLL_MAX, pause * 2)
 
