@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import redis
 
@@ -34,8 +34,11 @@ __all__ = [
     "MAX_CHUNK_MIB",
     "BlobError",
     "chunk_bytes",
+    "queue_write",
     "read",
+    "read_many",
     "sizes",
+    "sizes_many",
     "storage_bound",
     "stored_bytes",
     "write",
@@ -73,16 +76,24 @@ def write(client: redis.Redis, key: str, data: bytes | bytearray | memoryview, t
     With ``ttl`` the blob expires after that many seconds, else never. The
     chunks are slices of ``data``: nothing is copied on this side.
     """
+    pipe = client.pipeline(transaction=True)
+    size = queue_write(pipe, key, data, ttl)
+    pipe.execute()
+    return size
+
+
+def queue_write(
+    pipe: redis.client.Pipeline, key: str, data: bytes | bytearray | memoryview, ttl: int | None = None
+) -> int:
+    """Add ``write``'s commands to a transaction ``pipe`` (so more can go in the same MULTI/EXEC)."""
     view = memoryview(data).cast("B")
     size = chunk_bytes()
-    pipe = client.pipeline(transaction=True)
     pipe.delete(key)
     pipe.rpush(key, HEADER.pack(MAGIC, view.nbytes))
     for start in range(0, view.nbytes, size):
         pipe.rpush(key, view[start : start + size])
     if ttl is not None:
         pipe.expire(key, ttl)
-    pipe.execute()
     return view.nbytes
 
 
@@ -141,6 +152,80 @@ def sizes(client: redis.Redis, key: str) -> tuple[int, int]:
         except BlobError:
             declared = 0
     return declared, int(stored)
+
+
+def sizes_many(client: redis.Redis, keys: Sequence[str]) -> list[tuple[int, int]]:
+    """``sizes`` of each key, in one round trip."""
+    if not keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        stored_bytes(pipe, key)
+        pipe.lindex(key, 0)
+    replies = pipe.execute(raise_on_error=False)
+    out: list[tuple[int, int]] = []
+    for key, stored, head in zip(keys, replies[0::2], replies[1::2], strict=True):
+        if stored is None or isinstance(stored, Exception):
+            out.append((0, 0))
+            continue
+        declared = 0
+        if isinstance(head, bytes):
+            try:
+                declared = _declared(head, key)
+            except BlobError:
+                declared = 0
+        out.append((declared, int(stored)))
+    return out
+
+
+def read_many(
+    client: redis.Redis, keys: Sequence[str], limits: Sequence[int | None] | None = None
+) -> list[bytearray | BlobError | None]:
+    """``read`` of each key, in two round trips for blobs of one chunk (the usual upload).
+
+    Each answer is the payload, None (no such key) or the BlobError that ``read``
+    would raise: one malformed blob does not spoil the others.
+    """
+    if not keys:
+        return []
+    bounds = list(limits) if limits is not None else [None] * len(keys)
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.lindex(key, 0)
+        pipe.llen(key)
+    replies = pipe.execute(raise_on_error=False)
+    out: list[bytearray | BlobError | None] = [None] * len(keys)
+    single: list[tuple[int, int]] = []  # (index, declared size) of one-chunk blobs
+    for index, (key, head, count) in enumerate(zip(keys, replies[0::2], replies[1::2], strict=True)):
+        if isinstance(head, Exception) or isinstance(count, Exception):
+            out[index] = BlobError(
+                f"{key} is not a chunk list ({head if isinstance(head, Exception) else count})"
+            )
+            continue
+        if head is None:
+            continue
+        try:
+            total = _declared(head, key)
+            limit = bounds[index]
+            if limit is not None and total > limit:
+                raise BlobError(f"{key} declares {total} bytes, over the limit of {limit}")
+            if int(count) == 2:
+                single.append((index, total))
+            else:
+                out[index] = read(client, key, limit)
+        except BlobError as e:
+            out[index] = e
+    if single:
+        pipe = client.pipeline(transaction=False)
+        for index, _ in single:
+            pipe.lindex(keys[index], 1)
+        for (index, total), chunk in zip(single, pipe.execute(), strict=True):
+            if chunk is None or len(chunk) != total:
+                got = "nothing" if chunk is None else f"{len(chunk)} bytes"
+                out[index] = BlobError(f"{keys[index]}: its chunk holds {got}, its header declares {total}")
+            else:
+                out[index] = bytearray(chunk)
+    return out
 
 
 def stored_bytes(client: redis.Redis | redis.client.Pipeline, key: str) -> object:

@@ -31,11 +31,14 @@ chunks (``broker.blobs``)::
     ct:run:RUN:round:N:replicas          hash: shard -> key of the second volunteer's accepted copy
     ct:deadlines                         sorted set: "RUN|N" -> deadline of unfinished rounds
     ct:upload:VOLUNTEER:RUN:N:SHARD:TOKEN  one upload, writable by that volunteer only
+    ct:announce                          list: keys of uploads to validate (volunteers: RPUSH only)
     ct:volunteers                        set of volunteer names     (trusted side only)
     ct:volunteer:NAME                    hash: device and credit    (trusted side only)
 """
 
 from __future__ import annotations
+
+import re
 
 PREFIX = "ct"
 TRAIN_QUEUE = "train"
@@ -52,6 +55,13 @@ MAX_OUTSTANDING_UPLOADS = 16
 # A staged model that was never published (its aggregator died) goes after this.
 STAGED_TTL = 3600
 RESULT_EXPIRES = 3600
+# Round and shard numbers, like every task's integers (tasks.arguments), stay below this.
+MAX_NUMBER = 1 << 40
+# What a run or volunteer name may be: they become parts of keys, ACL users and file names.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use fullmatch: "$" lets a final newline in
+# An upload's token: random hex, which no one but its volunteer (and the trusted side) sees.
+TOKEN = re.compile(r"[0-9a-f]{8,64}")
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 
 
 def runs() -> str:
@@ -181,9 +191,27 @@ def parse_upload(key: str) -> tuple[str, str, int, int, str] | None:
     if len(parts) != 7 or parts[:2] != [PREFIX, "upload"]:
         return None
     _, _, volunteer, run, number, shard, token = parts
-    if not (number.isdigit() and shard.isdigit()):
+    if not (_DIGITS.fullmatch(number) and _DIGITS.fullmatch(shard)):
         return None
     return volunteer, run, int(number), int(shard), token
+
+
+def checked_upload(key: str) -> tuple[str, str, int, int, str] | None:
+    """``parse_upload`` for a key that came from a volunteer: None unless every part is well formed."""
+    parsed = parse_upload(key)
+    if parsed is None:
+        return None
+    volunteer, run, number, shard, token = parsed
+    if not (NAME.fullmatch(volunteer) and NAME.fullmatch(run) and TOKEN.fullmatch(token)):
+        return None
+    if number >= MAX_NUMBER or shard >= MAX_NUMBER:
+        return None
+    return parsed
+
+
+def announcements() -> str:
+    """The list of upload keys waiting to be validated: volunteers append, the aggregator drains."""
+    return _k("announce")
 
 
 def upload_pattern(volunteer: str) -> str:

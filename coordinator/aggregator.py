@@ -41,6 +41,9 @@ from serialization import TensorDict, dumps, loads
 log = logging.getLogger("crowdtrain.aggregator")
 
 MAX_ATTEMPTS = 3
+# Raw upload bytes the merge reads ahead in one MGET (at least one upload): small deltas cost
+# one round trip per batch, not per delta, and a large one is still read alone.
+PREFETCH_BYTES = 1 << 20
 _DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")  # what a volunteer may call its device
 
 
@@ -175,8 +178,8 @@ class Aggregator:
         metas: dict[int, dict] = {}
         norms: dict[int, float] = {}
         rejections: dict[int, str] = {}
-        for shard, key in copies.items():
-            delta = self._delta(context, key, metas, shard)
+        for shard, blob in zip(copies, self._blobs(context, list(copies.values()))):
+            delta = self._decode(context, blob, metas, shard)
             if delta is None:
                 rejections[shard] = "upload expired before aggregation"
                 continue
@@ -260,8 +263,8 @@ class Aggregator:
         """
         total = sum(_weight(metas[s]) for s in shards)
         combined: TensorDict = {}
-        for shard in shards:
-            delta = self._delta(context, used[shard], {}, shard)
+        for shard, blob in zip(shards, self._blobs(context, [used[s] for s in shards])):
+            delta = self._decode(context, blob, {}, shard)
             if delta is None:
                 raise LookupError(f"the accepted upload of shard {shard} left Redis during the merge")
             share = _weight(metas[shard]) / total
@@ -274,7 +277,18 @@ class Aggregator:
 
     def _delta(self, context: RunContext, key: str, metas: dict[int, dict], shard: int) -> TensorDict | None:
         """Decode an accepted copy (exactly the bytes validated); its meta goes into ``metas``."""
-        blob = self.store.get_upload(key, context.upload_bound)
+        return self._decode(context, self.store.get_upload(key, context.upload_bound), metas, shard)
+
+    def _blobs(self, context: RunContext, copies: list[str]) -> Iterator[bytearray | None]:
+        """The bytes of each accepted copy in turn, read ahead up to ``PREFETCH_BYTES`` at a time."""
+        step = max(1, PREFETCH_BYTES // max(1, context.upload_bound))
+        for start in range(0, len(copies), step):
+            yield from self.store.get_uploads(copies[start : start + step], context.upload_bound)
+
+    def _decode(
+        self, context: RunContext, blob: bytes | bytearray | None, metas: dict[int, dict], shard: int
+    ) -> TensorDict | None:
+        """Decode a copy's bytes against the run's model; its meta goes into ``metas``."""
         if blob is None:
             return None
         delta, meta = loads(

@@ -34,7 +34,7 @@ from celery import Celery
 
 from broker.routing import need_from_config
 from coordinator.errors import RoundOpen
-from coordinator.rounds import shard_task
+from coordinator.rounds import send_shards, shard_task
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.asynchronous")
@@ -80,10 +80,9 @@ def post_jobs(
     number, base, shards = int(info["round"]), int(info["base_version"]), int(config["shards"])
     total = store.rounds.add_jobs(run, number, count)
     queue = need_from_config(config).queue
-    with app.producer_or_acquire() as producer:  # one connection for all of them
-        for job in range(total - count, total):
-            task = shard_task(run, number, job, shards, base)
-            app.send_task("train_shard", queue=queue, producer=producer, ignore_result=True, kwargs=task)
+    send_shards(
+        app, queue, (shard_task(run, number, job, shards, base) for job in range(total - count, total))
+    )
 
 
 def drive(

@@ -24,7 +24,8 @@ from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import asynchronous, checkpoints, credentials, janitor, privacy
+from coordinator import announcements, asynchronous, checkpoints, credentials, janitor, privacy
+from coordinator.aggregator import Aggregator
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
@@ -270,10 +271,11 @@ def abort_round(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def aggregator(args: argparse.Namespace) -> None:
-    """Run the trusted worker; the deadline watcher runs beside it in a thread."""
+    """Run the trusted worker; the intake and the deadline watcher run beside it in threads."""
     settings = broker_settings(args)
     store = Store(redis_client(settings))
-    app = aggregator_app(settings)
+    trusted = Aggregator(store, settings.home, keep_versions=settings.keep_versions)
+    app = aggregator_app(settings, trusted)
     if args.metrics_port:
         try:
             serve_metrics(store, args.metrics_port, app, address=args.metrics_address)
@@ -291,7 +293,15 @@ def aggregator(args: argparse.Namespace) -> None:
     def send(task: str, task_args: list) -> None:
         app.send_task(task, args=task_args, queue=AGGREGATE_QUEUE)
 
-    # Uploads are swept once per visibility timeout: a lost validate_delta is made good
+    def post(task: str, kwargs: dict[str, Any], queue: str) -> None:
+        # a volunteer may not write the result backend: its task stores none
+        app.send_task(task, kwargs=kwargs, queue=queue, ignore_result=task == "train_shard")
+
+    # Volunteers announce their uploads on a list; this thread validates them in batches.
+    inbox = announcements.Inbox(store, trusted.intake, post)
+    threading.Thread(target=announcements.serve, args=(inbox, stop), daemon=True, name="intake").start()
+
+    # Uploads are swept once per visibility timeout: a lost announcement is made good
     # on the time scale that a dead worker's unacknowledged one comes back.
     sweep = max(1.0, settings.visibility_timeout)
     threading.Thread(

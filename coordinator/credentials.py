@@ -1,10 +1,11 @@
 """Least-privilege Redis ACL users for volunteers (``coordinator volunteer-credentials``).
 
 A volunteer's user may read a run (config, versions, model blobs, round
-status), write only its own uploads, and use what Celery and kombu need to
-pull ``train`` tasks and send ``validate_delta`` tasks: the ``train`` list,
-pushes to ``aggregate``, kombu's unacked bookkeeping and bindings, pidbox
-replies, publishing events, and listening (only) on the control channel. Its
+status), write only its own uploads, append (RPUSH, and nothing else) to the
+announcement list ``ct:announce``, and use what Celery and kombu need to pull
+``train`` tasks: the ``train`` list, kombu's unacked bookkeeping and bindings,
+pidbox replies, publishing events, and listening (only) on the control
+channel. It cannot touch the trusted ``aggregate`` queue at all. Its
 credit, the volunteer list and task results are written by the trusted side
 only. It gets no dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, EVAL, ...). The
 read-only key selector ``%R~`` needs Redis 7; older servers are refused with a
@@ -155,9 +156,6 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"~{keys.TRAIN_QUEUE}",
         f"~{keys.TRAIN_QUEUE}{PRIORITY_SEP}*",
         f"~{keys.TRAIN_QUEUE}.*",  # the routed queues (broker.routing), priority lists included
-        # send validate_delta, never read it
-        f"%W~{keys.AGGREGATE_QUEUE}",
-        f"%W~{keys.AGGREGATE_QUEUE}{PRIORITY_SEP}*",
         "~unacked",
         "~unacked_index",
         "~unacked_mutex",  # kombu's acks_late bookkeeping
@@ -177,6 +175,9 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     # ACL channel pattern, so the pidbox one is written out.
     channels = [f"&/{db}.celeryev/*"]
     listen_only = f"(+subscribe +psubscribe +unsubscribe +punsubscribe &/{db}.celery.pidbox)"
+    # Announcing an upload: RPUSH onto the list, and no other command on it (no read, pop, trim,
+    # delete, SET over it or EXPIRE): a selector of its own, as no key pattern says "append only".
+    append_only = f"(+rpush ~{keys.announcements()})"
     return [
         "reset",
         "on",
@@ -187,6 +188,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         *patterns,
         *channels,
         listen_only,
+        append_only,
     ]
 
 

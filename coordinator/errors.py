@@ -52,8 +52,15 @@ class PrivacyBudgetSpent(UsageError):
     """One more round would take the run's ε above its --dp-epsilon budget."""
 
 
-def is_broker_full(error: BaseException) -> bool:
-    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's."""
+def is_broker_full(error: BaseException | None) -> bool:
+    """True for Redis's "OOM command not allowed" refusal, also inside a pipeline's or a script's.
+
+    kombu's publish batch raises its own error from the pipeline's: the cause is looked at too.
+    """
+    if error is None:
+        return False
     if isinstance(error, redis.exceptions.OutOfMemoryError):  # redis-py strips the "OOM " prefix
         return True
-    return isinstance(error, redis.ResponseError) and bool(_OOM.search(str(error)))
+    if isinstance(error, redis.ResponseError) and _OOM.search(str(error)):
+        return True
+    return is_broker_full(error.__cause__)

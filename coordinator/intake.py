@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +30,6 @@ from serialization import WireFormatError, loads
 
 log = logging.getLogger("crowdtrain.intake")
 
-_TOKEN = re.compile(r"^[0-9a-f]{8,64}$")
 # A shard whose upload was rejected is posted again, so another volunteer may train it,
 # at most this many times per round: a volunteer spamming failures costs only that.
 MAX_REOFFERS = 2
@@ -51,7 +50,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Upload:
-    """One upload named by a ``validate_delta`` message.
+    """One announced upload (``coordinator.announcements``).
 
     It counts in the round it was posted with, except in an asynchronous run,
     where it counts in the buffer open when it arrives (``counted_in``) under
@@ -84,7 +83,7 @@ class Upload:
 
 
 class Intake:
-    """Validates uploads for every run on one broker."""
+    """Validates uploads for every run on one broker, a batch at a time."""
 
     def __init__(self, store: Store, contexts: RunContexts) -> None:
         self.store = store
@@ -92,95 +91,130 @@ class Intake:
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once."""
-        info = self.store.rounds.info(run, number)
-        if info is None or not 0 <= shard < int(info["shards"]):
-            log.warning("ignoring result for unknown round %s/%s shard %s", run, number, shard)
-            return Verdict("unknown")
-        if not (isinstance(token, str) and _TOKEN.match(token)):
-            log.warning(
-                "ignoring %s round %d shard %d: malformed token from %s", run, number, shard, volunteer
-            )
-            return Verdict("ignored")
-        upload = Upload(run, number, shard, volunteer, token)
-        context = self.contexts[run]
-        if is_async(context.config):
-            verdict = self._validate_buffered(upload, context, info)
-            if verdict.outcome not in ("wait", "ignored"):
-                self.store.rounds.answered(run, number, shard, verdict.outcome)
-            return verdict
-        blocked = "the round is closed" if info["status"] != "open" else None
-        return self._take(upload, context, info, blocked)
+        return self.validate_many([Upload(run, number, shard, volunteer, token)])[0]
 
-    def _take(
-        self, upload: Upload, context: RunContext, info: dict[str, Any], blocked: str | None
-    ) -> Verdict:
-        """Count the upload's bytes, refuse it (``blocked``, or over the bound) or move and judge it.
+    def validate_many(self, uploads: Sequence[Upload]) -> list[Verdict]:
+        """Check a batch of uploads, each counted at most once, in a few Redis round trips.
 
-        ``info`` is the round the shard was posted with: its base version is
-        the one the delta must have been trained on.
+        One pipeline reads the rounds, one the sizes, one counts the bytes and
+        moves and reads the uploads, one runs ``accept.lua`` for the good ones.
+        Refusals, and validations cut short by a crash, take their own round
+        trips: they are the rare case.
         """
-        declared, stored = self.store.upload_size(upload.key)
-        if stored == 0:
-            return self._resume(upload, context, info)
-        bound = context.upload_bound
-        # No upload counts for more bytes than an honest one can have.
-        self.store.rounds.add_bytes(
-            upload.run, upload.counted_in, "uplink_bytes", min(declared or stored, bound)
+        verdicts: list[Verdict] = [Verdict("ignored")] * len(uploads)
+        infos = self.store.rounds.infos(sorted({(u.run, u.round) for u in uploads}))
+        currents: dict[str, dict[str, Any] | None] = {}
+        pending: list[tuple[int, _Pending]] = []
+        for index, upload in enumerate(uploads):
+            info = infos.get((upload.run, upload.round))
+            if info is None or not 0 <= upload.shard < int(info["shards"]):
+                log.warning(
+                    "ignoring result for unknown round %s/%s shard %s", upload.run, upload.round, upload.shard
+                )
+                verdicts[index] = Verdict("unknown")
+                continue
+            if not (isinstance(upload.token, str) and keys.TOKEN.fullmatch(upload.token)):
+                log.warning(
+                    "ignoring %s round %d shard %d: malformed token from %s",
+                    upload.run,
+                    upload.round,
+                    upload.shard,
+                    upload.volunteer,
+                )
+                continue
+            context = self.contexts[upload.run]
+            if not is_async(context.config):
+                blocked = "the round is closed" if info["status"] != "open" else None
+                pending.append((index, _Pending(upload, context, info, blocked)))
+                continue
+            if upload.run not in currents:
+                currents[upload.run] = self.store.rounds.current(upload.run)
+            entry = _buffered(upload, context, info, currents[upload.run])
+            if entry is None:
+                verdicts[index] = Verdict("wait")
+            else:
+                pending.append((index, entry))
+        answered: list[tuple[str, int, int, str]] = []
+        for (index, entry), verdict in zip(pending, self._take(p for _, p in pending), strict=True):
+            verdicts[index] = verdict
+            upload = entry.upload
+            if upload.target is not None and verdict.outcome not in ("wait", "ignored"):
+                answered.append((upload.run, upload.round, upload.shard, verdict.outcome))
+        self.store.rounds.answered_many(answered)
+        return verdicts
+
+    def _take(self, batch: Iterable[_Pending]) -> list[Verdict]:
+        """Count each upload's bytes, refuse it (``blocked``, or over the bound) or move and judge it.
+
+        Each entry's ``info`` is the round its shard was posted with: its base
+        version is the one the delta must have been trained on.
+        """
+        entries = list(batch)
+        verdicts: list[Verdict | None] = [None] * len(entries)
+        # (declared, stored): the blob header's claim, and what Redis holds (broker.blobs)
+        sizes = self.store.upload_sizes([e.upload.key for e in entries])
+        moves: list[int] = []
+        for index, (entry, (declared, stored)) in enumerate(zip(entries, sizes, strict=True)):
+            upload, bound = entry.upload, entry.context.upload_bound
+            if stored == 0:
+                continue  # gone, never there, or moved by a validation cut short: see _resume
+            if entry.blocked is None and (declared > bound or stored > blobs.storage_bound(bound)):
+                entry.blocked = f"upload of {max(declared, stored)} bytes exceeds the bound {bound}"
+            if entry.blocked is not None:
+                verdicts[index] = self._refuse(upload, entry.info, entry.blocked)
+            else:
+                moves.append(index)
+        present = [
+            (e, declared or stored) for e, (declared, stored) in zip(entries, sizes, strict=True) if stored
+        ]
+        # No upload counts for more bytes than an honest one can have. Moved (server-side)
+        # out of the volunteer's reach before a byte is read: what is checked is what the
+        # merge will read. The upload's own key goes (kept as the accepted copy, or not at all).
+        taken = self.store.take_uploads(
+            [
+                (entries[i].upload.key, entries[i].upload.copy_key, entries[i].context.upload_bound)
+                for i in moves
+            ],
+            counts=[
+                (e.upload.run, e.upload.counted_in, "uplink_bytes", min(size, e.context.upload_bound))
+                for e, size in present
+            ],
+            discard=[e.upload.key for e, _ in present],
         )
-        try:
-            if blocked is not None:
-                return self._refuse(upload, info, blocked)
-            if declared > bound or stored > blobs.storage_bound(bound):
-                reason = f"upload of {max(declared, stored)} bytes exceeds the bound {bound}"
-                return self._refuse(upload, info, reason)
-            # Moved (server-side) out of the volunteer's reach before a byte is read:
-            # what is checked below is what the merge will read.
-            try:
-                blob = self.store.take_upload(upload.key, upload.copy_key, bound)
-            except blobs.BlobError as e:
-                return self._refuse(upload, info, f"malformed upload: {e}")
-            if blob is None:
-                return Verdict("ignored")
-            return self._judge(upload, context, info, blob)
-        finally:
-            self.store.delete_upload(upload.key)  # kept as the accepted copy, or not at all
+        for index, blob in zip(moves, taken, strict=True):
+            if isinstance(blob, blobs.BlobError):
+                verdicts[index] = self._refuse(
+                    entries[index].upload, entries[index].info, f"malformed upload: {blob}"
+                )
+            else:
+                entries[index].blob = blob
+        resumed = [i for i, (_, stored) in enumerate(sizes) if stored == 0]
+        copies = self.store.read_uploads(
+            [entries[i].upload.copy_key for i in resumed], [entries[i].context.upload_bound for i in resumed]
+        )
+        for index, blob in zip(resumed, copies, strict=True):
+            if isinstance(blob, blobs.BlobError):
+                verdicts[index] = self._refuse(
+                    entries[index].upload, entries[index].info, f"malformed upload: {blob}"
+                )
+            else:
+                verdicts[index] = self._resume(entries[index], blob)
+        judged = [i for i in moves if entries[i].blob is not None] + [
+            i for i in resumed if verdicts[i] is None
+        ]
+        for index, verdict in zip(judged, self._judge([entries[i] for i in judged]), strict=True):
+            verdicts[index] = verdict
+        return [v if v is not None else Verdict("ignored") for v in verdicts]
 
-    def _validate_buffered(self, upload: Upload, context: RunContext, posted: dict[str, Any]) -> Verdict:
-        """An asynchronous run's upload: counted in the buffer open now, if not too stale.
-
-        ``posted`` is the round the job was posted with: its version is the one
-        the delta must have been trained on. While a buffer is being merged
-        there is none open, and the upload waits (``wait``: the task asks again).
-        """
-        current = self.store.rounds.current(upload.run)
-        if current is None or current["status"] != "open":
-            return Verdict("wait")
-        staleness = int(current["base_version"]) - int(posted["base_version"])
-        upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
-        limit = max_staleness(context.config)
-        blocked = None
-        if staleness > limit:
-            blocked = (
-                f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
-                f"the current {current['base_version']} (at most {limit})"
-            )
-        return self._take(upload, context, posted, blocked)
-
-    def _resume(self, upload: Upload, context: RunContext, info: dict[str, Any]) -> Verdict:
-        """Finish a validation cut short after the move (its aggregator died; the message came back).
+    def _resume(self, entry: _Pending, copy: bytearray | None) -> Verdict | None:
+        """Finish a validation cut short after the move (its aggregator died; the upload was announced again).
 
         Only this class writes the copy, and only after the size check, so its
         bytes are the volunteer's as they were moved. Its uplink bytes were
-        counted before the move.
+        counted before the move. None: judge ``copy`` (kept on the entry).
         """
-        kept = (self.store.rounds.accepted_uploads, self.store.rounds.replicas)
-        if any(copies(upload.run, upload.counted_in).get(upload.field) == upload.copy_key for copies in kept):
-            return Verdict("repeat")  # judged and counted already; the merge reads this copy
-        try:
-            blob = self.store.get_upload(upload.copy_key, context.upload_bound)
-        except blobs.BlobError as e:
-            return self._refuse(upload, info, f"malformed upload: {e}")
-        if blob is None:
+        upload = entry.upload
+        if copy is None:
             log.warning(
                 "ignoring %s round %d shard %d: no upload from %s",
                 upload.run,
@@ -189,6 +223,8 @@ class Intake:
                 upload.volunteer,
             )
             return Verdict("ignored")
+        if upload.copy_key in self.store.rounds.kept(upload.run, upload.counted_in, upload.field):
+            return Verdict("repeat")  # judged and counted already; the merge reads this copy
         log.info(
             "resuming the validation of %s round %d shard %d from %s",
             upload.run,
@@ -196,22 +232,43 @@ class Intake:
             upload.shard,
             upload.volunteer,
         )
-        if upload.target is None and info["status"] != "open":
-            return self._refuse(upload, info, "the round is closed")
-        return self._judge(upload, context, info, blob)
+        if upload.target is None and entry.info["status"] != "open":
+            return self._refuse(upload, entry.info, "the round is closed")
+        entry.blob = copy
+        return None
 
-    def _judge(
-        self, upload: Upload, context: RunContext, info: dict[str, Any], blob: bytes | bytearray
-    ) -> Verdict:
-        """Decode and check the values; accept a good upload as a copy out of the volunteer's reach."""
-        reason, meta = _check(blob, context, int(info["base_version"]))
-        self._count_downlink(upload, context, meta)
-        if reason is not None:
-            return self._refuse(upload, info, reason)
-        digest = hashlib.sha256(blob).hexdigest()
-        outcome, due = self.store.rounds.accept(
-            upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer
-        )
+    def _judge(self, entries: list[_Pending]) -> list[Verdict]:
+        """Decode and check the values; accept the good uploads (one pipeline) as copies out of reach."""
+        verdicts: list[Verdict | None] = [None] * len(entries)
+        downlink: list[tuple[str, int, str, int]] = []
+        good: list[int] = []
+        accepts: list[tuple[str, int, int, str, str, str]] = []
+        for index, entry in enumerate(entries):
+            upload, blob = entry.upload, entry.blob
+            assert blob is not None  # only uploads read (or resumed) are judged
+            entry.blob = None  # not kept once checked
+            reason, meta = _check(blob, entry.context, int(entry.info["base_version"]))
+            fetched = meta.get("downlink")
+            if isinstance(fetched, int) and not isinstance(fetched, bool) and fetched > 0:
+                # at most one model's bytes per shard: the rest is a volunteer's claim
+                counted = min(fetched, entry.context.download_bound)
+                downlink.append((upload.run, upload.counted_in, "downlink_bytes", counted))
+            if reason is not None:
+                verdicts[index] = self._refuse(upload, entry.info, reason)
+                continue
+            good.append(index)
+            digest = hashlib.sha256(blob).hexdigest()
+            accepts.append(
+                (upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer)
+            )
+        results = self.store.rounds.accept_many(accepts, counts=downlink)
+        for index, (outcome, due) in zip(good, results, strict=True):
+            verdicts[index] = self._counted(entries[index], outcome, due)
+        return [v if v is not None else Verdict("ignored") for v in verdicts]
+
+    def _counted(self, entry: _Pending, outcome: str, due: bool) -> Verdict:
+        """What ``accept.lua`` made of a good upload, and what follows from it."""
+        upload, info = entry.upload, entry.info
         if outcome in ("accepted", "replica"):
             log.info(
                 "%s %s round %d shard %d from %s",
@@ -223,7 +280,7 @@ class Intake:
             )
         elif outcome != "repeat":  # the same copy counted before: keep it
             self.store.delete_upload(upload.copy_key)
-        if outcome == "accepted" and self._spot_check(upload, context):
+        if outcome == "accepted" and self._spot_check(upload, entry.context):
             # a volunteer with a poor record: its shard is trained again by someone else and compared
             return Verdict(outcome, False, self._retry(upload, info), self._queue(upload))
         if outcome == "identical":
@@ -233,13 +290,6 @@ class Intake:
             # (bounded) so a different volunteer may check it
             return Verdict(outcome, due, self._retry(upload, info), self._queue(upload))
         return Verdict(outcome, due, counted_in=upload.target)
-
-    def _count_downlink(self, upload: Upload, context: RunContext, meta: dict[str, Any]) -> None:
-        downlink = meta.get("downlink")
-        if isinstance(downlink, int) and not isinstance(downlink, bool) and downlink > 0:
-            # at most one model's bytes per shard: the rest is a volunteer's claim
-            counted = min(downlink, context.download_bound)
-            self.store.rounds.add_bytes(upload.run, upload.counted_in, "downlink_bytes", counted)
 
     def _refuse(self, upload: Upload, info: dict[str, Any], reason: str) -> Verdict:
         """Record the rejection once; post the shard again (bounded) so another volunteer can train it."""
@@ -292,6 +342,40 @@ class Intake:
 
     def _queue(self, upload: Upload) -> str:
         return self.contexts[upload.run].queue
+
+
+@dataclass
+class _Pending:
+    """One upload on its way through a batch: where it counts, why it may not, its bytes once read."""
+
+    upload: Upload
+    context: RunContext
+    info: dict[str, Any]  # the round its shard was posted with
+    blocked: str | None  # why it is refused unread, if it is
+    blob: bytes | bytearray | None = None
+
+
+def _buffered(
+    upload: Upload, context: RunContext, posted: dict[str, Any], current: dict[str, Any] | None
+) -> _Pending | None:
+    """An asynchronous run's upload: counted in the buffer open now (``current``), if not too stale.
+
+    ``posted`` is the round the job was posted with: its version is the one
+    the delta must have been trained on. While a buffer is being merged there
+    is none open: None (``wait``: ask again shortly).
+    """
+    if current is None or current["status"] != "open":
+        return None
+    staleness = int(current["base_version"]) - int(posted["base_version"])
+    upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
+    limit = max_staleness(context.config)
+    blocked = None
+    if staleness > limit:
+        blocked = (
+            f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
+            f"the current {current['base_version']} (at most {limit})"
+        )
+    return _Pending(upload, context, posted, blocked)
 
 
 def _check(

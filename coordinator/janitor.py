@@ -5,9 +5,10 @@ message triggers:
 
 - rounds due by their deadline, or whose aggregator died holding them or
   before it sent ``aggregate_round``;
-- uploads whose ``validate_delta`` was lost: kombu's Redis transport loses a
-  message popped by a worker that dies before recording it as unacked, so an
-  upload still waiting after a whole sweep period gets a validation posted for it;
+- uploads whose announcement was lost (``coordinator.announcements``): an
+  aggregator that died holding a batch it had taken off the list, a list that
+  overflowed its cap, a volunteer that never announced. An upload of an open
+  round still waiting after a whole sweep period is announced again;
 - uploads never announced: a volunteer may write any key under its own
   upload prefix, with any TTL or none. Every upload gets a TTL, one larger
   than its run's bound (or for no known run) is deleted, and a volunteer keeps
@@ -39,7 +40,7 @@ SCAN_BATCH = 1000
 DEADLINE_POLL = 0.5
 DEADLINE_RESEND = 10.0
 
-# send(task name, args): how the watcher posts ``aggregate_round`` and ``validate_delta``
+# send(task name, args): how the watcher posts ``aggregate_round``
 Send = Callable[[str, list], None]
 
 
@@ -110,7 +111,7 @@ def housekeeping(store: Store, contexts: RunContexts, send: Send, waiting_before
     """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal."""
     try:
         waiting = sweep_uploads(store, contexts, waiting_before)
-        revalidate(store, send, waiting & waiting_before)
+        revalidate(store, waiting & waiting_before)
         preload_scripts(store.redis)
     except redis.RedisError as e:
         log.warning("housekeeping: %s (retrying)", e)
@@ -118,24 +119,26 @@ def housekeeping(store: Store, contexts: RunContexts, send: Send, waiting_before
     return waiting
 
 
-def revalidate(store: Store, send: Send, stuck: set[str]) -> None:
-    """Post ``validate_delta`` for uploads of open rounds that waited a whole sweep period.
+def revalidate(store: Store, stuck: set[str]) -> None:
+    """Announce again the uploads of open rounds that waited a whole sweep period.
 
     Validating twice is harmless (the upload is moved before it is read, and a
-    shard is counted once), so a message that was only slow costs one lookup.
+    shard is counted once), so an announcement that was only slow costs one lookup.
     """
+    again = []
     for key in sorted(stuck):
-        parsed = keys.parse_upload(key)
+        parsed = keys.checked_upload(key)
         if parsed is None:
             continue
-        volunteer, run, number, shard, token = parsed
+        _, run, number, _, _ = parsed
         info = store.rounds.info(run, number)
         if info is not None and _buffered(store, run):  # counted in the buffer open now, if any
             info = store.rounds.current(run)
         if info is None or info.get("status") != "open":
             continue
-        log.warning("upload %s waited a whole sweep unvalidated: validating it now", key)
-        send("validate_delta", [run, number, shard, token, volunteer])
+        log.warning("upload %s waited a whole sweep unvalidated: announcing it again", key)
+        again.append(key)
+    store.announce(*again)
 
 
 def _buffered(store: Store, run: str) -> bool:

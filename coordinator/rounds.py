@@ -8,7 +8,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
@@ -20,6 +20,8 @@ from coordinator.errors import BROKER_FULL, BrokerFull, QuorumError, is_broker_f
 from coordinator.store import Store
 
 POLL_SECONDS = 0.1
+# Redis commands (a task's LPUSH, its sent event's PUBLISH) sent in one pipeline when posting.
+PUBLISH_BATCH = 1000
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -84,15 +86,29 @@ def replicated_shards(run: str, number: int, shards: int, fraction: float) -> li
     return sorted(random.Random(f"{run}|{number}").sample(range(shards), count))
 
 
+def send_shards(app: Celery, queue: str, tasks: Iterable[dict[str, Any]]) -> None:
+    """Post ``train_shard`` tasks in pipelined batches: one Redis round trip per PUBLISH_BATCH messages.
+
+    Each task's message and its task-sent event are the ones ``send_task``
+    makes; kombu's publish batch only defers the Redis commands. A failed
+    batch raises, and the caller ends the round rather than leave it half posted.
+    """
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+        for task in tasks:
+            app.send_task("train_shard", queue=queue, producer=producer, ignore_result=True, kwargs=task)
+
+
 def _send_shards(
     app: Celery, queue: str, run: str, info: dict[str, Any], shards: int, twice: set[int]
 ) -> None:
-    with app.producer_or_acquire() as producer:  # one connection for the whole round
-        for shard in range(shards):
-            task = shard_task(run, int(info["round"]), shard, shards, int(info["base_version"]))
-            # a replicated shard is posted twice in a row, so two volunteers take it at about once
-            for _ in range(2 if shard in twice else 1):
-                app.send_task("train_shard", queue=queue, producer=producer, ignore_result=True, kwargs=task)
+    number, base = int(info["round"]), int(info["base_version"])
+    # a replicated shard is posted twice in a row, so two volunteers take it at about once
+    tasks = (
+        shard_task(run, number, shard, shards, base)
+        for shard in range(shards)
+        for _ in range(2 if shard in twice else 1)
+    )
+    send_shards(app, queue, tasks)
 
 
 @contextlib.contextmanager

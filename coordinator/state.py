@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -41,7 +42,7 @@ class RoundState:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._scripts = {
-            name: client.register_script(_lua(name))
+            name: client.register_script(lua_source(name))
             for name in ("open", "accept", "reject", "claim", "renew", "commit", "abort")
         }
 
@@ -89,6 +90,36 @@ class RoundState:
             args=[shard, copy_key, digest, volunteer, keys.ROUND_TTL],
         )
         return _text(outcome), bool(due)
+
+    def accept_many(
+        self,
+        uploads: Sequence[tuple[str, int, int, str, str, str]],
+        counts: Sequence[tuple[str, int, str, int]] = (),
+    ) -> list[tuple[str, bool]]:
+        """``accept`` for each (run, round, shard, copy key, digest, volunteer), in one pipeline.
+
+        The ``counts`` (run, round, field, count) are added in the same round trip.
+        """
+        if not uploads and not counts:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, field, count in counts:
+            pipe.hincrby(keys.round_(run, number), field, count)
+        for run, number, shard, copy_key, digest, volunteer in uploads:
+            self._scripts["accept"](
+                keys=[
+                    keys.round_(run, number),
+                    keys.round_accepted(run, number),
+                    keys.round_digests(run, number),
+                    keys.round_replicated(run, number),
+                    keys.round_replicas(run, number),
+                    keys.run_taken(run),
+                ],
+                args=[shard, copy_key, digest, volunteer, keys.ROUND_TTL],
+                client=pipe,
+            )
+        replies = pipe.execute()[len(counts) :]
+        return [(_text(outcome), bool(due)) for outcome, due in replies]
 
     def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str, upload: str = "") -> str:
         """Record why an upload was refused: rejected | repeat | duplicate | late."""
@@ -194,6 +225,21 @@ class RoundState:
             info[key.decode()] = number_or_text(value.decode())
         return info
 
+    def infos(self, rounds: Sequence[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
+        """``info`` of each (run, round) that exists, in one round trip."""
+        if not rounds:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number in rounds:
+            pipe.hgetall(keys.round_(run, number))
+        found = {}
+        for (run, number), raw in zip(rounds, pipe.execute(), strict=True):
+            if raw:
+                found[(run, number)] = {"round": number} | {
+                    key.decode(): number_or_text(value.decode()) for key, value in raw.items()
+                }
+        return found
+
     def current(self, run: str) -> dict[str, Any] | None:
         number = self.count(run)
         return self.info(run, number) if number else None
@@ -233,6 +279,13 @@ class RoundState:
         """Replicated shard -> key of the second volunteer's accepted copy."""
         raw = self.redis.hgetall(keys.round_replicas(run, number))
         return {int(k): v.decode() for k, v in raw.items()}
+
+    def kept(self, run: str, number: int, shard: int) -> set[str]:
+        """Keys of the copies a round counts for one shard (its accepted upload, its replica)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.round_accepted(run, number), shard)
+        pipe.hget(keys.round_replicas(run, number), shard)
+        return {key.decode() for key in pipe.execute() if key is not None}
 
     def accepted_uploads(self, run: str, number: int) -> dict[int, str]:
         raw = self.redis.hgetall(keys.round_accepted(run, number))
@@ -287,9 +340,17 @@ class RoundState:
 
     def answered(self, run: str, number: int, shard: int, outcome: str) -> None:
         """Note that job ``shard`` of round ``number`` was answered (once: repeats change nothing)."""
-        pipe = self.redis.pipeline()
-        pipe.hsetnx(keys.run_finished(run), f"{number}:{shard}", outcome)
-        pipe.expire(keys.run_finished(run), keys.ROUND_TTL)
+        self.answered_many([(run, number, shard, outcome)])
+
+    def answered_many(self, jobs: Sequence[tuple[str, int, int, str]]) -> None:
+        """``answered`` for each (run, round, job, outcome), in one round trip."""
+        if not jobs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, shard, outcome in jobs:
+            pipe.hsetnx(keys.run_finished(run), f"{number}:{shard}", outcome)
+        for run in {run for run, _, _, _ in jobs}:
+            pipe.expire(keys.run_finished(run), keys.ROUND_TTL)
         pipe.execute()
 
     def outstanding(self, run: str) -> int:
@@ -332,7 +393,8 @@ def number_or_text(text: str) -> Any:
     return text
 
 
-def _lua(name: str) -> str:
+def lua_source(name: str) -> str:
+    """The text of ``coordinator/lua/NAME.lua``."""
     return (resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
 
 

@@ -6,6 +6,7 @@ Round state lives in ``coordinator.state`` (``Store.rounds``); the key layout in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -14,7 +15,7 @@ import redis
 from broker import blobs, keys
 from broker.errors import UnknownRun
 from coordinator.errors import RunExists
-from coordinator.state import RoundState, number_or_text
+from coordinator.state import RoundState, lua_source, number_or_text
 
 
 class Store:
@@ -23,6 +24,7 @@ class Store:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self.rounds = RoundState(client)
+        self._drain = client.register_script(lua_source("drain"))
 
     # --- runs and versions ---------------------------------------------------
     def create_run(self, run: str, config: dict[str, Any], model_blob: bytes) -> None:
@@ -103,9 +105,28 @@ class Store:
         """
         return blobs.sizes(self.redis, key)
 
+    def upload_sizes(self, upload_keys: Sequence[str]) -> list[tuple[int, int]]:
+        """``upload_size`` of each key, in one round trip."""
+        return blobs.sizes_many(self.redis, upload_keys)
+
     def get_upload(self, key: str, limit: int | None = None) -> bytearray | None:
         """An upload's payload; BlobError if it is no well-formed blob or declares over ``limit`` bytes."""
         return blobs.read(self.redis, key, limit)
+
+    def read_uploads(
+        self, upload_keys: Sequence[str], limits: Sequence[int]
+    ) -> list[bytearray | blobs.BlobError | None]:
+        """Each key's payload, None (absent) or the BlobError refusing it, in a few round trips."""
+        return blobs.read_many(self.redis, upload_keys, limits)
+
+    def get_uploads(self, upload_keys: Sequence[str], limit: int | None = None) -> list[bytearray | None]:
+        """Each key's payload (None where absent), in a few round trips; BlobError if one is malformed."""
+        out: list[bytearray | None] = []
+        for blob in blobs.read_many(self.redis, upload_keys, [limit] * len(upload_keys)):
+            if isinstance(blob, blobs.BlobError):
+                raise blob
+            out.append(blob)
+        return out
 
     def take_upload(self, key: str, trusted_key: str, limit: int) -> bytearray | None:
         """Move an upload where no volunteer can write (keys.accepted_upload), then read it.
@@ -124,6 +145,64 @@ class Store:
         if self.upload_size(trusted_key)[1] > blobs.storage_bound(limit):
             raise blobs.BlobError(f"upload of more than {limit} bytes")
         return blobs.read(self.redis, trusted_key, limit)
+
+    def take_uploads(
+        self,
+        moves: Sequence[tuple[str, str, int]],
+        counts: Sequence[tuple[str, int, str, int]] = (),
+        discard: Sequence[str] = (),
+    ) -> list[bytearray | blobs.BlobError | None]:
+        """``take_upload`` for each (key, trusted key, limit) in ``moves``, in a few round trips.
+
+        First the ``counts`` are added to their rounds (run, round, field, count);
+        last the ``discard`` keys are deleted. Each answer is the payload, None
+        (the upload went meanwhile: nothing was moved) or the BlobError that
+        refuses it (over its limit once moved, or malformed).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, field, count in counts:
+            pipe.hincrby(keys.round_(run, number), field, count)
+        for key, trusted_key, _ in moves:
+            pipe.rename(key, trusted_key)
+            pipe.expire(trusted_key, keys.UPLOAD_TTL)
+            blobs.stored_bytes(pipe, trusted_key)
+        if discard:
+            pipe.delete(*discard)
+        replies = pipe.execute(raise_on_error=False)
+        out: list[bytearray | blobs.BlobError | None] = [None] * len(moves)
+        reading: list[int] = []
+        for index, (_, _, limit) in enumerate(moves):
+            renamed, _, stored = replies[len(counts) + 3 * index : len(counts) + 3 * index + 3]
+            if isinstance(renamed, redis.ResponseError) and "no such key" in str(renamed).lower():
+                continue  # it expired or was deleted meanwhile, and nothing was moved
+            if isinstance(renamed, Exception):
+                raise renamed
+            # Bounded again after the move: the volunteer could have grown it after the first look.
+            if not isinstance(stored, int) or stored > blobs.storage_bound(limit):
+                out[index] = blobs.BlobError(f"upload of more than {limit} bytes")
+            else:
+                reading.append(index)
+        for reply in [*replies[: len(counts)], *(replies[-1:] if discard else [])]:
+            if isinstance(reply, Exception):
+                raise reply
+        read = blobs.read_many(self.redis, [moves[i][1] for i in reading], [moves[i][2] for i in reading])
+        for index, blob in zip(reading, read, strict=True):
+            out[index] = blob
+        return out
+
+    def announce(self, *upload_keys: str) -> None:
+        """Put uploads on the announcement list, as their volunteers did (the watcher's recovery)."""
+        if upload_keys:
+            self.redis.rpush(keys.announcements(), *upload_keys)
+
+    def take_announcements(self, count: int, longest: int, cap: int) -> tuple[int, list[bytes]]:
+        """Up to ``count`` announcements, oldest first, and how many were dropped (``lua/drain.lua``).
+
+        Entries longer than ``longest`` bytes are dropped unread, and entries
+        beyond the list's ``cap`` (the newest) are dropped too.
+        """
+        dropped, entries = self._drain(keys=[keys.announcements()], args=[count, longest, cap])
+        return int(dropped), list(entries)
 
     def delete_upload(self, *upload_keys: str) -> None:
         if upload_keys:

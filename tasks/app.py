@@ -55,7 +55,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_default_queue=TRAIN_QUEUE,
         task_routes={
             "train_shard": {"queue": TRAIN_QUEUE},
-            "validate_delta": {"queue": AGGREGATE_QUEUE},
             "aggregate_round": {"queue": AGGREGATE_QUEUE},
         },
         task_acks_late=True,

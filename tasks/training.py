@@ -12,7 +12,6 @@ from typing import Any
 from celery import Task
 
 from broker.client import redis_client
-from broker.keys import AGGREGATE_QUEUE
 from broker.settings import Settings
 from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked
@@ -42,7 +41,7 @@ class VolunteerTask(Task):
 
 
 def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainApp:
-    """The app of ``volunteer start``: pulls ``train``, sends ``validate_delta`` by name."""
+    """The app of ``volunteer start``: pulls ``train``; its uploads announce themselves (no second task)."""
     app = make_app(settings)
     app.conf.crowdtrain_volunteer = options  # who this worker is: name, device, allowed jobs
     register(app)
@@ -57,22 +56,10 @@ def register(app: CrowdtrainApp) -> None:
     def train_shard(
         self: VolunteerTask, run: str, round: int, shard: int, shards: int, version: int
     ) -> dict[str, Any]:
-        """Train the run's model of ``version`` on one shard; the delta goes to Redis."""
+        """Train the run's model of ``version`` on one shard; the delta goes to Redis, announced.
+
+        The upload's key goes on ``ct:announce`` in the same transaction as the
+        upload, which the aggregator drains in batches: one task per shard.
+        """
         checked(run=run, round=round, shard=shard, shards=shards, version=version)
-        runner = self.runner
-
-        def report(token: str) -> None:
-            app.send_task(
-                "validate_delta",
-                queue=AGGREGATE_QUEUE,
-                ignore_result=True,  # so no subscription to the result backend either
-                kwargs={
-                    "run": run,
-                    "round": round,
-                    "shard": shard,
-                    "token": token,
-                    "volunteer": runner.options.name,
-                },
-            )
-
-        return runner.run(run, round, shard, shards, version, report)
+        return self.runner.run(run, round, shard, shards, version)

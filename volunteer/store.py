@@ -2,8 +2,8 @@
 
 Everything here is allowed by the least-privilege ACL user that
 ``coordinator volunteer-credentials`` makes (read ``ct:run:*``, write
-``ct:upload:NAME:*``); no Lua, nothing of the coordinator. Models, updates and
-uploads are chunk lists (``broker.blobs``). Its record and
+``ct:upload:NAME:*``, append to ``ct:announce``); no Lua, nothing of the
+coordinator. Models, updates and uploads are chunk lists (``broker.blobs``). Its record and
 credit are written by the aggregator, from what its uploads show.
 """
 
@@ -56,7 +56,15 @@ class VolunteerStore:
         return [blobs.read(self.redis, keys.update(run, v)) for v in versions]
 
     def put_upload(self, run: str, number: int, shard: int, token: str, blob: bytes) -> str:
-        """Store one upload under this volunteer's own key prefix; returns its key."""
+        """Store one upload under this volunteer's own key prefix and announce it; returns its key.
+
+        One round trip, in one transaction: the aggregator never finds an
+        announcement before its upload. The announcement is only a hint (the
+        key's prefix, which only this volunteer may write, says whose it is).
+        """
         key = keys.upload(self.name, run, number, shard, token)
-        blobs.write(self.redis, key, blob, ttl=keys.UPLOAD_TTL)
+        with self.redis.pipeline(transaction=True) as pipe:
+            blobs.queue_write(pipe, key, blob, ttl=keys.UPLOAD_TTL)
+            pipe.rpush(keys.announcements(), key)
+            pipe.execute()
         return key

@@ -12,7 +12,6 @@ import logging
 import math
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,6 @@ MODEL_CACHE_SIZE = 2
 MAX_UPDATES = 8
 INNER_STATES = 2
 MAX_REASON = 200
-ReportFn = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,7 @@ class ShardRunner:
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
-    def run(
-        self, run: str, number: int, shard: int, shards: int, version: int, report: ReportFn
-    ) -> dict[str, Any]:
+    def run(self, run: str, number: int, shard: int, shards: int, version: int) -> dict[str, Any]:
         """Train one shard and report it; skip it without training if it is not the round's to do.
 
         The round in Redis, not the task message, says which shards and base
@@ -82,14 +78,14 @@ class ShardRunner:
         if buffered:  # a job of an asynchronous run: too old to be of use is said so, not trained
             stale = self._too_stale(run, version)
             if stale is not None:
-                self._upload(run, number, shard, dumps({}, {"failure": stale}), report)
+                self._upload(run, number, shard, dumps({}, {"failure": stale}))
                 return {**summary, "skipped": stale}
         try:
-            return self._train(run, number, shard, shards, version, report, summary)
+            return self._train(run, number, shard, shards, version, summary)
         except Exception as e:  # out of memory, a job's own error, a job it may not import
             reason = f"volunteer error: {type(e).__name__}: {e}"[:MAX_REASON]
             log.exception("%s round %d shard %d failed", run, number, shard)
-            self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
+            self._upload(run, number, shard, dumps({}, {"failure": reason}))
             return {**summary, "failed": reason}
 
     def _train(
@@ -99,7 +95,6 @@ class ShardRunner:
         shard: int,
         shards: int,
         version: int,
-        report: ReportFn,
         summary: dict[str, Any],
     ) -> dict[str, Any]:
         config = self._config(run)
@@ -108,12 +103,12 @@ class ShardRunner:
                 f"volunteer {self.options.name} does not run job {config['job']!r} "
                 "(not on its --allow-job list)"
             )
-            self._upload(run, number, shard, dumps({}, {"failure": reason}), report)
+            self._upload(run, number, shard, dumps({}, {"failure": reason}))
             return {**summary, "skipped": reason}
         job = self._job(run, config)
         data, refusal = _local_data(self.options.data, job, config)
         if refusal is not None:
-            self._upload(run, number, shard, dumps({}, {"failure": refusal}), report)
+            self._upload(run, number, shard, dumps({}, {"failure": refusal}))
             return {**summary, "skipped": refusal}
         weights, downlink = self._model(run, version)
         result = train_shard(
@@ -133,7 +128,7 @@ class ShardRunner:
         self._keep_inner(run, config, result.optimizer_state if math.isfinite(result.train_loss) else None)
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
-            self._upload(run, number, shard, dumps({}, failure), report)
+            self._upload(run, number, shard, dumps({}, failure))
             log.warning("%s round %d shard %d: non-finite values, not uploaded", run, number, shard)
             return {**summary, "failed": "non-finite values"}
         meta = {
@@ -152,7 +147,7 @@ class ShardRunner:
         }
         codec = parse_codec(str(config["compression"]))
         blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
-        self._upload(run, number, shard, blob, report)
+        self._upload(run, number, shard, blob)
         log.info(
             "%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
             run,
@@ -193,15 +188,13 @@ class ShardRunner:
             return f"stale: version {version} is {current - version} versions behind the current {current}"
         return None
 
-    def _upload(self, run: str, number: int, shard: int, blob: bytes, report: ReportFn) -> None:
-        """Store a result (a delta, or a failure report) under our own key, then announce it.
+    def _upload(self, run: str, number: int, shard: int, blob: bytes) -> None:
+        """Store a result (a delta, or a failure report) under our own key and announce it.
 
         Failures travel as uploads too, so everything the aggregator counts
         comes from a key that only this volunteer's credentials can write.
         """
-        token = uuid.uuid4().hex
-        self.store.put_upload(run, number, shard, token, blob)
-        report(token)
+        self.store.put_upload(run, number, shard, uuid.uuid4().hex, blob)
 
     def _model(self, run: str, version: int) -> tuple[TensorDict, int]:
         """The weights of a version and the bytes fetched for them (0 when cached).

@@ -152,14 +152,20 @@ def test_malformed_messages_on_both_queues_are_dropped_and_no_worker_dies(cluste
     aggregator = cluster.procs.aggregator()
     bob = cluster.volunteer("bob")
     mallory = cluster.mallory()
+    operator = Mallory(cluster.procs.broker, "operator")  # the admin URL: only it reaches `aggregate`
     cluster.init("--shards", "2")
     cluster.wait_online("aggregator", "bob")
     map_body = msgpack.packb({"run": "r", "round": 1, "shard": 0})
-    for queue, task in (("train", "train_shard"), ("aggregate", "validate_delta")):
+    _refused(lambda: mallory.push_raw("aggregate", b"\xff\xfe not json"))  # the trusted queue: no entry
+    _refused(lambda: mallory.push_envelope("aggregate", "aggregate_round", map_body))
+    for sender, queue, task in (
+        (mallory, "train", "train_shard"),
+        (operator, "aggregate", "aggregate_round"),
+    ):
         for junk in (b"\xff\xfe not json", b"", b"[1, 2, 3]", b'{"no": "properties"}'):
-            mallory.push_raw(queue, junk)
-        mallory.push_envelope(queue, task, map_body)
-        mallory.push_envelope(queue, task, msgpack.packb([1, 2]))
+            sender.push_raw(queue, junk)
+        sender.push_envelope(queue, task, map_body)
+        sender.push_envelope(queue, task, msgpack.packb([1, 2]))
     cluster.wait_until(
         lambda: cluster.store.queue_depths() == {"train": 0, "aggregate": 0}, "the junk to be read"
     )
@@ -441,3 +447,56 @@ def test_a_wrong_delta_on_a_replicated_shard_is_caught_by_its_replica(cluster):
     assert record["status"] == "done" and record["accepted"] == 4
     people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
     assert people["mallory"]["accepted"] == 0 and people["bob"]["accepted"] == 4, people
+
+
+# --- 10. the announcement list ------------------------------------------------------------------
+def test_the_announcement_list_is_append_only_bounded_and_credits_only_the_uploader(cluster):
+    aggregator = cluster.procs.aggregator()
+    ann, mallory = cluster.mallory("ann"), cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    announce = keys.announcements()
+    # what mallory may not do to the list others announce on: read it, take, cut or replace their entries
+    for action in (
+        lambda: mallory.redis.lrange(announce, 0, -1),
+        lambda: mallory.redis.llen(announce),
+        lambda: mallory.redis.lpop(announce),
+        lambda: mallory.redis.rpop(announce),
+        lambda: mallory.redis.brpop([announce], 1),
+        lambda: mallory.redis.lpush(announce, b"first in line"),
+        lambda: mallory.redis.delete(announce),
+        lambda: mallory.redis.expire(announce, 1),
+        lambda: mallory.redis.set(announce, b"not a list"),
+    ):
+        _refused(action)
+    ann_blob = delta_blob(_tiny_delta(0.02), "r", number, 0, 0)
+    ann_token = ann.upload("r", number, 0, ann_blob)  # written, not yet announced
+    own_blob = delta_blob(_tiny_delta(0.04), "r", number, 1, 0)
+    own = keys.upload("mallory", "r", number, 1, mallory.upload("r", number, 1, own_blob))
+
+    # act: junk, entries far longer than a key, another run, ann's token under mallory's own name,
+    # and mallory's one upload announced 50 times
+    junk = [b"\xff\xfe", b"ct:upload:mallory:r:1:0:../../etc", keys.run_version("r").encode()]
+    mallory.redis.rpush(announce, *junk, b"x" * 300, b"\0" * 4_000_000)
+    mallory.redis.rpush(announce, keys.upload("mallory", "ghost", 1, 0, ann_token))
+    mallory.announce("r", number, 0, ann_token)
+    mallory.redis.rpush(announce, *[own] * 50)
+    cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "mallory's shard to count")
+    cluster.wait_until(lambda: cluster.admin.llen(announce) == 0, "the list to be drained")
+
+    # assert: her upload counted once, for its bytes once; ann's token did her no good
+    info = cluster.round(number)
+    assert (info["accepted"], info["rejected"], int(info["uplink_bytes"])) == (1, 0, len(own_blob)), info
+    assert {keys.volunteer_of(k) for k in cluster.store.rounds.accepted_uploads("r", number).values()} == {
+        "mallory"
+    }
+    assert cluster.admin.exists(keys.upload("ann", "r", number, 0, ann_token)), "ann's upload was touched"
+    # an announcement is only a hint: even naming ann's real upload counts it as ann's, not mallory's
+    mallory.announce("r", number, 0, ann_token, owner="ann")
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 2, record
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["ann"]["accepted"] == 1 and people["mallory"]["accepted"] == 1, people
+    logs = cluster.procs.log_tail(200_000)
+    assert "dropped 2 announcements longer than" in logs and "dropped 3 malformed announcements" in logs
+    assert aggregator.poll() is None, logs[-3000:]

@@ -203,7 +203,7 @@ def test_an_upload_whose_validation_message_was_lost_is_still_counted(cluster):
     cluster.aggregator()
     _init(cluster, "--deadline", "600")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    _honest_upload(cluster, "v1", 1, 0)  # and no validate_delta, as if it were lost
+    _honest_upload(cluster, "v1", 1, 0)  # and never announced, as if the announcement were lost
     wait_for(lambda: _round(cluster).get("status") == "done", 90, "the watcher to validate the upload")
     assert _round(cluster)["accepted"] == 1 and cluster.store.version("r") == 1
 

@@ -45,10 +45,11 @@ def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_c
     control = tmp_path / "control"
     pickle.loads(pickle.dumps(Exploit(control)))  # the payload does what it says...
     assert control.exists()
-    # act: a task-shaped message in pickle on each queue, as a malicious volunteer could push
+    # act: a task-shaped message in pickle on each queue, as a volunteer of a broker without
+    # ACL users could push (with its own user, one may push to `train` only)
     with Connection(processes.broker) as connection:
         producer = connection.Producer()
-        for queue, task in (("train", "train_shard"), ("aggregate", "validate_delta")):
+        for queue, task in (("train", "train_shard"), ("aggregate", "aggregate_round")):
             task_id = str(uuid.uuid4())
             producer.publish(
                 Exploit(pwned),
@@ -203,7 +204,10 @@ def test_volunteer_rules_grant_no_dangerous_command_and_only_its_own_writes():
     assert not any("ct:volunteer" in r or "celery-task-meta" in r for r in rules)
     channels = [r for r in rules if r.startswith("&")]
     assert channels == ["&/0.celeryev/*"]
-    assert rules[-1] == "(+subscribe +psubscribe +unsubscribe +punsubscribe &/0.celery.pidbox)"
+    assert rules[-2] == "(+subscribe +psubscribe +unsubscribe +punsubscribe &/0.celery.pidbox)"
+    # the trusted queue is out of reach; the announcement list may be appended to and nothing else
+    assert not any("aggregate" in r for r in rules)
+    assert rules[-1] == "(+rpush ~ct:announce)" and "~ct:announce" not in rules
 
 
 # --- 2b. the embedded Redis never listens beyond loopback without a password -------

@@ -1,0 +1,84 @@
+"""Announced uploads: strict parsing, a bounded list, and a batch validated in one go (real Redis)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import torch
+
+from broker import keys
+from coordinator.aggregator import Aggregator
+from coordinator.announcements import MAX_ENTRY, Inbox, parse
+from coordinator.intake import Upload
+from coordinator.store import Store
+from serialization import loads
+from tests.fixtures.attacker import delta_blob
+from volunteer.store import VolunteerStore
+
+TINY = "tests.fixtures.jobs_tiny:make_job"
+TOKEN = "0123abcd" * 4
+
+
+def test_parse_takes_well_formed_upload_keys_once_and_sets_every_other_entry_aside():
+    good = keys.upload("bob", "r", 3, 1, TOKEN).encode()
+    bad = [
+        b"\xff\xfe not ascii",
+        b"",
+        b"ct:upload:bob:r:3:1",  # no token
+        keys.upload("bob", "r", 3, 1, "NOT-HEX-TOKEN").encode(),
+        keys.upload("bob\n", "r", 3, 1, TOKEN).encode(),  # a name with a newline
+        keys.upload("bob", "r", 3, 1, TOKEN + "\n").encode(),
+        "ct:upload:bob:r:²:1:0123abcd".encode(),  # a digit int() refuses
+        keys.upload("bob", "r", 1 << 40, 1, TOKEN).encode(),  # beyond any round number
+        keys.upload("bob", "r:x", 3, 1, TOKEN).encode(),
+        keys.accepted_upload("r", 3, "bob", 1, TOKEN).encode(),  # a trusted key, not an upload
+    ]
+
+    uploads, malformed = parse([good, *bad, good])
+
+    assert uploads == [Upload("r", 3, 1, "bob", TOKEN)]
+    assert malformed == bad
+
+
+def test_drain_drops_entries_too_long_unread_and_the_newest_beyond_the_cap(redis_server):
+    store = Store(redis_server.client())
+    entries = [f"entry-{i}".encode() for i in range(6)]
+    store.redis.rpush(keys.announcements(), entries[0], b"x" * (MAX_ENTRY + 1), *entries[1:])
+
+    dropped, taken = store.take_announcements(count=3, longest=MAX_ENTRY, cap=5)
+    assert (dropped, taken) == (3, [entries[0], entries[1]])  # the long one, and two over the cap
+    dropped, taken = store.take_announcements(count=3, longest=MAX_ENTRY, cap=5)
+    assert (dropped, taken) == (0, [entries[2], entries[3]])
+    assert store.take_announcements(count=3, longest=MAX_ENTRY, cap=5) == (0, [])
+
+
+def test_an_inbox_counts_a_batch_once_and_asks_for_the_round_once(processes, redis_server):
+    # arrange: a round of 3 shards; each upload announced as a volunteer does, one announced thrice
+    processes.json("init", "--run", "r", "--job", TINY, "--compression", "none")  # float32 uploads below
+    store = Store(redis_server.client())
+    number = store.rounds.open("r", 3, 3, 600.0)["round"]
+    weights, _ = loads(store.model_blob("r", 0))
+    for shard, name in enumerate(("ann", "ben", "cid")):
+        delta = {k: torch.full_like(v, 0.01 * (shard + 1)) for k, v in weights.items()}
+        key = VolunteerStore(store.redis, name).put_upload(
+            "r", number, shard, uuid.uuid4().hex, delta_blob(delta, "r", number, shard, 0)
+        )
+    store.announce(key, key)  # cid's again, twice
+    posted: list[tuple[str, dict[str, Any], str]] = []
+    inbox = Inbox(store, Aggregator(store, processes.home).intake, lambda *p: posted.append(p))
+
+    # act
+    taken = inbox.drain()
+
+    # assert
+    assert taken == 5 and store.redis.llen(keys.announcements()) == 0
+    info = store.rounds.info("r", number) or {}
+    assert (info["accepted"], info["rejected"]) == (3, 0)
+    assert posted == [("aggregate_round", {"run": "r", "round": number}, keys.AGGREGATE_QUEUE)]
+    assert sorted(store.rounds.accepted_uploads("r", number)) == [0, 1, 2]
+    assert not list(store.redis.scan_iter(match=keys.upload_pattern("*")))  # moved out of reach
+    # announced once more later: a repeat, not a second vote
+    store.announce(key)
+    inbox.drain()
+    assert (store.rounds.info("r", number) or {})["accepted"] == 3
