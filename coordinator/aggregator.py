@@ -25,7 +25,7 @@ from typing import Any
 from broker import keys
 from broker.routing import MAX_MEMORY_GB
 from coordinator import checkpoints
-from coordinator.asynchronous import is_async, max_staleness, open_buffer, staleness_weight
+from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
 from coordinator.context import RunContext, RunContexts
 from coordinator.downlink import lossy, publish, read_residual
 from coordinator.intake import Intake, Verdict
@@ -217,6 +217,7 @@ class Aggregator:
             server_lr=config.get("server_lr"),
             momentum=config.get("momentum"),
             clip_norm=config.get("clip_norm"),
+            momentum_delay=momentum_delay(config),
         )
         state_blob = self.store.strategy_blob(context.name)
         if state_blob:

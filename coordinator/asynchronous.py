@@ -11,9 +11,11 @@ versions.
 A delta trained on version v and counted in a buffer opened on version c is
 ``c - v`` versions stale: more than S and it is rejected (``stale``); else it
 weighs ``samples / sqrt(1 + staleness)`` in the merge, so an old direction
-counts less. A buffer is merged as one outer step, so a momentum strategy
-(``diloco``, ``fedavgm``) sees each stale delta once, already discounted, and
-not amplified by the momentum of every version it missed.
+counts less. A buffer is merged as one outer step, and a momentum strategy
+(``diloco``, ``fedavgm``) moves its momentum only once every
+``ceil(shards / buffer)`` buffers, by their average (delayed Nesterov,
+``strategies.OuterSGD``): a stale delta is not amplified by the momentum of
+every version after it.
 
 Exactly once still holds: a buffer is a round, claimed and committed by the
 same scripts (one version per buffer), and an accepted copy enters the run's
@@ -48,6 +50,18 @@ POLL_SECONDS = 0.1
 
 def is_async(config: dict[str, Any]) -> bool:
     return config.get("mode") == "async"
+
+
+def momentum_delay(config: dict[str, Any]) -> int:
+    """Merges between moves of the outer momentum: a synchronous round's worth of buffers.
+
+    1 (plain Nesterov) for a synchronous run; ``ceil(shards / buffer)`` for an
+    asynchronous one, so the momentum moves about as often as it would with
+    rounds of all ``--shards``, by the average of the buffers since.
+    """
+    if not is_async(config):
+        return 1
+    return max(1, math.ceil(int(config.get("shards") or 1) / max(1, int(config["buffer"]))))
 
 
 def slot(posted_round: int, job: int) -> int:

@@ -114,29 +114,72 @@ class FedAvg(Strategy):
 
 
 class OuterSGD(Strategy):
-    """Outer SGD with Nesterov momentum on the pseudo-gradient ``-mean`` (fedavgm, DiLoCo)."""
+    """Outer SGD with Nesterov momentum on the pseudo-gradient ``-mean`` (fedavgm, DiLoCo).
+
+    With ``delay`` N > 1 (asynchronous runs: one synchronous round's worth of
+    buffers) the momentum is *delayed* (after Async Local-SGD's delayed
+    Nesterov, Liu et al. 2024): every buffer still takes its plain step
+    ``lr * mean``, but the momentum buffer moves only once every N buffers,
+    by the average of their means. A buffer of stale deltas then weighs 1/N in
+    the momentum instead of being carried by it into every later step. N = 1 is
+    exactly Nesterov.
+    """
 
     def __init__(
-        self, name: str, *, server_lr: float, momentum: float, clip_norm: float | None = None
+        self,
+        name: str,
+        *,
+        server_lr: float,
+        momentum: float,
+        clip_norm: float | None = None,
+        delay: int = 1,
     ) -> None:
         super().__init__(server_lr=server_lr, clip_norm=clip_norm)
         self.name = name
         self.momentum = _unit("momentum", momentum)
+        if not (isinstance(delay, int) and delay >= 1):
+            raise StrategyError(f"momentum delay must be a whole number >= 1, got {delay!r}")
+        self.delay = delay
         self._buf: TensorDict = {}
+        self._pending: TensorDict = {}  # the mean of the buffers since the momentum last moved
+        self._steps = 0  # buffers merged since then
 
     def state_dict(self) -> TensorDict:
-        return {f"momentum/{k}": v.clone() for k, v in self._buf.items()}
+        state = {f"momentum/{k}": v.clone() for k, v in self._buf.items()}
+        if self.delay > 1:
+            state.update({f"pending/{k}": v.clone() for k, v in self._pending.items()})
+            state["steps/since_momentum"] = torch.tensor(self._steps, dtype=torch.int64)
+        return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self._buf = _unprefix(self.name, state, ("momentum",))["momentum"]
+        parts = _unprefix(self.name, state, ("momentum", "pending", "steps"))
+        self._buf, self._pending = parts["momentum"], parts["pending"]
+        steps = parts["steps"].get("since_momentum")
+        self._steps = int(steps) if steps is not None and steps.numel() == 1 else 0
+        if self._pending and self._pending.keys() != self._buf.keys():
+            raise StrategyError(f"{self.name} state: pending and momentum name different tensors")
 
     def _apply(self, weights: TensorDict, update: TensorDict, factor: float) -> None:
         # torch.optim.SGD(nesterov=True) with g = -mean: buf = mu*buf + g; w -= lr*(g + mu*buf).
         _ensure_state(self.name, "momentum", self._buf, update)
-        lr, mu = self.server_lr, self.momentum
-        for key, value in update.items():  # mean = factor * value
-            buf = self._buf[key].mul_(mu).add_(value, alpha=factor)
-            weights[key].add_(value, alpha=lr * factor).add_(buf, alpha=lr * mu)
+        lr, mu, n = self.server_lr, self.momentum, self.delay
+        if n == 1:
+            for key, value in update.items():  # mean = factor * value
+                buf = self._buf[key].mul_(mu).add_(value, alpha=factor)
+                weights[key].add_(value, alpha=lr * factor).add_(buf, alpha=lr * mu)
+            return
+        _ensure_state(self.name, "pending", self._pending, update)
+        self._steps += 1
+        moves = self._steps >= n
+        for key, value in update.items():
+            pending = self._pending[key].add_(value, alpha=factor / n)
+            weights[key].add_(value, alpha=lr * factor)
+            if moves:
+                buf = self._buf[key].mul_(mu).add_(pending)
+                weights[key].add_(buf, alpha=lr * mu)
+                pending.zero_()
+        if moves:
+            self._steps = 0
 
 
 class FedAdam(Strategy):
@@ -243,8 +286,13 @@ def make_strategy(
     server_lr: float | None = None,
     momentum: float | None = None,
     clip_norm: float | None = None,
+    momentum_delay: int = 1,
 ) -> Strategy:
-    """Build a strategy from its CLI spec (``fedavg``, ``krum:1``...); StrategyError if bad."""
+    """Build a strategy from its CLI spec (``fedavg``, ``krum:1``...); StrategyError if bad.
+
+    ``momentum_delay``: how many merges the outer momentum of ``fedavgm`` and
+    ``diloco`` waits between moves (``OuterSGD``; asynchronous runs).
+    """
     name, sep, arg = str(spec).strip().lower().partition(":")
     if name in ("fedavg", "fedavgm", "diloco", "fedadam", "median") and sep:
         raise StrategyError(f"strategy {spec!r} takes no parameter: expected {VALID_FORMS}")
@@ -253,7 +301,7 @@ def make_strategy(
     if name in ("fedavgm", "diloco"):
         defaults = DILOCO_DEFAULTS if name == "diloco" else FEDAVGM_DEFAULTS
         lr, mu = _or(server_lr, defaults["server_lr"]), _or(momentum, defaults["momentum"])
-        return OuterSGD(name, server_lr=lr, momentum=mu, clip_norm=clip_norm)
+        return OuterSGD(name, server_lr=lr, momentum=mu, clip_norm=clip_norm, delay=momentum_delay)
     if name == "fedadam":
         lr, mu = _or(server_lr, FEDADAM_DEFAULTS["server_lr"]), _or(momentum, FEDADAM_DEFAULTS["momentum"])
         return FedAdam(server_lr=lr, beta1=mu, clip_norm=clip_norm)

@@ -139,6 +139,56 @@ def test_diloco_matches_torch_sgd_nesterov_on_the_pseudo_gradient():
     assert torch.allclose(new["w"], param.detach(), atol=1e-6)
 
 
+# --- delayed Nesterov (asynchronous runs) ---------------------------------------------------
+
+
+def test_delayed_momentum_moves_once_every_n_merges_by_their_average():
+    strategy = make_strategy("fedavgm", momentum_delay=2)  # lr 1.0, momentum 0.9
+
+    after_one = run(strategy, weights(0, 0), ROUND_A)
+    assert close(after_one["w"], 1, -2)  # a plain step: the momentum has not moved yet
+    after_two = strategy.aggregate(after_one, iter(ROUND_B))
+
+    # merge 2: the plain step b, then buf = (a + b) / 2 and w += 0.9 buf
+    assert close(after_two["w"], 1 + 0.5 + 0.9 * 0.75, -2 + 0 + 0.9 * -1.0)
+    after_three = strategy.aggregate(after_two, iter(ROUND_A))
+    assert close(after_three["w"], 2.175 + 1, -2.9 - 2)  # plain again: the next move is at merge 4
+
+
+def test_a_momentum_delay_of_one_is_plain_nesterov():
+    delayed = run(make_strategy("diloco", momentum_delay=1), weights(0, 0), ROUND_A, ROUND_B, ROUND_A)
+    plain = run(make_strategy("diloco"), weights(0, 0), ROUND_A, ROUND_B, ROUND_A)
+    assert torch.equal(delayed["w"], plain["w"])
+
+
+def test_one_stale_merge_moves_delayed_momentum_less_than_plain():
+    stale = deltas((1, [10.0, 10.0]))  # one buffer far off the others' direction
+    plain = make_strategy("diloco")
+    delayed = make_strategy("diloco", momentum_delay=4)
+    run(plain, weights(0, 0), ROUND_A, stale)
+    run(delayed, weights(0, 0), ROUND_A, stale, ROUND_A, ROUND_A)
+    carried = {name: s.state_dict()["momentum/w"] for name, s in (("plain", plain), ("delayed", delayed))}
+    assert carried["delayed"].norm() < carried["plain"].norm() / 2
+
+
+def test_delayed_momentum_restored_mid_cycle_continues_identically():
+    original = make_strategy("diloco", momentum_delay=3)
+    after_one = run(original, weights(0, 0), ROUND_A)
+    restarted = make_strategy("diloco", momentum_delay=3)
+    restarted.load_state_dict(original.state_dict())
+
+    continued = run(original, after_one, ROUND_B, ROUND_A)
+    resumed = run(restarted, after_one, ROUND_B, ROUND_A)
+
+    assert torch.equal(continued["w"], resumed["w"])
+    assert int(restarted.state_dict()["steps/since_momentum"]) == 0
+
+
+def test_a_momentum_delay_below_one_is_refused():
+    with pytest.raises(StrategyError, match="delay"):
+        make_strategy("fedavgm", momentum_delay=0)
+
+
 # --- fedadam ---------------------------------------------------------------------------------
 
 
