@@ -305,7 +305,7 @@ def aggregator(args: argparse.Namespace) -> None:
     # on the time scale that a dead worker's unacknowledged one comes back.
     sweep = max(1.0, settings.visibility_timeout)
     threading.Thread(
-        target=janitor.watch, args=(store, send, stop, sweep), daemon=True, name="watcher"
+        target=janitor.watch, args=(store, send, stop, sweep, trusted.contexts), daemon=True, name="watcher"
     ).start()
     name = args.name or f"aggregator-{os.getpid()}"
     try:

@@ -8,6 +8,7 @@ checked against before it is downloaded or decoded.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +46,26 @@ class RunContext:
 
 
 class RunContexts:
-    """``RunContext`` per run, built on first use from Redis."""
+    """``RunContext`` per run, built on first use from Redis.
+
+    One instance serves the aggregator's task, intake and watcher threads:
+    a context is built once (it decodes a whole model version), not once per
+    thread at the same moment.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._contexts: dict[str, RunContext] = {}
+        self._building = threading.Lock()
 
     def __getitem__(self, run: str) -> RunContext:
-        if run not in self._contexts:
-            self._contexts[run] = self._build(run)
-        return self._contexts[run]
+        context = self._contexts.get(run)
+        if context is None:
+            with self._building:
+                context = self._contexts.get(run)
+                if context is None:
+                    context = self._contexts[run] = self._build(run)
+        return context
 
     def model_blob(self, run: str, version: int) -> bytes | bytearray:
         """A model version's bytes; LookupError if it left Redis."""

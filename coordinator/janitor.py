@@ -44,10 +44,19 @@ DEADLINE_RESEND = 10.0
 Send = Callable[[str, list], None]
 
 
-def watch(store: Store, send: Send, stop: threading.Event, sweep_period: float) -> None:
-    """Post what is due until ``stop`` is set; sweep uploads every ``sweep_period`` seconds."""
+def watch(
+    store: Store,
+    send: Send,
+    stop: threading.Event,
+    sweep_period: float,
+    contexts: RunContexts | None = None,
+) -> None:
+    """Post what is due until ``stop`` is set; sweep uploads every ``sweep_period`` seconds.
+
+    ``contexts``: the aggregator's own, so a run's context is built once per process.
+    """
     sent: dict[tuple[str, int], float] = {}
-    contexts = RunContexts(store)
+    contexts = contexts if contexts is not None else RunContexts(store)
     waiting: set[str] = set()
     swept = 0.0
     while not stop.is_set():

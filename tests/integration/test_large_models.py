@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from safetensors.torch import load_file
 
 from broker import blobs, keys
+from tests.fixtures.memory import peak_bytes, reset_peak
 
 # About 155M float32 parameters (620 MB): one charlm layer of width 3584.
 LARGE_CHARLM = [
@@ -34,8 +36,10 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
 ):
     chunk_mib = 16
     processes.extra_env[blobs.CHUNK_ENV] = str(chunk_mib)
-    processes.aggregator()
-    processes.volunteer("alice")
+    aggregator = processes.aggregator()  # its tasks run in this process (solo pool)
+    volunteer = processes.volunteer("alice", "--pool", "solo", "--concurrency", "1")
+    _wait_online(processes, {"aggregator", "alice"})
+    idle = {pid: reset_peak(pid) for pid in (aggregator.pid, volunteer.pid)}
     init = processes.json(
         "init",
         "--run",
@@ -67,13 +71,20 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     assert math.isfinite(round_["eval_loss"])
     assert round_["eval_loss"] != init["initial"]["eval_loss"], "the merged delta moved the model"
     assert _largest_value(client) <= chunk_mib << 20, "no Redis value is larger than one chunk"
+    # DESIGN.md "Any model size": above idle, the aggregator under 4x the float32 model, a volunteer under 6x
+    above = {pid: peak_bytes(pid) - base for pid, base in idle.items()}
 
     out = processes.home / "big.safetensors"
     result = processes.cli("export", "--run", "big", "--out", str(out))
     assert result.returncode == 0, result.stderr
     tensors = load_file(out)
-    assert sum(t.numel() for t in tensors.values()) * 4 > REDIS_VALUE_LIMIT
+    model = sum(t.numel() for t in tensors.values()) * 4
+    assert model > REDIS_VALUE_LIMIT
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert above[aggregator.pid] < 4 * model, (
+        f"aggregator peaked {above[aggregator.pid] / model:.2f}x the model"
+    )
+    assert above[volunteer.pid] < 6 * model, f"volunteer peaked {above[volunteer.pid] / model:.2f}x the model"
 
 
 def _largest_value(client) -> int:
@@ -86,3 +97,11 @@ def _largest_value(client) -> int:
         elif kind == b"list":
             largest = max(largest, *(len(client.lindex(key, i) or b"") for i in range(client.llen(key))))
     return largest
+
+
+def _wait_online(processes, names: set[str], timeout: float = 120) -> None:
+    """Until the workers answer a ping: their start-up is over, their memory at rest."""
+    deadline = time.monotonic() + timeout
+    while not names <= set(processes.json("status")["workers_online"]):
+        assert time.monotonic() < deadline, f"{names} not online after {timeout}s" + processes.log_tail()
+        time.sleep(0.5)
