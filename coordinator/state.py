@@ -78,18 +78,7 @@ class RoundState:
         self, run: str, number: int, shard: int, copy_key: str, digest: str, volunteer: str
     ) -> tuple[str, bool]:
         """Count a validated upload once: (outcome, due); the outcomes are in ``accept.lua``."""
-        outcome, due = self._scripts["accept"](
-            keys=[
-                keys.round_(run, number),
-                keys.round_accepted(run, number),
-                keys.round_digests(run, number),
-                keys.round_replicated(run, number),
-                keys.round_replicas(run, number),
-                keys.run_taken(run),
-            ],
-            args=[shard, copy_key, digest, volunteer, keys.ROUND_TTL],
-        )
-        return _text(outcome), bool(due)
+        return self.accept_many([(run, number, shard, copy_key, digest, volunteer)])[0]
 
     def accept_many(
         self,
