@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -298,6 +299,36 @@ def test_uploads_are_bounded_before_download_and_by_count_and_ttl(cluster):
     assert len(left) == keys.MAX_OUTSTANDING_UPLOADS
     assert all(0 < cluster.admin.ttl(k) <= keys.UPLOAD_TTL for k in left)
     assert not any(":ghost:" in k for k in left)
+
+
+def test_a_lying_or_malformed_chunk_list_is_refused_before_its_chunks_are_read(cluster):
+    """An upload is a chunk list (broker.blobs) whose header is only the volunteer's word."""
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    cluster.init("--shards", "4", "--deadline", "600")
+    number = cluster.post()
+    bound = RunContexts(cluster.store)["r"].upload_bound
+    good = dumps(_tiny_delta(0.1), {"samples": 8, "base_version": 0})
+    header = blobs.HEADER.pack(blobs.MAGIC, len(good))
+    forged = {
+        0: [blobs.HEADER.pack(blobs.MAGIC, 10), b"z" * (bound + (1 << 20))],  # claims 10 bytes
+        1: [header, good + b"extra"],  # more bytes than the header says
+        2: [header, good[: len(good) // 2]],  # fewer
+    }
+    for shard, chunks in forged.items():
+        token = uuid.uuid4().hex
+        mallory.redis.rpush(keys.upload("mallory", "r", number, shard, token), *chunks)
+        mallory.announce("r", number, shard, token)
+    token = uuid.uuid4().hex
+    mallory.redis.set(keys.upload("mallory", "r", number, 3, token), good)  # no chunk list at all
+    mallory.announce("r", number, 3, token)
+    cluster.wait_until(lambda: cluster.round(number).get("rejected") == 4, "all four to be refused")
+    reasons = {x["shard"]: x["reason"] for x in round_record(cluster.store, "r", number)["rejections"]}
+    assert "exceeds the bound" in reasons[0], reasons
+    assert all("malformed upload" in reasons[shard] for shard in (1, 2, 3)), reasons
+    assert cluster.round(number).get("accepted", 0) == 0
+    left = list(cluster.admin.scan_iter(match=keys.upload_pattern("mallory")))
+    assert left == [], "nothing refused is kept"
 
 
 def test_old_versions_leave_redis_and_a_full_redis_leaves_no_half_posted_round(cluster):
