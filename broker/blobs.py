@@ -50,6 +50,13 @@ MAX_CHUNK_MIB = 64
 MAGIC = b"ctblob\x00\x01"
 HEADER = struct.Struct("<8sQ")
 MIB = 1 << 20
+# The first element of a list, only if it is header-sized: sizing a volunteer's upload must
+# not download a first element as large as Redis allows (its length is taken on the server).
+_HEADER_ONLY = """
+local head = redis.call('LINDEX', KEYS[1], 0)
+if head and string.len(head) == tonumber(ARGV[1]) then return head end
+return false
+"""
 
 
 class BlobError(BrokerError, ValueError):
@@ -102,8 +109,12 @@ def read(client: redis.Redis, key: str, limit: int | None = None) -> bytearray |
 
     Raises BlobError if the key holds anything but a well-formed chunk list,
     or declares more than ``limit`` bytes (checked before anything is allocated).
-    A chunk list that changes while it is read (it was replaced or expired) is
-    refused too, rather than returned mixed.
+    A chunk list that goes while it is read (expired, pruned) is refused too.
+    Nothing replaces a blob its reader may be reading: model versions and
+    updates are written once, uploads are read only once moved out of their
+    volunteer's reach, and strategy state and residuals are replaced only by
+    the aggregator holding the round's claim, their only reader. The first
+    element is read unbounded: call ``sizes`` first on anything a volunteer wrote.
     """
     try:
         head, count = _head(client, key)
@@ -139,19 +150,7 @@ def sizes(client: redis.Redis, key: str) -> tuple[int, int]:
     chunk: the header is only the volunteer's word, and one chunk could be as
     large as Redis allows.
     """
-    pipe = client.pipeline(transaction=False)
-    stored_bytes(pipe, key)
-    pipe.lindex(key, 0)
-    stored, head = pipe.execute(raise_on_error=False)
-    if stored is None or isinstance(stored, Exception):
-        return 0, 0
-    declared = 0
-    if isinstance(head, bytes):  # not WRONGTYPE: a list
-        try:
-            declared = _declared(head, key)
-        except BlobError:
-            declared = 0
-    return declared, int(stored)
+    return sizes_many(client, [key])[0]
 
 
 def sizes_many(client: redis.Redis, keys: Sequence[str]) -> list[tuple[int, int]]:
@@ -159,9 +158,10 @@ def sizes_many(client: redis.Redis, keys: Sequence[str]) -> list[tuple[int, int]
     if not keys:
         return []
     pipe = client.pipeline(transaction=False)
+    header = client.register_script(_HEADER_ONLY)
     for key in keys:
         stored_bytes(pipe, key)
-        pipe.lindex(key, 0)
+        header(keys=[key], args=[HEADER.size], client=pipe)
     replies = pipe.execute(raise_on_error=False)
     out: list[tuple[int, int]] = []
     for key, stored, head in zip(keys, replies[0::2], replies[1::2], strict=True):

@@ -79,3 +79,13 @@ def test_a_bad_chunk_size_setting_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(blobs.CHUNK_ENV, value)
     with pytest.raises(SettingsError, match=blobs.CHUNK_ENV):
         blobs.chunk_bytes()
+
+
+def test_sizing_an_upload_never_downloads_its_first_element(client):
+    """A volunteer may put anything first; the trusted side's size check must not fetch it."""
+    client.rpush("b", b"h" * (8 * blobs.MIB), b"data")
+    sent_before = int(client.info("stats")["total_net_output_bytes"])
+    declared, stored = blobs.sizes(client, "b")
+    sent = int(client.info("stats")["total_net_output_bytes"]) - sent_before
+    assert declared == 0 and stored > 8 * blobs.MIB
+    assert sent < blobs.MIB, f"the size check moved {sent} bytes"
