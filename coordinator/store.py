@@ -97,16 +97,13 @@ class Store:
         self.redis.set(keys.dp_clip(run), repr(float(clip)))
 
     # --- uploads -------------------------------------------------------------
-    def upload_size(self, key: str) -> tuple[int, int]:
-        """(declared, stored) bytes under ``key``, (0, 0) if absent, known before a chunk is read.
+    def upload_sizes(self, upload_keys: Sequence[str]) -> list[tuple[int, int]]:
+        """(declared, stored) bytes under each key, (0, 0) if absent, in one round trip.
 
         ``declared`` is the volunteer's word (its blob header); ``stored`` what
-        Redis holds for it, overhead included (``blobs.sizes``).
+        Redis holds for it, overhead included (``blobs.sizes_many``): both are
+        known before a chunk is read.
         """
-        return blobs.sizes(self.redis, key)
-
-    def upload_sizes(self, upload_keys: Sequence[str]) -> list[tuple[int, int]]:
-        """``upload_size`` of each key, in one round trip."""
         return blobs.sizes_many(self.redis, upload_keys)
 
     def get_upload(self, key: str, limit: int | None = None) -> bytearray | None:
@@ -134,17 +131,10 @@ class Store:
         None if it went meanwhile (expired or deleted); BlobError if the moved
         copy is larger than ``limit`` or no well-formed blob.
         """
-        pipe = self.redis.pipeline()
-        pipe.rename(key, trusted_key)
-        pipe.expire(trusted_key, keys.UPLOAD_TTL)
-        try:
-            pipe.execute()
-        except redis.ResponseError:  # "no such key": it expired or was deleted meanwhile
-            return None
-        # Bounded again after the move: the volunteer could have grown it after the first look.
-        if self.upload_size(trusted_key)[1] > blobs.storage_bound(limit):
-            raise blobs.BlobError(f"upload of more than {limit} bytes")
-        return blobs.read(self.redis, trusted_key, limit)
+        (blob,) = self.take_uploads([(key, trusted_key, limit)])
+        if isinstance(blob, blobs.BlobError):
+            raise blob
+        return blob
 
     def take_uploads(
         self,
