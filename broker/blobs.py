@@ -15,6 +15,11 @@ A reader allocates the declared size once (after checking it against its
 limit), then copies the chunks in one at a time: it holds the payload plus one
 chunk. The header of an upload is the volunteer's claim: each chunk is checked
 against what is left of it, and a blob whose chunks do not add up is refused.
+
+A run with a blob store (``broker.objects``) keeps its blobs as objects: the
+list then holds a pointer (magic ``ctblob\0\2``, one chunk: the object's
+name, size and sha256), which a reader follows through the ``remote`` it
+passes; a reader without one refuses it.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import redis
 
 from .errors import BrokerError, SettingsError
+from .objects import MAX_POINTER, ObjectMismatch, Pointer
 
 __all__ = [
     "CHUNK_ENV",
@@ -33,21 +40,25 @@ __all__ = [
     "HEADER",
     "MAX_CHUNK_MIB",
     "BlobError",
+    "Remote",
     "chunk_bytes",
     "queue_write",
     "read",
     "read_many",
+    "read_pointer",
     "sizes",
     "sizes_many",
     "storage_bound",
     "stored_bytes",
     "write",
+    "write_pointer",
 ]
 
 CHUNK_ENV = "CROWDTRAIN_CHUNK_MIB"
 DEFAULT_CHUNK_MIB = 16
 MAX_CHUNK_MIB = 64
 MAGIC = b"ctblob\x00\x01"
+POINTER_MAGIC = b"ctblob\x00\x02"
 HEADER = struct.Struct("<8sQ")
 MIB = 1 << 20
 # The first element of a list, only if it is header-sized: sizing a volunteer's upload must
@@ -61,6 +72,12 @@ return false
 
 class BlobError(BrokerError, ValueError):
     """A stored blob is not a well-formed chunk list, or is larger than the reader allows."""
+
+
+class Remote(Protocol):
+    """How a reader follows a pointer to the object store (``broker.objects``)."""
+
+    def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray: ...
 
 
 def chunk_bytes(env: Mapping[str, str] | None = None) -> int:
@@ -89,14 +106,28 @@ def write(client: redis.Redis, key: str, data: bytes | bytearray | memoryview, t
     return size
 
 
+def write_pointer(client: redis.Redis, key: str, pointer: Pointer, ttl: int | None = None) -> None:
+    """Store a pointer to an object under ``key``, replacing what was there."""
+    pipe = client.pipeline(transaction=True)
+    queue_write(pipe, key, pointer.pack(), ttl, magic=POINTER_MAGIC)
+    pipe.execute()
+
+
 def queue_write(
-    pipe: redis.client.Pipeline, key: str, data: bytes | bytearray | memoryview, ttl: int | None = None
+    pipe: redis.client.Pipeline,
+    key: str,
+    data: bytes | bytearray | memoryview,
+    ttl: int | None = None,
+    magic: bytes = MAGIC,
 ) -> int:
-    """Add ``write``'s commands to a transaction ``pipe`` (so more can go in the same MULTI/EXEC)."""
+    """Add ``write``'s commands to a transaction ``pipe`` (so more can go in the same MULTI/EXEC).
+
+    With ``magic=POINTER_MAGIC``, ``data`` is a packed ``Pointer``.
+    """
     view = memoryview(data).cast("B")
     size = chunk_bytes()
     pipe.delete(key)
-    pipe.rpush(key, HEADER.pack(MAGIC, view.nbytes))
+    pipe.rpush(key, HEADER.pack(magic, view.nbytes))
     for start in range(0, view.nbytes, size):
         pipe.rpush(key, view[start : start + size])
     if ttl is not None:
@@ -104,7 +135,9 @@ def queue_write(
     return view.nbytes
 
 
-def read(client: redis.Redis, key: str, limit: int | None = None) -> bytearray | None:
+def read(
+    client: redis.Redis, key: str, limit: int | None = None, remote: Remote | None = None
+) -> bytearray | None:
     """The payload under ``key``; None if there is no such key.
 
     Raises BlobError if the key holds anything but a well-formed chunk list,
@@ -115,6 +148,7 @@ def read(client: redis.Redis, key: str, limit: int | None = None) -> bytearray |
     volunteer's reach, and strategy state and residuals are replaced only by
     the aggregator holding the round's claim, their only reader. The first
     element is read unbounded: call ``sizes`` first on anything a volunteer wrote.
+    A pointer is followed through ``remote`` (BlobError without one).
     """
     try:
         head, count = _head(client, key)
@@ -122,9 +156,33 @@ def read(client: redis.Redis, key: str, limit: int | None = None) -> bytearray |
         raise BlobError(f"{key} is not a chunk list ({e})") from None
     if head is None:
         return None
-    total = _declared(head, key)
+    magic, total = _header(head, key)
+    if magic == POINTER_MAGIC:
+        return _follow(_chunks(client, key, count, _pointer_size(total, key)), key, limit, remote)
     if limit is not None and total > limit:
         raise BlobError(f"{key} declares {total} bytes, over the limit of {limit}")
+    return _chunks(client, key, count, total)
+
+
+def read_pointer(client: redis.Redis | redis.client.Pipeline, key: str) -> Pointer | None:
+    """The pointer under ``key``; None if there is none (no key, or a blob kept in Redis)."""
+    head = client.lindex(key, 0)
+    if not isinstance(head, bytes) or len(head) != HEADER.size:
+        return None
+    magic, total = HEADER.unpack(head)
+    if magic != POINTER_MAGIC:
+        return None
+    raw = client.lindex(key, 1) if total <= MAX_POINTER else None
+    if not isinstance(raw, bytes) or len(raw) != total:
+        return None
+    try:
+        return Pointer.unpack(raw, key)
+    except ValueError:
+        return None
+
+
+def _chunks(client: redis.Redis, key: str, count: int, total: int) -> bytearray:
+    """Chunks 1.. of ``key`` copied into one buffer of ``total`` bytes; BlobError unless they fill it."""
     out = bytearray(total)
     pos = 0
     for index in range(1, count):
@@ -171,7 +229,7 @@ def sizes_many(client: redis.Redis, keys: Sequence[str]) -> list[tuple[int, int]
         declared = 0
         if isinstance(head, bytes):
             try:
-                declared = _declared(head, key)
+                declared = _header(head, key)[1]
             except BlobError:
                 declared = 0
         out.append((declared, int(stored)))
@@ -179,7 +237,10 @@ def sizes_many(client: redis.Redis, keys: Sequence[str]) -> list[tuple[int, int]
 
 
 def read_many(
-    client: redis.Redis, keys: Sequence[str], limits: Sequence[int | None] | None = None
+    client: redis.Redis,
+    keys: Sequence[str],
+    limits: Sequence[int | None] | None = None,
+    remote: Remote | None = None,
 ) -> list[bytearray | BlobError | None]:
     """``read`` of each key, in two round trips for blobs of one chunk (the usual upload).
 
@@ -195,7 +256,7 @@ def read_many(
         pipe.llen(key)
     replies = pipe.execute(raise_on_error=False)
     out: list[bytearray | BlobError | None] = [None] * len(keys)
-    single: list[tuple[int, int]] = []  # (index, declared size) of one-chunk blobs
+    single: list[tuple[int, int, bool]] = []  # (index, declared size, a pointer?) of one-chunk blobs
     for index, (key, head, count) in enumerate(zip(keys, replies[0::2], replies[1::2], strict=True)):
         if isinstance(head, Exception) or isinstance(count, Exception):
             out[index] = BlobError(
@@ -205,24 +266,31 @@ def read_many(
         if head is None:
             continue
         try:
-            total = _declared(head, key)
+            magic, total = _header(head, key)
             limit = bounds[index]
-            if limit is not None and total > limit:
+            if magic == POINTER_MAGIC:
+                total = _pointer_size(total, key)
+            elif limit is not None and total > limit:
                 raise BlobError(f"{key} declares {total} bytes, over the limit of {limit}")
             if int(count) == 2:
-                single.append((index, total))
+                single.append((index, total, magic == POINTER_MAGIC))
             else:
-                out[index] = read(client, key, limit)
+                out[index] = read(client, key, limit, remote)
         except BlobError as e:
             out[index] = e
     if single:
         pipe = client.pipeline(transaction=False)
-        for index, _ in single:
+        for index, _, _ in single:
             pipe.lindex(keys[index], 1)
-        for (index, total), chunk in zip(single, pipe.execute(), strict=True):
+        for (index, total, pointer), chunk in zip(single, pipe.execute(), strict=True):
             if chunk is None or len(chunk) != total:
                 got = "nothing" if chunk is None else f"{len(chunk)} bytes"
                 out[index] = BlobError(f"{keys[index]}: its chunk holds {got}, its header declares {total}")
+            elif pointer:
+                try:
+                    out[index] = _follow(chunk, keys[index], bounds[index], remote)
+                except BlobError as e:
+                    out[index] = e
             else:
                 out[index] = bytearray(chunk)
     return out
@@ -247,11 +315,32 @@ def _head(client: redis.Redis, key: str) -> tuple[bytes | None, int]:
     return head, int(count)
 
 
-def _declared(head: bytes, key: str) -> int:
-    """The payload size the header declares; BlobError if it is no crowdtrain header."""
+def _header(head: bytes, key: str) -> tuple[bytes, int]:
+    """The header's magic (a blob or a pointer) and the size it declares; BlobError if it is neither."""
     if len(head) != HEADER.size:
         raise BlobError(f"{key} does not start with a {HEADER.size}-byte blob header")
     magic, total = HEADER.unpack(head)
-    if magic != MAGIC:
+    if magic not in (MAGIC, POINTER_MAGIC):
         raise BlobError(f"{key} does not start with the blob header (magic {magic!r})")
-    return int(total)
+    return magic, int(total)
+
+
+def _pointer_size(total: int, key: str) -> int:
+    if total > MAX_POINTER:
+        raise BlobError(f"{key} holds a pointer of {total} bytes (at most {MAX_POINTER})")
+    return total
+
+
+def _follow(raw: bytes | bytearray, key: str, limit: int | None, remote: Remote | None) -> bytearray:
+    """The object a pointer names, through ``remote``; BlobError if it may not or does not match."""
+    if remote is None:
+        raise BlobError(f"{key} is kept in an object store, which this reader does not use")
+    try:
+        pointer = Pointer.unpack(raw, key)
+        return remote.fetch(pointer, key, limit)
+    except ObjectMismatch as e:
+        raise BlobError(str(e)) from None
+    except ValueError as e:  # a malformed pointer
+        if isinstance(e, BrokerError) and not isinstance(e, BlobError):
+            raise
+        raise BlobError(str(e)) from None

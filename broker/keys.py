@@ -209,6 +209,29 @@ def checked_upload(key: str) -> tuple[str, str, int, int, str] | None:
     return parsed
 
 
+def upload_origin(key: str) -> tuple[str, int, int] | None:
+    """(run, round, shard) of an upload key or of an accepted copy's key; None for any other key."""
+    parsed = parse_upload(key)
+    if parsed is not None:
+        return parsed[1], parsed[2], parsed[3]
+    parts = key.split(":")
+    if (
+        len(parts) == 9
+        and parts[:2] == [PREFIX, "run"]
+        and (parts[3], parts[5]) == ("round", "upload")
+        and _DIGITS.fullmatch(parts[4])
+        and _DIGITS.fullmatch(parts[7])
+    ):
+        return parts[2], int(parts[4]), int(parts[7])
+    return None
+
+
+def run_of(key: str) -> str | None:
+    """The run a ``ct:run:RUN:...`` key belongs to; None for any other key."""
+    parts = key.split(":")
+    return parts[2] if len(parts) > 3 and parts[:2] == [PREFIX, "run"] and NAME.fullmatch(parts[2]) else None
+
+
 def announcements() -> str:
     """The list of upload keys waiting to be validated: volunteers append, the aggregator drains."""
     return _k("announce")

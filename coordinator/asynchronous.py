@@ -94,9 +94,12 @@ def post_jobs(
     number, base, shards = int(info["round"]), int(info["base_version"]), int(config["shards"])
     total = store.rounds.add_jobs(run, number, count)
     queue = need_from_config(config).queue
-    send_shards(
-        app, queue, (shard_task(run, number, job, shards, base) for job in range(total - count, total))
+    store.renew_urls(run, base, max_staleness(config) + 1)
+    tasks = (
+        shard_task(run, number, job, shards, base, store.upload_slot(run, number, job))
+        for job in range(total - count, total)
     )
+    send_shards(app, queue, tasks)
 
 
 def drive(

@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _local_steps_flag(p, default=DEFAULT_LOCAL_STEPS)
     p.add_argument(
+        "--blob-store",
+        default=None,
+        metavar="URL",
+        help="keep the run's models, updates and uploads in an S3-compatible object store, "
+        "s3://BUCKET/PREFIX, reached with the usual AWS_* settings (default: $CROWDTRAIN_BLOB_STORE, "
+        "else Redis); volunteers need no credentials (presigned URLs)",
+    )
+    p.add_argument(
         "--shard-seconds",
         type=float_in(0, MAX_DEADLINE),
         default=None,

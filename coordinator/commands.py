@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from broker import embedded
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
+from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator import announcements, asynchronous, checkpoints, credentials, janitor, privacy
@@ -116,6 +117,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    blob_store = _blob_store(getattr(args, "blob_store", None))
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():
@@ -150,6 +152,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
+        **({"blob_store": blob_store} if blob_store else {}),
     )
     create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))
     document = {
@@ -165,6 +168,16 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
         )
     return document
+
+
+def _blob_store(flag: str | None) -> str | None:
+    """The run's blob store (--blob-store, else $CROWDTRAIN_BLOB_STORE), checked by a write; None: Redis."""
+    url = flag or os.environ.get(STORE_ENV) or None
+    if url is None:
+        return None
+    location = Location.parse(url)
+    ObjectStore(location).check()
+    return location.url
 
 
 def _check_mode(args: argparse.Namespace, dp: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ refuses a write (full at maxmemory), what was written is removed again.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ import redis
 from safetensors import SafetensorError
 
 from broker import keys
+from broker.objects import ObjectStoreError
 from coordinator import checkpoints
 from coordinator.errors import BROKER_FULL, BrokerFull, UsageError, is_broker_full
 from coordinator.store import Store
@@ -56,6 +58,9 @@ def create_run(
     """
     try:
         store.create_run(run, config, blob)
+    except ObjectStoreError:
+        _forget_run(store, run, config)
+        raise
     except redis.ResponseError as e:
         _forget_run(store, run, config)
         if is_broker_full(e):
@@ -76,6 +81,10 @@ def _forget_run(store: Store, run: str, config: dict[str, Any]) -> None:
     client = store.redis
     if client.get(keys.run_config(run)) != msgpack.packb(config):
         return  # we never wrote it (refused at once), or it is another coordinator's run
+    objects = store.objects(run)
+    if objects is not None:
+        with contextlib.suppress(Exception):  # the store may be what failed: its objects are swept
+            objects.delete_run(run)
     pipe = client.pipeline(transaction=False)  # Redis refuses any MULTI while it is over maxmemory
     pipe.srem(keys.runs(), run)
     pipe.delete(keys.model(run, 0), keys.run_version(run), keys.run_config(run))

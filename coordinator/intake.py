@@ -338,7 +338,8 @@ class Intake:
         ):
             return None
         base = int(info["base_version"])
-        return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base)
+        slot = self.store.upload_slot(upload.run, upload.round, upload.shard)
+        return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base, slot)
 
     def _queue(self, upload: Upload) -> str:
         return self.contexts[upload.run].queue

@@ -65,7 +65,8 @@ def post_round(
             config = store.run_config(run)
             twice = replicated_shards(run, int(info["round"]), shards, float(config.get("replicate") or 0))
             store.rounds.replicate(run, int(info["round"]), twice)
-            _send_shards(app, need_from_config(config).queue, run, info, shards, set(twice))
+            store.renew_urls(run, int(info["base_version"]))
+            _send_shards(store, app, need_from_config(config).queue, run, info, shards, set(twice))
         except Exception as e:
             reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
             store.rounds.abort(run, int(info["round"]), reason)
@@ -75,9 +76,14 @@ def post_round(
     return info
 
 
-def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> dict[str, Any]:
-    """The keyword arguments of one ``train_shard`` task."""
-    return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
+def shard_task(
+    run: str, number: int, shard: int, shards: int, version: int, upload: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of one ``train_shard`` task; ``upload`` is its slot in a blob store."""
+    task: dict[str, Any] = {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
+    if upload is not None:
+        task["upload"] = upload
+    return task
 
 
 def replicated_shards(run: str, number: int, shards: int, fraction: float) -> list[int]:
@@ -99,12 +105,12 @@ def send_shards(app: Celery, queue: str, tasks: Iterable[dict[str, Any]]) -> Non
 
 
 def _send_shards(
-    app: Celery, queue: str, run: str, info: dict[str, Any], shards: int, twice: set[int]
+    store: Store, app: Celery, queue: str, run: str, info: dict[str, Any], shards: int, twice: set[int]
 ) -> None:
     number, base = int(info["round"]), int(info["base_version"])
     # a replicated shard is posted twice in a row, so two volunteers take it at about once
     tasks = (
-        shard_task(run, number, shard, shards, base)
+        shard_task(run, number, shard, shards, base, store.upload_slot(run, number, shard))
         for shard in range(shards)
         for _ in range(2 if shard in twice else 1)
     )

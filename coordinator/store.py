@@ -2,10 +2,14 @@
 
 Round state lives in ``coordinator.state`` (``Store.rounds``); the key layout in
 ``broker.keys``. Volunteers never use this module: theirs is ``volunteer.store``.
+A run made with ``init --blob-store`` keeps its blobs as objects (``broker.objects``):
+this store writes them there and follows the pointers Redis holds.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +18,12 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
+from broker.objects import RENEW_BEFORE, Location, ObjectMismatch, ObjectStore, Pointer
 from coordinator.errors import RunExists
 from coordinator.state import RoundState, lua_source, number_or_text
+
+# Unreferenced objects of a run are looked for at most this often (a listing of its prefix).
+SWEEP_SECONDS = 600
 
 
 class Store:
@@ -25,13 +33,69 @@ class Store:
         self.redis = client
         self.rounds = RoundState(client)
         self._drain = client.register_script(lua_source("drain"))
+        self._objects: dict[str, ObjectStore | None] = {}
+        self._swept: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # --- the object store ----------------------------------------------------
+    def objects(self, run: str) -> ObjectStore | None:
+        """The object store ``run``'s blobs live in (``init --blob-store``); None for Redis."""
+        with self._lock:
+            if run not in self._objects:
+                url = self.run_config(run).get("blob_store")
+                self._objects[run] = ObjectStore(Location.parse(url)) if url else None
+            return self._objects[run]
+
+    def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
+        """Follow a pointer under ``key`` into its run's object store (``blobs.Remote``)."""
+        origin = keys.upload_origin(key)
+        run = origin[0] if origin is not None else keys.run_of(key)
+        store = self.objects(run) if run is not None else None
+        if store is None:
+            raise ObjectMismatch(f"{key} holds a pointer, but its run keeps no blob store")
+        return store.fetch(pointer, key, limit)
+
+    def upload_slot(self, run: str, number: int, shard: int) -> dict[str, str] | None:
+        """Where one job of ``run`` uploads (an object and its presigned PUT URL); None without a store."""
+        store = self.objects(run)
+        return store.upload_slot(run, number, shard) if store is not None else None
+
+    def renew_urls(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
+        """Sign the GET URLs of the kept versions and updates again, if they expire soon.
+
+        Called when work is posted, so a run idle for days still serves its model.
+        """
+        store = self.objects(run)
+        if store is None:
+            return
+        for version in range(max(0, current - keep + 1), current + 1):
+            for key in (keys.model(run, version), keys.update(run, version)):
+                self.redis.transaction(lambda pipe, key=key: self._renew(pipe, key, store), key)
+
+    def _renew(self, pipe: redis.client.Pipeline, key: str, store: ObjectStore) -> None:
+        pointer = blobs.read_pointer(pipe, key)  # WATCHed: a prune meanwhile cancels the rewrite
+        if pointer is None or pointer.expires - time.time() > RENEW_BEFORE:
+            return
+        pipe.multi()
+        blobs.queue_write(pipe, key, store.signed(pointer).pack(), magic=blobs.POINTER_MAGIC)
+
+    def _write(self, run: str, key: str, blob: bytes, ttl: int | None = None, readable: bool = True) -> None:
+        """Write a trusted blob of ``run``: to its object store if it has one (Redis keeps the pointer)."""
+        store = self.objects(run)
+        if store is None:
+            blobs.write(self.redis, key, blob, ttl=ttl)
+        else:
+            blobs.write_pointer(self.redis, key, store.put(run, blob, readable), ttl=ttl)
+
+    def _read(self, key: str, limit: int | None = None) -> bytearray | None:
+        return blobs.read(self.redis, key, limit, remote=self)
 
     # --- runs and versions ---------------------------------------------------
     def create_run(self, run: str, config: dict[str, Any], model_blob: bytes) -> None:
         """Create a run with model version 0; refuses to overwrite one."""
         if not self.redis.set(keys.run_config(run), msgpack.packb(config), nx=True):
             raise RunExists(f"run {run!r} exists already; choose another --run name")
-        blobs.write(self.redis, keys.model(run, 0), model_blob)
+        self._write(run, keys.model(run, 0), model_blob)
         pipe = self.redis.pipeline()
         pipe.set(keys.run_version(run), 0)
         pipe.sadd(keys.runs(), run)
@@ -55,28 +119,28 @@ class Store:
         return int(raw)
 
     def model_blob(self, run: str, version: int) -> bytearray | None:
-        return blobs.read(self.redis, keys.model(run, version))
+        return self._read(keys.model(run, version))
 
     def strategy_blob(self, run: str) -> bytearray | None:
-        return blobs.read(self.redis, keys.strategy(run))
+        return self._read(keys.strategy(run))
 
     def stage_model(self, run: str, version: int, owner: str, blob: bytes) -> str:
         """Write a candidate model under a private key; ``rounds.commit`` publishes it."""
         key = keys.staged_model(run, version, owner)
-        blobs.write(self.redis, key, blob, ttl=keys.STAGED_TTL)
+        self._write(run, key, blob, ttl=keys.STAGED_TTL)
         return key
 
     def stage_strategy(self, run: str, owner: str, blob: bytes) -> None:
         """Write the strategy's state after a candidate version; ``rounds.commit`` publishes it."""
-        blobs.write(self.redis, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL)
+        self._write(run, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL, readable=False)
 
     def stage_update(self, run: str, version: int, owner: str, update: bytes, residual: bytes) -> None:
         """Write a candidate version's downlink update and residual; ``rounds.commit`` publishes both."""
-        blobs.write(self.redis, keys.staged_update(run, version, owner), update, ttl=keys.STAGED_TTL)
-        blobs.write(self.redis, keys.staged_residual(run, owner), residual, ttl=keys.STAGED_TTL)
+        self._write(run, keys.staged_update(run, version, owner), update, ttl=keys.STAGED_TTL)
+        self._write(run, keys.staged_residual(run, owner), residual, ttl=keys.STAGED_TTL, readable=False)
 
     def downlink_residual(self, run: str) -> bytearray | None:
-        return blobs.read(self.redis, keys.downlink_residual(run))
+        return self._read(keys.downlink_residual(run))
 
     def prune_versions(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
         """Drop model versions (and their updates) older than the latest ``keep`` from Redis.
@@ -87,6 +151,25 @@ class Store:
         if old >= 0:
             span = range(max(0, old - 8), old + 1)
             self.redis.delete(*(keys.model(run, v) for v in span), *(keys.update(run, v) for v in span))
+        self.sweep_objects(run, current, keep)
+
+    def sweep_objects(self, run: str, current: int, keep: int, force: bool = False) -> int:
+        """Delete ``run``'s objects no pointer names any more (at most every SWEEP_SECONDS); how many went.
+
+        A blob younger than a staged version's lifetime may be about to be
+        published, and an upload younger than an upload's lifetime may still be
+        read: both are left for a later sweep.
+        """
+        store = self.objects(run)
+        if store is None or (not force and time.time() - self._swept.get(run, 0.0) < SWEEP_SECONDS):
+            return 0
+        self._swept[run] = time.time()
+        live = [keys.strategy(run), keys.downlink_residual(run)]
+        for version in range(max(0, current - keep + 1), current + 1):
+            live += [keys.model(run, version), keys.update(run, version)]
+        named = [blobs.read_pointer(self.redis, key) for key in live]
+        kept = [pointer.object for pointer in named if pointer is not None]
+        return store.sweep(run, kept, blobs_older=keys.STAGED_TTL, uploads_older=keys.UPLOAD_TTL + 3600)
 
     def dp_clip(self, run: str) -> float | None:
         """The adaptive clip C of a DP run, once a merge has moved it (None before)."""
@@ -108,18 +191,18 @@ class Store:
 
     def get_upload(self, key: str, limit: int | None = None) -> bytearray | None:
         """An upload's payload; BlobError if it is no well-formed blob or declares over ``limit`` bytes."""
-        return blobs.read(self.redis, key, limit)
+        return self._read(key, limit)
 
     def read_uploads(
         self, upload_keys: Sequence[str], limits: Sequence[int]
     ) -> list[bytearray | blobs.BlobError | None]:
         """Each key's payload, None (absent) or the BlobError refusing it, in a few round trips."""
-        return blobs.read_many(self.redis, upload_keys, limits)
+        return blobs.read_many(self.redis, upload_keys, limits, remote=self)
 
     def get_uploads(self, upload_keys: Sequence[str], limit: int | None = None) -> list[bytearray | None]:
         """Each key's payload (None where absent), in a few round trips; BlobError if one is malformed."""
         out: list[bytearray | None] = []
-        for blob in blobs.read_many(self.redis, upload_keys, [limit] * len(upload_keys)):
+        for blob in blobs.read_many(self.redis, upload_keys, [limit] * len(upload_keys), remote=self):
             if isinstance(blob, blobs.BlobError):
                 raise blob
             out.append(blob)
@@ -175,7 +258,9 @@ class Store:
         for reply in [*replies[: len(counts)], *(replies[-1:] if discard else [])]:
             if isinstance(reply, Exception):
                 raise reply
-        read = blobs.read_many(self.redis, [moves[i][1] for i in reading], [moves[i][2] for i in reading])
+        read = blobs.read_many(
+            self.redis, [moves[i][1] for i in reading], [moves[i][2] for i in reading], remote=self
+        )
         for index, blob in zip(reading, read, strict=True):
             out[index] = blob
         return out

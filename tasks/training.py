@@ -54,12 +54,20 @@ def register(app: CrowdtrainApp) -> None:
     # No result is stored: a volunteer may not write (or read) the result backend.
     @app.task(name="train_shard", base=VolunteerTask, bind=True, ignore_result=True)
     def train_shard(
-        self: VolunteerTask, run: str, round: int, shard: int, shards: int, version: int
+        self: VolunteerTask,
+        run: str,
+        round: int,
+        shard: int,
+        shards: int,
+        version: int,
+        upload: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Train the run's model of ``version`` on one shard; the delta goes to Redis, announced.
 
         The upload's key goes on ``ct:announce`` in the same transaction as the
-        upload, which the aggregator drains in batches: one task per shard.
+        upload, which the aggregator drains in batches: one task per shard. A
+        run with a blob store gives each job an ``upload`` slot (an object and
+        its presigned PUT URL): the delta goes there, and Redis gets a pointer.
         """
-        checked(run=run, round=round, shard=shard, shards=shards, version=version)
-        return self.runner.run(run, round, shard, shards, version)
+        checked(run=run, round=round, shard=shard, shards=shards, version=version, upload=upload)
+        return self.runner.run(run, round, shard, shards, version, upload)

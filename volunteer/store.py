@@ -9,6 +9,7 @@ credit are written by the aggregator, from what its uploads show.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgpack
@@ -16,6 +17,7 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
+from broker.objects import Pointer, UrlReader, put_url
 
 
 class VolunteerStore:
@@ -24,6 +26,7 @@ class VolunteerStore:
     def __init__(self, client: redis.Redis, name: str) -> None:
         self.redis = client
         self.name = name
+        self._urls = UrlReader()  # a run with a blob store: its pointers carry presigned GET URLs
 
     def run_config(self, run: str) -> dict[str, Any]:
         raw = self.redis.get(keys.run_config(run))
@@ -49,22 +52,31 @@ class VolunteerStore:
         return int(raw) if raw is not None else None
 
     def model_blob(self, run: str, version: int) -> bytearray | None:
-        return blobs.read(self.redis, keys.model(run, version))
+        return blobs.read(self.redis, keys.model(run, version), remote=self._urls)
 
     def update_blobs(self, run: str, versions: range) -> list[bytearray | None]:
         """The encoded updates that make each of ``versions`` from the one before (lossy downlink)."""
-        return [blobs.read(self.redis, keys.update(run, v)) for v in versions]
+        return [blobs.read(self.redis, keys.update(run, v), remote=self._urls) for v in versions]
 
-    def put_upload(self, run: str, number: int, shard: int, token: str, blob: bytes) -> str:
+    def put_upload(
+        self, run: str, number: int, shard: int, token: str, blob: bytes, slot: dict[str, str] | None = None
+    ) -> str:
         """Store one upload under this volunteer's own key prefix and announce it; returns its key.
 
         One round trip, in one transaction: the aggregator never finds an
         announcement before its upload. The announcement is only a hint (the
         key's prefix, which only this volunteer may write, says whose it is).
+        With a blob-store ``slot`` the bytes go to its presigned URL first, and
+        the key holds a pointer to them (name, size, sha256).
         """
         key = keys.upload(self.name, run, number, shard, token)
         with self.redis.pipeline(transaction=True) as pipe:
-            blobs.queue_write(pipe, key, blob, ttl=keys.UPLOAD_TTL)
+            if slot is None:
+                blobs.queue_write(pipe, key, blob, ttl=keys.UPLOAD_TTL)
+            else:
+                put_url(slot["url"], blob)
+                pointer = Pointer(slot["object"], len(blob), hashlib.sha256(blob).digest())
+                blobs.queue_write(pipe, key, pointer.pack(), ttl=keys.UPLOAD_TTL, magic=blobs.POINTER_MAGIC)
             pipe.rpush(keys.announcements(), key)
             pipe.execute()
         return key

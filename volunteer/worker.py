@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from broker.objects import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data
 from serialization import TensorDict, apply_update, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
@@ -56,8 +57,17 @@ class ShardRunner:
         self._feedback: dict[str, ErrorFeedback] = {}
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._slot: dict[str, str] | None = None
 
-    def run(self, run: str, number: int, shard: int, shards: int, version: int) -> dict[str, Any]:
+    def run(
+        self,
+        run: str,
+        number: int,
+        shard: int,
+        shards: int,
+        version: int,
+        upload: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Train one shard and report it; skip it without training if it is not the round's to do.
 
         The round in Redis, not the task message, says which shards and base
@@ -66,6 +76,7 @@ class ShardRunner:
         wait for its deadline.
         """
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
+        self._slot = upload  # this job's place in the run's blob store, if it has one
         wanted = self.store.round_info(run, number)
         buffered = wanted is not None and self._config(run).get("mode") == "async"
         if wanted is not None and buffered:
@@ -192,9 +203,17 @@ class ShardRunner:
         """Store a result (a delta, or a failure report) under our own key and announce it.
 
         Failures travel as uploads too, so everything the aggregator counts
-        comes from a key that only this volunteer's credentials can write.
+        comes from a key that only this volunteer's credentials can write. If
+        the job's blob store refuses the upload, the failure is said in Redis
+        instead, so the shard can be offered again at once.
         """
-        self.store.put_upload(run, number, shard, uuid.uuid4().hex, blob)
+        token = uuid.uuid4().hex
+        try:
+            self.store.put_upload(run, number, shard, token, blob, self._slot)
+        except ObjectStoreError as e:
+            log.warning("%s round %d shard %d: %s", run, number, shard, e)
+            report = dumps({}, {"failure": f"volunteer error: {e}"[:MAX_REASON]})
+            self.store.put_upload(run, number, shard, token, report)
 
     def _model(self, run: str, version: int) -> tuple[TensorDict, int]:
         """The weights of a version and the bytes fetched for them (0 when cached).

@@ -1,0 +1,402 @@
+"""Blobs in an S3-compatible object store, reached through pointers kept in Redis.
+
+With ``init --blob-store s3://bucket/prefix`` a run's models, updates,
+residuals, strategy state and uploads live as objects; Redis keeps, under the
+usual keys, only a pointer (``broker.blobs``): the object's name, size and
+sha256, and for blobs volunteers read, a presigned GET URL. So ``commit.lua``
+still publishes a version by renaming one small key.
+
+Volunteers get no store credentials. They read models through the presigned
+GET URLs in the pointers, and write each upload through a presigned PUT URL
+that their ``train_shard`` job carries, for one object named by the trusted
+side under ``uploads/RUN/ROUND/SHARD/``. Presigned URLs work with any
+S3-compatible store and need no identity management there; the price is that
+a URL lives as long as it is signed for (at most 7 days, SigV4's limit), so
+the coordinator signs a current version's URL again when it posts work on it.
+The trusted side never follows a URL from Redis: it signs its own, for an
+object it checks lies where that key's blobs must lie, and verifies the size
+and sha256 its pointer declares.
+
+Object names::
+
+    PREFIX/runs/RUN/blobs/UUID                 trusted blobs (models, updates, state)
+    PREFIX/uploads/RUN/ROUND/SHARD/UUID        one job's upload slot
+
+Objects nothing in Redis points to any more are swept (``ObjectStore.sweep``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import BrokerError, SettingsError
+
+__all__ = [
+    "PUBLIC_ENV",
+    "STORE_ENV",
+    "URL_SECONDS",
+    "Location",
+    "ObjectMismatch",
+    "ObjectStore",
+    "ObjectStoreError",
+    "Pointer",
+    "UrlReader",
+    "put_url",
+]
+
+STORE_ENV = "CROWDTRAIN_BLOB_STORE"
+# The endpoint volunteers reach the store at, when it differs from the trusted side's
+# (a compose network's "objects:8333" against a public address): presigned URLs name it.
+PUBLIC_ENV = "CROWDTRAIN_BLOB_PUBLIC_URL"
+URL_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+RENEW_BEFORE = 2 * 24 * 3600  # sign a pointer's URL again once it has less than this left
+MAX_POINTER = 4096
+HTTP_TIMEOUT = 60
+READ_STEP = 8 << 20
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+_OBJECT = re.compile(r"[A-Za-z0-9._/-]{1,1024}")
+
+
+class ObjectStoreError(BrokerError, ValueError):
+    """The object store refused or could not be reached; the message says which and how to fix it."""
+
+
+class ObjectMismatch(ObjectStoreError):
+    """A pointer's object is missing, misplaced, over the reader's limit, or not what the pointer declares."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a deployment's blobs go: a bucket and a key prefix (``s3://bucket/prefix``)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> Location:
+        """The location of ``s3://bucket[/prefix]``; SettingsError for anything else."""
+        scheme, _, rest = url.partition("://")
+        bucket, _, prefix = rest.partition("/")
+        prefix = prefix.strip("/")
+        dots = any(part in (".", "..") for part in prefix.split("/"))
+        if (
+            scheme != "s3"
+            or not _BUCKET.fullmatch(bucket)
+            or (prefix and not _PREFIX.fullmatch(prefix))
+            or dots
+        ):
+            raise SettingsError(
+                f"--blob-store {url!r}: use s3://BUCKET/PREFIX (a bucket of 3-63 lower-case letters, "
+                "digits, '.' or '-'; a prefix of letters, digits, '.', '_', '-' and '/')"
+            )
+        return cls(bucket, prefix)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def name(self, *parts: object) -> str:
+        """An object name under this location's prefix."""
+        return "/".join(str(p) for p in (self.prefix, *parts) if p != "")
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What Redis holds for a blob kept as an object: its name, size, sha256 and (maybe) a GET URL."""
+
+    object: str
+    size: int
+    sha256: bytes
+    url: str | None = None
+    expires: float = 0.0
+
+    def pack(self) -> bytes:
+        fields: dict[str, Any] = {"object": self.object, "size": self.size, "sha256": self.sha256}
+        if self.url is not None:
+            fields.update(url=self.url, expires=self.expires)
+        return msgpack.packb(fields)
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray, key: str) -> Pointer:
+        """A pointer read from ``key``; ValueError unless every field has its type and size."""
+        if len(raw) > MAX_POINTER:
+            raise ValueError(f"{key}: a blob pointer of {len(raw)} bytes (at most {MAX_POINTER})")
+        try:
+            fields = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            raise ValueError(f"{key}: a blob pointer that is not msgpack ({e})") from None
+        if not isinstance(fields, dict) or not {"object", "size", "sha256"} <= fields.keys() <= {
+            "object",
+            "size",
+            "sha256",
+            "url",
+            "expires",
+        }:
+            raise ValueError(f"{key}: a blob pointer without its object, size and sha256")
+        name, size, digest = fields["object"], fields["size"], fields["sha256"]
+        url, expires = fields.get("url"), fields.get("expires", 0.0)
+        ok = (
+            isinstance(name, str)
+            and _OBJECT.fullmatch(name) is not None
+            and ".." not in name.split("/")
+            and isinstance(size, int)
+            and not isinstance(size, bool)
+            and 0 <= size < 1 << 50
+            and isinstance(digest, bytes)
+            and len(digest) == 32
+            and (url is None or (isinstance(url, str) and url.startswith(("http://", "https://"))))
+            and isinstance(expires, (int, float))
+        )
+        if not ok:
+            raise ValueError(f"{key}: a blob pointer with a malformed field")
+        return cls(name, size, digest, url, float(expires))
+
+
+class UrlReader:
+    """How a volunteer follows a pointer: a GET of its presigned URL, size and sha256 checked."""
+
+    def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
+        if pointer.url is None:
+            raise ObjectStoreError(f"{key} is kept in the object store without a URL volunteers may read")
+        return _download(pointer.url, pointer, key, limit)
+
+
+def put_url(url: str, data: bytes | bytearray | memoryview) -> None:
+    """PUT ``data`` to a presigned URL (a volunteer's upload slot); ObjectStoreError if refused."""
+    view = memoryview(data).cast("B")
+    request = urllib.request.Request(url, data=view, method="PUT")
+    request.add_header("Content-Type", "application/octet-stream")
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        raise ObjectStoreError(f"the object store refused the upload (HTTP {e.code} {e.reason})") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ObjectStoreError(f"the object store could not be reached for the upload ({e})") from None
+
+
+class ObjectStore:
+    """The trusted side's access to a run's bucket: writes, its own reads, presigning and sweeping.
+
+    Credentials and endpoint are boto3's usual settings (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``,
+    a profile...); ``CROWDTRAIN_BLOB_PUBLIC_URL`` is the endpoint presigned
+    URLs name, if volunteers reach the store at another address.
+    """
+
+    def __init__(self, location: Location, env: Mapping[str, str] | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        environ = os.environ if env is None else env
+        endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or None
+        public = environ.get(PUBLIC_ENV) or endpoint
+        # Path-style addressing for self-hosted stores (SeaweedFS, MinIO); AWS picks its own.
+        style = "path" if endpoint else "auto"
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": style},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=HTTP_TIMEOUT,
+        )
+        session = boto3.session.Session()
+        region = environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION") or "us-east-1"
+        self.location = location
+        self.client = session.client("s3", endpoint_url=endpoint, config=config, region_name=region)
+        self.signer = (
+            self.client
+            if public == endpoint
+            else session.client("s3", endpoint_url=public, config=config, region_name=region)
+        )
+
+    # --- checks --------------------------------------------------------------
+    def check(self) -> None:
+        """Write, read and delete a small object; ObjectStoreError (one line, what to fix) if any fails."""
+        name = self.location.name(".crowdtrain-check", uuid.uuid4().hex)
+        try:
+            self.client.put_object(Bucket=self.location.bucket, Key=name, Body=b"crowdtrain")
+            self.client.delete_object(Bucket=self.location.bucket, Key=name)
+        except Exception as e:  # botocore raises many unrelated types: each becomes one line
+            raise ObjectStoreError(
+                f"blob store {self.location.url} cannot be written with these credentials: {_why(e)}"
+            ) from None
+
+    # --- blobs ---------------------------------------------------------------
+    def put(self, run: str, data: bytes | bytearray | memoryview, readable: bool = True) -> Pointer:
+        """Store a trusted blob of ``run``; its pointer carries a GET URL if volunteers read it."""
+        view = memoryview(data).cast("B")
+        name = self.location.name("runs", run, "blobs", uuid.uuid4().hex)
+        digest = hashlib.sha256(view).digest()
+        try:
+            self.client.upload_fileobj(_ViewReader(view), self.location.bucket, name)
+        except Exception as e:
+            raise ObjectStoreError(f"blob store {self.location.url} refused a write: {_why(e)}") from None
+        pointer = Pointer(name, view.nbytes, digest)
+        return self.signed(pointer) if readable else pointer
+
+    def signed(self, pointer: Pointer) -> Pointer:
+        """``pointer`` with a fresh presigned GET URL (valid URL_SECONDS)."""
+        url = self._presign(self.signer, "get_object", pointer.object, URL_SECONDS)
+        return Pointer(pointer.object, pointer.size, pointer.sha256, url, time.time() + URL_SECONDS)
+
+    def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
+        """The blob ``pointer`` names, read with this side's own URL; its object must lie where ``key``'s do.
+
+        The pointer's own URL is never followed: a volunteer wrote upload pointers.
+        """
+        allowed = self.allowed_prefix(key)
+        if allowed is None or not pointer.object.startswith(allowed):
+            raise ObjectMismatch(f"{key} points outside {allowed or 'any place its blobs may lie'}")
+        url = self._presign(self.client, "get_object", pointer.object, 3600)
+        return _download(url, pointer, key, limit)
+
+    def allowed_prefix(self, key: str) -> str | None:
+        """Where the object behind Redis key ``key`` must lie: its job's slot, or its run's blobs."""
+        from . import keys
+
+        origin = keys.upload_origin(key)
+        if origin is not None:
+            return self.location.name("uploads", *origin) + "/"
+        run = keys.run_of(key)
+        return self.location.name("runs", run, "blobs") + "/" if run is not None else None
+
+    def upload_slot(self, run: str, number: int, shard: int) -> dict[str, str]:
+        """A fresh object for one job's upload and the presigned PUT URL that may write it."""
+        name = self.location.name("uploads", run, number, shard, uuid.uuid4().hex)
+        return {"object": name, "url": self._presign(self.signer, "put_object", name, URL_SECONDS)}
+
+    def _presign(self, client: Any, operation: str, name: str, seconds: int) -> str:
+        try:
+            url: str = client.generate_presigned_url(
+                operation, Params={"Bucket": self.location.bucket, "Key": name}, ExpiresIn=seconds
+            )
+        except Exception as e:  # no credentials, most often
+            raise ObjectStoreError(f"blob store {self.location.url}: cannot sign a URL: {_why(e)}") from None
+        return url
+
+    # --- garbage -------------------------------------------------------------
+    def sweep(self, run: str, keep: Iterable[str], blobs_older: float, uploads_older: float) -> int:
+        """Delete ``run``'s blobs not in ``keep`` older than ``blobs_older`` seconds; uploads by age alone.
+
+        Ages keep whatever is being written (a staged version, a fresh upload) out of reach.
+        """
+        kept = set(keep)
+        now = time.time()
+        doomed: list[str] = []
+        for prefix, age in (
+            (self.location.name("runs", run, "blobs") + "/", blobs_older),
+            (self.location.name("uploads", run) + "/", uploads_older),
+        ):
+            for item in self._list(prefix):
+                if item["Key"] not in kept and now - item["LastModified"].timestamp() > age:
+                    doomed.append(item["Key"])
+        self.delete(doomed)
+        return len(doomed)
+
+    def delete_run(self, run: str) -> None:
+        """Delete every object of ``run`` (a run whose creation was undone)."""
+        for prefix in (self.location.name("runs", run) + "/", self.location.name("uploads", run) + "/"):
+            self.delete([item["Key"] for item in self._list(prefix)])
+
+    def delete(self, names: Iterable[str]) -> None:
+        batch = list(names)
+        for start in range(0, len(batch), 1000):  # DeleteObjects takes at most 1,000 keys
+            objects = [{"Key": name} for name in batch[start : start + 1000]]
+            request = {"Objects": objects, "Quiet": True}
+            self.client.delete_objects(Bucket=self.location.bucket, Delete=request)
+
+    def _list(self, prefix: str) -> Iterable[dict[str, Any]]:
+        listing = self.client.get_paginator("list_objects_v2")
+        for page in listing.paginate(Bucket=self.location.bucket, Prefix=prefix):
+            yield from page.get("Contents", [])
+
+
+class _ViewReader(io.RawIOBase):
+    """A read-only file over a memoryview, so boto3 uploads a blob in parts without copying it whole."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view = view
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        count = min(target.nbytes, self.view.nbytes - self.position)
+        target[:count] = self.view[self.position : self.position + count]
+        self.position += count
+        return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self.view.nbytes if size is None or size < 0 else min(self.view.nbytes, self.position + size)
+        out = self.view[self.position : end].tobytes()
+        self.position = end
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.position, 2: self.view.nbytes}[whence]
+        self.position = max(0, min(self.view.nbytes, base + offset))
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _download(url: str, pointer: Pointer, key: str, limit: int | None) -> bytearray:
+    """GET ``url`` into one buffer of the pointer's size: refused over ``limit``, short, long or altered."""
+    if limit is not None and pointer.size > limit:
+        raise ObjectMismatch(f"{key} declares {pointer.size} bytes, over the limit of {limit}")
+    out = bytearray(pointer.size)
+    view = memoryview(out)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and int(length) != pointer.size:
+                raise ObjectMismatch(f"{key}: its object holds {length} bytes, not {pointer.size}")
+            position = 0
+            while position < pointer.size:
+                got = response.readinto(view[position : position + READ_STEP])
+                if not got:
+                    break
+                digest.update(view[position : position + got])
+                position += got
+            if position != pointer.size or response.read(1):
+                raise ObjectMismatch(f"{key}: its object does not hold the {pointer.size} bytes declared")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # never uploaded (or swept): that blob alone is refused
+            raise ObjectMismatch(f"{key}: its object is not in the store") from None
+        raise ObjectStoreError(f"{key}: the object store answered HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ObjectStoreError(f"{key}: the object store could not be reached ({e})") from None
+    if digest.digest() != pointer.sha256:
+        raise ObjectMismatch(f"{key}: its object's sha256 is not the one its pointer declares")
+    return out
+
+
+def _why(error: Exception) -> str:
+    """One line for a boto3/botocore error: the store's error code and message, or the connection fault."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        code, message = response["Error"].get("Code", ""), response["Error"].get("Message", "")
+        return f"{code} {message}".strip() or type(error).__name__
+    return " ".join(str(error).split())[:300] or type(error).__name__
