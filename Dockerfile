@@ -12,6 +12,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY serialization ./serialization
+COPY jobs ./jobs
+COPY broker ./broker
 COPY tasks ./tasks
 COPY coordinator ./coordinator
 COPY volunteer ./volunteer

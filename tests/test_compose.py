@@ -20,6 +20,7 @@ from volunteer.cli import build_parser as volunteer_parser
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"redis", "aggregator", "flower", "volunteer", "volunteer-gpu"}
+STORE_SERVICES = {"objects", "objects-bucket"}  # the optional object store: profile "s3"
 PARSERS = {"coordinator": coordinator_parser, "volunteer": volunteer_parser}
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "PASS")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}; innermost first
@@ -57,6 +58,14 @@ def _strings(node: Any) -> list[str]:
 
 
 FAKE_ENV = {"REDIS_PASSWORD": "r-pw", "FLOWER_USER": "ops", "FLOWER_PASSWORD": "f-pw"}
+STORE_ENV = {
+    **FAKE_ENV,
+    "S3_ACCESS_KEY": "s3-access-key",
+    "S3_SECRET_KEY": "s3-secret-key",
+    "AWS_ENDPOINT_URL": "http://objects:8333",
+    "CROWDTRAIN_BLOB_STORE": "s3://crowdtrain/runs",
+    "CROWDTRAIN_BLOB_PUBLIC_URL": "http://coord.example.org:8333",
+}
 
 
 def test_compose_has_the_five_services_of_the_design():
@@ -95,12 +104,15 @@ def test_no_secret_is_written_into_the_compose_file():
         environment = service.get("environment") or {}
         for key, value in environment.items():
             if any(word in key.upper() for word in SECRET_WORDS) and not key.endswith("_URL"):
-                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), (
-                    f"{name}: {key} must be a required ${{VAR:?}} with no default"
+                # required, optional with an empty default (the s3 profile's keys), or withheld
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:\?[^}]*|:-)\}|", str(value)), (
+                    f"{name}: {key} must be a ${{VAR:?}} or an empty ${{VAR:-}}, never a default"
                 )
     raw = COMPOSE.read_text()
     for secret in ("REDIS_PASSWORD", "FLOWER_PASSWORD", "FLOWER_USER"):
         assert not re.search(r"\$\{" + secret + r":?-", raw), f"{secret} must not have a default"
+    for secret in ("S3_ACCESS_KEY", "S3_SECRET_KEY"):
+        assert not re.search(r"\$\{" + secret + r":?-[^}]", raw), f"{secret} must not have a default"
     with pytest.raises(AssertionError, match="REDIS_PASSWORD"):
         substitute(compose["services"]["aggregator"]["environment"]["CROWDTRAIN_BROKER_URL"], {})
 
@@ -137,6 +149,98 @@ def test_flowers_login_is_in_its_environment_never_on_a_command_line():
         substitute(flower["environment"]["FLOWER_BASIC_AUTH"], {"FLOWER_USER": "ops"})
 
 
+def test_the_file_interpolates_with_only_the_required_secrets():
+    # Compose interpolates every service, in a profile or not, before it picks services:
+    # a ${VAR:?} in the s3 profile would stop a plain `docker compose up`.
+    for name, service in _compose()["services"].items():
+        for text in _strings(service):
+            try:
+                substitute(text, FAKE_ENV)
+            except AssertionError as e:
+                pytest.fail(f"{name}: {e}: a plain `docker compose up` would stop here")
+
+
+def test_the_object_store_runs_only_under_the_s3_profile():
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) >= STORE_SERVICES
+    for name in STORE_SERVICES:
+        assert services[name]["profiles"] == ["s3"], name
+    for name, service in services.items():
+        if name not in STORE_SERVICES:  # without the profile, nothing may need the store
+            assert "s3" not in service.get("profiles", []), name
+            assert not STORE_SERVICES & set(service.get("depends_on") or []), name
+    objects = services["objects"]
+    assert re.fullmatch(r"chrislusf/seaweedfs:\d+\.\d+", objects["image"])  # a pinned tag
+    assert "objects-data:/data" in objects["volumes"] and "objects-data" in compose["volumes"]
+    assert substitute(objects["ports"][0], {}) == "127.0.0.1:8333:8333"  # published on purpose only
+    assert substitute(objects["ports"][0], {"S3_PUBLISH": "0.0.0.0:8333"}) == "0.0.0.0:8333:8333"
+    argv = substitute(" ".join(_strings(objects["entrypoint"]) + _strings(objects["command"])), {})
+    assert argv.startswith("/bin/sh -c ")
+    assert "exec weed server " in argv and "-s3.port=8333" in argv and "-dir=/data" in argv
+    assert "-s3.config=/etc/seaweedfs/s3.json" in argv and "> /etc/seaweedfs/s3.json" in argv
+    assert "-s3.autoCreateBucket=false" in argv  # as on AWS: the bucket must exist
+    bucket = services["objects-bucket"]
+    assert bucket["restart"] == "no" and bucket["depends_on"] == ["objects"]
+    assert bucket["image"] == services["aggregator"]["image"]  # crowdtrain's Python and boto3
+    assert bucket["command"][:2] == ["python", "-c"]
+    compile(substitute(bucket["command"][2], STORE_ENV), "objects-bucket", "exec")
+    environment = {k: substitute(v, STORE_ENV) for k, v in bucket["environment"].items()}
+    assert environment["AWS_ENDPOINT_URL"] == "http://objects:8333"
+    assert environment["AWS_ACCESS_KEY_ID"] == "s3-access-key"
+    assert environment["AWS_SECRET_ACCESS_KEY"] == "s3-secret-key"
+    assert environment["S3_BUCKET"] == "crowdtrain"
+
+
+def test_the_object_stores_keys_come_from_the_environment_never_from_the_file():
+    services = _compose()["services"]
+    objects = services["objects"]
+    assert objects["environment"] == {
+        "S3_ACCESS_KEY": "${S3_ACCESS_KEY:-}",
+        "S3_SECRET_KEY": "${S3_SECRET_KEY:-}",
+    }
+    script = objects["command"][0]
+    # The container's shell refuses to start without them ($$: for the shell, not compose) ...
+    assert '"$${S3_ACCESS_KEY:?' in script and '"$${S3_SECRET_KEY:?' in script
+    assert '"$$S3_ACCESS_KEY" "$$S3_SECRET_KEY" > /etc/seaweedfs/s3.json' in script
+    # ... and compose never writes them onto a command line, where `docker inspect` shows it.
+    for name in STORE_SERVICES:
+        for text in _strings(services[name].get("command")):
+            resolved = substitute(text, STORE_ENV)
+            assert "s3-access-key" not in resolved and "s3-secret-key" not in resolved, name
+    script = substitute(services["objects-bucket"]["command"][2], STORE_ENV)
+    assert 'os.environ.get("AWS_SECRET_ACCESS_KEY")' in script  # refused without, at start
+
+
+def test_the_aggregator_reaches_the_object_store_with_the_admin_environment():
+    aggregator = _compose()["services"]["aggregator"]["environment"]
+    environment = {k: substitute(v, STORE_ENV) for k, v in aggregator.items()}
+    assert environment["AWS_ACCESS_KEY_ID"] == "s3-access-key"
+    assert environment["AWS_SECRET_ACCESS_KEY"] == "s3-secret-key"
+    assert environment["AWS_ENDPOINT_URL"] == "http://objects:8333"
+    assert environment["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert environment["CROWDTRAIN_BLOB_STORE"] == "s3://crowdtrain/runs"
+    assert environment["CROWDTRAIN_BLOB_PUBLIC_URL"] == "http://coord.example.org:8333"
+    # Without the profile every store setting is empty, which crowdtrain and boto3 read as unset.
+    environment = {k: substitute(v, FAKE_ENV) for k, v in aggregator.items()}
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert environment[key] == "", key
+    assert environment["CROWDTRAIN_BLOB_STORE"] == environment["CROWDTRAIN_BLOB_PUBLIC_URL"] == ""
+
+
+def test_no_object_store_keys_reach_volunteers_or_flower():
+    # Volunteers read models and write uploads through presigned URLs; Flower never reads the store.
+    services = _compose()["services"]
+    untrusted = [*sorted(name for name in services if name.startswith("volunteer")), "flower"]
+    assert {"volunteer", "volunteer-gpu", "flower"} <= set(untrusted)
+    for name in untrusted:
+        environment = services[name]["environment"]
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert key in environment and substitute(environment[key], STORE_ENV) == "", (name, key)
+        texts = " ".join(substitute(text, STORE_ENV) for text in _strings(services[name]))
+        assert "s3-access-key" not in texts and "s3-secret-key" not in texts, name
+
+
 def test_the_gpu_volunteer_reserves_an_nvidia_device():
     service = _compose()["services"]["volunteer-gpu"]
     devices = service["deploy"]["resources"]["reservations"]["devices"]
@@ -152,3 +256,14 @@ def test_the_dockerfile_pins_versions_and_drops_root():
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".crowdtrain", ".env"} <= set(ignored)
+
+
+def test_the_image_holds_every_package_crowdtrain_installs():
+    """pip installs what setuptools finds in the build context: a package not copied is missing."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^include = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert found is not None
+    packages = [name.strip().strip('"').rstrip("*") for name in found.group(1).split(",")]
+    assert len(packages) >= 6
+    for package in packages:
+        assert re.search(rf"^COPY {package} \./{package}$", dockerfile, re.M), f"the image lacks {package}/"
