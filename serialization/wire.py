@@ -1,10 +1,10 @@
 """The wire format: one msgpack map per message, tensor bytes as raw ``bin`` fields.
 
-Byte layout (format version 1; every number little-endian inside ``bin``
+Byte layout (format version 2; every number little-endian inside ``bin``
 payloads, msgpack's own big-endian framing around them)::
 
     map(3)                                   0x83
-      "v"       -> 1                         positive fixint: FORMAT_VERSION
+      "v"       -> 2                         positive fixint: FORMAT_VERSION
       "tensors" -> array(T) of tensor maps   in the caller's order
       "meta"    -> map                       str keys; nil, bool, int, float, str, bin,
                                              array, map values; nesting <= 32; <= 64 KiB
@@ -34,7 +34,10 @@ Fields per codec (n = elements, k = round(F*n) >= 1, B = 256, I = 65536)::
 
 Meta comes last so a reader can hand the rest of the buffer to msgpack, which
 also rejects trailing bytes. Changing any of these bytes means bumping
-FORMAT_VERSION (tests/serialization/test_wire.py pins them).
+FORMAT_VERSION (tests/serialization/test_wire.py pins them). Version 2 has
+version 1's bytes; it was bumped when messages began to be stored as chunk
+lists or behind object-store pointers (``broker.blobs``), which a version-1
+reader cannot read, so that mixing the two fails at once and by name.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ __all__ = [
     "loads",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Trusted blobs (models, updates) of up to 4G float32 parameters; uploads pass their own bound.
 DEFAULT_LIMIT = 1 << 34
 MAX_META_BYTES = 64 << 10

@@ -170,13 +170,13 @@ def _huge_topk_payload(n: int) -> bytes:
         "cnt": b"\x01\x00\x00\x00" + bytes(4 * (-(-n // 65536) - 1)),
         "val": b"\x00\x00\x80\x3f",
     }
-    return msgpack.packb({"v": 1, "tensors": [entry], "meta": {}}, use_bin_type=True)
+    return msgpack.packb({"v": 2, "tensors": [entry], "meta": {}}, use_bin_type=True)
 
 
 def _huge_block_topk_payload(n: int) -> bytes:
     """A block top-k tensor declaring n elements with a tiny data field."""
     entry = {"name": "x", "codec": "topk:1e-09+int2", "dtype": 0, "shape": [n], "data": bytes(16)}
-    return msgpack.packb({"v": 1, "tensors": [entry], "meta": {}}, use_bin_type=True)
+    return msgpack.packb({"v": 2, "tensors": [entry], "meta": {}}, use_bin_type=True)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def _huge_block_topk_payload(n: int) -> bytes:
         _huge_block_topk_payload(1 << 62),
         msgpack.packb(
             {
-                "v": 1,
+                "v": 2,
                 "tensors": [
                     {"name": "x", "codec": "none", "dtype": 3, "shape": [2**31, 2**31], "data": b"1234"}
                 ],
@@ -196,7 +196,7 @@ def _huge_block_topk_payload(n: int) -> bytes:
         ),
         msgpack.packb(
             {
-                "v": 1,
+                "v": 2,
                 "tensors": [
                     {"name": "x", "codec": "int8", "dtype": 0, "shape": [2**40], "q": b"", "scale": b""}
                 ],
@@ -231,7 +231,7 @@ def test_meta_nested_beyond_the_depth_limit_is_rejected():
     meta: object = 1
     for _ in range(200):
         meta = [meta]
-    body = msgpack.packb({"v": 1, "tensors": [], "meta": {"m": meta}})
+    body = msgpack.packb({"v": 2, "tensors": [], "meta": {"m": meta}})
     with pytest.raises(WireFormatError, match="deeper"):
         loads(body)
     with pytest.raises(WireFormatError):

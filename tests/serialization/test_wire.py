@@ -21,13 +21,13 @@ from serialization import (
 from serialization.wire import DTYPES
 
 GOLDEN_NONE = bytes.fromhex(
-    "83a17601a774656e736f72739286a46e616d65a177a5636f646563a46e6f6e65a5647479706500a5736861706591"
+    "83a17602a774656e736f72739286a46e616d65a177a5636f646563a46e6f6e65a5647479706500a5736861706591"
     "02a55f64617461c43f" + "00" * 63 + "a464617461c6000000080000803f000000c086a46e616d65a16ea563"
     "6f646563a46e6f6e65a5647479706504a573686170659101a55f64617461c40400000000a464617461c600000008"
     "0300000000000000a46d65746181a5726f756e6401"
 )
 GOLDEN_TOPK_INT8 = bytes.fromhex(
-    "83a17601a774656e736f7273918ca46e616d65a177a5636f646563ad746f706b3a302e352b696e7438a564747970"
+    "83a17602a774656e736f7273918ca46e616d65a177a5636f646563ad746f706b3a302e352b696e7438a564747970"
     "6500a573686170659104a45f696478c438" + "00" * 56 + "a3696478c60000000400000100a45f636e74c4"
     "2c" + "00" * 44 + "a3636e74c60000000402000000a25f71c430" + "00" * 48 + "a171c6000000024081"
     "a65f7363616c65c42a" + "00" * 42 + "a57363616c65c6000000040402013ca46d65746180"
@@ -37,7 +37,7 @@ GOLDEN_TOPK_INT8 = bytes.fromhex(
 def test_golden_bytes_of_a_small_none_payload_are_pinned():
     data = dumps({"w": torch.tensor([1.0, -2.0]), "n": torch.tensor([3])}, {"round": 1})
     assert data == GOLDEN_NONE, "wire bytes changed: bump FORMAT_VERSION and update the golden"
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
 
 
 def test_golden_bytes_of_a_small_topk_int8_payload_are_pinned():
@@ -47,7 +47,7 @@ def test_golden_bytes_of_a_small_topk_int8_payload_are_pinned():
 
 def test_golden_payload_is_plain_msgpack_that_any_reader_can_parse():
     message = msgpack.unpackb(GOLDEN_NONE)
-    assert message["v"] == 1 and message["meta"] == {"round": 1}
+    assert message["v"] == 2 and message["meta"] == {"round": 1}
     assert [t["name"] for t in message["tensors"]] == ["w", "n"]
     assert np.frombuffer(message["tensors"][0]["data"], "<f4").tolist() == [1.0, -2.0]
 
@@ -173,15 +173,16 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
     [
         (b"", "truncated"),
         (b"\x90", "expected a map"),
-        (msgpack.packb({"v": 2, "tensors": [], "meta": {}}), "version 2"),
-        (msgpack.packb({"v": 1, "tensors": [], "meta": []}), "meta must be a map"),
-        (msgpack.packb({"v": 1, "meta": {}, "tensors": []}), "expected key 'tensors'"),
-        (msgpack.packb({"v": 1, "tensors": [], "meta": {}}) + b"\x00", "trailing"),
-        (msgpack.packb({"v": 1, "tensors": [{"name": "x"}], "meta": {}}), "lacks codec, dtype, shape"),
+        (msgpack.packb({"v": 3, "tensors": [], "meta": {}}), "version 3"),
+        (msgpack.packb({"v": 1, "tensors": [], "meta": {}}), "version 1"),  # before chunk lists
+        (msgpack.packb({"v": 2, "tensors": [], "meta": []}), "meta must be a map"),
+        (msgpack.packb({"v": 2, "meta": {}, "tensors": []}), "expected key 'tensors'"),
+        (msgpack.packb({"v": 2, "tensors": [], "meta": {}}) + b"\x00", "trailing"),
+        (msgpack.packb({"v": 2, "tensors": [{"name": "x"}], "meta": {}}), "lacks codec, dtype, shape"),
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "zip", "dtype": 0, "shape": [], "data": b"1234"}],
                     "meta": {},
                 }
@@ -191,7 +192,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "none", "dtype": 42, "shape": [], "data": b"1234"}],
                     "meta": {},
                 }
@@ -201,7 +202,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [-1], "data": b""}],
                     "meta": {},
                 }
@@ -211,7 +212,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [2], "data": b"1234"}],
                     "meta": {},
                 }
@@ -221,7 +222,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "int8", "dtype": 4, "shape": [1], "data": b"1234"}],
                     "meta": {},
                 }
@@ -231,7 +232,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "none", "dtype": 0, "shape": [], "data": "text"}],
                     "meta": {},
                 }
@@ -241,7 +242,7 @@ def test_upload_bound_of_topk_is_much_smaller_than_the_model():
         (
             msgpack.packb(
                 {
-                    "v": 1,
+                    "v": 2,
                     "tensors": [{"name": "x", "codec": "none", "dtype": 9, "shape": [1], "data": b"\x07"}],
                     "meta": {},
                 }
@@ -258,7 +259,7 @@ def test_malformed_payloads_raise_wire_format_error_naming_the_problem(payload, 
 def test_duplicate_tensor_names_are_rejected():
     entry = {"name": "x", "codec": "none", "dtype": 8, "shape": [1], "data": b"\x01"}
     with pytest.raises(WireFormatError, match="duplicate tensor name"):
-        loads(msgpack.packb({"v": 1, "tensors": [entry, entry], "meta": {}}))
+        loads(msgpack.packb({"v": 2, "tensors": [entry, entry], "meta": {}}))
 
 
 def test_payloads_over_the_limit_are_rejected_before_parsing():
