@@ -24,13 +24,17 @@ passes; a reader without one refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import redis
 
+from serialization import Encoded
+
+from . import keys
 from .errors import BrokerError, SettingsError
 from .objects import MAX_POINTER, ObjectMismatch, Pointer
 
@@ -59,6 +63,7 @@ DEFAULT_CHUNK_MIB = 16
 MAX_CHUNK_MIB = 64
 MAGIC = b"ctblob\x00\x01"
 POINTER_MAGIC = b"ctblob\x00\x02"
+PARTIAL_TTL = 3600
 HEADER = struct.Struct("<8sQ")
 MIB = 1 << 20
 # The first element of a list, only if it is header-sized: sizing a volunteer's upload must
@@ -94,16 +99,91 @@ def chunk_bytes(env: Mapping[str, str] | None = None) -> int:
     return mib * MIB
 
 
-def write(client: redis.Redis, key: str, data: bytes | bytearray | memoryview, ttl: int | None = None) -> int:
+def write(
+    client: redis.Redis,
+    key: str,
+    data: bytes | bytearray | memoryview | Encoded,
+    ttl: int | None = None,
+    also: Callable[[redis.client.Pipeline], object] | None = None,
+) -> int:
     """Store ``data`` under ``key`` as a chunk list, replacing what was there; returns its bytes.
 
-    With ``ttl`` the blob expires after that many seconds, else never. The
-    chunks are slices of ``data``: nothing is copied on this side.
+    With ``ttl`` the blob expires after that many seconds, else never; ``also``
+    adds commands to the transaction that makes the blob visible (an
+    announcement). The chunks are slices of ``data``: nothing is copied on
+    this side. An ``Encoded`` message larger than a chunk is streamed: its
+    chunks go to ``keys.partial(key)`` one at a time, and one MULTI/EXEC
+    renames them into place, so neither side of the wire holds the message whole.
     """
+    if isinstance(data, Encoded):
+        if data.size > chunk_bytes():
+            return _write_streamed(client, key, data, ttl, also)
+        data = data.gather()
     pipe = client.pipeline(transaction=True)
     size = queue_write(pipe, key, data, ttl)
+    if also is not None:
+        also(pipe)
     pipe.execute()
     return size
+
+
+def _write_streamed(
+    client: redis.Redis,
+    key: str,
+    data: Encoded,
+    ttl: int | None,
+    also: Callable[[redis.client.Pipeline], object] | None,
+) -> int:
+    partial = keys.partial(key)
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(partial)
+        pipe.rpush(partial, HEADER.pack(MAGIC, data.size))
+        pipe.expire(partial, PARTIAL_TTL)  # a writer that dies leaves nothing for long
+        pipe.execute()
+        written = 0
+        for chunk in _chunks_of(data.pieces, chunk_bytes()):
+            client.rpush(partial, chunk)
+            written += chunk.nbytes
+        if written != data.size:
+            raise BlobError(f"{key}: the message gave {written} bytes, not the {data.size} it declared")
+        pipe = client.pipeline(transaction=True)
+        pipe.rename(partial, key)
+        if ttl is None:
+            pipe.persist(key)
+        else:
+            pipe.expire(key, ttl)
+        if also is not None:
+            also(pipe)
+        pipe.execute()
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            client.delete(partial)
+        raise
+    return data.size
+
+
+def _chunks_of(pieces: Iterable[memoryview], size: int) -> Iterator[memoryview]:
+    """Full chunks of ``size`` bytes (the last one shorter): slices of large pieces, small ones gathered."""
+    pending = bytearray(size)
+    filled = 0
+    for piece in pieces:
+        view = piece.cast("B") if piece.format != "B" else piece
+        start = 0
+        while start < view.nbytes:
+            if filled == 0 and view.nbytes - start >= size:  # a whole chunk of one piece: no copy
+                yield view[start : start + size]
+                start += size
+                continue
+            take = min(size - filled, view.nbytes - start)
+            pending[filled : filled + take] = view[start : start + take]
+            filled += take
+            start += take
+            if filled == size:
+                yield memoryview(pending)
+                pending, filled = bytearray(size), 0
+    if filled:
+        yield memoryview(pending)[:filled]
 
 
 def write_pointer(client: redis.Redis, key: str, pointer: Pointer, ttl: int | None = None) -> None:

@@ -209,6 +209,16 @@ def checked_upload(key: str) -> tuple[str, str, int, int, str] | None:
     return parsed
 
 
+def partial(key: str) -> str:
+    """Where a blob too large for one transaction is written before it is renamed to ``key``."""
+    return key + ":partial"
+
+
+def whole(key: str) -> str:
+    """The key a ``partial`` key is being written for (any other key is itself)."""
+    return key.removesuffix(":partial")
+
+
 def upload_origin(key: str) -> tuple[str, int, int] | None:
     """(run, round, shard) of an upload key or of an accepted copy's key; None for any other key."""
     parsed = parse_upload(key)

@@ -28,18 +28,19 @@ Objects nothing in Redis points to any more are swept (``ObjectStore.sweep``).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
+
+from serialization import Encoded
 
 from .errors import BrokerError, SettingsError
 
@@ -174,11 +175,16 @@ class UrlReader:
         return _download(pointer.url, pointer, key, limit)
 
 
-def put_url(url: str, data: bytes | bytearray | memoryview) -> None:
-    """PUT ``data`` to a presigned URL (a volunteer's upload slot); ObjectStoreError if refused."""
-    view = memoryview(data).cast("B")
-    request = urllib.request.Request(url, data=view, method="PUT")
+def put_url(url: str, data: bytes | bytearray | memoryview | Encoded) -> tuple[int, bytes]:
+    """PUT ``data`` to a presigned URL (a volunteer's upload slot); its size and sha256.
+
+    An ``Encoded`` message is sent piece by piece, never gathered. ObjectStoreError if refused.
+    """
+    hashing = _Hashing(data)
+    # http.client sends an iterable's pieces one by one (the stubs say bytes; memoryviews work)
+    request = urllib.request.Request(url, data=cast(Iterable[bytes], hashing), method="PUT")
     request.add_header("Content-Type", "application/octet-stream")
+    request.add_header("Content-Length", str(hashing.size))
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
             response.read()
@@ -186,6 +192,54 @@ def put_url(url: str, data: bytes | bytearray | memoryview) -> None:
         raise ObjectStoreError(f"the object store refused the upload (HTTP {e.code} {e.reason})") from None
     except (urllib.error.URLError, OSError) as e:
         raise ObjectStoreError(f"the object store could not be reached for the upload ({e})") from None
+    return hashing.size, hashing.digest()
+
+
+class _Hashing:
+    """A blob's pieces, for http.client to send one by one, hashed (sha256) as they go."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | Encoded) -> None:
+        if isinstance(data, Encoded):
+            self.size, self._pieces = data.size, data.pieces
+        else:
+            view = memoryview(data).cast("B")
+            self.size, self._pieces = view.nbytes, iter([view])
+        self._sha = hashlib.sha256()
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for piece in self._pieces:
+            self._sha.update(piece)
+            self._sent += piece.nbytes
+            yield piece
+
+    def digest(self) -> bytes:
+        if self._sent != self.size:
+            raise ObjectStoreError(f"an upload of {self.size} bytes sent {self._sent}")
+        return self._sha.digest()
+
+
+class _HashingFile(_Hashing):
+    """``_Hashing`` with the file interface boto3 reads parts through (http.client would read 8 KiB)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | Encoded) -> None:
+        super().__init__(data)
+        self._rest = iter(self)
+        self._left = memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        """The next bytes, up to ``size``."""
+        out = bytearray()
+        while size < 0 or len(out) < size:
+            if not self._left.nbytes:
+                piece = next(self._rest, None)
+                if piece is None:
+                    break
+                self._left = piece
+            take = self._left.nbytes if size < 0 else min(size - len(out), self._left.nbytes)
+            out += self._left[:take]
+            self._left = self._left[take:]
+        return bytes(out)
 
 
 class ObjectStore:
@@ -236,16 +290,19 @@ class ObjectStore:
             ) from None
 
     # --- blobs ---------------------------------------------------------------
-    def put(self, run: str, data: bytes | bytearray | memoryview, readable: bool = True) -> Pointer:
-        """Store a trusted blob of ``run``; its pointer carries a GET URL if volunteers read it."""
-        view = memoryview(data).cast("B")
+    def put(self, run: str, data: bytes | bytearray | memoryview | Encoded, readable: bool = True) -> Pointer:
+        """Store a trusted blob of ``run``; its pointer carries a GET URL if volunteers read it.
+
+        An ``Encoded`` message is uploaded in parts as it is encoded, never gathered.
+        """
         name = self.location.name("runs", run, "blobs", uuid.uuid4().hex)
-        digest = hashlib.sha256(view).digest()
+        hashing = _HashingFile(data)
         try:
-            self.client.upload_fileobj(_ViewReader(view), self.location.bucket, name)
+            self.client.upload_fileobj(hashing, self.location.bucket, name)
+            digest = hashing.digest()
         except Exception as e:
             raise ObjectStoreError(f"blob store {self.location.url} refused a write: {_why(e)}") from None
-        pointer = Pointer(name, view.nbytes, digest)
+        pointer = Pointer(name, hashing.size, digest)
         return self.signed(pointer) if readable else pointer
 
     def signed(self, pointer: Pointer) -> Pointer:
@@ -323,42 +380,6 @@ class ObjectStore:
         listing = self.client.get_paginator("list_objects_v2")
         for page in listing.paginate(Bucket=self.location.bucket, Prefix=prefix):
             yield from page.get("Contents", [])
-
-
-class _ViewReader(io.RawIOBase):
-    """A read-only file over a memoryview, so boto3 uploads a blob in parts without copying it whole."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self.view = view
-        self.position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        count = min(target.nbytes, self.view.nbytes - self.position)
-        target[:count] = self.view[self.position : self.position + count]
-        self.position += count
-        return count
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = self.view.nbytes if size is None or size < 0 else min(self.view.nbytes, self.position + size)
-        out = self.view[self.position : end].tobytes()
-        self.position = end
-        return out
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.position, 2: self.view.nbytes}[whence]
-        self.position = max(0, min(self.view.nbytes, base + offset))
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
 
 
 def _download(url: str, pointer: Pointer, key: str, limit: int | None) -> bytearray:

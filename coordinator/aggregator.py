@@ -36,7 +36,7 @@ from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
 from coordinator.validation import all_finite, delta_norm, printable, screen_norms
 from coordinator.verification import next_reputation, weigh
-from serialization import TensorDict, dumps, loads
+from serialization import TensorDict, dumps_stream, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
 
@@ -136,10 +136,10 @@ class Aggregator:
         del merged
         evaluation = _evaluate(context, weights)
         staged = self.store.stage_model(
-            run, base + 1, owner, dumps(weights, {"run": run, "version": base + 1})
+            run, base + 1, owner, dumps_stream(weights, {"run": run, "version": base + 1})
         )
         if strategy_state:
-            self.store.stage_strategy(run, owner, dumps(strategy_state))
+            self.store.stage_strategy(run, owner, dumps_stream(strategy_state))
         summary.update(evaluation, status="done", model_version=base + 1, seconds=_since(info))
         result = self.store.rounds.commit(run, number, owner, base, summary, staged)
         if result != "done":

@@ -86,6 +86,7 @@ COMMANDS = (
     "setnx",
     "del",
     "unlink",
+    "rename",  # a large upload is written to ct:upload:NAME:...:partial, then renamed into place
     "expire",
     "pexpire",
     "hset",

@@ -159,8 +159,11 @@ def _buffered(store: Store, run: str) -> bool:
 
 
 def _bound(contexts: RunContexts, key: str) -> int:
-    """The upload bound of the run named in ``key``, 0 (delete it) when that run is unknown."""
-    parsed = keys.parse_upload(key)
+    """The upload bound of the run named in ``key``, 0 (delete it) when that run is unknown.
+
+    An upload still being written (``keys.partial``) is held to its upload's bound.
+    """
+    parsed = keys.parse_upload(keys.whole(key))
     if parsed is None:
         return 0  # not a key volunteer.store writes
     run = parsed[1]

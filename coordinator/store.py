@@ -21,6 +21,7 @@ from broker.errors import UnknownRun
 from broker.objects import RENEW_BEFORE, Location, ObjectMismatch, ObjectStore, Pointer
 from coordinator.errors import RunExists
 from coordinator.state import RoundState, lua_source, number_or_text
+from serialization import Encoded
 
 # Unreferenced objects of a run are looked for at most this often (a listing of its prefix).
 SWEEP_SECONDS = 600
@@ -79,7 +80,9 @@ class Store:
         pipe.multi()
         blobs.queue_write(pipe, key, store.signed(pointer).pack(), magic=blobs.POINTER_MAGIC)
 
-    def _write(self, run: str, key: str, blob: bytes, ttl: int | None = None, readable: bool = True) -> None:
+    def _write(
+        self, run: str, key: str, blob: bytes | Encoded, ttl: int | None = None, readable: bool = True
+    ) -> None:
         """Write a trusted blob of ``run``: to its object store if it has one (Redis keeps the pointer)."""
         store = self.objects(run)
         if store is None:
@@ -124,17 +127,19 @@ class Store:
     def strategy_blob(self, run: str) -> bytearray | None:
         return self._read(keys.strategy(run))
 
-    def stage_model(self, run: str, version: int, owner: str, blob: bytes) -> str:
+    def stage_model(self, run: str, version: int, owner: str, blob: bytes | Encoded) -> str:
         """Write a candidate model under a private key; ``rounds.commit`` publishes it."""
         key = keys.staged_model(run, version, owner)
         self._write(run, key, blob, ttl=keys.STAGED_TTL)
         return key
 
-    def stage_strategy(self, run: str, owner: str, blob: bytes) -> None:
+    def stage_strategy(self, run: str, owner: str, blob: bytes | Encoded) -> None:
         """Write the strategy's state after a candidate version; ``rounds.commit`` publishes it."""
         self._write(run, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL, readable=False)
 
-    def stage_update(self, run: str, version: int, owner: str, update: bytes, residual: bytes) -> None:
+    def stage_update(
+        self, run: str, version: int, owner: str, update: bytes | Encoded, residual: bytes | Encoded
+    ) -> None:
         """Write a candidate version's downlink update and residual; ``rounds.commit`` publishes both."""
         self._write(run, keys.staged_update(run, version, owner), update, ttl=keys.STAGED_TTL)
         self._write(run, keys.staged_residual(run, owner), residual, ttl=keys.STAGED_TTL, readable=False)

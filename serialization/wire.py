@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import msgpack
 import numpy as np
@@ -60,8 +61,10 @@ __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
     "MAX_META_BYTES",
+    "Encoded",
     "Expected",
     "dumps",
+    "dumps_stream",
     "dumps_visit",
     "encoded_size_bound",
     "loads",
@@ -136,6 +139,83 @@ def dumps_visit(
             visit(name, used, out)
     del view, fields
     return _buffers.finish(buf)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A message not gathered into one buffer: its size, and its bytes as pieces in order.
+
+    ``pieces`` can be read once. A large float tensor sent uncompressed is a
+    view of the tensor itself, so the tensors must not change until it is read.
+    """
+
+    size: int
+    pieces: Iterator[memoryview]
+
+    def gather(self) -> bytes:
+        """The whole message in one buffer (what ``dumps`` returns)."""
+        buf, view = _buffers.allocate(self.size)
+        pos = 0
+        for piece in self.pieces:
+            view[pos : pos + piece.nbytes] = np.frombuffer(piece, np.uint8)
+            pos += piece.nbytes
+        if pos != self.size:
+            raise RuntimeError(f"an encoded message of {self.size} bytes gave {pos}")
+        del view
+        return _buffers.finish(buf)
+
+
+def dumps_stream(
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping | None = None,
+    codec: str | Codec = "none",
+    visit: Visit | None = None,
+) -> Encoded:
+    """``dumps_visit`` one tensor at a time: the same bytes, never more than one encoded tensor held.
+
+    Each tensor is encoded when its first field is read (``visit`` is called
+    then, with views that are valid until the next piece is read); a float
+    tensor sent as ``none`` is not copied at all. Writers (``broker.blobs``)
+    cut the pieces into chunks, so a model is sent without a second copy of it.
+    """
+    _check_host()
+    chosen = parse_codec(codec) if isinstance(codec, str) else codec
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of name -> tensor, not {type(tensors).__name__}")
+    items = [_prepare(name, t, chosen) for name, t in tensors.items()]
+    segments, total = _layout(items, _pack_meta(meta))
+    return Encoded(total, _pieces(items, segments, visit))
+
+
+def _pieces(items: list, segments: list, visit: Visit | None) -> Iterator[memoryview]:
+    """The message's bytes: header segments as they are, each tensor's fields as it is encoded."""
+    current, fields = -1, {}
+    for seg in segments:
+        if isinstance(seg, bytes):
+            yield memoryview(seg)
+            continue
+        index, field, _ = seg
+        if index != current:
+            current, fields = index, _encode_one(items[index], visit)
+        yield fields[field].data.cast("B")
+
+
+def _encode_one(item: tuple, visit: Visit | None) -> dict[str, np.ndarray]:
+    """One tensor's fields: its own bytes for ``none``, else encoded into a buffer of their size."""
+    name, flat, used, _ = item
+    sizes = used.field_sizes(flat.numel(), flat.element_size())
+    if isinstance(used, NoneCodec):
+        fields = {"data": flat.view(torch.uint8).numpy()}
+    else:
+        scratch = np.empty(sum(sizes.values()), np.uint8)
+        fields, pos = {}, 0
+        for field, size in sizes.items():
+            fields[field] = scratch[pos : pos + size]
+            pos += size
+        used.encode_into(flat, fields)
+    if visit is not None:
+        visit(name, used, fields)
+    return fields
 
 
 def loads(

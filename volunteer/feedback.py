@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from serialization import Codec, TensorDict, dumps, dumps_visit, parse_codec
+from serialization import Codec, Encoded, TensorDict, dumps_stream, parse_codec
 
 __all__ = ["ErrorFeedback"]
 
@@ -25,10 +25,17 @@ class ErrorFeedback:
 
     def encode(self, delta: Mapping[str, torch.Tensor], meta: Mapping, codec: Codec | str) -> bytes:
         """Wire bytes of delta + residual; keeps (that sum - what the receiver decodes)."""
+        return self.encode_stream(delta, meta, codec).gather()
+
+    def encode_stream(self, delta: Mapping[str, torch.Tensor], meta: Mapping, codec: Codec | str) -> Encoded:
+        """``encode`` as a stream (``dumps_stream``): each tensor's residual is kept as it is read.
+
+        Read it whole before the next ``encode``; the delta must not change until then.
+        """
         chosen = parse_codec(codec) if isinstance(codec, str) else codec
         if not chosen.lossy:
             self._residual.clear()  # lossless: nothing is ever left behind
-            return dumps(delta, meta, chosen)
+            return dumps_stream(delta, meta, chosen)
         corrected: TensorDict = {}
         residual: dict[str, torch.Tensor] = {}
         for name, tensor in delta.items():
@@ -44,7 +51,7 @@ class ErrorFeedback:
             if name in residual:
                 used.subtract_decoded_(residual[name].view(-1).numpy(), fields)
 
-        return dumps_visit(corrected, meta, chosen, keep_unsent)
+        return dumps_stream(corrected, meta, chosen, keep_unsent)
 
     def reset(self) -> None:
         """Forget every residual (a new run, or a model the residuals no longer fit)."""

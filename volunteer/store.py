@@ -9,7 +9,6 @@ credit are written by the aggregator, from what its uploads show.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import msgpack
@@ -18,6 +17,7 @@ import redis
 from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import Pointer, UrlReader, put_url
+from serialization import Encoded
 
 
 class VolunteerStore:
@@ -59,7 +59,13 @@ class VolunteerStore:
         return [blobs.read(self.redis, keys.update(run, v), remote=self._urls) for v in versions]
 
     def put_upload(
-        self, run: str, number: int, shard: int, token: str, blob: bytes, slot: dict[str, str] | None = None
+        self,
+        run: str,
+        number: int,
+        shard: int,
+        token: str,
+        blob: bytes | Encoded,
+        slot: dict[str, str] | None = None,
     ) -> str:
         """Store one upload under this volunteer's own key prefix and announce it; returns its key.
 
@@ -70,13 +76,17 @@ class VolunteerStore:
         the key holds a pointer to them (name, size, sha256).
         """
         key = keys.upload(self.name, run, number, shard, token)
-        with self.redis.pipeline(transaction=True) as pipe:
-            if slot is None:
-                blobs.queue_write(pipe, key, blob, ttl=keys.UPLOAD_TTL)
-            else:
-                put_url(slot["url"], blob)
-                pointer = Pointer(slot["object"], len(blob), hashlib.sha256(blob).digest())
-                blobs.queue_write(pipe, key, pointer.pack(), ttl=keys.UPLOAD_TTL, magic=blobs.POINTER_MAGIC)
+
+        def announce(pipe: redis.client.Pipeline) -> None:
             pipe.rpush(keys.announcements(), key)
+
+        if slot is None:
+            blobs.write(self.redis, key, blob, ttl=keys.UPLOAD_TTL, also=announce)
+            return key
+        size, digest = put_url(slot["url"], blob)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pointer = Pointer(slot["object"], size, digest)
+            blobs.queue_write(pipe, key, pointer.pack(), ttl=keys.UPLOAD_TTL, magic=blobs.POINTER_MAGIC)
+            announce(pipe)
             pipe.execute()
         return key

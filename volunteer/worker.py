@@ -19,7 +19,7 @@ import torch
 
 from broker.objects import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data
-from serialization import TensorDict, apply_update, dumps, loads, parse_codec
+from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
 from volunteer.store import VolunteerStore
 from volunteer.trainer import seed_for, train_shard
@@ -157,7 +157,7 @@ class ShardRunner:
             "downlink": downlink,
         }
         codec = parse_codec(str(config["compression"]))
-        blob = self._feedback.setdefault(run, ErrorFeedback()).encode(result.delta, meta, codec)
+        blob = self._feedback.setdefault(run, ErrorFeedback()).encode_stream(result.delta, meta, codec)
         self._upload(run, number, shard, blob)
         log.info(
             "%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
@@ -167,13 +167,13 @@ class ShardRunner:
             result.steps,
             result.train_loss,
             result.samples / max(result.seconds, 1e-9),
-            len(blob),
+            blob.size,
         )
         return {
             **summary,
             "loss": round(result.train_loss, 4),
             "samples": result.samples,
-            "bytes": len(blob),
+            "bytes": blob.size,
             "seconds": round(result.seconds, 3),
         }
 
@@ -199,7 +199,7 @@ class ShardRunner:
             return f"stale: version {version} is {current - version} versions behind the current {current}"
         return None
 
-    def _upload(self, run: str, number: int, shard: int, blob: bytes) -> None:
+    def _upload(self, run: str, number: int, shard: int, blob: bytes | Encoded) -> None:
         """Store a result (a delta, or a failure report) under our own key and announce it.
 
         Failures travel as uploads too, so everything the aggregator counts

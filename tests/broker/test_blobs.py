@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Iterator
 
-from broker import blobs
+import pytest
+import torch
+
+from broker import blobs, keys
 from broker.errors import SettingsError
+from serialization import Encoded, dumps, dumps_stream
 
 
 @pytest.fixture
@@ -89,3 +93,34 @@ def test_sizing_an_upload_never_downloads_its_first_element(client):
     sent = int(client.info("stats")["total_net_output_bytes"]) - sent_before
     assert declared == 0 and stored > 8 * blobs.MIB
     assert sent < blobs.MIB, f"the size check moved {sent} bytes"
+
+
+def test_a_streamed_message_is_written_in_chunks_and_appears_whole_or_not_at_all(client):
+    weights = {"w": torch.randn(700, 1000), "b": torch.randn(3)}  # 2.8 MB: three 1 MiB chunks
+    expected = dumps(weights, {"version": 1})
+    blobs.write(client, "m", b"old", ttl=50)
+    seen: list[bytes | None] = []
+
+    def watched() -> Iterator[memoryview]:  # what a reader finds under "m" while the chunks go out
+        for piece in dumps_stream(weights, {"version": 1}).pieces:
+            seen.append(bytes(blobs.read(client, "m") or b""))
+            yield piece
+
+    assert blobs.write(client, "m", Encoded(len(expected), watched())) == len(expected)
+    assert set(seen) == {b"old"}, "readers saw the old blob until the new one was whole"
+    assert bytes(blobs.read(client, "m")) == expected
+    assert client.ttl("m") == -1, "no TTL asked for: the partial key's TTL is gone"
+    assert max(len(c) for c in client.lrange("m", 1, -1)) == blobs.MIB
+    assert not client.exists(keys.partial("m"))
+
+    def broken() -> Iterator[memoryview]:
+        yield from list(dumps_stream(weights).pieces)[:3]
+        raise OSError("the writer died")
+
+    with pytest.raises(OSError):
+        blobs.write(client, "m", Encoded(len(expected), broken()))
+    assert bytes(blobs.read(client, "m")) == expected, "a failed write leaves the old blob"
+    assert not client.exists(keys.partial("m")), "and no partial chunks"
+    announced: list[str] = []
+    blobs.write(client, "m2", dumps_stream(weights), ttl=60, also=lambda pipe: announced.append("yes"))
+    assert announced == ["yes"] and 0 < client.ttl("m2") <= 60

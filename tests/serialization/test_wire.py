@@ -15,6 +15,7 @@ from serialization import (
     UnknownCodec,
     WireFormatError,
     dumps,
+    dumps_stream,
     encoded_size_bound,
     loads,
 )
@@ -311,3 +312,34 @@ def test_a_tiny_upload_claiming_a_huge_sparse_tensor_is_refused_before_allocatin
     forged = huge.replace(msgpack.packb([1, 1]), msgpack.packb([65536, 4096]), 1)
     with pytest.raises(WireFormatError):
         loads(forged, expect={"w": ((1, 1), torch.float32, "topk:1e-09")})
+
+
+@pytest.mark.parametrize(
+    "codec", ["none", "fp16", "bf16", "int8", "topk:0.1", "topk:0.1+int8", "topk:0.05+int2"]
+)
+def test_a_streamed_message_is_byte_for_byte_the_gathered_one(codec):
+    torch.manual_seed(0)
+    tensors = {
+        "w": torch.randn(300, 70),
+        "h": torch.randn(5).half(),
+        "n": torch.arange(7),
+        "b": torch.tensor([True, False]),
+        "s": torch.tensor(2.5),
+    }
+    visited: list[tuple[str, str]] = []
+    streamed = dumps_stream(
+        tensors, {"round": 3}, codec, lambda name, used, _: visited.append((name, used.name))
+    )
+    pieces = [bytes(piece) for piece in streamed.pieces]
+    assert b"".join(pieces) == dumps(tensors, {"round": 3}, codec)
+    assert sum(map(len, pieces)) == streamed.size
+    assert [name for name, _ in visited] == list(tensors), "each tensor is encoded once, in order"
+    assert dumps_stream(tensors, {"round": 3}, codec).gather() == dumps(tensors, {"round": 3}, codec)
+
+
+def test_an_uncompressed_float_tensor_is_streamed_without_a_copy():
+    weight = torch.randn(1000)
+    pieces = list(dumps_stream({"w": weight}).pieces)
+    (data,) = [p for p in pieces if p.nbytes == weight.numel() * 4]
+    weight[0] = 123.0  # the piece is the tensor's own memory
+    assert np.frombuffer(data, np.float32)[0] == 123.0
