@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 import uuid
@@ -10,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from kombu import Connection, Exchange, Queue
 
-from broker import embedded, keys
+from broker import blobs, embedded, keys
 from coordinator import credentials
 from coordinator.intake import MAX_REOFFERS
 from coordinator.store import Store
+from serialization import dumps, dumps_stream
 from tests.conftest import Processes
+from volunteer.store import VolunteerStore
 
 pytestmark = pytest.mark.attack
 
@@ -101,6 +105,7 @@ def test_a_volunteer_user_trains_a_round_but_cannot_touch_what_it_does_not_own(a
 
     mallory = redis.Redis.from_url(alice["url"])  # alice turned malicious
     bob_upload = keys.upload("bob", "demo", 1, 0, "b" * 32)
+    alice_upload = keys.upload("alice", "demo", 1, 0, "a" * 32)
     admin.set(bob_upload, b"bob's delta")
     round_key = "ct:run:demo:round:1"
     attacks = {
@@ -110,6 +115,8 @@ def test_a_volunteer_user_trains_a_round_but_cannot_touch_what_it_does_not_own(a
         "reopen a round": lambda: mallory.hset(round_key, "status", "open"),
         "accept a shard": lambda: mallory.hset(round_key + ":accepted", 0, "ct:upload:alice:x"),
         "overwrite bob's upload": lambda: mallory.set(bob_upload, b"evil"),
+        "rename its upload over bob's": lambda: mallory.rename(alice_upload, bob_upload),
+        "rename bob's upload away": lambda: mallory.rename(bob_upload, alice_upload),
         "delete bob's upload": lambda: mallory.delete(bob_upload),
         "read bob's upload": lambda: mallory.get(bob_upload),
         "forge bob's credit": lambda: mallory.hset("ct:volunteer:bob", "accepted", 1000),
@@ -139,6 +146,16 @@ def test_a_volunteer_user_trains_a_round_but_cannot_touch_what_it_does_not_own(a
     # what alice may do: read the run, write her own upload
     assert mallory.get("ct:run:demo:version") == b"1"
     mallory.set(keys.upload("alice", "demo", 9, 0, "a" * 32), b"mine", ex=60)
+    # ... and stream an upload larger than a chunk (written to its partial key, renamed into place)
+    admin.acl_log_reset()
+    weights = {"w": torch.randn(3 * blobs.MIB // 4)}  # 3 MiB and a header: four 1 MiB chunks
+    os.environ[blobs.CHUNK_ENV] = "1"
+    try:
+        key = VolunteerStore(mallory, "alice").put_upload("demo", 9, 1, "d" * 32, dumps_stream(weights))
+    finally:
+        del os.environ[blobs.CHUNK_ENV]
+    assert bytes(blobs.read(admin, key) or b"") == dumps(weights) and admin.llen(key) == 5
+    assert admin.acl_log() == [], "streaming an upload needed a right the volunteer was not given"
 
     # revoke: alice's user is gone and her password no longer opens the broker
     result = procs.cli("volunteer-credentials", "alice", "--revoke")
