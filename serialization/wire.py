@@ -116,12 +116,7 @@ def dumps_visit(
     The field arrays are views of the message being built: read them inside
     ``visit`` (error feedback does), never keep them.
     """
-    _check_host()
-    chosen = parse_codec(codec) if isinstance(codec, str) else codec
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"tensors must be a mapping of name -> tensor, not {type(tensors).__name__}")
-    items = [_prepare(name, t, chosen) for name, t in tensors.items()]
-    segments, total = _layout(items, _pack_meta(meta))
+    items, segments, total = _plan(tensors, meta, codec)
     buf, view = _buffers.allocate(total)
     fields: list[dict[str, np.ndarray]] = [{} for _ in items]
     pos = 0
@@ -178,13 +173,21 @@ def dumps_stream(
     tensor sent as ``none`` is not copied at all. Writers (``broker.blobs``)
     cut the pieces into chunks, so a model is sent without a second copy of it.
     """
+    items, segments, total = _plan(tensors, meta, codec)
+    return Encoded(total, _pieces(items, segments, visit))
+
+
+def _plan(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping | None, codec: str | Codec
+) -> tuple[list, list, int]:
+    """Each tensor checked with its codec, the message's segments in order, and its total size."""
     _check_host()
     chosen = parse_codec(codec) if isinstance(codec, str) else codec
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of name -> tensor, not {type(tensors).__name__}")
     items = [_prepare(name, t, chosen) for name, t in tensors.items()]
     segments, total = _layout(items, _pack_meta(meta))
-    return Encoded(total, _pieces(items, segments, visit))
+    return items, segments, total
 
 
 def _pieces(items: list, segments: list, visit: Visit | None) -> Iterator[memoryview]:
