@@ -186,10 +186,18 @@ def _chunks_of(pieces: Iterable[memoryview], size: int) -> Iterator[memoryview]:
         yield memoryview(pending)[:filled]
 
 
-def write_pointer(client: redis.Redis, key: str, pointer: Pointer, ttl: int | None = None) -> None:
-    """Store a pointer to an object under ``key``, replacing what was there."""
+def write_pointer(
+    client: redis.Redis,
+    key: str,
+    pointer: Pointer,
+    ttl: int | None = None,
+    also: Callable[[redis.client.Pipeline], object] | None = None,
+) -> None:
+    """Store a pointer to an object under ``key``, replacing what was there (``also``: as in ``write``)."""
     pipe = client.pipeline(transaction=True)
     queue_write(pipe, key, pointer.pack(), ttl, magic=POINTER_MAGIC)
+    if also is not None:
+        also(pipe)
     pipe.execute()
 
 
@@ -208,8 +216,8 @@ def queue_write(
     size = chunk_bytes()
     pipe.delete(key)
     pipe.rpush(key, HEADER.pack(magic, view.nbytes))
-    for start in range(0, view.nbytes, size):
-        pipe.rpush(key, view[start : start + size])
+    for chunk in _chunks_of([view], size):
+        pipe.rpush(key, chunk)
     if ttl is not None:
         pipe.expire(key, ttl)
     return view.nbytes

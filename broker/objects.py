@@ -229,17 +229,19 @@ class _HashingFile(_Hashing):
 
     def read(self, size: int = -1) -> bytes:
         """The next bytes, up to ``size``."""
-        out = bytearray()
-        while size < 0 or len(out) < size:
+        parts: list[memoryview] = []
+        got = 0
+        while size < 0 or got < size:
             if not self._left.nbytes:
                 piece = next(self._rest, None)
                 if piece is None:
                     break
                 self._left = piece
-            take = self._left.nbytes if size < 0 else min(size - len(out), self._left.nbytes)
-            out += self._left[:take]
+            take = self._left.nbytes if size < 0 else min(size - got, self._left.nbytes)
+            parts.append(self._left[:take])
+            got += take
             self._left = self._left[take:]
-        return bytes(out)
+        return b"".join(parts)  # the one copy
 
 
 class ObjectStore:

@@ -84,9 +84,5 @@ class VolunteerStore:
             blobs.write(self.redis, key, blob, ttl=keys.UPLOAD_TTL, also=announce)
             return key
         size, digest = put_url(slot["url"], blob)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pointer = Pointer(slot["object"], size, digest)
-            blobs.queue_write(pipe, key, pointer.pack(), ttl=keys.UPLOAD_TTL, magic=blobs.POINTER_MAGIC)
-            announce(pipe)
-            pipe.execute()
+        blobs.write_pointer(self.redis, key, Pointer(slot["object"], size, digest), keys.UPLOAD_TTL, announce)
         return key
