@@ -62,15 +62,20 @@ def test_nan_deltas_are_rejected_every_round_completes_and_the_model_stays_finit
         "25",
     )
     _wait_online(processes, {"honest", "broken"})
-    document = processes.json("run", "--run", "r", "--rounds", "2")
-    assert [r["status"] for r in document["rounds"]] == ["done", "done"]
-    assert [r["model_version"] for r in document["rounds"]] == [1, 2]
-    rejections = [x for r in document["rounds"] for x in r["rejections"]]
-    assert rejections, "the broken volunteer got no shard: " + processes.log_tail()
+    # The broken volunteer's first shard can arrive after the warm honest one has already
+    # closed the round (its late copy is then dropped, not judged): run round by round
+    # until its NaN delta has been judged once, every round completing on the way.
+    rounds: list[dict] = []
+    while not any(r["rejections"] for r in rounds) and len(rounds) < 6:
+        rounds += processes.json("run", "--run", "r", "--rounds", "1")["rounds"]
+    assert [r["status"] for r in rounds] == ["done"] * len(rounds)
+    assert [r["model_version"] for r in rounds] == list(range(1, len(rounds) + 1))
+    rejections = [x for r in rounds for x in r["rejections"]]
+    assert rejections, "the broken volunteer's delta was never judged: " + processes.log_tail()
     assert all(
         x == {"shard": x["shard"], "volunteer": "broken", "reason": "non-finite values"} for x in rejections
     )
-    assert all(r["rejected"] == len(r["rejections"]) for r in document["rounds"])
+    assert all(r["rejected"] == len(r["rejections"]) for r in rounds)
     out = processes.home / "model.safetensors"
     assert processes.cli("export", "--run", "r", "--out", str(out)).returncode == 0
     assert all(math.isfinite(float(t.abs().max())) for t in load_file(out).values())
