@@ -63,7 +63,9 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     declared, _ = blobs.sizes(client, model_key)
     assert declared > REDIS_VALUE_LIMIT, f"the model must not fit one Redis value ({declared} bytes)"
 
+    started = time.monotonic()
     document = processes.json("run", "--run", "big", "--rounds", "1", timeout=900)
+    seconds = time.monotonic() - started
 
     (round_,) = document["rounds"]
     assert round_["model_version"] == 1 and round_["accepted"] == 1, processes.log_tail()
@@ -81,6 +83,15 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     model = sum(t.numel() for t in tensors.values()) * 4
     assert model > REDIS_VALUE_LIMIT
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    # docs/BENCHMARKS.md section 10 records this line (pytest -rP shows it)
+    peaks = ", ".join(
+        f"{side} {above[pid] >> 20} MiB = {above[pid] / model:.2f}x"
+        for side, pid in (("aggregator", aggregator.pid), ("volunteer", volunteer.pid))
+    )
+    print(
+        f"{model / 4 / 1e6:.0f}M-parameter round: {seconds:.1f} s from post to version 1; "
+        f"peak above idle: {peaks} the float32 model ({model >> 20} MiB)"
+    )
     assert above[aggregator.pid] < 4 * model, (
         f"aggregator peaked {above[aggregator.pid] / model:.2f}x the model"
     )
