@@ -7,12 +7,14 @@ sha256, and for blobs volunteers read, a presigned GET URL. So ``commit.lua``
 still publishes a version by renaming one small key.
 
 Volunteers get no store credentials. They read models through the presigned
-GET URLs in the pointers, and write each upload through a presigned PUT URL
-that their ``train_shard`` job carries, for one object named by the trusted
-side under ``uploads/RUN/ROUND/SHARD/``. Presigned URLs work with any
-S3-compatible store and need no identity management there; the price is that
-a URL lives as long as it is signed for (at most 7 days, SigV4's limit), so
-the coordinator signs a current version's URL again when it posts work on it.
+GET URLs in the pointers, and write each upload through a presigned POST that
+their ``train_shard`` job carries: a form whose signed policy names one object
+under ``uploads/RUN/ROUND/SHARD/`` and the most bytes it may hold (the run's
+upload bound), so the store itself refuses a larger upload. Presigned URLs
+and POST policies work with any S3-compatible store and need no identity
+management there; the price is that a URL lives as long as it is signed for
+(at most 7 days, SigV4's limit), so the coordinator signs a current version's
+URL again when it posts work on it.
 The trusted side never follows a URL from Redis: it signs its own, for an
 object it checks lies where that key's blobs must lie, and verifies the size
 and sha256 its pointer declares.
@@ -46,6 +48,7 @@ from .errors import BrokerError, SettingsError
 
 __all__ = [
     "PUBLIC_ENV",
+    "S3_LARGEST_POST",
     "STORE_ENV",
     "URL_SECONDS",
     "Location",
@@ -54,7 +57,7 @@ __all__ = [
     "ObjectStoreError",
     "Pointer",
     "UrlReader",
-    "put_url",
+    "send_to_slot",
 ]
 
 STORE_ENV = "CROWDTRAIN_BLOB_STORE"
@@ -64,6 +67,7 @@ PUBLIC_ENV = "CROWDTRAIN_BLOB_PUBLIC_URL"
 URL_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 RENEW_BEFORE = 2 * 24 * 3600  # sign a pointer's URL again once it has less than this left
 MAX_POINTER = 4096
+S3_LARGEST_POST = 5 << 30  # S3 takes one POST upload of at most 5 GiB: a slot's cap without a run bound
 HTTP_TIMEOUT = 60
 READ_STEP = 8 << 20
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -175,24 +179,52 @@ class UrlReader:
         return _download(pointer.url, pointer, key, limit)
 
 
-def put_url(url: str, data: bytes | bytearray | memoryview | Encoded) -> tuple[int, bytes]:
-    """PUT ``data`` to a presigned URL (a volunteer's upload slot); its size and sha256.
+def send_to_slot(
+    slot: Mapping[str, Any], data: bytes | bytearray | memoryview | Encoded
+) -> tuple[int, bytes]:
+    """Upload ``data`` through a job's slot (its presigned POST form); its size and sha256.
 
-    An ``Encoded`` message is sent piece by piece, never gathered. ObjectStoreError if refused.
+    The body is ``multipart/form-data``: the slot's signed fields, then the
+    file, which S3 wants last. An ``Encoded`` message is sent piece by piece,
+    never gathered. ObjectStoreError if refused (over the slot's size, say).
     """
     hashing = _Hashing(data)
+    boundary = uuid.uuid4().hex  # 128 random bits: never inside the payload in practice
+    fields = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in slot["fields"].items()
+    )
+    head = (
+        f'{fields}--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def body() -> Iterator[bytes | memoryview]:
+        yield head
+        yield from hashing
+        yield tail
+
     # http.client sends an iterable's pieces one by one (the stubs say bytes; memoryviews work)
-    request = urllib.request.Request(url, data=cast(Iterable[bytes], hashing), method="PUT")
-    request.add_header("Content-Type", "application/octet-stream")
-    request.add_header("Content-Length", str(hashing.size))
+    request = urllib.request.Request(slot["url"], data=cast(Iterable[bytes], body()), method="POST")
+    request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    request.add_header("Content-Length", str(len(head) + hashing.size + len(tail)))
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
             response.read()
     except urllib.error.HTTPError as e:
-        raise ObjectStoreError(f"the object store refused the upload (HTTP {e.code} {e.reason})") from None
+        raise ObjectStoreError(
+            f"the object store refused the upload (HTTP {e.code} {e.reason}{_s3_code(e)})"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
         raise ObjectStoreError(f"the object store could not be reached for the upload ({e})") from None
     return hashing.size, hashing.digest()
+
+
+def _s3_code(error: urllib.error.HTTPError) -> str:
+    """The S3 error code of a refusal (``EntityTooLarge``...), for the log line; empty if none."""
+    found = re.search(rb"<Code>([A-Za-z]{1,64})</Code>", error.read(4096) or b"")
+    return f": {found.group(1).decode()}" if found else ""
 
 
 class _Hashing:
@@ -333,10 +365,23 @@ class ObjectStore:
         run = keys.run_of(key)
         return self.location.name("runs", run, "blobs") + "/" if run is not None else None
 
-    def upload_slot(self, run: str, number: int, shard: int) -> dict[str, str]:
-        """A fresh object for one job's upload and the presigned PUT URL that may write it."""
+    def upload_slot(self, run: str, number: int, shard: int, most: int) -> dict[str, Any]:
+        """A fresh object for one job's upload and the presigned POST that may write it.
+
+        The signed policy allows that one object name and 1 to ``most`` bytes
+        (the run's upload bound), so a volunteer cannot park more in the store.
+        """
         name = self.location.name("uploads", run, number, shard, uuid.uuid4().hex)
-        return {"object": name, "url": self._presign(self.signer, "put_object", name, URL_SECONDS)}
+        try:
+            form = self.signer.generate_presigned_post(
+                self.location.bucket,
+                name,
+                Conditions=[["content-length-range", 1, most]],
+                ExpiresIn=URL_SECONDS,
+            )
+        except Exception as e:  # no credentials, most often
+            raise ObjectStoreError(f"blob store {self.location.url}: cannot sign a form: {_why(e)}") from None
+        return {"object": name, "url": form["url"], "fields": dict(form["fields"])}
 
     def _presign(self, client: Any, operation: str, name: str, seconds: int) -> str:
         try:

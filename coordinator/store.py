@@ -18,7 +18,7 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
-from broker.objects import RENEW_BEFORE, Location, ObjectMismatch, ObjectStore, Pointer
+from broker.objects import RENEW_BEFORE, S3_LARGEST_POST, Location, ObjectMismatch, ObjectStore, Pointer
 from coordinator.errors import RunExists
 from coordinator.state import RoundState, lua_source, number_or_text
 from serialization import Encoded
@@ -35,6 +35,7 @@ class Store:
         self.rounds = RoundState(client)
         self._drain = client.register_script(lua_source("drain"))
         self._objects: dict[str, ObjectStore | None] = {}
+        self._slot_sizes: dict[str, int] = {}  # the most bytes one upload slot of a run takes
         self._swept: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -43,8 +44,10 @@ class Store:
         """The object store ``run``'s blobs live in (``init --blob-store``); None for Redis."""
         with self._lock:
             if run not in self._objects:
-                url = self.run_config(run).get("blob_store")
+                config = self.run_config(run)
+                url = config.get("blob_store")
                 self._objects[run] = ObjectStore(Location.parse(url)) if url else None
+                self._slot_sizes[run] = int(config.get("upload_bound") or S3_LARGEST_POST)
             return self._objects[run]
 
     def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
@@ -56,10 +59,13 @@ class Store:
             raise ObjectMismatch(f"{key} holds a pointer, but its run keeps no blob store")
         return store.fetch(pointer, key, limit)
 
-    def upload_slot(self, run: str, number: int, shard: int) -> dict[str, str] | None:
-        """Where one job of ``run`` uploads (an object and its presigned PUT URL); None without a store."""
+    def upload_slot(self, run: str, number: int, shard: int) -> dict[str, Any] | None:
+        """Where one job of ``run`` uploads (an object and its presigned POST); None without a store.
+
+        The POST's policy caps the object at the run's upload bound, recorded by ``init``.
+        """
         store = self.objects(run)
-        return store.upload_slot(run, number, shard) if store is not None else None
+        return store.upload_slot(run, number, shard, self._slot_sizes[run]) if store is not None else None
 
     def renew_urls(self, run: str, current: int, keep: int = keys.KEEP_VERSIONS) -> None:
         """Sign the GET URLs of the kept versions and updates again, if they expire soon.

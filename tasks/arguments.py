@@ -11,7 +11,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INTS = {"round", "shard", "shards", "version", "attempt"}
 _TEXTS = {"run", "volunteer"}
 _OPTIONAL_TEXTS = {"token"}
-_SLOT_FIELDS = {"object": 1024, "url": 8192}  # an upload slot in a blob store: field -> longest
+_SLOT_TEXTS = {"object": 1024, "url": 8192}  # an upload slot in a blob store: field -> longest
+_FORM_FIELDS, _FORM_VALUE = 16, 8192  # its presigned POST form: most fields, longest value
+_FORM_KEY = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # a form field's name: safe inside a multipart header
 
 
 class BadArguments(ValueError):
@@ -36,10 +38,19 @@ def checked(**arguments: Any) -> None:
 
 
 def _is_slot(value: Any) -> bool:
-    """An upload slot: an object name and the http(s) URL that may write it, nothing else."""
+    """An upload slot: an object name, the http(s) URL and the signed form fields that may write it."""
+    if not (isinstance(value, dict) and value.keys() == {*_SLOT_TEXTS, "fields"}):
+        return False
+    fields = value["fields"]
     return (
-        isinstance(value, dict)
-        and value.keys() == _SLOT_FIELDS.keys()
-        and all(isinstance(value[k], str) and 0 < len(value[k]) <= n for k, n in _SLOT_FIELDS.items())
+        all(isinstance(value[k], str) and 0 < len(value[k]) <= n for k, n in _SLOT_TEXTS.items())
         and value["url"].startswith(("http://", "https://"))
+        and isinstance(fields, dict)
+        and len(fields) <= _FORM_FIELDS
+        and all(
+            isinstance(k, str) and isinstance(v, str) and _FORM_KEY.match(k) and len(v) <= _FORM_VALUE
+            for k, v in fields.items()
+        )
+        and fields.get("key") == value["object"]
+        and not any(c in v for v in fields.values() for c in "\r\n")
     )

@@ -16,7 +16,7 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
-from broker.objects import Pointer, UrlReader, put_url
+from broker.objects import Pointer, UrlReader, send_to_slot
 from serialization import Encoded
 
 
@@ -83,6 +83,6 @@ class VolunteerStore:
         if slot is None:
             blobs.write(self.redis, key, blob, ttl=keys.UPLOAD_TTL, also=announce)
             return key
-        size, digest = put_url(slot["url"], blob)
+        size, digest = send_to_slot(slot, blob)
         blobs.write_pointer(self.redis, key, Pointer(slot["object"], size, digest), keys.UPLOAD_TTL, announce)
         return key

@@ -13,7 +13,7 @@ import pytest
 
 from broker import blobs, keys
 from broker.errors import SettingsError
-from broker.objects import Location, ObjectMismatch, Pointer, UrlReader, put_url
+from broker.objects import Location, ObjectMismatch, ObjectStoreError, Pointer, UrlReader, send_to_slot
 from coordinator.store import Store
 from tasks.arguments import BadArguments, checked
 from tests.conftest import RedisServer
@@ -59,14 +59,23 @@ def test_a_pointer_round_trips_and_malformed_ones_are_refused():
 
 
 def test_a_job_slot_in_a_task_message_is_checked():
+    name = "p/uploads/r/1/0/x"
+    form = {"key": name, "policy": "eyJ...", "x-amz-signature": "ab12"}
+    good = {"object": name, "url": "https://store/bucket", "fields": form}
     checked(upload=None)
-    checked(upload={"object": "p/uploads/r/1/0/x", "url": "https://store/p/uploads/r/1/0/x?sig"})
+    checked(upload=good)
     for bad in (
-        {"object": "x"},
-        {"object": "x", "url": "file:///etc/passwd"},
-        {"object": "x", "url": "https://s/x", "more": "y"},
-        {"object": "", "url": "https://s/x"},
-        {"object": "x", "url": "https://s/" + "x" * 9000},
+        {"object": name, "url": "https://store/bucket"},
+        {**good, "url": "file:///etc/passwd"},
+        {**good, "more": "y"},
+        {**good, "object": ""},
+        {**good, "url": "https://s/" + "x" * 9000},
+        {**good, "fields": {**form, "key": "p/uploads/r/1/1/x"}},  # a form for another object
+        {**good, "fields": {**form, 'x"; filename="y': "z"}},  # a name that would break the form
+        {**good, "fields": {**form, "policy": "a\r\n--boundary"}},
+        {**good, "fields": {**form, "policy": 7}},
+        {**good, "fields": {**form, **{f"f{i}": "v" for i in range(20)}}},
+        {**good, "fields": "key=x"},
         "https://s/x",
     ):
         with pytest.raises(BadArguments):
@@ -110,11 +119,13 @@ def test_a_volunteer_reads_a_version_by_its_url_and_writes_only_its_slot(trusted
     assert UrlReader().fetch(pointer, "k", None) == b"version zero"
     slot = trusted.upload_slot("r", 1, 0)
     assert slot is not None and slot["object"].startswith(_prefix(trusted) + "/uploads/r/1/0/")
-    put_url(slot["url"], b"delta")
+    checked(upload=slot)  # what the job message carries passes the volunteer's checks
+    assert send_to_slot(slot, b"delta") == (5, hashlib.sha256(b"delta").digest())
     assert seaweed.client().get_object(Bucket=BUCKET, Key=slot["object"])["Body"].read() == b"delta"
-    elsewhere = slot["url"].replace("/uploads/r/1/0/", "/uploads/r/1/1/")
-    with pytest.raises(Exception, match="refused"):  # the signature covers the object's name
-        put_url(elsewhere, b"delta")
+    elsewhere = slot["object"].replace("/uploads/r/1/0/", "/uploads/r/1/1/")
+    with pytest.raises(ObjectStoreError, match="refused"):  # the signed policy names the object
+        send_to_slot({**slot, "fields": {**slot["fields"], "key": elsewhere}}, b"delta")
+    assert seaweed.client().list_objects_v2(Bucket=BUCKET, Prefix=elsewhere).get("KeyCount") == 0
     tampered = Pointer(pointer.object, pointer.size, hashlib.sha256(b"other").digest(), pointer.url)
     with pytest.raises(ObjectMismatch, match="sha256"):
         UrlReader().fetch(tampered, "k", None)
@@ -141,7 +152,7 @@ def test_objects_no_pointer_names_are_swept_and_named_ones_kept(trusted, seaweed
     orphan = store.put("r", b"an old strategy state", readable=False)
     slot = trusted.upload_slot("r", 1, 0)
     assert slot is not None
-    put_url(slot["url"], b"an old upload")
+    send_to_slot(slot, b"an old upload")
     kept = blobs.read_pointer(trusted.redis, keys.model("r", 0))
     assert kept is not None
     names = {item["Key"] for item in _listed(seaweed, trusted)}

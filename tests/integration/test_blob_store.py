@@ -2,7 +2,7 @@
 
 The aggregator and the coordinator hold the store's credentials; volunteers
 hold none: they read models through presigned GET URLs and write each upload
-through the presigned PUT URL of their job's slot.
+through the presigned POST form of their job's slot, which caps its size.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from broker import blobs, keys
-from broker.objects import MAX_POINTER, Pointer, put_url
+from broker.objects import MAX_POINTER, ObjectStoreError, Pointer, send_to_slot
 from coordinator.context import RunContexts
 from coordinator.documents import round_record
 from serialization import dumps
@@ -150,7 +150,7 @@ def test_an_upload_pointer_is_honoured_only_for_its_own_slot_and_bytes(cluster, 
     model = blobs.read_pointer(mallory.redis, keys.model("r", 0))  # volunteers may read it
     assert model is not None
     honest = slot(0)
-    put_url(honest["url"], good)
+    send_to_slot(honest, good)
     # 0: honest bytes in its own slot, with a URL of its own choosing that must not be followed
     point(0, Pointer(honest["object"], len(good), digest, url=trap, expires=0))
     # 1: the run's model object instead of an upload
@@ -159,7 +159,7 @@ def test_an_upload_pointer_is_honoured_only_for_its_own_slot_and_bytes(cluster, 
     point(2, Pointer(honest["object"], len(good), digest))
     # 3: bytes that are not the ones declared
     third = slot(3)
-    put_url(third["url"], good + b"x")
+    send_to_slot(third, good + b"x")
     point(3, Pointer(third["object"], len(good), digest))
     # 4: a size over the run's bound, refused before any byte is fetched
     point(4, Pointer(slot(4)["object"], bound + 1, digest))
@@ -177,3 +177,18 @@ def test_an_upload_pointer_is_honoured_only_for_its_own_slot_and_bytes(cluster, 
     assert "not in the store" in reasons[5], reasons
     assert _Listener.hits == [], "the aggregator followed a URL a volunteer wrote"
     listener.shutdown()
+
+
+def test_an_upload_slot_takes_no_more_than_the_runs_upload_bound(cluster, seaweed):
+    """A volunteer with a job's slot cannot park more than an honest upload's bytes in the store."""
+    cluster.init("--shards", "2", "--blob-store", STORE, "--verify", "none")
+    number = cluster.post()
+    bound = RunContexts(cluster.store)["r"].upload_bound
+    assert cluster.store.run_config("r")["upload_bound"] == bound
+    slot = cluster.store.upload_slot("r", number, 0)
+    assert slot is not None
+    with pytest.raises(ObjectStoreError, match="refused"):
+        send_to_slot(slot, bytes(bound + 1))
+    assert _objects(seaweed, slot["object"]) == [], "an oversized upload was kept"
+    size, _ = send_to_slot(slot, bytes(bound))
+    assert size == bound and _objects(seaweed, slot["object"]) == [slot["object"]]
