@@ -1,6 +1,15 @@
 """Jobs: what a run trains (model, data shards, loss, evaluation), used by both sides."""
 
-from jobs.interface import Job, JobError, batch_size, reads_local_data
+from jobs.interface import Job, JobError, batch_size, reads_local_data, seeded
 from jobs.loader import BUILTIN_JOBS, load_job, parse_job_args
 
-__all__ = ["BUILTIN_JOBS", "Job", "JobError", "batch_size", "load_job", "parse_job_args", "reads_local_data"]
+__all__ = [
+    "BUILTIN_JOBS",
+    "Job",
+    "JobError",
+    "batch_size",
+    "load_job",
+    "parse_job_args",
+    "reads_local_data",
+    "seeded",
+]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from jobs.generation import continue_ids
-from jobs.interface import JobError
+from jobs.interface import JobError, seeded
 from jobs.language import (
     Batch,
     check_shard,
@@ -144,8 +144,7 @@ class CharLMJob:
 
     def build_model(self) -> CharGPT:
         """Return a fresh model; the same seed gives identical weights, global RNG untouched."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+        with seeded(self.config.seed):
             return CharGPT(self.config)
 
     def shard(self, index: int, count: int) -> Iterator[Batch]:

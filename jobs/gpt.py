@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jobs.generation import continue_ids
-from jobs.interface import JobError
+from jobs.interface import JobError, seeded
 from jobs.language import (
     Batch,
     corpus_files,
@@ -185,8 +185,7 @@ class GPTJob:
 
     def build_model(self) -> GPT:
         """A fresh model; the same seed gives identical weights, the global RNG untouched."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+        with seeded(self.config.seed):
             return GPT(self.config)
 
     def data(self) -> _Data:
