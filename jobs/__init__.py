@@ -1,6 +1,6 @@
 """Jobs: what a run trains (model, data shards, loss, evaluation), used by both sides."""
 
-from jobs.interface import Job, JobError, batch_size, reads_local_data, seeded
+from jobs.interface import Job, JobError, batch_size, reads_local_data, reuses_model, seeded
 from jobs.loader import BUILTIN_JOBS, load_job, parse_job_args
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "load_job",
     "parse_job_args",
     "reads_local_data",
+    "reuses_model",
     "seeded",
 ]

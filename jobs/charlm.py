@@ -131,6 +131,7 @@ class CharLMJob:
     """The charlm job: model, shards, loss and evaluation over a byte corpus."""
 
     name = "charlm"
+    reuse_model = True  # weights and constant buffers only: a volunteer trains one model shard after shard
 
     def __init__(self, config: CharLMConfig) -> None:
         self.config = config

@@ -173,6 +173,7 @@ class GPTJob:
     """The gpt job: model, token shards, loss, evaluation and text generation."""
 
     name = "gpt"
+    reuse_model = True  # weights and constant rotary tables only: reused shard after shard
 
     def __init__(self, config: GPTConfig) -> None:
         self.config = config

@@ -36,6 +36,11 @@ class Job(Protocol):
     Optional: ``probe_batches() -> list[batch]``, a small fixed set of batches
     on which the aggregator weighs each delta's effect (``init --verify
     probe``); without it, its ``evaluate`` gives the probe loss.
+    Optional: ``reuse_model = True`` says the model holds nothing beyond its
+    ``state_dict`` but constants (no Python attributes or non-persistent
+    buffers that training changes), so a volunteer process may load the next
+    shard's weights into the model it trained before instead of building one
+    per shard (a random initialisation of the whole model thrown away).
     """
 
     name: str
@@ -63,6 +68,11 @@ def batch_size(job: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     return DEFAULT_BATCH_SIZE
+
+
+def reuses_model(job: object) -> bool:
+    """True when ``job`` declares ``reuse_model = True``: its model may train shard after shard."""
+    return getattr(job, "reuse_model", False) is True
 
 
 def reads_local_data(job: object) -> bool:

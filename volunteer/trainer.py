@@ -60,6 +60,7 @@ def train_shard(
     seconds: float | None = None,
     data: str | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
@@ -69,13 +70,17 @@ def train_shard(
     With ``optimizer_state`` (``init --inner-state keep``: the state this volunteer's
     previous shard of the run left) the inner optimizer goes on from it instead of
     from zero; one that does not fit this model and optimizer is ignored.
+    With ``model`` (one this process built for ``job`` before, which declares
+    ``reuse_model``) the weights are loaded into it instead of a new build; the
+    delta is formed in its parameters, so it must not be trained again until
+    the delta has been sent.
     """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     started = time.perf_counter()
-    model = job.build_model()
+    model = job.build_model() if model is None else model
     model.load_state_dict(weights)
     model.to(device)
     model.train()

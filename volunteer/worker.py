@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from broker.objects import ObjectStoreError
-from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data
+from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback
 from volunteer.store import VolunteerStore
@@ -58,6 +58,8 @@ class ShardRunner:
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._slot: dict[str, str] | None = None
+        # the model the last shard trained, kept for the run's next one when its job allows (reuse_model)
+        self._trained: tuple[Job, torch.nn.Module] | None = None
 
     def run(
         self,
@@ -122,6 +124,7 @@ class ShardRunner:
             self._upload(run, number, shard, dumps({}, {"failure": refusal}))
             return {**summary, "skipped": refusal}
         weights, downlink = self._model(run, version)
+        model = self._module(job)
         result = train_shard(
             job,
             weights,
@@ -135,6 +138,7 @@ class ShardRunner:
             seconds=_budget(config.get("shard_seconds")),
             data=data,
             optimizer_state=self._inner.get(run) if config.get("inner_state") == "keep" else None,
+            model=model,
         )
         self._keep_inner(run, config, result.optimizer_state if math.isfinite(result.train_loss) else None)
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
@@ -159,6 +163,8 @@ class ShardRunner:
         codec = parse_codec(str(config["compression"]))
         blob = self._feedback.setdefault(run, ErrorFeedback()).encode_stream(result.delta, meta, codec)
         self._upload(run, number, shard, blob)
+        if reuses_model(job):  # its parameters held the delta, now sent: the next shard loads over them
+            self._trained = (job, model)
         log.info(
             "%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
             run,
@@ -176,6 +182,18 @@ class ShardRunner:
             "bytes": blob.size,
             "seconds": round(result.seconds, 3),
         }
+
+    def _module(self, job: Job) -> torch.nn.Module:
+        """The model to train: the one this job's last shard here trained, if kept, else a new build.
+
+        A kept model is taken out of its slot first, so one whose shard then
+        fails is never reused, and another run's goes before this one is built.
+        """
+        kept, self._trained = self._trained, None
+        if kept is not None and kept[0] is job:
+            return kept[1]
+        del kept
+        return job.build_model()
 
     def _keep_inner(self, run: str, config: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Keep a run's inner optimizer state for its next shard (``--inner-state keep``).

@@ -166,3 +166,33 @@ def test_version_0_is_built_from_the_seed_when_its_bytes_match_and_fetched_other
     client.set("ct:run:z:config", msgpack.packb({**config, "initial_digest": "0" * 64}))  # another torch
     _, fetched = runner()._model("z", 0)
     assert fetched == len(blobs.read(client, "ct:run:z:model:0"))
+
+
+def test_a_volunteer_builds_one_model_per_run_only_where_the_job_allows(processes, redis_server, monkeypatch):
+    """``reuse_model``: shard after shard on one model, with the losses of a model built per shard."""
+    from tests.fixtures.jobs_tiny import TinyJob
+    from volunteer.store import VolunteerStore
+    from volunteer.worker import ShardRunner, VolunteerOptions
+
+    tiny = "tests.fixtures.jobs_tiny:make_job"
+    builds: list[int] = []
+    build = TinyJob.build_model
+    monkeypatch.setattr(TinyJob, "build_model", lambda self: builds.append(1) or build(self))
+    processes.json("init", "--run", "z", "--job", tiny, "--shards", "3", "--verify", "none")
+    assert processes.json("post-round", "--run", "z")["round"] == 1
+    client = redis_server.client()
+
+    def three_shards(name: str) -> list[float]:
+        runner = ShardRunner(
+            VolunteerStore(client, name), VolunteerOptions(name=name, allowed_jobs=frozenset({tiny}))
+        )
+        del builds[:]
+        losses = [runner.run("z", 1, shard, 3, 0)["loss"] for shard in range(3)]
+        return losses
+
+    reused = three_shards("a")
+    assert len(builds) == 2  # version 0 from the seed, then one model for all three shards
+    monkeypatch.setattr(TinyJob, "reuse_model", False)
+    fresh = three_shards("b")
+    assert len(builds) == 4  # version 0, then a model per shard
+    assert reused == fresh

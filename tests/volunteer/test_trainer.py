@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import pathlib
+from copy import deepcopy
 
 import pytest
 import torch
 
-from jobs import load_job
+from jobs import load_job, reuses_model
 from jobs.charlm import make_job
 from volunteer.trainer import GRAD_CLIP_NORM, ShardResult, seed_for, train_shard
 
@@ -214,3 +215,25 @@ def test_an_inner_state_that_does_not_fit_the_model_is_ignored() -> None:
     weights = initial_weights(small)
     resumed = train(small, weights, steps=3, optimizer_state=foreign)
     torch.testing.assert_close(resumed.delta["weight"], train(small, weights, steps=3).delta["weight"])
+
+
+@pytest.mark.parametrize("preset", ["charlm", "gpt"])
+def test_a_model_reused_shard_after_shard_trains_exactly_as_a_new_build(tmp_path, preset) -> None:
+    """``reuse_model`` jobs: the next shard loads over the trained model (delta and all), same result."""
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    args = {"corpus": str(tmp_path / "*.txt"), "batch_size": 4}
+    shape = {"layers": 1, "width": 32, "heads": 2, "context": 16}
+    job = load_job(preset, {**args, **shape} if preset == "charlm" else {**args, "preset": "nano"})
+    assert reuses_model(job)
+    start = initial_weights(job)
+    first = train(job, start, shards=1, seed=1)
+    later = {k: start[k] + first.delta[k] for k in start}  # the next version, another shard
+
+    model = job.build_model()
+    train(job, start, shards=1, seed=1, model=model)  # the delta is now in model's parameters
+    # (a resumed optimizer steps its state's tensors in place: each run gets its own copy)
+    reused = train(job, later, shards=1, seed=2, model=model, optimizer_state=deepcopy(first.optimizer_state))
+    fresh = train(job, later, shards=1, seed=2, optimizer_state=deepcopy(first.optimizer_state))
+
+    assert reused.train_loss == fresh.train_loss
+    assert all(torch.equal(reused.delta[k], fresh.delta[k]) for k in fresh.delta)
