@@ -77,7 +77,7 @@ def post_round(
 
 
 def shard_task(
-    run: str, number: int, shard: int, shards: int, version: int, upload: dict[str, str] | None = None
+    run: str, number: int, shard: int, shards: int, version: int, upload: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The keyword arguments of one ``train_shard`` task; ``upload`` is its slot in a blob store."""
     task: dict[str, Any] = {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}

@@ -60,7 +60,7 @@ def register(app: CrowdtrainApp) -> None:
         shard: int,
         shards: int,
         version: int,
-        upload: dict[str, str] | None = None,
+        upload: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Train the run's model of ``version`` on one shard; the delta goes to Redis, announced.
 

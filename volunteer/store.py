@@ -65,7 +65,7 @@ class VolunteerStore:
         shard: int,
         token: str,
         blob: bytes | Encoded,
-        slot: dict[str, str] | None = None,
+        slot: dict[str, Any] | None = None,
     ) -> str:
         """Store one upload under this volunteer's own key prefix and announce it; returns its key.
 

@@ -57,7 +57,7 @@ class ShardRunner:
         self._feedback: dict[str, ErrorFeedback] = {}
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._slot: dict[str, str] | None = None
+        self._slot: dict[str, Any] | None = None
         # the model the last shard trained, kept for the run's next one when its job allows (reuse_model)
         self._trained: tuple[Job, torch.nn.Module] | None = None
 
@@ -68,7 +68,7 @@ class ShardRunner:
         shard: int,
         shards: int,
         version: int,
-        upload: dict[str, str] | None = None,
+        upload: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Train one shard and report it; skip it without training if it is not the round's to do.
 
