@@ -130,9 +130,13 @@ def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
                 f"probe: a delta of norm {seen.norm:.3g}, under {NORM_FLOOR:.0%} "
                 f"of the round's others ({statistics.median(usual):.3g}): too small to be of use"
             )
-    for name, seen in evidence.items():
-        others = [e.gain for other, e in evidence.items() if other != name and other not in reasons]
-        if name in reasons or not others:
+    # The voices past the norm screen: each is judged against all the others, whatever the
+    # verdicts on them, so the order of judging changes no bar.
+    screened = [name for name in evidence if name not in reasons]
+    for name in screened:
+        seen = evidence[name]
+        others = [evidence[other].gain for other in screened if other != name]
+        if not others:
             continue
         typical = statistics.median(others)
         deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)

@@ -57,6 +57,28 @@ def test_honest_voices_of_different_usefulness_are_all_kept():
     assert _judge({"a": 0.30, "b": 0.12, "c": 0.05, "d": 0.41}) == {}
 
 
+def test_the_verdicts_do_not_depend_on_the_order_voices_are_judged_in():
+    """A round where half the voices are bad (seen in the process test, 1 run in about 25).
+
+    The honest voice h1 is the least useful one, and the attackers drag its
+    agreement just under zero. Judged after both attackers, it once met a bar
+    set by the other honest voices alone and was rejected; judged first, it
+    was kept. Every voice now meets the same bar: all the others that passed
+    the norm screen.
+    """
+    voices = {
+        "negator": Evidence(-0.00317, 1.0, -0.92),
+        "h2": Evidence(0.0037, 1.0, 0.3),
+        "ascender": Evidence(-0.00323, 1.0, -0.94),
+        "h1": Evidence(0.00264, 1.0, -0.09),
+        "h3": Evidence(0.0040, 1.0, 0.3),
+        "free-rider": Evidence(0.0, 1e-4, 0.0),
+    }
+    verdicts = judge(voices)
+    assert set(verdicts) == {"negator", "ascender", "free-rider"}, verdicts
+    assert judge(dict(reversed(voices.items()))) == verdicts
+
+
 def test_nothing_is_judged_alone_and_a_voice_that_follows_a_still_round_is_kept():
     assert judge({"alone": Evidence(-1.0, 1.0, -1.0)}) == {}
     assert _judge({"a": -0.01, "b": -0.02, "c": 0.0}) == {}
