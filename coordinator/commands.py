@@ -28,6 +28,7 @@ from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator import announcements, asynchronous, checkpoints, credentials, janitor, privacy
 from coordinator.aggregator import Aggregator
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
+from coordinator.context import upload_bound
 from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
@@ -39,7 +40,7 @@ from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
 from jobs import Job, load_job, parse_job_args
-from serialization import Codec, TensorDict, encoded_size_bound, loads, parse_codec
+from serialization import TensorDict, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
@@ -152,8 +153,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
-        # the store caps each upload slot at what RunContext.upload_bound allows
-        **({"blob_store": blob_store, "upload_bound": _upload_bound(weights, codec)} if blob_store else {}),
+        # the store caps each upload slot at the bound the aggregator checks uploads against
+        **({"blob_store": blob_store, "upload_bound": upload_bound(weights, codec)} if blob_store else {}),
     )
     create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))
     document = {
@@ -169,11 +170,6 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
         )
     return document
-
-
-def _upload_bound(weights: dict[str, Any], codec: Codec) -> int:
-    """The most bytes an honest upload of this model can have (its floating tensors, this codec)."""
-    return encoded_size_bound({k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}, codec)
 
 
 def _blob_store(flag: str | None) -> str | None:

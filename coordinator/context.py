@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from broker.routing import need_from_config
 from coordinator.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
-from serialization import Expected, encoded_size_bound, loads, parse_codec
+from serialization import Codec, Expected, encoded_size_bound, loads, parse_codec
 
 Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -43,6 +44,14 @@ class RunContext:
     @property
     def codec(self) -> str:
         return str(self.config["compression"])
+
+
+def upload_bound(weights: Mapping[str, torch.Tensor], codec: Codec) -> int:
+    """The most bytes an honest upload can have: the model's floating tensors, as float32, in ``codec``.
+
+    Every upload is checked against it, and ``init`` caps a blob store's upload slots at it.
+    """
+    return encoded_size_bound({k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}, codec)
 
 
 class RunContexts:
@@ -92,7 +101,7 @@ class RunContexts:
             job=job,
             reference=reference,
             expected={k: (shape, dtype, codec.name) for k, (shape, dtype) in reference.items()},
-            upload_bound=encoded_size_bound(shapes, codec),
+            upload_bound=upload_bound(floats, codec),
             download_bound=encoded_size_bound(shapes, "none"),
             model_bytes=sum(4 * v.numel() for v in floats.values()),
             model_norm=norm,
