@@ -55,6 +55,15 @@ MAX_OUTSTANDING_UPLOADS = 16
 # A staged model that was never published (its aggregator died) goes after this.
 STAGED_TTL = 3600
 RESULT_EXPIRES = 3600
+# kombu's acks_late bookkeeping: volunteers keep theirs under kombu's own names (their ACL grants
+# them); the trusted side keeps its own under the prefix, where no volunteer reaches.
+UNACKED, UNACKED_INDEX, UNACKED_MUTEX = "unacked", "unacked_index", "unacked_mutex"
+TRUSTED_UNACKED = f"{PREFIX}:trusted:unacked"
+TRUSTED_UNACKED_INDEX = f"{PREFIX}:trusted:unacked_index"
+TRUSTED_UNACKED_MUTEX = f"{PREFIX}:trusted:unacked_mutex"
+# The longest task message (a kombu envelope) the trusted side posts is far shorter: a shard's
+# arguments and, with a blob store, its presigned upload slot (tasks.arguments bounds it).
+MAX_MESSAGE_BYTES = 512 * 1024
 # Round and shard numbers, like every task's integers (tasks.arguments), stay below this.
 MAX_NUMBER = 1 << 40
 # What a run or volunteer name may be: they become parts of keys, ACL users and file names.

@@ -80,3 +80,13 @@ def queues_for(device_class: str, memory_gb: float) -> list[str]:
     tiers = [t for t in MEMORY_TIERS_GB if t <= memory_gb]
     classes = [None, *(c for c in DEVICE_CLASSES if c == device_class)]
     return [Need(c, t).queue for c in classes for t in (0, *tiers)]
+
+
+def train_queues() -> frozenset[str]:
+    """Every queue a run may post its shards to: ``train`` and each routed queue.
+
+    The trusted side keeps kombu's keys to these: a ``train.*`` list of any
+    other name is a volunteer's junk (``coordinator.janitor``), and a message is
+    restored to no other queue (``tasks.poison``).
+    """
+    return frozenset(Need(c, t).queue for c in (None, *DEVICE_CLASSES) for t in (0, *MEMORY_TIERS_GB))

@@ -14,7 +14,7 @@ prefix says, and only that volunteer can write under it. Announcing another
 volunteer's upload needs its token, which no other volunteer can read, and
 would only have that upload validated as its own announcement does. An entry
 longer than ``MAX_ENTRY`` bytes is dropped on the server unread
-(``lua/drain.lua``), a malformed one with a log line, and the same key twice
+(``lua/drain.lua``), a malformed one with a (rate-limited) log line, and the same key twice
 in a batch is validated once. The list holds at most ``MAX_BACKLOG`` entries.
 
 Losing an entry loses no upload: the watcher (``coordinator.janitor``)
@@ -33,10 +33,14 @@ from typing import Any
 import redis
 
 from broker import keys
+from broker.throttle import throttle
 from coordinator.intake import Intake, Upload, Verdict
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.announcements")
+# Every entry is a volunteer's to write, as fast as Redis takes them: warnings about bogus ones
+# (here and in the intake that validates them) are a few lines and a count per period.
+throttle(log.name, "crowdtrain.intake")
 
 BATCH = 256  # entries taken, and validated together, at a time
 MAX_ENTRY = 256  # bytes: an upload key is far shorter (two names of 64, two numbers, a token of 64)

@@ -66,6 +66,7 @@ COMMANDS = (
     "hmget",
     "hgetall",
     "hexists",
+    "hstrlen",  # kombu's restore sizes an unacked entry before reading it (tasks.poison)
     "hlen",
     "hkeys",
     "smembers",

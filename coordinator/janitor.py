@@ -15,7 +15,9 @@ message triggers:
   at most ``MAX_OUTSTANDING_UPLOADS`` waiting (the oldest go first).
 
 It also reloads the Lua scripts kombu runs, which least-privilege volunteers
-may only EVALSHA and which a Redis restart forgets.
+may only EVALSHA and which a Redis restart forgets; sweeps kombu's keys that
+volunteers may write (``coordinator.bookkeeping``); and watches Redis's memory:
+a Redis near ``maxmemory`` is reported and swept at once, not a period later.
 """
 
 from __future__ import annotations
@@ -30,15 +32,20 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
+from broker.throttle import flush_all, throttle
+from coordinator import bookkeeping
 from coordinator.asynchronous import is_async
 from coordinator.context import RunContexts
 from coordinator.credentials import preload_scripts
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.janitor")
+throttle(log.name)  # a line per junk upload would be a volunteer's to multiply
 SCAN_BATCH = 1000
 DEADLINE_POLL = 0.5
 DEADLINE_RESEND = 10.0
+MEMORY_POLL = 5.0  # seconds between looks at Redis's memory
+FULL = 0.9  # of maxmemory: Redis is reported full, and swept at once
 
 # send(task name, args): how the watcher posts ``aggregate_round``
 Send = Callable[[str, list], None]
@@ -58,20 +65,39 @@ def watch(
     sent: dict[tuple[str, int], float] = {}
     contexts = contexts if contexts is not None else RunContexts(store)
     waiting: set[str] = set()
-    swept = 0.0
+    swept = looked = 0.0
     while not stop.is_set():
         try:
             now = time.time()
+            if now - looked >= MEMORY_POLL:
+                looked = now
+                if full(store.redis) and now - swept >= MEMORY_POLL:
+                    swept = 0.0  # sweep now: the junk may be what fills it
+            if now - swept >= sweep_period:
+                swept = now
+                waiting = housekeeping(store, contexts, send, waiting, horizon=10 * sweep_period)
             for key in store.rounds.due(now):
                 if now - sent.get(key, 0.0) >= DEADLINE_RESEND:
                     sent[key] = now
                     send("aggregate_round", list(key))
-            if now - swept >= sweep_period:
-                swept = now
-                waiting = housekeeping(store, contexts, send, waiting)
-        except Exception as e:  # a broker outage must not kill the watcher
+        except Exception as e:  # a broker outage, or a full Redis, must not kill the watcher
             log.warning("watcher: %s (retrying)", e)
+        flush_all()  # the counts of rate-limited warnings whose period is over
         stop.wait(DEADLINE_POLL)
+
+
+def full(client: redis.Redis) -> bool:
+    """True (and a log line) when Redis uses ``FULL`` of its ``maxmemory`` or more."""
+    memory = client.info("memory")
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    if not limit or used < FULL * limit:
+        return False
+    log.warning(
+        "Redis is out of memory: %.0f of maxmemory %.0f MiB used; sweeping, writes wait until it frees",
+        used / 2**20,
+        limit / 2**20,
+    )
+    return True
 
 
 def sweep_uploads(
@@ -116,9 +142,19 @@ def sweep_uploads(
     return set(found) - set(doomed)
 
 
-def housekeeping(store: Store, contexts: RunContexts, send: Send, waiting_before: set[str]) -> set[str]:
-    """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal."""
+def housekeeping(
+    store: Store,
+    contexts: RunContexts,
+    send: Send,
+    waiting_before: set[str],
+    horizon: float = bookkeeping.MIN_HORIZON,
+) -> set[str]:
+    """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal.
+
+    ``horizon``: seconds an unacked kombu entry may go unrefreshed (``coordinator.bookkeeping``).
+    """
     try:
+        bookkeeping.sweep(store.redis, horizon)  # first: it frees what a volunteer filled Redis with
         waiting = sweep_uploads(store, contexts, waiting_before)
         revalidate(store, waiting & waiting_before)
         preload_scripts(store.redis)

@@ -45,8 +45,9 @@ def aggregator_app(settings: Settings, aggregator: Aggregator | None = None) -> 
 
 def register(app: CrowdtrainApp) -> None:
     """Add ``aggregate_round`` to ``app``."""
+    app.own_tasks.add("aggregate_round")
 
-    @app.task(name="aggregate_round", base=AggregatorTask, bind=True)
+    @app.task(name="aggregate_round", base=AggregatorTask, bind=True, shared=False)
     def aggregate_round(self: AggregatorTask, run: str, round: int) -> dict[str, Any]:
         """Merge the round into the next model version, exactly once."""
         checked(run=run, round=round)

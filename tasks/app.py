@@ -13,9 +13,20 @@ from celery import Celery
 from kombu import Queue
 
 from broker.client import tls_options
-from broker.keys import AGGREGATE_QUEUE, RESULT_EXPIRES, TRAIN_QUEUE
+from broker.keys import (
+    AGGREGATE_QUEUE,
+    RESULT_EXPIRES,
+    TRAIN_QUEUE,
+    TRUSTED_UNACKED,
+    TRUSTED_UNACKED_INDEX,
+    TRUSTED_UNACKED_MUTEX,
+    UNACKED,
+    UNACKED_INDEX,
+    UNACKED_MUTEX,
+)
 from broker.settings import Settings
 from tasks.poison import DropMalformed, GuardedTransport
+from tasks.results import DisabledBackend, GuardedRedisBackend
 from tasks.visibility import KeepVisible
 
 # Content types a worker will deserialize. Anything else (pickle above all) is
@@ -24,26 +35,47 @@ ACCEPT_CONTENT = ["application/x-msgpack"]
 
 
 class CrowdtrainApp(Celery):
-    """A Celery app that knows the crowdtrain settings it was built from."""
+    """A Celery app that knows the crowdtrain settings it was built from.
 
-    def __init__(self, settings: Settings) -> None:
+    ``own_tasks``: the names of the tasks its workers run (the ``register``
+    functions add them); a message naming any other task, Celery's built-ins
+    included, is dropped unread (``tasks.poison.DropMalformed``).
+    ``volunteer``: the app of a volunteer, which has no result backend (it may
+    write no result, and a message may ask any task to store one) and keeps
+    kombu's unacked bookkeeping under kombu's names. Every other app stores
+    results through ``GuardedRedisBackend`` and keeps that bookkeeping under
+    ``ct:trusted:*``, so the trusted side never restores an entry a volunteer wrote.
+    """
+
+    def __init__(self, settings: Settings, volunteer: bool = False) -> None:
         super().__init__("crowdtrain", broker=settings.url, backend=settings.url)
         # Kept here, not in app.conf: `celery inspect conf` would show it, password and all.
         self.settings = settings
+        self.volunteer = volunteer
+        self.own_tasks: set[str] = set()
+
+    def _get_backend(self) -> Any:
+        """Celery's hook for the result backend: none for a volunteer, a guarded Redis one otherwise."""
+        if self.volunteer:
+            return DisabledBackend(app=self)
+        return GuardedRedisBackend(app=self, url=self.settings.url)
 
 
-def make_app(settings: Settings) -> CrowdtrainApp:
-    """Build the Celery app for one broker, without tasks."""
-    app = CrowdtrainApp(settings)
-    app.conf.update(celery_config(settings))
+def make_app(settings: Settings, volunteer: bool = False) -> CrowdtrainApp:
+    """Build the Celery app for one broker, without tasks (``volunteer``: see CrowdtrainApp)."""
+    app = CrowdtrainApp(settings, volunteer)
+    app.conf.update(celery_config(settings, volunteer))
     app.steps["worker"].add(KeepVisible)
     app.steps["consumer"].add(DropMalformed)
     return app
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: Settings, volunteer: bool = False) -> dict[str, Any]:
     """Celery's settings for crowdtrain: msgpack only, late acks, short visibility timeout."""
     visibility = settings.visibility_timeout
+    unacked = (UNACKED, UNACKED_INDEX, UNACKED_MUTEX)
+    if not volunteer:
+        unacked = (TRUSTED_UNACKED, TRUSTED_UNACKED_INDEX, TRUSTED_UNACKED_MUTEX)
     config: dict[str, Any] = dict(
         broker_transport=GuardedTransport,  # drops envelopes it cannot decode (tasks.poison)
         accept_content=ACCEPT_CONTENT,
@@ -68,6 +100,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             # a worker killed mid-sweep must not block restores for 5 minutes
             "unacked_mutex_expire": 10,
+            **dict(zip(("unacked_key", "unacked_index_key", "unacked_mutex_key"), unacked, strict=True)),
         },
         result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=RESULT_EXPIRES,

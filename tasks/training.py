@@ -42,7 +42,7 @@ class VolunteerTask(Task):
 
 def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainApp:
     """The app of ``volunteer start``: pulls ``train``; its uploads announce themselves (no second task)."""
-    app = make_app(settings)
+    app = make_app(settings, volunteer=True)  # no task results, kombu's own unacked keys
     app.conf.crowdtrain_volunteer = options  # who this worker is: name, device, allowed jobs
     register(app)
     return app
@@ -50,9 +50,10 @@ def volunteer_app(settings: Settings, options: VolunteerOptions) -> CrowdtrainAp
 
 def register(app: CrowdtrainApp) -> None:
     """Add ``train_shard`` to ``app``."""
+    app.own_tasks.add("train_shard")
 
     # No result is stored: a volunteer may not write (or read) the result backend.
-    @app.task(name="train_shard", base=VolunteerTask, bind=True, ignore_result=True)
+    @app.task(name="train_shard", base=VolunteerTask, bind=True, ignore_result=True, shared=False)
     def train_shard(
         self: VolunteerTask,
         run: str,

@@ -21,6 +21,7 @@ from celery.worker import state
 
 from broker.client import redis_client
 from broker.settings import Settings
+from broker.throttle import flush_all
 
 log = logging.getLogger("crowdtrain.visibility")
 DEFAULT_INDEX_KEY = "unacked_index"
@@ -53,6 +54,7 @@ class KeepVisible(bootsteps.StartStopStep):
 
     def _beat(self, client: Any, index: str, period: float) -> None:
         while not self._stop.wait(period):
+            flush_all()  # the counts of rate-limited warnings (junk messages dropped) whose period is over
             tags = held_delivery_tags()
             if not tags:
                 continue
