@@ -3,7 +3,8 @@
 A volunteer's user may read a run (config, versions, model blobs, round
 status), write only its own uploads, append (RPUSH, and nothing else) to the
 announcement list ``ct:announce``, and use what Celery and kombu need to pull
-``train`` tasks: the ``train`` list, kombu's unacked bookkeeping and bindings,
+``train`` tasks: the ``train`` list, kombu's unacked bookkeeping and bindings
+(each through a selector of the commands kombu runs on it, ``KOMBU_SELECTORS``),
 pidbox replies, publishing events, and listening (only) on the control
 channel. It cannot touch the trusted ``aggregate`` queue at all. Its
 credit, the volunteer list and task results are written by the trusted side
@@ -66,7 +67,6 @@ COMMANDS = (
     "hmget",
     "hgetall",
     "hexists",
-    "hstrlen",  # kombu's restore sizes an unacked entry before reading it (tasks.poison)
     "hlen",
     "hkeys",
     "smembers",
@@ -123,6 +123,28 @@ COMMANDS = (
 )
 
 
+# kombu's keys, one selector a family: the commands kombu runs on them and no other, so a
+# volunteer cannot SET over a queue, DEL it, EXPIRE or RENAME it, or give a key another type.
+_TRAIN = keys.TRAIN_QUEUE
+KOMBU_SELECTORS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    # pull shard tasks, push them back when a worker restores unacked ones; kombu keeps one
+    # list per priority step (QUEUE + "\x06\x16" + step); the routed queues (broker.routing)
+    (
+        ("brpop", "rpop", "lpush", "rpush", "llen", "exists"),
+        (f"~{_TRAIN}", f"~{_TRAIN}{PRIORITY_SEP}*", f"~{_TRAIN}.*"),
+    ),
+    # kombu's acks_late bookkeeping: a restore watches the hash and sizes an entry before reading it
+    (("hset", "hget", "hdel", "hstrlen", "watch"), ("~unacked",)),
+    (("zadd", "zrem", "zrange", "zrangebyscore", "zrevrangebyscore"), ("~unacked_index",)),
+    (("set", "get", "del", "evalsha"), ("~unacked_mutex",)),  # a redis-py Lock, released by a script
+    # kombu declares, looks up, refreshes and sweeps queue bindings (the last two: its scripts)
+    (
+        ("sadd", "srem", "smembers", "scard", "exists", "del", "zadd", "zrem", "zrangebyscore", "evalsha"),
+        ("~_kombu.binding.*", "~_kombu.binding_permanent.*", "~_kombu.binding_deadlines"),
+    ),
+)
+
+
 @dataclass(frozen=True)
 class VolunteerCredentials:
     """One volunteer's ACL user and the broker URL to give it."""
@@ -153,18 +175,6 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
-        # pull shard tasks, push them back when a worker restores unacked ones; kombu
-        # keeps one list per priority step, named QUEUE + "\x06\x16" + step
-        f"~{keys.TRAIN_QUEUE}",
-        f"~{keys.TRAIN_QUEUE}{PRIORITY_SEP}*",
-        f"~{keys.TRAIN_QUEUE}.*",  # the routed queues (broker.routing), priority lists included
-        "~unacked",
-        "~unacked_index",
-        "~unacked_mutex",  # kombu's acks_late bookkeeping
-        # kombu declares, looks up and refreshes queue bindings
-        "~_kombu.binding.*",
-        "~_kombu.binding_permanent.*",
-        "~_kombu.binding_deadlines",
         # its own node's control queue (node name NAME@host), declared but fed by pub/sub
         f"~{name}@*.celery.pidbox",
         f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",
@@ -180,6 +190,10 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     # Announcing an upload: RPUSH onto the list, and no other command on it (no read, pop, trim,
     # delete, SET over it or EXPIRE): a selector of its own, as no key pattern says "append only".
     append_only = f"(+rpush ~{keys.announcements()})"
+    kombu = [
+        "(" + " ".join([*(f"+{c}" for c in commands if known is None or c in known), *patterns]) + ")"
+        for commands, patterns in KOMBU_SELECTORS
+    ]
     return [
         "reset",
         "on",
@@ -188,6 +202,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         "-@all",
         *(f"+{c}" for c in COMMANDS if known is None or c in known),
         *patterns,
+        *kombu,
         *channels,
         listen_only,
         append_only,

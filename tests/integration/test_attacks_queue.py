@@ -21,11 +21,12 @@ import redis
 from broker import keys
 from tests.conftest import Processes, RedisServer
 from tests.fixtures.servers import ADMIN_PASSWORD, redis7_binary
-from tests.integration.test_attacks import Cluster
+from tests.integration.test_attacks import Cluster, _refused
 
 pytestmark = pytest.mark.attack
 
 GATED = "tests.fixtures.jobs_gated:make_job"
+SLOW = "tests.fixtures.jobs_slow:make_job"
 MAXMEMORY = 64 * 1024 * 1024
 CHUNK = 256 * 1024  # bytes of junk a write
 PRIORITY_SEP = "\x06\x16"  # kombu: queue name + this + priority step
@@ -133,6 +134,42 @@ def test_messages_naming_any_other_task_are_dropped_and_every_volunteer_stays_up
     assert "dropped a message naming task 'celery.map'" in logs
     assert cluster.admin.hlen("unacked") == 0
     assert not any(cluster.admin.exists(f"celery-task-meta-{i}") for i in ids), "a result was stored"
+
+
+# --- 1b. kombu's keys take kombu's commands only ------------------------------------------------
+def test_kombu_keys_take_only_kombus_commands_and_a_killed_volunteers_shard_comes_back(queue_cluster):
+    cluster = queue_cluster
+    cluster.procs.extra_env["CROWDTRAIN_VISIBILITY_TIMEOUT"] = "3"
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    # act: retype, drop or expire what every volunteer pulls from
+    for action in (
+        lambda: mallory.redis.set("train", b"x"),
+        lambda: mallory.redis.delete("train"),
+        lambda: mallory.redis.expire("train", 1),
+        lambda: mallory.redis.rename("train", "train.16g"),
+        lambda: mallory.redis.hset("train.gpu", "a", "b"),
+        lambda: mallory.redis.set("unacked", b"x"),
+        lambda: mallory.redis.delete("unacked"),
+        lambda: mallory.redis.set("unacked_index", b"x"),
+        lambda: mallory.redis.lpush("unacked_mutex", b"x"),
+        lambda: mallory.redis.set("_kombu.binding.train", b"x"),
+        lambda: mallory.redis.hset("ct:trusted:unacked", "tag", b"x"),  # the aggregator's own
+    ):
+        _refused(action)
+    # assert: with the same rights, a volunteer killed holding a shard has it restored by another
+    slow = {"CROWDTRAIN_BROKER_URL": cluster.url_for("bob"), "CROWDTRAIN_TEST_STEP_SECONDS": "3"}
+    bob = cluster.procs.volunteer("bob", "--allow-job", SLOW, **slow)
+    cluster.procs.json("init", "--run", "r", "--job", SLOW, "--local-steps", "3", "--shards", "1")
+    number = cluster.post("--deadline", "600")
+    cluster.wait_until(lambda: cluster.admin.hlen("unacked") == 1, "bob to hold the shard")
+    cluster.procs.kill(bob)
+    cluster.procs.volunteer("carol", "--allow-job", SLOW, CROWDTRAIN_BROKER_URL=cluster.url_for("carol"))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 1, record
+    assert cluster.store.volunteers()["carol"].get("accepted") == 1
+    refused = {entry["username"] for entry in cluster.admin.acl_log(count=1000)}
+    assert refused == {"mallory"}, "an honest volunteer needed a right it was not given"
 
 
 # --- 2. a full Redis ------------------------------------------------------------------------------
