@@ -55,6 +55,7 @@ MAX_MEMBER = 1024  # routing key, pattern and queue name, joined
 MAX_BINDINGS = 10_000  # members of one binding set: one per worker or listener
 MIN_HORIZON = 3600.0  # seconds an unacked entry may go unrefreshed and unrestored
 STEP = 100  # entries a sweep step looks at
+SCAN_COUNT = 10_000  # keys a SCAN call looks at: few round trips over a large keyspace
 
 
 @dataclass
@@ -77,8 +78,9 @@ def sweep(client: redis.Redis, horizon: float = MIN_HORIZON, now: float | None =
     swept.unacked = _sweep_unacked(client, now - max(horizon, MIN_HORIZON), now + 60.0)
     queues = train_queues()
     lists = queues | {f"{q}{PRIORITY_SEP}{step}" for q in queues for step in PRIORITY_STEPS}
-    for found in _scan(client, f"{keys.TRAIN_QUEUE}.*", f"{keys.TRAIN_QUEUE}{PRIORITY_SEP}*"):
-        if _text(found) not in lists:
+    volunteer_lists = (f"{keys.TRAIN_QUEUE}.", f"{keys.TRAIN_QUEUE}{PRIORITY_SEP}")
+    for found in _scan(client, f"{keys.TRAIN_QUEUE}*"):  # one pass for both patterns
+        if _text(found).startswith(volunteer_lists) and _text(found) not in lists:
             swept.keys += int(client.delete(found))
     for name in [*sorted(lists), keys.UNACKED_MUTEX]:
         kind = client.type(name).decode()
@@ -89,12 +91,15 @@ def sweep(client: redis.Redis, horizon: float = MIN_HORIZON, now: float | None =
         elif kind == "list":
             swept.entries += _sweep_list(client, name)
     exchanges = queues | {keys.AGGREGATE_QUEUE, *OTHER_EXCHANGES}
-    for prefix in (BINDING_PREFIX, BINDING_PERMANENT_PREFIX):
-        for key in _scan(client, prefix + "*"):
-            if _text(key)[len(prefix) :] not in exchanges or client.type(key) != b"set":
-                swept.keys += int(client.delete(key))
-            else:
-                swept.members += _sweep_set(client, key)
+    for key in _scan(client, "_kombu.binding*"):  # one pass for both prefixes (and the deadlines)
+        name = _text(key)
+        prefix = next((p for p in (BINDING_PREFIX, BINDING_PERMANENT_PREFIX) if name.startswith(p)), None)
+        if prefix is None:
+            continue
+        if name[len(prefix) :] not in exchanges or client.type(key) != b"set":
+            swept.keys += int(client.delete(key))
+        else:
+            swept.members += _sweep_set(client, key)
     swept.members += _sweep_deadlines(client, exchanges)
     if swept:
         log.warning(
@@ -155,10 +160,9 @@ def _sweep_deadlines(client: redis.Redis, exchanges: frozenset[str] | set[str]) 
     return int(client.zrem(BINDING_DEADLINES, *wrong)) if wrong else 0
 
 
-def _scan(client: redis.Redis, *patterns: str) -> Iterator[bytes]:
-    """The keys matching each pattern, as the bytes they are (a volunteer names them)."""
-    for pattern in patterns:
-        yield from client.scan_iter(match=pattern, count=1000)
+def _scan(client: redis.Redis, pattern: str) -> Iterator[bytes]:
+    """The keys matching the pattern, as the bytes they are (a volunteer names them)."""
+    yield from client.scan_iter(match=pattern, count=SCAN_COUNT)
 
 
 def _text(raw: bytes) -> str:

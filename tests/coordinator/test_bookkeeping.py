@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+import redis
+
 from broker import keys
 from coordinator.bookkeeping import MAX_BINDINGS, MIN_HORIZON, PRIORITY_SEP, sweep
 
@@ -79,3 +82,25 @@ def test_sweep_replaces_kombu_keys_of_the_wrong_type(redis_server):
     r.set("train", b"x")
     sweep(r)
     assert not any(r.exists(k) for k in (keys.UNACKED, keys.UNACKED_INDEX, keys.UNACKED_MUTEX, "train"))
+
+
+def test_sweep_frees_a_full_redis(redis_server):
+    # arrange: junk of every family, then Redis full (no eviction): every write is refused
+    r = redis_server.client()
+    junk = b"j" * (keys.MAX_MESSAGE_BYTES + 1)
+    r.hset(keys.UNACKED, "no-index", junk)
+    r.rpush("train", junk, b"a message")
+    r.rpush("train.junk", junk)
+    r.sadd("_kombu.binding.junk", junk)
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            r.set("x", 1)
+        # act
+        swept = sweep(r)
+    finally:
+        r.config_set("maxmemory", 0)
+    # assert: deletions only, which a full Redis still runs
+    assert (swept.unacked, swept.keys, swept.entries) == (1, 2, 1)
+    assert r.lrange("train", 0, -1) == [b"a message"] and not r.exists(keys.UNACKED)
