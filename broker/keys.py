@@ -34,6 +34,8 @@ chunks (``broker.blobs``)::
     ct:announce                          list: keys of uploads to validate (volunteers: RPUSH only)
     ct:volunteers                        set of volunteer names     (trusted side only)
     ct:volunteer:NAME                    hash: device and credit    (trusted side only)
+    ct:trusted:unacked, ..._index, ..._mutex  kombu's acks-late bookkeeping of the trusted apps
+                                         (volunteers keep theirs in kombu's own ``unacked`` keys)
 """
 
 from __future__ import annotations
