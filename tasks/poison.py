@@ -52,7 +52,9 @@ from broker.routing import train_queues
 from broker.throttle import throttle
 
 log = logging.getLogger("crowdtrain.poison")
-throttle(log.name)  # junk comes as fast as Redis takes it: a count per period, not a line each
+# Junk comes as fast as Redis takes it: a few warnings and a count per period, not a line each;
+# so do the failures Celery and kombu log per forged message (a task's bad arguments, with traceback).
+throttle(log.name, "celery.app.trace", "celery.worker.consumer.consumer", "kombu.transport.redis")
 
 MSGPACK = "application/x-msgpack"
 # What a malformed envelope or body raises while kombu or Celery decodes it.
