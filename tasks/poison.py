@@ -136,7 +136,7 @@ class GuardedQoS(kombu_redis.QoS):
             # the trusted side's own entries (under ct:trusted:*) may go back to `aggregate`
             target = restorable(raw, OUR_QUEUES if self.unacked_key == TRUSTED_UNACKED else train_queues())
             if target is None:
-                log.warning("deleted an unacked entry that is no train message (%d bytes)", size)
+                log.warning("deleted an unacked entry, no message for a queue of ours (%d bytes)", size)
                 return
             payload, queue = target
             self.channel._do_restore_message(payload, "", queue, pipe, leftmost)
