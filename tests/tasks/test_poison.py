@@ -72,3 +72,18 @@ def test_a_result_a_full_redis_refuses_is_logged_not_raised(redis_server, caplog
     finally:
         client.config_set("maxmemory", 0)
     assert "Redis refused it" in caplog.text and not client.exists("celery-task-meta-some-task")
+
+
+def test_our_queues_route_by_name_whatever_the_binding_sets_hold(redis_server):
+    """A guard: Celery posts shards through the default exchange, which reads no binding, but a
+    restore or a publish through a queue's own exchange would read the set a volunteer may write."""
+    # arrange: a volunteer added bindings that would copy every shard to a queue (or key) of its choosing
+    client = redis_server.client()
+    client.sadd("_kombu.binding.train", "train\x06\x16\x06\x16train", "train\x06\x16\x06\x16ct:evil")
+    client.sadd("_kombu.binding.train", "train\x06\x16\x06\x16aggregate")
+    app = aggregator_app(Settings(broker_url=redis_server.url))
+    # act: the trusted side posts a shard
+    app.send_task("train_shard", kwargs={"run": "r"}, queue="train", ignore_result=True)
+    # assert
+    assert client.llen("train") == 1
+    assert not client.exists("ct:evil") and not client.exists("aggregate")
