@@ -12,7 +12,9 @@ once a period with ``sweep``:
   without a field, a tag or an entry too long to be kombu's, and an entry whose
   time is in the future or older than ``horizon`` (living workers refresh theirs
   every few seconds, ``tasks.visibility``; dead workers' are restored after a
-  visibility timeout) go (``lua/sweep_unacked.lua``);
+  visibility timeout) go (``lua/sweep_unacked.lua``); while the rest holds more
+  than ``MAX_UNACKED_BYTES``, the largest entries go (a shard whose entry goes
+  loses only its redelivery, should its worker die);
 - a ``train.*`` or ``train`` priority list that is no queue a run may post to
   (``broker.routing.train_queues``) goes, and so does a key of the wrong type where
   kombu expects a list, hash, sorted set or set; in the real queues, entries longer
@@ -23,9 +25,10 @@ once a period with ``sweep``:
   sets (``tasks.poison``).
 
 The trusted side keeps its own unacked bookkeeping under ``ct:trusted:*``,
-which no volunteer reaches. What the sweep cannot bound: entries of the right
-shape, size and age, which a volunteer keeps refreshing, and small junk
-messages on a real queue (the volunteers that take them drop them).
+which no volunteer reaches. What the sweep cannot bound: more than
+``MAX_UNACKED_BYTES`` of entries of at most ``MIN_EVICTED_BYTES`` each, which a
+volunteer keeps refreshing, and small junk messages on a real queue (the
+volunteers that take them drop them).
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ MAX_TAG = 128  # kombu's delivery tags are uuid4 strings (36 characters)
 MAX_MEMBER = 1024  # routing key, pattern and queue name, joined
 MAX_BINDINGS = 10_000  # members of one binding set: one per worker or listener
 MIN_HORIZON = 3600.0  # seconds an unacked entry may go unrefreshed and unrestored
+# Bytes the volunteers' unacked entries may hold in all: some 20,000 held shard messages of a few
+# KiB. Past it the largest entries go (halving the bound, down to MIN_EVICTED_BYTES).
+MAX_UNACKED_BYTES = 64 * 2**20
+MIN_EVICTED_BYTES = 4096
 STEP = 100  # entries a sweep step looks at
 SCAN_COUNT = 10_000  # keys a SCAN call looks at: few round trips over a large keyspace
 
@@ -114,18 +121,36 @@ def sweep(client: redis.Redis, horizon: float = MIN_HORIZON, now: float | None =
 
 
 def _sweep_unacked(client: redis.Redis, oldest: float, newest: float) -> int:
+    """Entries deleted: the junk, then, while the rest holds over ``MAX_UNACKED_BYTES``, the largest."""
     for key, kind in ((keys.UNACKED, b"hash"), (keys.UNACKED_INDEX, b"zset")):
         if client.type(key) not in (kind, b"none"):
             client.delete(key)
+    longest = keys.MAX_MESSAGE_BYTES
+    deleted, kept = _unacked_pass(client, oldest, newest, longest)
+    while kept > MAX_UNACKED_BYTES and longest > MIN_EVICTED_BYTES:
+        longest //= 2  # honest entries are a few KiB: the largest go first
+        log.warning(
+            "unacked holds %d bytes, over %d: deleting entries over %d bytes",
+            kept,
+            MAX_UNACKED_BYTES,
+            longest,
+        )
+        gone, kept = _unacked_pass(client, oldest, newest, longest)
+        deleted += gone
+    return deleted
+
+
+def _unacked_pass(client: redis.Redis, oldest: float, newest: float, longest: int) -> tuple[int, int]:
+    """One pass of ``lua/sweep_unacked.lua`` over the hash and its index: (entries deleted, bytes kept)."""
     script = client.register_script(lua_source("sweep_unacked"))
     cursors: list[str | bytes] = ["0", "0"]
-    deleted = 0
+    deleted = kept = 0
     while True:
-        args = [*cursors, STEP, MAX_TAG, keys.MAX_MESSAGE_BYTES, oldest, newest]
-        hash_cursor, index_cursor, gone = script(keys=[keys.UNACKED, keys.UNACKED_INDEX], args=args)
-        cursors, deleted = [hash_cursor, index_cursor], deleted + int(gone)
+        args = [*cursors, STEP, MAX_TAG, longest, oldest, newest]
+        hash_cursor, index_cursor, gone, size = script(keys=[keys.UNACKED, keys.UNACKED_INDEX], args=args)
+        cursors, deleted, kept = [hash_cursor, index_cursor], deleted + int(gone), kept + int(size)
         if cursors == [b"done", b"done"]:
-            return deleted
+            return deleted, kept
 
 
 def _sweep_list(client: redis.Redis, key: str | bytes) -> int:

@@ -3,10 +3,10 @@
 -- ARGV: hash cursor, index cursor, count, longest tag, longest entry, oldest time kept, newest time kept.
 -- A hash field goes (with its index entry) when it has no index entry, a tag or entry too long, or a
 -- time outside the window; an index entry goes when it has no field or is out of the window. Returns
--- {next hash cursor, next index cursor, entries deleted}.
+-- {next hash cursor, next index cursor, entries deleted, bytes of the fields kept}.
 local count, longest_tag, longest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local oldest, newest = tonumber(ARGV[6]), tonumber(ARGV[7])
-local deleted = 0
+local deleted, kept = 0, 0
 local function out_of_window(score)
     return score == nil or score < oldest or score > newest
 end
@@ -21,6 +21,8 @@ if hash_cursor ~= 'done' then
             redis.call('HDEL', KEYS[1], tag)
             redis.call('ZREM', KEYS[2], tag)
             deleted = deleted + 1
+        else
+            kept = kept + #tag + #entry
         end
     end
     hash_cursor = scan[1] == '0' and 'done' or scan[1]
@@ -38,4 +40,4 @@ if index_cursor ~= 'done' then
     end
     index_cursor = scan[1] == '0' and 'done' or scan[1]
 end
-return {hash_cursor, index_cursor, deleted}
+return {hash_cursor, index_cursor, deleted, kept}

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from broker import keys
+from coordinator import bookkeeping
 from coordinator.bookkeeping import MAX_BINDINGS, MIN_HORIZON, PRIORITY_SEP, sweep
 
 
@@ -104,3 +105,23 @@ def test_sweep_frees_a_full_redis(redis_server):
     # assert: deletions only, which a full Redis still runs
     assert (swept.unacked, swept.keys, swept.entries) == (1, 2, 1)
     assert r.lrange("train", 0, -1) == [b"a message"] and not r.exists(keys.UNACKED)
+
+
+def test_refreshed_junk_over_the_byte_cap_goes_largest_first(redis_server, monkeypatch):
+    # arrange: entries of the right shape and a fresh time, as a volunteer refreshing its junk keeps
+    # them, 100 KiB each; beside them honest messages of 2 KiB; the cap is 256 KiB here
+    monkeypatch.setattr(bookkeeping, "MAX_UNACKED_BYTES", 256 * 1024)
+    r = redis_server.client()
+    now = time.time()
+    padding = "p" * (100 * 1024)
+    for i in range(20):
+        r.hset(keys.UNACKED, f"junk-{i}", json.dumps([{"pad": padding}, "train", "train"]))
+        r.zadd(keys.UNACKED_INDEX, {f"junk-{i}": now})
+    honest = [f"honest-{i}".encode() for i in range(10)]
+    for tag in honest:
+        r.hset(keys.UNACKED, tag, _entry() + b" " * 2000)
+        r.zadd(keys.UNACKED_INDEX, {tag: now})
+    # act
+    swept = sweep(r, now=now)
+    # assert: the honest ones stay, the junk is gone, the hash is under its cap
+    assert swept.unacked == 20 and sorted(r.hkeys(keys.UNACKED)) == sorted(honest)
