@@ -388,3 +388,14 @@ def test_a_header_naming_a_size_policy_is_rejected():
     forged = data.replace(b"\xa4none", b"\xa6none@4", 1)
     with pytest.raises(WireFormatError, match="size policy"):
         loads(forged)
+
+
+def test_a_reader_expecting_a_policys_picks_refuses_an_upload_that_ignored_the_policy():
+    tensors = {"w": torch.randn(4096), "b": torch.randn(17)}
+    policy = parse_codec("topk:0.01+int2@4096")
+    expect = {
+        k: (tuple(v.shape), v.dtype, policy.for_tensor(v.numel(), True).name) for k, v in tensors.items()
+    }
+    loads(dumps(tensors, None, policy), expect=expect)
+    with pytest.raises(WireFormatError, match=r"'b' is encoded with topk:0\.01\+int2, expected none"):
+        loads(dumps(tensors, None, "topk:0.01+int2"), expect=expect)
