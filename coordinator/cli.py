@@ -31,11 +31,14 @@ from serialization import WireFormatError
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
 LONG_RUNNING = ("aggregator", "monitor")
-# init's defaults: the configuration that sent the fewest bytes to a target loss (docs/BENCHMARKS.md 4).
-DEFAULT_COMPRESSION = "topk:0.01+int2"
+# init's defaults: top-k of the large tensors, the rest lossless, chosen on a matrix of jobs
+# (bench/defaults.py) and the bytes to a target loss (docs/BENCHMARKS.md sections 4 and 12).
+DEFAULT_COMPRESSION = "topk:0.01+int2@4096"
 DEFAULT_LOCAL_STEPS = 10
 COMPRESSION_HELP = (
-    "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2 (F a fraction, e.g. 0.01)"
+    "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2 (F a fraction, e.g. 0.01), "
+    "optionally with a size policy @N[:SMALL]: tensors of fewer than N elements go SMALL (none, fp16, "
+    "bf16 or int8; default none), e.g. topk:0.01+int2@4096"
 )
 # Each package's error root: a mistake the user can fix, shown as one line with exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -156,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compression",
         default=DEFAULT_COMPRESSION,
-        help=COMPRESSION_HELP + f" (default {DEFAULT_COMPRESSION}: the fewest bytes to a target loss, "
-        "docs/BENCHMARKS.md section 4)",
+        help=COMPRESSION_HELP + f" (default {DEFAULT_COMPRESSION}: tensors of 4096 elements or more "
+        "(one top-k block) top-k, smaller ones (biases, norm gains, a small model) lossless; chosen on a "
+        "matrix of jobs, docs/BENCHMARKS.md section 12)",
     )
     p.add_argument(
         "--downlink-compression",

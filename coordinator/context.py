@@ -54,6 +54,11 @@ def upload_bound(weights: Mapping[str, torch.Tensor], codec: Codec) -> int:
     return encoded_size_bound({k: tuple(v.shape) for k, v in weights.items() if v.is_floating_point()}, codec)
 
 
+def _header_codec(codec: Codec, shape: tuple[int, ...]) -> str:
+    """The codec an honest upload names in a float tensor's header: the run's, or its size policy's pick."""
+    return codec.for_tensor(math.prod(shape), True).name
+
+
 class RunContexts:
     """``RunContext`` per run, built on first use from Redis.
 
@@ -100,7 +105,9 @@ class RunContexts:
             config=config,
             job=job,
             reference=reference,
-            expected={k: (shape, dtype, codec.name) for k, (shape, dtype) in reference.items()},
+            expected={
+                k: (shape, dtype, _header_codec(codec, shape)) for k, (shape, dtype) in reference.items()
+            },
             upload_bound=upload_bound(floats, codec),
             download_bound=encoded_size_bound(shapes, "none"),
             model_bytes=sum(4 * v.numel() for v in floats.values()),

@@ -6,6 +6,20 @@ Lossy codecs only ever see floating tensors (``wire`` sends the rest as
 tensor's declared dtype. The error and ratio each docstring states are for a
 float32 tensor of i.i.d. normal values (the tests check them on 1M of those):
 relative L2 error ``|decoded - x| / |x|`` and ratio ``4 * n / encoded bytes``.
+
+Spec grammar (``--compression``, ``--downlink-compression``)::
+
+    SPEC   := CODEC | CODEC@N | CODEC@N:SMALL
+    CODEC  := none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2
+    SMALL  := none | fp16 | bf16 | int8                      (default none)
+
+``CODEC@N`` is a size policy (as hivemind's SizeAdaptiveCompression): a
+floating tensor of fewer than N elements (a bias, a norm gain, a small
+model's whole state) goes SMALL, the rest CODEC. Top-k of a 17-element block
+keeps one value, and 2-bit codes of a few entries with error feedback
+overshoot; a dense small tensor costs little. A policy is not a tensor codec:
+each tensor header carries the concrete codec the policy picked for it
+(``Codec.for_tensor``), so a policy adds no bytes of its own to the wire.
 """
 
 from __future__ import annotations
@@ -22,13 +36,17 @@ import torch
 from . import kernels
 from .errors import UnknownCodec
 
-__all__ = ["CODECS", "Codec", "parse_codec"]
+__all__ = ["CODECS", "Codec", "SizePolicy", "parse_codec"]
 
 Fields = dict[str, np.ndarray]
 VALID_SPECS = (
     "none, fp16, bf16, int8, topk:F, topk:F+int8, topk:F+int4 or topk:F+int2 with 0 < F <= 1 "
-    "(e.g. topk:0.01+int8, topk:0.01+int2)"
+    "(e.g. topk:0.01+int8, topk:0.01+int2), optionally with a size policy @N[:SMALL]: tensors "
+    "of fewer than N elements go SMALL (none, fp16, bf16 or int8; default none), e.g. "
+    "topk:0.01+int2@4096 or topk:0.01+int2@4096:int8"
 )
+SMALL_CODECS = ("none", "fp16", "bf16", "int8")  # what a policy may send small tensors as
+MAX_THRESHOLD = 1 << 40
 TOPK_VALUES = {"+int8": 8, "+int4": 4, "+int2": 2}  # spec suffix -> bits of each sent value
 
 
@@ -74,6 +92,10 @@ class Codec:
     def expected_error(self) -> float:
         """Relative L2 error on i.i.d. normal float32 values (an upper bound for tests)."""
         raise NotImplementedError
+
+    def for_tensor(self, n: int, floating: bool) -> Codec:
+        """The codec one tensor of n elements goes on the wire with: ``none`` for non-float ones."""
+        return self if self.lossy and floating else NONE
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -328,6 +350,34 @@ class BlockTopKCodec(SparseCodec):
         return idx, values
 
 
+class SizePolicy(Codec):
+    """``CODEC@N[:SMALL]``: floating tensors of fewer than N elements go SMALL, the rest CODEC.
+
+    Only ``for_tensor`` is meaningful: the wire asks it per tensor and writes
+    the codec it returns in the tensor's header (``name`` is the spec, stored
+    in the run's config, never in a header). ``lossy`` when either side is, so
+    error feedback and the lossy downlink run for it; a tensor sent lossless
+    leaves a zero residual.
+    """
+
+    def __init__(self, large: Codec, threshold: int, small: Codec) -> None:
+        self.large, self.threshold, self.small = large, threshold, small
+        self.lossy = large.lossy or small.lossy
+        self.name = f"{large.name}@{threshold}" + ("" if small.name == "none" else f":{small.name}")
+
+    def for_tensor(self, n: int, floating: bool) -> Codec:
+        return (self.small if n < self.threshold else self.large).for_tensor(n, floating)
+
+    def field_sizes(self, n: int, itemsize: int) -> dict[str, int]:
+        raise TypeError(f"{self.name} is a size policy, not a tensor codec: use for_tensor")
+
+    def expected_ratio(self) -> float:
+        return self.large.expected_ratio()
+
+    def expected_error(self) -> float:
+        return max(self.large.expected_error(), self.small.expected_error())
+
+
 CODECS: dict[str, type[Codec]] = {
     "none": NoneCodec,
     "fp16": HalfCodec,
@@ -352,10 +402,38 @@ EXAMPLES: tuple[str, ...] = (
 
 @functools.lru_cache(maxsize=256)
 def parse_codec(spec: str) -> Codec:
-    """Codec for a spec such as ``int8`` or ``topk:0.01+int8``; UnknownCodec lists valid ones."""
+    """Codec (or SizePolicy) for a spec such as ``int8`` or ``topk:0.01+int2@4096``.
+
+    UnknownCodec, listing the valid forms, for anything else.
+    """
     if not isinstance(spec, str):
         raise UnknownCodec(f"codec spec must be a string, not {type(spec).__name__}; valid: {VALID_SPECS}")
     text = spec.strip().lower()
+    if "@" in text:
+        return _parse_policy(spec, text)
+    return _parse_one(spec, text)
+
+
+def _parse_policy(spec: str, text: str) -> SizePolicy:
+    """``CODEC@N[:SMALL]``."""
+    large_spec, _, rest = text.partition("@")
+    count, colon, small_spec = rest.partition(":")
+    if not (count.isascii() and count.isdigit() and 1 <= int(count) <= MAX_THRESHOLD):
+        raise UnknownCodec(
+            f"bad size threshold {count[:40]!r} in codec spec {spec[:80]!r}: need an integer N, "
+            f"1 <= N <= {MAX_THRESHOLD}; valid: {VALID_SPECS}"
+        )
+    small_spec = small_spec if colon else "none"
+    if small_spec not in SMALL_CODECS:
+        raise UnknownCodec(
+            f"small-tensor codec {small_spec[:40]!r} in codec spec {spec[:80]!r} must be one of "
+            f"{', '.join(SMALL_CODECS)}; valid: {VALID_SPECS}"
+        )
+    return SizePolicy(_parse_one(spec, large_spec), int(count), _parse_one(spec, small_spec))
+
+
+def _parse_one(spec: str, text: str) -> Codec:
+    """One tensor codec from its lower-cased spec ``text`` (``spec`` as given, for messages)."""
     simple = {"none": NoneCodec, "int8": Int8Codec}
     if text in simple:
         return simple[text]()
@@ -374,6 +452,9 @@ def parse_codec(spec: str) -> Codec:
             f"bad top-k fraction {body!r} in codec spec {spec!r}: need 0 < F <= 1; valid: {VALID_SPECS}"
         )
     raise UnknownCodec(f"unknown codec spec {spec[:80]!r}; valid: {VALID_SPECS}")
+
+
+NONE = NoneCodec()
 
 
 def view_tensor(buf: memoryview, dtype: torch.dtype, n: int) -> torch.Tensor:

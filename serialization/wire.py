@@ -10,7 +10,8 @@ payloads, msgpack's own big-endian framing around them)::
                                              array, map values; nesting <= 32; <= 64 KiB
     tensor map (writers emit this order; readers accept any order, no duplicates):
       "name"  -> str                         state_dict key, <= 1024 UTF-8 bytes
-      "codec" -> str                         canonical codec spec, e.g. "int8"
+      "codec" -> str                         canonical codec spec, e.g. "int8"; never a size
+                                             policy (CODEC@N): the codec it picked for this tensor
       "dtype" -> int                         DTYPES index: 0 float32, 1 float16, 2 bfloat16,
                                              3 float64, 4 int64, 5 int32, 6 int16, 7 int8,
                                              8 uint8, 9 bool
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 
 from . import _buffers
-from .codecs import Codec, NoneCodec, parse_codec
+from .codecs import Codec, NoneCodec, SizePolicy, parse_codec
 from .errors import WireFormatError
 from .reader import Reader, check_meta
 
@@ -91,7 +92,6 @@ DTYPES: tuple[torch.dtype, ...] = (
 )
 _CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
 _ITEMSIZE = tuple(torch.empty((), dtype=d).element_size() for d in DTYPES)
-_NONE = NoneCodec()
 _TENSOR_OVERHEAD = 64  # map header, fixed keys, dtype, shape header: see encoded_size_bound
 _FIELD_OVERHEAD = 80  # two keys of up to 7 bytes, bin8 + bin32 headers, up to 63 pad bytes
 
@@ -258,7 +258,7 @@ def encoded_size_bound(
     for name, spec in shapes.items():
         shape, dtype = _shape_and_dtype(spec)
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        used = chosen if chosen.lossy and dtype.is_floating_point else _NONE
+        used = chosen.for_tensor(n, dtype.is_floating_point)
         sizes = used.field_sizes(n, _ITEMSIZE[_CODE[dtype]])
         total += (
             _TENSOR_OVERHEAD
@@ -319,6 +319,8 @@ def _read_tensor(r: Reader) -> tuple:
         codec = parse_codec(header["codec"])
     except WireFormatError as e:
         raise type(e)(f"tensor {name!r}: {e}") from None
+    if isinstance(codec, SizePolicy):
+        raise WireFormatError(f"tensor {name!r}: {codec.name} is a size policy, not a tensor codec")
     code, shape = header["dtype"], header["shape"]
     if not 0 <= code < len(DTYPES):
         raise WireFormatError(f"tensor {name!r}: unknown dtype code {code}")
@@ -422,7 +424,7 @@ def _pack_meta(meta: Mapping | None) -> bytes:
 
 
 def _prepare(name: str, tensor: torch.Tensor, codec: Codec) -> tuple[str, torch.Tensor, Codec, torch.Size]:
-    """Check one tensor and pick its codec (``none`` for non-float tensors)."""
+    """Check one tensor and pick its codec (``none`` for non-float tensors; a size policy's choice)."""
     if not isinstance(name, str) or len(name.encode()) > MAX_NAME_BYTES:
         raise ValueError(f"tensor name {name!r:.80} must be a str of at most {MAX_NAME_BYTES} bytes")
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
@@ -432,7 +434,7 @@ def _prepare(name: str, tensor: torch.Tensor, codec: Codec) -> tuple[str, torch.
             f"tensor {name!r} has dtype {tensor.dtype}; the wire carries {', '.join(str(d) for d in DTYPES)}"
         )
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    used = codec if codec.lossy and tensor.is_floating_point() else _NONE
+    used = codec.for_tensor(flat.numel(), tensor.is_floating_point())
     return name, flat, used, tensor.shape
 
 

@@ -39,8 +39,13 @@ class ErrorFeedback:
         corrected: TensorDict = {}
         residual: dict[str, torch.Tensor] = {}
         for name, tensor in delta.items():
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                corrected[name] = tensor  # sent as `none`: exact, no residual
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or not chosen.for_tensor(tensor.numel(), tensor.is_floating_point()).lossy
+            ):
+                corrected[name] = (
+                    tensor  # sent exactly (`none`, or a size policy's lossless pick): no residual
+                )
                 continue
             buf = self._buffer(name, tensor)
             buf.add_(tensor.detach().to("cpu", torch.float32).reshape(buf.shape))

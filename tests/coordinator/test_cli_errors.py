@@ -61,6 +61,8 @@ def _assert_one_clear_line(result, *words):
         (["--job", "charlm", "--job-arg", "layers"], ["layers", "key=value"]),
         (["--job", "charlm", "--compression", "topk:2"], ["topk:2"]),
         (["--job", "charlm", "--compression", "zstd"], ["zstd"]),
+        (["--job", "charlm", "--compression", "topk:0.01+int2@many"], ["many", "size threshold"]),
+        (["--job", "charlm", "--compression", "topk:0.01+int2@4096:topk:0.1"], ["small-tensor codec"]),
         (["--job", "charlm", "--strategy", "krum:x"], ["krum:x"]),
         (["--job", "charlm", "--job-arg", "colour=3"], ["colour"]),
         (["--job", "charlm", "--min-memory-gb", "100000"], ["--min-memory-gb"]),
@@ -146,6 +148,9 @@ def test_every_command_has_help(tmp_path, in_process):
     # and through the real entry point, once
     result = _coordinator(tmp_path, "init", "--help")
     assert result.returncode == 0 and "usage: coordinator init" in result.stdout
+    # the spec grammar's size policy, and the default that uses it
+    text = " ".join(result.stdout.split())
+    assert "size policy @N[:SMALL]" in text and "default topk:0.01+int2@4096" in text
 
 
 def _volunteer(tmp_path, *argv, broker=None):

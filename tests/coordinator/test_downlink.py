@@ -36,3 +36,14 @@ def test_the_residual_keeps_the_published_model_on_the_sum_of_the_merged_steps()
 
 def test_only_lossy_specs_publish_updates():
     assert lossy("int8") and lossy("topk:0.01+int2") and not lossy("none") and not lossy(None)
+
+
+def test_a_size_policy_publishes_small_tensors_exactly_and_large_ones_by_its_codec():
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(64, 64, generator=gen), "b": torch.randn(64, generator=gen)}
+    merged = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    assert lossy("topk:0.01+int2@4096")
+    published, _, left = publish(base, merged, None, "topk:0.01+int2@4096", {"version": 1})
+    assert torch.equal(published["b"], base["b"] + (merged["b"] - base["b"]))  # 64 < 4096: lossless
+    assert float(read_residual(left)["b"].abs().max()) == 0.0
+    assert float(read_residual(left)["w"].abs().max()) > 0.0  # 4096: top-k, the rest carried

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from serialization import CODECS, UnknownCodec, WireFormatError, dumps, loads, parse_codec
+from serialization import CODECS, UnknownCodec, WireFormatError, dumps, encoded_size_bound, loads, parse_codec
 from serialization.codecs import EXAMPLES
 from serialization.kernels import TOPK_BLOCK, select_block_topk, select_topk, topk_count
 from serialization.wire import DTYPES
@@ -299,3 +299,103 @@ def test_block_topk_keeps_exactly_k_b_per_block_with_ties_zeros_and_nan():
         assert mag[kept].min() >= np.sort(block)[-kept.size]
     assert np.array_equal(idx[idx // TOPK_BLOCK == 5] % TOPK_BLOCK, np.arange(k_full))  # ties: lowest first
     assert 12 * TOPK_BLOCK + 3 in idx
+
+
+# Size policies: CODEC@N[:SMALL] picks a codec per tensor from its element count.
+
+
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("topk:0.01+int2@4096", "topk:0.01+int2@4096"),
+        ("TOPK:.01+INT2@4096:NONE", "topk:0.01+int2@4096"),
+        ("topk:0.01+int2@4096:int8", "topk:0.01+int2@4096:int8"),
+        (" int8@100:fp16 ", "int8@100:fp16"),
+        ("topk:0.01@1", "topk:0.01@1"),
+    ],
+)
+def test_size_policy_specs_normalise_to_a_canonical_name_that_parses_back(spec, name):
+    assert parse_codec(spec).name == name
+    assert parse_codec(name).name == name
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk:0.01+int2@",
+        "topk:0.01+int2@0",
+        "topk:0.01+int2@-5",
+        "topk:0.01+int2@4k",
+        "topk:0.01+int2@1e3",
+        "topk:0.01+int2@4096:topk:0.1",
+        "topk:0.01+int2@4096:int2",
+        "topk:0.01+int2@4096:",
+        "topk:0.01+int2@4096@8",
+        "@4096",
+        "int4@4096",
+        "topk:0.01+int2@99999999999999999",
+        "topk:0.01+int2@\uff14\uff10\uff19\uff16",  # full-width digits
+    ],
+)
+def test_bad_size_policies_raise_unknown_codec_listing_valid_forms(spec):
+    with pytest.raises(UnknownCodec, match="valid: none, fp16"):
+        parse_codec(spec)
+
+
+def test_size_policy_picks_small_below_the_threshold_and_none_for_non_floats():
+    policy = parse_codec("topk:0.01+int2@4096:int8")
+    assert policy.lossy
+    assert policy.for_tensor(4095, True).name == "int8"
+    assert policy.for_tensor(4096, True).name == "topk:0.01+int2"
+    assert policy.for_tensor(1_000_000, False).name == "none"
+    assert parse_codec("topk:0.01+int2@4096").for_tensor(17, True).name == "none"
+    assert not parse_codec("none@10").lossy
+
+
+def test_a_policy_sends_each_tensor_with_the_codec_it_picks():
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "w": torch.randn(64, 128, generator=gen),
+        "b": torch.randn(17, generator=gen),
+        "g": torch.randn(300, generator=gen),
+        "steps": torch.arange(5),
+    }
+    spec = "topk:0.01+int2@4096:int8"
+    data = dumps(tensors, None, spec)
+    headers = {t["name"]: t["codec"] for t in msgpack.unpackb(data, raw=False)["tensors"]}
+    assert headers == {"w": "topk:0.01+int2", "b": "int8", "g": "int8", "steps": "none"}
+    assert len(data) <= encoded_size_bound({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, spec)
+    expect = {
+        k: (tuple(v.shape), v.dtype, parse_codec(spec).for_tensor(v.numel(), v.is_floating_point()).name)
+        for k, v in tensors.items()
+    }
+    out, _ = loads(data, expect=expect)
+    assert torch.equal(out["steps"], tensors["steps"])
+    assert _rel_error(out["b"], tensors["b"]) < 0.01
+    plain = loads(dumps(tensors, None, "topk:0.01+int2@18"))[0]
+    assert torch.equal(plain["b"], tensors["b"])  # 17 < 18 elements: sent exactly
+
+
+def test_a_policy_whose_tensors_all_pick_one_codec_writes_that_codecs_bytes():
+    gen = torch.Generator().manual_seed(4)
+    tensors = {"a": torch.randn(8192, generator=gen), "b": torch.randn(5000, generator=gen)}
+    assert dumps(tensors, None, "topk:0.01+int2@4096") == dumps(tensors, None, "topk:0.01+int2")
+    assert dumps(tensors, None, "topk:0.01+int2@10000") == dumps(tensors, None, "none")
+
+
+def test_a_header_naming_a_size_policy_is_rejected():
+    data = dumps({"b": torch.ones(4)}, None, "none")
+    forged = data.replace(b"\xa4none", b"\xa6none@4", 1)
+    with pytest.raises(WireFormatError, match="size policy"):
+        loads(forged)
+
+
+def test_a_reader_expecting_a_policys_picks_refuses_an_upload_that_ignored_the_policy():
+    tensors = {"w": torch.randn(4096), "b": torch.randn(17)}
+    policy = parse_codec("topk:0.01+int2@4096")
+    expect = {
+        k: (tuple(v.shape), v.dtype, policy.for_tensor(v.numel(), True).name) for k, v in tensors.items()
+    }
+    loads(dumps(tensors, None, policy), expect=expect)
+    with pytest.raises(WireFormatError, match=r"'b' is encoded with topk:0\.01\+int2, expected none"):
+        loads(dumps(tensors, None, "topk:0.01+int2"), expect=expect)

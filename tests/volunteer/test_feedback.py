@@ -102,3 +102,13 @@ def test_caller_delta_is_not_modified():
     feedback.encode(delta, {}, "topk:0.01+int8")
     feedback.encode(delta, {}, "topk:0.01+int8")
     assert torch.equal(delta["w"], copy)
+
+
+def test_a_size_policy_sends_small_tensors_exactly_and_keeps_residuals_only_for_large_ones():
+    gen, feedback = torch.Generator().manual_seed(6), ErrorFeedback()
+    for _ in range(3):
+        delta = _delta(gen)
+        decoded, _ = loads(feedback.encode(delta, {}, "topk:0.01+int2@4096"))
+        assert torch.equal(decoded["b"], delta["b"])  # 64 elements: under the threshold, lossless
+    assert "b" not in feedback._residual  # nothing left behind to carry
+    assert float(feedback._residual["w"].abs().max()) > 0.0  # 4096 elements: top-k, residual kept
