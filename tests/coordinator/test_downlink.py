@@ -3,6 +3,7 @@ residual makes the published model track the merged one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coordinator.downlink import lossy, publish, read_residual
@@ -12,10 +13,16 @@ from serialization import apply_update, loads
 def test_the_published_version_is_exactly_what_a_volunteer_rebuilds_from_the_update():
     base = {"w": torch.randn(64, 64), "count": torch.tensor([3])}
     merged = {"w": base["w"] + 0.01 * torch.randn(64, 64), "count": torch.tensor([4])}
-    published, update, _ = publish(base, merged, None, "int8", {"version": 1})
+    expected = merged["w"].clone()  # publish forms the change and the residual in merged's storage
+    publication = publish(base, merged, None, "int8", {"version": 1})
+    update = publication.update.gather()
+    left = publication.residual.gather()
+    published = publication.version
     rebuilt = apply_update(base, loads(update)[0])
     assert torch.equal(rebuilt["w"], published["w"]) and torch.equal(rebuilt["count"], torch.tensor([4]))
-    assert not torch.equal(published["w"], merged["w"])  # int8 is lossy: the residual keeps the rest
+    # int8 is lossy: what it left out is the residual, so version + residual is the merged model
+    assert not torch.equal(published["w"], base["w"] + 0.01)
+    assert torch.allclose(published["w"] + read_residual(left)["w"], expected, atol=1e-6)
 
 
 def test_the_residual_keeps_the_published_model_on_the_sum_of_the_merged_steps():
@@ -28,7 +35,10 @@ def test_the_residual_keeps_the_published_model_on_the_sum_of_the_merged_steps()
         published, residual = {"w": torch.zeros(64, 64)}, None
         for step in steps:
             merged = {"w": published["w"] + step}  # the round's merge, on the published version
-            published, _, left = publish(published, merged, residual, "topk:0.05", {})
+            publication = publish(published, merged, residual, "topk:0.05", {})
+            publication.update.gather()
+            left = publication.residual.gather()
+            published = publication.version
             residual = read_residual(left) if carried else None
         errors[carried] = float((published["w"] - ideal).norm() / ideal.norm())
     assert errors[True] < 0.5 * errors[False], errors
@@ -36,3 +46,22 @@ def test_the_residual_keeps_the_published_model_on_the_sum_of_the_merged_steps()
 
 def test_only_lossy_specs_publish_updates():
     assert lossy("int8") and lossy("topk:0.01+int2") and not lossy("none") and not lossy(None)
+
+
+def test_the_residual_cannot_be_read_before_its_update_has_been_written():
+    base = {"w": torch.zeros(1000)}
+    publication = publish(base, {"w": torch.randn(1000)}, None, "topk:0.01+int2", {})
+    with pytest.raises(RuntimeError, match="before its update"):
+        publication.residual.gather()
+
+
+def test_publishing_a_bf16_model_moves_it_as_a_volunteer_does():
+    base = {"w": torch.randn(300, 70).to(torch.bfloat16), "b": torch.randn(70)}
+    merged = {k: v.float() + 0.02 * torch.randn(v.shape) for k, v in base.items()}
+    merged["w"] = merged["w"].to(torch.bfloat16)
+    publication = publish(base, merged, None, "topk:0.01+int2", {})
+    rebuilt = apply_update(base, loads(publication.update.gather())[0])
+    assert publication.complete()
+    for name in base:
+        assert publication.version[name].dtype == base[name].dtype
+        assert torch.equal(rebuilt[name], publication.version[name])
