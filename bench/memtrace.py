@@ -48,6 +48,9 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("coordinator.store", "Store.stage_update"),
     ("coordinator.store", "Store.downlink_residual"),
     ("coordinator.strategies", "Strategy.aggregate"),
+    ("broker.blobs", "write"),
+    ("serialization.codecs", "BlockTopKCodec.encode_into"),
+    ("serialization.codecs", "SparseCodec.decode"),
     ("volunteer.worker", "ShardRunner.run"),
     ("volunteer.worker", "ShardRunner._model"),
     ("volunteer.worker", "ShardRunner._built_here"),
@@ -91,7 +94,7 @@ def install(out: Path, side: str) -> None:
             sink.write(line + "\n")
 
     for module_name, path in STEPS:
-        if side and not module_name.startswith((side, "bench", "torch")):
+        if side and not module_name.startswith((side, "bench", "torch", "broker", "serialization")):
             continue
         module = importlib.import_module(module_name)
         *owners, attr = path.split(".")

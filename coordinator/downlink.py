@@ -86,30 +86,38 @@ def publish(
             change.add_(carried)
         wanted[name] = change
     pending = {name for name, tensor in wanted.items() if tensor.is_floating_point()}
+    exact: set[str] = set()
 
     def move(name: str, used: Codec, fields: dict[str, np.ndarray]) -> None:
         if name not in pending:
             return
-        change = wanted[name]
+        change, old = wanted[name], base[name]
+        pending.discard(name)
+        if not used.lossy:  # sent exactly: its fields are ``change`` itself, not yet read
+            version[name] = (old.float() + change).to(old.dtype)
+            exact.add(name)  # nothing left out: zeroed once the update is written
+            return
         views = {key: array.data for key, array in fields.items()}
         decoded = used.decode(views, change.numel(), torch.float32).view(change.shape)
-        old = base[name]
         version[name] = (old.float() + decoded).to(old.dtype)
         change.sub_(decoded)  # what the codec left out: the next residual
-        pending.discard(name)
 
     update = dumps_stream(wanted, meta, chosen, move)
     floats = {name: wanted[name] for name in wanted if wanted[name].is_floating_point()}
     left = dumps_stream(floats, {"downlink_residual": True})
     publication = Publication(update, left, version, pending)
-    publication.residual = Encoded(left.size, _after(publication, left.pieces))
+    publication.residual = Encoded(left.size, _after(publication, exact, floats, left.pieces))
     return publication
 
 
-def _after(publication: Publication, pieces: Iterator[memoryview]) -> Iterator[memoryview]:
+def _after(
+    publication: Publication, exact: set[str], floats: TensorDict, pieces: Iterator[memoryview]
+) -> Iterator[memoryview]:
     """The residual's bytes, once the update has been read whole (before, the residual is not done)."""
     if not publication.complete():
         raise RuntimeError("the downlink residual was read before its update was written")
+    for name in exact:  # sent whole: nothing of it is left for the next update
+        floats[name].zero_()
     yield from pieces
 
 

@@ -70,8 +70,8 @@ class ErrorFeedback:
 
         def keep_unsent(name: str, used: Codec, fields: dict[str, np.ndarray]) -> None:
             sent = corrected[name]
-            if not sent.is_floating_point():
-                return
+            if not sent.is_floating_point() or not used.lossy:
+                return  # sent exactly; a lossless pick's fields are ``sent`` itself, not yet read
             used.subtract_decoded_(sent.view(-1).numpy(), fields)
             self._residual[name] = sent.to(RESIDUAL_DTYPE)
 
