@@ -251,7 +251,9 @@ class Aggregator:
             return merged
         residual = read_residual(self.store.downlink_residual(context.name))
         meta = {"run": context.name, "version": version}
-        publication = publish(base, merged, residual, str(spec), meta)  # merged becomes the residual
+        # merged becomes the residual and base the version, each in its own storage (base is
+        # views of its blob, read for this round alone)
+        publication = publish(base, merged, residual, str(spec), meta, move_base=True)
         del residual  # folded into the change: its blob goes before the version is built
         self.store.stage_update(context.name, version, owner, publication.update, publication.residual)
         return publication.version

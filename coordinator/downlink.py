@@ -61,6 +61,8 @@ def publish(
     residual: Mapping[str, torch.Tensor] | None,
     codec: str | Codec,
     meta: Mapping,
+    *,
+    move_base: bool = False,
 ) -> Publication:
     """The version to publish, its update and the new residual, formed in ``merged``'s storage.
 
@@ -69,7 +71,9 @@ def publish(
     the decoded update (exactly as ``apply_update`` moves it), and the residual
     what the decoding missed. ``merged`` is consumed: its float32 tensors
     become the change, then the residual. ``residual`` is only read here (the
-    caller may drop it as soon as this returns).
+    caller may drop it as soon as this returns). With ``move_base`` the version
+    is formed in ``base``'s own float32 tensors (the same float32 sums), which
+    then hold the version: no third model beside the base and the change.
     """
     chosen = parse_codec(codec) if isinstance(codec, str) else codec
     wanted: TensorDict = {}
@@ -94,12 +98,12 @@ def publish(
         change, old = wanted[name], base[name]
         pending.discard(name)
         if not used.lossy:  # sent exactly: its fields are ``change`` itself, not yet read
-            version[name] = (old.float() + change).to(old.dtype)
+            version[name] = _moved(old, change, move_base)
             exact.add(name)  # nothing left out: zeroed once the update is written
             return
         views = {key: array.data for key, array in fields.items()}
         decoded = used.decode(views, change.numel(), torch.float32).view(change.shape)
-        version[name] = (old.float() + decoded).to(old.dtype)
+        version[name] = _moved(old, decoded, move_base)
         change.sub_(decoded)  # what the codec left out: the next residual
 
     update = dumps_stream(wanted, meta, chosen, move)
@@ -108,6 +112,13 @@ def publish(
     publication = Publication(update, left, version, pending)
     publication.residual = Encoded(left.size, _after(publication, exact, floats, left.pieces))
     return publication
+
+
+def _moved(old: torch.Tensor, decoded: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``old`` moved by a decoded change as ``apply_update`` moves it (in ``old``: if asked, float32)."""
+    if in_place and old.dtype == torch.float32:
+        return old.add_(decoded)
+    return (old.float() + decoded).to(old.dtype)
 
 
 def _after(

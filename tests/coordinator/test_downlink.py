@@ -65,3 +65,19 @@ def test_publishing_a_bf16_model_moves_it_as_a_volunteer_does():
     for name in base:
         assert publication.version[name].dtype == base[name].dtype
         assert torch.equal(rebuilt[name], publication.version[name])
+
+
+def test_moving_the_base_in_place_publishes_the_same_version_in_the_base_storage():
+    gen = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(100, 300, generator=gen), "n": torch.tensor([1])}
+    step = {"w": 0.01 * torch.randn(100, 300, generator=gen), "n": torch.tensor([2])}
+    copied = publish(base, {"w": base["w"] + step["w"], "n": step["n"]}, None, "topk:0.01+int2", {})
+    update = copied.update.gather()
+    moved_base = {k: v.clone() for k, v in base.items()}
+    storage = moved_base["w"].data_ptr()
+    moved = publish(moved_base, {"w": base["w"] + step["w"], "n": step["n"]}, None, "topk:0.01+int2", {},
+                    move_base=True)  # fmt: skip
+    assert moved.update.gather() == update
+    assert moved.version["w"].data_ptr() == storage
+    assert all(torch.equal(moved.version[k], copied.version[k]) for k in base)
+    assert torch.equal(apply_update(base, loads(update)[0])["w"], moved.version["w"])
