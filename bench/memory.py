@@ -1,7 +1,7 @@
 """Memory against model size: aggregator and volunteer peak RSS above idle, per round, per size.
 
     python bench/memory.py [--sizes 1e6,1e7,1e8,3e8] [--rounds 2] [--shards 1]
-                           [--compression none] [--pool solo] [--trace] [--machine-gib 24] [--json]
+                           [--compression none,default] [--pool solo] [--trace] [--machine-gib 24] [--json]
 
 For each size a fresh private redis-server, ``coordinator aggregator`` (Celery solo pool)
 and one ``volunteer start --device cpu --concurrency 1 --pool solo`` are started
@@ -9,7 +9,10 @@ and one ``volunteer start --device cpu --concurrency 1 --pool solo`` are started
 baseline and their peak counters are reset (``/proc/PID/clear_refs``: 5), and a thread
 samples every process's ``VmRSS`` every 50 ms. Then ``coordinator init`` (fedavg,
 ``--verify none``) creates a run of the job ``bench/memory_job.py`` with exactly N float32
-parameters (a near-free training step: 1 local AdamW step), and ``--rounds`` rounds of
+parameters (a near-free training step: 1 local AdamW step) for each codec of
+``--compression`` (``default``: init's own default, lossy both ways, so the downlink
+update and residual and the volunteer's error-feedback residual are held too; ``none``:
+the largest deltas, nothing else), and ``--rounds`` rounds of
 ``--shards`` shards run through ``coordinator post-round --wait``, each until the
 aggregator has written its checkpoint. Peak = the larger of ``VmHWM`` and the sampled
 maximum, for every process of the volunteer's tree (with ``--pool prefork`` the worker
@@ -45,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Cluster, redis_memory, rss_kib
+from serialization import parse_codec
 
 JOB = "bench.memory_job:make_job"
 AGG_BOUND = 4.0
@@ -130,9 +134,14 @@ class Failed(Exception):
     """This size could not run a round; the message is the row's one-line reason."""
 
 
-def measure(params: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One size on a fresh cluster: idle and peak RSS of both sides, Redis, the machine."""
-    row: dict[str, Any] = {"params": params, "model_mib": 4 * params / MIB, "status": "passed"}
+def measure(params: int, args: argparse.Namespace, codec: str = "none") -> dict[str, Any]:
+    """One size and codec on a fresh cluster: idle and peak RSS of both sides, Redis, the machine."""
+    row: dict[str, Any] = {
+        "params": params,
+        "codec": codec,
+        "model_mib": 4 * params / MIB,
+        "status": "passed",
+    }
     needed = PLANNING_BYTES_PER_PARAM * params
     available = _available_bytes()
     if needed > available and not args.force:
@@ -154,7 +163,7 @@ def measure(params: int, args: argparse.Namespace) -> dict[str, Any]:
             sampler = Sampler(trees)
             sampler.start()
             try:
-                row["rounds"] = _run_rounds(cluster, sampler, params, args)
+                row["rounds"] = _run_rounds(cluster, sampler, params, args, codec)
                 time.sleep(0.3)
             finally:
                 sampler.stop()
@@ -206,13 +215,16 @@ def _traced(argv: list[str], trace_dir: Path | None, side: str) -> list[str]:
     return ["bench/memtrace.py", str(trace_dir / f"trace-{side}.jsonl"), *argv[1:]]
 
 
-def _run_rounds(cluster: Cluster, sampler: Sampler, params: int, args: argparse.Namespace) -> list[dict]:
+def _run_rounds(
+    cluster: Cluster, sampler: Sampler, params: int, args: argparse.Namespace, codec: str
+) -> list[dict]:
     """``init``, then ``--rounds`` rounds, each until the aggregator's checkpoint is written."""
+    chosen = [] if codec == "default" else ["--compression", codec]
     _coordinator(
         cluster, sampler, args.timeout,
         "init", "--run", "mem", "--job", JOB, "--job-arg", f"params={params}",
-        "--job-arg", f"tensors={args.tensors}", "--strategy", "fedavg", "--compression",
-        args.compression, "--local-steps", "1", "--verify", "none", "--shards", str(args.shards),
+        "--job-arg", f"tensors={args.tensors}", "--strategy", "fedavg", *chosen,
+        "--local-steps", "1", "--verify", "none", "--shards", str(args.shards),
         "--deadline", str(args.timeout), "--lr", "0.001", "--json",
     )  # fmt: skip
     metrics = cluster.dir / "home" / "runs" / "mem" / "metrics.jsonl"
@@ -354,16 +366,17 @@ def estimate(rows: list[dict[str, Any]], machine_gib: float) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"### Memory against model size: fedavg, compression {args.compression}, {args.rounds} "
-        f"round(s) of {args.shards} shard(s), 1 local AdamW step, 1 volunteer (`--pool {args.pool}`)",
+        f"### Memory against model size: fedavg, {args.rounds} round(s) of {args.shards} shard(s), "
+        f"1 local AdamW step, 1 volunteer (`--pool {args.pool}`); codec `default` is init's own "
+        "(lossy both ways)",
         "",
-        "| params | float32 MiB | aggregator idle MiB | aggregator peak above idle | "
+        "| params | codec | float32 MiB | aggregator idle MiB | aggregator peak above idle | "
         "volunteer idle MiB | volunteer peak above idle | Redis peak growth | all processes above idle "
         f"| round s | aggregator < {AGG_BOUND:.0f}x | volunteer < {VOL_BOUND:.0f}x |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        head = f"| {_count(r['params'])} | {r['model_mib']:.0f} |"
+        head = f"| {_count(r['params'])} | {r['codec']} | {r['model_mib']:.0f} |"
         if r["status"] != "passed":
             lines.append(f"{head} {r['status']}: {r['reason']} | | | | | | | | |")
             continue
@@ -374,17 +387,18 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['redis_above_mib'] / r['model_mib']:.2f}x | {r['machine_above_mib']:.0f} MiB | {seconds} | "
             f"{'met' if r['agg_ok'] else 'MISSED'} | {'met' if r['vol_ok'] else 'MISSED'} |"
         )
-    est = estimate(rows, args.machine_gib)
-    lines.append("")
-    if est["largest_passed"] is None:
-        lines.append("No size passed: no estimate of the largest model.")
-    else:
+    for codec in dict.fromkeys(r["codec"] for r in rows):
+        est = estimate([r for r in rows if r["codec"] == codec], args.machine_gib)
+        lines.append("")
+        if est["largest_passed"] is None:
+            lines.append(f"Codec {codec}: no size passed, no estimate of the largest model.")
+            continue
         lines.append(
-            f"Largest model one {est['machine_gib']:.0f} GiB machine can run a round of "
-            f"(estimated, not run): ~{_count(est['largest_params'])} parameters. From the largest "
+            f"Codec {codec}: largest model one {est['machine_gib']:.0f} GiB machine can run a round "
+            f"of (estimated, not run): ~{_count(est['largest_params'])} parameters. From the largest "
             f"size that passed ({_count(est['largest_passed'])}): all processes together (Redis, "
             f"aggregator, volunteer) peak {est['bytes_per_param']:.1f} bytes per parameter above an "
-            f"idle {est['idle_mib']:.0f} MiB (float32, none codec)."
+            f"idle {est['idle_mib']:.0f} MiB."
         )
     if any(not r.get("hwm_reset", True) for r in rows):
         lines.append("(Peak counters could not be reset: peaks are the 50 ms samples only.)")
@@ -424,6 +438,19 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _codecs(text: str) -> list[str]:
+    codecs = [part.strip() for part in text.split(",") if part.strip()]
+    if not codecs:
+        raise argparse.ArgumentTypeError(f"--compression {text!r}: name at least one codec, or default")
+    for codec in codecs:
+        if codec != "default":
+            try:
+                parse_codec(codec)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+    return codecs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -432,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds per size (round 1 builds version 0 locally)")
     p.add_argument("--shards", type=int, default=1, help="shards per round (all to the one volunteer)")
     p.add_argument("--tensors", type=int, default=4, help="parameter tensors the model is split into")
-    p.add_argument("--compression", default="none", help="the run's --compression (none: largest deltas)")
+    p.add_argument(
+        "--compression",
+        type=_codecs,
+        default=_codecs("none,default"),
+        help="codecs to run each size with, comma-separated (none: largest deltas; default: init's)",
+    )
     p.add_argument("--pool", choices=["solo", "prefork"], default="solo", help="the volunteer's Celery pool")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one command or round may take")
     p.add_argument(
@@ -444,14 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = []
     for params in args.sizes:
-        rows.append(measure(params, args))
-        print(
-            f"{_count(params)}: {rows[-1]['status']} {rows[-1].get('reason', '')}",
-            file=sys.stderr,
-            flush=True,
-        )
+        for codec in args.compression:
+            rows.append(measure(params, args, codec))
+            print(
+                f"{_count(params)} {codec}: {rows[-1]['status']} {rows[-1].get('reason', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
     if args.json:
-        print(json.dumps({"rows": rows, "estimate": estimate(rows, args.machine_gib)}, indent=2))
+        estimates = {
+            codec: estimate([r for r in rows if r["codec"] == codec], args.machine_gib)
+            for codec in args.compression
+        }
+        print(json.dumps({"rows": rows, "estimates": estimates}, indent=2))
     else:
         print(report(rows, args))
     return 0

@@ -34,7 +34,8 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("coordinator.aggregator", "Aggregator._voice"),
     ("coordinator.aggregator", "Aggregator._delta"),
     ("coordinator.aggregator", "loads"),
-    ("coordinator.aggregator", "dumps"),
+    ("coordinator.aggregator", "publish"),
+    ("coordinator.aggregator", "read_residual"),
     ("coordinator.aggregator", "checkpoints.save_version"),
     ("coordinator.context", "RunContexts._build"),
     ("coordinator.context", "RunContexts.model_blob"),
@@ -44,15 +45,21 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("coordinator.store", "Store.take_upload"),
     ("coordinator.store", "Store.model_blob"),
     ("coordinator.store", "Store.stage_model"),
+    ("coordinator.store", "Store.stage_update"),
+    ("coordinator.store", "Store.downlink_residual"),
     ("coordinator.strategies", "Strategy.aggregate"),
+    ("broker.blobs", "write"),
+    ("serialization.codecs", "BlockTopKCodec.encode_into"),
+    ("serialization.codecs", "SparseCodec.decode"),
     ("volunteer.worker", "ShardRunner.run"),
     ("volunteer.worker", "ShardRunner._model"),
     ("volunteer.worker", "ShardRunner._built_here"),
     ("volunteer.worker", "ShardRunner._upload"),
     ("volunteer.worker", "train_shard"),
     ("volunteer.worker", "loads"),
-    ("volunteer.worker", "dumps"),
-    ("volunteer.feedback", "ErrorFeedback.encode"),
+    ("volunteer.worker", "apply_update"),
+    ("volunteer.worker", "ShardRunner._from_updates"),
+    ("volunteer.feedback", "ErrorFeedback.encode_stream"),
     ("volunteer.store", "VolunteerStore.model_blob"),
     ("volunteer.store", "VolunteerStore.put_upload"),
     ("bench.memory_job", "MemoryJob.build_model"),
@@ -87,7 +94,7 @@ def install(out: Path, side: str) -> None:
             sink.write(line + "\n")
 
     for module_name, path in STEPS:
-        if side and not module_name.startswith((side, "bench", "torch")):
+        if side and not module_name.startswith((side, "bench", "torch", "broker", "serialization")):
             continue
         module = importlib.import_module(module_name)
         *owners, attr = path.split(".")

@@ -209,9 +209,10 @@ class Aggregator:
         """
         config = context.config
         # ``base`` is views of its blob (a bytearray: writable), which nothing reads after the
-        # merge unless a lossy downlink publishes base + update: only then is a copy needed.
+        # merge unless a lossy downlink publishes base + update: only then is a copy needed, and
+        # the strategy makes it once the deltas are summed (not beside the last one decoded).
         keep_base = lossy(config.get("downlink_compression"))
-        weights = {k: v.clone() for k, v in base.items()} if keep_base else dict(base)
+        weights = dict(base)
         strategy = make_strategy(
             config["strategy"],
             server_lr=config.get("server_lr"),
@@ -231,11 +232,11 @@ class Aggregator:
         privacy = context.privacy
         next_value: float | None = None
         if privacy is None:
-            weights = strategy.aggregate(weights, deltas())
+            weights = strategy.aggregate(weights, deltas(), copy=keep_base)
         else:  # DP-FedAvg: the strategy applies the noised mean of the clipped voices
             clip = self.store.dp_clip(context.name) or privacy.clip
             mean, count, unclipped = privatize((delta for _, delta in deltas()), clip, privacy.noise)
-            weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []))
+            weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []), copy=keep_base)
             if privacy.quantile is not None:
                 next_value = next_clip(privacy, clip, unclipped, count)
         return weights, strategy, next_value
@@ -250,9 +251,12 @@ class Aggregator:
             return merged
         residual = read_residual(self.store.downlink_residual(context.name))
         meta = {"run": context.name, "version": version}
-        published, update, left = publish(base, merged, residual, str(spec), meta)
-        self.store.stage_update(context.name, version, owner, update, left)
-        return published
+        # merged becomes the residual and base the version, each in its own storage (base is
+        # views of its blob, read for this round alone)
+        publication = publish(base, merged, residual, str(spec), meta, move_base=True)
+        del residual  # folded into the change: its blob goes before the version is built
+        self.store.stage_update(context.name, version, owner, publication.update, publication.residual)
+        return publication.version
 
     def _voice(
         self, context: RunContext, used: dict[int, str], metas: dict[int, dict], shards: list[int]

@@ -73,11 +73,19 @@ class Strategy:
         self.clip_norm = None if clip_norm is None else _positive("clip_norm", clip_norm)
         self._scratch: TensorDict | None = None  # reused accumulators: no fresh pages per round
 
-    def aggregate(self, weights: TensorDict, deltas: Iterable[WeightedDelta]) -> TensorDict:
-        """Update ``weights`` in place from the round's deltas and return it (empty: unchanged)."""
+    def aggregate(
+        self, weights: TensorDict, deltas: Iterable[WeightedDelta], *, copy: bool = False
+    ) -> TensorDict:
+        """Update ``weights`` in place from the round's deltas and return it (empty: unchanged).
+
+        With ``copy`` the update goes into a copy of ``weights`` (returned), made
+        once the deltas are summed, so it never sits beside a decoded delta.
+        """
         keys = float_keys(weights)
         with torch.no_grad():
             merged = self._merge(weights, keys, deltas)
+            if copy:
+                weights = {k: v.clone() for k, v in weights.items()}
             if merged is not None:
                 self._apply(weights, *merged)
         return weights

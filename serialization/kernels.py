@@ -334,14 +334,15 @@ def _topk_rows(rows: np.ndarray, k: int) -> np.ndarray:
     nrows = rows.shape[0]
     if k * 8 > TOPK_BLOCK or nrows * TOPK_BLOCK <= CHUNK:
         return _exact_rows(rows, k)
-    hits, mag, counts, cap = _row_candidates(rows, k)
-    good = (counts >= k) & (counts <= cap)
+    hits, mag, counts, good = _row_candidates(rows, k)
     out = np.empty((nrows, k), np.int64)
     bad = np.flatnonzero(~good)
     if bad.size:  # the sampled guess left too few or too many: select these rows exactly
-        out[bad] = _exact_rows(rows[bad], k)
-        keep = good[hits >> _BLOCK_BITS]
-        hits, mag, counts = hits[keep], mag[keep], counts[good]
+        step = _CANDIDATE_STEP // TOPK_BLOCK  # rows copied a step at a time, not all bad rows at once
+        for start in range(0, bad.size, step):
+            some = bad[start : start + step]
+            out[some] = _exact_rows(rows[some], k)
+        counts = counts[good]
     # Candidates into a (rows x most candidates) matrix, padded with -1 (below every |x|).
     starts = np.cumsum(counts) - counts
     width = int(counts.max(initial=k))
@@ -358,16 +359,20 @@ def _topk_rows(rows: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _row_candidates(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _row_candidates(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Flat positions and |x| (NaN as inf) of the entries at or above a per-row threshold guessed
-    to leave a few more than k, the count per row, and the most a row may have before exact
-    selection is cheaper."""
+    to leave a few more than k, the count per row, and which rows the guess fits: at least k
+    and at most the count beyond which exact selection is cheaper. Only fitting rows keep their
+    candidates, so the scratch stays a few percent of the rows whatever the data (a sparse
+    tensor, whose guessed threshold is 0, would otherwise make every entry a candidate)."""
     nrows, width = rows.shape
     per, sample = _CANDIDATE_STEP // width, width // _BLOCK_STRIDE
     expect = sample * k / width
     above = min(sample - 1, int(expect + 2 * math.sqrt(expect) + 1))
+    cap = 2 * (above + 1) * _BLOCK_STRIDE
     work = np.empty((per, width), np.float32)
     mask = np.empty((per, width), np.bool_)
+    counts = np.empty(nrows, np.int64)
     found, mags = [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     for start in range(0, nrows, per):
         stop = min(start + per, nrows)
@@ -376,12 +381,16 @@ def _row_candidates(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, n
         threshold = np.partition(w[:, ::_BLOCK_STRIDE], sample - 1 - above, axis=1)[:, sample - 1 - above]
         np.less(w, threshold[:, None], out=m)
         np.logical_not(m, out=m)  # NaN passes: it counts as largest, as in _exact_rows
+        counts[start:stop] = np.count_nonzero(m, axis=1)
+        misfit = (counts[start:stop] < k) | (counts[start:stop] > cap)
+        if misfit.any():
+            m[misfit] = False  # these rows go the exact way: keep none of their candidates
         hits = np.flatnonzero(m)
         found.append(hits + start * width)
         mags.append(w.reshape(-1)[hits])
     hits, mag = np.concatenate(found), np.concatenate(mags)
     mag[np.isnan(mag)] = np.inf
-    return hits, mag, np.bincount(hits >> _BLOCK_BITS, minlength=nrows), 2 * (above + 1) * _BLOCK_STRIDE
+    return hits, mag, counts, (counts >= k) & (counts <= cap)
 
 
 def _exact_rows(rows: np.ndarray, k: int) -> np.ndarray:

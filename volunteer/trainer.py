@@ -29,6 +29,7 @@ import torch
 
 from jobs import Job, batch_size
 from serialization import TensorDict
+from volunteer.feedback import Consumable
 
 GRAD_CLIP_NORM = 1.0
 OPTIMIZERS = ("adamw", "sgd")
@@ -144,9 +145,10 @@ def _delta(model: torch.nn.Module, initial: TensorDict) -> TensorDict:
     """``local - initial`` per floating entry; formed in the trained weights where they are CPU float32.
 
     The model is not used after this, so its own storage can hold the delta:
-    no second model-sized set of tensors at the peak.
+    no second model-sized set of tensors at the peak. The delta is ``Consumable``:
+    error feedback adds its residual into it rather than into a copy.
     """
-    delta: TensorDict = {}
+    delta = Consumable()  # the caller's error feedback may add its residual in place
     with torch.no_grad():
         for k, v in model.state_dict().items():
             if k not in initial:

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from serialization import loads
-from volunteer.feedback import ErrorFeedback
+from volunteer.feedback import RESIDUAL_DTYPE, Consumable, ErrorFeedback
 
 SHAPES = {"emb": (256, 64), "w": (64, 64), "b": (64,)}
+# How far the sum of what was sent may drift from the true sum minus the residual, relative
+# to the gap: 1e-4 with a float32 residual; the bfloat16 one measures 1.2e-4 over fifty rounds.
+DRIFT = 1e-3
 
 
 def _delta(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -34,7 +37,8 @@ def test_sum_of_sent_deltas_tracks_sum_of_true_deltas_over_fifty_rounds_of_topk(
             true[k] += delta[k]
             sent[k] += decoded[k]
         gaps.append(_gap(true, sent))
-        assert abs(gaps[-1] - feedback.residual_norm()) <= 1e-4 * (1 + gaps[-1])
+        # the residual is kept in bfloat16: rounding loses ~2**-9 of it a round, in random directions
+        assert abs(gaps[-1] - feedback.residual_norm()) <= DRIFT * (1 + gaps[-1])
     without_feedback = 0.95 * one_delta * 50**0.5  # top-1% drops ~95% of each delta's norm
     assert gaps[-1] < 0.7 * without_feedback
     assert max(gaps[35:]) < 1.25 * max(gaps[15:25])  # bounded: it levels off
@@ -52,7 +56,7 @@ def test_block_topk_int2_sums_over_fifty_rounds_are_closer_than_one_round_is():
         true = {k: true[k] + delta[k] for k in SHAPES}
         sent = {k: sent[k] + decoded[k] for k in SHAPES}
     assert _gap(true, sent) / _gap(true, zero) < 0.75 * one_round
-    assert abs(_gap(true, sent) - feedback.residual_norm()) <= 1e-4 * (1 + _gap(true, sent))
+    assert abs(_gap(true, sent) - feedback.residual_norm()) <= DRIFT * (1 + _gap(true, sent))
 
 
 def test_int8_feedback_keeps_the_residual_at_quantisation_noise():
@@ -87,12 +91,22 @@ def test_non_float_tensors_pass_through_without_residual():
     assert decoded["steps"].item() == 7 and decoded["steps"].dtype == torch.int64
 
 
-def test_residual_buffers_are_reused_between_rounds():
+def test_the_residual_is_kept_in_bfloat16_half_a_float32_model():
     feedback = ErrorFeedback()
-    feedback.encode({"w": torch.randn(1000)}, {}, "topk:0.1")
-    first = feedback._residual["w"].data_ptr()
-    feedback.encode({"w": torch.randn(1000)}, {}, "topk:0.1")
-    assert feedback._residual["w"].data_ptr() == first
+    feedback.encode({"w": torch.randn(1000), "b": torch.randn(10)}, {}, "topk:0.1")
+    assert {r.dtype for r in feedback._residual.values()} == {RESIDUAL_DTYPE} == {torch.bfloat16}
+
+
+def test_a_consumable_delta_takes_the_residual_in_place_and_sends_the_same_bytes():
+    gen = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(5000, generator=gen) for _ in range(3)]
+    copied, consumed = ErrorFeedback(), ErrorFeedback()
+    for delta in deltas:
+        own = Consumable(w=delta.clone())
+        storage = own["w"].data_ptr()
+        assert copied.encode({"w": delta}, {}, "topk:0.01+int2") == consumed.encode(own, {}, "topk:0.01+int2")
+        assert own["w"].data_ptr() == storage and not torch.equal(own["w"], delta)  # overwritten
+    assert copied.residual_norm() == consumed.residual_norm() > 0
 
 
 def test_caller_delta_is_not_modified():
