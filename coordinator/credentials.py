@@ -2,7 +2,9 @@
 
 A volunteer's user may read a run (config, versions, model blobs, round
 status), write only its own uploads, append (RPUSH, and nothing else) to the
-announcement list ``ct:announce``, and use what Celery and kombu need to pull
+announcement list ``ct:announce``, the lease hint list ``ct:asks`` and its
+own lease requests ``ct:ask:NAME``, read the answers to its own requests
+``ct:grant:NAME:*``, and use what Celery and kombu need to pull
 ``train`` tasks: the ``train`` list, kombu's unacked bookkeeping and bindings,
 pidbox replies, publishing events, and listening (only) on the control
 channel. It cannot touch the trusted ``aggregate`` queue at all. Its
@@ -98,6 +100,7 @@ COMMANDS = (
     "lpush",
     "rpush",
     "brpop",
+    "blpop",  # waiting for the answer to a lease request
     "rpop",
     "lpop",
     "brpoplpush",
@@ -152,6 +155,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
+        f"~{keys.grant_pattern(name)}",  # the answers to its own lease requests (coordinator.leases)
         # pull shard tasks, push them back when a worker restores unacked ones; kombu
         # keeps one list per priority step, named QUEUE + "\x06\x16" + step
         f"~{keys.TRAIN_QUEUE}",
@@ -176,9 +180,11 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     # ACL channel pattern, so the pidbox one is written out.
     channels = [f"&/{db}.celeryev/*"]
     listen_only = f"(+subscribe +psubscribe +unsubscribe +punsubscribe &/{db}.celery.pidbox)"
-    # Announcing an upload: RPUSH onto the list, and no other command on it (no read, pop, trim,
-    # delete, SET over it or EXPIRE): a selector of its own, as no key pattern says "append only".
-    append_only = f"(+rpush ~{keys.announcements()})"
+    # Announcing an upload and asking for a lease: RPUSH onto the lists, and no other command on
+    # them (no read, pop, trim, delete, SET over them or EXPIRE): a selector of its own, as no key
+    # pattern says "append only". Only NAME may append to its own request list, which is how the
+    # trusted side knows who asked.
+    append_only = f"(+rpush ~{keys.announcements()} ~{keys.lease_requests()} ~{keys.lease_inbox(name)})"
     return [
         "reset",
         "on",
