@@ -65,3 +65,23 @@ def test_a_closed_round_and_an_accepted_shard_are_leased_to_no_one(leases):
     leases.store.rounds.abort("r", 1)
     assert _ask(leases, "ben", 1, now) == "closed"
     assert leases.answer([Request("ben", "lease", "nope", 1, 0, "ab" * 16)]) == ["unknown"]
+
+
+def test_an_asynchronous_job_nobody_holds_is_answered_dropped_so_a_fresh_one_is_posted(
+    processes, redis_server
+):
+    processes.json(
+        "init", "--run", "a", "--job", TINY, "--shards", "2", "--mode", "async", "--buffer", "1",
+        "--lease", "8",
+    )  # fmt: skip
+    store = Store(redis_server.client())
+    store.rounds.open("a", 0, 1, 600.0)
+    store.rounds.add_jobs("a", 1, 2)
+    leases = Aggregator(store, processes.home).leases
+    assert leases.answer([Request("ann", "lease", "a", 1, 0, "ab" * 16)], now=1000.0) == ["granted"]
+    posted: list[Any] = []
+    for now in (1000.0, 1005.0):  # job 1 first seen unheld, then held for min(10, 8/2) s
+        leases._checked = 0.0
+        assert leases.reoffer(lambda *p: posted.append(p), now=now) == 0 and posted == []
+    assert store.rounds.outstanding("a") == 1  # job 1 answered "dropped"; ann's job 0 still out
+    assert leases.answer([Request("ben", "lease", "a", 1, 1, "cd" * 16)], now=1006.0) == ["taken"]
