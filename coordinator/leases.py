@@ -157,10 +157,12 @@ class Leases:
         outcomes: list[str] = ["unknown"] * len(requests)
         pipe = self.redis.pipeline(transaction=False)
         sent: list[tuple[int, int]] = []  # (request, its reply's place in the pipeline)
+        unknown: list[int] = []
         for index, request in enumerate(requests):
             try:
                 config = self.contexts[request.run].config
             except (UnknownRun, LookupError):
+                unknown.append(index)
                 continue
             seconds = lease_seconds(config)
             if request.kind == "renew":
@@ -198,23 +200,23 @@ class Leases:
             )
         replies = pipe.execute() if len(pipe) else []
         answers = self.redis.pipeline(transaction=False)
-        for index, place in sent:
-            request, reply = requests[index], replies[place]
-            outcome = _text(reply[0])
+        for index, place in [*sent, *((i, -1) for i in unknown if requests[i].kind == "lease")]:
+            request = requests[index]
+            outcome = _text(replies[place][0]) if place >= 0 else "unknown"
             outcomes[index] = outcome
             answer: dict[str, Any] = {"granted": outcome == "granted", "reason": outcome}
             if outcome == "granted":
                 config = self.contexts[request.run].config
                 answer.update(
                     token=request.nonce,
-                    base_version=int(reply[2]),
+                    base_version=int(replies[place][2]),
                     seconds=lease_seconds(config),
                     upload=self.store.upload_slot(request.run, request.round, request.shard),
                 )
             key = keys.grant(request.volunteer, request.nonce)
             answers.rpush(key, msgpack.packb(answer))
             answers.expire(key, GRANT_TTL)
-        if sent:
+        if len(answers):
             answers.execute()
         return outcomes
 
