@@ -23,7 +23,6 @@ chunks (``broker.blobs``)::
     ct:run:RUN:taken                     set: accepted copies, so none counts in two buffers
     ct:run:RUN:round:N                   hash: status, counters, deadline, claim, summary
     ct:run:RUN:round:N:accepted          hash: shard -> key of the accepted copy
-    ct:run:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, copied out of reach
     ct:run:RUN:round:N:digests           hash: sha256 of accepted uploads -> shard
     ct:run:RUN:round:N:rejections        hash: shard|volunteer|upload -> JSON reason
     ct:run:RUN:round:N:reoffers          hash: shard -> times it was posted again after a failure
@@ -32,6 +31,13 @@ chunks (``broker.blobs``)::
     ct:deadlines                         sorted set: "RUN|N" -> deadline of unfinished rounds
     ct:upload:VOLUNTEER:RUN:N:SHARD:TOKEN  one upload, writable by that volunteer only
     ct:announce                          list: keys of uploads to validate (volunteers: RPUSH only)
+    ct:asks                              list: names of volunteers that asked for leases (RPUSH only)
+    ct:ask:VOLUNTEER                     list: that volunteer's lease requests (its own: RPUSH only)
+    ct:grant:VOLUNTEER:NONCE             list: the answer to one lease request (that volunteer only)
+    ct:lease:RUN:N                       hash: shard -> who holds it, until when (trusted side only)
+    ct:offer:RUN:N                       hash: shard -> when the trusted side last offered it
+    ct:seen                              sorted set: volunteer -> when it last asked for a lease
+    ct:kept:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, out of every volunteer's reach
     ct:volunteers                        set of volunteer names     (trusted side only)
     ct:volunteer:NAME                    hash: device and credit    (trusted side only)
     ct:trusted:unacked, ..._index, ..._mutex  kombu's acks-late bookkeeping of the trusted apps
@@ -174,8 +180,8 @@ def round_replicas(run: str, number: int) -> str:
 
 
 def accepted_upload(run: str, number: int, volunteer: str, shard: int, token: str) -> str:
-    """Where the aggregator keeps the exact bytes it validated: volunteers may read, not write."""
-    return _k("run", run, "round", number, "upload", volunteer, shard, token)
+    """Where the aggregator keeps the exact bytes it validated: no volunteer may read or write it."""
+    return _k("kept", run, "round", number, "upload", volunteer, shard, token)
 
 
 def deadline_member(run: str, number: int) -> str:
@@ -238,7 +244,7 @@ def upload_origin(key: str) -> tuple[str, int, int] | None:
     parts = key.split(":")
     if (
         len(parts) == 9
-        and parts[:2] == [PREFIX, "run"]
+        and parts[:2] == [PREFIX, "kept"]
         and (parts[3], parts[5]) == ("round", "upload")
         and _DIGITS.fullmatch(parts[4])
         and _DIGITS.fullmatch(parts[7])
@@ -266,7 +272,60 @@ def upload_pattern(volunteer: str) -> str:
 def volunteer_of(upload_key: str) -> str:
     """The volunteer name inside an upload key or an accepted copy's key."""
     parts = upload_key.split(":")
-    return parts[6] if parts[1] == "run" else parts[2]
+    return parts[6] if parts[1] == "kept" else parts[2]
+
+
+def lease_request(run: str, number: int, shard: int, nonce: str, kind: str = "lease") -> str:
+    """One entry of a volunteer's lease requests: ``kind`` is "lease" (ask) or "renew" (keep)."""
+    return f"{kind}|{run}|{number}|{shard}|{nonce}"
+
+
+def parse_lease_request(entry: str) -> tuple[str, str, int, int, str] | None:
+    """(kind, run, round, shard, nonce) of a well-formed request entry; None for anything else."""
+    parts = entry.split("|")
+    if len(parts) != 5 or parts[0] not in ("lease", "renew"):
+        return None
+    kind, run, number, shard, nonce = parts
+    if not (NAME.fullmatch(run) and _DIGITS.fullmatch(number) and _DIGITS.fullmatch(shard)):
+        return None
+    if not TOKEN.fullmatch(nonce) or int(number) >= MAX_NUMBER or int(shard) >= MAX_NUMBER:
+        return None
+    return kind, run, int(number), int(shard), nonce
+
+
+def lease_requests() -> str:
+    """Names of volunteers that asked for leases: only a hint of which ``lease_inbox`` to read."""
+    return _k("asks")
+
+
+def lease_inbox(volunteer: str) -> str:
+    """A volunteer's own lease requests: only it may append, so each request is its own."""
+    return _k("ask", volunteer)
+
+
+def grant(volunteer: str, nonce: str) -> str:
+    """The trusted side's answer to one lease request: only ``volunteer`` may read it."""
+    return _k("grant", volunteer, nonce)
+
+
+def grant_pattern(volunteer: str) -> str:
+    """The ACL key pattern of every answer to ``volunteer``'s lease requests."""
+    return _k("grant", volunteer, "*")
+
+
+def leases(run: str, number: int) -> str:
+    """Who holds each shard of a round (field SHARD, or SHARD:r for a replica), until when."""
+    return _k("lease", run, number)
+
+
+def offers(run: str, number: int) -> str:
+    """When the trusted side last offered each shard of a round again (``coordinator.leases``)."""
+    return _k("offer", run, number)
+
+
+def seen() -> str:
+    """Volunteer -> when it last asked for a lease: who is online, in the trusted side's own view."""
+    return _k("seen")
 
 
 def volunteers() -> str:

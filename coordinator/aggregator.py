@@ -30,6 +30,7 @@ from coordinator.context import RunContext, RunContexts
 from coordinator.downlink import lossy, publish, read_residual
 from coordinator.intake import Intake, Verdict
 from coordinator.judging import check_replicas, probe_voices, voices
+from coordinator.leases import Leases
 from coordinator.privacy import next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
@@ -58,7 +59,9 @@ class Aggregator:
         self.name = name
         self.keep_versions = keep_versions
         self.contexts = RunContexts(store)
-        self.intake = Intake(store, self.contexts)
+        # who answers which shard: the intake loop grants leases and counts only leased uploads
+        self.leases = Leases(store, self.contexts)
+        self.intake = Intake(store, self.contexts, self.leases)
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once (see ``coordinator.intake``)."""

@@ -20,6 +20,10 @@ in a batch is validated once. The list holds at most ``MAX_BACKLOG`` entries.
 Losing an entry loses no upload: the watcher (``coordinator.janitor``)
 announces again every upload of an open round that waited a whole sweep, as
 when the aggregator died holding a popped batch or the list overflowed.
+
+The same loop answers lease requests (``coordinator.leases``) before each
+batch of uploads, and about once a second offers again the shards of open
+rounds that nobody holds.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Inbox:
     def drain(self, now: float | None = None) -> int:
         """Validate one batch (and the waiting uploads now due); how many entries were taken."""
         now = time.monotonic() if now is None else now
+        asked = self._lease()
         try:
             dropped, entries = self.store.take_announcements(BATCH, MAX_ENTRY, self.backlog)
         except redis.ResponseError as e:
@@ -102,7 +107,20 @@ class Inbox:
         if attempts:
             batch = list(attempts)
             self._follow(batch, self._validate(batch), attempts, now)
-        return len(entries)
+        return max(len(entries), asked)
+
+    def _lease(self) -> int:
+        """Answer a batch of lease requests and offer again what nobody holds; how many lists were read."""
+        leases = self.intake.leases
+        try:
+            asked = leases.drain()
+            leases.reoffer(self.post)
+        except redis.ConnectionError:
+            raise
+        except Exception as e:  # one bad request must not stop the uploads
+            log.exception("answering lease requests failed: %s", e)
+            return 0
+        return asked
 
     def _validate(self, batch: list[Upload]) -> list[Verdict]:
         """The batch's verdicts; if the batch fails, each upload on its own, so none sinks the others."""

@@ -95,10 +95,7 @@ def post_jobs(
     total = store.rounds.add_jobs(run, number, count)
     queue = need_from_config(config).queue
     store.renew_urls(run, base, max_staleness(config) + 1)
-    tasks = (
-        shard_task(run, number, job, shards, base, store.upload_slot(run, number, job))
-        for job in range(total - count, total)
-    )
+    tasks = (shard_task(run, number, job, shards, base) for job in range(total - count, total))
     send_shards(app, queue, tasks)
 
 

@@ -202,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
         "the deltas; on a mismatch the one the probe likes less is rejected (0 <= F <= 1)",
     )
     p.add_argument(
+        "--lease",
+        type=float_in(0, MAX_DEADLINE),
+        default=None,
+        metavar="SECONDS",
+        help="how long a volunteer holds a shard it was given without renewing it (it renews every "
+        "third of this while it trains); a shard whose lease lapses is offered again at once, one "
+        "that nobody takes after min(10, SECONDS/2) s too (default 20)",
+    )
+    p.add_argument(
+        "--max-share",
+        type=float_in(0, 1),
+        default=None,
+        metavar="F",
+        help="the most of a round's shards one volunteer may hold while another volunteer is online: "
+        "ceil(F * shards), at least 1 and never all of them; 1: no limit (0 < F <= 1, default 0.5)",
+    )
+    p.add_argument(
         "--require",
         choices=DEVICE_CLASSES,
         default=None,

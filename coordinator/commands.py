@@ -32,6 +32,7 @@ from coordinator.context import upload_bound
 from coordinator.creation import build_model, create_run
 from coordinator.documents import run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
+from coordinator.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
 from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
 from coordinator.rounds import parse_quorum, wait_round
@@ -149,6 +150,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         shards=shards,
         quorum=args.quorum,
         deadline=args.deadline or DEFAULT_DEADLINE,
+        lease_seconds=getattr(args, "lease", None) or DEFAULT_LEASE_SECONDS,
+        max_share=getattr(args, "max_share", None) or DEFAULT_MAX_SHARE,
         initial=initial,
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),

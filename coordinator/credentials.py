@@ -2,7 +2,9 @@
 
 A volunteer's user may read a run (config, versions, model blobs, round
 status), write only its own uploads, append (RPUSH, and nothing else) to the
-announcement list ``ct:announce``, and use what Celery and kombu need to pull
+announcement list ``ct:announce``, the lease hint list ``ct:asks`` and its
+own lease requests ``ct:ask:NAME``, read the answers to its own requests
+``ct:grant:NAME:*``, and use what Celery and kombu need to pull
 ``train`` tasks: the ``train`` list, kombu's unacked bookkeeping and bindings
 (each through a selector of the commands kombu runs on it, ``KOMBU_SELECTORS``),
 pidbox replies, publishing events, and listening (only) on the control
@@ -99,6 +101,7 @@ COMMANDS = (
     "lpush",
     "rpush",
     "brpop",
+    "blpop",  # waiting for the answer to a lease request
     "rpop",
     "lpop",
     "brpoplpush",
@@ -175,6 +178,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
+        f"~{keys.grant_pattern(name)}",  # the answers to its own lease requests (coordinator.leases)
         # its own node's control queue (node name NAME@host), declared but fed by pub/sub
         f"~{name}@*.celery.pidbox",
         f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",
@@ -187,9 +191,11 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     # ACL channel pattern, so the pidbox one is written out.
     channels = [f"&/{db}.celeryev/*"]
     listen_only = f"(+subscribe +psubscribe +unsubscribe +punsubscribe &/{db}.celery.pidbox)"
-    # Announcing an upload: RPUSH onto the list, and no other command on it (no read, pop, trim,
-    # delete, SET over it or EXPIRE): a selector of its own, as no key pattern says "append only".
-    append_only = f"(+rpush ~{keys.announcements()})"
+    # Announcing an upload and asking for a lease: RPUSH onto the lists, and no other command on
+    # them (no read, pop, trim, delete, SET over them or EXPIRE): a selector of its own, as no key
+    # pattern says "append only". Only NAME may append to its own request list, which is how the
+    # trusted side knows who asked.
+    append_only = f"(+rpush ~{keys.announcements()} ~{keys.lease_requests()} ~{keys.lease_inbox(name)})"
     kombu = [
         "(" + " ".join([*(f"+{c}" for c in commands if known is None or c in known), *patterns]) + ")"
         for commands, patterns in KOMBU_SELECTORS

@@ -2,12 +2,17 @@
 
 Everything counted comes from the upload itself, which only the named
 volunteer can write (its key prefix): a forged message naming someone else
-finds no upload and is ignored. The order of the checks is the order of cost:
-the round and shard, the upload's size (before a byte is downloaded), its
-header against the run's model and codec (before anything is allocated), then
-the values. The upload is moved (a server-side RENAME) to a key no volunteer
-can write before it is read, and what is accepted stays there for the merge:
-the bytes merged are the bytes validated.
+finds no upload and is ignored. An upload counts only under the lease the
+trusted side gave its volunteer for that shard, with the upload's token
+(``coordinator.leases``): any other is deleted unread (``unleased``), and so
+is one for a lease whose upload was accepted already (``repeat``). The order
+of the checks is the order of cost: the round, shard and lease, the upload's
+size (before a byte is downloaded), its header against the run's model and
+codec (before anything is allocated), then the values. The upload is moved (a
+server-side RENAMENX, which never replaces a copy already there) to a key no
+volunteer can read or write before it is read, and what is accepted stays
+there for the merge: the bytes merged are the bytes validated, and an
+accepted upload is final.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 from broker import blobs, keys
 from coordinator.asynchronous import is_async, max_staleness, slot
 from coordinator.context import RunContext, RunContexts
+from coordinator.leases import Lease, Leases
 from coordinator.rounds import shard_task
 from coordinator.store import Store
 from coordinator.validation import check_delta, check_meta, printable
@@ -39,8 +45,9 @@ MAX_REOFFERS = 2
 class Verdict:
     """What became of one upload, and what the task should do next."""
 
-    # accepted, replica, rejected, repeat, duplicate, identical, late, unknown, ignored, or wait
-    # (an asynchronous run's buffer is being merged: ask again shortly)
+    # accepted, replica, rejected, repeat, duplicate, identical, late, unknown, ignored, unleased
+    # (deleted unread: no lease of its volunteer's names it), or wait (an asynchronous run's
+    # buffer is being merged: ask again shortly)
     outcome: str
     due: bool = False  # the round's quorum is met: ask for aggregation
     retry: dict[str, Any] | None = None  # train_shard arguments to post the shard again
@@ -85,9 +92,10 @@ class Upload:
 class Intake:
     """Validates uploads for every run on one broker, a batch at a time."""
 
-    def __init__(self, store: Store, contexts: RunContexts) -> None:
+    def __init__(self, store: Store, contexts: RunContexts, leases: Leases | None = None) -> None:
         self.store = store
         self.contexts = contexts
+        self.leases = leases if leases is not None else Leases(store, contexts)
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once."""
@@ -134,6 +142,7 @@ class Intake:
                 verdicts[index] = Verdict("wait")
             else:
                 pending.append((index, entry))
+        pending = self._leased(pending, verdicts)
         answered: list[tuple[str, int, int, str]] = []
         for (index, entry), verdict in zip(pending, self._take(p for _, p in pending), strict=True):
             verdicts[index] = verdict
@@ -142,6 +151,39 @@ class Intake:
                 answered.append((upload.run, upload.round, upload.shard, verdict.outcome))
         self.store.rounds.answered_many(answered)
         return verdicts
+
+    def _leased(
+        self, pending: list[tuple[int, _Pending]], verdicts: list[Verdict]
+    ) -> list[tuple[int, _Pending]]:
+        """The entries whose upload names its volunteer's lease; the others are deleted unread.
+
+        An upload under a lease that is ``done`` (its upload was accepted) is a
+        ``repeat``: what was accepted is final, and the new bytes are never read.
+        """
+        holders = self.leases.holders([(e.upload.run, e.upload.round, e.upload.shard) for _, e in pending])
+        kept: list[tuple[int, _Pending]] = []
+        unread: list[str] = []
+        for (index, entry), leases in zip(pending, holders, strict=True):
+            upload = entry.upload
+            lease = next(
+                (x for x in leases if (x.volunteer, x.token) == (upload.volunteer, upload.token)), None
+            )
+            if lease is None or lease.state == "done":
+                verdicts[index] = Verdict("unleased" if lease is None else "repeat")
+                unread.append(upload.key)
+                if lease is None:
+                    log.warning(
+                        "refused %s round %d shard %d from %s unread: no lease of its names it",
+                        upload.run,
+                        upload.round,
+                        upload.shard,
+                        upload.volunteer,
+                    )
+                continue
+            entry.lease = lease
+            kept.append((index, entry))
+        self.store.delete_upload(*unread)
+        return kept
 
     def _take(self, batch: Iterable[_Pending]) -> list[Verdict]:
         """Count each upload's bytes, refuse it (``blocked``, or over the bound) or move and judge it.
@@ -161,7 +203,7 @@ class Intake:
             if entry.blocked is None and (declared > bound or stored > blobs.storage_bound(bound)):
                 entry.blocked = f"upload of {max(declared, stored)} bytes exceeds the bound {bound}"
             if entry.blocked is not None:
-                verdicts[index] = self._refuse(upload, entry.info, entry.blocked)
+                verdicts[index] = self._refuse(upload, entry.info, entry.blocked, entry.lease)
             else:
                 moves.append(index)
         present = [
@@ -184,7 +226,10 @@ class Intake:
         for index, blob in zip(moves, taken, strict=True):
             if isinstance(blob, blobs.BlobError):
                 verdicts[index] = self._refuse(
-                    entries[index].upload, entries[index].info, f"malformed upload: {blob}"
+                    entries[index].upload,
+                    entries[index].info,
+                    f"malformed upload: {blob}",
+                    entries[index].lease,
                 )
             else:
                 entries[index].blob = blob
@@ -195,7 +240,10 @@ class Intake:
         for index, blob in zip(resumed, copies, strict=True):
             if isinstance(blob, blobs.BlobError):
                 verdicts[index] = self._refuse(
-                    entries[index].upload, entries[index].info, f"malformed upload: {blob}"
+                    entries[index].upload,
+                    entries[index].info,
+                    f"malformed upload: {blob}",
+                    entries[index].lease,
                 )
             else:
                 verdicts[index] = self._resume(entries[index], blob)
@@ -233,7 +281,7 @@ class Intake:
             upload.volunteer,
         )
         if upload.target is None and entry.info["status"] != "open":
-            return self._refuse(upload, entry.info, "the round is closed")
+            return self._refuse(upload, entry.info, "the round is closed", entry.lease)
         entry.blob = copy
         return None
 
@@ -247,14 +295,15 @@ class Intake:
             upload, blob = entry.upload, entry.blob
             assert blob is not None  # only uploads read (or resumed) are judged
             entry.blob = None  # not kept once checked
-            reason, meta = _check(blob, entry.context, int(entry.info["base_version"]))
+            base = entry.lease.base_version if entry.lease is not None else int(entry.info["base_version"])
+            reason, meta = _check(blob, entry.context, base)
             fetched = meta.get("downlink")
             if isinstance(fetched, int) and not isinstance(fetched, bool) and fetched > 0:
                 # at most one model's bytes per shard: the rest is a volunteer's claim
                 counted = min(fetched, entry.context.download_bound)
                 downlink.append((upload.run, upload.counted_in, "downlink_bytes", counted))
             if reason is not None:
-                verdicts[index] = self._refuse(upload, entry.info, reason)
+                verdicts[index] = self._refuse(upload, entry.info, reason, entry.lease)
                 continue
             good.append(index)
             digest = hashlib.sha256(blob).hexdigest()
@@ -262,6 +311,12 @@ class Intake:
                 (upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer)
             )
         results = self.store.rounds.accept_many(accepts, counts=downlink)
+        final = []  # an accepted upload's lease is done: nothing its volunteer does replaces it
+        for index, (outcome, _) in zip(good, results, strict=True):
+            lease = entries[index].lease
+            if outcome in ("accepted", "replica", "repeat") and lease is not None:
+                final.append((entries[index].upload.run, entries[index].upload.round, lease, "done"))
+        self.leases.settle(final)
         for index, (outcome, due) in zip(good, results, strict=True):
             verdicts[index] = self._counted(entries[index], outcome, due)
         return [v if v is not None else Verdict("ignored") for v in verdicts]
@@ -284,15 +339,24 @@ class Intake:
             # a volunteer with a poor record: its shard is trained again by someone else and compared
             return Verdict(outcome, False, self._retry(upload, info), self._queue(upload))
         if outcome == "identical":
-            return self._refuse(upload, info, "identical to an upload accepted for another shard")
+            return self._refuse(
+                upload, info, "identical to an upload accepted for another shard", entry.lease
+            )
         if outcome == "duplicate" and self.store.rounds.wants_replica(upload.run, upload.round, upload.shard):
             # the volunteer that trained the shard took its second posting too: post it again,
             # (bounded) so a different volunteer may check it
             return Verdict(outcome, due, self._retry(upload, info), self._queue(upload))
         return Verdict(outcome, due, counted_in=upload.target)
 
-    def _refuse(self, upload: Upload, info: dict[str, Any], reason: str) -> Verdict:
-        """Record the rejection once; post the shard again (bounded) so another volunteer can train it."""
+    def _refuse(
+        self, upload: Upload, info: dict[str, Any], reason: str, lease: Lease | None = None
+    ) -> Verdict:
+        """Record the rejection once; post the shard again (bounded) so another volunteer can train it.
+
+        Its ``lease`` ends, so that volunteer or another may lease the shard again.
+        """
+        if lease is not None:
+            self.leases.settle([(upload.run, upload.round, lease, "release")])
         outcome = self.store.rounds.reject(
             upload.run, upload.counted_in, upload.field, upload.volunteer, reason, upload.token
         )
@@ -337,9 +401,9 @@ class Intake:
             upload.run, upload.round, upload.shard, MAX_REOFFERS
         ):
             return None
-        base = int(info["base_version"])
-        slot = self.store.upload_slot(upload.run, upload.round, upload.shard)
-        return shard_task(upload.run, upload.round, upload.shard, int(info["shards"]), base, slot)
+        return shard_task(
+            upload.run, upload.round, upload.shard, int(info["shards"]), int(info["base_version"])
+        )
 
     def _queue(self, upload: Upload) -> str:
         return self.contexts[upload.run].queue
@@ -354,6 +418,7 @@ class _Pending:
     info: dict[str, Any]  # the round its shard was posted with
     blocked: str | None  # why it is refused unread, if it is
     blob: bytes | bytearray | None = None
+    lease: Lease | None = None  # the lease it was uploaded under
 
 
 def _buffered(
@@ -397,5 +462,9 @@ def _check(
         return f"malformed upload: {printable(str(e))}", meta
     if "failure" in meta:
         return printable(str(meta["failure"])) or "failed", meta
+    claimed = meta.get("base_version")
+    if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed < base_version:
+        # the lease says which version the job was given on: an older delta is a replay
+        return f"stale: trained on version {claimed}, leased on version {base_version}", meta
     reason = check_meta(meta, base_version=base_version, max_samples=context.max_samples)
     return reason or check_delta(delta, context.reference), meta

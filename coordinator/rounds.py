@@ -76,14 +76,14 @@ def post_round(
     return info
 
 
-def shard_task(
-    run: str, number: int, shard: int, shards: int, version: int, upload: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The keyword arguments of one ``train_shard`` task; ``upload`` is its slot in a blob store."""
-    task: dict[str, Any] = {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
-    if upload is not None:
-        task["upload"] = upload
-    return task
+def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> dict[str, Any]:
+    """The keyword arguments of one ``train_shard`` task.
+
+    Nothing secret rides in it (every volunteer may read the queue and kombu's
+    ``unacked``): a run's upload slot comes with the shard's lease, which only
+    the volunteer granted it reads (``coordinator.leases``).
+    """
+    return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
 
 
 def replicated_shards(run: str, number: int, shards: int, fraction: float) -> list[int]:
@@ -110,7 +110,7 @@ def _send_shards(
     number, base = int(info["round"]), int(info["base_version"])
     # a replicated shard is posted twice in a row, so two volunteers take it at about once
     tasks = (
-        shard_task(run, number, shard, shards, base, store.upload_slot(run, number, shard))
+        shard_task(run, number, shard, shards, base)
         for shard in range(shards)
         for _ in range(2 if shard in twice else 1)
     )

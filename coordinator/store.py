@@ -220,7 +220,7 @@ class Store:
         return out
 
     def take_upload(self, key: str, trusted_key: str, limit: int) -> bytearray | None:
-        """Move an upload where no volunteer can write (keys.accepted_upload), then read it.
+        """Move an upload where no volunteer can reach (keys.accepted_upload), then read it.
 
         None if it went meanwhile (expired or deleted); BlobError if the moved
         copy is larger than ``limit`` or no well-formed blob.
@@ -247,7 +247,7 @@ class Store:
         for run, number, field, count in counts:
             pipe.hincrby(keys.round_(run, number), field, count)
         for key, trusted_key, _ in moves:
-            pipe.rename(key, trusted_key)
+            pipe.renamenx(key, trusted_key)  # never over a copy there: an accepted one is final
             pipe.expire(trusted_key, keys.UPLOAD_TTL)
             blobs.stored_bytes(pipe, trusted_key)
         if discard:
@@ -261,6 +261,8 @@ class Store:
                 continue  # it expired or was deleted meanwhile, and nothing was moved
             if isinstance(renamed, Exception):
                 raise renamed
+            if not renamed:
+                continue  # a copy is there already (validated, maybe accepted): the upload goes unread
             # Bounded again after the move: the volunteer could have grown it after the first look.
             if not isinstance(stored, int) or stored > blobs.storage_bound(limit):
                 out[index] = blobs.BlobError(f"upload of more than {limit} bytes")

@@ -2,13 +2,19 @@
 
 Everything here is allowed by the least-privilege ACL user that
 ``coordinator volunteer-credentials`` makes (read ``ct:run:*``, write
-``ct:upload:NAME:*``, append to ``ct:announce``); no Lua, nothing of the
+``ct:upload:NAME:*``, append to ``ct:announce``, ``ct:asks`` and its own
+``ct:ask:NAME``, read its own ``ct:grant:NAME:*``); no Lua, nothing of the
 coordinator. Models, updates and uploads are chunk lists (``broker.blobs``). Its record and
 credit are written by the aggregator, from what its uploads show.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -18,6 +24,11 @@ from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import Pointer, UrlReader, send_to_slot
 from serialization import Encoded
+
+log = logging.getLogger("crowdtrain.volunteer")
+
+# How long a volunteer waits for the answer to a lease request before it drops the shard untrained.
+GRANT_WAIT = 30  # (under the client's 60 s socket timeout)
 
 
 class VolunteerStore:
@@ -57,6 +68,52 @@ class VolunteerStore:
     def update_blobs(self, run: str, versions: range) -> list[bytearray | None]:
         """The encoded updates that make each of ``versions`` from the one before (lossy downlink)."""
         return [blobs.read(self.redis, keys.update(run, v), remote=self._urls) for v in versions]
+
+    def lease(self, run: str, number: int, shard: int, wait: float = GRANT_WAIT) -> dict[str, Any]:
+        """Ask the trusted side for a shard's lease; its answer, or a refusal when none came in ``wait`` s.
+
+        A granted answer holds the upload ``token``, the ``base_version`` to
+        train on, the lease's ``seconds`` and, for a run with a blob store, the
+        ``upload`` slot (which nobody else can read).
+        """
+        nonce = uuid.uuid4().hex
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.rpush(keys.lease_inbox(self.name), keys.lease_request(run, number, shard, nonce))
+            pipe.rpush(keys.lease_requests(), self.name)
+            pipe.execute()
+            reply = self.redis.blpop([keys.grant(self.name, nonce)], timeout=wait)
+        except redis.ResponseError as e:  # a user made before leases: NOPERM (docs/DEPLOYMENT.md)
+            return {"granted": False, "reason": f"the lease request was refused: {e}"}
+        if reply is None:
+            return {"granted": False, "reason": f"no answer to the lease request in {wait}s"}
+        answer: dict[str, Any] = msgpack.unpackb(reply[1])
+        return answer
+
+    @contextlib.contextmanager
+    def renewing(self, run: str, number: int, shard: int, token: str, seconds: float) -> Iterator[None]:
+        """Renew a lease every third of its ``seconds`` until the block ends (the shard trains)."""
+        stop = threading.Event()
+        entry = keys.lease_request(run, number, shard, token, "renew")
+
+        def renew() -> None:
+            while not stop.wait(max(0.5, seconds / 3)):
+                try:
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.rpush(keys.lease_inbox(self.name), entry)
+                    pipe.rpush(keys.lease_requests(), self.name)
+                    pipe.execute()
+                except redis.RedisError as e:  # the lease covers short blips
+                    log.warning(
+                        "could not renew the lease of %s round %d shard %d: %s", run, number, shard, e
+                    )
+
+        thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     def put_upload(
         self,

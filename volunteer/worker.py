@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +57,7 @@ class ShardRunner:
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._slot: dict[str, Any] | None = None
+        self._token = ""  # the upload token of the shard's lease
         # the model the last shard trained, kept for the run's next one when its job allows (reuse_model)
         self._trained: tuple[Job, torch.nn.Module] | None = None
 
@@ -73,12 +73,14 @@ class ShardRunner:
         """Train one shard and report it; skip it without training if it is not the round's to do.
 
         The round in Redis, not the task message, says which shards and base
-        version are wanted: anyone may push a task. Whatever goes wrong while
-        training is reported as the shard's failure, so the round need not
-        wait for its deadline.
+        version are wanted: anyone may push a task. The shard is trained only
+        under its lease from the trusted side, renewed while it trains; the
+        lease, not the message, holds the upload slot of a run with a blob
+        store (``upload`` is ignored). Whatever goes wrong while training is
+        reported as the shard's failure, so the round need not wait for its
+        deadline.
         """
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
-        self._slot = upload  # this job's place in the run's blob store, if it has one
         wanted = self.store.round_info(run, number)
         buffered = wanted is not None and self._config(run).get("mode") == "async"
         if wanted is not None and buffered:
@@ -88,6 +90,27 @@ class ShardRunner:
         if problem is not None:
             log.info("skipping %s round %d shard %d: %s", run, number, shard, problem)
             return {**summary, "skipped": problem}
+        lease = self.store.lease(run, number, shard)
+        if not lease.get("granted"):
+            reason = f"no lease: {lease.get('reason')}"
+            log.info("skipping %s round %d shard %d: %s", run, number, shard, reason)
+            return {**summary, "skipped": reason}
+        self._token, self._slot = str(lease["token"]), lease.get("upload")
+        seconds = float(lease.get("seconds") or 20.0)
+        with self.store.renewing(run, number, shard, self._token, seconds):
+            return self._leased(run, number, shard, shards, version, summary, buffered)
+
+    def _leased(
+        self,
+        run: str,
+        number: int,
+        shard: int,
+        shards: int,
+        version: int,
+        summary: dict[str, Any],
+        buffered: bool,
+    ) -> dict[str, Any]:
+        """``run`` once the shard's lease is ours."""
         if buffered:  # a job of an asynchronous run: too old to be of use is said so, not trained
             stale = self._too_stale(run, version)
             if stale is not None:
@@ -220,12 +243,14 @@ class ShardRunner:
     def _upload(self, run: str, number: int, shard: int, blob: bytes | Encoded) -> None:
         """Store a result (a delta, or a failure report) under our own key and announce it.
 
+        Its token is the lease's: the intake counts no upload without its lease.
+
         Failures travel as uploads too, so everything the aggregator counts
         comes from a key that only this volunteer's credentials can write. If
         the job's blob store refuses the upload, the failure is said in Redis
         instead, so the shard can be offered again at once.
         """
-        token = uuid.uuid4().hex
+        token = self._token
         try:
             self.store.put_upload(run, number, shard, token, blob, self._slot)
         except ObjectStoreError as e:

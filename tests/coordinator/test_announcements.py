@@ -11,6 +11,7 @@ from broker import keys
 from coordinator.aggregator import Aggregator
 from coordinator.announcements import MAX_ENTRY, Inbox, parse
 from coordinator.intake import Upload
+from coordinator.leases import Request
 from coordinator.store import Store
 from serialization import loads
 from tests.fixtures.attacker import delta_blob
@@ -59,14 +60,17 @@ def test_an_inbox_counts_a_batch_once_and_asks_for_the_round_once(processes, red
     store = Store(redis_server.client())
     number = store.rounds.open("r", 3, 3, 600.0)["round"]
     weights, _ = loads(store.model_blob("r", 0))
+    aggregator = Aggregator(store, processes.home)
     for shard, name in enumerate(("ann", "ben", "cid")):
         delta = {k: torch.full_like(v, 0.01 * (shard + 1)) for k, v in weights.items()}
+        token = uuid.uuid4().hex  # each under the lease the trusted side gave it
+        assert aggregator.leases.answer([Request(name, "lease", "r", number, shard, token)]) == ["granted"]
         key = VolunteerStore(store.redis, name).put_upload(
-            "r", number, shard, uuid.uuid4().hex, delta_blob(delta, "r", number, shard, 0)
+            "r", number, shard, token, delta_blob(delta, "r", number, shard, 0)
         )
     store.announce(key, key)  # cid's again, twice
     posted: list[tuple[str, dict[str, Any], str]] = []
-    inbox = Inbox(store, Aggregator(store, processes.home).intake, lambda *p: posted.append(p))
+    inbox = Inbox(store, aggregator.intake, lambda *p: posted.append(p))
 
     # act
     taken = inbox.drain()

@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import math
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,13 +131,15 @@ def test_an_upload_pointer_is_honoured_only_for_its_own_slot_and_bytes(cluster, 
     threading.Thread(target=listener.serve_forever, daemon=True).start()
     trap = f"http://127.0.0.1:{listener.server_address[1]}/steal"
 
-    def slot(shard: int) -> dict[str, str]:  # what Mallory's job for that shard carries
-        made = cluster.store.upload_slot("r", number, shard)
+    leases: dict[int, dict] = {}  # what the trusted side gave Mallory for each shard
+
+    def slot(shard: int) -> dict[str, str]:  # the upload slot that came with the shard's lease
+        made = leases.setdefault(shard, mallory.lease("r", number, shard))["upload"]
         assert made is not None
         return made
 
     def point(shard: int, pointer: Pointer) -> None:
-        token = uuid.uuid4().hex
+        token = leases.setdefault(shard, mallory.lease("r", number, shard))["token"]
         key = keys.upload("mallory", "r", number, shard, token)
         pipe = mallory.redis.pipeline(transaction=True)
         blobs.queue_write(pipe, key, pointer.pack(), magic=blobs.POINTER_MAGIC)

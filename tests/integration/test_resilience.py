@@ -17,6 +17,7 @@ import torch
 from broker import blobs, keys
 from coordinator.aggregator import Aggregator
 from coordinator.documents import round_record
+from coordinator.leases import Request
 from coordinator.store import Store
 from serialization import loads
 from tests.fixtures.attacker import delta_blob
@@ -155,10 +156,12 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
 
 
 def _honest_upload(cluster, volunteer: str, number: int, shard: int) -> str:
-    """Write a plausible delta of round ``number`` as ``volunteer`` would, without announcing it."""
+    """Write a plausible delta of round ``number`` as ``volunteer`` would, under its lease, unannounced."""
     weights, _ = loads(cluster.store.model_blob("r", 0))
     delta = {name: torch.full_like(tensor, 0.01) for name, tensor in weights.items()}
     token = uuid.uuid4().hex
+    leases = Aggregator(cluster.store, cluster.home).leases
+    assert leases.answer([Request(volunteer, "lease", "r", number, shard, token)]) == ["granted"]
     blob = delta_blob(delta, "r", number, shard, version=0)
     blobs.write(cluster.store.redis, keys.upload(volunteer, "r", number, shard, token), blob)
     return token
@@ -176,7 +179,7 @@ def test_a_validation_cut_short_after_the_move_resumes_from_the_copy(cluster):
     assert aggregator.validate("r", 1, 0, token, "v1").outcome == "repeat"
     assert cluster.store.rounds.accepted_uploads("r", 1) == {0: moved}
     assert cluster.store.get_upload(moved) is not None, "the accepted copy must stay for the merge"
-    assert aggregator.validate("r", 1, 1, "ab" * 16, "v1").outcome == "ignored"
+    assert aggregator.validate("r", 1, 1, "ab" * 16, "v1").outcome == "unleased"
 
 
 def test_a_low_reputation_volunteers_shard_is_checked_again_and_a_trusted_ones_is_not(cluster):

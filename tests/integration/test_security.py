@@ -222,9 +222,11 @@ def test_volunteer_rules_grant_no_dangerous_command_and_only_its_own_writes():
     channels = [r for r in rules if r.startswith("&")]
     assert channels == ["&/0.celeryev/*"]
     assert rules[-2] == "(+subscribe +psubscribe +unsubscribe +punsubscribe &/0.celery.pidbox)"
-    # the trusted queue is out of reach; the announcement list may be appended to and nothing else
+    # the trusted queue is out of reach; the announcement and lease request lists (its own) may be
+    # appended to and nothing else; it reads the answers to its own lease requests, no one else's
     assert not any("aggregate" in r for r in rules)
-    assert rules[-1] == "(+rpush ~ct:announce)" and "~ct:announce" not in rules
+    assert rules[-1] == "(+rpush ~ct:announce ~ct:asks ~ct:ask:alice)" and "~ct:announce" not in rules
+    assert "~ct:grant:alice:*" in rules and not any("ct:lease" in r or "ct:kept" in r for r in rules)
 
 
 # --- 2b. the embedded Redis never listens beyond loopback without a password -------

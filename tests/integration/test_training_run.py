@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import torch
 from safetensors.torch import load_file
 
-from broker import blobs
+from broker import blobs, keys
+from coordinator.aggregator import Aggregator
+from coordinator.store import Store
 from tests.conftest import TINY_CHARLM
 
 
@@ -178,21 +181,34 @@ def test_a_volunteer_builds_one_model_per_run_only_where_the_job_allows(processe
     builds: list[int] = []
     build = TinyJob.build_model
     monkeypatch.setattr(TinyJob, "build_model", lambda self: builds.append(1) or build(self))
-    processes.json("init", "--run", "z", "--job", tiny, "--shards", "3", "--verify", "none")
+    processes.json(
+        "init", "--run", "z", "--job", tiny, "--shards", "3", "--verify", "none", "--max-share", "1"
+    )
     assert processes.json("post-round", "--run", "z")["round"] == 1
     client = redis_server.client()
+    leases = Aggregator(Store(client), processes.home).leases  # the trusted side answers lease requests
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.wait(0.005):
+            leases.drain()
+
+    threading.Thread(target=answer, daemon=True).start()
 
     def three_shards(name: str) -> list[float]:
         runner = ShardRunner(
             VolunteerStore(client, name), VolunteerOptions(name=name, allowed_jobs=frozenset({tiny}))
         )
         del builds[:]
-        losses = [runner.run("z", 1, shard, 3, 0)["loss"] for shard in range(3)]
-        return losses
+        results = [runner.run("z", 1, shard, 3, 0) for shard in range(3)]
+        assert all("loss" in r for r in results), results
+        return [r["loss"] for r in results]
 
     reused = three_shards("a")
     assert len(builds) == 2  # version 0 from the seed, then one model for all three shards
     monkeypatch.setattr(TinyJob, "reuse_model", False)
+    client.delete(keys.leases("z", 1))  # a's leases forgotten: b may lease the same shards
     fresh = three_shards("b")
+    stop.set()
     assert len(builds) == 4  # version 0, then a model per shard
     assert reused == fresh

@@ -1,0 +1,383 @@
+"""Leases: the trusted side decides who answers which shard.
+
+A volunteer that takes a ``train_shard`` task asks for the shard's lease
+before it trains: it appends a request (``keys.lease_request``) to its own
+request list ``ct:ask:NAME``, which only its ACL user may append to (and do
+nothing else with), and its name to the hint list ``ct:asks``. The
+aggregator's intake loop (``coordinator.announcements``) takes the hinted
+lists a batch at a time and answers each request on ``ct:grant:NAME:NONCE``,
+which only that volunteer may read: granted (the base version, how long, and
+the upload slot of a run with a blob store) or refused with a reason. The
+lease itself (``lua/grant.lua``) lives in ``ct:lease:RUN:N``, which no
+volunteer can read or write.
+
+A shard is granted to one volunteer at a time (two for a replicated shard,
+never the same one twice), only while its round is open and its upload not
+accepted, and only while the volunteer holds less than its fair share of the
+round (``init --max-share``) while another volunteer is online: it asked for
+a lease within the last lease time (one that trains renews every third of
+it) and has not dropped out of the round (an upload of its refused, a lease
+of its lapsed), so a volunteer that takes shards and drops them holds no one
+else back. The intake counts an upload only if the lease it
+names is the uploader's, with the upload's token (``coordinator.intake``);
+once accepted the lease is final (``done``), and nothing a volunteer does
+afterwards replaces or deletes what is merged. A volunteer renews its lease
+while it trains (every third of ``init --lease`` seconds). A shard of an open
+round with no accepted upload and no live lease, whose last offer is older
+than ``offer_seconds`` (at most ``OFFER_SECONDS``) while the run's queue is empty
+(a lapsed lease's at once), is posted again by the
+trusted side itself: a message taken off ``train`` and kept, or a lease let
+lapse, costs a round about that long, not its deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from broker import keys
+from broker.errors import UnknownRun
+from coordinator.asynchronous import is_async, max_staleness
+from coordinator.context import RunContexts
+from coordinator.rounds import shard_task
+from coordinator.state import lua_source
+from coordinator.store import Store
+
+log = logging.getLogger("crowdtrain.leases")
+
+# Renewed every third of it while the shard trains, so any model fits; a volunteer that dies
+# holding a lease costs its shard at most this long.
+DEFAULT_LEASE_SECONDS = 20.0
+DEFAULT_MAX_SHARE = 0.5  # of a round's shards, while two or more volunteers are online
+# A shard not leased this long after it was offered (or after its lease lapsed) is offered again.
+OFFER_SECONDS = 10.0
+OFFER_CHECK = 1.0  # how often the intake loop looks for shards to offer again
+GRANT_TTL = 120  # an answer nobody read leaves Redis after this
+NAMES = 256  # hints taken at a time
+REQUESTS = 64  # requests taken from one volunteer's list at a time
+MAX_REQUEST = 200  # bytes: a request is far shorter (a run name of 64, two numbers, a nonce of 64)
+MAX_PENDING = 4096  # requests one volunteer's list may hold; the newest beyond are dropped
+MAX_HINTS = 100_000
+
+# post(task name, keyword arguments, queue): how shards are offered again
+Post = Callable[[str, dict[str, Any], str], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One lease request, from the volunteer whose own list held it."""
+
+    volunteer: str
+    kind: str  # lease | renew
+    run: str
+    round: int
+    shard: int
+    nonce: str  # the upload token, if granted
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a shard (``field``: SHARD, or SHARD:r for a replica), with which token, until when."""
+
+    field: str
+    volunteer: str
+    token: str
+    base_version: int
+    expires: float
+    state: str  # live | done
+
+    def live(self, now: float) -> bool:
+        return self.state == "done" or self.expires > now
+
+
+def lease_seconds(config: dict[str, Any]) -> float:
+    value = config.get("lease_seconds")
+    return float(value) if isinstance(value, int | float) and value > 0 else DEFAULT_LEASE_SECONDS
+
+
+def offer_seconds(config: dict[str, Any]) -> float:
+    """How long a shard waits, offered and not leased (or after its lease lapsed), to be offered again."""
+    return min(OFFER_SECONDS, lease_seconds(config) / 2)
+
+
+def max_share(config: dict[str, Any]) -> float:
+    value = config.get("max_share")
+    return float(value) if isinstance(value, int | float) and 0 < value <= 1 else DEFAULT_MAX_SHARE
+
+
+class Leases:
+    """Grants, checks and ends the leases of every run on one broker."""
+
+    def __init__(self, store: Store, contexts: RunContexts) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.contexts = contexts
+        self._grant = self.redis.register_script(lua_source("grant"))
+        self._settle = self.redis.register_script(lua_source("settle"))
+        self._drain = self.redis.register_script(lua_source("drain"))
+        self._checked = 0.0
+        self._unheld: dict[tuple[str, int, int], float] = {}  # asynchronous jobs: first seen unheld
+
+    # --- requests ------------------------------------------------------------
+    def drain(self) -> int:
+        """Answer one batch of requests; how many volunteers' lists were read."""
+        _, hinted = self._drain(keys=[keys.lease_requests()], args=[NAMES, 64, MAX_HINTS])
+        names = sorted({n.decode("ascii", "replace") for n in hinted} - {""})
+        names = [n for n in names if keys.NAME.fullmatch(n)]
+        if not names:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            self._drain(keys=[keys.lease_inbox(name)], args=[REQUESTS, MAX_REQUEST, MAX_PENDING], client=pipe)
+        requests: list[Request] = []
+        more: list[str] = []
+        for name, (_, entries) in zip(names, pipe.execute(), strict=True):
+            if len(entries) >= REQUESTS:
+                more.append(name)  # its list holds more: look again next batch
+            for raw in entries:
+                parsed = keys.parse_lease_request(raw.decode("ascii", "replace"))
+                if parsed is None:
+                    log.warning("dropped a malformed lease request from %s", name)
+                    continue
+                requests.append(Request(name, *parsed))
+        if more:
+            self.redis.rpush(keys.lease_requests(), *more)
+        self.answer(requests)
+        return len(names)
+
+    def answer(self, requests: Sequence[Request], now: float | None = None) -> list[str]:
+        """Grant or refuse each lease request (renew the renewals); the outcomes, in order."""
+        now = time.time() if now is None else now
+        outcomes: list[str] = ["unknown"] * len(requests)
+        pipe = self.redis.pipeline(transaction=False)
+        sent: list[tuple[int, int]] = []  # (request, its reply's place in the pipeline)
+        unknown: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                config = self.contexts[request.run].config
+            except (UnknownRun, LookupError):
+                unknown.append(index)
+                continue
+            seconds = lease_seconds(config)
+            if request.kind == "renew":
+                for field in (str(request.shard), f"{request.shard}:r"):
+                    self._settle(
+                        keys=[keys.leases(request.run, request.round)],
+                        args=[field, request.volunteer, request.nonce, "extend", now + seconds],
+                        client=pipe,
+                    )
+                continue
+            sent.append((index, len(pipe)))
+            self._grant(
+                keys=[
+                    keys.round_(request.run, request.round),
+                    keys.round_accepted(request.run, request.round),
+                    keys.leases(request.run, request.round),
+                    keys.round_replicated(request.run, request.round),
+                    keys.round_replicas(request.run, request.round),
+                    keys.seen(),
+                    keys.run_finished(request.run),
+                ],
+                args=[
+                    request.shard,
+                    request.volunteer,
+                    request.nonce,
+                    now,
+                    seconds,
+                    max_share(config),
+                    seconds,  # online: asked within a lease (a volunteer renews every third of it)
+                    "1" if is_async(config) else "0",
+                    keys.ROUND_TTL,
+                    f"{request.round}:{request.shard}",
+                ],
+                client=pipe,
+            )
+        replies = pipe.execute() if len(pipe) else []
+        answers = self.redis.pipeline(transaction=False)
+        for index, place in [*sent, *((i, -1) for i in unknown if requests[i].kind == "lease")]:
+            request = requests[index]
+            outcome = _text(replies[place][0]) if place >= 0 else "unknown"
+            outcomes[index] = outcome
+            answer: dict[str, Any] = {"granted": outcome == "granted", "reason": outcome}
+            if outcome == "granted":
+                config = self.contexts[request.run].config
+                answer.update(
+                    token=request.nonce,
+                    base_version=int(replies[place][2]),
+                    seconds=lease_seconds(config),
+                    upload=self.store.upload_slot(request.run, request.round, request.shard),
+                )
+            key = keys.grant(request.volunteer, request.nonce)
+            answers.rpush(key, msgpack.packb(answer))
+            answers.expire(key, GRANT_TTL)
+        if len(answers):
+            answers.execute()
+        return outcomes
+
+    # --- uploads -------------------------------------------------------------
+    def holders(self, shards: Sequence[tuple[str, int, int]]) -> list[list[Lease]]:
+        """The leases of each (run, round, shard): its own and its replica's, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, shard in shards:
+            pipe.hmget(keys.leases(run, number), str(shard), f"{shard}:r")
+        out = []
+        for (_, _, shard), values in zip(shards, pipe.execute(), strict=True):
+            found = [_parse(field, v) for field, v in zip((str(shard), f"{shard}:r"), values, strict=True)]
+            out.append([lease for lease in found if lease is not None])
+        return out
+
+    def settle(self, items: Sequence[tuple[str, int, Lease, str]]) -> None:
+        """Mark each (run, round, lease, 'done' | 'release'), if it is still its holder's."""
+        if not items:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for run, number, lease, operation in items:
+            self._settle(
+                keys=[keys.leases(run, number)],
+                args=[lease.field, lease.volunteer, lease.token, operation, 0],
+                client=pipe,
+            )
+        pipe.execute()
+
+    # --- offering again ------------------------------------------------------
+    def reoffer(self, post: Post, now: float | None = None) -> int:
+        """Post again each shard of an open round that nobody holds and nobody took in time.
+
+        A shard is wanted until its upload (and its replica's, if replicated) is
+        accepted; it is offered again when no live lease holds it, its last
+        offer is ``offer_seconds`` old, and the run's queue is empty (a
+        message still waiting there will be taken first).
+        """
+        now = time.time() if now is None else now
+        if now - self._checked < OFFER_CHECK:
+            return 0
+        self._checked = now
+        posted = 0
+        members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
+        for run, number in (keys.parse_deadline_member(m) for m in members):
+            try:
+                context = self.contexts[run]
+            except (UnknownRun, LookupError):
+                continue
+            if is_async(context.config):
+                self._drop_jobs(run, context.config, context.queue, offer_seconds(context.config), now)
+                continue
+            posted += self._reoffer_round(
+                post, run, number, context.queue, offer_seconds(context.config), now
+            )
+        return posted
+
+    def _reoffer_round(self, post: Post, run: str, number: int, queue: str, wait: float, now: float) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.round_(run, number), "status", "shards", "base_version", "posted_at")
+        pipe.hkeys(keys.round_accepted(run, number))
+        pipe.smembers(keys.round_replicated(run, number))
+        pipe.hkeys(keys.round_replicas(run, number))
+        pipe.hgetall(keys.leases(run, number))
+        pipe.hgetall(keys.offers(run, number))
+        pipe.llen(queue)
+        (status, shards, base, posted_at), accepted, replicated, replicas, leases, offers, waiting = (
+            pipe.execute()
+        )
+        if status != b"open" or waiting:
+            return 0
+        done = {int(s) for s in accepted}
+        second = {int(s) for s in replicated} - {int(s) for s in replicas}
+        held: dict[str, Lease] = {}
+        for field, value in leases.items():
+            lease = _parse(field.decode(), value)
+            if lease is not None:
+                held[lease.field] = lease
+        again = []
+        for shard in range(int(shards)):
+            field = f"{shard}:r" if shard in done else str(shard)
+            if shard in done and shard not in second:
+                continue
+            lease = held.get(field)
+            if lease is not None and lease.live(now):
+                continue
+            # a lease that lapsed was waited for already: its shard goes out again at once
+            last = max(float(offers.get(str(shard).encode(), 0)), float(posted_at or 0))
+            if now - last >= wait:
+                again.append(shard)
+        if not again:
+            return 0
+        self.redis.hset(keys.offers(run, number), mapping={s: now for s in again})
+        self.redis.expire(keys.offers(run, number), keys.ROUND_TTL)
+        for shard in again:
+            post("train_shard", shard_task(run, number, shard, int(shards), int(base)), queue)
+        log.info("offered %s round %d shards %s again: nobody holds them", run, number, again)
+        return len(again)
+
+    def _drop_jobs(self, run: str, config: dict[str, Any], queue: str, wait: float, now: float) -> int:
+        """An asynchronous run's jobs nobody held for ``wait`` s while its queue was empty: answered.
+
+        Its coordinator keeps ``--shards`` jobs outstanding (posted, not
+        answered), so a job taken and kept would hold a place for ever; once
+        answered ``dropped`` (a late lease request for it is refused ``taken``)
+        the coordinator posts a fresh job, on the current version.
+        """
+        current = self.store.rounds.count(run)
+        rounds = range(max(1, current - max_staleness(config)), current + 1)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(queue)
+        for number in rounds:
+            pipe.hget(keys.round_(run, number), "shards")
+            pipe.hgetall(keys.leases(run, number))
+        waiting, *replies = pipe.execute()
+        jobs = [
+            (number, job)
+            for number, shards in zip(rounds, replies[0::2], strict=True)
+            for job in range(int(shards or 0))
+        ]
+        finished = self.redis.hmget(keys.run_finished(run), [f"{n}:{j}" for n, j in jobs]) if jobs else []
+        held = {
+            (number, lease.field)
+            for number, leases in zip(rounds, replies[1::2], strict=True)
+            for field, value in leases.items()
+            if (lease := _parse(field.decode(), value)) is not None and lease.live(now)
+        }
+        dropped = []
+        for (number, job), answer in zip(jobs, finished, strict=True):
+            key = (run, number, job)
+            if answer is not None or waiting or (number, str(job)) in held:
+                self._unheld.pop(key, None)
+            elif now - self._unheld.setdefault(key, now) >= wait:
+                dropped.append((run, number, job, "dropped"))
+                del self._unheld[key]
+        for key in [k for k in self._unheld if k[0] == run and k[1] < rounds.start]:
+            del self._unheld[key]
+        self.store.rounds.answered_many(dropped)
+        if dropped:
+            log.info("%s: %d jobs nobody held answered as dropped", run, len(dropped))
+        return len(dropped)
+
+
+def fair_share(shards: int, share: float, online: int) -> int:
+    """The most shards of a round one volunteer may hold (``lua/grant.lua`` computes the same)."""
+    if online < 2 or share >= 1:
+        return shards
+    return max(1, min(shards - 1, math.ceil(share * shards - 1e-9)))
+
+
+def _parse(field: str, value: bytes | None) -> Lease | None:
+    if value is None:
+        return None
+    parts = value.decode("ascii", "replace").split("|")
+    if len(parts) != 5:
+        return None
+    volunteer, token, base, expires, state = parts
+    try:
+        return Lease(field, volunteer, token, int(base), float(expires), state)
+    except ValueError:
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
