@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+import torch
+
 from broker import keys
 from coordinator.validation import delta_norm
-from coordinator.verification import Consensus, Evidence, Prober, disagreement, judge, weigh
+from coordinator.verification import Consensus, Evidence, Prober, copies, disagreement, judge, sketch, weigh
 from jobs.interface import Job
 from serialization import TensorDict
 
@@ -78,11 +80,16 @@ def probe_voices(
     used: dict[int, str],
     read: ReadVoice,
     reputations: dict[str, float | None],
+    usual_norm: float | None = None,
+    sketches: dict[str, torch.Tensor] | None = None,
 ) -> list[Rejection]:
     """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
 
     Each voice is read twice (its direction summed, then compared with the
     others' sum), so only one delta is in memory at a time besides the sum.
+    A round of one voice is probed on its own, against ``usual_norm`` (the
+    run's recent merged voices). Each voice's ``sketch`` goes into ``sketches``
+    for the copy check.
     """
     prober = Prober(job, base)
     grouped = voices(used)
@@ -93,6 +100,8 @@ def probe_voices(
         delta = read(shards)
         gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
         consensus.add(delta, weigh(1.0, reputations.get(name)))
+        if sketches is not None:
+            sketches[name] = sketch(delta)
         del delta
     evidence = {
         name: Evidence(
@@ -100,5 +109,37 @@ def probe_voices(
         )
         for name, shards in grouped.items()
     }
-    reasons = judge(evidence)
+
+    def cost(name: str) -> float:  # one more probe, only for a voice a rule finds worse
+        return prober.cost(read(grouped[name]), share, gains[name])
+
+    reasons = judge(evidence, cost, usual_norm)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
+
+
+def sketch_voices(used: dict[int, str], read: ReadVoice) -> dict[str, torch.Tensor]:
+    """Each voice's ``sketch``, for the copy check of a round that is not probed."""
+    return {name: sketch(read(shards)) for name, shards in voices(used).items()}
+
+
+def check_copies(
+    used: dict[int, str],
+    sketches: dict[str, torch.Tensor],
+    last: torch.Tensor | None,
+    reputations: dict[str, float | None],
+) -> list[Rejection]:
+    """The shards of the voices that nearly copy another voice or the last published update."""
+    reasons = copies(sketches, last, reputations)
+    grouped = voices(used)
+    return [(shard, name, reasons[name]) for name in reasons for shard in grouped.get(name, [])]
+
+
+def last_update(current: TensorDict, previous: TensorDict) -> torch.Tensor:
+    """The sketch of the update that made ``current`` from ``previous``."""
+    return sketch(
+        {
+            name: tensor - previous[name]
+            for name, tensor in current.items()
+            if tensor.is_floating_point() and name in previous
+        }
+    )

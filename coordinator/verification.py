@@ -37,7 +37,7 @@ it, so a volunteer that was caught before counts less even when it is not.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,15 @@ NORM_FLOOR = 0.05
 # against them; under AGREEMENT it does not clearly follow them (honest: 0.1 to 0.9).
 OPPOSED = 0.0
 AGREEMENT = 0.1
+# A probe rejection needs the voice's shortfall under the others' median gain (or, for a lone
+# voice, its loss on the probe) to exceed NOISE x the probe's resolution for its step: what a
+# step of its size at the usual norm costs on the probe whatever its direction (``Prober.cost``).
+NOISE = 2.0
+# A voice whose direction has at least this cosine with another voice's of the round, or with
+# the last published update, is a copy (honest voices measured at most 0.985, docs/SECURITY.md).
+COPY_COSINE = 0.999
+# Deltas of more values than this are compared for copies through a count sketch of this size.
+SKETCH = 1 << 16
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
@@ -106,6 +115,16 @@ class Prober:
         self.model.load_state_dict(moved)
         return self.base_loss - probe_loss(self.job, self.model)
 
+    def cost(self, delta: Mapping[str, torch.Tensor], scale: float, gain: float) -> float:
+        """The probe's resolution for this step: what it costs whatever its direction.
+
+        Half the loss a step and its opposite add together (``gain`` is the
+        step's own): the curvature term, which any direction of that length
+        pays. Gains that differ by less than it are within the probe's noise,
+        as near convergence, where honest steps are mostly noise.
+        """
+        return max(0.0, -(gain + self.gain(delta, -scale)) / 2)
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -116,13 +135,33 @@ class Evidence:
     agreement: float = 0.0
 
 
-def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
+# (voice) -> the probe's resolution for its step (``Prober.cost``), measured only when asked
+Cost = Callable[[str], float]
+
+
+def judge(
+    evidence: Mapping[str, Evidence], cost: Cost | None = None, usual_norm: float | None = None
+) -> dict[str, str]:
     """The voices to reject, with a reason containing ``probe``; the others are kept.
 
     Each voice is measured against the *other* voices, so one bad voice cannot
-    shift its own bar; a round of one voice rejects none.
+    shift its own bar. A rule that finds a voice worse than the others rejects
+    it only if the shortfall exceeds ``NOISE`` x the probe's resolution
+    (``cost``, scaled to the others' median norm so a long step cannot widen
+    its own band). A lone voice is rejected when it makes the probe worse by
+    more than that, at the run's ``usual_norm`` (its recent merged voices).
     """
     reasons: dict[str, str] = {}
+    if len(evidence) == 1:
+        ((name, seen),) = evidence.items()
+        if cost is not None and seen.gain < 0:
+            band = NOISE * _scaled(cost(name), seen.norm, usual_norm)
+            if -seen.gain > band:
+                reasons[name] = (
+                    f"probe: a lone voice that raises the probe loss by {-seen.gain:.3g}, "
+                    f"beyond the probe's noise ({band:.3g})"
+                )
+        return reasons
     for name, seen in evidence.items():
         usual = [e.norm for other, e in evidence.items() if other != name]
         if usual and seen.norm < NORM_FLOOR * statistics.median(usual):
@@ -141,19 +180,33 @@ def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
         typical = statistics.median(others)
         deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
         if seen.agreement < OPPOSED and seen.gain < typical:
-            reasons[name] = (
+            reason = (
                 f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
                 f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
             )
         elif seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
-            reasons[name] = (
+            reason = (
                 f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it by "
                 f"{-typical:.3g}"
                 if seen.gain < 0
                 else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
                 f"of the round's others ({typical:.3g})"
             )
+        else:
+            continue
+        if cost is not None:
+            usual_others = statistics.median(evidence[other].norm for other in screened if other != name)
+            if typical - seen.gain <= NOISE * _scaled(cost(name), seen.norm, usual_others):
+                continue  # within the probe's noise: near convergence, honest steps are mostly noise
+        reasons[name] = reason
     return reasons
+
+
+def _scaled(cost: float, norm: float, usual: float | None) -> float:
+    """A step's probe cost at the usual norm instead of its own (the cost grows as the square)."""
+    if usual is None or usual <= 0 or norm <= 0:
+        return cost
+    return cost * (usual / norm) ** 2
 
 
 def _far_worse(gain: float, typical: float, deviation: float) -> bool:
@@ -161,6 +214,74 @@ def _far_worse(gain: float, typical: float, deviation: float) -> bool:
     if typical > 0 and gain >= USEFUL_FRACTION * typical:
         return False
     return gain < typical - SPREAD * deviation
+
+
+def copies(
+    sketches: Mapping[str, torch.Tensor], last: torch.Tensor | None, reputations: Mapping[str, float | None]
+) -> dict[str, str]:
+    """Voices whose direction nearly copies another voice's or the last published update (``copy``).
+
+    ``sketches`` and ``last`` come from ``sketch``. Of two voices that copy each
+    other, the one of lower reputation is refused; both at equal reputation,
+    since nothing tells which came first.
+    """
+    reasons: dict[str, str] = {}
+    names = list(sketches)
+    for name in names:
+        if last is not None:
+            cosine = _cosine(sketches[name], last)
+            if cosine >= COPY_COSINE:
+                reasons[name] = f"copy: the last published update, re-sent (cosine {cosine:.4f})"
+                continue
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            cosine = _cosine(sketches[first], sketches[second])
+            if cosine < COPY_COSINE:
+                continue
+            rank = {n: _reputation(reputations.get(n)) for n in (first, second)}
+            for name, other in ((first, second), (second, first)):
+                if rank[name] <= rank[other] and name not in reasons:
+                    reasons[name] = (
+                        f"copy: nearly the same direction as {other}'s delta (cosine {cosine:.4f})"
+                    )
+    return reasons
+
+
+def sketch(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The delta's floating-point values in a fixed order, or a count sketch of ``SKETCH`` of them.
+
+    Cosines between sketches estimate cosines between deltas (within about
+    ``1/sqrt(SKETCH)`` = 0.004 for large ones, exactly for small ones), so the
+    round's pairs are compared without holding their deltas.
+    """
+    tensors = [delta[name].detach().reshape(-1) for name in sorted(delta) if delta[name].is_floating_point()]
+    total = sum(t.numel() for t in tensors)
+    if total <= SKETCH:
+        return torch.cat([t.double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+    out = torch.zeros(SKETCH, dtype=torch.float64)
+    offset = 0
+    step = 1 << 20
+    for flat in tensors:
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start : start + step].double()
+            index = torch.arange(offset + start, offset + start + chunk.numel(), dtype=torch.int64)
+            hashed = (index * 48271 + 11) % 2147483647
+            hashed = (hashed * 48271) % 2147483647
+            signs = ((hashed // SKETCH) % 2) * 2.0 - 1.0
+            out.index_add_(0, hashed % SKETCH, chunk * signs)
+        offset += flat.numel()
+    return out
+
+
+def _reputation(value: float | None) -> float:
+    return START_REPUTATION if value is None else value
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    norms = float(a.norm()) * float(b.norm())
+    return float(torch.dot(a, b)) / norms if norms > 0 else 0.0
 
 
 class Consensus:

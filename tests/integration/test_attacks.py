@@ -114,9 +114,15 @@ def _refused(action: Callable[[], object]) -> str:
     return str(refusal.value)
 
 
-def _tiny_delta(value: float, noise: float = 0.0) -> dict[str, torch.Tensor]:
-    """A delta of the tiny job's model (nn.Linear(4, 1)), every entry ``value`` (+ noise)."""
+def _tiny_delta(value: float, noise: float = 0.0, bump: int | None = None) -> dict[str, torch.Tensor]:
+    """A delta of the tiny job's model (nn.Linear(4, 1)), every entry ``value`` (+ noise).
+
+    ``bump`` raises one weight by 30%: voices of different bumps point different ways
+    (cosine 0.98), as honest ones do, where equal ones would be refused as copies.
+    """
     weight = torch.full((1, 4), value) + noise * torch.randn(1, 4)
+    if bump is not None:
+        weight[0, bump] += 0.3 * value
     bias = torch.full((1,), value) + noise * torch.randn(1)
     return {"weight": weight, "bias": bias}
 
@@ -187,7 +193,7 @@ def test_the_bytes_merged_are_exactly_the_bytes_validated(cluster):
     mallory = cluster.mallory()
     cluster.init("--shards", "2", "--deadline", "600")
     number = cluster.post()
-    good = [_tiny_delta(0.01 * (i + 1)) for i in range(2)]
+    good = [_tiny_delta(0.01 * (i + 1), bump=i) for i in range(2)]
     token = mallory.deliver("r", number, 0, delta_blob(good[0], "r", number, 0, 0))
     cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "shard 0 to be accepted")
     # act: rewrite the validated upload with NaN and a samples claim of 2e12
@@ -250,7 +256,7 @@ def test_a_volunteer_answering_many_shards_has_one_voice(cluster):
     cluster.init("--shards", "6", "--strategy", "median", "--deadline", "600", "--verify", "none")
     number = cluster.post()
     for shard, person in enumerate(honest):
-        person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, 1e-3), "r", number, shard, 0))
+        person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, bump=shard), "r", number, shard, 0))
     for shard in (3, 4, 5):  # the opposite push, at an ordinary norm, three times
         mallory.deliver("r", number, shard, delta_blob(_tiny_delta(-0.1, 1e-3), "r", number, shard, 0))
     record = cluster.wait_ended(number)
@@ -427,10 +433,18 @@ def test_forged_shard_tasks_are_not_trained_and_a_refused_script_is_survived(clu
 
 
 # --- 9. quiet attackers: judged by their effect -------------------------------------------------
-def _toward_optimum(cluster: Cluster, version: int, step: float) -> dict[str, torch.Tensor]:
-    """A delta moving the tiny model ``step`` of the way to its optimum (negative: away from it)."""
+def _toward_optimum(cluster: Cluster, version: int, step: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A delta moving the tiny model ``step`` of the way to its optimum (negative: away from it).
+
+    With ``seed``, each entry is off by up to 20%, as honest voices differ by their data
+    (the same direction exactly would be refused as a copy).
+    """
     job, weights = TinyJob(), cluster.weights(version)
-    return {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
+    delta = {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
+    if seed:
+        gen = torch.Generator().manual_seed(seed)
+        delta = {k: v * (1 + 0.2 * (2 * torch.rand(v.shape, generator=gen) - 1)) for k, v in delta.items()}
+    return delta
 
 
 def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
@@ -440,16 +454,15 @@ def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
     attacks = {
         # the honest direction reversed, at an honest norm: norm screens cannot see it
         "reversed": lambda good: {k: -v for k, v in good.items()},
-        # a near-zero delta claiming full samples, for the credit
-        "free-rider": lambda good: {k: 1e-4 * v for k, v in good.items()},
+        # a near-zero delta claiming full samples, for the credit (not ann's direction: not a copy)
+        "free-rider": lambda good: {k: 1e-4 * torch.randn(v.shape) for k, v in good.items()},
     }
     for version, (attack, make) in enumerate(attacks.items()):
         number = cluster.post()
-        good = _toward_optimum(cluster, version, 0.2)
+        good = _toward_optimum(cluster, version, 0.2, seed=1 + version)
         ann.deliver("r", number, 0, delta_blob(good, "r", number, 0, version))
-        ben.deliver(
-            "r", number, 1, delta_blob(_toward_optimum(cluster, version, 0.15), "r", number, 1, version)
-        )
+        other = _toward_optimum(cluster, version, 0.15, seed=11 + version)
+        ben.deliver("r", number, 1, delta_blob(other, "r", number, 1, version))
         mallory.deliver("r", number, 2, delta_blob(make(good), "r", number, 2, version, samples=24))
         record = cluster.wait_ended(number)
         assert record["status"] == "done" and record["accepted"] == 2, (attack, record)
@@ -502,7 +515,7 @@ def test_the_announcement_list_is_append_only_bounded_and_credits_only_the_uploa
         _refused(action)
     ann_blob = delta_blob(_tiny_delta(0.02), "r", number, 0, 0)
     ann_token = ann.upload("r", number, 0, ann_blob)  # written, not yet announced
-    own_blob = delta_blob(_tiny_delta(0.04), "r", number, 1, 0)
+    own_blob = delta_blob(_tiny_delta(0.04, bump=1), "r", number, 1, 0)
     own = keys.upload("mallory", "r", number, 1, mallory.upload("r", number, 1, own_blob))
 
     # act: junk, entries far longer than a key, another run, ann's token under mallory's own name,
