@@ -46,7 +46,7 @@ from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
 from coordinator.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
-from coordinator.verification import next_reputation, weigh
+from coordinator.verification import next_reputation, sketch, weigh
 from serialization import TensorDict, dumps_stream, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
@@ -121,7 +121,12 @@ class Aggregator:
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
         if not used:
-            return self._fail(context, number, owner, info, summary, "no accepted deltas")
+            failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
+            if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
+                self.store.set_reputations(
+                    {name: next_reputation(v, False) for name, v in reputations.items()}
+                )
+            return failed
         count, needed = len(voices(used)), int(context.config.get("min_voices") or 1)
         if count < needed:
             had = f"{count} voice{'s' if count != 1 else ''}"
@@ -223,19 +228,20 @@ class Aggregator:
 
         sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
+        last = self._last_update(context, base, weights)
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))
             history = self.store.voice_norms(context.name)
             usual = statistics.median(history) if history else None
-            probed = probe_voices(context.job, weights, used, read, reputations, usual, sketches)
+            probed = probe_voices(context.job, weights, used, read, reputations, usual, sketches, last)
         else:
             sketches = sketch_voices(used, read)
-        copied = check_copies(used, sketches, self._last_update(context, base, weights), reputations)
+        copied = check_copies(used, sketches, sketch(last) if last is not None else None, reputations)
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards]
 
-    def _last_update(self, context: RunContext, base: int, weights: TensorDict) -> torch.Tensor | None:
-        """The sketch of the update that published version ``base`` (None for version 0 or gone)."""
+    def _last_update(self, context: RunContext, base: int, weights: TensorDict) -> TensorDict | None:
+        """The update that published version ``base`` (None for version 0, or once it left Redis)."""
         if base < 1:
             return None
         blob = self.store.model_blob(context.name, base - 1)

@@ -14,7 +14,17 @@ import torch
 
 from broker import keys
 from coordinator.validation import delta_norm
-from coordinator.verification import Consensus, Evidence, Prober, copies, disagreement, judge, sketch, weigh
+from coordinator.verification import (
+    Consensus,
+    Evidence,
+    Prober,
+    copies,
+    disagreement,
+    judge,
+    lone_resolution,
+    sketch,
+    weigh,
+)
 from jobs.interface import Job
 from serialization import TensorDict
 
@@ -82,13 +92,15 @@ def probe_voices(
     reputations: dict[str, float | None],
     usual_norm: float | None = None,
     sketches: dict[str, torch.Tensor] | None = None,
+    last: TensorDict | None = None,
 ) -> list[Rejection]:
     """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
 
     Each voice is read twice (its direction summed, then compared with the
     others' sum), so only one delta is in memory at a time besides the sum.
-    A round of one voice is probed on its own, against ``usual_norm`` (the
-    run's recent merged voices). Each voice's ``sketch`` goes into ``sketches``
+    A round of one voice is probed on its own, against the probe's resolution
+    for the run's ``last`` published update at ``usual_norm`` (the median norm
+    of recently merged voices). Each voice's ``sketch`` goes into ``sketches``
     for the copy check.
     """
     prober = Prober(job, base)
@@ -110,10 +122,14 @@ def probe_voices(
         for name, shards in grouped.items()
     }
 
-    def cost(name: str) -> float:  # one more probe, only for a voice a rule finds worse
+    def cost(name: str) -> float:  # one more probe of a voice, only in a round where a rule fires
         return prober.cost(read(grouped[name]), share, gains[name])
 
-    reasons = judge(evidence, cost, usual_norm)
+    lone = None
+    if len(grouped) == 1:
+        ((name, shards),) = grouped.items()
+        lone = lone_resolution(prober, read(shards), gains[name], usual_norm, last)
+    reasons = judge(evidence, cost, lone)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
 
 
@@ -134,12 +150,10 @@ def check_copies(
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped.get(name, [])]
 
 
-def last_update(current: TensorDict, previous: TensorDict) -> torch.Tensor:
-    """The sketch of the update that made ``current`` from ``previous``."""
-    return sketch(
-        {
-            name: tensor - previous[name]
-            for name, tensor in current.items()
-            if tensor.is_floating_point() and name in previous
-        }
-    )
+def last_update(current: TensorDict, previous: TensorDict) -> TensorDict:
+    """The update that made ``current`` from ``previous`` (floating-point tensors)."""
+    return {
+        name: tensor - previous[name]
+        for name, tensor in current.items()
+        if tensor.is_floating_point() and name in previous
+    }

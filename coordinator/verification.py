@@ -29,6 +29,17 @@ A voice that follows the round's direction is not rejected by the probe; its
 harm is bounded by that agreement and by the norm screen. Every rule needs
 honest voices to carry most of the round's reputation.
 
+Near convergence honest steps are mostly noise, and their gains differ by
+about the round's gain or by what any step of their length costs on the probe
+(the probe's *resolution*, ``Prober.cost``: half the loss a step and its
+opposite add together). So a rule's verdict stands only when the shortfall
+under the others' median gain exceeds the probe's noise band: ``NOISE`` x the
+others' resolution and, for harm, ``NOISE_GAIN`` x their median gain, less as
+the voice turns from them (``judge``). A round of one voice is judged too: it
+must not raise the probe loss by more than ``NOISE`` x the resolution of the
+run's last update at the usual norm (``lone_resolution``). Voices that copy
+another's direction or the last published update are refused (``copies``).
+
 Each volunteer's reputation, in [0, 1] from 0.5, moves toward 1 with every
 merged voice and toward 0 with every rejected one; the merge weighs voices by
 it, so a volunteer that was caught before counts less even when it is not.
@@ -56,10 +67,17 @@ NORM_FLOOR = 0.05
 # against them; under AGREEMENT it does not clearly follow them (honest: 0.1 to 0.9).
 OPPOSED = 0.0
 AGREEMENT = 0.1
-# A probe rejection needs the voice's shortfall under the others' median gain (or, for a lone
-# voice, its loss on the probe) to exceed NOISE x the probe's resolution for its step: what a
-# step of its size at the usual norm costs on the probe whatever its direction (``Prober.cost``).
-NOISE = 2.0
+# The probe's noise band: a voice found worse than the round's others by a rule is rejected
+# only when its shortfall under their median gain exceeds NOISE x the probe's resolution (what
+# a step of the usual length in the usual directions costs whatever its sign, ``Prober.cost``)
+# and, when the rule is about harm (it points against them, or it raises the loss),
+# NOISE_GAIN x their median gain x (1 - how far its cosine with them falls under theirs) as
+# well: honest voices near convergence differ by about the round's gain and follow the others
+# about as well as they do (near 0 on a sparse model), while a voice that reverses an honest
+# one falls 2 x (gain + resolution) below at a cosine near -1, and junk turns away from them.
+# A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
+NOISE = 4.0
+NOISE_GAIN = 2.0
 # A voice whose direction has at least this cosine with another voice's of the round, or with
 # the last published update, is a copy (honest voices measured at most 0.985, docs/SECURITY.md).
 COPY_COSINE = 0.999
@@ -140,27 +158,30 @@ Cost = Callable[[str], float]
 
 
 def judge(
-    evidence: Mapping[str, Evidence], cost: Cost | None = None, usual_norm: float | None = None
+    evidence: Mapping[str, Evidence], cost: Cost | None = None, lone_resolution: float | None = None
 ) -> dict[str, str]:
     """The voices to reject, with a reason containing ``probe``; the others are kept.
 
     Each voice is measured against the *other* voices, so one bad voice cannot
     shift its own bar. A rule that finds a voice worse than the others rejects
-    it only if the shortfall exceeds ``NOISE`` x the probe's resolution
-    (``cost``, scaled to the others' median norm so a long step cannot widen
-    its own band). A lone voice is rejected when it makes the probe worse by
-    more than that, at the run's ``usual_norm`` (its recent merged voices).
+    it only if its shortfall exceeds the probe's noise band: ``NOISE`` x the
+    probe's resolution, the median ``cost`` of the others' steps (each at their
+    median norm), what a step of the round's usual length and kind costs on
+    the probe whatever its direction (not the voice's own: a step in a sharp
+    direction, an ascender's, costs far more and would widen its own band);
+    for harm, also ``NOISE_GAIN`` x the others' median gain, less as the
+    voice's agreement falls under theirs. A lone voice is
+    rejected when it raises the probe loss by more than ``NOISE`` x
+    ``lone_resolution``.
     """
     reasons: dict[str, str] = {}
     if len(evidence) == 1:
         ((name, seen),) = evidence.items()
-        if cost is not None and seen.gain < 0:
-            band = NOISE * _scaled(cost(name), seen.norm, usual_norm)
-            if -seen.gain > band:
-                reasons[name] = (
-                    f"probe: a lone voice that raises the probe loss by {-seen.gain:.3g}, "
-                    f"beyond the probe's noise ({band:.3g})"
-                )
+        if lone_resolution is not None and -seen.gain > NOISE * lone_resolution:
+            reasons[name] = (
+                f"probe: a lone voice that raises the probe loss by {-seen.gain:.3g}, "
+                f"beyond the probe's noise ({NOISE * lone_resolution:.3g})"
+            )
         return reasons
     for name, seen in evidence.items():
         usual = [e.norm for other, e in evidence.items() if other != name]
@@ -172,6 +193,7 @@ def judge(
     # The voices past the norm screen: each is judged against all the others, whatever the
     # verdicts on them, so the order of judging changes no bar.
     screened = [name for name in evidence if name not in reasons]
+    costs: dict[str, float] = {}
     for name in screened:
         seen = evidence[name]
         others = [evidence[other].gain for other in screened if other != name]
@@ -179,25 +201,35 @@ def judge(
             continue
         typical = statistics.median(others)
         deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
+        harm = True
         if seen.agreement < OPPOSED and seen.gain < typical:
             reason = (
                 f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
                 f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
             )
         elif seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
+            harm = seen.gain < 0
             reason = (
                 f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it by "
                 f"{-typical:.3g}"
-                if seen.gain < 0
+                if harm
                 else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
                 f"of the round's others ({typical:.3g})"
             )
         else:
             continue
+        peers = [other for other in screened if other != name]
+        # the further a voice turns from the others' own agreement, the less of their gain it may lose
+        gap = statistics.median(evidence[other].agreement for other in peers) - seen.agreement
+        band = NOISE_GAIN * max(typical, 0.0) * min(1.0, max(0.0, 1.0 - gap)) if harm else 0.0
         if cost is not None:
-            usual_others = statistics.median(evidence[other].norm for other in screened if other != name)
-            if typical - seen.gain <= NOISE * _scaled(cost(name), seen.norm, usual_others):
-                continue  # within the probe's noise: near convergence, honest steps are mostly noise
+            usual_norm = statistics.median(evidence[other].norm for other in peers)
+            for other in peers:
+                if other not in costs:
+                    costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
+            band = max(band, NOISE * statistics.median(costs[other] for other in peers))
+        if typical - seen.gain <= band:
+            continue  # within the probe's noise: near convergence, honest steps are mostly noise
         reasons[name] = reason
     return reasons
 
@@ -214,6 +246,26 @@ def _far_worse(gain: float, typical: float, deviation: float) -> bool:
     if typical > 0 and gain >= USEFUL_FRACTION * typical:
         return False
     return gain < typical - SPREAD * deviation
+
+
+def lone_resolution(
+    prober: Prober,
+    delta: Mapping[str, torch.Tensor],
+    gain: float,
+    usual_norm: float | None,
+    last: Mapping[str, torch.Tensor] | None,
+) -> float:
+    """The probe's resolution for a round of one voice (``delta``, probed at a full step).
+
+    The cost of the run's last published update at the usual norm: a step of
+    the length and kind honest rounds took. Before any update, the voice's own
+    step at the usual norm (or its own, before any merge).
+    """
+    size = delta_norm(last) if last is not None else 0.0
+    if last is not None and size > 0:
+        scale = (usual_norm or size) / size
+        return prober.cost(last, scale, prober.gain(last, scale))
+    return _scaled(prober.cost(delta, 1.0, gain), delta_norm(delta), usual_norm)
 
 
 def copies(

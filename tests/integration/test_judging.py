@@ -47,7 +47,8 @@ def test_a_zero_initialised_model_trained_by_two_volunteers_learns(processes):
 def test_four_honest_volunteers_on_a_noisy_tiny_regression_lose_no_delta_to_the_probe(processes):
     """17 parameters, label noise 0.5: the probe's gains reach its own noise within a few rounds."""
     names = ("h1", "h2", "h3", "h4")
-    document = _run(processes, LINEAR, names, 6, "--job-arg", "noise=0.5", "--deadline", "120")
+    flags = ("--job-arg", "noise=0.5", "--optimizer", "sgd", "--lr", "0.3", "--local-steps", "30")
+    document = _run(processes, LINEAR, names, 6, *flags, "--deadline", "120")
     rounds = document["rounds"]
     assert [r["status"] for r in rounds] == ["done"] * 6, rounds
     assert [x for r in rounds for x in r["rejections"]] == [], processes.log_tail()
