@@ -229,6 +229,10 @@ class Aggregator:
         sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
         last = self._last_update(context, base, weights)
+        last_sketch = sketch(last) if last is not None else None
+        lone = _probes(context) and len(voices(used)) == 1
+        if not lone:
+            last = None  # only a lone voice is probed against it: one model-sized tensor less
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))
             history = self.store.voice_norms(context.name)
@@ -236,7 +240,7 @@ class Aggregator:
             probed = probe_voices(context.job, weights, used, read, reputations, usual, sketches, last)
         else:
             sketches = sketch_voices(used, read)
-        copied = check_copies(used, sketches, sketch(last) if last is not None else None, reputations)
+        copied = check_copies(used, sketches, last_sketch, reputations)
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards]
 

@@ -77,7 +77,7 @@ AGREEMENT = 0.1
 # one falls 2 x (gain + resolution) below at a cosine near -1, and junk turns away from them.
 # A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
 NOISE = 4.0
-NOISE_GAIN = 2.0
+NOISE_GAIN = 3.0
 # A voice whose direction has at least this cosine with another voice's of the round, or with
 # the last published update, is a copy (honest voices measured at most 0.985, docs/SECURITY.md).
 COPY_COSINE = 0.999
