@@ -12,7 +12,8 @@ the round's voices go through ``coordinator.verification`` as ``coordinator.judg
 ``charlm`` (1 layer, width 32) and ``gpt`` (nano). Reported per job: honest voices rejected by the
 probe and as copies, out of those judged; the largest cosine between two honest voices of a round
 and between an honest voice and the last published update (what ``COPY_COSINE`` must stay above);
-the eval loss before and after.
+the lowest agreement of an honest voice with the others (what ``REVERSED`` must stay under); the
+eval loss before and after.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     previous: Delta | None = None
     probe_rejected = copy_rejected = judged = 0
     pair_max = last_max = -1.0
+    agreement_min = 1.0
     started = time.time()
     for number in range(1, args.rounds + 1):
         voices: dict[str, Delta] = {}
@@ -114,6 +116,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             who: Evidence(gains[who], delta_norm(d), consensus.agreement(d, weigh(1.0, reputation[who])))
             for who, d in voices.items()
         }
+        if len(voices) > 1:
+            agreement_min = min(agreement_min, *(e.agreement for e in evidence.values()))
         usual = statistics.median(history) if history else None
         lone = None
         if len(voices) == 1:
@@ -155,6 +159,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "copy_rejected": copy_rejected,
         "pair_cosine_max": pair_max,
         "last_update_cosine_max": last_max,
+        "agreement_min": agreement_min,
         "initial_loss": initial,
         "final_loss": final,
         "seconds": round(time.time() - started, 1),
@@ -192,13 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         f"at lr {args.lr}, fedavg\n"
     )
     print(
-        "| job | probe rejected | copy rejected | max cosine, two voices | max cosine, last update | loss |"
+        "| job | probe rejected | copy rejected | max cosine, two voices | max cosine, last update "
+        "| min agreement | loss |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['job']} | {r['probe_rejected']}/{r['judged']} | {r['copy_rejected']}/{r['judged']} "
-            f"| {r['pair_cosine_max']:.3f} | {r['last_update_cosine_max']:.3f} "
+            f"| {r['pair_cosine_max']:.3f} | {r['last_update_cosine_max']:.3f} | {r['agreement_min']:.2f} "
             f"| {r['initial_loss']:.3f} -> {r['final_loss']:.3f} |"
         )
     return 0

@@ -68,13 +68,14 @@ NORM_FLOOR = 0.05
 OPPOSED = 0.0
 AGREEMENT = 0.1
 # The probe's noise band: a voice found worse than the round's others by a rule is rejected
-# only when its shortfall under their median gain exceeds NOISE x the probe's resolution (what
-# a step of the usual length in the usual directions costs whatever its sign, ``Prober.cost``)
-# and, when the rule is about harm (it points against them, or it raises the loss),
-# NOISE_GAIN x their median gain x (1 - how far its cosine with them falls under theirs) as
-# well: honest voices near convergence differ by about the round's gain and follow the others
-# about as well as they do (near 0 on a sparse model), while a voice that reverses an honest
-# one falls 2 x (gain + resolution) below at a cosine near -1, and junk turns away from them.
+# only when its shortfall under their median gain exceeds the larger of NOISE x the probe's
+# resolution (what a step of the usual length in the usual directions costs whatever its sign,
+# ``Prober.cost``) and, when the rule is about harm (it points against them, or it raises the
+# loss), NOISE_GAIN x their median gain; both x (1 - how far its cosine with them falls under
+# theirs). Honest voices near convergence differ by about the round's gain or resolution and
+# follow the others about as well as they do (near 0 on a sparse model); a voice that reverses
+# an honest one falls 2 x (gain + resolution) below, its cosine as far under theirs as theirs
+# is above 0, and junk turns away from them.
 # A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
 NOISE = 4.0
 NOISE_GAIN = 3.0
@@ -169,8 +170,8 @@ def judge(
     median norm), what a step of the round's usual length and kind costs on
     the probe whatever its direction (not the voice's own: a step in a sharp
     direction, an ascender's, costs far more and would widen its own band);
-    for harm, also ``NOISE_GAIN`` x the others' median gain, less as the
-    voice's agreement falls under theirs. A lone voice is
+    for harm, ``NOISE_GAIN`` x the others' median gain if larger; the band
+    narrows as the voice's agreement falls under theirs. A lone voice is
     rejected when it raises the probe loss by more than ``NOISE`` x
     ``lone_resolution``.
     """
@@ -219,16 +220,17 @@ def judge(
         else:
             continue
         peers = [other for other in screened if other != name]
-        # the further a voice turns from the others' own agreement, the less of their gain it may lose
+        # the probe's noise band (module docstring), narrowed as the voice turns from the others:
+        # by how far its cosine with them falls under their own
         gap = statistics.median(evidence[other].agreement for other in peers) - seen.agreement
-        band = NOISE_GAIN * max(typical, 0.0) * min(1.0, max(0.0, 1.0 - gap)) if harm else 0.0
+        band = NOISE_GAIN * max(typical, 0.0) if harm else 0.0
         if cost is not None:
             usual_norm = statistics.median(evidence[other].norm for other in peers)
             for other in peers:
                 if other not in costs:
                     costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
             band = max(band, NOISE * statistics.median(costs[other] for other in peers))
-        if typical - seen.gain <= band:
+        if typical - seen.gain <= band * min(1.0, max(0.0, 1.0 - gap)):
             continue  # within the probe's noise: near convergence, honest steps are mostly noise
         reasons[name] = reason
     return reasons
