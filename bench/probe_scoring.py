@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -126,7 +127,7 @@ def simulate(
                 )
                 for name, delta in voices.items()
             }
-            reasons = judge(evidence)
+            reasons = judge(evidence, partial(probe_cost, prober, voices, share, gains))
             rounds_gains.append(gains)
             for name, gain in gains.items():
                 typical = statistics.median(g for n, g in gains.items() if n != name)
@@ -154,6 +155,11 @@ def simulate(
         "gain_ratios": ratios,
         "gains": rounds_gains,
     }
+
+
+def probe_cost(prober: Prober, voices: dict[str, Delta], share: float, gains: dict, name: str) -> float:
+    """The probe's resolution for one voice's step, as the aggregator measures it when asked."""
+    return prober.cost(voices[name], share, gains[name])
 
 
 def mean_of(runs: list[dict], key: str) -> float:

@@ -18,6 +18,7 @@ chunks (``broker.blobs``)::
     ct:run:RUN:strategy                  wire bytes of the strategy's state
     ct:run:RUN:staged-strategy:OWNER     that state after a candidate version
     ct:run:RUN:dp_clip                   adaptive clipping's current C (DP runs)
+    ct:run:RUN:voice-norms               list: norms of voices merged in recent rounds (newest first)
     ct:run:RUN:jobs                      hash: shard jobs posted to an asynchronous run
     ct:run:RUN:finished                  hash: "ROUND:SHARD" of each asynchronous job answered -> outcome
     ct:run:RUN:taken                     set: accepted copies, so none counts in two buffers
@@ -104,6 +105,11 @@ def model(run: str, version: int) -> str:
 def dp_clip(run: str) -> str:
     """The current clip of a run with adaptive clipping (DP-FedAvg)."""
     return _k("run", run, "dp_clip")
+
+
+def voice_norms(run: str) -> str:
+    """Recent merged rounds' voice norms: the norm screen's yardstick in rounds of few voices."""
+    return _k("run", run, "voice-norms")
 
 
 def run_jobs(run: str) -> str:

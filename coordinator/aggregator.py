@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import re
+import statistics
 import threading
 import time
 import uuid
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from broker import keys
 from broker.routing import MAX_MEMORY_GB
 from coordinator import checkpoints
@@ -29,14 +32,22 @@ from coordinator.asynchronous import is_async, max_staleness, momentum_delay, op
 from coordinator.context import RunContext, RunContexts
 from coordinator.downlink import lossy, publish, read_residual
 from coordinator.intake import Intake, Verdict
-from coordinator.judging import check_replicas, probe_voices, voices
+from coordinator.judging import (
+    Rejection,
+    check_copies,
+    check_replicas,
+    last_update,
+    probe_voices,
+    sketch_voices,
+    voices,
+)
 from coordinator.leases import Leases
 from coordinator.privacy import next_clip, privatize, spent
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
-from coordinator.validation import all_finite, delta_norm, printable, screen_norms
-from coordinator.verification import next_reputation, weigh
+from coordinator.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
+from coordinator.verification import next_reputation, sketch, weigh
 from serialization import TensorDict, dumps_stream, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
@@ -103,25 +114,27 @@ class Aggregator:
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
-        judged = voices(used)
-        if _probes(context) and len(judged) > 1:
-            reputations = self.store.reputations(list(judged))
-            probed = probe_voices(
-                context.job,
-                weights,
-                used,
-                lambda shards: self._voice(context, used, metas, shards)[1],
-                reputations,
-            )
-            rejections += probed
-            used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in probed}}
+        if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
+            judged = self._judge(context, base, weights, used, metas, reputations)
+            rejections += judged
+            used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
             self.store.credit(volunteer, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
         if not used:
-            return self._fail(context, number, owner, info, summary, "no accepted deltas")
+            failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
+            if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
+                self.store.set_reputations(
+                    {name: next_reputation(v, False) for name, v in reputations.items()}
+                )
+            return failed
+        count, needed = len(voices(used)), int(context.config.get("min_voices") or 1)
+        if count < needed:
+            had = f"{count} voice{'s' if count != 1 else ''}"
+            reason = f"{had} (volunteers) with accepted deltas, {needed} needed (--min-voices)"
+            return self._fail(context, number, owner, info, summary, reason)
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
         if is_async(context.config):
             summary["staleness"] = max(int(metas[s]["staleness"]) for s in used)
@@ -150,6 +163,9 @@ class Aggregator:
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
         self._credit(used, metas)
+        merged_norm = accepted_norm(_voice_norms(used, norms))
+        if merged_norm is not None:
+            self.store.add_voice_norm(run, merged_norm)
         if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
             heard = set(voices(used))
             self.store.set_reputations(
@@ -191,10 +207,55 @@ class Aggregator:
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
         if context.privacy is None:
-            rejections.update(screen_norms(norms, owners, ratio, context.model_norm))
+            history = self.store.voice_norms(context.name)
+            rejections.update(screen_norms(norms, owners, ratio, context.model_norm, history))
         # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
         # by the others' norms would let one person's data decide whether another's counts.
         return metas, norms, rejections
+
+    def _judge(
+        self,
+        context: RunContext,
+        base: int,
+        weights: TensorDict,
+        used: dict[int, str],
+        metas: dict[int, dict],
+        reputations: dict[str, float | None],
+    ) -> list[Rejection]:
+        """Copies of another voice or of the last update (``copy``); with ``--verify probe``, each
+        voice's effect on the probe (``probe``), a round of one voice included. ``reputations``
+        is filled in for a probed round, whose merge weighs by them."""
+
+        def read(shards: list[int]) -> TensorDict:
+            return self._voice(context, used, metas, shards)[1]
+
+        sketches: dict[str, torch.Tensor] = {}
+        probed: list[Rejection] = []
+        last = self._last_update(context, base, weights)
+        last_sketch = sketch(last) if last is not None else None
+        lone = _probes(context) and len(voices(used)) == 1
+        if not lone:
+            last = None  # only a lone voice is probed against it: one model-sized tensor less
+        if _probes(context):
+            reputations.update(self.store.reputations(list(voices(used))))
+            history = self.store.voice_norms(context.name)
+            usual = statistics.median(history) if history else None
+            probed = probe_voices(context.job, weights, used, read, reputations, usual, sketches, last)
+        else:
+            sketches = sketch_voices(used, read)
+        copied = check_copies(used, sketches, last_sketch, reputations)
+        shards = {shard for shard, _, _ in copied}
+        return copied + [entry for entry in probed if entry[0] not in shards]
+
+    def _last_update(self, context: RunContext, base: int, weights: TensorDict) -> TensorDict | None:
+        """The update that published version ``base`` (None for version 0, or once it left Redis)."""
+        if base < 1:
+            return None
+        blob = self.store.model_blob(context.name, base - 1)
+        if blob is None:
+            return None
+        previous, _ = loads(blob)
+        return last_update(weights, previous)
 
     def _merge(
         self,
@@ -391,6 +452,11 @@ def _summary(
         "strategy": config["strategy"],
         "compression": config["compression"],
     }
+
+
+def _voice_norms(used: dict[int, str], norms: dict[int, float]) -> list[float]:
+    """Each merged voice's norm as the screen counts it: the median of its shards' norms."""
+    return [statistics.median(norms[s] for s in shards) for shards in voices(used).values()]
 
 
 def _weight(meta: dict) -> float:

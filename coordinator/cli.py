@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "those far less useful than the round's others (default); none: norms and strategy only",
     )
     p.add_argument(
+        "--min-voices",
+        type=int_in(1, MAX_SHARDS),
+        default=1,
+        metavar="K",
+        help="merge a round (or asynchronous buffer) only with deltas of at least K volunteers; "
+        "one that ends with fewer fails, the model unchanged (default 1)",
+    )
+    p.add_argument(
         "--replicate",
         type=float_in(0, 1, low_ok=True),
         default=0.0,

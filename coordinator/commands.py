@@ -141,6 +141,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         **need.as_config(),
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
+        min_voices=getattr(args, "min_voices", 1) or 1,
         **mode,
         **dp,
         lr=args.lr,

@@ -10,9 +10,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+import torch
+
 from broker import keys
 from coordinator.validation import delta_norm
-from coordinator.verification import Consensus, Evidence, Prober, disagreement, judge, weigh
+from coordinator.verification import (
+    Consensus,
+    Evidence,
+    Prober,
+    copies,
+    disagreement,
+    judge,
+    lone_resolution,
+    sketch,
+    weigh,
+)
 from jobs.interface import Job
 from serialization import TensorDict
 
@@ -78,11 +90,18 @@ def probe_voices(
     used: dict[int, str],
     read: ReadVoice,
     reputations: dict[str, float | None],
+    usual_norm: float | None = None,
+    sketches: dict[str, torch.Tensor] | None = None,
+    last: TensorDict | None = None,
 ) -> list[Rejection]:
     """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
 
     Each voice is read twice (its direction summed, then compared with the
     others' sum), so only one delta is in memory at a time besides the sum.
+    A round of one voice is probed on its own, against the probe's resolution
+    for the run's ``last`` published update at ``usual_norm`` (the median norm
+    of recently merged voices). Each voice's ``sketch`` goes into ``sketches``
+    for the copy check.
     """
     prober = Prober(job, base)
     grouped = voices(used)
@@ -93,6 +112,8 @@ def probe_voices(
         delta = read(shards)
         gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
         consensus.add(delta, weigh(1.0, reputations.get(name)))
+        if sketches is not None:
+            sketches[name] = sketch(delta)
         del delta
     evidence = {
         name: Evidence(
@@ -100,5 +121,39 @@ def probe_voices(
         )
         for name, shards in grouped.items()
     }
-    reasons = judge(evidence)
+
+    def cost(name: str) -> float:  # one more probe of a voice, only in a round where a rule fires
+        return prober.cost(read(grouped[name]), share, gains[name])
+
+    lone = None
+    if len(grouped) == 1:
+        ((name, shards),) = grouped.items()
+        lone = lone_resolution(prober, read(shards), gains[name], usual_norm, last)
+    reasons = judge(evidence, cost, lone)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
+
+
+def sketch_voices(used: dict[int, str], read: ReadVoice) -> dict[str, torch.Tensor]:
+    """Each voice's ``sketch``, for the copy check of a round that is not probed."""
+    return {name: sketch(read(shards)) for name, shards in voices(used).items()}
+
+
+def check_copies(
+    used: dict[int, str],
+    sketches: dict[str, torch.Tensor],
+    last: torch.Tensor | None,
+    reputations: dict[str, float | None],
+) -> list[Rejection]:
+    """The shards of the voices that nearly copy another voice or the last published update."""
+    reasons = copies(sketches, last, reputations)
+    grouped = voices(used)
+    return [(shard, name, reasons[name]) for name in reasons for shard in grouped.get(name, [])]
+
+
+def last_update(current: TensorDict, previous: TensorDict) -> TensorDict:
+    """The update that made ``current`` from ``previous`` (floating-point tensors)."""
+    return {
+        name: tensor - previous[name]
+        for name, tensor in current.items()
+        if tensor.is_floating_point() and name in previous
+    }

@@ -25,6 +25,8 @@ from serialization import Encoded
 
 # Unreferenced objects of a run are looked for at most this often (a listing of its prefix).
 SWEEP_SECONDS = 600
+# Merged rounds whose voice norm the norm screen of small rounds remembers (its yardstick is their median).
+NORM_HISTORY = 16
 
 
 class Store:
@@ -189,6 +191,17 @@ class Store:
 
     def set_dp_clip(self, run: str, clip: float) -> None:
         self.redis.set(keys.dp_clip(run), repr(float(clip)))
+
+    def voice_norms(self, run: str) -> list[float]:
+        """The norms that recent merged rounds added (``add_voice_norm``), newest first."""
+        return [float(raw) for raw in self.redis.lrange(keys.voice_norms(run), 0, NORM_HISTORY - 1)]
+
+    def add_voice_norm(self, run: str, norm: float) -> None:
+        """Remember one merged round's voice norm; only the last ``NORM_HISTORY`` are kept."""
+        pipe = self.redis.pipeline()
+        pipe.lpush(keys.voice_norms(run), repr(float(norm)))
+        pipe.ltrim(keys.voice_norms(run), 0, NORM_HISTORY - 1)
+        pipe.execute()
 
     # --- uploads -------------------------------------------------------------
     def upload_sizes(self, upload_keys: Sequence[str]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -98,15 +98,22 @@ def norm_outliers(norms: Mapping[int, float], max_ratio: float) -> dict[int, str
 
 
 def screen_norms(
-    norms: Mapping[int, float], owners: Mapping[int, str], max_ratio: float, model_norm: float | None = None
+    norms: Mapping[int, float],
+    owners: Mapping[int, str],
+    max_ratio: float,
+    model_norm: float | None = None,
+    history: Sequence[float] = (),
 ) -> dict[int, str]:
     """Shards whose delta norm is out of scale, with one voice per volunteer.
 
     A volunteer's voice is the median of its shards' norms, so training many
     shards of a round does not move the yardstick. With three voices or more,
-    a shard above ``max_ratio`` x the median voice is flagged; with fewer,
-    there is no crowd to compare with, and a shard above ``max_ratio`` x the
-    model's own norm is (when ``model_norm`` is given). Non-finite norms always are.
+    a shard above ``max_ratio`` x the median voice is flagged. With fewer there
+    is no crowd to compare with: the yardstick is the median of ``history``
+    (the norms of voices merged in the run's recent rounds, ``accepted_norm``),
+    else, before any round was merged, the model's own norm; a model at zero
+    with no history yet has no yardstick and its round is left to the probe.
+    Non-finite norms are always flagged.
     """
     if not max_ratio > 0:
         raise ValueError(f"max_ratio must be positive, got {max_ratio}")
@@ -116,9 +123,12 @@ def screen_norms(
         if shard not in flagged:
             by_owner.setdefault(owners[shard], []).append(norm)
     voices = [statistics.median(values) for values in by_owner.values()]
+    past = [n for n in history if math.isfinite(n) and n > 0]
     if len(voices) >= 3:
         yardstick, what = statistics.median(voices), "round median"
-    elif model_norm is not None and len(norms) > 0:
+    elif past:
+        yardstick, what = statistics.median(past), "median of recently merged voices"
+    elif model_norm is not None and model_norm > 0:
         yardstick, what = model_norm, "model's norm"
     else:
         return flagged
@@ -132,6 +142,16 @@ def screen_norms(
         else:
             flagged[shard] = f"norm {_num(norm)} with a {what} of 0"
     return flagged
+
+
+def accepted_norm(norms: Iterable[float]) -> float | None:
+    """What one merged round adds to the norm history: its voices' lower median (None if none).
+
+    The lower median of two voices is the smaller, so a wild voice merged beside
+    an honest one cannot raise the yardstick of the rounds after it.
+    """
+    values = [n for n in norms if math.isfinite(n)]
+    return statistics.median_low(values) if values else None
 
 
 def printable(text: str, limit: int = 200) -> str:

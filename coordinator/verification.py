@@ -29,6 +29,17 @@ A voice that follows the round's direction is not rejected by the probe; its
 harm is bounded by that agreement and by the norm screen. Every rule needs
 honest voices to carry most of the round's reputation.
 
+Near convergence honest steps are mostly noise, and their gains differ by
+about the round's gain or by what any step of their length costs on the probe
+(the probe's *resolution*, ``Prober.cost``: half the loss a step and its
+opposite add together). So a rule's verdict stands only when the shortfall
+under the others' median gain exceeds the probe's noise band: ``NOISE`` x the
+others' resolution and, for harm, ``NOISE_GAIN`` x their median gain, less as
+the voice turns from them (``judge``). A round of one voice is judged too: it
+must not raise the probe loss by more than ``NOISE`` x the resolution of the
+run's last update at the usual norm (``lone_resolution``). Voices that copy
+another's direction or the last published update are refused (``copies``).
+
 Each volunteer's reputation, in [0, 1] from 0.5, moves toward 1 with every
 merged voice and toward 0 with every rejected one; the merge weighs voices by
 it, so a volunteer that was caught before counts less even when it is not.
@@ -37,7 +48,7 @@ it, so a volunteer that was caught before counts less even when it is not.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +67,23 @@ NORM_FLOOR = 0.05
 # against them; under AGREEMENT it does not clearly follow them (honest: 0.1 to 0.9).
 OPPOSED = 0.0
 AGREEMENT = 0.1
+# The probe's noise band: a voice found worse than the round's others by a rule is rejected
+# only when its shortfall under their median gain exceeds the larger of NOISE x the probe's
+# resolution (what a step of the usual length in the usual directions costs whatever its sign,
+# ``Prober.cost``) and, when the rule is about harm (it points against them, or it raises the
+# loss), NOISE_GAIN x their median gain; both x (1 - how far its cosine with them falls under
+# theirs). Honest voices near convergence differ by about the round's gain or resolution and
+# follow the others about as well as they do (near 0 on a sparse model); a voice that reverses
+# an honest one falls 2 x (gain + resolution) below, its cosine as far under theirs as theirs
+# is above 0, and junk turns away from them.
+# A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
+NOISE = 4.0
+NOISE_GAIN = 3.0
+# A voice whose direction has at least this cosine with another voice's of the round, or with
+# the last published update, is a copy (honest voices measured at most 0.985, docs/SECURITY.md).
+COPY_COSINE = 0.999
+# Deltas of more values than this are compared for copies through a count sketch of this size.
+SKETCH = 1 << 16
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
@@ -106,6 +134,16 @@ class Prober:
         self.model.load_state_dict(moved)
         return self.base_loss - probe_loss(self.job, self.model)
 
+    def cost(self, delta: Mapping[str, torch.Tensor], scale: float, gain: float) -> float:
+        """The probe's resolution for this step: what it costs whatever its direction.
+
+        Half the loss a step and its opposite add together (``gain`` is the
+        step's own): the curvature term, which any direction of that length
+        pays. Gains that differ by less than it are within the probe's noise,
+        as near convergence, where honest steps are mostly noise.
+        """
+        return max(0.0, -(gain + self.gain(delta, -scale)) / 2)
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -116,13 +154,36 @@ class Evidence:
     agreement: float = 0.0
 
 
-def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
+# (voice) -> the probe's resolution for its step (``Prober.cost``), measured only when asked
+Cost = Callable[[str], float]
+
+
+def judge(
+    evidence: Mapping[str, Evidence], cost: Cost | None = None, lone_resolution: float | None = None
+) -> dict[str, str]:
     """The voices to reject, with a reason containing ``probe``; the others are kept.
 
     Each voice is measured against the *other* voices, so one bad voice cannot
-    shift its own bar; a round of one voice rejects none.
+    shift its own bar. A rule that finds a voice worse than the others rejects
+    it only if its shortfall exceeds the probe's noise band: ``NOISE`` x the
+    probe's resolution, the median ``cost`` of the others' steps (each at their
+    median norm), what a step of the round's usual length and kind costs on
+    the probe whatever its direction (not the voice's own: a step in a sharp
+    direction, an ascender's, costs far more and would widen its own band);
+    for harm, ``NOISE_GAIN`` x the others' median gain if larger; the band
+    narrows as the voice's agreement falls under theirs. A lone voice is
+    rejected when it raises the probe loss by more than ``NOISE`` x
+    ``lone_resolution``.
     """
     reasons: dict[str, str] = {}
+    if len(evidence) == 1:
+        ((name, seen),) = evidence.items()
+        if lone_resolution is not None and -seen.gain > NOISE * lone_resolution:
+            reasons[name] = (
+                f"probe: a lone voice that raises the probe loss by {-seen.gain:.3g}, "
+                f"beyond the probe's noise ({NOISE * lone_resolution:.3g})"
+            )
+        return reasons
     for name, seen in evidence.items():
         usual = [e.norm for other, e in evidence.items() if other != name]
         if usual and seen.norm < NORM_FLOOR * statistics.median(usual):
@@ -133,6 +194,7 @@ def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
     # The voices past the norm screen: each is judged against all the others, whatever the
     # verdicts on them, so the order of judging changes no bar.
     screened = [name for name in evidence if name not in reasons]
+    costs: dict[str, float] = {}
     for name in screened:
         seen = evidence[name]
         others = [evidence[other].gain for other in screened if other != name]
@@ -140,20 +202,45 @@ def judge(evidence: Mapping[str, Evidence]) -> dict[str, str]:
             continue
         typical = statistics.median(others)
         deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
+        harm = True
         if seen.agreement < OPPOSED and seen.gain < typical:
-            reasons[name] = (
+            reason = (
                 f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
                 f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
             )
         elif seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
-            reasons[name] = (
+            harm = seen.gain < 0
+            reason = (
                 f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it by "
                 f"{-typical:.3g}"
-                if seen.gain < 0
+                if harm
                 else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
                 f"of the round's others ({typical:.3g})"
             )
+        else:
+            continue
+        peers = [other for other in screened if other != name]
+        # the probe's noise band (module docstring), narrowed as the voice turns from the others:
+        # by how far its cosine with them falls under their own
+        gap = statistics.median(evidence[other].agreement for other in peers) - seen.agreement
+        band = NOISE_GAIN * max(typical, 0.0) if harm else 0.0
+        if cost is not None:
+            usual_norm = statistics.median(evidence[other].norm for other in peers)
+            for other in peers:
+                if other not in costs:
+                    costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
+            band = max(band, NOISE * statistics.median(costs[other] for other in peers))
+        if typical - seen.gain <= band * min(1.0, max(0.0, 1.0 - gap)):
+            continue  # within the probe's noise: near convergence, honest steps are mostly noise
+        reasons[name] = reason
     return reasons
+
+
+def _scaled(cost: float, norm: float, usual: float | None) -> float:
+    """A step's probe cost at the usual norm instead of its own (the cost grows as the square)."""
+    if usual is None or usual <= 0 or norm <= 0:
+        return cost
+    return cost * (usual / norm) ** 2
 
 
 def _far_worse(gain: float, typical: float, deviation: float) -> bool:
@@ -161,6 +248,94 @@ def _far_worse(gain: float, typical: float, deviation: float) -> bool:
     if typical > 0 and gain >= USEFUL_FRACTION * typical:
         return False
     return gain < typical - SPREAD * deviation
+
+
+def lone_resolution(
+    prober: Prober,
+    delta: Mapping[str, torch.Tensor],
+    gain: float,
+    usual_norm: float | None,
+    last: Mapping[str, torch.Tensor] | None,
+) -> float:
+    """The probe's resolution for a round of one voice (``delta``, probed at a full step).
+
+    The cost of the run's last published update at the usual norm: a step of
+    the length and kind honest rounds took. Before any update, the voice's own
+    step at the usual norm (or its own, before any merge).
+    """
+    size = delta_norm(last) if last is not None else 0.0
+    if last is not None and size > 0:
+        scale = (usual_norm or size) / size
+        return prober.cost(last, scale, prober.gain(last, scale))
+    return _scaled(prober.cost(delta, 1.0, gain), delta_norm(delta), usual_norm)
+
+
+def copies(
+    sketches: Mapping[str, torch.Tensor], last: torch.Tensor | None, reputations: Mapping[str, float | None]
+) -> dict[str, str]:
+    """Voices whose direction nearly copies another voice's or the last published update (``copy``).
+
+    ``sketches`` and ``last`` come from ``sketch``. Of two voices that copy each
+    other, the one of lower reputation is refused; both at equal reputation,
+    since nothing tells which came first.
+    """
+    reasons: dict[str, str] = {}
+    names = list(sketches)
+    for name in names:
+        if last is not None:
+            cosine = _cosine(sketches[name], last)
+            if cosine >= COPY_COSINE:
+                reasons[name] = f"copy: the last published update, re-sent (cosine {cosine:.4f})"
+                continue
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            cosine = _cosine(sketches[first], sketches[second])
+            if cosine < COPY_COSINE:
+                continue
+            rank = {n: _reputation(reputations.get(n)) for n in (first, second)}
+            for name, other in ((first, second), (second, first)):
+                if rank[name] <= rank[other] and name not in reasons:
+                    reasons[name] = (
+                        f"copy: nearly the same direction as {other}'s delta (cosine {cosine:.4f})"
+                    )
+    return reasons
+
+
+def sketch(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The delta's floating-point values in a fixed order, or a count sketch of ``SKETCH`` of them.
+
+    Cosines between sketches estimate cosines between deltas (within about
+    ``1/sqrt(SKETCH)`` = 0.004 for large ones, exactly for small ones), so the
+    round's pairs are compared without holding their deltas.
+    """
+    tensors = [delta[name].detach().reshape(-1) for name in sorted(delta) if delta[name].is_floating_point()]
+    total = sum(t.numel() for t in tensors)
+    if total <= SKETCH:
+        return torch.cat([t.double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+    out = torch.zeros(SKETCH, dtype=torch.float64)
+    offset = 0
+    step = 1 << 20
+    for flat in tensors:
+        for start in range(0, flat.numel(), step):
+            chunk = flat[start : start + step].double()
+            index = torch.arange(offset + start, offset + start + chunk.numel(), dtype=torch.int64)
+            hashed = (index * 48271 + 11) % 2147483647
+            hashed = (hashed * 48271) % 2147483647
+            signs = ((hashed // SKETCH) % 2) * 2.0 - 1.0
+            out.index_add_(0, hashed % SKETCH, chunk * signs)
+        offset += flat.numel()
+    return out
+
+
+def _reputation(value: float | None) -> float:
+    return START_REPUTATION if value is None else value
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    norms = float(a.norm()) * float(b.norm())
+    return float(torch.dot(a, b)) / norms if norms > 0 else 0.0
 
 
 class Consensus:

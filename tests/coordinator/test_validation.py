@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from coordinator.validation import (
+    accepted_norm,
     check_delta,
     check_meta,
     delta_norm,
@@ -203,10 +204,34 @@ def test_a_volunteer_with_many_shards_does_not_move_the_yardstick():
     assert sorted(flagged) == [3, 4, 5, 6, 7]
 
 
-def test_with_fewer_than_three_voices_the_model_norm_is_the_yardstick():
+def test_with_fewer_than_three_voices_and_no_history_the_model_norm_is_the_yardstick():
     flagged = screen_norms({0: 1.0, 1: 500.0}, {0: "ann", 1: "mal"}, max_ratio=10, model_norm=20.0)
     assert list(flagged) == [1] and "model's norm" in flagged[1]
     assert screen_norms({0: 1.0, 1: 500.0}, {0: "ann", 1: "mal"}, max_ratio=10) == {}
+
+
+def test_a_model_at_zero_is_not_screened_by_its_norm_but_by_the_voices_merged_before():
+    """The issue's sparse model starts at zero: every honest delta was '5.56 with a model's norm of 0'."""
+    two = {0: "ann", 1: "ben"}
+    assert screen_norms({0: 5.56, 1: 5.3}, two, max_ratio=10, model_norm=0.0) == {}
+    history = [5.4, 4.9, 5.1]  # the voices merged in earlier rounds
+    assert screen_norms({0: 5.56, 1: 5.3}, two, max_ratio=10, model_norm=0.0, history=history) == {}
+    flagged = screen_norms({0: 5.56, 1: 900.0}, two, max_ratio=10, model_norm=0.0, history=history)
+    assert list(flagged) == [1] and "recently merged voices" in flagged[1]
+
+
+def test_the_history_not_the_model_norm_screens_small_rounds_of_tiny_and_of_large_models():
+    # a 17-parameter model of norm 0.5 whose honest deltas are 2.4 (measured on the linear job)
+    assert screen_norms({0: 2.4}, {0: "ann"}, max_ratio=10, model_norm=0.5, history=[2.0, 2.5]) == {}
+    # a large model of norm 1000 whose honest deltas are about 1: a lone 50x delta is caught
+    flagged = screen_norms({0: 50.0}, {0: "mal"}, max_ratio=10, model_norm=1000.0, history=[1.0, 1.2, 0.9])
+    assert list(flagged) == [0]
+
+
+def test_a_round_adds_its_voices_lower_median_to_the_history():
+    assert accepted_norm([1.0, 9.0]) == 1.0  # a wild voice merged beside an honest one: not the history
+    assert accepted_norm([3.0]) == 3.0 and accepted_norm([1.0, 2.0, 30.0]) == 2.0
+    assert accepted_norm([]) is None
 
 
 def test_text_from_volunteers_is_escaped_and_capped_before_logs_and_json():

@@ -114,9 +114,15 @@ def _refused(action: Callable[[], object]) -> str:
     return str(refusal.value)
 
 
-def _tiny_delta(value: float, noise: float = 0.0) -> dict[str, torch.Tensor]:
-    """A delta of the tiny job's model (nn.Linear(4, 1)), every entry ``value`` (+ noise)."""
+def _tiny_delta(value: float, noise: float = 0.0, bump: int | None = None) -> dict[str, torch.Tensor]:
+    """A delta of the tiny job's model (nn.Linear(4, 1)), every entry ``value`` (+ noise).
+
+    ``bump`` raises one weight by 30%: voices of different bumps point different ways
+    (cosine 0.98), as honest ones do, where equal ones would be refused as copies.
+    """
     weight = torch.full((1, 4), value) + noise * torch.randn(1, 4)
+    if bump is not None:
+        weight[0, bump] += 0.3 * value
     bias = torch.full((1,), value) + noise * torch.randn(1)
     return {"weight": weight, "bias": bias}
 
@@ -187,7 +193,7 @@ def test_the_bytes_merged_are_exactly_the_bytes_validated(cluster):
     mallory = cluster.mallory()
     cluster.init("--shards", "2", "--deadline", "600")
     number = cluster.post()
-    good = [_tiny_delta(0.01 * (i + 1)) for i in range(2)]
+    good = [_tiny_delta(0.01 * (i + 1), bump=i) for i in range(2)]
     token = mallory.deliver("r", number, 0, delta_blob(good[0], "r", number, 0, 0))
     cluster.wait_until(lambda: cluster.round(number).get("accepted") == 1, "shard 0 to be accepted")
     # act: rewrite the validated upload with NaN and a samples claim of 2e12
@@ -253,7 +259,7 @@ def test_a_volunteer_answering_many_shards_has_one_voice(cluster):
     cluster.init("--shards", "6", "--strategy", "median", "--deadline", "600", "--verify", "none")
     number = cluster.post()
     for shard, person in enumerate(honest):
-        person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, 1e-3), "r", number, shard, 0))
+        person.deliver("r", number, shard, delta_blob(_tiny_delta(0.1, bump=shard), "r", number, shard, 0))
     for shard in (3, 4, 5):  # the opposite push, at an ordinary norm, three times
         mallory.deliver("r", number, shard, delta_blob(_tiny_delta(-0.1, 1e-3), "r", number, shard, 0))
     record = cluster.wait_ended(number)
@@ -434,10 +440,18 @@ def test_forged_shard_tasks_are_not_trained_and_a_refused_script_is_survived(clu
 
 
 # --- 9. quiet attackers: judged by their effect -------------------------------------------------
-def _toward_optimum(cluster: Cluster, version: int, step: float) -> dict[str, torch.Tensor]:
-    """A delta moving the tiny model ``step`` of the way to its optimum (negative: away from it)."""
+def _toward_optimum(cluster: Cluster, version: int, step: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A delta moving the tiny model ``step`` of the way to its optimum (negative: away from it).
+
+    With ``seed``, each entry is off by up to 20%, as honest voices differ by their data
+    (the same direction exactly would be refused as a copy).
+    """
     job, weights = TinyJob(), cluster.weights(version)
-    return {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
+    delta = {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
+    if seed:
+        gen = torch.Generator().manual_seed(seed)
+        delta = {k: v * (1 + 0.2 * (2 * torch.rand(v.shape, generator=gen) - 1)) for k, v in delta.items()}
+    return delta
 
 
 def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
@@ -447,16 +461,15 @@ def test_quiet_attackers_are_rejected_by_the_probe_and_lose_reputation(cluster):
     attacks = {
         # the honest direction reversed, at an honest norm: norm screens cannot see it
         "reversed": lambda good: {k: -v for k, v in good.items()},
-        # a near-zero delta claiming full samples, for the credit
-        "free-rider": lambda good: {k: 1e-4 * v for k, v in good.items()},
+        # a near-zero delta claiming full samples, for the credit (not ann's direction: not a copy)
+        "free-rider": lambda good: {k: 1e-4 * torch.randn(v.shape) for k, v in good.items()},
     }
     for version, (attack, make) in enumerate(attacks.items()):
         number = cluster.post()
-        good = _toward_optimum(cluster, version, 0.2)
+        good = _toward_optimum(cluster, version, 0.2, seed=1 + version)
         ann.deliver("r", number, 0, delta_blob(good, "r", number, 0, version))
-        ben.deliver(
-            "r", number, 1, delta_blob(_toward_optimum(cluster, version, 0.15), "r", number, 1, version)
-        )
+        other = _toward_optimum(cluster, version, 0.15, seed=11 + version)
+        ben.deliver("r", number, 1, delta_blob(other, "r", number, 1, version))
         mallory.deliver("r", number, 2, delta_blob(make(good), "r", number, 2, version, samples=24))
         record = cluster.wait_ended(number)
         assert record["status"] == "done" and record["accepted"] == 2, (attack, record)
@@ -512,7 +525,7 @@ def test_the_announcement_list_is_append_only_bounded_and_credits_only_the_uploa
         _refused(action)
     ann_blob = delta_blob(_tiny_delta(0.02), "r", number, 0, 0)
     ann_token = ann.upload("r", number, 0, ann_blob, ann.lease("r", number, 0)["token"])  # not announced
-    own_blob = delta_blob(_tiny_delta(0.04), "r", number, 1, 0)
+    own_blob = delta_blob(_tiny_delta(0.04, bump=1), "r", number, 1, 0)
     own_token = mallory.lease("r", number, 1)["token"]
     own = keys.upload("mallory", "r", number, 1, mallory.upload("r", number, 1, own_blob, own_token))
 
@@ -542,3 +555,100 @@ def test_the_announcement_list_is_append_only_bounded_and_credits_only_the_uploa
     logs = cluster.procs.log_tail(200_000)
     assert "dropped 2 announcements longer than" in logs and "dropped 3 malformed announcements" in logs
     assert aggregator.poll() is None, logs[-3000:]
+
+
+# --- 11. small rounds and copies ----------------------------------------------------------------
+def _pushed_back(cluster: Cluster, version: int, factor: float = -3.0) -> dict[str, torch.Tensor]:
+    """The issue's lone attacker: ``factor`` x the update that published ``version``."""
+    now, before = cluster.weights(version), cluster.weights(version - 1)
+    return {name: factor * (now[name] - before[name]) for name in now}
+
+
+def test_a_lone_voice_that_pushes_the_model_back_is_rejected_by_the_probe(cluster):
+    cluster.procs.aggregator()
+    ann, mallory = cluster.mallory("ann"), cluster.mallory()
+    cluster.init("--shards", "1", "--deadline", "600")  # fedavg, --verify probe by default
+    number = cluster.post()
+    ann.deliver("r", number, 0, delta_blob(_toward_optimum(cluster, 0, 0.2, seed=1), "r", number, 0, 0))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["rejections"] == [], record  # a lone honest voice is kept
+    for _ in range(2):  # twice: a failed round leaves the model at version 1
+        number = cluster.post()
+        mallory.deliver("r", number, 0, delta_blob(_pushed_back(cluster, 1), "r", number, 0, 1))
+        record = cluster.wait_ended(number)
+        assert record["status"] == "failed" and cluster.store.version("r") == 1, record
+        (rejection,) = record["rejections"]
+        assert rejection["volunteer"] == "mallory" and rejection["reason"].startswith("probe: a lone voice")
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["mallory"]["accepted"] == 0 and people["mallory"]["reputation"] < 0.5
+
+
+def test_a_lone_voice_in_an_asynchronous_buffer_that_pushes_the_model_back_is_rejected(cluster):
+    cluster.procs.aggregator()
+    ann, mallory = cluster.mallory("ann"), cluster.mallory()
+    cluster.init("--mode", "async", "--buffer", "1", "--shards", "2", "--deadline", "600")
+    driver = cluster.procs.spawn("run", "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "3")
+    try:
+        cluster.wait_until(lambda: int(cluster.round(1).get("shards") or 0) >= 2, "buffer 1's jobs")
+        good = _toward_optimum(cluster, 0, 0.2, seed=1)
+        ann.deliver("r", 1, 0, delta_blob(good, "r", 1, 0, 0))
+        assert cluster.wait_ended(1)["status"] == "done"  # a lone honest voice is kept
+        # the second job of buffer 1, answered once version 1 is out: counted in buffer 2, 1 version stale
+        mallory.deliver("r", 1, 1, delta_blob(_pushed_back(cluster, 1), "r", 1, 1, 0))
+        cluster.wait_until(lambda: cluster.round(2).get("status") in ("done", "failed"), "buffer 2 to end")
+        record = round_record(cluster.store, "r", 2)
+    finally:
+        cluster.procs.kill(driver)
+    assert record["status"] == "failed" and cluster.store.version("r") == 1, record
+    (rejection,) = record["rejections"]
+    assert rejection["volunteer"] == "mallory" and rejection["reason"].startswith("probe: a lone voice")
+
+
+def test_a_re_encoded_copy_of_another_voice_or_of_the_last_update_is_refused_as_a_copy(cluster):
+    cluster.procs.aggregator()
+    ann, ben, mallory = cluster.mallory("ann"), cluster.mallory("ben"), cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600")
+    number = cluster.post()
+    ann.deliver("r", number, 0, delta_blob(_toward_optimum(cluster, 0, 0.2, seed=1), "r", number, 0, 0))
+    ben.deliver("r", number, 1, delta_blob(_toward_optimum(cluster, 0, 0.15, seed=2), "r", number, 1, 0))
+    assert cluster.wait_ended(number)["accepted"] == 2
+    # ann's delta of this round, decoded and encoded again (other bytes, the same direction)
+    number = cluster.post()
+    good = _toward_optimum(cluster, 1, 0.2, seed=3)
+    ann.deliver("r", number, 0, delta_blob(good, "r", number, 0, 1))
+    copied = {k: v.half().float() for k, v in good.items()}
+    mallory.deliver("r", number, 1, delta_blob(copied, "r", number, 1, 1, samples=24))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 1, record
+    (rejection,) = record["rejections"]
+    assert rejection["volunteer"] == "mallory" and rejection["reason"].startswith("copy: nearly the same"), (
+        record
+    )
+    # the update that published version 2, re-sent as a delta of its own
+    number = cluster.post("--shards", "3")
+    ann.deliver("r", number, 0, delta_blob(_toward_optimum(cluster, 2, 0.2, seed=4), "r", number, 0, 2))
+    ben.deliver("r", number, 1, delta_blob(_toward_optimum(cluster, 2, 0.15, seed=5), "r", number, 1, 2))
+    replay = _pushed_back(cluster, 2, factor=1.0)
+    mallory.deliver(
+        "r", number, 2, delta_blob({k: v.half().float() for k, v in replay.items()}, "r", number, 2, 2)
+    )
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 2, record
+    (rejection,) = record["rejections"]
+    assert rejection["volunteer"] == "mallory" and "copy: the last published update" in rejection["reason"]
+    people = {v["name"]: v for v in cluster.procs.json("status")["volunteers"]}
+    assert people["mallory"]["accepted"] == 0 and people["ann"]["accepted"] == 3
+
+
+def test_min_voices_fails_a_round_of_fewer_volunteers_and_says_how_many(cluster):
+    cluster.procs.aggregator()
+    mallory = cluster.mallory()
+    cluster.init("--shards", "2", "--deadline", "600", "--min-voices", "2")
+    number = cluster.post()
+    for shard in (0, 1):  # both shards of the round, from one volunteer: one voice
+        delta = _toward_optimum(cluster, 0, 0.1, seed=1 + shard)
+        mallory.deliver("r", number, shard, delta_blob(delta, "r", number, shard, 0))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "failed" and cluster.store.version("r") == 0, record
+    assert record["reason"] == "1 voice (volunteers) with accepted deltas, 2 needed (--min-voices)"
+    assert all(v["accepted"] == 0 for v in cluster.procs.json("status")["volunteers"])  # no credit
