@@ -231,11 +231,13 @@ class Aggregator:
 
         sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
-        last = self._last_update(context, base, weights)
-        last_sketch = sketch(last) if last is not None else None
+        previous = self._previous_version(context, base)
+        # The copy check needs only the last update's sketch, formed tensor by tensor; a lone
+        # voice is also probed against the whole update, which only then is held.
+        last_sketch = sketch(weights, minus=previous) if previous is not None else None
         lone = _probes(context) and len(voices(used)) == 1
-        if not lone:
-            last = None  # only a lone voice is probed against it: one model-sized tensor less
+        last = last_update(weights, previous) if lone and previous is not None else None
+        del previous
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))
             history = self.store.voice_norms(context.name)
@@ -247,15 +249,14 @@ class Aggregator:
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards]
 
-    def _last_update(self, context: RunContext, base: int, weights: TensorDict) -> TensorDict | None:
-        """The update that published version ``base`` (None for version 0, or once it left Redis)."""
+    def _previous_version(self, context: RunContext, base: int) -> TensorDict | None:
+        """Version ``base - 1``, views of its blob (None for version 0, or once it left Redis)."""
         if base < 1:
             return None
         blob = self.store.model_blob(context.name, base - 1)
         if blob is None:
             return None
-        previous, _ = loads(blob)
-        return last_update(weights, previous)
+        return loads(blob)[0]
 
     def _merge(
         self,

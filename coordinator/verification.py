@@ -301,21 +301,34 @@ def copies(
     return reasons
 
 
-def sketch(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def sketch(
+    delta: Mapping[str, torch.Tensor], minus: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The delta's floating-point values in a fixed order, or a count sketch of ``SKETCH`` of them.
 
     Cosines between sketches estimate cosines between deltas (within about
     ``1/sqrt(SKETCH)`` = 0.004 for large ones, exactly for small ones), so the
-    round's pairs are compared without holding their deltas.
+    round's pairs are compared without holding their deltas. With ``minus``,
+    the sketch of ``delta - minus`` (the names both hold), formed one tensor
+    at a time: the last update of a model is sketched without a third model.
     """
-    tensors = [delta[name].detach().reshape(-1) for name in sorted(delta) if delta[name].is_floating_point()]
-    total = sum(t.numel() for t in tensors)
+    names = [
+        name for name in sorted(delta) if delta[name].is_floating_point() and (minus is None or name in minus)
+    ]
+
+    def values(name: str) -> torch.Tensor:
+        flat = delta[name].detach().reshape(-1)
+        return flat if minus is None else flat - minus[name].detach().reshape(-1).to(flat.dtype)
+
+    total = sum(delta[name].numel() for name in names)
     if total <= SKETCH:
-        return torch.cat([t.double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+        parts = [values(name).double() for name in names]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     out = torch.zeros(SKETCH, dtype=torch.float64)
     offset = 0
     step = 1 << 20
-    for flat in tensors:
+    for name in names:
+        flat = values(name)
         for start in range(0, flat.numel(), step):
             chunk = flat[start : start + step].double()
             index = torch.arange(offset + start, offset + start + chunk.numel(), dtype=torch.int64)
@@ -324,6 +337,7 @@ def sketch(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
             signs = ((hashed // SKETCH) % 2) * 2.0 - 1.0
             out.index_add_(0, hashed % SKETCH, chunk * signs)
         offset += flat.numel()
+        del flat
     return out
 
 
