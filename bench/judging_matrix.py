@@ -96,7 +96,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 lr=args.lr,
                 optimizer=args.optimizer,
                 device=torch.device("cpu"),
-                seed=seed_for(f"matrix-{name}", number, i),
+                seed=seed_for(f"matrix-{name}" + (f"-{args.seed}" if args.seed else ""), number, i),
                 optimizer_state=state[who],
             )
             state[who], voices[who] = result.optimizer_state, result.delta
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--seed", type=int, default=0, help="another draw of every shard's batches (0: the first)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="each rejection's evidence, on stderr")
     args = p.parse_args(argv)
