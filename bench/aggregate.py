@@ -12,7 +12,8 @@ shapes, run in a subprocess with that interpreter. Make that interpreter with:
 
 The deltas are generated once and reused (four distinct ones, cycled), so the timing is the
 fold, not random number generation. The fold adds into accumulators that the strategy keeps
-between rounds: first-touching fresh pages runs at ~3 GB/s and would dominate (ANCHORS.md),
+between rounds: first-touching fresh pages runs at ~3 GB/s and would dominate (docs/BENCHMARKS.md,
+"Measuring memory-bound code here"),
 which the "fresh strategy" row shows. ``THP_MEM_ALLOC_ENABLE=1`` (torch's switch for
 transparent huge pages) is set unless the environment sets it; run with
 ``THP_MEM_ALLOC_ENABLE=0`` to see the difference.

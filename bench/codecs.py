@@ -17,8 +17,9 @@ Peers run in their own throwaway virtualenvs, given with ``--peer-python``
 
 (hivemind's 8-bit codecs raise TypeError under numpy 2.4, hence the pin.)
 ``--tuned-malloc`` re-runs the whole bench with glibc's ``MALLOC_MMAP_THRESHOLD_``
-and ``MALLOC_TRIM_THRESHOLD_`` raised, so freed pages are reused (ANCHORS.md:
-first-touch page faults dominate fresh 100 MB allocations); every row gets it.
+and ``MALLOC_TRIM_THRESHOLD_`` raised, so freed pages are reused (docs/BENCHMARKS.md,
+"Measuring memory-bound code here": first-touch page faults dominate fresh 100 MB
+allocations); every row gets it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ aggregator has written its checkpoint. Peak = the larger of ``VmHWM`` and the sa
 maximum, for every process of the volunteer's tree (with ``--pool prefork`` the worker
 child is the one that trains); "above idle" subtracts the baseline.
 
-Bounds (docs/DESIGN.md, "Any model size"): aggregator under 4x the model's float32 size for
+Bounds (docs/BENCHMARKS.md section 10): aggregator under 4x the model's float32 size for
 a streaming strategy, volunteer under 6x. A size that cannot run (init refused, a round that
 fails, a process that dies, a timeout) is a row "failed: <reason>", and the next size runs.
 

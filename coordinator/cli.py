@@ -1,6 +1,6 @@
 """The ``coordinator`` command: parse flags, build objects, call the library.
 
-Known errors become one line on stderr and exit code 2 (DESIGN.md).
+Known errors become one line on stderr and exit code 2 (README, "When things go wrong").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The JSON documents of DESIGN.md: one round's record, and a run's report."""
+"""The ``--json`` documents (docs/ARCHITECTURE.md, "JSON documents"): a round's record, a run's report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from coordinator.store import Store
 
 
 def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
-    """One entry of the ``rounds`` list of DESIGN.md's JSON."""
+    """One entry of the ``rounds`` list of the ``--json`` document."""
     info = store.rounds.info(run, number) or {}
     summary = json.loads(info["summary"]) if isinstance(info.get("summary"), str) else {}
     rejections = store.rounds.rejections(run, number)

@@ -20,7 +20,7 @@ _CREDIT = ("shards_done", "samples", "accepted", "rejected")
 
 
 def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[str, Any]:
-    """The ``status --json`` document of DESIGN.md."""
+    """The ``status --json`` document (docs/ARCHITECTURE.md, "JSON documents")."""
     names = [run] if run else store.runs()
     runs = []
     for name in names:

@@ -1,4 +1,4 @@
-"""The job interface (DESIGN.md, "job interface") and the error family of jobs.
+"""The job interface (README, "Your own job") and the error family of jobs.
 
 A job is what a run trains: model, data shards, loss and evaluation. Both the
 trusted aggregator and untrusted volunteers use it, so it imports nothing of

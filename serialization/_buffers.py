@@ -1,7 +1,8 @@
 """Output buffers that skip the page-fault cost of fresh large allocations.
 
 A 100 MB ``bytes`` built by ``b"".join`` spends most of its time faulting in
-4 KiB pages (ANCHORS.md: ~1.5 GB/s against ~7 GB/s for a warm memcpy). On
+4 KiB pages (docs/BENCHMARKS.md, "Measuring memory-bound
+code here": ~1.5 GB/s against ~7 GB/s for a warm memcpy). On
 CPython we allocate the ``bytes`` object uninitialised (the documented
 ``PyBytes_FromStringAndSize(NULL, n)`` idiom), ask the kernel for huge pages
 over it (``madvise``; a no-op where THP is off) and fill it in place before

@@ -186,7 +186,7 @@ def _seed(seed: int, device: torch.device) -> None:
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The inner optimizer of one shard (DESIGN.md: ``--optimizer adamw|sgd``)."""
+    """The inner optimizer of one shard (``init --optimizer adamw|sgd``)."""
     if name == "adamw":
         # fused: one kernel per step, no model-sized temporaries (the foreach step allocates
         # about one model's size) and many times faster on the CPU; where a device has no

@@ -89,7 +89,7 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     residual = keys.downlink_residual("big")
     assert blobs.sizes(client, residual)[0] > REDIS_VALUE_LIMIT, "the downlink residual is model-sized"
     assert client.llen(residual) > 1 + REDIS_VALUE_LIMIT // (chunk_mib << 20), "and chunked"
-    # DESIGN.md "Any model size": above idle, the aggregator under 4x the float32 model, a volunteer under 6x
+    # BENCHMARKS section 10: above idle, the aggregator under 4x the float32 model, a volunteer under 6x
     above = {pid: peak_bytes(pid) - base for pid, base in idle.items()}
 
     out = processes.home / "big.safetensors"
