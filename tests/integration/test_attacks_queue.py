@@ -7,8 +7,6 @@ the test of each door).
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ import redis
 
 from broker import keys
 from tests.conftest import Processes, RedisServer
+from tests.fixtures.attacker import envelope
 from tests.fixtures.servers import ADMIN_PASSWORD, redis7_binary
 from tests.integration.test_attacks import Cluster, _refused
 
@@ -53,33 +52,6 @@ def full_cluster(tmp_path: Path) -> Iterator[Cluster]:
     yield Cluster(procs, server.client())
     procs.stop_all()
     server.stop()
-
-
-def _envelope(queue: str, task: str, body: bytes, task_id: str, **headers: Any) -> str:
-    """A well-formed kombu envelope naming ``task``, with extra Celery headers."""
-    return json.dumps(
-        {
-            "body": base64.b64encode(body).decode(),
-            "content-encoding": "binary",
-            "content-type": "application/x-msgpack",
-            "headers": {
-                "lang": "py",
-                "task": task,
-                "id": task_id,
-                "root_id": task_id,
-                "retries": 0,
-                **headers,
-            },
-            "properties": {
-                "correlation_id": task_id,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
 
 
 def _signature(task: str, *args: Any) -> dict[str, Any]:
@@ -122,7 +94,7 @@ def test_messages_naming_any_other_task_are_dropped_and_every_volunteer_stays_up
     for _ in range(2):
         for task, body, headers in poison:
             ids.append(str(uuid.uuid4()))
-            mallory.redis.lpush("train", _envelope("train", task, msgpack.packb(body), ids[-1], **headers))
+            mallory.redis.lpush("train", envelope("train", task, msgpack.packb(body), ids[-1], **headers))
     cluster.wait_until(lambda: cluster.store.queue_depths()["train"] == 0, "the poison to be taken")
     # assert: the fleet is up and trains a round; nothing was stored, nothing refused by the ACL
     record = cluster.wait_ended(cluster.post())
