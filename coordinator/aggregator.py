@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import statistics
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from broker import keys
+from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
 from coordinator import checkpoints
 from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
@@ -479,19 +479,14 @@ def _since(info: dict) -> float:
 @contextlib.contextmanager
 def _renewing(store: Store, run: str, number: int, owner: str) -> Iterator[None]:
     """Renew our claim on a round every third of its lease until the block ends."""
-    stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(CLAIM_LEASE / 3):
-            try:
-                if store.rounds.renew(run, number, owner) != "renewed":
-                    return  # taken over: our commit will be refused, which is safe
-            except Exception as e:  # keep trying; the lease covers short blips
-                log.warning("could not renew the claim on %s round %d: %s", run, number, e)
+    def renew() -> bool:
+        try:
+            # taken over: stop; our commit will be refused, which is safe
+            return bool(store.rounds.renew(run, number, owner) == "renewed")
+        except Exception as e:  # keep trying; the lease covers short blips
+            log.warning("could not renew the claim on %s round %d: %s", run, number, e)
+            return True
 
-    thread = threading.Thread(target=renew, name="claim-renewal", daemon=True)
-    thread.start()
-    try:
+    with renewing(CLAIM_LEASE / 3, renew, "claim-renewal"):
         yield
-    finally:
-        stop.set()

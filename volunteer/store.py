@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ import redis
 from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import Pointer, UrlReader, send_to_slot
+from broker.renewal import renewing
 from serialization import Encoded
 
 log = logging.getLogger("crowdtrain.volunteer")
@@ -93,27 +93,20 @@ class VolunteerStore:
     @contextlib.contextmanager
     def renewing(self, run: str, number: int, shard: int, token: str, seconds: float) -> Iterator[None]:
         """Renew a lease every third of its ``seconds`` until the block ends (the shard trains)."""
-        stop = threading.Event()
         entry = keys.lease_request(run, number, shard, token, "renew")
 
-        def renew() -> None:
-            while not stop.wait(max(0.5, seconds / 3)):
-                try:
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.rpush(keys.lease_inbox(self.name), entry)
-                    pipe.rpush(keys.lease_requests(), self.name)
-                    pipe.execute()
-                except redis.RedisError as e:  # the lease covers short blips
-                    log.warning(
-                        "could not renew the lease of %s round %d shard %d: %s", run, number, shard, e
-                    )
+        def renew() -> bool:
+            try:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.rpush(keys.lease_inbox(self.name), entry)
+                pipe.rpush(keys.lease_requests(), self.name)
+                pipe.execute()
+            except redis.RedisError as e:  # the lease covers short blips
+                log.warning("could not renew the lease of %s round %d shard %d: %s", run, number, shard, e)
+            return True
 
-        thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
-        thread.start()
-        try:
+        with renewing(max(0.5, seconds / 3), renew, "lease-renewal"):
             yield
-        finally:
-            stop.set()
 
     def put_upload(
         self,
