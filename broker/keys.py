@@ -77,9 +77,15 @@ MAX_MESSAGE_BYTES = 512 * 1024
 MAX_NUMBER = 1 << 40
 # What a run or volunteer name may be: they become parts of keys, ACL users and file names.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use fullmatch: "$" lets a final newline in
+NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-'"
 # An upload's token: random hex, which no one but its volunteer (and the trusted side) sees.
 TOKEN = re.compile(r"[0-9a-f]{8,64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() takes "²", which int() refuses
+
+
+def valid_name(value: object) -> bool:
+    """Whether ``value`` may name a run or a volunteer (the one check every side uses)."""
+    return isinstance(value, str) and NAME.fullmatch(value) is not None
 
 
 def runs() -> str:

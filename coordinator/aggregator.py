@@ -56,7 +56,7 @@ MAX_ATTEMPTS = 3
 # Raw upload bytes the merge reads ahead in one MGET (at least one upload): small deltas cost
 # one round trip per batch, not per delta, and a large one is still read alone.
 PREFETCH_BYTES = 1 << 20
-_DEVICE = re.compile(r"^[a-z]{2,8}(:\d{1,3})?$")  # what a volunteer may call its device
+_DEVICE = re.compile(r"[a-z]{2,8}(:[0-9]{1,3})?")  # what a volunteer may call its device
 
 
 class Aggregator:
@@ -376,7 +376,7 @@ class Aggregator:
             entry["samples"] += int(meta["samples"])
             entry["seconds"] += _seconds(meta.get("seconds"))
             device = meta.get("device")
-            if isinstance(device, str) and _DEVICE.match(device):
+            if isinstance(device, str) and _DEVICE.fullmatch(device):
                 entry["device"] = device
             memory = meta.get("memory_gb")
             if isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory <= MAX_MEMORY_GB:

@@ -49,7 +49,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,  # the broker went away mid-command and did not come back
 )
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
 MAX_SHARDS = 10_000
 MAX_LOCAL_STEPS = 1_000_000
 MAX_DEADLINE = 7 * 24 * 3600.0
@@ -499,7 +499,7 @@ def _address(text: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if not _HOSTNAME.match(value):
+    if not _HOSTNAME.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
     return value
 

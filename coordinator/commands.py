@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import redis
 from rich.console import Console
 from safetensors import SafetensorError
 
-from broker import embedded
+from broker import embedded, keys
 from broker.client import check_reachable, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
@@ -57,7 +56,6 @@ def default_inner_state(strategy: str) -> str:
 
 
 log = logging.getLogger("crowdtrain.coordinator")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_SHARDS = 4
 DP_KEYS = (
     "dp_clip",
@@ -98,8 +96,8 @@ def connect(args: argparse.Namespace, check: bool = True) -> Connection:
 
 def init(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything first, then store the run and model version 0."""
-    if not _RUN_NAME.match(args.run):
-        raise UsageError(f"--run {args.run!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    if not keys.valid_name(args.run):
+        raise UsageError(f"--run {args.run!r}: {keys.NAME_RULE}")
     job_args = parse_job_args(args.job_arg)
     codec = parse_codec(args.compression)
     downlink = parse_codec(getattr(args, "downlink_compression", None) or args.compression)

@@ -35,12 +35,11 @@ from coordinator.errors import CredentialsError
 MIN_REDIS_MAJOR = 7
 PASSWORD_BYTES = 32
 PRIORITY_SEP = "\x06\x16"  # kombu.transport.redis: queue name + sep + priority step
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Names an operator must not hand out: they would replace the admin user.
 _RESERVED = frozenset({"default"})
 _HOST = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*|\[[0-9A-Fa-f:.]+\])"
-    r"(?::(?P<port>\d{1,5}))?$"
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*|\[[0-9A-Fa-f:.]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
 )
 
 # Commands only; keys and channels are limited separately below.
@@ -159,10 +158,8 @@ class VolunteerCredentials:
 
 def check_name(name: str) -> str:
     """The name if it can be an ACL user and a volunteer ``--name``."""
-    if not _NAME.match(name) or name in _RESERVED:
-        raise CredentialsError(
-            f"volunteer name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (not 'default')"
-        )
+    if not keys.valid_name(name) or name in _RESERVED:
+        raise CredentialsError(f"volunteer name {name!r}: {keys.NAME_RULE} (not 'default')")
     return name
 
 
@@ -240,7 +237,7 @@ def revoke_user(admin: redis.Redis, name: str) -> bool:
 
 def check_host(host: str) -> str:
     """``HOST[:PORT]`` (a DNS name, IPv4 or [IPv6]) or CredentialsError: it goes into a URL."""
-    match = _HOST.match(host)
+    match = _HOST.fullmatch(host)
     port = match.group("port") if match else None
     if match is None or (port is not None and not 1 <= int(port) <= 65535):
         raise CredentialsError(

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from broker import keys
+
 MAX_TEXT = 200
 # Run and volunteer names become parts of Redis keys and file names.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _INTS = {"round", "shard", "shards", "version", "attempt"}
 _TEXTS = {"run", "volunteer"}
 _OPTIONAL_TEXTS = {"token"}
 _SLOT_TEXTS = {"object": 1024, "url": 8192}  # an upload slot in a blob store: field -> longest
 _FORM_FIELDS, _FORM_VALUE = 16, 8192  # its presigned POST form: most fields, longest value
-_FORM_KEY = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # a form field's name: safe inside a multipart header
+_FORM_KEY = re.compile(r"[A-Za-z0-9-]{1,64}")  # a form field's name: safe inside a multipart header
 
 
 class BadArguments(ValueError):
@@ -26,7 +27,7 @@ def checked(**arguments: Any) -> None:
         if name in _INTS:
             ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
         elif name in _TEXTS:
-            ok = isinstance(value, str) and _NAME.match(value) is not None
+            ok = keys.valid_name(value)
         elif name in _OPTIONAL_TEXTS:
             ok = value is None or (isinstance(value, str) and len(value) <= MAX_TEXT)
         elif name == "upload":
@@ -48,7 +49,7 @@ def _is_slot(value: Any) -> bool:
         and isinstance(fields, dict)
         and len(fields) <= _FORM_FIELDS
         and all(
-            isinstance(k, str) and isinstance(v, str) and _FORM_KEY.match(k) and len(v) <= _FORM_VALUE
+            isinstance(k, str) and isinstance(v, str) and _FORM_KEY.fullmatch(k) and len(v) <= _FORM_VALUE
             for k, v in fields.items()
         )
         and fields.get("key") == value["object"]

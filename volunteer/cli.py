@@ -7,7 +7,6 @@ import glob
 import json
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from broker import embedded
+from broker import embedded, keys
 from broker.arguments import OneLineParser, int_in
 from broker.errors import BrokerError
 from broker.routing import MAX_MEMORY_GB, queues_for
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("crowdtrain.volunteer")
-VOLUNTEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_CONCURRENCY = 256
 MAX_THREADS = 1024
 BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
@@ -149,9 +147,9 @@ def start(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # A volunteer with its own credentials is named after its Redis user by default.
     name = args.name or urlparse(settings.url).username or f"{socket.gethostname()}-{os.getpid()}"
-    if not VOLUNTEER_NAME.match(name):
+    if not keys.valid_name(name):
         print(
-            f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
+            f"volunteer start: error: --name {name!r}: {keys.NAME_RULE}",
             file=sys.stderr,
         )
         return 2
