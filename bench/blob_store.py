@@ -71,7 +71,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import redis
 
     from broker import blobs
-    from broker.objects import Location, ObjectStore, UrlReader
+    from broker.objects import Location, ObjectStore
+    from broker.transfer import UrlReader
 
     client = redis.Redis.from_url(spec["redis"])
     mode, key, size = spec["mode"], spec["key"], spec["size"]

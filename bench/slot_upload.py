@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="POST/PUT pairs per size, alternating")
     args = parser.parse_args()
 
-    from broker.objects import Location, ObjectStore, send_to_slot
+    from broker.objects import Location, ObjectStore
+    from broker.transfer import send_to_slot
     from tests.fixtures.objects import SeaweedServer
 
     with tempfile.TemporaryDirectory() as folder:

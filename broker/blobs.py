@@ -36,7 +36,7 @@ from serialization import Encoded
 
 from . import keys
 from .errors import BrokerError, SettingsError
-from .objects import MAX_POINTER, ObjectMismatch, Pointer
+from .pointers import MAX_POINTER, ObjectMismatch, Pointer
 
 __all__ = [
     "CHUNK_ENV",

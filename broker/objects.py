@@ -29,24 +29,22 @@ Objects nothing in Redis points to any more are swept (``ObjectStore.sweep``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
-
-import msgpack
+from typing import Any
 
 from serialization import Encoded
 
-from .errors import BrokerError, SettingsError
+from .errors import SettingsError
+from .pointers import MAX_POINTER, ObjectMismatch, ObjectStoreError, Pointer
+from .transfer import HTTP_TIMEOUT, Hashing, download
 
 __all__ = [
+    "MAX_POINTER",
     "PUBLIC_ENV",
     "S3_LARGEST_POST",
     "STORE_ENV",
@@ -56,8 +54,6 @@ __all__ = [
     "ObjectStore",
     "ObjectStoreError",
     "Pointer",
-    "UrlReader",
-    "send_to_slot",
 ]
 
 STORE_ENV = "CROWDTRAIN_BLOB_STORE"
@@ -66,21 +62,9 @@ STORE_ENV = "CROWDTRAIN_BLOB_STORE"
 PUBLIC_ENV = "CROWDTRAIN_BLOB_PUBLIC_URL"
 URL_SECONDS = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 RENEW_BEFORE = 2 * 24 * 3600  # sign a pointer's URL again once it has less than this left
-MAX_POINTER = 4096
 S3_LARGEST_POST = 5 << 30  # S3 takes one POST upload of at most 5 GiB: a slot's cap without a run bound
-HTTP_TIMEOUT = 60
-READ_STEP = 8 << 20
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
-_OBJECT = re.compile(r"[A-Za-z0-9._/-]{1,1024}")
-
-
-class ObjectStoreError(BrokerError, ValueError):
-    """The object store refused or could not be reached; the message says which and how to fix it."""
-
-
-class ObjectMismatch(ObjectStoreError):
-    """A pointer's object is missing, misplaced, over the reader's limit, or not what the pointer declares."""
 
 
 @dataclass(frozen=True)
@@ -118,140 +102,7 @@ class Location:
         return "/".join(str(p) for p in (self.prefix, *parts) if p != "")
 
 
-@dataclass(frozen=True)
-class Pointer:
-    """What Redis holds for a blob kept as an object: its name, size, sha256 and (maybe) a GET URL."""
-
-    object: str
-    size: int
-    sha256: bytes
-    url: str | None = None
-    expires: float = 0.0
-
-    def pack(self) -> bytes:
-        fields: dict[str, Any] = {"object": self.object, "size": self.size, "sha256": self.sha256}
-        if self.url is not None:
-            fields.update(url=self.url, expires=self.expires)
-        return msgpack.packb(fields)
-
-    @classmethod
-    def unpack(cls, raw: bytes | bytearray, key: str) -> Pointer:
-        """A pointer read from ``key``; ValueError unless every field has its type and size."""
-        if len(raw) > MAX_POINTER:
-            raise ValueError(f"{key}: a blob pointer of {len(raw)} bytes (at most {MAX_POINTER})")
-        try:
-            fields = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-            raise ValueError(f"{key}: a blob pointer that is not msgpack ({e})") from None
-        if not isinstance(fields, dict) or not {"object", "size", "sha256"} <= fields.keys() <= {
-            "object",
-            "size",
-            "sha256",
-            "url",
-            "expires",
-        }:
-            raise ValueError(f"{key}: a blob pointer without its object, size and sha256")
-        name, size, digest = fields["object"], fields["size"], fields["sha256"]
-        url, expires = fields.get("url"), fields.get("expires", 0.0)
-        ok = (
-            isinstance(name, str)
-            and _OBJECT.fullmatch(name) is not None
-            and ".." not in name.split("/")
-            and isinstance(size, int)
-            and not isinstance(size, bool)
-            and 0 <= size < 1 << 50
-            and isinstance(digest, bytes)
-            and len(digest) == 32
-            and (url is None or (isinstance(url, str) and url.startswith(("http://", "https://"))))
-            and isinstance(expires, (int, float))
-        )
-        if not ok:
-            raise ValueError(f"{key}: a blob pointer with a malformed field")
-        return cls(name, size, digest, url, float(expires))
-
-
-class UrlReader:
-    """How a volunteer follows a pointer: a GET of its presigned URL, size and sha256 checked."""
-
-    def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
-        if pointer.url is None:
-            raise ObjectStoreError(f"{key} is kept in the object store without a URL volunteers may read")
-        return _download(pointer.url, pointer, key, limit)
-
-
-def send_to_slot(
-    slot: Mapping[str, Any], data: bytes | bytearray | memoryview | Encoded
-) -> tuple[int, bytes]:
-    """Upload ``data`` through a job's slot (its presigned POST form); its size and sha256.
-
-    The body is ``multipart/form-data``: the slot's signed fields, then the
-    file, which S3 wants last. An ``Encoded`` message is sent piece by piece,
-    never gathered. ObjectStoreError if refused (over the slot's size, say).
-    """
-    hashing = _Hashing(data)
-    boundary = uuid.uuid4().hex  # 128 random bits: never inside the payload in practice
-    fields = "".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-        for name, value in slot["fields"].items()
-    )
-    head = (
-        f'{fields}--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-
-    def body() -> Iterator[bytes | memoryview]:
-        yield head
-        yield from hashing
-        yield tail
-
-    # http.client sends an iterable's pieces one by one (the stubs say bytes; memoryviews work)
-    request = urllib.request.Request(slot["url"], data=cast(Iterable[bytes], body()), method="POST")
-    request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
-    request.add_header("Content-Length", str(len(head) + hashing.size + len(tail)))
-    try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
-            response.read()
-    except urllib.error.HTTPError as e:
-        raise ObjectStoreError(
-            f"the object store refused the upload (HTTP {e.code} {e.reason}{_s3_code(e)})"
-        ) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ObjectStoreError(f"the object store could not be reached for the upload ({e})") from None
-    return hashing.size, hashing.digest()
-
-
-def _s3_code(error: urllib.error.HTTPError) -> str:
-    """The S3 error code of a refusal (``EntityTooLarge``...), for the log line; empty if none."""
-    found = re.search(rb"<Code>([A-Za-z]{1,64})</Code>", error.read(4096) or b"")
-    return f": {found.group(1).decode()}" if found else ""
-
-
-class _Hashing:
-    """A blob's pieces, for http.client to send one by one, hashed (sha256) as they go."""
-
-    def __init__(self, data: bytes | bytearray | memoryview | Encoded) -> None:
-        if isinstance(data, Encoded):
-            self.size, self._pieces = data.size, data.pieces
-        else:
-            view = memoryview(data).cast("B")
-            self.size, self._pieces = view.nbytes, iter([view])
-        self._sha = hashlib.sha256()
-        self._sent = 0
-
-    def __iter__(self) -> Iterator[memoryview]:
-        for piece in self._pieces:
-            self._sha.update(piece)
-            self._sent += piece.nbytes
-            yield piece
-
-    def digest(self) -> bytes:
-        if self._sent != self.size:
-            raise ObjectStoreError(f"an upload of {self.size} bytes sent {self._sent}")
-        return self._sha.digest()
-
-
-class _HashingFile(_Hashing):
+class _HashingFile(Hashing):
     """``_Hashing`` with the file interface boto3 reads parts through (http.client would read 8 KiB)."""
 
     def __init__(self, data: bytes | bytearray | memoryview | Encoded) -> None:
@@ -353,7 +204,7 @@ class ObjectStore:
         if allowed is None or not pointer.object.startswith(allowed):
             raise ObjectMismatch(f"{key} points outside {allowed or 'any place its blobs may lie'}")
         url = self._presign(self.client, "get_object", pointer.object, 3600)
-        return _download(url, pointer, key, limit)
+        return download(url, pointer, key, limit)
 
     def allowed_prefix(self, key: str) -> str | None:
         """Where the object behind Redis key ``key`` must lie: its job's slot, or its run's blobs."""
@@ -427,38 +278,6 @@ class ObjectStore:
         listing = self.client.get_paginator("list_objects_v2")
         for page in listing.paginate(Bucket=self.location.bucket, Prefix=prefix):
             yield from page.get("Contents", [])
-
-
-def _download(url: str, pointer: Pointer, key: str, limit: int | None) -> bytearray:
-    """GET ``url`` into one buffer of the pointer's size: refused over ``limit``, short, long or altered."""
-    if limit is not None and pointer.size > limit:
-        raise ObjectMismatch(f"{key} declares {pointer.size} bytes, over the limit of {limit}")
-    out = bytearray(pointer.size)
-    view = memoryview(out)
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and int(length) != pointer.size:
-                raise ObjectMismatch(f"{key}: its object holds {length} bytes, not {pointer.size}")
-            position = 0
-            while position < pointer.size:
-                got = response.readinto(view[position : position + READ_STEP])
-                if not got:
-                    break
-                digest.update(view[position : position + got])
-                position += got
-            if position != pointer.size or response.read(1):
-                raise ObjectMismatch(f"{key}: its object does not hold the {pointer.size} bytes declared")
-    except urllib.error.HTTPError as e:
-        if e.code == 404:  # never uploaded (or swept): that blob alone is refused
-            raise ObjectMismatch(f"{key}: its object is not in the store") from None
-        raise ObjectStoreError(f"{key}: the object store answered HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise ObjectStoreError(f"{key}: the object store could not be reached ({e})") from None
-    if digest.digest() != pointer.sha256:
-        raise ObjectMismatch(f"{key}: its object's sha256 is not the one its pointer declares")
-    return out
 
 
 def _why(error: Exception) -> str:

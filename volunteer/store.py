@@ -21,8 +21,9 @@ import redis
 
 from broker import blobs, keys
 from broker.errors import UnknownRun
-from broker.objects import Pointer, UrlReader, send_to_slot
+from broker.pointers import Pointer
 from broker.renewal import renewing
+from broker.transfer import UrlReader, send_to_slot
 from serialization import Encoded
 
 log = logging.getLogger("crowdtrain.volunteer")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from broker.objects import ObjectStoreError
+from broker.pointers import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
 from volunteer.feedback import ErrorFeedback

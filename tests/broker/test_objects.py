@@ -13,7 +13,9 @@ import pytest
 
 from broker import blobs, keys
 from broker.errors import SettingsError
-from broker.objects import Location, ObjectMismatch, ObjectStoreError, Pointer, UrlReader, send_to_slot
+from broker.objects import Location
+from broker.pointers import ObjectMismatch, ObjectStoreError, Pointer
+from broker.transfer import UrlReader, send_to_slot
 from coordinator.store import Store
 from tasks.arguments import BadArguments, checked
 from tests.conftest import RedisServer

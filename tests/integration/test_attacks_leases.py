@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from broker import blobs, keys
-from broker.objects import send_to_slot
+from broker.transfer import send_to_slot
 from tests.conftest import Processes
 from tests.fixtures.attacker import delta_blob
 from tests.fixtures.objects import SeaweedServer

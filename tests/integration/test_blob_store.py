@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from broker import blobs, keys
-from broker.objects import MAX_POINTER, ObjectStoreError, Pointer, send_to_slot
+from broker.pointers import MAX_POINTER, ObjectStoreError, Pointer
+from broker.transfer import send_to_slot
 from coordinator.context import RunContexts
 from coordinator.documents import round_record
 from serialization import dumps
