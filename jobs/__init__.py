@@ -1,6 +1,14 @@
 """Jobs: what a run trains (model, data shards, loss, evaluation), used by both sides."""
 
-from jobs.interface import Job, JobError, batch_size, reads_local_data, reuses_model, seeded
+from jobs.interface import (
+    Job,
+    JobError,
+    batch_size,
+    parameter_groups,
+    reads_local_data,
+    reuses_model,
+    seeded,
+)
 from jobs.loader import BUILTIN_JOBS, load_job, parse_job_args
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "JobError",
     "batch_size",
     "load_job",
+    "parameter_groups",
     "parse_job_args",
     "reads_local_data",
     "reuses_model",

@@ -41,6 +41,10 @@ class Job(Protocol):
     buffers that training changes), so a volunteer process may load the next
     shard's weights into the model it trained before instead of building one
     per shard (a random initialisation of the whole model thrown away).
+    Optional: ``parameter_groups(model) -> list[dict]``, the inner optimizer's
+    parameter groups (torch's format: ``{"params": [...], "weight_decay": x}``),
+    each trainable parameter in exactly one; without it, matrices and
+    embeddings decay and biases and norm gains do not (``parameter_groups``).
     """
 
     name: str
@@ -68,6 +72,32 @@ def batch_size(job: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     return DEFAULT_BATCH_SIZE
+
+
+def parameter_groups(job: object, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The inner optimizer's parameter groups: the job's own, or weight decay on matrices only.
+
+    Decaying a bias or a norm's gain pulls it toward zero for no gain in
+    generalisation (nanoGPT's rule: decay every parameter of two or more
+    dimensions, none of the rest). A job's ``parameter_groups`` must hold each
+    trainable parameter exactly once: JobError otherwise.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    hook = getattr(job, "parameter_groups", None)
+    if not callable(hook):
+        decay = [p for p in trainable if p.dim() >= 2]
+        rest = [p for p in trainable if p.dim() < 2]
+        plain: list[dict[str, Any]] = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        return [group for group in plain if group["params"]]
+    groups: list[dict[str, Any]] = list(hook(model))
+    seen: list[int] = []
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+            raise JobError("parameter_groups must return dicts, each with a 'params' list")
+        seen += [id(p) for p in group["params"]]
+    if sorted(seen) != sorted(id(p) for p in trainable):
+        raise JobError("parameter_groups must hold each trainable parameter of the model exactly once")
+    return groups
 
 
 def reuses_model(job: object) -> bool:

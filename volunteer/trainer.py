@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from jobs import Job, batch_size
+from jobs import Job, batch_size, parameter_groups
 from serialization import TensorDict
 from volunteer.feedback import Consumable
 
@@ -86,7 +86,7 @@ def train_shard(
     model.to(device)
     model.train()
     initial = _base_copy(model, weights)
-    opt = _make_optimizer(optimizer, model, lr)
+    opt = _make_optimizer(optimizer, lr, parameter_groups(job, model))
     if optimizer_state is not None:
         _resume(opt, optimizer_state, lr)
     _seed(seed, device)  # the job's shard batches come from the global RNG
@@ -185,18 +185,18 @@ def _seed(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The inner optimizer of one shard (``init --optimizer adamw|sgd``)."""
+def _make_optimizer(name: str, lr: float, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The inner optimizer of one shard (``init --optimizer adamw|sgd``) over the job's parameter groups."""
     if name == "adamw":
         # fused: one kernel per step, no model-sized temporaries (the foreach step allocates
         # about one model's size) and many times faster on the CPU; where a device has no
         # fused AdamW, the default implementation
         try:
-            return torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
         except (RuntimeError, ValueError):
-            return torch.optim.AdamW(model.parameters(), lr=lr)
+            return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr)
+        return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 

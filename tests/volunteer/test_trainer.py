@@ -237,3 +237,50 @@ def test_a_model_reused_shard_after_shard_trains_exactly_as_a_new_build(tmp_path
 
     assert reused.train_loss == fresh.train_loss
     assert all(torch.equal(reused.delta[k], fresh.delta[k]) for k in fresh.delta)
+
+
+def test_weight_decay_shrinks_matrices_but_not_biases_or_norm_gains() -> None:
+    """nanoGPT's rule: with zero gradients, AdamW's decay alone moves a weight matrix, never a bias."""
+
+    class Still:
+        name = "still"
+
+        def build_model(self) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+
+        def shard(self, index: int, count: int):
+            while True:
+                yield torch.ones(2, 4)
+
+        def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+            return model(batch).sum() * 0.0  # no gradient: only the decay moves anything
+
+        def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+            return {"eval_loss": 0.0}
+
+    job = Still()
+    weights = {k: v + 1.0 for k, v in initial_weights(job).items()}
+    delta = train(job, weights, steps=5).delta
+    assert delta["0.weight"].abs().max() > 0
+    for name in ("0.bias", "1.weight", "1.bias"):
+        assert torch.count_nonzero(delta[name]) == 0, name
+
+
+def test_a_jobs_parameter_groups_are_used_and_checked() -> None:
+    job = load_job("jobs_tiny:make_job")
+    model = job.build_model()
+    params = list(model.parameters())
+
+    job.parameter_groups = lambda m: [{"params": list(m.parameters()), "weight_decay": 0.5}]
+    delta = train(job, initial_weights(job), steps=2).delta
+    assert all(torch.isfinite(t).all() for t in delta.values())
+
+    from jobs import JobError, parameter_groups
+
+    assert parameter_groups(job, model)[0]["weight_decay"] == 0.5
+    job.parameter_groups = lambda m: [{"params": params[:1]}]  # misses the rest
+    with pytest.raises(JobError, match="exactly once"):
+        parameter_groups(job, model)
+    job.parameter_groups = lambda m: [{"params": list(m.parameters())}, {"params": params[:1]}]
+    with pytest.raises(JobError, match="exactly once"):
+        parameter_groups(job, model)
