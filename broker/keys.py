@@ -40,6 +40,12 @@ chunks (``broker.blobs``)::
     ct:seen                              sorted set: volunteer -> when it last asked for a lease
     ct:kept:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, out of every volunteer's reach
     ct:volunteers                        set of volunteer names     (trusted side only)
+    ct:identities                        hash: volunteer -> JSON {created, via, revoked} (trusted side only)
+    ct:revoked                           set: revoked volunteers, never merged again (trusted side only)
+    ct:invite:DIGEST                     hash: an invitation's uses left, expiry (trusted side only)
+    ct:invites                           sorted set: DIGEST -> expiry of live invitations (trusted side)
+    ct:join:requests                     list: join requests (the joiner user: RPUSH only)
+    ct:join:reply:NONCE                  string: the answer to one join request (the joiner: GETDEL only)
     ct:volunteer:NAME                    hash: device and credit    (trusted side only)
     ct:trusted:unacked, ..._index, ..._mutex  kombu's acks-late bookkeeping of the trusted apps
                                          (volunteers keep theirs in kombu's own ``unacked`` keys)
@@ -78,6 +84,10 @@ MAX_NUMBER = 1 << 40
 # What a run or volunteer name may be: they become parts of keys, ACL users and file names.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use fullmatch: "$" lets a final newline in
 NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-'"
+# The shared Redis user of invitation tokens: it may only ask to join (coordinator.invitations).
+JOINER = "crowdtrain-joiner"
+# An invitation's secret and a join request's reply nonce: 32 random bytes, in hex.
+SECRET = re.compile(r"[0-9a-f]{64}")
 # An upload's token: random hex, which no one but its volunteer (and the trusted side) sees.
 TOKEN = re.compile(r"[0-9a-f]{8,64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() takes "²", which int() refuses
@@ -346,6 +356,61 @@ def volunteers() -> str:
 
 def volunteer(name: str) -> str:
     return _k("volunteer", name)
+
+
+def identities() -> str:
+    """Volunteer -> JSON record of when its identity was made (or first seen) and revoked."""
+    return _k("identities")
+
+
+def revoked() -> str:
+    """Revoked volunteers: the merge refuses what they left."""
+    return _k("revoked")
+
+
+def invitation(digest: str) -> str:
+    """One invitation (uses left, expiry), named by the SHA-256 of its secret."""
+    return _k("invite", digest)
+
+
+def invitations() -> str:
+    """Every live invitation's digest, scored by its expiry."""
+    return _k("invites")
+
+
+def join_requests() -> str:
+    """Join requests pushed by holders of an invitation token (the joiner user: RPUSH only)."""
+    return _k("join", "requests")
+
+
+def join_reply(nonce: str) -> str:
+    """The trusted side's answer to the join request that named ``nonce``."""
+    return _k("join", "reply", nonce)
+
+
+def join_reply_pattern() -> str:
+    """The ACL key pattern of every join answer (the joiner: GETDEL only, a nonce no one can guess)."""
+    return _k("join", "reply", "*")
+
+
+def join_request(secret: str, nonce: str, name: str) -> str:
+    """One join request: the invitation's secret, the reply's nonce, the name asked for."""
+    return f"join|{secret}|{nonce}|{name}"
+
+
+def parse_join_request(entry: str) -> tuple[str, str, str] | None:
+    """(secret, nonce, name) of a well-formed join request; None for anything else.
+
+    The name is only checked for shape here (``|`` cannot hide in it); the
+    trusted side applies its own rules (reserved names, names taken).
+    """
+    parts = entry.split("|")
+    if len(parts) != 4 or parts[0] != "join":
+        return None
+    _, secret, nonce, name = parts
+    if not (SECRET.fullmatch(secret) and SECRET.fullmatch(nonce) and valid_name(name)):
+        return None
+    return secret, nonce, name
 
 
 def _k(*parts: object) -> str:

@@ -43,6 +43,7 @@ from coordinator.judging import (
 )
 from coordinator.leases import Leases
 from coordinator.privacy import next_clip, privatize, spent
+from coordinator.revocation import split_revoked
 from coordinator.state import CLAIM_LEASE
 from coordinator.store import Store
 from coordinator.strategies import Strategy, make_strategy
@@ -100,6 +101,9 @@ class Aggregator:
         info = self.store.rounds.info(run, number) or {}
         base = int(info["base_version"])
         copies = self.store.rounds.accepted_uploads(run, number)
+        copies, revoked = split_revoked(self.store.redis, copies)  # revoked while the round was merged
+        for shard, volunteer in revoked.items():
+            self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
         metas, norms, screened = self._screen(context, copies)
         for meta in metas.values():  # asynchronous runs: how many versions old each delta is
             meta["staleness"] = base - int(meta.get("base_version", base))

@@ -21,7 +21,7 @@ import redis
 from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
-from coordinator import commands, quickstart
+from coordinator import commands, invitations, quickstart
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
 from coordinator.strategies import STRATEGY_HELP
@@ -385,6 +385,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default=None, help="HOST[:PORT] volunteers reach the broker at (default: the broker URL's)"
     )
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
+        sub,
+        "invite",
+        commands.invite,
+        "Print an invitation token that 'volunteer join TOKEN' trades for its own credentials (Redis 7).",
+    )
+    p.add_argument(
+        "--uses",
+        type=int_in(1, invitations.MAX_USES),
+        default=invitations.DEFAULT_USES,
+        metavar="N",
+        help=f"how many volunteers may join with it, 1 to {invitations.MAX_USES} (default 1)",
+    )
+    p.add_argument(
+        "--expires",
+        type=float_in(0, invitations.MAX_EXPIRES),
+        default=invitations.DEFAULT_EXPIRES,
+        metavar="SECONDS",
+        help=f"seconds until it expires (default {invitations.DEFAULT_EXPIRES:.0f}: 7 days)",
+    )
+    p.add_argument(
+        "--host", default=None, help="HOST[:PORT] volunteers reach the broker at (default: the broker URL's)"
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
+        sub,
+        "volunteers",
+        commands.volunteers,
+        "Volunteer identities: reputation, accepted shards, age, online, revoked.",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
+        sub,
+        "revoke",
+        commands.revoke,
+        "Remove a volunteer's credentials (closing its connections) and its pending work.",
+    )
+    p.add_argument("name", metavar="NAME", help="the volunteer's name")
     p.add_argument("--json", action="store_true")
     return parser
 

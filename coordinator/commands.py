@@ -24,7 +24,17 @@ from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import announcements, asynchronous, checkpoints, credentials, janitor, privacy
+from coordinator import (
+    announcements,
+    asynchronous,
+    checkpoints,
+    credentials,
+    identities,
+    invitations,
+    janitor,
+    privacy,
+    revocation,
+)
 from coordinator.aggregator import Aggregator
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.context import upload_bound
@@ -324,6 +334,9 @@ def aggregator(args: argparse.Namespace) -> None:
     threading.Thread(
         target=janitor.watch, args=(store, send, stop, sweep, trusted.contexts), daemon=True, name="watcher"
     ).start()
+    # Invitation tokens are traded for credentials here: only the trusted side may create users.
+    joins = invitations.Joins(store, settings.url)
+    threading.Thread(target=invitations.serve, args=(joins, stop), daemon=True, name="joins").start()
     name = args.name or f"aggregator-{os.getpid()}"
     try:
         app.worker_main(
@@ -449,9 +462,42 @@ def _check_listen(address: str, port: int) -> None:
 def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Create or revoke one volunteer's Redis ACL user on the broker (admin connection)."""
     conn = connect(args)
-    return credentials.command(
+    made = credentials.command(
         conn.store.redis, conn.settings.url, args.name, revoke=args.revoke, host=args.host, quiet=args.json
     )
+    if not args.revoke:  # `coordinator volunteers` shows how old each identity is
+        identities.record(conn.store.redis, args.name, "credentials")
+    return made
+
+
+def invite(args: argparse.Namespace) -> dict[str, Any]:
+    """Store an invitation and print its token (admin connection)."""
+    conn = connect(args)
+    return invitations.command(
+        conn.store.redis, conn.settings.url, args.uses, args.expires, args.host, quiet=args.json
+    )
+
+
+def volunteers(args: argparse.Namespace) -> dict[str, Any]:
+    """List volunteer identities as the trusted side records them."""
+    conn = connect(args)
+    document = identities.collect(conn.store, conn.app)
+    if not args.json:
+        identities.print_volunteers(document)
+    return document
+
+
+def revoke(args: argparse.Namespace) -> dict[str, Any]:
+    """Revoke one volunteer: its Redis user, connections, uploads, leases and un-merged copies."""
+    conn = connect(args)
+    result = revocation.revoke(conn.store, args.name)
+    if not args.json:
+        print(
+            f"revoked volunteer {args.name!r}: {result['uploads_deleted']} upload(s) deleted, "
+            f"{result['leases_released']} lease(s) released, {result['accepted_withdrawn']} accepted "
+            "copy(ies) withdrawn"
+        )
+    return result
 
 
 def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:

@@ -212,6 +212,9 @@ INLINE_COMMANDS = frozenset(
         "report",
         "abort-round",
         "volunteer-credentials",
+        "invite",
+        "volunteers",
+        "revoke",
     }
 )
 _CROWDTRAIN_VARIABLES = ("CROWDTRAIN_", "AWS_")

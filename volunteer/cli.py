@@ -30,6 +30,7 @@ from volunteer.devices import (
     speed_score,
 )
 from volunteer.errors import VolunteerError
+from volunteer.joining import DEFAULT_TIMEOUT, join, saved_url
 from volunteer.worker import VolunteerOptions
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``volunteer`` parser: ``start`` and ``info``."""
+    """The ``volunteer`` parser: ``start``, ``info`` and ``join``."""
     parser = OneLineParser(prog="volunteer", description="Train shards for crowdtrain runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument(
         "--broker",
         default=None,
-        help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the embedded Redis); a password in it "
+        help="Redis URL (default: $CROWDTRAIN_BROKER_URL, else the credentials 'volunteer join' saved "
+        "under CROWDTRAIN_HOME, else the embedded Redis); a password in it "
         "is visible to other users of this machine: prefer $CROWDTRAIN_BROKER_URL or --broker-file",
     )
     broker.add_argument(
@@ -130,7 +132,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=info)
+    p = sub.add_parser(
+        "join",
+        help="Trade an invitation token (coordinator invite) for this volunteer's own credentials.",
+        description="Trade an invitation token (coordinator invite) for this volunteer's own "
+        "credentials, saved (readable by you only) under CROWDTRAIN_HOME, where 'volunteer start' "
+        "finds them when no broker is given.",
+    )
+    p.add_argument(
+        "token", metavar="TOKEN", help="the token 'coordinator invite' printed; - reads it from stdin"
+    )
+    p.add_argument(
+        "--name", default=None, help="the name to volunteer under, for good (default: this host's name)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=int_in(1, 3600),
+        default=int(DEFAULT_TIMEOUT),
+        help=f"seconds to wait for the coordinator's answer (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=join_command)
     return parser
+
+
+def join_command(args: argparse.Namespace) -> int:
+    """Ask the coordinator for credentials with an invitation token; save them."""
+    token = sys.stdin.readline() if args.token == "-" else args.token
+    settings = Settings.from_env()
+    name = args.name or _host_name()
+    joined = join(settings, token, name, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(joined, indent=2))
+    else:
+        print(f"joined as {name}; credentials saved to {joined['credentials']}; now run: volunteer start")
+    return 0
+
+
+def _host_name() -> str:
+    """This host's name as a volunteer name: letters, digits, '.', '_' and '-' only, at most 64."""
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in socket.gethostname())
+    cleaned = cleaned.strip("._-")[:64] or "volunteer"
+    return cleaned if keys.valid_name(cleaned) else "volunteer"
 
 
 def start(args: argparse.Namespace) -> int:
@@ -142,8 +185,9 @@ def start(args: argparse.Namespace) -> int:
         return 2
     broker_url = _broker_url(args)
     settings = Settings.from_env(broker_url=broker_url, torch_threads=args.threads)
-    if settings.broker_url is None:
-        settings = settings.with_broker(embedded.ensure_running(settings.home).url)
+    if settings.broker_url is None:  # the credentials `volunteer join` saved, else the embedded Redis
+        joined = saved_url(settings.home)
+        settings = settings.with_broker(joined or embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
     # A volunteer with its own credentials is named after its Redis user by default.
     name = args.name or urlparse(settings.url).username or f"{socket.gethostname()}-{os.getpid()}"
