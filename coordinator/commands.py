@@ -466,7 +466,7 @@ def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
         conn.store.redis, conn.settings.url, args.name, revoke=args.revoke, host=args.host, quiet=args.json
     )
     if not args.revoke:  # `coordinator volunteers` shows how old each identity is
-        identities.record(conn.store.redis, args.name, "credentials")
+        identities.reinstate(conn.store.redis, args.name, "credentials")
     return made
 
 

@@ -36,6 +36,15 @@ def record(client: redis.Redis, name: str, via: str, now: float | None = None) -
     return bool(client.hsetnx(keys.identities(), name, entry))
 
 
+def reinstate(client: redis.Redis, name: str, via: str, now: float | None = None) -> None:
+    """Note credentials made by hand for ``name``: a revoked name given credentials again is merged again."""
+    if client.srem(keys.revoked(), name):
+        entry = json.dumps({"created": time.time() if now is None else now, "via": via})
+        client.hset(keys.identities(), name, entry)
+    else:
+        record(client, name, via, now)
+
+
 def note_seen(client: redis.Redis, now: float | None = None) -> int:
     """Give every volunteer that asked for a lease and has no record one (``via: seen``)."""
     now = time.time() if now is None else now
