@@ -37,6 +37,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 
@@ -74,13 +75,15 @@ class Invitation:
     expires: float
 
 
-def joiner_rules(known: Collection[str] | None = None) -> list[str]:
+def joiner_rules(known: Collection[str] | None = None, db: int = 0) -> list[str]:
     """The joiner's ACL rules without its passwords: RPUSH a request, GETDEL an answer.
 
     ``known``: the server's command names; CLIENT SETINFO (what redis-py sends on
     connecting) is left out where the server lacks it, as SETUSER refuses it there.
+    ``db``: the broker URL's database; SELECT is granted only when it is not 0, so
+    that a token holder cannot push requests into a database nobody drains.
     """
-    connecting = ("ping", "hello", "select", "client|setinfo")
+    connecting = ("ping", "hello", "client|setinfo", *(("select",) if db else ()))
     return [
         "on",
         "resetkeys",
@@ -93,11 +96,11 @@ def joiner_rules(known: Collection[str] | None = None) -> list[str]:
     ]
 
 
-def ensure_joiner(admin: redis.Redis) -> None:
+def ensure_joiner(admin: redis.Redis, db: int = 0) -> None:
     """Create the joiner user, or put its rules back, keeping the passwords of live invitations."""
     known = {str(c.decode() if isinstance(c, bytes) else c).lower() for c in admin.command_list()}
     try:
-        admin.execute_command("ACL", "SETUSER", keys.JOINER, *joiner_rules(known))
+        admin.execute_command("ACL", "SETUSER", keys.JOINER, *joiner_rules(known, db))
     except redis.ResponseError as e:
         raise CredentialsError(f"Redis refused ACL SETUSER for {keys.JOINER!r}: {e}") from e
 
@@ -112,7 +115,7 @@ def create(
 ) -> Invitation:
     """Store a new invitation for ``uses`` joins within ``expires`` seconds; its token."""
     credentials.require_acl(admin)
-    ensure_joiner(admin)
+    ensure_joiner(admin, _db(broker_url))
     now = time.time() if now is None else now
     secret = secrets.token_hex(SECRET_BYTES)
     digest = _digest(secret)
@@ -251,6 +254,11 @@ def _refused(reason: str) -> dict[str, Any]:
 def _digest(secret: str) -> str:
     """What Redis and ``ct:invite:`` keep of a secret: its SHA-256 (the ACL password hash)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _db(url: str) -> int:
+    path = urlparse(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
 
 
 def save_acl(admin: redis.Redis) -> bool:
