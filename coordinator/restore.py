@@ -38,7 +38,7 @@ from serialization import dumps
 log = logging.getLogger("crowdtrain.restore")
 
 # Seconds between the aggregator's looks for runs on disk that Redis lost.
-WATCH_SECONDS = 10.0
+WATCH_SECONDS = 5.0
 
 
 def runs_on_disk(home: Path) -> list[str]:
