@@ -65,8 +65,7 @@ def save_version(
     if state is not None:
         _write_atomic(folder / f"state-v{version:06d}.json", json.dumps(state, sort_keys=True).encode())
     path = folder / f"model-v{version:06d}.safetensors"
-    # the tensors' order, so the model rebuilt from this file is the same wire bytes
-    _save_atomic(_contiguous(weights), path, {**meta, "names": json.dumps(list(weights))})
+    _save_atomic(_contiguous(weights), path, meta)
     return path
 
 
@@ -94,19 +93,13 @@ def save_text(home: Path, run: str, name: str, text: str) -> Path:
 
 def load_version(home: Path, run: str, version: int) -> TensorDict:
     """A version's weights, in the order they were saved in."""
-    path = run_dir(home, run) / f"model-v{version:06d}.safetensors"
-    tensors = load_file(path)
-    names = _metadata(path).get("names")
-    order = json.loads(names) if names else []
-    if sorted(order) != sorted(tensors):
-        return tensors
-    return {name: tensors[name] for name in order}
+    return _load_ordered(run_dir(home, run) / f"model-v{version:06d}.safetensors")
 
 
 def load_extra(home: Path, run: str, kind: str, version: int) -> TensorDict | None:
     """The ``strategy`` or ``downlink`` state saved after a version; None if it has none."""
     path = run_dir(home, run) / f"{kind}-v{version:06d}.safetensors"
-    return load_file(path) if path.exists() else None
+    return _load_ordered(path) if path.exists() else None
 
 
 def load_state(home: Path, run: str, version: int) -> dict[str, Any]:
@@ -144,7 +137,7 @@ def export_float32(weights: Mapping[str, torch.Tensor], out: Path, meta: Mapping
     """The export format: float32 safetensors with the model's state_dict names."""
     tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic(_contiguous(tensors), out, dict(meta))
+    _save_atomic(_contiguous(tensors), out, dict(meta), keep_order=False)
 
 
 def append_metrics(home: Path, run: str, record: Mapping[str, Any]) -> None:
@@ -191,8 +184,20 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _save_atomic(tensors: TensorDict, path: Path, meta: dict[str, str]) -> None:
+def _load_ordered(path: Path) -> TensorDict:
+    """A safetensors file's tensors in the order they were saved in (the same wire bytes again)."""
+    tensors = load_file(path)
+    names = _metadata(path).get("names")
+    order = json.loads(names) if names else []
+    if sorted(order) != sorted(tensors):
+        return tensors
+    return {name: tensors[name] for name in order}
+
+
+def _save_atomic(tensors: TensorDict, path: Path, meta: dict[str, str], keep_order: bool = True) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if keep_order:  # safetensors does not keep the tensors' order: a blob rebuilt from the file is the same
+        meta = {**meta, "names": json.dumps(list(tensors))}
     save_file(tensors, str(tmp), metadata=meta)
     _fsync(tmp)
     tmp.replace(path)

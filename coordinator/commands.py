@@ -19,7 +19,7 @@ import redis
 from rich.console import Console
 from safetensors import SafetensorError
 
-from broker import embedded
+from broker import embedded, keys
 from broker.client import check_reachable, redis_client
 from broker.errors import UnknownRun
 from broker.keys import AGGREGATE_QUEUE
@@ -370,7 +370,7 @@ def status(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     lost = restoring.lost_runs(conn.store, conn.settings.home)
     if args.run is not None:
-        _check_known(conn, args.run, lost)
+        _check_known(conn, args.run)
     document = collect_status(conn.store, conn.app, args.run)
     document["lost_runs"] = [run for run in lost if args.run in (None, run)]
     if not args.json:
@@ -428,9 +428,9 @@ def _run_config(conn: Connection, run: str) -> dict[str, Any]:
         return restoring.run_record(conn.settings.home, run)[0]
 
 
-def _check_known(conn: Connection, run: str, lost: list[str] | None = None) -> None:
+def _check_known(conn: Connection, run: str) -> None:
     """A run Redis lost is named as such, with the command that brings it back."""
-    if run in (restoring.lost_runs(conn.store, conn.settings.home) if lost is None else lost):
+    if keys.NAME.fullmatch(run) and restoring.is_lost(conn.store, conn.settings.home, run):
         raise UnknownRun(
             f"run {run!r} is on disk but Redis does not know it (its data was lost?): "
             f"bring it back with 'coordinator restore --run {run}'"

@@ -53,6 +53,12 @@ def runs_on_disk(home: Path) -> list[str]:
     )
 
 
+def is_lost(store: Store, home: Path, run: str) -> bool:
+    """True when ``run`` is on disk and Redis does not know it."""
+    folder = checkpoints.run_dir(home, run)
+    return checkpoints.recorded_name(folder) == run and not _known(store, run) and run not in store.runs()
+
+
 def lost_runs(store: Store, home: Path) -> list[str]:
     """Runs on disk that Redis does not know."""
     known = set(store.runs())
@@ -82,7 +88,8 @@ def restore_run(store: Store, home: Path, run: str, app: Celery | None, keep: in
         blob = dumps(residual, {"downlink_residual": True})
         store.restore_blob(run, keys.downlink_residual(run), blob, readable=False)
     rounds = ledger.rounds_of(home, run)
-    last = max(rounds, default=0)
+    merged = [int(r["round"]) for r in checkpoints.read_metrics(home, run) if isinstance(r.get("round"), int)]
+    last = max([*rounds, *merged], default=0)  # metrics too: a run recorded before rounds.jsonl was
     reopen = rounds[last] if last and rounds[last].get("status") == "open" else None
     credit = ledger.credit_of(home, [run])
     reputations = ledger.credit_of(home, runs_on_disk(home))  # the latest, whichever run judged it

@@ -37,6 +37,7 @@ def _state(store: Store) -> dict:
     """What a run continues from, as tensors and numbers: strategy, downlink residual, credit, history."""
     strategy, residual = store.strategy_blob("r"), store.downlink_residual("r")
     return {
+        "blobs": [bytes(blob or b"") for blob in (store.model_blob("r", 3), strategy, residual)],
         "strategy": loads(strategy)[0] if strategy else None,
         "residual": loads(residual)[0] if residual else None,
         "volunteers": store.volunteers(),
@@ -89,6 +90,7 @@ def test_a_run_whose_redis_was_flushed_is_restored_from_disk_and_goes_on(cluster
 
     after = _state(cluster.store)
     assert after["version"] == 3 and after["voice_norms"] == before["voice_norms"]
+    assert after["blobs"] == before["blobs"]  # the wire bytes of version 3, its strategy state, residual
     assert _same_tensors(after["strategy"], before["strategy"])
     assert _same_tensors(after["residual"], before["residual"])
     seconds = [state["volunteers"]["v1"].pop("train_seconds") for state in (before, after)]
