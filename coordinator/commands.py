@@ -543,7 +543,12 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
         "deadline_seconds": deadline,
         "base_version": info["base_version"],
     }
-    ledger.round_opened(conn.settings.home, args.run, posted)  # so restore can post it again
+    try:  # so that restore can post it again if Redis loses it open
+        ledger.round_opened(conn.settings.home, args.run, posted)
+    except OSError as e:
+        log.warning(
+            "round %d of %s is posted, but its record on disk is not (%s)", info["round"], args.run, e
+        )
     return posted
 
 

@@ -167,21 +167,26 @@ def watch(
     told: set[str] = set()
     while True:
         try:
-            for run in lost_runs(store, home):
-                if restore:
-                    restore_run(store, home, run, app, keep)
-                elif run not in told:
-                    log.warning(
-                        "run %s is on disk under %s but Redis does not know it (its data was lost?): "
-                        "restore it with 'coordinator restore --run %s' "
-                        "(or start the aggregator with --restore)",
-                        run,
-                        checkpoints.run_dir(home, run),
-                        run,
-                    )
-                    told.add(run)
-        except Exception as e:  # Redis away, a folder half written: look again later
+            lost = lost_runs(store, home)
+        except Exception as e:  # Redis away: look again later
             log.warning("could not look for lost runs: %s", e)
+            lost = []
+        told &= set(lost)  # a run restored and lost again is told again
+        for run in (run for run in lost if run not in told):
+            told.add(run)
+            if not restore:
+                log.warning(
+                    "run %s is on disk under %s but Redis does not know it (its data was lost?): "
+                    "restore it with 'coordinator restore --run %s' (or start the aggregator with --restore)",
+                    run,
+                    checkpoints.run_dir(home, run),
+                    run,
+                )
+                continue
+            try:
+                restore_run(store, home, run, app, keep)
+            except Exception as e:  # a record it cannot read: said once, the others still restored
+                log.error("could not restore run %s from %s: %s", run, checkpoints.run_dir(home, run), e)
         if stop.wait(WATCH_SECONDS):
             return
 
