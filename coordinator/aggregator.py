@@ -107,6 +107,8 @@ class Aggregator:
         rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
         used = {s: k for s, k in copies.items() if s in metas and s not in screened}
         weights, _ = loads(self.contexts.model_blob(context.name, base))
+        if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
+            self._catch_up(context, base, weights)
 
         def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
             return self._delta(context, key, out, shard)
@@ -214,6 +216,24 @@ class Aggregator:
         )
         checkpoints.append_metrics(self.home, run, summary)
         ledger.round_ended(self.home, run, round_record(self.store, run, number))
+
+    def _catch_up(self, context: RunContext, version: int, weights: TensorDict) -> None:
+        """Write the current version and the state after it to disk from Redis, which still holds both."""
+        run = context.name
+        strategy = self.store.strategy_blob(run)
+        residual = self.store.downlink_residual(run)
+        state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
+        checkpoints.save_version(
+            self.home,
+            run,
+            version,
+            weights,
+            loads(strategy)[0] if strategy else None,
+            context.config,
+            residual=read_residual(residual),
+            state=state,
+        )
+        log.warning("version %d of %s was not on disk: written from Redis", version, run)
 
     def _screen(
         self, context: RunContext, copies: dict[int, str]

@@ -115,6 +115,10 @@ def read_config(home: Path, run: str) -> dict[str, Any]:
     return config
 
 
+def has_version(home: Path, run: str, version: int) -> bool:
+    return (run_dir(home, run) / f"model-v{version:06d}.safetensors").exists()
+
+
 def versions(home: Path, run: str) -> list[int]:
     """The versions whose model file is on disk, in order."""
     folder = run_dir(home, run)
