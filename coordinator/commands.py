@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,7 +299,8 @@ def abort_round(args: argparse.Namespace) -> dict[str, Any]:
         state = conn.store.rounds.status(args.run, number) if number else None
         latest = f"round {number} is {state}" if state else "it has no rounds"
         raise UsageError(f"run {args.run!r} has no round in progress ({latest}); nothing to abort")
-    ledger.round_ended(conn.settings.home, args.run, round_record(conn.store, args.run, number))
+    record = round_record(conn.store, args.run, number)
+    _note(lambda: ledger.round_ended(conn.settings.home, args.run, record), f"round {number}")
     if not args.json:
         print(f"aborted round {number} of {args.run}: failed, reason 'aborted'")
     return {"run": args.run, "round": number, "status": "failed", "reason": "aborted"}
@@ -543,13 +545,17 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
         "deadline_seconds": deadline,
         "base_version": info["base_version"],
     }
-    try:  # so that restore can post it again if Redis loses it open
-        ledger.round_opened(conn.settings.home, args.run, posted)
-    except OSError as e:
-        log.warning(
-            "round %d of %s is posted, but its record on disk is not (%s)", info["round"], args.run, e
-        )
+    # so that restore can post it again if Redis loses it open
+    _note(lambda: ledger.round_opened(conn.settings.home, args.run, posted), f"round {info['round']}")
     return posted
+
+
+def _note(write: Callable[[], None], what: str) -> None:
+    """Write a round's record on disk; a disk that refuses is a warning (the round is in Redis already)."""
+    try:
+        write()
+    except OSError as e:
+        log.warning("%s is in Redis, but its record on disk could not be written (%s)", what, e)
 
 
 def _wait(store: Store, run_name: str, number: int, shards: int, quiet: bool) -> dict[str, Any]:
