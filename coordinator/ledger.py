@@ -18,6 +18,8 @@ A line cut short by a crash is skipped when read.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoints import append_lines, read_lines, run_dir
+
+log = logging.getLogger("crowdtrain.ledger")
 
 LEDGER = "ledger.jsonl"
 ROUNDS = "rounds.jsonl"
@@ -68,12 +72,18 @@ class Ledger:
             entry["device"] = device
         if memory_gb:
             entry["memory_gb"] = int(memory_gb)
-        append_lines(run_dir(self.home, run) / LEDGER, [entry])
+        self._append(run, entry)
 
     def reputations(self, run: str, values: Mapping[str, float]) -> None:
         if values:
-            entry = {"at": time.time(), "kind": "reputation", "values": dict(values)}
+            self._append(run, {"at": time.time(), "kind": "reputation", "values": dict(values)})
+
+    def _append(self, run: str, entry: dict[str, Any]) -> None:
+        """A disk that refuses is logged: the credit is given in Redis already, and rounds go on."""
+        try:
             append_lines(run_dir(self.home, run) / LEDGER, [entry])
+        except OSError as e:
+            log.error("could not write to the ledger of run %s (%s): %s", run, e, json.dumps(entry))
 
 
 def credit_of(home: Path, runs: Iterable[str]) -> dict[str, Credit]:

@@ -329,8 +329,6 @@ class Store:
 
         With a ``ledger``, credit earned in ``run`` is also written to that run's ledger on disk.
         """
-        if self.ledger is not None and run is not None:
-            self.ledger.credit(run, volunteer, counts, seconds, device, memory_gb)
         pipe = self.redis.pipeline()
         pipe.sadd(keys.volunteers(), volunteer)
         if device:
@@ -342,6 +340,8 @@ class Store:
         for field, count in counts.items():
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()
+        if self.ledger is not None and run is not None:
+            self.ledger.credit(run, volunteer, counts, seconds, device, memory_gb)
 
     def reputations(self, names: list[str]) -> dict[str, float | None]:
         """Each volunteer's reputation (``--verify probe``); None for one never judged."""
@@ -352,13 +352,13 @@ class Store:
 
     def set_reputations(self, values: dict[str, float], run: str | None = None) -> None:
         """Set reputations (judged in ``run``: also written to its ledger, with a ``ledger``)."""
-        if self.ledger is not None and run is not None:
-            self.ledger.reputations(run, {name: round(float(v), 6) for name, v in values.items()})
         pipe = self.redis.pipeline()
         for name, value in values.items():
             pipe.sadd(keys.volunteers(), name)
             pipe.hset(keys.volunteer(name), "reputation", repr(round(float(value), 6)))
         pipe.execute()
+        if self.ledger is not None and run is not None:
+            self.ledger.reputations(run, {name: round(float(v), 6) for name, v in values.items()})
 
     def volunteers(self) -> dict[str, dict[str, Any]]:
         out = {}
