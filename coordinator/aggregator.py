@@ -27,9 +27,10 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
-from coordinator import checkpoints
+from coordinator import checkpoints, ledger
 from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
 from coordinator.context import RunContext, RunContexts
+from coordinator.documents import round_record
 from coordinator.downlink import lossy, publish, read_residual
 from coordinator.intake import Intake, Verdict
 from coordinator.judging import (
@@ -110,6 +111,8 @@ class Aggregator:
         rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
         used = {s: k for s, k in copies.items() if s in metas and s not in screened}
         weights, _ = loads(self.contexts.model_blob(context.name, base))
+        if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
+            self._catch_up(context, base, weights)
 
         def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
             return self._delta(context, key, out, shard)
@@ -124,14 +127,14 @@ class Aggregator:
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
-            self.store.credit(volunteer, rejected=1)
+            self.store.credit(volunteer, run=run, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
         if not used:
             failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
             if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
                 self.store.set_reputations(
-                    {name: next_reputation(v, False) for name, v in reputations.items()}
+                    {name: next_reputation(v, False) for name, v in reputations.items()}, run=run
                 )
             return failed
         count, needed = len(voices(used)), int(context.config.get("min_voices") or 1)
@@ -166,14 +169,14 @@ class Aggregator:
             self.store.delete_upload(staged)
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
-        self._credit(used, metas)
+        self._credit(run, used, metas)
         merged_norm = accepted_norm(_voice_norms(used, norms))
         if merged_norm is not None:
             self.store.add_voice_norm(run, merged_norm)
         if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
             heard = set(voices(used))
             self.store.set_reputations(
-                {name: next_reputation(value, name in heard) for name, value in reputations.items()}
+                {name: next_reputation(value, name in heard) for name, value in reputations.items()}, run=run
             )
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
@@ -181,8 +184,7 @@ class Aggregator:
         if is_async(context.config):  # a job up to max-staleness versions old still fetches its base
             keep = max(keep, max_staleness(context.config) + 1)
         self.store.prune_versions(run, base + 1, keep)
-        checkpoints.save_version(self.home, run, base + 1, weights, strategy_state, context.config)
-        checkpoints.append_metrics(self.home, run, summary)
+        self._record(context, number, base + 1, weights, strategy_state, summary)
         log.info(
             "round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
             number,
@@ -193,6 +195,49 @@ class Aggregator:
             time.time() - started,
         )
         return summary
+
+    def _record(
+        self,
+        context: RunContext,
+        number: int,
+        version: int,
+        weights: TensorDict,
+        strategy_state: TensorDict,
+        summary: dict[str, Any],
+    ) -> None:
+        """Write the published version and the state after it to disk: what ``restore`` needs.
+
+        The downlink residual and the small state are read back from Redis,
+        so the disk holds exactly what the commit published.
+        """
+        run = context.name
+        residual = None
+        if lossy(context.config.get("downlink_compression")):
+            residual = read_residual(self.store.downlink_residual(run))
+        state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
+        checkpoints.save_version(
+            self.home, run, version, weights, strategy_state, context.config, residual=residual, state=state
+        )
+        checkpoints.append_metrics(self.home, run, summary)
+        ledger.round_ended(self.home, run, round_record(self.store, run, number))
+
+    def _catch_up(self, context: RunContext, version: int, weights: TensorDict) -> None:
+        """Write the current version and the state after it to disk from Redis, which still holds both."""
+        run = context.name
+        strategy = self.store.strategy_blob(run)
+        residual = self.store.downlink_residual(run)
+        state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
+        checkpoints.save_version(
+            self.home,
+            run,
+            version,
+            weights,
+            loads(strategy)[0] if strategy else None,
+            context.config,
+            residual=read_residual(residual),
+            state=state,
+        )
+        log.warning("version %d of %s was not on disk: written from Redis", version, run)
 
     def _screen(
         self, context: RunContext, copies: dict[int, str]
@@ -371,7 +416,7 @@ class Aggregator:
         metas[shard] = meta
         return delta
 
-    def _credit(self, used: dict[int, str], metas: dict[int, dict]) -> None:
+    def _credit(self, run: str, used: dict[int, str], metas: dict[int, dict]) -> None:
         """Credit counts merged deltas only: shards, samples and training time; the device they report."""
         credit: dict[str, dict[str, Any]] = defaultdict(lambda: {"shards": 0, "samples": 0, "seconds": 0.0})
         for shard, key in used.items():
@@ -389,6 +434,7 @@ class Aggregator:
             shards = entry["shards"]
             self.store.credit(
                 volunteer,
+                run=run,
                 device=entry.get("device"),
                 memory_gb=entry.get("memory_gb"),
                 seconds=entry["seconds"],
@@ -402,7 +448,11 @@ class Aggregator:
     ) -> dict[str, Any]:
         base = int(info["base_version"])
         summary.update(status="failed", model_version=base, seconds=_since(info), reason=reason)
-        self.store.rounds.commit(context.name, number, owner, base, summary, staged_key=None, reason=reason)
+        result = self.store.rounds.commit(
+            context.name, number, owner, base, summary, staged_key=None, reason=reason
+        )
+        if result == "failed":
+            ledger.round_ended(self.home, context.name, round_record(self.store, context.name, number))
         log.warning("round %d of %s failed: %s", number, context.name, reason)
         return summary
 

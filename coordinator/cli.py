@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         "younger ones weigh samples / sqrt(1 + staleness)",
     )
     _round_flags(p, defaults=True)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="if CROWDTRAIN_HOME/runs/NAME exists (a run Redis lost: see 'coordinator restore'), "
+        "move it aside to NAME.moved-UTCSTAMP and start afresh; nothing is deleted",
+    )
     p.add_argument("--json", action="store_true")
 
     p = _command(sub, "post-round", commands.post_round, "Post one round of shard jobs.")
@@ -329,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="the address /metrics listens on (default 127.0.0.1; 0.0.0.0 for every interface)",
     )
+    p.add_argument(
+        "--restore",
+        action="store_true",
+        help="rebuild runs that are on disk but not in Redis (its data was lost), as "
+        "'coordinator restore' does, at start and whenever one is found; without it they are reported",
+    )
+
+    p = _command(
+        sub,
+        "restore",
+        commands.restore,
+        "Rebuild a run Redis lost from its record under CROWDTRAIN_HOME/runs/NAME: the current version, "
+        "strategy state, credit and reputation, the next round number; a round lost open is posted again.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", default=None)
+    which.add_argument("--all", action="store_true", help="every run on disk that Redis does not know")
+    p.add_argument("--json", action="store_true")
 
     p = _command(sub, "status", commands.status, "Runs, rounds, queue depths, volunteers online.")
     p.add_argument("--run", default=None)

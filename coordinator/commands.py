@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from safetensors import SafetensorError
 
 from broker import embedded, keys
 from broker.client import check_reachable, redis_client
+from broker.errors import UnknownRun
 from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
@@ -32,14 +34,16 @@ from coordinator import (
     identities,
     invitations,
     janitor,
+    ledger,
     privacy,
     revocation,
 )
+from coordinator import restore as restoring
 from coordinator.aggregator import Aggregator
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.context import upload_bound
 from coordinator.creation import build_model, create_run
-from coordinator.documents import run_document
+from coordinator.documents import round_record, run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
 from coordinator.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
 from coordinator.metrics import serve_metrics
@@ -132,7 +136,17 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     if args.run in conn.store.runs():
         raise RunExists(f"run {args.run!r} exists already; choose another --run name")
+    folder = checkpoints.run_dir(conn.settings.home, args.run)
+    force = getattr(args, "force", False)
+    if folder.exists() and not force:
+        raise RunExists(
+            f"{folder} exists: bring that run back with 'coordinator restore --run {args.run}', "
+            "or pass --force to move the folder aside and start afresh"
+        )
     weights, blob, initial = build_model(job, args.job, args.run)
+    if folder.exists():
+        moved = checkpoints.move_aside(conn.settings.home, args.run)
+        print(f"moved {folder} aside to {moved}", file=sys.stderr)
     config = dict(
         job=args.job,
         job_args=job_args,
@@ -220,6 +234,7 @@ def _job_files(job: Job) -> dict[str, str]:
 
 def post_round(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
+    _check_known(conn, args.run)
     config = conn.store.run_config(args.run)
     if is_async(config):
         raise UsageError(
@@ -241,6 +256,7 @@ def post_round(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Finish R rounds, first waiting for one left open by an interrupted run."""
     conn = connect(args)
+    _check_known(conn, args.run)
     config = conn.store.run_config(args.run)
     if is_async(config):
         return _run_async(conn, args)
@@ -292,6 +308,8 @@ def abort_round(args: argparse.Namespace) -> dict[str, Any]:
         state = conn.store.rounds.status(args.run, number) if number else None
         latest = f"round {number} is {state}" if state else "it has no rounds"
         raise UsageError(f"run {args.run!r} has no round in progress ({latest}); nothing to abort")
+    record = round_record(conn.store, args.run, number)
+    _note(lambda: ledger.round_ended(conn.settings.home, args.run, record), f"round {number}")
     if not args.json:
         print(f"aborted round {number} of {args.run}: failed, reason 'aborted'")
     return {"run": args.run, "round": number, "status": "failed", "reason": "aborted"}
@@ -300,7 +318,8 @@ def abort_round(args: argparse.Namespace) -> dict[str, Any]:
 def aggregator(args: argparse.Namespace) -> None:
     """Run the trusted worker; the intake and the deadline watcher run beside it in threads."""
     settings = broker_settings(args)
-    store = Store(redis_client(settings))
+    # the trusted side writes credit and reputation to each run's ledger on disk as it gives them
+    store = Store(redis_client(settings), ledger=ledger.Ledger(settings.home))
     trusted = Aggregator(store, settings.home, keep_versions=settings.keep_versions)
     app = aggregator_app(settings, trusted)
     if args.metrics_port:
@@ -337,6 +356,9 @@ def aggregator(args: argparse.Namespace) -> None:
     # Invitation tokens are traded for credentials here: only the trusted side may create users.
     joins = invitations.Joins(store, settings.url)
     threading.Thread(target=invitations.serve, args=(joins, stop), daemon=True, name="joins").start()
+    # Runs on disk that Redis lost are reported (and with --restore rebuilt from disk).
+    lookout = (store, settings.home, stop, app, getattr(args, "restore", False), settings.keep_versions)
+    threading.Thread(target=restoring.watch, args=lookout, daemon=True, name="lost-runs").start()
     name = args.name or f"aggregator-{os.getpid()}"
     try:
         app.worker_main(
@@ -360,7 +382,11 @@ def aggregator(args: argparse.Namespace) -> None:
 
 def status(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
+    lost = restoring.lost_runs(conn.store, conn.settings.home)
+    if args.run is not None:
+        _check_known(conn, args.run)
     document = collect_status(conn.store, conn.app, args.run)
+    document["lost_runs"] = [run for run in lost if args.run in (None, run)]
     if not args.json:
         print_status(document)
     return document
@@ -369,7 +395,7 @@ def status(args: argparse.Namespace) -> dict[str, Any]:
 def export(args: argparse.Namespace) -> None:
     """Write a version as float32 safetensors, from Redis or, once it left Redis, from its checkpoint."""
     conn = connect(args)
-    current = conn.store.version(args.run)
+    current = _current_version(conn, args.run)
     version = current if args.version is None else args.version
     if not 0 <= version <= current:
         raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
@@ -384,12 +410,12 @@ def export(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> dict[str, Any]:
     """Print text the run's model of a version generates after ``--prompt``: what the compute bought."""
     conn = connect(args)
-    config = conn.store.run_config(args.run)
+    current = _current_version(conn, args.run)
+    config = _run_config(conn, args.run)
     job = load_job(config["job"], config.get("job_args") or {})
     generate = getattr(job, "generate", None)
     if not callable(generate):
         raise UsageError(f"job {config['job']!r} of run {args.run!r} does not generate text")
-    current = conn.store.version(args.run)
     version = current if args.version is None else args.version
     if not 0 <= version <= current:
         raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
@@ -399,6 +425,30 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(text)
     return {"run": args.run, "version": version, "prompt": args.prompt, "text": text}
+
+
+def _current_version(conn: Connection, run: str) -> int:
+    """The run's current version: Redis's, or the latest on disk for a run Redis does not know."""
+    try:
+        return conn.store.version(run)
+    except UnknownRun:
+        return restoring.run_record(conn.settings.home, run)[1]
+
+
+def _run_config(conn: Connection, run: str) -> dict[str, Any]:
+    try:
+        return conn.store.run_config(run)
+    except UnknownRun:
+        return restoring.run_record(conn.settings.home, run)[0]
+
+
+def _check_known(conn: Connection, run: str) -> None:
+    """A run Redis lost is named as such, with the command that brings it back."""
+    if keys.NAME.fullmatch(run) and restoring.is_lost(conn.store, conn.settings.home, run):
+        raise UnknownRun(
+            f"run {run!r} is on disk but Redis does not know it (its data was lost?): "
+            f"bring it back with 'coordinator restore --run {run}'"
+        )
 
 
 def _version_weights(conn: Connection, run: str, version: int) -> TensorDict:
@@ -421,9 +471,34 @@ def report(args: argparse.Namespace) -> None:
     from coordinator.report import plot_run
 
     conn = connect(args)
-    document = run_document(conn.store, args.run, list(range(1, conn.store.rounds.count(args.run) + 1)))
+    home = conn.settings.home
+    if args.run in conn.store.runs():
+        rounds = list(range(1, conn.store.rounds.count(args.run) + 1))
+        document = restoring.fill_expired(run_document(conn.store, args.run, rounds), home, args.run)
+    else:  # a run Redis does not know (lost, or on another broker): from its record on disk
+        document = restoring.disk_document(home, args.run)
     plot_run(document, args.out)
     print(f"wrote {args.out}")
+
+
+def restore(args: argparse.Namespace) -> dict[str, Any]:
+    """Rebuild runs Redis lost from their record on disk (``--run NAME`` or ``--all``)."""
+    conn = connect(args)
+    home = conn.settings.home
+    names = restoring.lost_runs(conn.store, home) if args.all else [args.run]
+    restored = []
+    for name in names:
+        entry = restoring.restore_run(conn.store, home, name, conn.app, conn.settings.keep_versions)
+        restored.append(entry)
+        if not args.json:
+            again = f", round {entry['reposted_round']} posted again" if entry["reposted_round"] else ""
+            print(
+                f"restored run {name!r} from {checkpoints.run_dir(home, name)}: version "
+                f"{entry['model_version']}, {entry['rounds']} rounds, {entry['volunteers']} volunteers{again}"
+            )
+    if not names and not args.json:
+        print(f"no run to restore: every run under {home / 'runs'} is in Redis")
+    return {"restored": restored}
 
 
 def monitor(args: argparse.Namespace) -> int:
@@ -507,7 +582,7 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
     deadline = float(args.deadline or config.get("deadline") or DEFAULT_DEADLINE)
     privacy.check_round(config, conn.store.version(args.run), shards, quorum)
     info = _post_round(conn.store, conn.app, args.run, shards, quorum, deadline)
-    return {
+    posted = {
         "run": args.run,
         "round": info["round"],
         "shards": shards,
@@ -515,6 +590,17 @@ def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) ->
         "deadline_seconds": deadline,
         "base_version": info["base_version"],
     }
+    # so that restore can post it again if Redis loses it open
+    _note(lambda: ledger.round_opened(conn.settings.home, args.run, posted), f"round {info['round']}")
+    return posted
+
+
+def _note(write: Callable[[], None], what: str) -> None:
+    """Write a round's record on disk; a disk that refuses is a warning (the round is in Redis already)."""
+    try:
+        write()
+    except OSError as e:
+        log.warning("%s is in Redis, but its record on disk could not be written (%s)", what, e)
 
 
 def _wait(store: Store, run_name: str, number: int, shards: int, quiet: bool) -> dict[str, Any]:

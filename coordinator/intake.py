@@ -363,7 +363,7 @@ class Intake:
         self.store.delete_upload(upload.copy_key)  # nothing rejected is kept
         if outcome != "rejected":
             return Verdict(outcome)
-        self.store.credit(upload.volunteer, rejected=1)
+        self.store.credit(upload.volunteer, run=upload.run, rejected=1)
         log.warning(
             "rejected %s round %d shard %d from %s: %s",
             upload.run,

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from broker import embedded
@@ -42,7 +43,9 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     try:
         processes.extend(_start_workers(settings, args.volunteers))
         conn_args = argparse.Namespace(broker=settings.broker_url)
-        run_name = _fresh_run_name(commands.connect(conn_args).store.runs())
+        # a name neither Redis nor the disk has: a second quickstart never meets the first's folder
+        taken = commands.connect(conn_args).store.runs() + _folders(settings.home)
+        run_name = _fresh_run_name(taken)
         commands.init(
             argparse.Namespace(
                 broker=settings.broker_url,
@@ -154,6 +157,12 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _folders(home: Path) -> list[str]:
+    """Names under ``home/runs``: a run Redis lost keeps its folder, which ``init`` will not reuse."""
+    runs = home / "runs"
+    return [path.name for path in runs.iterdir()] if runs.is_dir() else []
 
 
 def _fresh_run_name(existing: list[str]) -> str:

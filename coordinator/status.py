@@ -98,8 +98,13 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
                 _open_round(r["open_round"]),
             )
         console.print(runs)
-    else:
+    elif not document.get("lost_runs"):
         console.print("runs: none yet (coordinator init --run NAME --job charlm)")
+    for name in document.get("lost_runs", []):
+        console.print(
+            f"run {name} is on disk but Redis does not know it (its data was lost?): "
+            f"coordinator restore --run {name}"
+        )
     for r in document["runs"]:
         if "qualified_online" in r:
             need = Need(r["requires"]["device"], r["requires"]["memory_gb"] or 0)

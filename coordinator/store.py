@@ -20,6 +20,7 @@ from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import RENEW_BEFORE, S3_LARGEST_POST, Location, ObjectMismatch, ObjectStore, Pointer
 from coordinator.errors import RunExists
+from coordinator.ledger import Ledger
 from coordinator.state import RoundState, lua_source, number_or_text
 from serialization import Encoded
 
@@ -32,8 +33,9 @@ NORM_HISTORY = 16
 class Store:
     """Typed access to crowdtrain's keys on one Redis server, for the coordinator and aggregator."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, ledger: Ledger | None = None) -> None:
         self.redis = client
+        self.ledger = ledger  # the trusted side's record of credit on disk, written with Redis's
         self.rounds = RoundState(client)
         self._drain = client.register_script(lua_source("drain"))
         self._objects: dict[str, ObjectStore | None] = {}
@@ -97,6 +99,10 @@ class Store:
             blobs.write(self.redis, key, blob, ttl=ttl)
         else:
             blobs.write_pointer(self.redis, key, store.put(run, blob, readable), ttl=ttl)
+
+    def restore_blob(self, run: str, key: str, blob: bytes, readable: bool = True) -> None:
+        """Write a blob of ``run`` rebuilt from its disk record (``coordinator.restore``)."""
+        self._write(run, key, blob, readable=readable)
 
     def _read(self, key: str, limit: int | None = None) -> bytearray | None:
         return blobs.read(self.redis, key, limit, remote=self)
@@ -316,9 +322,13 @@ class Store:
         device: str | None = None,
         seconds: float = 0.0,
         memory_gb: int | None = None,
+        run: str | None = None,
         **counts: int,
     ) -> None:
-        """Add to a volunteer's record (shards_done, samples, accepted, rejected); trusted side only."""
+        """Add to a volunteer's record (shards_done, samples, accepted, rejected); trusted side only.
+
+        With a ``ledger``, credit earned in ``run`` is also written to that run's ledger on disk.
+        """
         pipe = self.redis.pipeline()
         pipe.sadd(keys.volunteers(), volunteer)
         if device:
@@ -330,6 +340,8 @@ class Store:
         for field, count in counts.items():
             pipe.hincrby(keys.volunteer(volunteer), field, count)
         pipe.execute()
+        if self.ledger is not None and run is not None:
+            self.ledger.credit(run, volunteer, counts, seconds, device, memory_gb)
 
     def reputations(self, names: list[str]) -> dict[str, float | None]:
         """Each volunteer's reputation (``--verify probe``); None for one never judged."""
@@ -338,12 +350,15 @@ class Store:
             pipe.hget(keys.volunteer(name), "reputation")
         return {name: float(raw) if raw is not None else None for name, raw in zip(names, pipe.execute())}
 
-    def set_reputations(self, values: dict[str, float]) -> None:
+    def set_reputations(self, values: dict[str, float], run: str | None = None) -> None:
+        """Set reputations (judged in ``run``: also written to its ledger, with a ``ledger``)."""
         pipe = self.redis.pipeline()
         for name, value in values.items():
             pipe.sadd(keys.volunteers(), name)
             pipe.hset(keys.volunteer(name), "reputation", repr(round(float(value), 6)))
         pipe.execute()
+        if self.ledger is not None and run is not None:
+            self.ledger.reputations(run, {name: round(float(v), 6) for name, v in values.items()})
 
     def volunteers(self) -> dict[str, dict[str, Any]]:
         out = {}
