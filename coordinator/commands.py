@@ -25,7 +25,7 @@ from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import announcements, asynchronous, checkpoints, credentials, janitor, privacy
+from coordinator import announcements, asynchronous, checkpoints, credentials, fusion, janitor, privacy
 from coordinator.aggregator import Aggregator
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.context import upload_bound
@@ -41,7 +41,7 @@ from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
 from jobs import Job, load_job, parse_job_args
-from serialization import TensorDict, loads, parse_codec
+from serialization import TensorDict, dumps, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
@@ -120,11 +120,23 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise UsageError(str(e)) from None
     blob_store = _blob_store(getattr(args, "blob_store", None))
+    branch = None
+    if getattr(args, "source", None) is not None:  # init --from RUN[:VERSION]: a branch of RUN
+        conn = connect(args)
+        branch = fusion.branch_source(conn.store, conn.settings.home, args.source, args.job, job_args)
+        args.job, job_args = branch.job, branch.job_args
+    elif args.job is None:
+        raise UsageError("--job is needed: a built-in job or package.module:factory (or --from RUN)")
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():
         raise RunExists(f"run {args.run!r} exists already; choose another --run name")
-    weights, blob, initial = build_model(job, args.job, args.run)
+    fusion.refuse_ensemble_name(conn.store, args.run)
+    if branch is None:
+        weights, blob, initial = build_model(job, args.job, args.run)
+    else:
+        weights, initial = fusion.branch_model(job, branch, args.run, _job_files(job))
+        blob = dumps(weights, {"run": args.run, "version": 0})
     config = dict(
         job=args.job,
         job_args=job_args,
@@ -157,6 +169,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
+        **({"branched_from": {"run": branch.run, "version": branch.version}} if branch else {}),
         # the store caps each upload slot at the bound the aggregator checks uploads against
         **({"blob_store": blob_store, "upload_bound": upload_bound(weights, codec)} if blob_store else {}),
     )
@@ -168,10 +181,13 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         "compression": codec.name,
         "initial": {"model_version": 0, **initial},
     }
+    if branch is not None:
+        document["branched_from"] = {"run": branch.run, "version": branch.version}
     if not args.json:
+        origin = f", branched from {branch.run} version {branch.version}" if branch else ""
         print(
             f"created run {args.run!r}: job {args.job}, strategy {args.strategy}, "
-            f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
+            f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}{origin}"
         )
     return document
 

@@ -41,6 +41,15 @@ class Job(Protocol):
     buffers that training changes), so a volunteer process may load the next
     shard's weights into the model it trained before instead of building one
     per shard (a random initialisation of the whole model thrown away).
+    Optional: ``outputs``, what the model's output is, so runs of the job can be
+    ensembled (``coordinator fuse --method ensemble``): ``"logits"``, scores over
+    the last dimension whose softmax is the prediction (a classifier), or
+    ``"next-token"``, a language model taking ids ``[batch, time]`` to logits
+    ``[batch, time, vocab]`` where position t predicts id t+1 (which also allows
+    weights by posterior). Without it, a job's runs can be averaged, not ensembled.
+    Optional: ``evaluate_corpus(model, path) -> dict[str, float]``, the metrics of
+    ``evaluate`` on the data at ``path`` instead of the held-out set
+    (``coordinator evaluate --data PATH``).
     """
 
     name: str
@@ -73,6 +82,15 @@ def batch_size(job: object) -> int:
 def reuses_model(job: object) -> bool:
     """True when ``job`` declares ``reuse_model = True``: its model may train shard after shard."""
     return getattr(job, "reuse_model", False) is True
+
+
+OUTPUT_KINDS = ("logits", "next-token")
+
+
+def outputs_of(job: object) -> str | None:
+    """What ``job``'s model outputs, if it says (one of OUTPUT_KINDS); None: nothing to mix."""
+    value = getattr(job, "outputs", None)
+    return value if value in OUTPUT_KINDS else None
 
 
 def reads_local_data(job: object) -> bool:
