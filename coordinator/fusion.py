@@ -237,8 +237,8 @@ def branch_model(
     for name, text in branch.files.items():
         if files.get(name, text) != text:
             raise UsageError(
-                f"these --job-arg values give run {run!r} another {name} than run {branch.run!r}'s: "
-                f"add --job-arg tokenizer=PATH naming the parent's (runs/{branch.run}/{name})"
+                f"these --job-arg values give run {run!r} another {name} than its parent {branch.run!r} "
+                f"has: add --job-arg tokenizer=PATH naming the parent's (runs/{branch.run}/{name})"
             )
     model.load_state_dict(branch.weights)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
