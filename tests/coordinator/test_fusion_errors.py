@@ -19,7 +19,7 @@ TINY = "tests.fixtures.jobs_tiny:make_job"
 
 @pytest.fixture(scope="module")
 def fused_world(tmp_path_factory):
-    """Runs a, b (tiny charlm), wide (another width), t1, t2 (a regression job) and ensemble e of a and b.
+    """Runs a, b (tiny charlm), wide (another width), g (gpt), t1, t2 (a regression job), ensemble e of a, b.
 
     Made once for the module: every command here must leave them as they are.
     """
@@ -41,8 +41,15 @@ def fused_world(tmp_path_factory):
         return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
     small = [arg.replace("width=32", "width=16") for arg in TINY_CHARLM]
+    for name, text in (("prose", "the quick brown fox jumps over the lazy dog. "), ("other", "x = [1, 2]\n")):
+        (folder / name).mkdir()
+        for i in range(3):
+            (folder / name / f"{i}.txt").write_text(text * (200 + 50 * i))
+    gpt = ["--job", "gpt", "--job-arg", "layers=1", "--job-arg", "width=16", "--job-arg", "heads=2"]
+    gpt += ["--job-arg", "context=16", "--job-arg", "vocab=280", "--job-arg", "corpus=prose/*.txt"]
     try:
         for argv in (
+            ["--run", "g", *gpt],
             ["--run", "a", "--job", "charlm", *TINY_CHARLM],
             ["--run", "b", "--job", "charlm", *TINY_CHARLM, "--job-arg", "seed=1"],
             ["--run", "wide", "--job", "charlm", *small],
@@ -88,6 +95,7 @@ def _state(client: redis.Redis, home: Path) -> tuple[dict, list[str]]:
         (["init", "--run", "x", "--from", "a", "--job-arg", "width=16"], ["different architectures"]),
         (["init", "--run", "x", "--from", "a", "--job", TINY], ["keeps its parent's job"]),
         (["init", "--run", "x", "--from", "a:2"], ["versions 0 to 0"]),
+        (["init", "--run", "x", "--from", "g", "--job-arg", "corpus=other/*.txt"], ["tokenizer"]),
         (["init", "--run", "e", "--job", "charlm"], ["'e'", "ensemble"]),
         (["init", "--run", "x"], ["--job is needed"]),
         (["export", "--run", "e", "--out", "e.safetensors"], ["ensemble", "folder"]),
