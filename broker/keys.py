@@ -29,6 +29,8 @@ chunks (``broker.blobs``)::
     ct:run:RUN:round:N:reoffers          hash: shard -> times it was posted again after a failure
     ct:run:RUN:round:N:replicated        set: shards posted twice (init --replicate)
     ct:run:RUN:round:N:replicas          hash: shard -> key of the second volunteer's accepted copy
+    ct:ensembles                         set of ensemble names (coordinator fuse --method ensemble)
+    ct:ensemble:NAME                     JSON: an ensemble's members, their weights and pinned versions
     ct:deadlines                         sorted set: "RUN|N" -> deadline of unfinished rounds
     ct:upload:VOLUNTEER:RUN:N:SHARD:TOKEN  one upload, writable by that volunteer only
     ct:announce                          list: keys of uploads to validate (volunteers: RPUSH only)
@@ -100,6 +102,16 @@ def valid_name(value: object) -> bool:
 
 def runs() -> str:
     return _k("runs")
+
+
+def ensembles() -> str:
+    """Names of the ensembles (``coordinator fuse --method ensemble``); they share runs' names."""
+    return _k("ensembles")
+
+
+def ensemble(name: str) -> str:
+    """An ensemble's record (JSON): trusted side only, no volunteer reads it."""
+    return _k("ensemble", name)
 
 
 def run_config(run: str) -> str:

@@ -21,9 +21,10 @@ import redis
 from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
-from coordinator import commands, invitations, quickstart
+from coordinator import commands, fusion_commands, invitations, quickstart
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
+from coordinator.fusion import METHODS as FUSION_METHODS
 from coordinator.strategies import STRATEGY_HELP
 from coordinator.verification import VERIFY_MODES
 from jobs import JobError
@@ -126,7 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "init", commands.init, "Create a run: its job, strategy and model version 0.")
     p.add_argument("--run", required=True)
-    p.add_argument("--job", required=True, help="a built-in job (charlm) or package.module:factory")
+    p.add_argument(
+        "--job",
+        default=None,
+        help="a built-in job (charlm) or package.module:factory (needed without --from)",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        metavar="RUN[:VERSION]",
+        help="branch RUN: version 0 of the new run is RUN's current version (or VERSION); same job and "
+        "architecture, the parent's --job-arg values unless given again, its own other settings",
+    )
     p.add_argument(
         "--job-arg",
         action="append",
@@ -358,12 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None)
     p.add_argument("--json", action="store_true")
 
-    p = _command(sub, "export", commands.export, "Write a model version as float32 safetensors.")
+    p = _command(
+        sub,
+        "export",
+        fusion_commands.export,
+        "Write a model version as float32 safetensors (an ensemble: a folder of its members' files "
+        "and manifest.json).",
+    )
     p.add_argument("--run", required=True)
     p.add_argument("--version", type=int_in(0, 10**9), default=None, help="default: the current version")
     p.add_argument("--out", required=True, type=Path)
 
-    p = _command(sub, "sample", commands.sample, "Print text the run's model generates after a prompt.")
+    p = _command(
+        sub,
+        "sample",
+        fusion_commands.sample,
+        "Print text the run's (or ensemble's) model generates after a prompt.",
+    )
     p.add_argument("--run", required=True)
     p.add_argument("--version", type=int_in(0, 10**9), default=None, help="default: the current version")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -378,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0, help="the same seed gives the same text")
     p.add_argument("--json", action="store_true")
+
+    _fusion_commands(sub)
 
     p = _command(sub, "report", commands.report, "Plot eval loss per round and per uplink byte.")
     p.add_argument("--run", required=True)
@@ -453,6 +479,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="the volunteer's name")
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def _fusion_commands(sub: Any) -> None:
+    """``fuse`` and ``evaluate``: merge runs by weights or outputs, and measure any run or ensemble."""
+    p = _command(
+        sub,
+        "fuse",
+        fusion_commands.fuse,
+        "Merge runs: average makes a run whose version 0 is the weighted mean of their weights; "
+        "ensemble makes a model whose output is the weighted mixture of theirs.",
+    )
+    p.add_argument(
+        "--runs",
+        required=True,
+        metavar="A,B[,...]",
+        help="two or more runs; RUN:V pins version V, a bare RUN uses (ensemble: follows) its current one",
+    )
+    p.add_argument("--out", required=True, metavar="NAME", help="the new run's (average) or ensemble's name")
+    p.add_argument("--method", required=True, choices=FUSION_METHODS)
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="w1,w2,...|posterior",
+        help="one non-negative weight per run, normalised (default equal); ensemble only: 'posterior', "
+        "each member weighed by its posterior given the context so far (Branch-Train-Merge)",
+    )
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
+        sub,
+        "evaluate",
+        fusion_commands.evaluate,
+        "Eval loss (and accuracy where the job has it) of a run or an ensemble.",
+    )
+    p.add_argument("--run", required=True, help="a run or an ensemble")
+    p.add_argument(
+        "--version", type=int_in(0, 10**9), default=None, help="a run's version (default: current)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="evaluate on the text at PATH (a file, folder or glob) instead of the job's eval set",
+    )
+    p.add_argument("--json", action="store_true")
 
 
 def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:

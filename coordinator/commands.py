@@ -31,6 +31,7 @@ from coordinator import (
     asynchronous,
     checkpoints,
     credentials,
+    fusion,
     identities,
     invitations,
     janitor,
@@ -54,7 +55,7 @@ from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
 from jobs import Job, load_job, parse_job_args
-from serialization import TensorDict, loads, parse_codec
+from serialization import TensorDict, dumps, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
@@ -132,10 +133,18 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as e:
         raise UsageError(str(e)) from None
     blob_store = _blob_store(getattr(args, "blob_store", None))
+    branch = None
+    if getattr(args, "source", None) is not None:  # init --from RUN[:VERSION]: a branch of RUN
+        conn = connect(args)
+        branch = fusion.branch_source(conn.store, conn.settings.home, args.source, args.job, job_args)
+        args.job, job_args = branch.job, branch.job_args
+    elif args.job is None:
+        raise UsageError("--job is needed: a built-in job or package.module:factory (or --from RUN)")
     job = load_job(args.job, job_args)
     conn = connect(args)
     if args.run in conn.store.runs():
         raise RunExists(f"run {args.run!r} exists already; choose another --run name")
+    fusion.refuse_ensemble_name(conn.store, args.run)
     folder = checkpoints.run_dir(conn.settings.home, args.run)
     force = getattr(args, "force", False)
     if folder.exists() and not force:
@@ -143,7 +152,11 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
             f"{folder} exists: bring that run back with 'coordinator restore --run {args.run}', "
             "or pass --force to move the folder aside and start afresh"
         )
-    weights, blob, initial = build_model(job, args.job, args.run)
+    if branch is None:
+        weights, blob, initial = build_model(job, args.job, args.run)
+    else:
+        weights, initial = fusion.branch_model(job, branch, args.run, _job_files(job))
+        blob = dumps(weights, {"run": args.run, "version": 0})
     if folder.exists():
         moved = checkpoints.move_aside(conn.settings.home, args.run)
         print(f"moved {folder} aside to {moved}", file=sys.stderr)
@@ -179,6 +192,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
+        **({"branched_from": {"run": branch.run, "version": branch.version}} if branch else {}),
         # the store caps each upload slot at the bound the aggregator checks uploads against
         **({"blob_store": blob_store, "upload_bound": upload_bound(weights, codec)} if blob_store else {}),
     )
@@ -190,10 +204,13 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         "compression": codec.name,
         "initial": {"model_version": 0, **initial},
     }
+    if branch is not None:
+        document["branched_from"] = {"run": branch.run, "version": branch.version}
     if not args.json:
+        origin = f", branched from {branch.run} version {branch.version}" if branch else ""
         print(
             f"created run {args.run!r}: job {args.job}, strategy {args.strategy}, "
-            f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}"
+            f"compression {codec.name}, initial eval_loss {initial.get('eval_loss', 0):.4f}{origin}"
         )
     return document
 

@@ -132,6 +132,7 @@ class CharLMJob:
 
     name = "charlm"
     reuse_model = True  # weights and constant buffers only: a volunteer trains one model shard after shard
+    outputs = "next-token"  # runs of it can be ensembled, weighed by posterior too (coordinator fuse)
 
     def __init__(self, config: CharLMConfig) -> None:
         self.config = config
@@ -167,6 +168,14 @@ class CharLMJob:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Return mean cross entropy and next-byte accuracy on the fixed held-out windows."""
         return evaluate_windows(model, self._eval_windows())
+
+    def evaluate_corpus(self, model: nn.Module, path: str) -> dict[str, float]:
+        """``evaluate`` on fixed windows of the text at ``path`` (a file, folder or glob) instead."""
+        cfg = self.config
+        text = _read_local(path, cfg)
+        return evaluate_windows(
+            model, held_out_windows(text, cfg.context + 1, cfg.batch_size, _EVAL_SEED, cfg.eval_batches)
+        )
 
     def generate(
         self, model: nn.Module, prompt: str, tokens: int, *, temperature: float = 0.8, seed: int = 0

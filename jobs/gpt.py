@@ -44,6 +44,7 @@ from jobs.language import (
     corpus_files,
     evaluate_windows,
     held_out_windows,
+    local_files,
     next_token_loss,
     random_windows,
     shard_of,
@@ -174,6 +175,7 @@ class GPTJob:
 
     name = "gpt"
     reuse_model = True  # weights and constant rotary tables only: reused shard after shard
+    outputs = "next-token"  # runs of it can be ensembled, weighed by posterior too (coordinator fuse)
 
     def __init__(self, config: GPTConfig) -> None:
         self.config = config
@@ -221,6 +223,25 @@ class GPTJob:
         if self._eval is None:
             self._eval = self._held_out(_EVAL_SEED, self.config.eval_batches)
         return evaluate_windows(model, self._eval)
+
+    def evaluate_corpus(self, model: nn.Module, path: str) -> dict[str, float]:
+        """``evaluate`` on fixed windows of the documents at ``path`` (a file, folder or glob) instead."""
+        try:
+            documents = _documents(local_files(path), self.config)
+        except JobError:  # no text there: said below, naming the path
+            documents = []
+        tokenizer = self.data().tokenizer
+        end = tokenizer.token_to_id(END_OF_TEXT)
+        ids = [torch.tensor([*e.ids, end], dtype=torch.int32) for e in tokenizer.encode_batch(documents)]
+        tokens = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int32)
+        if len(tokens) < self.window:
+            raise JobError(
+                f"gpt corpus {path!r} gives {len(tokens)} tokens, fewer than one window of {self.window}"
+            )
+        cfg = self.config
+        return evaluate_windows(
+            model, held_out_windows(tokens, self.window, cfg.batch_size, _EVAL_SEED, cfg.eval_batches)
+        )
 
     def probe_batches(self) -> list[Batch]:
         """A few fixed held-out batches on which the aggregator weighs each delta."""

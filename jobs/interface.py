@@ -45,6 +45,15 @@ class Job(Protocol):
     parameter groups (torch's format: ``{"params": [...], "weight_decay": x}``),
     each trainable parameter in exactly one; without it, matrices and
     embeddings decay and biases and norm gains do not (``parameter_groups``).
+    Optional: ``outputs``, what the model's output is, so runs of the job can be
+    ensembled (``coordinator fuse --method ensemble``): ``"logits"``, scores over
+    the last dimension whose softmax is the prediction (a classifier), or
+    ``"next-token"``, a language model taking ids ``[batch, time]`` to logits
+    ``[batch, time, vocab]`` where position t predicts id t+1 (which also allows
+    weights by posterior). Without it, a job's runs can be averaged, not ensembled.
+    Optional: ``evaluate_corpus(model, path) -> dict[str, float]``, the metrics of
+    ``evaluate`` on the data at ``path`` instead of the held-out set
+    (``coordinator evaluate --data PATH``).
     """
 
     name: str
@@ -103,6 +112,15 @@ def parameter_groups(job: object, model: torch.nn.Module) -> list[dict[str, Any]
 def reuses_model(job: object) -> bool:
     """True when ``job`` declares ``reuse_model = True``: its model may train shard after shard."""
     return getattr(job, "reuse_model", False) is True
+
+
+OUTPUT_KINDS = ("logits", "next-token")
+
+
+def outputs_of(job: object) -> str | None:
+    """What ``job``'s model outputs, if it says (one of OUTPUT_KINDS); None: nothing to mix."""
+    value = getattr(job, "outputs", None)
+    return value if value in OUTPUT_KINDS else None
 
 
 def reads_local_data(job: object) -> bool:

@@ -38,6 +38,14 @@ def corpus_files(corpus: str | None, max_files: int, job: str, kinds: str) -> li
     return files[:max_files]
 
 
+def local_files(path: str) -> list[str]:
+    """The files at ``path`` on this machine, sorted: a file, every file under a folder, or a glob."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        expanded = os.path.join(expanded, "**", "*")
+    return sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+
+
 def check_shard(index: int, count: int) -> None:
     """Refuse a shard index outside ``[0, count)``."""
     if count < 1 or not 0 <= index < count:

@@ -209,6 +209,8 @@ INLINE_COMMANDS = frozenset(
         "run",
         "export",
         "sample",
+        "fuse",
+        "evaluate",
         "report",
         "abort-round",
         "volunteer-credentials",
