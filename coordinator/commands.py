@@ -20,7 +20,7 @@ from rich.console import Console
 from safetensors import SafetensorError
 
 from broker import embedded
-from broker.client import check_reachable, redis_client
+from broker.client import check_reachable, data_nodes, node_client, redis_client
 from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
@@ -451,8 +451,19 @@ def _check_listen(address: str, port: int) -> None:
 def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Create or revoke one volunteer's Redis ACL user on the broker (admin connection)."""
     conn = connect(args)
+    url, replicas = conn.settings.url, []
+    address = conn.settings.sentinel
+    if address is not None:  # the user goes to every data node: replicas do not replicate ACL commands
+        url = address.url()
+        replicas = [node_client(conn.settings, node) for node in data_nodes(conn.settings)[1:]]
     return credentials.command(
-        conn.store.redis, conn.settings.url, args.name, revoke=args.revoke, host=args.host, quiet=args.json
+        conn.store.redis,
+        url,
+        args.name,
+        revoke=args.revoke,
+        host=args.host,
+        quiet=args.json,
+        replicas=replicas,
     )
 
 

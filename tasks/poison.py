@@ -231,6 +231,16 @@ class GuardedTransport(kombu_redis.Transport):
     Channel = GuardedChannel
 
 
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """``GuardedChannel`` on kombu's Sentinel channel: it asks the sentinels for the primary."""
+
+
+class GuardedSentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (``sentinel://`` brokers) with ``GuardedSentinelChannel``."""
+
+    Channel = GuardedSentinelChannel
+
+
 class DropMalformed(bootsteps.StartStopStep):
     """Consumer step: only the app's own tasks have a strategy, each wrapped so a malformed message
     is dropped, not fatal; a message naming any other task is dropped before Celery handles it."""

@@ -148,7 +148,8 @@ def start(args: argparse.Namespace) -> int:
         settings = settings.with_broker(embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
     # A volunteer with its own credentials is named after its Redis user by default.
-    name = args.name or urlparse(settings.url).username or f"{socket.gethostname()}-{os.getpid()}"
+    user = settings.sentinel.username if settings.sentinel else urlparse(settings.url).username
+    name = args.name or user or f"{socket.gethostname()}-{os.getpid()}"
     if not VOLUNTEER_NAME.match(name):
         print(
             f"volunteer start: error: --name {name!r}: use 1-64 letters, digits, '.', '_' or '-'",
