@@ -17,7 +17,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from broker.errors import BrokerUnreachable
-from broker.sentinel import sentinel_kwargs
+from broker.sentinel import FollowPrimaryConnection, sentinel_kwargs
 from broker.settings import Settings, safe_url
 
 __all__ = [
@@ -57,7 +57,9 @@ def redis_client(settings: Settings, *, patience: float = DEFAULT_PATIENCE) -> r
     address = settings.sentinel
     if address is not None:
         manager = sentinel_manager(settings, **options)
-        return manager.master_for(address.master, redis_class=redis.Redis)
+        return manager.master_for(
+            address.master, redis_class=redis.Redis, connection_class=FollowPrimaryConnection
+        )
     return redis.Redis.from_url(settings.url, **options, **tls_options(settings))
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from redis.sentinel import SentinelManagedConnection
+
 from broker.errors import SettingsError
 
 SCHEME = "sentinel"
@@ -91,6 +93,24 @@ class SentinelAddress:
         if self.password is not None:
             kwargs["password"] = self.password
         return kwargs
+
+
+class FollowPrimaryConnection(SentinelManagedConnection):
+    """redis-py's Sentinel-managed connection, whose every reconnect asks the sentinels for the primary.
+
+    redis-py reconnects a connection dropped inside a command (a pipeline, a script) at
+    the address it had, and retries that address for as long as its Retry allows
+    (redis/redis-py#3874): a dead primary's address, for the whole patience. Here that
+    reconnect goes through ``connect``, which asks the sentinels first.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock:
+            return
+        if retry_socket_connect:  # redis-py's reconnect at the old address: ask the sentinels instead
+            self.connect()
+            return
+        super().connect_check_health(check_health=check_health, retry_socket_connect=False)
 
 
 def is_sentinel_url(url: str | None) -> bool:

@@ -49,6 +49,7 @@ from kombu.utils.json import loads as json_loads
 
 from broker.keys import AGGREGATE_QUEUE, MAX_MESSAGE_BYTES, TRUSTED_UNACKED
 from broker.routing import train_queues
+from broker.sentinel import FollowPrimaryConnection
 from broker.throttle import throttle
 
 log = logging.getLogger("crowdtrain.poison")
@@ -232,7 +233,10 @@ class GuardedTransport(kombu_redis.Transport):
 
 
 class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
-    """``GuardedChannel`` on kombu's Sentinel channel: it asks the sentinels for the primary."""
+    """``GuardedChannel`` on kombu's Sentinel channel: it asks the sentinels for the primary, on every
+    reconnect (``FollowPrimaryConnection``)."""
+
+    connection_class = FollowPrimaryConnection
 
 
 class GuardedSentinelTransport(kombu_redis.SentinelTransport):
