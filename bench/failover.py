@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' and processes' logs")
     args = parser.parse_args(argv)
-    result = measure(args.kills)
+    result = measure(args.kills, args.keep)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(kills: int) -> dict:
+def measure(kills: int, keep: bool = False) -> dict:
     from broker.client import redis_client
     from broker.settings import Settings
     from coordinator.store import Store
@@ -141,7 +142,10 @@ def measure(kills: int) -> dict:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         cluster.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+        if keep:
+            print(f"logs kept in {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _results(logs: Path, store, kill_times: list[float]) -> dict:

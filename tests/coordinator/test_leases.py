@@ -31,7 +31,8 @@ def _ask(leases: Leases, who: str, shard: int, now: float, nonce: str | None = N
 def test_a_shard_has_one_holder_until_its_lease_lapses_and_then_it_is_offered_again(leases):
     now = float(leases.store.rounds.info("r", 1)["posted_at"])  # type: ignore[index]
     assert _ask(leases, "ann", 0, now) == "granted"
-    assert _ask(leases, "ann", 0, now + 1) == "leased"  # not twice to its holder
+    assert _ask(leases, "ann", 0, now + 1) == "granted"  # the same request again: the same answer
+    assert _ask(leases, "ann", 0, now + 1, nonce="a" * 32) == "leased"  # not twice to its holder
     assert _ask(leases, "ben", 0, now + 1) == "leased"
     assert _ask(leases, "ben", 0, now + 21) == "granted"  # ann's lapsed: ben's now
     ((held,),) = [[x for x in found if x.field == "0"] for found in leases.holders([("r", 1, 0)])]
