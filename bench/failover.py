@@ -13,8 +13,9 @@ Per kill, from the aggregator's and volunteers' own log lines (wall clock, ms):
 * seconds from the SIGKILL to the next accepted upload, and to the next model version. An upload
   or version logged in the first 0.5 s was written to the dead primary before it died (a failover
   cannot finish before the sentinels' 1 s down-after time), so the clock starts counting after it;
-* work redone: shard trainings of the run beyond one per (round, shard), and trainings that
-  ended in no accepted upload.
+* work redone: shard trainings of the run beyond one per (round, shard), trainings that ended in
+  no accepted upload, and shards offered again (a train message lost with the primary comes back
+  after the lease's offer time, 10 s).
 The baseline, in the same run: the median seconds between two versions while no node dies.
 """
 
@@ -44,6 +45,7 @@ SETTLED = 0.5  # seconds after the kill within which a log line is the dead prim
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
 ACCEPTED = re.compile(_STAMP + r"crowdtrain\.intake: accepted r round (\d+) shard (\d+) from", re.M)
 VERSION = re.compile(_STAMP + r"crowdtrain\.aggregator: round (\d+) of r -> version (\d+)", re.M)
+OFFERED = re.compile(_STAMP + r"crowdtrain\.leases: offered r round \d+ shards \[([\d, ]+)\] again", re.M)
 TRAINED = re.compile(_STAMP + r"crowdtrain\.volunteer: r round (\d+) shard (\d+): \d+ steps", re.M)
 
 
@@ -185,6 +187,7 @@ def _results(logs: Path, store, kill_times: list[float]) -> dict:
         "trained_again": sum(c - 1 for c in counted.values()),
         "trained_not_accepted": len(trained) - accepted_total,
         "accepted": accepted_total,
+        "offered_again": sum(len(m.group(2).split(",")) for m in OFFERED.finditer(aggregator)),
     }
 
 
@@ -202,7 +205,8 @@ def report(result: dict) -> None:
         f"{result['rounds_done']}/{result['rounds']} rounds done, versions consecutive: "
         f"{result['versions_consecutive']}; {result['trainings']} shard trainings, "
         f"{result['trained_again']} of a (round, shard) trained before, "
-        f"{result['trained_not_accepted']} not accepted; {result['accepted']} accepted"
+        f"{result['trained_not_accepted']} not accepted; {result['accepted']} accepted; "
+        f"{result['offered_again']} shard offers made again (messages lost with a primary, or refused)"
     )
 
 

@@ -107,3 +107,7 @@ def test_the_primary_dies_mid_round_and_the_run_goes_on_with_a_least_privilege_v
     assert volunteer.poll() is None, procs.log_tail()
     assert int(record["shards_done"]) > trained_before
     assert survivor.client().acl_log() == [], "alice needed a right she was not given"
+    # the operator's view works through the sentinels too: the run, and alice answering a ping
+    status = procs.json("status")
+    assert status["runs"][0]["model_version"] == ROUNDS
+    assert {v["name"]: v["online"] for v in status["volunteers"]}.get("alice") is True, status
