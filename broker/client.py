@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from broker.errors import BrokerUnreachable
 from broker.sentinel import FollowPrimaryConnection, sentinel_kwargs
@@ -68,9 +68,8 @@ def sentinel_manager(settings: Settings, **options: Any) -> Sentinel:
     only socket settings (and CROWDTRAIN_SENTINEL_* logins) for the sentinels."""
     address = settings.sentinel
     assert address is not None, "sentinel_manager needs a sentinel:// broker"
-    socket = {k: v for k, v in options.items() if k.startswith("socket_")}
-    socket.setdefault("socket_timeout", CONNECT_TIMEOUT)
-    socket.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+    # a sentinel answers small questions at once: a short read timeout moves on to the next one
+    socket = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
     return Sentinel(
         list(address.sentinels),
         sentinel_kwargs=sentinel_kwargs(settings.sentinel_username, settings.sentinel_password, socket),
@@ -87,11 +86,8 @@ def data_nodes(settings: Settings) -> list[tuple[str, int]]:
     try:
         primary = manager.discover_master(address.master)
         replicas = manager.discover_slaves(address.master)
-    except redis.RedisError as e:
-        raise BrokerUnreachable(
-            f"the sentinels at {safe_url(settings.url)} name no primary {address.master!r} ({e}); "
-            "check the sentinel addresses and CROWDTRAIN_SENTINEL_MASTER (or ?master_name=)"
-        ) from None
+    except redis.RedisError:
+        raise _no_primary(settings) from None
     finally:
         for sentinel in manager.sentinels:
             sentinel.close()
@@ -103,6 +99,8 @@ def check_reachable(settings: Settings) -> None:
     client = redis_client(settings, patience=0)
     try:
         client.ping()
+    except MasterNotFoundError:
+        raise _no_primary(settings) from None
     except redis.RedisError as e:
         raise BrokerUnreachable(
             f"cannot reach the broker at {safe_url(settings.url)} ({e}); "
@@ -146,4 +144,14 @@ def node_client(settings: Settings, node: tuple[str, int]) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         **address.connection_kwargs(),
+    )
+
+
+def _no_primary(settings: Settings) -> BrokerUnreachable:
+    address = settings.sentinel
+    master = address.master if address else ""
+    return BrokerUnreachable(
+        f"no sentinel at {safe_url(settings.url)} names a live primary {master!r} (none answered, "
+        "or none knows that name); check the sentinel addresses and CROWDTRAIN_SENTINEL_MASTER "
+        "(or ?master_name=)"
     )

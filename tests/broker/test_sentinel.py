@@ -84,3 +84,13 @@ def test_a_volunteers_url_lists_the_sentinels_with_its_own_login_and_the_master(
     assert Settings(broker_url=url).sentinel.username == "alice"
     with pytest.raises(CredentialsError, match="sentinel"):
         credentials.volunteer_url(admin, "alice", "pw", host="broker.example.org")
+
+
+def test_sentinels_that_do_not_answer_are_one_line_naming_the_master_and_the_fix(capsys):
+    from coordinator.cli import main
+    from tests.conftest import free_port
+
+    code = main(["status", "--broker", f"sentinel://127.0.0.1:{free_port()}/0?master_name=m"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "names a live primary 'm'" in err and "CROWDTRAIN_SENTINEL_MASTER" in err

@@ -111,3 +111,6 @@ def test_the_primary_dies_mid_round_and_the_run_goes_on_with_a_least_privilege_v
     status = procs.json("status")
     assert status["runs"][0]["model_version"] == ROUNDS
     assert {v["name"]: v["online"] for v in status["volunteers"]}.get("alice") is True, status
+    # revoking reaches every live node
+    assert procs.json("volunteer-credentials", "alice", "--revoke")["revoked"] is True
+    assert survivor.client().acl_getuser("alice") is None
