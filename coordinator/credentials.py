@@ -231,9 +231,11 @@ def create(
     """Create (or replace the password of) volunteer ``name``'s ACL user, on ``replicas`` too."""
     check_name(name)
     volunteer_url(broker_url, name, "", host)  # a URL we cannot hand over fails before any write
-    password = secrets.token_urlsafe(PASSWORD_BYTES)
-    for node in (admin, *replicas):
+    nodes = (admin, *replicas)
+    for node in nodes:  # every node can hold the user before any is written
         require_acl(node)
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    for node in nodes:
         preload_scripts(node)
         known = {str(c.decode() if isinstance(c, bytes) else c).lower() for c in node.command_list()}
         try:
@@ -249,10 +251,10 @@ def revoke_user(admin: redis.Redis, name: str, replicas: Sequence[redis.Redis] =
     """Delete volunteer ``name``'s ACL user (on ``replicas`` too) and close its connections;
     False if none existed."""
     check_name(name)
-    removed = 0
-    for node in (admin, *replicas):
+    nodes = (admin, *replicas)
+    for node in nodes:
         require_acl(node)
-        removed += int(node.execute_command("ACL", "DELUSER", name))
+    removed = sum(int(node.execute_command("ACL", "DELUSER", name)) for node in nodes)
     return removed > 0
 
 
