@@ -14,11 +14,22 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from broker.errors import BrokerUnreachable
+from broker.sentinel import FollowPrimaryConnection, sentinel_kwargs
 from broker.settings import Settings, safe_url
 
-__all__ = ["check_reachable", "redis_client", "retries_for", "safe_url", "tls_options"]
+__all__ = [
+    "check_reachable",
+    "data_nodes",
+    "node_client",
+    "redis_client",
+    "retries_for",
+    "safe_url",
+    "sentinel_manager",
+    "tls_options",
+]
 
 SOCKET_TIMEOUT = 60.0  # per read or write, not per command: a 500 MB blob may take longer
 CONNECT_TIMEOUT = 5.0
@@ -30,16 +41,57 @@ DEFAULT_PATIENCE = 120.0
 
 
 def redis_client(settings: Settings, *, patience: float = DEFAULT_PATIENCE) -> redis.Redis:
-    """A client with timeouts, keepalive, health checks and backoff retries for ``patience`` s."""
-    return redis.Redis.from_url(
-        settings.url,
+    """A client with timeouts, keepalive, health checks and backoff retries for ``patience`` s.
+
+    Behind Sentinel it is redis-py's ``master_for`` client: each new connection asks
+    the sentinels where the primary is, so the retries that wait out a dead primary
+    land on the promoted replica.
+    """
+    options: dict[str, Any] = dict(
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=Retry(ExponentialBackoff(cap=BACKOFF_CAP, base=BACKOFF_BASE), retries_for(patience)),
-        **tls_options(settings),
     )
+    address = settings.sentinel
+    if address is not None:
+        manager = sentinel_manager(settings, **options)
+        return manager.master_for(
+            address.master, redis_class=redis.Redis, connection_class=FollowPrimaryConnection
+        )
+    return redis.Redis.from_url(settings.url, **options, **tls_options(settings))
+
+
+def sentinel_manager(settings: Settings, **options: Any) -> Sentinel:
+    """redis-py's Sentinel for a sentinel:// broker: ``options`` and the data login for the data nodes,
+    only socket settings (and CROWDTRAIN_SENTINEL_* logins) for the sentinels."""
+    address = settings.sentinel
+    assert address is not None, "sentinel_manager needs a sentinel:// broker"
+    # a sentinel answers small questions at once: a short read timeout moves on to the next one
+    socket = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
+    return Sentinel(
+        list(address.sentinels),
+        sentinel_kwargs=sentinel_kwargs(settings.sentinel_username, settings.sentinel_password, socket),
+        **options,
+        **address.connection_kwargs(),
+    )
+
+
+def data_nodes(settings: Settings) -> list[tuple[str, int]]:
+    """The primary and the live replicas of a sentinel:// broker, as the sentinels see them now."""
+    address = settings.sentinel
+    assert address is not None, "data_nodes needs a sentinel:// broker"
+    manager = sentinel_manager(settings)
+    try:
+        primary = manager.discover_master(address.master)
+        replicas = manager.discover_slaves(address.master)
+    except redis.RedisError:
+        raise _no_primary(settings) from None
+    finally:
+        for sentinel in manager.sentinels:
+            sentinel.close()
+    return [(str(host), int(port)) for host, port in [primary, *replicas]]
 
 
 def check_reachable(settings: Settings) -> None:
@@ -47,6 +99,8 @@ def check_reachable(settings: Settings) -> None:
     client = redis_client(settings, patience=0)
     try:
         client.ping()
+    except MasterNotFoundError:
+        raise _no_primary(settings) from None
     except redis.RedisError as e:
         raise BrokerUnreachable(
             f"cannot reach the broker at {safe_url(settings.url)} ({e}); "
@@ -77,3 +131,27 @@ def tls_options(settings: Settings) -> dict[str, Any]:
     if settings.tls_key:
         options["ssl_keyfile"] = settings.tls_key
     return options
+
+
+def node_client(settings: Settings, node: tuple[str, int]) -> redis.Redis:
+    """A client of one data node of a sentinel:// broker (not following failovers), with its login."""
+    address = settings.sentinel
+    assert address is not None, "node_client needs a sentinel:// broker"
+    host, port = node
+    return redis.Redis(
+        host=host,
+        port=port,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        **address.connection_kwargs(),
+    )
+
+
+def _no_primary(settings: Settings) -> BrokerUnreachable:
+    address = settings.sentinel
+    master = address.master if address else ""
+    return BrokerUnreachable(
+        f"no sentinel at {safe_url(settings.url)} names a live primary {master!r} (none answered, "
+        "or none knows that name); check the sentinel addresses and CROWDTRAIN_SENTINEL_MASTER "
+        "(or ?master_name=)"
+    )

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from broker.errors import SettingsError
 from broker.keys import KEEP_VERSIONS
+from broker.sentinel import DEFAULT_MASTER, SentinelAddress, is_sentinel_url
 
 DEFAULT_HOME = ".crowdtrain"
 DEFAULT_DEADLINE = 600.0
@@ -37,14 +38,20 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     keep_versions: int = KEEP_VERSIONS  # model versions Redis keeps; older ones stay on disk
+    # a sentinel:// broker: the master's name (a master_name= in the URL wins), the sentinels' own login
+    sentinel_master: str = DEFAULT_MASTER
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
 
     def __post_init__(self) -> None:
         if self.broker_url is not None:
             scheme = urlparse(self.broker_url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
+            if is_sentinel_url(self.broker_url):
+                SentinelAddress.parse(self.broker_url, self.sentinel_master)  # names what is wrong
+            elif scheme not in ("redis", "rediss", "unix"):
                 raise SettingsError(
-                    f"broker URL {safe_url(self.broker_url)!r} is not a Redis URL: "
-                    "use redis://host:port/db or rediss:// for TLS"
+                    f"broker URL {safe_url(self.broker_url)!r} is not a Redis URL: use redis://host:port/db, "
+                    "rediss:// for TLS or sentinel://host:port[;sentinel://host:port...]/db"
                 )
         if self.visibility_timeout <= 0:
             raise SettingsError("CROWDTRAIN_VISIBILITY_TIMEOUT must be a positive number of seconds")
@@ -73,6 +80,9 @@ class Settings:
                 tls_cert=env.get("CROWDTRAIN_TLS_CERT") or None,
                 tls_key=env.get("CROWDTRAIN_TLS_KEY") or None,
                 keep_versions=int(keep) if keep else KEEP_VERSIONS,
+                sentinel_master=env.get("CROWDTRAIN_SENTINEL_MASTER") or DEFAULT_MASTER,
+                sentinel_username=env.get("CROWDTRAIN_SENTINEL_USERNAME") or None,
+                sentinel_password=env.get("CROWDTRAIN_SENTINEL_PASSWORD") or None,
             )
         except ValueError as e:
             raise SettingsError(f"bad CROWDTRAIN_* environment variable: {e}") from e
@@ -90,10 +100,25 @@ class Settings:
             raise SettingsError("no broker chosen: pass --broker or set CROWDTRAIN_BROKER_URL")
         return self.broker_url
 
+    @property
+    def sentinel(self) -> SentinelAddress | None:
+        """The sentinels, master name and login of a sentinel:// broker; None for any other."""
+        if not is_sentinel_url(self.broker_url):
+            return None
+        return SentinelAddress.parse(self.url, self.sentinel_master)
+
 
 def safe_url(url: str | None) -> str:
-    """The URL with any user and password masked, for messages and logs."""
+    """The URL with any user and password masked, for messages and logs (each part of a sentinel:// list)."""
     if not url or "@" not in url:
         return url or ""
+    if is_sentinel_url(url):
+        return ";".join(_masked(part) for part in url.split(";"))
+    return _masked(url)
+
+
+def _masked(url: str) -> str:
+    if "@" not in url:
+        return url
     scheme, _, rest = url.partition("//")
     return f"{scheme}//***@{rest.rpartition('@')[2]}"

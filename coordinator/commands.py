@@ -20,7 +20,7 @@ from rich.console import Console
 from safetensors import SafetensorError
 
 from broker import embedded, keys
-from broker.client import check_reachable, redis_client
+from broker.client import check_reachable, data_nodes, node_client, redis_client
 from broker.errors import UnknownRun
 from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
@@ -371,7 +371,7 @@ def aggregator(args: argparse.Namespace) -> None:
         target=janitor.watch, args=(store, send, stop, sweep, trusted.contexts), daemon=True, name="watcher"
     ).start()
     # Invitation tokens are traded for credentials here: only the trusted side may create users.
-    joins = invitations.Joins(store, settings.url)
+    joins = invitations.Joins(store, _volunteer_broker(settings), replicas=lambda: _replicas(settings))
     threading.Thread(target=invitations.serve, args=(joins, stop), daemon=True, name="joins").start()
     # Runs on disk that Redis lost are reported (and with --restore rebuilt from disk).
     lookout = (store, settings.home, stop, app, getattr(args, "restore", False), settings.keep_versions)
@@ -555,11 +555,29 @@ def volunteer_credentials(args: argparse.Namespace) -> dict[str, Any]:
     """Create or revoke one volunteer's Redis ACL user on the broker (admin connection)."""
     conn = connect(args)
     made = credentials.command(
-        conn.store.redis, conn.settings.url, args.name, revoke=args.revoke, host=args.host, quiet=args.json
+        conn.store.redis,
+        _volunteer_broker(conn.settings),
+        args.name,
+        revoke=args.revoke,
+        host=args.host,
+        quiet=args.json,
+        replicas=_replicas(conn.settings),
     )
     if not args.revoke:  # `coordinator volunteers` shows how old each identity is
         identities.reinstate(conn.store.redis, args.name, "credentials")
     return made
+
+
+def _volunteer_broker(settings: Settings) -> str:
+    """The broker URL volunteers' credentials name: behind Sentinel, the sentinels'."""
+    return settings.url if settings.sentinel is None else settings.sentinel.url()
+
+
+def _replicas(settings: Settings) -> list[redis.Redis]:
+    """Behind Sentinel, a client of each live replica: they get each ACL user too (ACLs do not replicate)."""
+    if settings.sentinel is None:
+        return []
+    return [node_client(settings, node) for node in data_nodes(settings)[1:]]
 
 
 def invite(args: argparse.Namespace) -> dict[str, Any]:
@@ -582,7 +600,7 @@ def volunteers(args: argparse.Namespace) -> dict[str, Any]:
 def revoke(args: argparse.Namespace) -> dict[str, Any]:
     """Revoke one volunteer: its Redis user, connections, uploads, leases and un-merged copies."""
     conn = connect(args)
-    result = revocation.revoke(conn.store, args.name)
+    result = revocation.revoke(conn.store, args.name, _replicas(conn.settings))
     if not args.json:
         print(
             f"revoked volunteer {args.name!r}: {result['uploads_deleted']} upload(s) deleted, "

@@ -13,6 +13,11 @@ credit, the volunteer list and task results are written by the trusted side
 only. It gets no dangerous commands (FLUSHALL, CONFIG, KEYS, DEBUG, EVAL, ...). The
 read-only key selector ``%R~`` needs Redis 7; older servers are refused with a
 clear message. See docs/SECURITY.md for what this does and does not cover.
+
+Behind Redis Sentinel the user is written to every data node the sentinels
+know (the primary and each replica, with the same password): replicas do not
+replicate ACL commands, and a volunteer must still log in after a replica is
+promoted. The URL handed over then lists the sentinels.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import re
 import secrets
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlparse, urlunparse
@@ -30,6 +35,7 @@ from kombu.transport import redis as kombu_redis
 from redis.lock import Lock
 
 from broker import keys
+from broker.sentinel import SentinelAddress, is_sentinel_url
 from coordinator.errors import CredentialsError
 
 MIN_REDIS_MAJOR = 7
@@ -212,26 +218,40 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
     ]
 
 
-def create(admin: redis.Redis, name: str, broker_url: str, host: str | None = None) -> VolunteerCredentials:
-    """Create (or replace the password of) volunteer ``name``'s ACL user."""
-    require_acl(admin)
-    preload_scripts(admin)
+def create(
+    admin: redis.Redis,
+    name: str,
+    broker_url: str,
+    host: str | None = None,
+    replicas: Sequence[redis.Redis] = (),
+) -> VolunteerCredentials:
+    """Create (or replace the password of) volunteer ``name``'s ACL user, on ``replicas`` too."""
+    check_name(name)
+    volunteer_url(broker_url, name, "", host)  # a URL we cannot hand over fails before any write
+    nodes = (admin, *replicas)
+    for node in nodes:  # every node can hold the user before any is written
+        require_acl(node)
     password = secrets.token_urlsafe(PASSWORD_BYTES)
-    known = {str(c.decode() if isinstance(c, bytes) else c).lower() for c in admin.command_list()}
-    try:
-        admin.execute_command(
-            "ACL", "SETUSER", name, *volunteer_rules(name, known, _db(broker_url)), f">{password}"
-        )
-    except redis.ResponseError as e:
-        raise CredentialsError(f"Redis refused ACL SETUSER for {name!r}: {e}") from e
+    for node in nodes:
+        preload_scripts(node)
+        known = {str(c.decode() if isinstance(c, bytes) else c).lower() for c in node.command_list()}
+        try:
+            node.execute_command(
+                "ACL", "SETUSER", name, *volunteer_rules(name, known, _db(broker_url)), f">{password}"
+            )
+        except redis.ResponseError as e:
+            raise CredentialsError(f"Redis refused ACL SETUSER for {name!r}: {e}") from e
     return VolunteerCredentials(name, password, volunteer_url(broker_url, name, password, host))
 
 
-def revoke_user(admin: redis.Redis, name: str) -> bool:
-    """Delete volunteer ``name``'s ACL user and close its connections; False if none existed."""
+def revoke_user(admin: redis.Redis, name: str, replicas: Sequence[redis.Redis] = ()) -> bool:
+    """Delete volunteer ``name``'s ACL user (on ``replicas`` too) and close its connections;
+    False if none existed."""
     check_name(name)
-    require_acl(admin)
-    removed = int(admin.execute_command("ACL", "DELUSER", name))
+    nodes = (admin, *replicas)
+    for node in nodes:
+        require_acl(node)
+    removed = sum(int(node.execute_command("ACL", "DELUSER", name)) for node in nodes)
     return removed > 0
 
 
@@ -247,11 +267,21 @@ def check_host(host: str) -> str:
 
 
 def volunteer_url(broker_url: str, name: str, password: str, host: str | None = None) -> str:
-    """The broker URL with the volunteer's user and password, at ``host[:port]`` if given."""
+    """The broker URL with the volunteer's user and password, at ``host[:port]`` if given.
+
+    A sentinel:// broker's URL keeps its sentinels and names the master (``?master_name=``),
+    so the volunteer needs no other setting."""
+    if is_sentinel_url(broker_url):
+        if host:
+            raise CredentialsError(
+                "--host names one Redis; volunteers of a sentinel:// broker get the sentinels of "
+                "--broker, so list there the sentinel addresses volunteers reach"
+            )
+        return SentinelAddress.parse(broker_url).with_login(name, password).url()
     parts = urlparse(broker_url)
     if parts.scheme not in ("redis", "rediss"):
         raise CredentialsError(
-            f"broker URL scheme {parts.scheme!r}: volunteers need a redis:// or rediss:// URL"
+            f"broker URL scheme {parts.scheme!r}: volunteers need a redis://, rediss:// or sentinel:// URL"
         )
     address = parts.netloc.rpartition("@")[2]
     if host:
@@ -271,16 +301,19 @@ def command(
     revoke: bool = False,
     host: str | None = None,
     quiet: bool = False,
+    replicas: Sequence[redis.Redis] = (),
 ) -> dict[str, Any]:
-    """``coordinator volunteer-credentials``: create or revoke, print what to hand over."""
+    """``coordinator volunteer-credentials``: create or revoke, print what to hand over.
+
+    ``replicas``: the other data nodes behind Sentinel, which get (or lose) the same user."""
     if revoke:
-        removed = revoke_user(admin, name)
-        persisted = _save(admin)
+        removed = revoke_user(admin, name, replicas)
+        persisted = all([_save(node) for node in (admin, *replicas)])
         if not quiet:
             print(f"revoked volunteer {name!r}" if removed else f"no volunteer user {name!r}")
         return {"name": name, "revoked": removed, "persisted": persisted}
-    made = create(admin, name, broker_url, host)
-    persisted = _save(admin)
+    made = create(admin, name, broker_url, host, replicas)
+    persisted = all([_save(node) for node in (admin, *replicas)])
     # In the environment, not on the command line, where `ps` would show the password.
     start = f"CROWDTRAIN_BROKER_URL='{made.url}' volunteer start --name {name}"
     if not quiet:
@@ -336,5 +369,7 @@ def _save(admin: redis.Redis) -> bool:
 
 
 def _db(url: str) -> int:
+    if is_sentinel_url(url):
+        return SentinelAddress.parse(url).db
     path = urlparse(url).path.strip("/")
     return int(path) if path.isdigit() else 0

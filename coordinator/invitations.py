@@ -34,7 +34,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -149,9 +149,16 @@ def command(
 class Joins:
     """Answers join requests: one invitation use, one new volunteer user, one answer each."""
 
-    def __init__(self, store: Store, broker_url: str, backlog: int = MAX_BACKLOG) -> None:
+    def __init__(
+        self,
+        store: Store,
+        broker_url: str,
+        backlog: int = MAX_BACKLOG,
+        replicas: Callable[[], Sequence[redis.Redis]] = tuple,
+    ) -> None:
         self.redis = store.redis
         self.broker_url = broker_url
+        self.replicas = replicas  # behind Sentinel: the other data nodes, which get each new user too
         self.backlog = backlog
         self._drain = self.redis.register_script(lua_source("drain"))
         self._redeem = self.redis.register_script(lua_source("redeem"))
@@ -201,7 +208,7 @@ class Joins:
             log.info("refused a join as %s: %s", name, outcome)
             return _refused(reasons.get(outcome, outcome))
         try:
-            made = credentials.create(self.redis, name, self.broker_url)
+            made = credentials.create(self.redis, name, self.broker_url, replicas=self.replicas())
         except (CredentialsError, redis.ResponseError) as e:
             pipe = self.redis.pipeline()  # give the use and the name back
             pipe.hincrby(keys.invitation(digest), "uses", 1)

@@ -32,6 +32,7 @@ lapse, costs a round about that long, not its deadline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import redis
 
 from broker import keys
 from broker.errors import UnknownRun
@@ -135,9 +137,17 @@ class Leases:
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             self._drain(keys=[keys.lease_inbox(name)], args=[REQUESTS, MAX_REQUEST, MAX_PENDING], client=pipe)
+        try:
+            replies = pipe.execute()
+        except redis.RedisError:
+            # The hints are taken: put them back, or these requests wait for their volunteers to
+            # ask again. (A replica promoted by Sentinel lacks the script until redis-py loads it.)
+            with contextlib.suppress(redis.RedisError):
+                self.redis.rpush(keys.lease_requests(), *names)
+            raise
         requests: list[Request] = []
         more: list[str] = []
-        for name, (_, entries) in zip(names, pipe.execute(), strict=True):
+        for name, (_, entries) in zip(names, replies, strict=True):
             if len(entries) >= REQUESTS:
                 more.append(name)  # its list holds more: look again next batch
             for raw in entries:

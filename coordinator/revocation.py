@@ -19,6 +19,7 @@ so its name is never handed out again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -34,13 +35,13 @@ log = logging.getLogger("crowdtrain.revocation")
 SCAN_BATCH = 1000
 
 
-def revoke(store: Store, name: str) -> dict[str, Any]:
+def revoke(store: Store, name: str, replicas: Sequence[redis.Redis] = ()) -> dict[str, Any]:
     """Revoke volunteer ``name``; UsageError for a name no one has."""
     client = store.redis
     credentials.check_name(name)
     if not identities.is_taken(client, name):
         raise UsageError(f"unknown volunteer {name!r}: 'coordinator volunteers' lists them")
-    had_user = credentials.revoke_user(client, name)
+    had_user = credentials.revoke_user(client, name, replicas)
     try:
         client.execute_command("CLIENT", "KILL", "USER", name)
     except redis.ResponseError:

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from broker.client import tls_options
+from broker.client import CONNECT_TIMEOUT, tls_options
 from broker.keys import (
     AGGREGATE_QUEUE,
     RESULT_EXPIRES,
@@ -24,9 +24,10 @@ from broker.keys import (
     UNACKED_INDEX,
     UNACKED_MUTEX,
 )
+from broker.sentinel import sentinel_kwargs
 from broker.settings import Settings
-from tasks.poison import DropMalformed, GuardedTransport
-from tasks.results import DisabledBackend, GuardedRedisBackend
+from tasks.poison import DropMalformed, GuardedSentinelTransport, GuardedTransport
+from tasks.results import DisabledBackend, GuardedRedisBackend, GuardedSentinelBackend
 from tasks.visibility import KeepVisible
 
 # Content types a worker will deserialize. Anything else (pickle above all) is
@@ -48,7 +49,8 @@ class CrowdtrainApp(Celery):
     """
 
     def __init__(self, settings: Settings, volunteer: bool = False) -> None:
-        super().__init__("crowdtrain", broker=settings.url, backend=settings.url)
+        url = celery_url(settings)
+        super().__init__("crowdtrain", broker=url, backend=url)
         # Kept here, not in app.conf: `celery inspect conf` would show it, password and all.
         self.settings = settings
         self.volunteer = volunteer
@@ -58,6 +60,8 @@ class CrowdtrainApp(Celery):
         """Celery's hook for the result backend: none for a volunteer, a guarded Redis one otherwise."""
         if self.volunteer:
             return DisabledBackend(app=self)
+        if self.settings.sentinel is not None:
+            return GuardedSentinelBackend(app=self, url=celery_url(self.settings))
         return GuardedRedisBackend(app=self, url=self.settings.url)
 
 
@@ -118,4 +122,27 @@ def celery_config(settings: Settings, volunteer: bool = False) -> dict[str, Any]
     if tls:
         config["broker_use_ssl"] = tls
         config["redis_backend_use_ssl"] = tls
+    if settings.sentinel is not None:
+        options = sentinel_options(settings)
+        config["broker_transport"] = GuardedSentinelTransport
+        config["broker_transport_options"].update(options)
+        config["result_backend_transport_options"].update(options)
     return config
+
+
+def celery_url(settings: Settings) -> str:
+    """The broker (and result backend) URL as Celery reads it: a sentinel:// list without its query."""
+    address = settings.sentinel
+    return settings.url if address is None else address.kombu_url()
+
+
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """Transport options of kombu's and Celery's Sentinel transport and backend: the master's name and
+    how to log in to the sentinels (which hold none of the data nodes' users)."""
+    address = settings.sentinel
+    assert address is not None, "sentinel_options needs a sentinel:// broker"
+    socket = {"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT}
+    return {
+        "master_name": address.master,
+        "sentinel_kwargs": sentinel_kwargs(settings.sentinel_username, settings.sentinel_password, socket),
+    }

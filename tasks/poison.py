@@ -49,6 +49,7 @@ from kombu.utils.json import loads as json_loads
 
 from broker.keys import AGGREGATE_QUEUE, MAX_MESSAGE_BYTES, TRUSTED_UNACKED
 from broker.routing import train_queues
+from broker.sentinel import FollowPrimaryConnection
 from broker.throttle import throttle
 
 log = logging.getLogger("crowdtrain.poison")
@@ -229,6 +230,19 @@ class GuardedTransport(kombu_redis.Transport):
     """The Redis transport with ``GuardedChannel``."""
 
     Channel = GuardedChannel
+
+
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """``GuardedChannel`` on kombu's Sentinel channel: it asks the sentinels for the primary, on every
+    reconnect (``FollowPrimaryConnection``)."""
+
+    connection_class = FollowPrimaryConnection
+
+
+class GuardedSentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (``sentinel://`` brokers) with ``GuardedSentinelChannel``."""
+
+    Channel = GuardedSentinelChannel
 
 
 class DropMalformed(bootsteps.StartStopStep):

@@ -17,14 +17,14 @@ from typing import Any
 
 import redis
 from celery.backends.base import DisabledBackend
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from broker.throttle import throttle
 
 log = logging.getLogger("crowdtrain.results")
 throttle(log.name)
 
-__all__ = ["DisabledBackend", "GuardedRedisBackend"]
+__all__ = ["DisabledBackend", "GuardedRedisBackend", "GuardedSentinelBackend"]
 
 
 class GuardedRedisBackend(RedisBackend):
@@ -38,3 +38,7 @@ class GuardedRedisBackend(RedisBackend):
         except redis.exceptions.ResponseError as e:  # OOM, NOPERM, READONLY, MISCONF: the server said no
             log.warning("did not store the %s result of task %s: Redis refused it (%s)", state, task_id, e)
             return result
+
+
+class GuardedSentinelBackend(GuardedRedisBackend, SentinelBackend):
+    """The same behind Redis Sentinel: Celery's sentinel backend, which follows the promoted primary."""

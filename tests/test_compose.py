@@ -267,3 +267,85 @@ def test_the_image_holds_every_package_crowdtrain_installs():
     assert len(packages) >= 6
     for package in packages:
         assert re.search(rf"^COPY {package} \./{package}$", dockerfile, re.M), f"the image lacks {package}/"
+
+
+FAILOVER_SERVICES = {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+
+
+def _script(service: dict[str, Any], env: dict[str, str]) -> str:
+    """The shell script of a `sh -c` service command, as compose hands it to the container's shell."""
+    command = service["command"]
+    assert command[:2] == ["sh", "-c"]
+    return substitute(command[2], env)
+
+
+def test_the_failover_profile_runs_one_replica_and_three_sentinels():
+    services = _compose()["services"]
+    assert set(services) >= FAILOVER_SERVICES
+    for name in FAILOVER_SERVICES:
+        assert services[name]["profiles"] == ["failover"], name
+        assert services[name]["image"] == services["redis"]["image"], name  # Redis 7 everywhere
+    for name, service in services.items():  # without the profile, nothing may need them
+        if name not in FAILOVER_SERVICES:
+            assert "failover" not in service.get("profiles", []), name
+            assert not FAILOVER_SERVICES & set(service.get("depends_on") or []), name
+    # each node and sentinel keeps its state in a volume of its own
+    mounts = [v for name in ("redis", *sorted(FAILOVER_SERVICES)) for v in services[name]["volumes"]]
+    assert len({m.split(":")[0] for m in mounts}) == len(mounts) == 5
+
+
+def test_the_replica_runs_the_primarys_script_and_follows_it():
+    services = _compose()["services"]
+    primary, replica = services["redis"], services["redis-replica"]
+    assert replica["command"] == primary["command"]  # the same ACL file handling and settings
+    assert substitute(replica["environment"]["REDIS_REPLICA_OF"], FAKE_ENV) == "redis"
+    assert substitute(primary["environment"]["REDIS_REPLICA_OF"], FAKE_ENV) == ""
+    script = _script(primary, FAKE_ENV)
+    # masterauth (each node may become a replica) goes into a config file, never onto a command line
+    assert "printf 'masterauth %s\\nreplica-announce-ip %s\\n' \"$REDIS_PASSWORD\"" in script
+    assert "exec redis-server /data/redis.conf " in script and "--aclfile /data/users.acl" in script
+    assert 'echo "replicaof $REDIS_REPLICA_OF 6379"' in script
+    assert "r-pw" not in script
+
+
+def test_the_sentinels_watch_the_primary_with_a_quorum_of_two_and_log_in_as_the_admin():
+    services = _compose()["services"]
+    scripts = {name: _script(services[name], FAKE_ENV) for name in ("sentinel-1", "sentinel-2", "sentinel-3")}
+    assert len(set(scripts.values())) == 1
+    script = scripts["sentinel-1"]
+    assert '"sentinel monitor $SENTINEL_MASTER redis 6379 2"' in script
+    assert '"sentinel auth-pass $SENTINEL_MASTER $REDIS_PASSWORD"' in script
+    assert "'sentinel resolve-hostnames yes'" in script  # `redis` is a service name, not an address
+    assert "exec redis-server /data/sentinel.conf --sentinel" in script
+    assert "r-pw" not in script  # the password reaches the config file from the environment
+    environment = {k: substitute(v, FAKE_ENV) for k, v in services["sentinel-1"]["environment"].items()}
+    assert environment == {"REDIS_PASSWORD": "r-pw", "SENTINEL_MASTER": "mymaster"}
+
+
+def test_the_admin_url_can_name_the_sentinels_and_crowdtrain_reads_it():
+    from broker.settings import Settings
+
+    aggregator = _compose()["services"]["aggregator"]["environment"]
+    sentinels = ";".join(f"sentinel://:r-pw@sentinel-{n}:26379/0" for n in (1, 2, 3))
+    env = {**FAKE_ENV, "ADMIN_BROKER_URL": sentinels}
+    url = substitute(aggregator["CROWDTRAIN_BROKER_URL"], env)
+    master = substitute(aggregator["CROWDTRAIN_SENTINEL_MASTER"], env)
+    address = Settings(broker_url=url, sentinel_master=master).sentinel
+    assert address is not None and address.master == "mymaster" and address.password == "r-pw"
+    assert address.sentinels == tuple((f"sentinel-{n}", 26379) for n in (1, 2, 3))
+    # without ADMIN_BROKER_URL: the primary itself, as before
+    assert substitute(aggregator["CROWDTRAIN_BROKER_URL"], FAKE_ENV) == "redis://:r-pw@redis:6379/0"
+
+
+@pytest.mark.parametrize("service", ["redis", "sentinel-1"])
+def test_the_shell_scripts_parse(service, tmp_path):
+    import shutil
+    import subprocess
+
+    shell = shutil.which("sh")
+    if shell is None:
+        pytest.skip("no sh")
+    script = tmp_path / "script.sh"
+    script.write_text(_script(_compose()["services"][service], FAKE_ENV))
+    result = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -190,7 +190,8 @@ def start(args: argparse.Namespace) -> int:
         settings = settings.with_broker(joined or embedded.ensure_running(settings.home).url)
     device = resolve_device(args.device)
     # A volunteer with its own credentials is named after its Redis user by default.
-    name = args.name or urlparse(settings.url).username or f"{socket.gethostname()}-{os.getpid()}"
+    user = settings.sentinel.username if settings.sentinel else urlparse(settings.url).username
+    name = args.name or user or f"{socket.gethostname()}-{os.getpid()}"
     if not keys.valid_name(name):
         print(
             f"volunteer start: error: --name {name!r}: {keys.NAME_RULE}",

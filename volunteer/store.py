@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger("crowdtrain.volunteer")
 
 # How long a volunteer waits for the answer to a lease request before it drops the shard untrained.
 GRANT_WAIT = 30  # (under the client's 60 s socket timeout)
+ASK_AGAIN = 5  # seconds without an answer before the same lease request is sent again
 
 
 class VolunteerStore:
@@ -78,12 +80,19 @@ class VolunteerStore:
         ``upload`` slot (which nobody else can read).
         """
         nonce = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        reply = None
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.rpush(keys.lease_inbox(self.name), keys.lease_request(run, number, shard, nonce))
-            pipe.rpush(keys.lease_requests(), self.name)
-            pipe.execute()
-            reply = self.redis.blpop([keys.grant(self.name, nonce)], timeout=wait)
+            # The same request again every ASK_AGAIN s without an answer: a request or its answer
+            # lost with a Redis primary that died (Sentinel failover) costs seconds, not the wait.
+            while reply is None and (left := deadline - time.monotonic()) > 0:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.rpush(keys.lease_inbox(self.name), keys.lease_request(run, number, shard, nonce))
+                pipe.rpush(keys.lease_requests(), self.name)
+                pipe.execute()
+                reply = self.redis.blpop(
+                    [keys.grant(self.name, nonce)], timeout=max(1, round(min(ASK_AGAIN, left)))
+                )
         except redis.ResponseError as e:  # a user made before leases: NOPERM (docs/DEPLOYMENT.md)
             return {"granted": False, "reason": f"the lease request was refused: {e}"}
         if reply is None:

@@ -7,6 +7,7 @@
 -- ARGV: shard, volunteer, token, now, lease seconds, the share of a round one volunteer may hold while
 --       two or more are online (at least one shard, never all of them; 1: no limit), online window (seconds), '1' for an asynchronous run, TTL of the leases hash,
 --       the job's field in the finished hash ("ROUND:SHARD")
+-- The same request (volunteer and token) asked again while its lease is live is granted again, as it was.
 -- Returns {outcome, field, base_version, expires}: outcome 'granted' | 'unknown' (no such round or
 -- shard) | 'closed' (the round ended) | 'taken' (its upload was accepted) | 'leased' (another holds it)
 -- | 'share' (the volunteer holds its fair share of the round)
@@ -33,6 +34,11 @@ local field = ARGV[1]
 local first = parse(redis.call('HGET', KEYS[3], field))
 local accepted = (not async) and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1
 if held(first) or accepted then
+  -- the same request again (a volunteer asks again when no answer came: one lost with a failed-over
+  -- primary): the same answer, not a refusal of its own lease
+  if first and first.volunteer == who and first.token == ARGV[3] and first.state == 'live' and not accepted then
+    return {'granted', field, tonumber(first.base), tostring(first.expires)}
+  end
   if first and first.volunteer == who then return {accepted and 'taken' or 'leased'} end
   local wanted = (not async) and redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1
                  and redis.call('HEXISTS', KEYS[5], ARGV[1]) == 0

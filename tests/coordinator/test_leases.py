@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 
 from broker import keys
 from coordinator.aggregator import Aggregator
@@ -30,7 +31,8 @@ def _ask(leases: Leases, who: str, shard: int, now: float, nonce: str | None = N
 def test_a_shard_has_one_holder_until_its_lease_lapses_and_then_it_is_offered_again(leases):
     now = float(leases.store.rounds.info("r", 1)["posted_at"])  # type: ignore[index]
     assert _ask(leases, "ann", 0, now) == "granted"
-    assert _ask(leases, "ann", 0, now + 1) == "leased"  # not twice to its holder
+    assert _ask(leases, "ann", 0, now + 1) == "granted"  # the same request again: the same answer
+    assert _ask(leases, "ann", 0, now + 1, nonce="a" * 32) == "leased"  # not twice to its holder
     assert _ask(leases, "ben", 0, now + 1) == "leased"
     assert _ask(leases, "ben", 0, now + 21) == "granted"  # ann's lapsed: ben's now
     ((held,),) = [[x for x in found if x.field == "0"] for found in leases.holders([("r", 1, 0)])]
@@ -85,3 +87,19 @@ def test_an_asynchronous_job_nobody_holds_is_answered_dropped_so_a_fresh_one_is_
         assert leases.reoffer(lambda *p: posted.append(p), now=now) == 0 and posted == []
     assert store.rounds.outstanding("a") == 1  # job 1 answered "dropped"; ann's job 0 still out
     assert leases.answer([Request("ben", "lease", "a", 1, 1, "cd" * 16)], now=1006.0) == ["taken"]
+
+
+def test_requests_whose_drain_fails_are_read_on_the_next_drain(leases):
+    # The drain of the volunteers' request lists fails after the hints naming them were taken (on
+    # a replica Sentinel promoted, redis-py may send a script the node has not loaded yet; here, a
+    # key of the wrong type): the hints go back, so the requests are read once the failure passes.
+    client = leases.redis
+    client.rpush(keys.lease_requests(), "ann")
+    client.set(keys.lease_inbox("ann"), "not a list")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        leases.drain()
+    assert client.lrange(keys.lease_requests(), 0, -1) == [b"ann"]
+    client.delete(keys.lease_inbox("ann"))
+    client.rpush(keys.lease_inbox("ann"), b"junk")
+    assert leases.drain() == 1
+    assert client.llen(keys.lease_inbox("ann")) == 0
