@@ -39,7 +39,9 @@ BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``volunteer`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -62,6 +64,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pull shard jobs from queue 'train', and from the routed queues of runs "
         "this device qualifies for (init --require, --min-memory-gb), and train them.",
     )
+    add_start_options(p)
+    p.set_defaults(handler=start)
+    for command, text in (
+        ("pause", "Pause the volunteers running here: training stops within 2 s, the shard is kept."),
+        ("resume", "Resume the volunteers running here (those paused by volunteer pause)."),
+        ("status", "What the volunteers running here do: training, waiting or paused, and why."),
+    ):
+        p = sub.add_parser(command, help=text, description=text)
+        p.add_argument("--name", default=None, help="only this volunteer (default: every one running here)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=command_volunteers)
+    p = sub.add_parser(
+        "install-service",
+        help="Start the volunteer at login and restart it on failure (a per-user service).",
+        description="Write a systemd user unit (Linux) or a launchd agent (macOS) that runs "
+        "`volunteer start` with these options at login and restarts it on failure.",
+    )
+    p.add_argument("--print", action="store_true", help="show the service file and write nothing")
+    add_start_options(p)
+    p.set_defaults(handler=install_service)
+    p = sub.add_parser(
+        "uninstall-service",
+        help="Remove the per-user service that install-service wrote.",
+        description="Stop and remove the per-user service that install-service wrote.",
+    )
+    p.set_defaults(handler=uninstall_service)
+    p = sub.add_parser(
+        "info",
+        help="Detected devices and a short speed score.",
+        description="Detected devices and a short speed score.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=info)
+    return parser
+
+
+def add_start_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``volunteer start`` (``install-service`` takes the same)."""
     broker = p.add_mutually_exclusive_group()
     broker.add_argument(
         "--broker",
@@ -119,44 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"torch CPU threads per shard, 1 to {MAX_THREADS}",
     )
     add_manners(p)
-    p.set_defaults(handler=start)
-    for command, text in (
-        ("pause", "Pause the volunteers running here: training stops within 2 s, the shard is kept."),
-        ("resume", "Resume the volunteers running here (those paused by volunteer pause)."),
-        ("status", "What the volunteers running here do: training, waiting or paused, and why."),
-    ):
-        p = sub.add_parser(command, help=text, description=text)
-        p.add_argument("--name", default=None, help="only this volunteer (default: every one running here)")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(handler=command_volunteers)
-    p = sub.add_parser(
-        "install-service",
-        help="Start the volunteer at login and restart it on failure (a per-user service).",
-        description="Write a systemd user unit (Linux) or a launchd agent (macOS) that runs "
-        "`volunteer start` with these options at login and restarts it on failure.",
-    )
-    p.add_argument("--print", action="store_true", help="show the service file and write nothing")
-    p.add_argument(
-        "start_options",
-        nargs=argparse.REMAINDER,
-        metavar="START OPTIONS",
-        help="options for volunteer start (e.g. --name alice --cpu-limit 50 --hours 22-7)",
-    )
-    p.set_defaults(handler=install_service)
-    p = sub.add_parser(
-        "uninstall-service",
-        help="Remove the per-user service that install-service wrote.",
-        description="Stop and remove the per-user service that install-service wrote.",
-    )
-    p.set_defaults(handler=uninstall_service)
-    p = sub.add_parser(
-        "info",
-        help="Detected devices and a short speed score.",
-        description="Detected devices and a short speed score.",
-    )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=info)
-    return parser
 
 
 def add_manners(p: argparse.ArgumentParser) -> None:
@@ -360,10 +362,10 @@ def _describe(status: dict[str, Any]) -> str:
 
 def install_service(args: argparse.Namespace) -> int:
     """Write (or ``--print``) the per-user service that starts this volunteer at login."""
-    start_argv = [a for a in args.start_options if a != "--"]
-    checked = build_parser().parse_args(["start", *start_argv])  # bad start options: exit 2 here
+    start_argv = list(args.argv[args.argv.index("install-service") + 1 :])
+    start_argv = [a for a in start_argv if a != "--print"]  # the same options start would get
+    manners(args, Settings.from_env().home)  # bad preferences: exit 2 here, nothing written
     home = Settings.from_env().home.resolve()
-    manners(checked, home)  # and bad preferences
     unit = service.for_platform(
         sys.platform, home, start_argv, service.environment(os.environ), os.environ.get("XDG_CONFIG_HOME")
     )

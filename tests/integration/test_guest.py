@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from tests.conftest import wait_until
 
 SLOW = "tests.fixtures.jobs_slow:make_job"
 BUSY = "tests.fixtures.jobs_busy:make_job"
-LEASE = 8  # seconds: a pause longer than this gives the shard back
+LEASE = 6  # seconds: a pause longer than this gives the shard back
 
 
 def volunteer_cli(processes, *argv: str) -> subprocess.CompletedProcess:
@@ -116,22 +118,6 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
     assert status(processes, "alice")["shards_done"] == 1
 
 
-def test_a_cpu_limit_holds_the_volunteers_share_of_the_machine(processes):
-    # arrange: a shard that would keep one core busy for a minute
-    processes.aggregator()
-    limit = ("--cpu-limit", "30")
-    carol = processes.volunteer("carol", "--allow-job", BUSY, *limit, CROWDTRAIN_TEST_STEP_CPU="0.02")
-    processes.json("init", "--run", "r", "--job", BUSY, "--local-steps", "3000", "--deadline", "600")
-    processes.cli("post-round", "--run", "r", "--shards", "1")
-    wait_until(lambda: (status(processes, "carol").get("step") or 0) >= 20, "carol to train", 120)
-    # act
-    share = cpu_share(carol.pid, 10.0) / (psutil.cpu_count() or 1)
-    # assert
-    assert share <= 0.35, share
-    now = status(processes, "carol")
-    assert now["state"] == "training" and now["reason"] in ("cpu-limit", None)
-
-
 def _paused_step(processes) -> int | None:
     """The step alice's trainer stopped at, once it reports the shard paused and two readings agree."""
     first = status(processes, "alice")
@@ -142,3 +128,58 @@ def _paused_step(processes) -> int | None:
 def _ended(client, number: int) -> bytes | None:
     value = client.hget(f"ct:run:r:round:{number}", "status")
     return value if value in (b"done", b"failed") else None
+
+
+def test_a_volunteer_holds_its_cpu_limit_and_pauses_by_its_owners_rules(processes, tmp_path):
+    # arrange: battery and idle time from files this test writes; a game this test starts
+    battery, idle = tmp_path / "battery", tmp_path / "idle"
+    battery.write_text("100 plugged")
+    idle.write_text("3600")
+    game = tmp_path / f"ctgame{os.getpid() % 10000}"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", game)
+    processes.aggregator()
+    dave = processes.volunteer(
+        "dave",
+        "--allow-job",
+        BUSY,
+        "--cpu-limit",
+        "30",
+        "--pause-on-battery",
+        "--idle-minutes",
+        "5",
+        "--exclusive-app",
+        game.name,
+        CROWDTRAIN_BATTERY_FILE=str(battery),
+        CROWDTRAIN_IDLE_FILE=str(idle),
+        CROWDTRAIN_TEST_STEP_CPU="0.02",
+    )
+    # a shard that would keep one core busy for a minute
+    processes.json("init", "--run", "r", "--job", BUSY, "--local-steps", "3000", "--deadline", "600")
+    processes.cli("post-round", "--run", "r", "--shards", "1")
+    reasons = lambda: status(processes, "dave")["reasons"]  # noqa: E731
+    wait_until(lambda: volunteer_cli(processes, "status").returncode == 0, "dave to listen", 120)
+    wait_until(lambda: (status(processes, "dave").get("step") or 0) >= 20, "dave to train", 120)
+
+    # act / assert: --cpu-limit 30 holds its share of the machine's CPU time
+    share = cpu_share(dave.pid, 10.0) / (psutil.cpu_count() or 1)
+    assert share <= 0.35, share
+    assert status(processes, "dave")["reason"] in ("cpu-limit", None)
+
+    # act / assert: each signal pauses it, and its end lets it train again
+    assert not {"battery", "idle", "exclusive-app"} & set(reasons())
+    started = subprocess.Popen([str(game), "600"])
+    try:
+        wait_until(lambda: "exclusive-app" in reasons(), "the game to pause dave")
+    finally:
+        started.kill()
+        started.wait()
+    wait_until(lambda: "exclusive-app" not in reasons(), "dave to go on after the game")
+    idle.write_text("10")
+    wait_until(lambda: "idle" in reasons(), "input to pause dave")
+    idle.write_text("3600")
+    battery.write_text("50 battery")
+    wait_until(lambda: reasons()[:1] == ["battery"], "the battery to pause dave")
+    battery.write_text("60 plugged")  # on mains, but not charged enough yet
+    assert "battery" in reasons()
+    battery.write_text("95 plugged")
+    wait_until(lambda: "battery" not in reasons(), "dave to go on when charged")
