@@ -219,7 +219,10 @@ class ShardRunner:
             return self.store.release(key.run, key.round, key.shard, token)
 
         def relet() -> dict[str, Any]:
-            return self.store.lease(key.run, key.round, key.shard)
+            answer = self.store.lease(key.run, key.round, key.shard)
+            if answer.get("granted"):  # a run with a blob store: the new lease's slot
+                self._slot = answer.get("upload")
+            return answer
 
         gate = ShardGate(guest, self._progress, key, self._lease, release, relet)
         resume = guest.checkpoints.load(key)
