@@ -183,3 +183,27 @@ def test_a_volunteer_holds_its_cpu_limit_and_pauses_by_its_owners_rules(processe
     assert "battery" in reasons()
     battery.write_text("95 plugged")
     wait_until(lambda: "battery" not in reasons(), "dave to go on when charged")
+
+
+def test_a_volunteer_killed_while_paused_goes_on_from_its_checkpoint_after_a_restart(processes, redis_server):
+    # arrange: alice pauses mid-shard, and is killed while paused
+    processes.extra_env["CROWDTRAIN_VISIBILITY_TIMEOUT"] = "6"
+    processes.aggregator()
+    slow = {"CROWDTRAIN_TEST_STEP_SECONDS": "0.05"}
+    alice = processes.volunteer("alice", "--allow-job", SLOW, **slow)
+    processes.json(
+        "init", "--run", "r", "--job", SLOW, "--local-steps", "80", "--lease", "4", "--deadline", "600"
+    )
+    processes.cli("post-round", "--run", "r", "--shards", "1")
+    wait_until(lambda: (status(processes, "alice").get("step") or 0) >= 5, "alice to train", 120)
+    assert volunteer_cli(processes, "pause", "--name", "alice").returncode == 0
+    stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 30)
+    processes.kill(alice)
+    # act: the same volunteer starts again; the shard comes back to it (its lease lapsed)
+    processes.volunteer("alice", "--allow-job", SLOW, **slow)
+    client = redis_server.client()
+    # assert: it went on from the saved step, not from 0, and the delta was accepted
+    assert wait_until(lambda: _ended(client, 1), "round 1 to end", 120) == b"done"
+    assert client.hget("ct:run:r:round:1", "accepted") == b"1", processes.log_tail()
+    log = (processes.logs / "alice.log").read_text()
+    assert f"r round 1 shard 0: going on from step {stopped_at}" in log, log[-3000:]
