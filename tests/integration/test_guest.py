@@ -35,6 +35,12 @@ def status(processes, name: str) -> dict:
     return json.loads(result.stdout)
 
 
+def step(processes, name: str) -> int:
+    """The step of the shard the volunteer trains now; 0 before it answers or trains."""
+    result = volunteer_cli(processes, "status", "--name", name, "--json")
+    return (json.loads(result.stdout).get("step") or 0) if result.returncode == 0 else 0
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds used so far by a process and everything under it."""
     root = psutil.Process(pid)
@@ -65,7 +71,7 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
         "init", "--run", "r", "--job", SLOW, "--local-steps", "80", "--lease", str(LEASE), "--deadline", "600"
     )
     processes.cli("post-round", "--run", "r", "--shards", "1")
-    wait_until(lambda: (status(processes, "alice").get("step") or 0) >= 5, "alice to train round 1", 120)
+    wait_until(lambda: step(processes, "alice") >= 5, "alice to train round 1", 120)
 
     # act: pause mid-shard
     paused = volunteer_cli(processes, "pause", "--name", "alice", "--json")
@@ -158,7 +164,7 @@ def test_a_volunteer_holds_its_cpu_limit_and_pauses_by_its_owners_rules(processe
     processes.cli("post-round", "--run", "r", "--shards", "1")
     reasons = lambda: status(processes, "dave")["reasons"]  # noqa: E731
     wait_until(lambda: volunteer_cli(processes, "status").returncode == 0, "dave to listen", 120)
-    wait_until(lambda: (status(processes, "dave").get("step") or 0) >= 20, "dave to train", 120)
+    wait_until(lambda: step(processes, "dave") >= 20, "dave to train", 120)
 
     # act / assert: --cpu-limit 30 holds its share of the machine's CPU time
     share = cpu_share(dave.pid, 10.0) / (psutil.cpu_count() or 1)
@@ -195,7 +201,7 @@ def test_a_volunteer_killed_while_paused_goes_on_from_its_checkpoint_after_a_res
         "init", "--run", "r", "--job", SLOW, "--local-steps", "80", "--lease", "4", "--deadline", "600"
     )
     processes.cli("post-round", "--run", "r", "--shards", "1")
-    wait_until(lambda: (status(processes, "alice").get("step") or 0) >= 5, "alice to train", 120)
+    wait_until(lambda: step(processes, "alice") >= 5, "alice to train", 120)
     assert volunteer_cli(processes, "pause", "--name", "alice").returncode == 0
     stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 30)
     processes.kill(alice)
