@@ -310,14 +310,14 @@ def volunteer_of(upload_key: str) -> str:
 
 
 def lease_request(run: str, number: int, shard: int, nonce: str, kind: str = "lease") -> str:
-    """One entry of a volunteer's lease requests: ``kind`` is "lease" (ask) or "renew" (keep)."""
+    """One entry of a volunteer's lease requests: ``kind`` is "lease", "renew" or "release" (give back)."""
     return f"{kind}|{run}|{number}|{shard}|{nonce}"
 
 
 def parse_lease_request(entry: str) -> tuple[str, str, int, int, str] | None:
     """(kind, run, round, shard, nonce) of a well-formed request entry; None for anything else."""
     parts = entry.split("|")
-    if len(parts) != 5 or parts[0] not in ("lease", "renew"):
+    if len(parts) != 5 or parts[0] not in ("lease", "renew", "release"):
         return None
     kind, run, number, shard, nonce = parts
     if not (NAME.fullmatch(run) and _DIGITS.fullmatch(number) and _DIGITS.fullmatch(shard)):

@@ -182,6 +182,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
         f"~{keys.grant_pattern(name)}",  # the answers to its own lease requests (coordinator.leases)
+        f"%R~{keys.volunteer(name)}",  # its own credit and reputation (volunteer status): read only
         # its own node's control queue (node name NAME@host), declared but fed by pub/sub
         f"~{name}@*.celery.pidbox",
         f"~{name}@*.celery.pidbox{PRIORITY_SEP}*",

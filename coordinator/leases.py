@@ -22,7 +22,9 @@ else back. The intake counts an upload only if the lease it
 names is the uploader's, with the upload's token (``coordinator.intake``);
 once accepted the lease is final (``done``), and nothing a volunteer does
 afterwards replaces or deletes what is merged. A volunteer renews its lease
-while it trains (every third of ``init --lease`` seconds). A shard of an open
+while it trains (every third of ``init --lease`` seconds), and releases it
+when it has been paused (``volunteer pause``) for a lease's time: its shard
+is offered again at once. A shard of an open
 round with no accepted upload and no live lease, whose last offer is older
 than ``offer_seconds`` (at most ``OFFER_SECONDS``) while the run's queue is empty
 (a lapsed lease's at once), is posted again by the
@@ -175,11 +177,12 @@ class Leases:
                 unknown.append(index)
                 continue
             seconds = lease_seconds(config)
-            if request.kind == "renew":
+            if request.kind in ("renew", "release"):  # a paused volunteer gives its shard back
+                operation = "extend" if request.kind == "renew" else "release"
                 for field in (str(request.shard), f"{request.shard}:r"):
                     self._settle(
                         keys=[keys.leases(request.run, request.round)],
-                        args=[field, request.volunteer, request.nonce, "extend", now + seconds],
+                        args=[field, request.volunteer, request.nonce, operation, now + seconds],
                         client=pipe,
                     )
                 continue

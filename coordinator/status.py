@@ -52,10 +52,12 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 epsilon=spent(dp, version), epsilon_budget=dp.budget, dp_clip=store.dp_clip(name) or dp.clip
             )
         runs.append(entry)
-    online = _online_nodes(app)
+    # who answers, and the queues each consumes: a volunteer that answers and consumes nothing is
+    # paused (volunteer pause, or its owner's rules); it keeps its place, unlike one that is gone
+    consumers = _consumers(app)
+    online = set(consumers)
     routed = {r["queue"] for r in runs if "requires" in r}
-    if routed:  # who takes shards from where: the queues each online worker consumes
-        consumers = _consumers(app)
+    if routed:
         for entry in runs:
             if "requires" in entry:
                 entry["qualified_online"] = sum(entry["queue"] in q for q in consumers.values())
@@ -67,6 +69,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 "device": credit.get("device", "?"),
                 "memory_gb": credit.get("memory_gb"),
                 "online": name in online,
+                "paused": name in online and not consumers[name],
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
                 "samples_per_second": _speed(credit),
                 "reputation": float(credit.get("reputation", START_REPUTATION)),
@@ -132,7 +135,7 @@ def print_status(document: dict[str, Any], console: Console | None = None) -> No
     for v in document["volunteers"]:
         speed = "-" if v["samples_per_second"] is None else f"{v['samples_per_second']:g}"
         credit = (str(v[k]) for k in _CREDIT)
-        answers = "yes" if v["online"] else "no"
+        answers = "paused" if v.get("paused") else "yes" if v["online"] else "no"
         people.add_row(v["name"], v["device"], answers, *credit, speed, f"{v['reputation']:.2f}")
     console.print(people)
 
@@ -148,17 +151,11 @@ def _open_round(info: dict[str, Any] | None) -> str:
     return text + f", {info['status']}"
 
 
-def _online_nodes(app: Celery) -> set[str]:
-    """Names (the part before '@') of the Celery nodes that answer a ping."""
-    try:
-        replies = app.control.ping(timeout=PING_TIMEOUT) or []
-    except Exception:  # no broker answer means nobody is online
-        return set()
-    return {node.split("@", 1)[0] for reply in replies for node in reply}
-
-
 def _consumers(app: Celery) -> dict[str, set[str]]:
-    """Queue names each online worker consumes (Celery's ``inspect active_queues``), by node name."""
+    """Queue names each online worker consumes (Celery's ``inspect active_queues``), by node name.
+
+    Every worker that answers is online (it is how ``celery inspect ping`` finds them too).
+    """
     try:
         replies = app.control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
     except Exception:  # no broker answer: nobody consumes anything

@@ -31,6 +31,17 @@ def require_tool(name: str, why: str) -> str:
     return path
 
 
+def wait_until(condition, what: str, timeout: float = 60.0, poll: float = 0.1):
+    """Poll ``condition`` until it returns something true (returned), or fail saying ``what`` never came."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,27 +11,21 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from broker import embedded, keys
 from broker.arguments import OneLineParser, int_in
 from broker.errors import BrokerError
-from broker.routing import MAX_MEMORY_GB, queues_for
+from broker.routing import MAX_MEMORY_GB
 from broker.settings import Settings
-from jobs import BUILTIN_JOBS
-from tasks.training import volunteer_app
-from volunteer.devices import (
-    describe_devices,
-    device_class,
-    device_memory_gb,
-    pool_for,
-    resolve_device,
-    speed_score,
-)
+from volunteer import control, preferences, service
 from volunteer.errors import VolunteerError
+from volunteer.etiquette import RESUME_CHARGE
 from volunteer.joining import DEFAULT_TIMEOUT, join, saved_url
-from volunteer.worker import VolunteerOptions
+
+# torch, Celery and the jobs load only where a command needs them (start, info), so that
+# volunteer pause|resume|status answer at once.
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +38,9 @@ BROKER_FILE_LIMIT = 64 * 1024  # a URL, not a data file
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``volunteer`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -58,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``volunteer`` parser: ``start``, ``info`` and ``join``."""
+    """The ``volunteer`` parser: ``start``, ``info``, ``join``, the controls and the service."""
     parser = OneLineParser(prog="volunteer", description="Train shards for crowdtrain runs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
@@ -67,6 +63,65 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pull shard jobs from queue 'train', and from the routed queues of runs "
         "this device qualifies for (init --require, --min-memory-gb), and train them.",
     )
+    add_start_options(p)
+    p.set_defaults(handler=start)
+    for command, text in (
+        ("pause", "Pause the volunteers running here: training stops within 2 s, the shard is kept."),
+        ("resume", "Resume the volunteers running here (those paused by volunteer pause)."),
+        ("status", "What the volunteers running here do: training, waiting or paused, and why."),
+    ):
+        p = sub.add_parser(command, help=text, description=text)
+        p.add_argument("--name", default=None, help="only this volunteer (default: every one running here)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=command_volunteers)
+    p = sub.add_parser(
+        "install-service",
+        help="Start the volunteer at login and restart it on failure (a per-user service).",
+        description="Write a systemd user unit (Linux) or a launchd agent (macOS) that runs "
+        "`volunteer start` with these options at login and restarts it on failure.",
+    )
+    p.add_argument("--print", action="store_true", help="show the service file and write nothing")
+    add_start_options(p)
+    p.set_defaults(handler=install_service)
+    p = sub.add_parser(
+        "uninstall-service",
+        help="Remove the per-user service that install-service wrote.",
+        description="Stop and remove the per-user service that install-service wrote.",
+    )
+    p.set_defaults(handler=uninstall_service)
+    p = sub.add_parser(
+        "info",
+        help="Detected devices and a short speed score.",
+        description="Detected devices and a short speed score.",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=info)
+    p = sub.add_parser(
+        "join",
+        help="Trade an invitation token (coordinator invite) for this volunteer's own credentials.",
+        description="Trade an invitation token (coordinator invite) for this volunteer's own "
+        "credentials, saved (readable by you only) under CROWDTRAIN_HOME, where 'volunteer start' "
+        "finds them when no broker is given.",
+    )
+    p.add_argument(
+        "token", metavar="TOKEN", help="the token 'coordinator invite' printed; - reads it from stdin"
+    )
+    p.add_argument(
+        "--name", default=None, help="the name to volunteer under, for good (default: this host's name)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=int_in(1, 3600),
+        default=int(DEFAULT_TIMEOUT),
+        help=f"seconds to wait for the coordinator's answer (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=join_command)
+    return parser
+
+
+def add_start_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``volunteer start`` (``install-service`` takes the same)."""
     broker = p.add_mutually_exclusive_group()
     broker.add_argument(
         "--broker",
@@ -109,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="JOB",
-        help=f"a job this volunteer may run; repeat (default: built-ins {', '.join(BUILTIN_JOBS)})",
+        help="a job this volunteer may run; repeat (default: the built-in jobs, charlm and gpt)",
     )
     p.add_argument(
         "--data",
@@ -124,36 +179,70 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"torch CPU threads per shard, 1 to {MAX_THREADS}",
     )
-    p.set_defaults(handler=start)
-    p = sub.add_parser(
-        "info",
-        help="Detected devices and a short speed score.",
-        description="Detected devices and a short speed score.",
+    add_manners(p)
+
+
+def add_manners(p: argparse.ArgumentParser) -> None:
+    """The owner's preferences (``volunteer.preferences``): options of ``start``, over the TOML file's."""
+    group = p.add_argument_group("manners (also in CROWDTRAIN_HOME/volunteer.toml; these options win)")
+    group.add_argument(
+        "--config", type=Path, default=None, metavar="PATH", help="read preferences from this TOML file"
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=info)
-    p = sub.add_parser(
-        "join",
-        help="Trade an invitation token (coordinator invite) for this volunteer's own credentials.",
-        description="Trade an invitation token (coordinator invite) for this volunteer's own "
-        "credentials, saved (readable by you only) under CROWDTRAIN_HOME, where 'volunteer start' "
-        "finds them when no broker is given.",
+    group.add_argument(
+        "--cpu-limit",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="use at most PCT%% of the machine's CPU time (all cores), held by pausing between steps",
     )
-    p.add_argument(
-        "token", metavar="TOKEN", help="the token 'coordinator invite' printed; - reads it from stdin"
+    group.add_argument(
+        "--idle-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="train only after M minutes without keyboard or mouse input (macOS; Linux under X11 "
+        "with xprintidle)",
     )
-    p.add_argument(
-        "--name", default=None, help="the name to volunteer under, for good (default: this host's name)"
+    group.add_argument(
+        "--pause-when-busy",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="pause while other processes use more than PCT%% of the machine's CPU time",
     )
-    p.add_argument(
-        "--timeout",
-        type=int_in(1, 3600),
-        default=int(DEFAULT_TIMEOUT),
-        help=f"seconds to wait for the coordinator's answer (default {DEFAULT_TIMEOUT:g})",
+    group.add_argument(
+        "--pause-on-battery",
+        action="store_true",
+        default=None,
+        help=f"pause on battery; on mains again, train from {RESUME_CHARGE:g}%% charge",
     )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=join_command)
-    return parser
+    group.add_argument(
+        "--exclusive-app",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="pause while a program of this name runs (repeat for more)",
+    )
+    group.add_argument(
+        "--hours", default=None, metavar="START-END", help="train only in this daily window, e.g. 22-7"
+    )
+    group.add_argument(
+        "--max-upload-mbps", type=float, default=None, metavar="X", help="upload at most X Mbit/s on average"
+    )
+
+
+def manners(args: argparse.Namespace, home: Path) -> preferences.Preferences:
+    """The preferences in force for ``start``: the TOML file's with the command line's over them."""
+    options = {
+        "cpu_limit": args.cpu_limit,
+        "idle_minutes": args.idle_minutes,
+        "pause_when_busy": args.pause_when_busy,
+        "pause_on_battery": args.pause_on_battery,
+        "exclusive_apps": tuple(args.exclusive_app or ()),
+        "hours": preferences.parse_hours(args.hours) if args.hours is not None else None,
+        "max_upload_mbps": args.max_upload_mbps,
+    }
+    return preferences.load(args.config, home, options)
 
 
 def join_command(args: argparse.Namespace) -> int:
@@ -180,11 +269,22 @@ def start(args: argparse.Namespace) -> int:
     """Run a Celery worker on queue 'train' as this volunteer."""
     import torch
 
+    from broker.client import redis_client
+    from broker.routing import queues_for
+    from jobs import BUILTIN_JOBS
+    from tasks.training import volunteer_app
+    from volunteer.board import Board
+    from volunteer.devices import device_class, pool_for, resolve_device
+    from volunteer.guest import Guest, Watch
+    from volunteer.store import VolunteerStore
+    from volunteer.worker import VolunteerOptions
+
     if args.data is not None and not _matches_files(args.data):
         print(f"volunteer start: error: --data {args.data!r} names no readable file", file=sys.stderr)
         return 2
     broker_url = _broker_url(args)
     settings = Settings.from_env(broker_url=broker_url, torch_threads=args.threads)
+    prefs = manners(args, settings.home)
     if settings.broker_url is None:  # the credentials `volunteer join` saved, else the embedded Redis
         joined = saved_url(settings.home)
         settings = settings.with_broker(joined or embedded.ensure_running(settings.home).url)
@@ -204,10 +304,27 @@ def start(args: argparse.Namespace) -> int:
     pool = pool_for(device) if args.pool == "auto" else args.pool
     memory = _offered_memory(device, pool, args.memory_gb)
     queues = queues_for(device_class(device), memory)
-    options = VolunteerOptions(
-        name=name, device=str(device), allowed_jobs=allowed, data=args.data, memory_gb=int(memory)
+    guest = Guest(
+        prefs,
+        Board(slots=2 * args.concurrency + 2),
+        home=settings.home / "volunteer" / name,
+        trainers=args.concurrency if pool == "prefork" else 1,  # a pool of threads shares one process's time
+        battery_file=_path_from_env("CROWDTRAIN_BATTERY_FILE"),
+        idle_file=_path_from_env("CROWDTRAIN_IDLE_FILE"),
     )
-    app = volunteer_app(settings, options)
+    options = VolunteerOptions(
+        name=name,
+        device=str(device),
+        allowed_jobs=allowed,
+        data=args.data,
+        memory_gb=int(memory),
+        guest=guest,
+    )
+    store = VolunteerStore(redis_client(settings), name)
+    watch = Watch(guest, name, own=_own_processes, credit=store.credit)
+    server = control.ControlServer(settings.home, name, watch.command)
+    server.start()  # before anything else runs: a second volunteer of this name stops here
+    app = volunteer_app(settings, options, watch)
     log.info(
         "volunteer %s on %s (pool %s, concurrency %d), jobs allowed: %s; taking shards from %s",
         name,
@@ -217,6 +334,18 @@ def start(args: argparse.Namespace) -> int:
         ", ".join(sorted(allowed)),
         ", ".join(queues),
     )
+    log.info("manners: %s; control: volunteer pause|resume|status (socket %s)", prefs.describe(), server.path)
+    watch.start()
+    try:
+        _work(app, queues, name, pool, args.concurrency)
+    finally:
+        watch.stop()
+        server.stop()
+    return 0
+
+
+def _work(app: Any, queues: list[str], name: str, pool: str, concurrency: int) -> None:
+    """The Celery worker, until it is stopped."""
     app.worker_main(
         [
             "worker",
@@ -227,18 +356,98 @@ def start(args: argparse.Namespace) -> int:
             "-P",
             pool,
             "-c",
-            str(args.concurrency),
+            str(concurrency),
             "-E",
             "--loglevel=INFO",
             "--without-mingle",
             "--without-gossip",
         ]
     )
+
+
+def command_volunteers(args: argparse.Namespace) -> int:
+    """``volunteer pause|resume|status``: ask each volunteer running here (or ``--name``) over its socket."""
+    home = Settings.from_env().home
+    replies = []
+    for path in control.running(home, args.name):
+        try:
+            replies.append(control.request(path, args.command))
+        except (OSError, ValueError) as e:
+            raise control.ControlError(f"volunteer {path.stem!r} did not answer: {e}") from None
+    for reply in replies:
+        if "error" in reply:
+            raise control.ControlError(f"volunteer refused: {reply['error']}")
+    if args.json:
+        single = args.name is not None or len(replies) == 1
+        print(json.dumps(replies[0] if single else replies, indent=2))
+        return 0
+    for reply in replies:
+        print(_describe(reply))
     return 0
+
+
+def _describe(status: dict[str, Any]) -> str:
+    """One line per volunteer: its state, why, and the shard in hand."""
+    line = f"{status['name']}: {status['state']}"
+    if status.get("reason"):
+        line += f" ({', '.join(status.get('reasons') or [status['reason']])})"
+    if status.get("run") is not None:
+        line += (
+            f", {status['run']} round {status.get('round')} shard {status['shard']} "
+            f"step {status.get('step')}/{status.get('steps')}"
+        )
+    line += f", {status.get('shards_done', 0)} shards done here"
+    credit = status.get("credit")
+    if credit:
+        line += f", {credit['accepted']} accepted ({credit['samples']} samples)"
+    return line
+
+
+def install_service(args: argparse.Namespace) -> int:
+    """Write (or ``--print``) the per-user service that starts this volunteer at login."""
+    start_argv = list(args.argv[args.argv.index("install-service") + 1 :])
+    start_argv = [a for a in start_argv if a != "--print"]  # the same options start would get
+    manners(args, Settings.from_env().home)  # bad preferences: exit 2 here, nothing written
+    home = Settings.from_env().home.resolve()
+    unit = service.for_platform(
+        sys.platform, home, start_argv, service.environment(os.environ), os.environ.get("XDG_CONFIG_HOME")
+    )
+    if args.print:
+        print(unit.text, end="")
+        return 0
+    path = unit.install(home)
+    print(f"wrote {path}; {unit.enable_hint}")
+    return 0
+
+
+def uninstall_service(args: argparse.Namespace) -> int:
+    """Remove the per-user service, if there is one."""
+    unit = service.for_platform(sys.platform, Path(), [], {}, os.environ.get("XDG_CONFIG_HOME"))
+    path = unit.uninstall()
+    print(f"removed {path}" if path is not None else "no volunteer service was installed")
+    return 0
+
+
+def _own_processes() -> list[int]:
+    """This process and every process under it (the pool): whose CPU use is this volunteer's own."""
+    import psutil
+
+    me = psutil.Process()
+    try:
+        return [me.pid, *(child.pid for child in me.children(recursive=True))]
+    except psutil.Error:
+        return [me.pid]
+
+
+def _path_from_env(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value else None
 
 
 def _offered_memory(device: torch.device, pool: str, cap: int | None) -> float:
     """GB of device memory this volunteer offers: the device's, at most ``--memory-gb``."""
+    from volunteer.devices import device_memory_gb
+
     if device.type == "cuda" and pool == "prefork":
         return float(cap or 0)  # reading it would initialise CUDA before the pool forks
     detected = device_memory_gb(device)
@@ -275,6 +484,8 @@ def _read_broker_file(path: Path) -> str:
 def info(args: argparse.Namespace) -> int:
     """Print this machine's devices, a matmul speed score for each, and what auto picks."""
     import torch
+
+    from volunteer.devices import describe_devices, resolve_device, speed_score
 
     devices = describe_devices()
     for entry in devices:

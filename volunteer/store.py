@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -101,22 +101,52 @@ class VolunteerStore:
         return answer
 
     @contextlib.contextmanager
-    def renewing(self, run: str, number: int, shard: int, token: str, seconds: float) -> Iterator[None]:
-        """Renew a lease every third of its ``seconds`` until the block ends (the shard trains)."""
-        entry = keys.lease_request(run, number, shard, token, "renew")
+    def renewing(
+        self, run: str, number: int, shard: int, token: Callable[[], str | None], seconds: float
+    ) -> Iterator[None]:
+        """Renew a lease every third of its ``seconds`` until the block ends (the shard trains).
+
+        ``token()`` is the lease's token now: a shard leased again after a pause
+        has a new one, and a released lease (None) is not renewed.
+        """
 
         def renew() -> bool:
+            held = token()
+            if held is None:
+                return True
             try:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.rpush(keys.lease_inbox(self.name), entry)
-                pipe.rpush(keys.lease_requests(), self.name)
-                pipe.execute()
+                self._tell(keys.lease_request(run, number, shard, held, "renew"))
             except redis.RedisError as e:  # the lease covers short blips
                 log.warning("could not renew the lease of %s round %d shard %d: %s", run, number, shard, e)
             return True
 
         with renewing(max(0.5, seconds / 3), renew, "lease-renewal"):
             yield
+
+    def release(self, run: str, number: int, shard: int, token: str) -> bool:
+        """Give a lease back (a long pause): the trusted side offers the shard again at once."""
+        try:
+            self._tell(keys.lease_request(run, number, shard, token, "release"))
+        except redis.RedisError as e:  # it lapses by itself, a lease later
+            log.warning("could not release the lease of %s round %d shard %d: %s", run, number, shard, e)
+            return False
+        return True
+
+    def credit(self) -> dict[str, Any]:
+        """This volunteer's record as the trusted side counted it; empty where its user may not read it."""
+        fields = ("shards_done", "samples", "accepted", "rejected", "reputation")
+        try:
+            values = self.redis.hmget(keys.volunteer(self.name), fields)
+        except redis.RedisError:  # a user made before it could read its own record
+            return {}
+        return {k: v.decode() for k, v in zip(fields, values, strict=True) if v is not None}
+
+    def _tell(self, entry: str) -> None:
+        """Append one entry to this volunteer's lease requests, and its name to the hints."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(keys.lease_inbox(self.name), entry)
+        pipe.rpush(keys.lease_requests(), self.name)
+        pipe.execute()
 
     def put_upload(
         self,

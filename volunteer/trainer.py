@@ -9,6 +9,13 @@ CPU so a volunteer holds no extra model-sized copy for it. Integer buffers (e.g.
 ``num_batches_tracked``) carry no delta and are left out. With ``init --inner-state
 keep`` the optimizer starts from the state the volunteer's previous shard left.
 
+A ``gate`` is called between two steps: it may sleep (``--cpu-limit``), block
+while the volunteer is paused (saving the shard's ``ShardState`` first), or
+raise ``ShardDropped`` when the shard is no longer this volunteer's. A shard
+given its saved ``resume`` state goes on from that step: same weights,
+optimizer, data position and RNG, so it trains what it would have without the
+pause.
+
 Gradients are clipped to a global norm of 1.0, a guard against one bad batch
 blowing up a volunteer's delta. On CUDA the forward pass runs under bf16
 autocast. A non-finite loss stops training early; the caller checks the result's
@@ -21,7 +28,7 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +36,18 @@ import torch
 
 from jobs import Job, batch_size, parameter_groups
 from serialization import TensorDict
+from volunteer.checkpoint import ShardState
 from volunteer.feedback import Consumable
 
 GRAD_CLIP_NORM = 1.0
 OPTIMIZERS = ("adamw", "sgd")
+
+# gate(steps done, the shard's state on demand) -> seconds it held training back (paused)
+Gate = Callable[[int, Callable[[], ShardState]], float]
+
+
+class ShardDropped(Exception):
+    """Raised by a gate: the shard stopped being this volunteer's (its lease went, its round closed)."""
 
 
 @dataclass
@@ -62,6 +77,8 @@ def train_shard(
     data: str | None = None,
     optimizer_state: dict[str, Any] | None = None,
     model: torch.nn.Module | None = None,
+    gate: Gate | None = None,
+    resume: ShardState | None = None,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
@@ -92,11 +109,35 @@ def train_shard(
     _seed(seed, device)  # the job's shard batches come from the global RNG
     batches = _cycle(job, shard, shards, data)
     losses: list[float] = []
-    samples = done = 0
-    for _ in range(steps):
+    samples = done = drawn = 0
+    if resume is not None:
+        model.load_state_dict(resume.weights)
+        opt.load_state_dict(resume.optimizer)
+        for _ in range(resume.drawn):  # the data position: the same batches, drawn again from the seed
+            next(batches)
+        torch.random.set_rng_state(resume.rng)
+        losses, samples, done, drawn = list(resume.losses), resume.samples, resume.done, resume.drawn
+        started -= resume.seconds
+
+    def state() -> ShardState:
+        return ShardState(
+            weights=model.state_dict(),
+            optimizer=opt.state_dict(),
+            rng=torch.random.get_rng_state(),
+            done=done,
+            drawn=drawn,
+            samples=samples,
+            losses=list(losses),
+            seconds=time.perf_counter() - started,
+        )
+
+    while done < steps:
+        if gate is not None:
+            started += gate(done, state)  # time paused is no training time
         if seconds is not None and done and time.perf_counter() - started >= seconds:
             break  # the time budget is spent: send what was trained
         batch = _to_device(next(batches), device)
+        drawn += 1
         with _autocast(device):
             loss = job.loss(model, batch)
         value = float(loss.detach())

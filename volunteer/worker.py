@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,11 @@ import torch
 from broker.pointers import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
+from volunteer.checkpoint import ShardKey, ShardState
 from volunteer.feedback import ErrorFeedback
+from volunteer.guest import Guest, LeaseHold, Progress, ShardGate
 from volunteer.store import VolunteerStore
-from volunteer.trainer import seed_for, train_shard
+from volunteer.trainer import ShardDropped, ShardResult, seed_for, train_shard
 
 log = logging.getLogger("crowdtrain.volunteer")
 
@@ -41,6 +44,7 @@ class VolunteerOptions:
     allowed_jobs: frozenset[str] = field(default_factory=lambda: frozenset(BUILTIN_JOBS))
     data: str | None = None  # its own training data (volunteer start --data): never leaves this machine
     memory_gb: int = 0  # device memory it offers (broker.routing), told to the coordinator in its uploads
+    guest: Guest | None = None  # the owner's rules and the board they are posted on (volunteer.guest)
 
 
 class ShardRunner:
@@ -57,7 +61,10 @@ class ShardRunner:
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._slot: dict[str, Any] | None = None
-        self._token = ""  # the upload token of the shard's lease
+        self._lease = LeaseHold(None, 0.0)  # the shard's lease: its upload token, or None once given back
+        self._progress = Progress(options.guest) if options.guest is not None else None
+        if options.guest is not None:
+            options.guest.checkpoints.prune()
         # the model the last shard trained, kept for the run's next one when its job allows (reuse_model)
         self._trained: tuple[Job, torch.nn.Module] | None = None
 
@@ -81,6 +88,9 @@ class ShardRunner:
         deadline.
         """
         summary: dict[str, Any] = {"run": run, "round": number, "shard": shard}
+        if self.options.guest is not None and self.options.guest.board.paused:
+            log.info("skipping %s round %d shard %d: paused", run, number, shard)
+            return {**summary, "skipped": "paused: this volunteer takes no shard now"}
         wanted = self.store.round_info(run, number)
         buffered = wanted is not None and self._config(run).get("mode") == "async"
         if wanted is not None and buffered:
@@ -95,9 +105,9 @@ class ShardRunner:
             reason = f"no lease: {lease.get('reason')}"
             log.info("skipping %s round %d shard %d: %s", run, number, shard, reason)
             return {**summary, "skipped": reason}
-        self._token, self._slot = str(lease["token"]), lease.get("upload")
         seconds = float(lease.get("seconds") or 20.0)
-        with self.store.renewing(run, number, shard, self._token, seconds):
+        self._lease, self._slot = LeaseHold(str(lease["token"]), seconds), lease.get("upload")
+        with self.store.renewing(run, number, shard, self._lease.current, seconds):
             return self._leased(run, number, shard, shards, version, summary, buffered)
 
     def _leased(
@@ -118,6 +128,9 @@ class ShardRunner:
                 return {**summary, "skipped": stale}
         try:
             return self._train(run, number, shard, shards, version, summary)
+        except ShardDropped as e:  # paused past its lease, and given to another: nothing is uploaded
+            log.info("%s round %d shard %d dropped: %s", run, number, shard, e)
+            return {**summary, "skipped": str(e)}
         except Exception as e:  # out of memory, a job's own error, a job it may not import
             reason = f"volunteer error: {type(e).__name__}: {e}"[:MAX_REASON]
             log.exception("%s round %d shard %d failed", run, number, shard)
@@ -148,7 +161,34 @@ class ShardRunner:
             return {**summary, "skipped": refusal}
         weights, downlink = self._model(run, version)
         model = self._module(job)
-        result = train_shard(
+        key = ShardKey(run, number, shard, version)
+        steps = int(config["local_steps"])
+        gate, resume = self._manners(key, model, steps)
+        trained = False
+        try:
+            result = self._trained_shard(job, weights, model, config, key, shards, data, gate, resume)
+            trained = True
+        finally:
+            if self.options.guest is not None:
+                self.options.guest.checkpoints.delete(key)
+            if self._progress is not None:
+                self._progress.done(trained)
+        return self._send(run, number, shard, version, config, job, model, downlink, result, summary)
+
+    def _trained_shard(
+        self,
+        job: Job,
+        weights: TensorDict,
+        model: torch.nn.Module,
+        config: dict[str, Any],
+        key: ShardKey,
+        shards: int,
+        data: str | None,
+        gate: ShardGate | None,
+        resume: ShardState | None,
+    ) -> ShardResult:
+        run, number, shard = key.run, key.round, key.shard
+        return train_shard(
             job,
             weights,
             shard=shard % shards,  # an asynchronous run numbers its jobs on: they cycle over the shards
@@ -162,7 +202,53 @@ class ShardRunner:
             data=data,
             optimizer_state=self._inner.get(run) if config.get("inner_state") == "keep" else None,
             model=model,
+            gate=gate,
+            resume=resume,
         )
+
+    def _manners(
+        self, key: ShardKey, model: torch.nn.Module, steps: int
+    ) -> tuple[ShardGate | None, ShardState | None]:
+        """The shard's gate (throttle, pause) and its saved state if a pause left one that fits."""
+        guest = self.options.guest
+        if guest is None or self._progress is None:
+            return None, None
+        self._progress.shard(key.run, key.round, key.shard, steps)
+
+        def release(token: str) -> object:
+            return self.store.release(key.run, key.round, key.shard, token)
+
+        def relet() -> dict[str, Any]:
+            answer = self.store.lease(key.run, key.round, key.shard)
+            if answer.get("granted"):  # a run with a blob store: the new lease's slot
+                self._slot = answer.get("upload")
+            return answer
+
+        gate = ShardGate(guest, self._progress, key, self._lease, release, relet)
+        resume = guest.checkpoints.load(key)
+        if resume is not None:
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if {k: tuple(v.shape) for k, v in resume.weights.items()} != expected or resume.done >= steps:
+                resume = None
+            else:
+                where = (key.run, key.round, key.shard, resume.done)
+                log.info("%s round %d shard %d: going on from step %d", *where)
+        return gate, resume
+
+    def _send(
+        self,
+        run: str,
+        number: int,
+        shard: int,
+        version: int,
+        config: dict[str, Any],
+        job: Job,
+        model: torch.nn.Module,
+        downlink: int,
+        result: ShardResult,
+        summary: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Check the trained shard, encode its delta and upload it."""
         self._keep_inner(run, config, result.optimizer_state if math.isfinite(result.train_loss) else None)
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
@@ -250,13 +336,26 @@ class ShardRunner:
         the job's blob store refuses the upload, the failure is said in Redis
         instead, so the shard can be offered again at once.
         """
-        token = self._token
+        token = self._lease.token or ""  # given back: the intake counts nothing under an empty token
+        began = time.monotonic()
         try:
             self.store.put_upload(run, number, shard, token, blob, self._slot)
         except ObjectStoreError as e:
             log.warning("%s round %d shard %d: %s", run, number, shard, e)
             report = dumps({}, {"failure": f"volunteer error: {e}"[:MAX_REASON]})
             self.store.put_upload(run, number, shard, token, report)
+        self._pace_upload(blob, time.monotonic() - began)
+
+    def _pace_upload(self, blob: bytes | Encoded, seconds: float) -> None:
+        """Wait after an upload so uploads average at most ``--max-upload-mbps`` (a guest's bandwidth)."""
+        guest = self.options.guest
+        limit = guest.prefs.max_upload_mbps if guest is not None else None
+        if limit is None:
+            return
+        size = blob.size if isinstance(blob, Encoded) else len(blob)
+        wait = size * 8 / (limit * 1e6) - seconds
+        if wait > 0:
+            time.sleep(wait)
 
     def _model(self, run: str, version: int) -> tuple[TensorDict, int]:
         """The weights of a version and the bytes fetched for them (0 when cached).

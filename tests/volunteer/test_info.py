@@ -8,6 +8,7 @@ import os
 import torch
 
 from volunteer import cli
+from volunteer import devices as device_module
 from volunteer.devices import resolve_device
 
 
@@ -52,9 +53,10 @@ def test_info_shows_gpus_with_name_and_memory_and_survives_a_broken_one(capsys, 
             raise RuntimeError("CUDA error: unspecified launch failure")
         return 50_000.0 if device.type == "cuda" else 20.0
 
-    monkeypatch.setattr(cli, "describe_devices", lambda: [dict(d) for d in devices])
-    monkeypatch.setattr(cli, "speed_score", score)
-    monkeypatch.setattr(cli, "resolve_device", lambda spec: torch.device("cuda", 0))
+    # the cli loads volunteer.devices (and torch) only when a command needs it
+    monkeypatch.setattr(device_module, "describe_devices", lambda: [dict(d) for d in devices])
+    monkeypatch.setattr(device_module, "speed_score", score)
+    monkeypatch.setattr(device_module, "resolve_device", lambda spec: torch.device("cuda", 0))
     # act
     code = cli.main(["info"])
     # assert
