@@ -61,6 +61,13 @@ def require_tool(name: str, why: str) -> str:
     return path
 
 
+def png_pixels(path: Path) -> Any:
+    """A PNG decoded to its pixels (rows, columns, channels): proof it is an image, not only bytes."""
+    from matplotlib.image import imread
+
+    return imread(path, format="png")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
