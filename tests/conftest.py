@@ -192,6 +192,8 @@ class Processes:
         One-shot commands run through ``main()`` in this process, with this
         object's environment (a Python process each would cost a torch start-up
         apiece); long-running ones, and ``spawn=True``, in a process of their own.
+        Only those heed ``timeout``: an inline command is bounded by the test's
+        own limit (pytest-timeout's 300 s, pyproject.toml).
         """
         if argv and argv[0] in INLINE_COMMANDS and not spawn:
             return _inline(list(argv), {**self.env(**env), "CROWDTRAIN_TORCH_THREADS": ""})

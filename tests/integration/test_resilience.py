@@ -274,7 +274,7 @@ def test_the_run_continues_after_redis_restarts_and_volunteers_reconnect(cluster
     redis_server.stop()
     redis_server.start()  # same port and folder: the append-only file brings the run back
     restarted_at = time.monotonic()
-    document = cluster.json("run", "--run", "r", "--rounds", "1", timeout=180)
+    document = cluster.json("run", "--run", "r", "--rounds", "1")
     print(f"\nredis restart: next round done {time.monotonic() - restarted_at:.1f}s after restart")
     assert document["rounds"][0]["round"] == 2
     assert document["final"]["model_version"] == 2
