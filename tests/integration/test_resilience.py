@@ -284,7 +284,10 @@ def test_a_straggler_does_not_stall_the_round_and_its_result_is_late(cluster):
     cluster.aggregator()
     cluster.volunteer("straggler", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="10")  # ~30 s a shard
     _init(cluster, "--deadline", "120")
-    cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "15")
+    # the deadline runs from the post: the straggler's start-up must not eat it, and it leaves
+    # quick time to start and train on a loaded machine while the straggler's shard runs past it
+    cluster.wait_online("aggregator", "straggler")
+    cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "20")
     wait_until(lambda: cluster.store.queue_depths()["train"] == 1, "straggler to take a shard", 60, cluster)
     cluster.volunteer("quick", *ALLOW)
     wait_until(
