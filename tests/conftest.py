@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Celery's log line for each task a worker finished, with the task's return value.
+SUCCEEDED = re.compile(r"Task (\w+)\[[^\]]*\] succeeded in [^:]*: (\{.*\})$", re.MULTILINE)
+T = TypeVar("T")
+
+
+def wait_until(
+    check: Callable[[], T],
+    what: str,
+    timeout: float = 120.0,
+    processes: Processes | None = None,
+    poll: float = 0.1,
+) -> T:
+    """Poll ``check`` until it returns something true, and return that.
+
+    Tests wait for an event this way, never with a bare sleep: the timeout is
+    generous because it only bounds a failure. After ``timeout`` seconds the
+    test fails naming ``what``, with the tails of ``processes``' logs.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = processes.log_tail() if processes is not None else ""
+            pytest.fail(f"waited {timeout:g}s for {what}{logs}", pytrace=False)
+        time.sleep(poll)
 
 
 def require_tool(name: str, why: str) -> str:
@@ -31,15 +61,11 @@ def require_tool(name: str, why: str) -> str:
     return path
 
 
-def wait_until(condition, what: str, timeout: float = 60.0, poll: float = 0.1):
-    """Poll ``condition`` until it returns something true (returned), or fail saying ``what`` never came."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def png_pixels(path: Path) -> Any:
+    """A PNG decoded to its pixels (rows, columns, channels): proof it is an image, not only bytes."""
+    from matplotlib.image import imread
+
+    return imread(path, format="png")
 
 
 def free_port() -> int:
@@ -87,14 +113,13 @@ class RedisServer:
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis.from_url(self.url, socket_timeout=1).ping():
-                    return
-            except (redis.RedisError, OSError):
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        wait_until(self.answers, f"redis-server on port {self.port} to answer", timeout, poll=0.05)
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except (redis.RedisError, OSError):
+            return False
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its append-only file and exits."""
@@ -167,6 +192,8 @@ class Processes:
         One-shot commands run through ``main()`` in this process, with this
         object's environment (a Python process each would cost a torch start-up
         apiece); long-running ones, and ``spawn=True``, in a process of their own.
+        Only those heed ``timeout``: an inline command is bounded by the test's
+        own limit (pytest-timeout's 300 s, pyproject.toml).
         """
         if argv and argv[0] in INLINE_COMMANDS and not spawn:
             return _inline(list(argv), {**self.env(**env), "CROWDTRAIN_TORCH_THREADS": ""})
@@ -204,11 +231,38 @@ class Processes:
             except subprocess.TimeoutExpired:
                 self.kill(process)
 
+    def wait_online(self, *names: str, timeout: float = 120.0) -> None:
+        """Until each named worker answers a ping: its start-up is over, it takes work when posted."""
+        from broker.settings import Settings
+        from tasks.app import make_app
+
+        app = make_app(Settings(broker_url=self.broker))
+        try:
+            wait_until(
+                lambda: set(names) <= _pinged(app), f"{', '.join(names)} to answer pings", timeout, self
+            )
+        finally:
+            app.close()
+
+    def log(self, name: str) -> str:
+        """Everything process ``name`` has logged so far."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def results(self, name: str, task: str = "train_shard") -> list[dict[str, Any]]:
+        """What worker ``name`` returned for each ``task`` it finished, in order (Celery logs each)."""
+        return [ast.literal_eval(value) for kind, value in SUCCEEDED.findall(self.log(name)) if kind == task]
+
     def log_tail(self, chars: int = 3000) -> str:
         out = []
         for path in sorted(self.logs.glob("*.log")):
             out.append(f"\n--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
         return "".join(out)
+
+
+def _pinged(app: Any) -> set[str]:
+    """Names (before '@') of the Celery workers that answer a ping."""
+    return {node.split("@", 1)[0] for reply in app.control.ping(timeout=1.0) or [] for node in reply}
 
 
 # Commands that talk to Redis and end: run in the test's own process by Processes.cli.

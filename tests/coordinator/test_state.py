@@ -11,6 +11,9 @@ from broker import keys
 from broker.errors import UnknownRun
 from coordinator.errors import RoundOpen, RunExists
 from coordinator.store import Store
+from tests.conftest import wait_until
+
+POLL = 0.01  # leases here last 0.05-0.2 s
 
 
 @pytest.fixture
@@ -23,13 +26,6 @@ def store(redis_server):
 def accept(store: Store, shard: int, key: str) -> tuple[str, bool]:
     """Count an upload of round 1 whose bytes are told apart by its key."""
     return store.rounds.accept("r", 1, shard, key, f"sha256-of-{key}", "alice")
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_a_shard_is_accepted_once_and_its_redelivered_validation_is_a_repeat(store):
@@ -66,7 +62,7 @@ def test_a_crashed_aggregators_claim_can_be_taken_over_after_its_lease(store):
     accept(store, 0, "k0")
     assert store.rounds.claim("r", 1, "dead", lease=0.2) == "claimed"
     assert store.rounds.claim("r", 1, "alive") == "held"
-    wait_until(lambda: store.rounds.claim("r", 1, "alive") == "claimed")
+    wait_until(lambda: store.rounds.claim("r", 1, "alive") == "claimed", "dead's claim to lapse", poll=POLL)
     assert store.rounds.renew("r", 1, "dead") == "lost"
     assert store.rounds.renew("r", 1, "alive") == "renewed"
 
@@ -76,7 +72,7 @@ def test_the_next_version_is_published_exactly_once(store):
     accept(store, 0, "k0")
     store.rounds.claim("r", 1, "agg", lease=0.1)
     staged_a = store.stage_model("r", 1, "agg", b"model-v1-a")
-    wait_until(lambda: store.rounds.claim("r", 1, "other") == "claimed")
+    wait_until(lambda: store.rounds.claim("r", 1, "other") == "claimed", "agg's claim to lapse", poll=POLL)
     staged_b = store.stage_model("r", 1, "other", b"model-v1-b")
     assert store.rounds.commit("r", 1, "other", 0, {"status": "done"}, staged_b) == "done"
     assert store.rounds.commit("r", 1, "agg", 0, {"status": "done"}, staged_a) == "lost"
@@ -100,7 +96,7 @@ def test_a_commit_on_a_stale_base_fails_the_round_instead_of_looping(store):
 
 def test_a_failed_round_records_its_reason_and_leaves_the_model(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=0.01)
-    wait_until(lambda: store.rounds.claim("r", 1, "agg") == "claimed")
+    wait_until(lambda: store.rounds.claim("r", 1, "agg") == "claimed", "the deadline", poll=POLL)
     assert store.rounds.commit("r", 1, "agg", 0, {}, None, reason="no accepted deltas") == "failed"
     assert store.rounds.info("r", 1)["reason"] == "no accepted deltas"
     assert store.version("r") == 0
@@ -126,7 +122,7 @@ def test_a_rejection_delivered_twice_is_counted_once(store):
 
 def test_a_round_past_its_deadline_is_due_and_a_second_round_waits(store):
     store.rounds.open("r", shards=2, quorum=2, deadline=0.01)
-    wait_until(lambda: ("r", 1) in store.rounds.due())
+    wait_until(lambda: ("r", 1) in store.rounds.due(), "the round to be due", poll=POLL)
     with pytest.raises(RoundOpen):
         store.rounds.open("r", shards=2, quorum=2, deadline=60)
 
@@ -183,8 +179,10 @@ def test_bytes_identical_to_an_accepted_upload_count_once(store):
 
 def test_every_claim_counts_as_an_attempt(store):
     store.rounds.open("r", shards=1, quorum=1, deadline=0.01)
-    wait_until(lambda: store.rounds.claim("r", 1, "a", lease=0.05) == "claimed")
-    wait_until(lambda: store.rounds.claim("r", 1, "b", lease=0.05) == "claimed")
+    wait_until(lambda: store.rounds.claim("r", 1, "a", lease=0.05) == "claimed", "the deadline", poll=POLL)
+    wait_until(
+        lambda: store.rounds.claim("r", 1, "b", lease=0.05) == "claimed", "a's claim to lapse", poll=POLL
+    )
     assert store.rounds.info("r", 1)["attempts"] == 2
 
 

@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from coordinator.store import Store
+from tests.conftest import wait_until
 
 SLOW = "tests.fixtures.jobs_slow:make_job"
-
-
-def _wait_for(condition, what: str, processes, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n" + processes.log_tail()
-        time.sleep(0.1)
 
 
 def test_an_async_run_outpaces_its_slow_volunteer_survives_its_aggregator_and_merges_each_delta_once(
@@ -41,7 +34,7 @@ def test_an_async_run_outpaces_its_slow_volunteer_survives_its_aggregator_and_me
         text=True,
     )
     try:
-        _wait_for(lambda: store.version("a") >= 3, "three versions", processes)
+        wait_until(lambda: store.version("a") >= 3, "three versions", processes=processes)
         processes.kill(first)  # mid-run: the replacement must go on from the version it finds
         processes.aggregator("second")
         out, err = run.communicate(timeout=240)
@@ -60,14 +53,14 @@ def test_an_async_run_outpaces_its_slow_volunteer_survives_its_aggregator_and_me
     assert all(r["staleness"] <= 1 for r in document["rounds"])
     assert document["final"]["eval_loss"] < init["initial"]["eval_loss"]
     # the slow volunteer's deltas come back versions too late: rejected as stale, not merged
-    _wait_for(
+    wait_until(
         lambda: any(
             "stale" in x["reason"] and x["volunteer"] == "slow"
             for n in range(1, store.rounds.count("a") + 1)
             for x in store.rounds.rejections("a", n)
         ),
         "a stale delta from the slow volunteer",
-        processes,
+        processes=processes,
     )
     # each accepted copy counted in one buffer only, across both aggregators
     copies = [

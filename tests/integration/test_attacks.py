@@ -14,9 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import pytest
@@ -25,14 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 from broker import blobs, keys
-from broker.settings import Settings
 from coordinator.context import RunContexts
 from coordinator.documents import round_record
 from coordinator.janitor import sweep_uploads
 from coordinator.store import Store
 from serialization import dumps, loads
-from tasks.app import make_app
-from tests.conftest import ROOT, Processes
+from tests.conftest import ROOT, Processes, wait_until
 from tests.fixtures.attacker import Mallory, delta_blob
 from tests.fixtures.jobs_tiny import TinyJob
 
@@ -40,6 +37,7 @@ pytestmark = pytest.mark.attack
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
 WAIT = 120.0
+T = TypeVar("T")
 
 
 class Cluster:
@@ -74,11 +72,9 @@ class Cluster:
     def round(self, number: int) -> dict[str, Any]:
         return self.store.rounds.info("r", number) or {}
 
-    def wait_until(self, condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"waited {timeout}s for {what}" + self.procs.log_tail()
-            time.sleep(0.1)
+    def wait_until(self, condition: Callable[[], T], what: str, timeout: float = WAIT) -> T:
+        """``tests.conftest.wait_until`` with this cluster's logs."""
+        return wait_until(condition, what, timeout, self.procs)
 
     def wait_ended(self, number: int) -> dict[str, Any]:
         self.wait_until(
@@ -87,8 +83,7 @@ class Cluster:
         return round_record(self.store, "r", number)
 
     def wait_online(self, *names: str) -> None:
-        app = make_app(Settings(broker_url=self.procs.broker))
-        self.wait_until(lambda: set(names) <= _pinged(app), f"{names} to answer pings")
+        self.procs.wait_online(*names, timeout=WAIT)
 
     def weights(self, version: int) -> dict[str, torch.Tensor]:
         blob = self.store.model_blob("r", version)
@@ -100,10 +95,6 @@ class Cluster:
 def cluster(admin_processes: tuple[Processes, redis.Redis]) -> Iterator[Cluster]:
     procs, admin = admin_processes
     yield Cluster(procs, admin)
-
-
-def _pinged(app: Any) -> set[str]:
-    return {node.split("@", 1)[0] for reply in app.control.ping(timeout=1.0) or [] for node in reply}
 
 
 def _refused(action: Callable[[], object]) -> str:

@@ -63,7 +63,7 @@ def test_a_run_keeps_its_blobs_in_the_store_and_volunteers_need_no_credentials(c
         "init", "--run", "s3run", "--job", "charlm", "--compression", "none", "--shards", "2",
         "--local-steps", "3", "--blob-store", STORE, "--deadline", "300",
     )  # fmt: skip
-    document = cluster.procs.json("run", "--run", "s3run", "--rounds", "2", timeout=600)
+    document = cluster.procs.json("run", "--run", "s3run", "--rounds", "2")
 
     assert [r["accepted"] for r in document["rounds"]] == [2, 2], cluster.procs.log_tail()
     assert all(math.isfinite(r["eval_loss"]) for r in document["rounds"])

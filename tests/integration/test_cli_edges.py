@@ -7,10 +7,9 @@ import base64
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from broker import keys
-from tests.conftest import TINY_CHARLM, Processes, RedisServer, free_port
+from tests.conftest import TINY_CHARLM, Processes, RedisServer, free_port, wait_until
 
 PROC = Path("/proc")
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
-
-
-def _wait_for(check: Callable[[], Any], seconds: float, what: str, processes: Processes) -> Any:
-    """Poll ``check`` until it returns something true; fail with the logs after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}" + processes.log_tail())
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
@@ -98,11 +86,10 @@ def test_abort_round_fails_the_open_round_and_the_next_post_opens_round_2(proces
         text=True,
     )
     try:
-        _wait_for(
+        wait_until(
             lambda: processes.json("status", "--run", "demo")["runs"][0]["open_round"],
-            120,
             "round 1 to open",
-            processes,
+            processes=processes,
         )
 
         # act
@@ -216,7 +203,9 @@ def test_a_one_shot_command_refused_by_a_full_redis_is_one_line(
 def test_metrics_listen_on_loopback_unless_told_otherwise(processes: Processes, flags, host):
     port = free_port()
     processes.aggregator("aggregator", "--metrics-port", str(port), *flags)
-    _wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/metrics") == 200, 120, "/metrics", processes)
+    wait_until(
+        lambda: _http_status(f"http://127.0.0.1:{port}/metrics") == 200, "/metrics", processes=processes
+    )
     assert _listening_hosts(port) == {host}
 
 
@@ -232,7 +221,7 @@ def test_monitor_listens_on_loopback_and_takes_its_login_from_the_environment(pr
 
     # assert: the login works, only on loopback, and is on no process's command line
     base = f"http://127.0.0.1:{port}/"
-    _wait_for(lambda: _http_status(base) == 401, 120, "Flower to ask for its login", processes)
+    wait_until(lambda: _http_status(base) == 401, "Flower to ask for its login", processes=processes)
     assert _http_status(base, auth=secret) == 200
     assert _http_status(base, auth="ops:wrong") == 401
     assert _listening_hosts(port) == {"127.0.0.1"}
@@ -242,15 +231,16 @@ def test_monitor_listens_on_loopback_and_takes_its_login_from_the_environment(pr
 def test_monitor_on_a_port_in_use_exits_2_in_one_line(processes: Processes):
     port = free_port()
     processes.aggregator("aggregator", "--metrics-port", str(port))
-    _wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/metrics") == 200, 120, "/metrics", processes)
+    wait_until(
+        lambda: _http_status(f"http://127.0.0.1:{port}/metrics") == 200, "/metrics", processes=processes
+    )
     _one_line_error(processes.cli("monitor", "--port", str(port)), str(port), "cannot listen")
     _one_line_error(processes.cli("aggregator", "--metrics-port", str(port)), str(port), "cannot listen")
 
 
 def _worker_ready(processes: Processes, name: str) -> bool:
-    """Celery logs "NAME@host ready." once the worker is connected to its broker."""
-    path = processes.logs / f"{name}.log"
-    text = path.read_text(errors="replace") if path.exists() else ""
+    """Celery logs "NAME@host ready." once the worker is connected to its broker (no broker to ping here)."""
+    text = processes.log(name)
     return f"{name}@" in text and " ready." in text
 
 
@@ -280,11 +270,10 @@ def test_volunteer_reads_its_broker_from_a_file_and_no_command_line_shows_the_pa
         # act: no broker in the environment, only the file
         processes.volunteer("filed", "--broker-file", str(secret_file), CROWDTRAIN_BROKER_URL="")
         # assert: it connects to that Redis, and its password is on no command line
-        _wait_for(
+        wait_until(
             lambda: _worker_ready(processes, "filed"),
-            120,
             "the volunteer to connect to the broker",
-            processes,
+            processes=processes,
         )
         log = (processes.logs / "filed.log").read_text()
         assert f"@127.0.0.1:{server.port}/0" in log  # Celery's banner: the file's broker
@@ -301,11 +290,10 @@ def test_volunteer_warns_once_when_broker_flag_holds_a_password(
     processes = Processes(tmp_path / "home", "")
     try:
         processes.volunteer("flagged", "--broker", server.url, CROWDTRAIN_BROKER_URL="")
-        _wait_for(
+        wait_until(
             lambda: _worker_ready(processes, "flagged"),
-            120,
             "the volunteer to connect to the broker",
-            processes,
+            processes=processes,
         )
         log = (processes.logs / "flagged.log").read_text()
         assert log.count("visible to other users of this machine") == 1, log

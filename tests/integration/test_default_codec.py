@@ -19,7 +19,7 @@ def _final_loss(processes, run: str, *flags: str) -> tuple[float, float, str]:
     init = processes.json(
         "init", "--run", run, "--job", LINEAR, "--shards", "4", "--deadline", "120", *flags
     )  # fmt: skip
-    document = processes.json("run", "--run", run, "--rounds", str(ROUNDS), timeout=400)
+    document = processes.json("run", "--run", run, "--rounds", str(ROUNDS))
     assert document["final"]["model_version"] >= ROUNDS, processes.log_tail()
     return init["initial"]["eval_loss"], document["final"]["eval_loss"], init["compression"]
 

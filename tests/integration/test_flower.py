@@ -7,14 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import TINY_CHARLM, free_port, require_tool
+from tests.conftest import TINY_CHARLM, free_port, require_tool, wait_until
 
 TASK_NAMES = {"train_shard", "aggregate_round"}
 # Set to a folder (e.g. docs/img) to keep the screenshots that the docs show.
@@ -44,11 +42,12 @@ def test_flower_shows_both_volunteers_and_a_finished_rounds_small_tasks(processe
     )
     base = f"http://127.0.0.1:{port}"
     # Flower sees only the task events sent after it connected: wait for the heartbeats first.
-    _wait_for(
+    wait_until(
         lambda: {"alice", "bob", "aggregator"} <= _worker_names(base),
-        60,
         "Flower to see alice, bob and the aggregator",
+        60,
         processes,
+        poll=0.5,
     )
     processes.json(
         "init",
@@ -67,7 +66,9 @@ def test_flower_shows_both_volunteers_and_a_finished_rounds_small_tasks(processe
 
     # act
     document = processes.json("post-round", "--run", "demo", "--wait")
-    tasks = _wait_for(lambda: _finished_tasks(base), 30, "Flower to record the round's tasks", processes)
+    tasks = wait_until(
+        lambda: _finished_tasks(base), "Flower to record the round's tasks", 30, processes, poll=0.5
+    )
     train_id = next(uuid for uuid, t in tasks.items() if t["name"] == "train_shard")
     workers_dom, tasks_dom, task_dom = (
         _render(chromium, tmp_path, f"{base}/{page}", f"flower-{name}.png")
@@ -109,11 +110,12 @@ def test_celery_a_tasks_flower_works_without_the_coordinator_command(processes):
         "flower", "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"
     )
     # assert
-    _wait_for(
+    wait_until(
         lambda: "carol" in _worker_names(f"http://127.0.0.1:{port}"),
-        60,
         "`celery -A tasks flower` to list carol",
+        60,
         processes,
+        poll=0.5,
     )
 
 
@@ -167,13 +169,3 @@ def _render(binary: str, tmp_path: Path, url: str, screenshot: str) -> str:
         Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, Path(SCREENSHOT_DIR) / screenshot)
     return result.stdout
-
-
-def _wait_for(check: Callable[[], Any], seconds: float, what: str, processes) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}" + processes.log_tail())

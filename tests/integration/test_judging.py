@@ -7,20 +7,10 @@ the judging it names was changed.
 
 from __future__ import annotations
 
-import time
-
 from tests.conftest import Processes
 
 LINEAR = "tests.fixtures.jobs_small:linear"
 CLICK = "tests.fixtures.jobs_small:click"
-
-
-def _wait_online(processes: Processes, names: set[str]) -> None:
-    """Idle volunteers waiting on the queue each take a shard when a round is posted."""
-    deadline = time.monotonic() + 90
-    while not names <= set(processes.json("status")["workers_online"]):
-        assert time.monotonic() < deadline, processes.log_tail()
-        time.sleep(0.5)
 
 
 def _run(processes: Processes, job: str, names: tuple[str, ...], rounds: int, *flags: str) -> dict:
@@ -30,7 +20,7 @@ def _run(processes: Processes, job: str, names: tuple[str, ...], rounds: int, *f
     processes.json(
         "init", "--run", "r", "--job", job, "--compression", "none", "--shards", str(len(names)), *flags
     )
-    _wait_online(processes, set(names))
+    processes.wait_online(*names)
     return processes.json("run", "--run", "r", "--rounds", str(rounds))
 
 

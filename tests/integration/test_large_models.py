@@ -50,7 +50,7 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     client.config_set("proto-max-bulk-len", chunk_mib << 20)
     aggregator = processes.aggregator()  # its tasks run in this process (solo pool)
     volunteer = processes.volunteer("alice", "--pool", "solo", "--concurrency", "1")
-    _wait_online(processes, {"aggregator", "alice"})
+    processes.wait_online("aggregator", "alice")  # start-up over: their memory at rest
     idle = {pid: reset_peak(pid) for pid in (aggregator.pid, volunteer.pid)}
     init = processes.json(
         "init",
@@ -76,7 +76,7 @@ def test_a_round_of_a_model_over_the_redis_value_limit_is_trained_merged_and_exp
     assert declared > REDIS_VALUE_LIMIT, f"the model must not fit one Redis value ({declared} bytes)"
 
     started = time.monotonic()
-    document = processes.json("run", "--run", "big", "--rounds", "1", timeout=900)
+    document = processes.json("run", "--run", "big", "--rounds", "1")
     seconds = time.monotonic() - started
 
     (round_,) = document["rounds"]
@@ -125,11 +125,3 @@ def _largest_value(client) -> int:
         elif kind == b"list":
             largest = max(largest, *(len(client.lindex(key, i) or b"") for i in range(client.llen(key))))
     return largest
-
-
-def _wait_online(processes, names: set[str], timeout: float = 120) -> None:
-    """Until the workers answer a ping: their start-up is over, their memory at rest."""
-    deadline = time.monotonic() + timeout
-    while not names <= set(processes.json("status")["workers_online"]):
-        assert time.monotonic() < deadline, f"{names} not online after {timeout}s" + processes.log_tail()
-        time.sleep(0.5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import urllib.request
 
 import pytest
@@ -16,7 +15,7 @@ from coordinator.metrics import CrowdtrainCollector, OnlineVolunteers
 from coordinator.status import print_status
 from coordinator.store import Store
 from tasks.app import make_app
-from tests.conftest import TINY_CHARLM, free_port
+from tests.conftest import TINY_CHARLM, free_port, wait_until
 
 
 def test_after_a_round_metrics_and_status_show_queues_counters_bytes_loss_and_volunteers(
@@ -159,16 +158,16 @@ def test_status_without_runs_or_volunteers_says_how_to_start():
 
 def _scrape(port: int, processes, timeout: float = 30.0) -> dict[tuple[str, tuple], float]:
     """GET /metrics (retrying while the aggregator starts) and index its samples."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def text() -> str | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-            return _samples(text_string_to_metric_families(text))
+                return response.read().decode()
         except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError("no /metrics on the aggregator" + processes.log_tail()) from None
-            time.sleep(0.5)
+            return None
+
+    page = wait_until(text, "/metrics on the aggregator", timeout, processes, poll=0.5)
+    return _samples(text_string_to_metric_families(page))
 
 
 def _samples(families) -> dict[tuple[str, tuple], float]:

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.conftest import ROOT, TINY_CHARLM
+from tests.conftest import ROOT, TINY_CHARLM, png_pixels, wait_until
+
+# the report of a run without privacy: two panels, 11 x 4.4 inches at 110 dpi (coordinator.report)
+REPORT_PIXELS = (484, 1210)
 
 
 def _processes_mentioning(marker: str) -> list[int]:
@@ -52,18 +54,24 @@ def test_quickstart_trains_writes_the_report_and_stops_everything(tmp_path):
     assert document["rounds"][-1]["eval_loss"] < document["initial"]["eval_loss"]
     assert Path(document["report"]) == home / "runs" / "quickstart" / "report.png"
     assert Path(document["report"]).stat().st_size > 10_000
-    time.sleep(0.5)
+    assert png_pixels(Path(document["report"])).shape[:2] == REPORT_PIXELS
+    # quickstart's own exit is the event: it waits for every process it started before it ends
     assert _processes_mentioning(str(home)) == []
 
 
 def test_quickstart_interrupted_with_ctrl_c_stops_everything_it_started(tmp_path):
     home = tmp_path / "home"
     process = _quickstart(home, "--rounds", "50", "--volunteers", "2", *TINY_CHARLM)
-    deadline = time.monotonic() + 120
-    while not list((home / "runs").glob("quickstart/model-v000001.safetensors")):
-        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()[-3000:]
-        time.sleep(0.2)
+    wait_until(
+        lambda: _first_version(home) or process.poll() is not None,
+        "quickstart to save version 1",
+        poll=0.2,
+    )
+    assert process.poll() is None, process.stderr.read()[-3000:]
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 130
-    time.sleep(0.5)
-    assert _processes_mentioning(str(home)) == []
+    assert _processes_mentioning(str(home)) == []  # as above: stopped before quickstart ended
+
+
+def _first_version(home: Path) -> bool:
+    return any((home / "runs").glob("quickstart/model-v000001.safetensors"))

