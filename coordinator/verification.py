@@ -34,8 +34,12 @@ about the round's gain or by what any step of their length costs on the probe
 (the probe's *resolution*, ``Prober.cost``: half the loss a step and its
 opposite add together). So a rule's verdict stands only when the shortfall
 under the others' median gain exceeds the probe's noise band: ``NOISE`` x the
-others' resolution and, for harm, ``NOISE_GAIN`` x their median gain, less as
-the voice turns from them (``judge``). A round of one voice is judged too: it
+others' resolution and, for harm, the shortfall of an honest voice whose data
+differ from the others' (``_honest_shortfall``), less as the voice turns from
+them (``judge``). Such a voice is not probe noise: gpt nano's shard of other
+files raised the loss on 64 held-out batches as much as on the 8 probe batches
+(docs/BENCHMARKS.md), so the band is measured from the round's other voices,
+not from the probe's sampling error. A round of one voice is judged too: it
 must not raise the probe loss by more than ``NOISE`` x the resolution of the
 run's last update at the usual norm (``lone_resolution``). Voices that copy
 another's direction or the last published update are refused (``copies``).
@@ -71,11 +75,13 @@ AGREEMENT = 0.1
 # only when its shortfall under their median gain exceeds the larger of NOISE x the probe's
 # resolution (what a step of the usual length in the usual directions costs whatever its sign,
 # ``Prober.cost``) and, when the rule is about harm (it points against them, or it raises the
-# loss), NOISE_GAIN x their median gain; both x (1 - how far its cosine with them falls under
-# theirs). Honest voices near convergence differ by about the round's gain or resolution and
-# follow the others about as well as they do (near 0 on a sparse model); a voice that reverses
-# an honest one falls 2 x (gain + resolution) below, its cosine as far under theirs as theirs
-# is above 0, and junk turns away from them.
+# loss), the shortfall of an honest voice on other data (``_honest_shortfall``: NOISE_GAIN x
+# their median gain, or that gain plus the resolution plus SPREAD deviations of their gains);
+# both x (1 - how far its cosine with them falls under theirs). Honest voices near
+# convergence differ by about the round's gain or resolution and follow the others about as
+# well as they do (near 0 on a sparse model); a voice that reverses an honest one falls
+# 2 x (gain + resolution) below, its cosine as far under theirs as theirs is above 0, and
+# junk turns away from them.
 # A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
 NOISE = 4.0
 NOISE_GAIN = 3.0
@@ -170,7 +176,7 @@ def judge(
     median norm), what a step of the round's usual length and kind costs on
     the probe whatever its direction (not the voice's own: a step in a sharp
     direction, an ascender's, costs far more and would widen its own band);
-    for harm, ``NOISE_GAIN`` x the others' median gain if larger; the band
+    for harm, ``_honest_shortfall`` if larger; the band
     narrows as the voice's agreement falls under theirs. A lone voice is
     rejected when it raises the probe loss by more than ``NOISE`` x
     ``lone_resolution``.
@@ -223,17 +229,33 @@ def judge(
         # the probe's noise band (module docstring), narrowed as the voice turns from the others:
         # by how far its cosine with them falls under their own
         gap = statistics.median(evidence[other].agreement for other in peers) - seen.agreement
-        band = NOISE_GAIN * max(typical, 0.0) if harm else 0.0
+        resolution = 0.0
         if cost is not None:
             usual_norm = statistics.median(evidence[other].norm for other in peers)
             for other in peers:
                 if other not in costs:
                     costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
-            band = max(band, NOISE * statistics.median(costs[other] for other in peers))
+            resolution = statistics.median(costs[other] for other in peers)
+        band = NOISE * resolution
+        if harm:
+            band = max(band, _honest_shortfall(typical, resolution, deviation))
         if typical - seen.gain <= band * min(1.0, max(0.0, 1.0 - gap)):
             continue  # within the probe's noise: near convergence, honest steps are mostly noise
         reasons[name] = reason
     return reasons
+
+
+def _honest_shortfall(typical: float, resolution: float, deviation: float) -> float:
+    """How far under the others' median gain an honest voice may fall on the probe.
+
+    ``NOISE_GAIN`` x their gain, or, if larger, what the probe measures of an
+    honest voice whose data differ from the others': its direction misses
+    theirs (it gains none of ``typical`` and pays its step's curvature, the
+    ``resolution``), and honest voices differ by ``SPREAD`` robust deviations
+    of the others' gains on top. Every term is measured in the round.
+    """
+    gain = max(typical, 0.0)
+    return max(NOISE_GAIN * gain, gain + resolution + SPREAD * deviation)
 
 
 def _scaled(cost: float, norm: float, usual: float | None) -> float:

@@ -210,6 +210,37 @@ def test_the_probes_resolution_is_the_others_steps_not_the_judged_voices_own():
     assert set(judge(voices, cost=costs.__getitem__)) == {"ascender"}
 
 
+def test_an_honest_voice_on_other_data_is_kept_while_the_reversal_of_an_honest_one_is_not():
+    """gpt nano, four honest voices (measured: bench/judging_matrix.py --jobs gpt --seed 0 and 1).
+
+    h1 trains on other files and raises the probe loss in every round (as much on
+    64 other held-out batches: not probe noise) at a cosine near 0 with the others;
+    in these rounds it fell 2.9x and 3.3x the others' median gain below them, past
+    3x that gain, and was rejected. An honest voice whose direction misses the
+    others' falls short by their gain plus its step's curvature, plus their spread.
+    """
+    rounds = [
+        (  # seed 0, round 14: (gain, norm, agreement), probe cost of the voice's step
+            {"h0": (0.04036, 5.80, 0.14), "h1": (-0.04258, 7.33, -0.07), "h2": (0.00483, 6.28, 0.11)},
+            {"h3": (0.02186, 6.45, 0.10)},
+            {"h0": 0.01098, "h1": 0.02163, "h2": 0.01757, "h3": 0.01492},
+        ),
+        (  # seed 1, round 13
+            {"h0": (0.01751, 5.71, 0.16), "h1": (-0.03956, 6.71, -0.01), "h2": (0.00397, 6.02, 0.14)},
+            {"h3": (0.02649, 6.59, 0.09)},
+            {"h0": 0.00924, "h1": 0.02292, "h2": 0.01087, "h3": 0.01508},
+        ),
+    ]
+    for first, last, costs in rounds:
+        voices = {name: Evidence(*seen) for name, seen in {**first, **last}.items()}
+        assert judge(voices, cost=costs.__getitem__) == {}
+        # h1's place taken by h0 reversed: -(gain) - 2 x cost, its cosine mirrored
+        h0 = voices["h0"]
+        reversed_ = {name: seen for name, seen in voices.items() if name != "h1"}
+        reversed_["neg"] = Evidence(-h0.gain - 2 * costs["h0"], h0.norm, -h0.agreement)
+        assert set(judge(reversed_, cost={**costs, "neg": costs["h0"]}.__getitem__)) == {"neg"}
+
+
 def test_a_lone_voice_is_probed_on_its_own_and_rejected_only_beyond_the_probes_noise():
     job, base = _tiny_base()
     toward = {"weight": 0.2 * (job.true_w.T - base["weight"]), "bias": -0.2 * base["bias"]}
