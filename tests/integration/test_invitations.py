@@ -14,8 +14,7 @@ import redis
 
 from broker import keys
 from broker.settings import Settings
-from tests.conftest import Processes
-from tests.integration.test_resilience import wait_for
+from tests.conftest import Processes, wait_until
 from volunteer.errors import VolunteerError
 from volunteer.joining import join
 
@@ -86,7 +85,7 @@ def test_invited_volunteers_join_train_are_listed_and_one_revoked_leaves_nothing
     # round 2: alice holds one shard (another volunteer counts as online), and it is accepted
     admin.zadd(keys.seen(), {"phantom": time.time() + 3600})
     procs.json("post-round", "--run", "demo", "--shards", "2", "--quorum", "2", "--deadline", "90")
-    wait_for(lambda: admin.hlen(keys.round_accepted("demo", 2)) == 1, WAIT, "alice's upload to be accepted")
+    wait_until(lambda: admin.hlen(keys.round_accepted("demo", 2)) == 1, "alice's upload to be accepted", WAIT)
     left = keys.upload("alice", "demo", 2, 1, "a" * 32)  # an upload she leaves, not yet announced
     redis.Redis.from_url(alice_url).set(left, b"junk", ex=600)
 
@@ -98,13 +97,13 @@ def test_invited_volunteers_join_train_are_listed_and_one_revoked_leaves_nothing
     with pytest.raises(redis.AuthenticationError):
         redis.Redis.from_url(alice_url).ping()
     users = lambda: {c.get("user") for c in admin.client_list()}  # noqa: E731
-    wait_for(lambda: "alice" not in users(), WAIT, "alice's connections to close")
+    wait_until(lambda: "alice" not in users(), "alice's connections to close", WAIT)
     assert admin.exists(left) == 0
     assert _round(admin, 2)["accepted"] == "0" and admin.hlen(keys.round_accepted("demo", 2)) == 0
     # bob takes the round over; what alice left is never merged nor credited
     admin.zrem(keys.seen(), "phantom")
     _start(procs, "bob", homes["bob"])
-    wait_for(lambda: _round(admin, 2).get("status") in ("done", "failed"), WAIT, "round 2 to end")
+    wait_until(lambda: _round(admin, 2).get("status") in ("done", "failed"), "round 2 to end", WAIT)
     assert _round(admin, 2)["status"] == "done", _round(admin, 2)
     listed = {v["name"]: v for v in procs.json("volunteers")["volunteers"]}
     assert listed["alice"]["accepted"] == 2 and listed["alice"]["revoked"] and not listed["alice"]["online"]
@@ -133,9 +132,9 @@ def test_forged_join_requests_are_refused_and_the_aggregator_answers_the_next(ad
     ]
     joiner.rpush(keys.join_requests(), *forged)
     replies = {why: keys.join_reply(nonce) for why, nonce in nonces.items()}
-    wait_for(lambda: admin.llen(keys.join_requests()) == 0, WAIT, "the requests to be taken")
-    wait_for(
-        lambda: all(admin.exists(replies[w]) for w in ("bad secret", "default", "joiner")), WAIT, "answers"
+    wait_until(lambda: admin.llen(keys.join_requests()) == 0, "the requests to be taken", WAIT)
+    wait_until(
+        lambda: all(admin.exists(replies[w]) for w in ("bad secret", "default", "joiner")), "answers", WAIT
     )
     # assert: each refused, no use spent, no user made
     answers = {why: json.loads(admin.get(key)) for why, key in replies.items() if admin.exists(key)}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from coordinator import ledger
 from coordinator.store import Store
 from serialization import loads
-from tests.integration.test_resilience import wait_for
+from tests.conftest import wait_until
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
 ALLOW = ("--allow-job", TINY)
@@ -38,7 +38,7 @@ def _one_error_line(result) -> str:
 def _wait_for_disk(cluster, number: int) -> None:
     """The aggregator writes a round's record a moment after Redis publishes its version."""
     ended = lambda: ledger.rounds_of(cluster.home, "r").get(number, {}).get("status") == "done"  # noqa: E731
-    wait_for(ended, 30, f"round {number}'s record on disk")
+    wait_until(ended, f"round {number}'s record on disk", 30)
 
 
 def _state(store: Store) -> dict:
@@ -90,7 +90,7 @@ def test_a_run_whose_redis_was_flushed_is_restored_from_disk_and_goes_on(cluster
     assert sorted(p.name for p in (home / "runs" / "r").iterdir()) == files
     assert cluster.store.runs() == []
     log = cluster.logs / "aggregator.log"
-    wait_for(lambda: "is on disk" in log.read_text(), 60, "the aggregator to report the lost run")
+    wait_until(lambda: "is on disk" in log.read_text(), "the aggregator to report the lost run", 60)
 
     restored = cluster.json("restore", "--run", "r")["restored"]
     assert restored[0]["model_version"] == 3 and restored[0]["reposted_round"] == 4
@@ -133,7 +133,7 @@ def test_an_aggregator_started_with_restore_brings_back_a_run_redis_lost_while_i
     redis_server.client().flushall()
 
     # the round Redis lost open is posted again by the aggregator, under its number
-    wait_for(lambda: cluster.store.rounds.status("r", 2) == "open", 60, "the aggregator to restore the run")
+    wait_until(lambda: cluster.store.rounds.status("r", 2) == "open", "the aggregator to restore the run", 60)
     assert cluster.store.runs() == ["r"] and cluster.store.version("r") == 1
     cluster.volunteer("v2", *ALLOW)
     document = cluster.json("run", "--run", "r", "--rounds", "1")
