@@ -205,17 +205,20 @@ class Throttle:
         self._last = (time.process_time(), time.monotonic())
 
     def pace(self, stop: Callable[[], bool]) -> None:
-        """Sleep off the CPU time used since the last call beyond the share; return early when ``stop()``."""
+        """Sleep off the CPU time used since the last call beyond the share; return early when ``stop()``.
+
+        The debt is all CPU time used over the rate, less all wall time passed, so
+        CPU used *during* a sleep (torch's worker threads spin a while after each
+        parallel region) is charged at the next call, not forgiven.
+        """
         cpu, wall = time.process_time(), time.monotonic()
         self._debt += (cpu - self._last[0]) / self.rate - (wall - self._last[1])
         self._debt = max(self._debt, -CREDIT_SECONDS)
+        self._last = (cpu, wall)
         self.throttled = self._debt > 0
         deadline = wall + self._debt
         while (left := deadline - time.monotonic()) > 0 and not stop():
             time.sleep(min(SLEEP_SLICE, left))
-        self._last = (time.process_time(), time.monotonic())
-        if self._debt > 0:  # what is left of it, if the sleep was cut short
-            self._debt = max(deadline - self._last[1], -CREDIT_SECONDS)
 
 
 def _battery_from_file(path: Path) -> Battery | None:

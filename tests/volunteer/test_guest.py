@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +136,26 @@ def test_the_throttle_holds_a_loop_to_its_share_of_cpu_time():
         throttle.pace(stop=lambda: False)
     share = (time.process_time() - began_cpu) / (time.monotonic() - began)
     assert 0.15 < share <= 0.30, share
+
+
+def test_cpu_used_while_the_throttle_sleeps_is_charged_too():
+    """torch's worker threads spin on after each step, inside the throttle's sleep: that time counts."""
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    throttle = Throttle(share=0.25, cpus=1)
+    began_cpu, began = time.process_time(), time.monotonic()
+    while time.monotonic() - began < 2.0:
+        burn(0.01)
+        spinner = threading.Thread(target=burn, args=(0.02,))  # runs while the loop sleeps
+        spinner.start()
+        throttle.pace(stop=lambda: False)
+        spinner.join()
+    share = (time.process_time() - began_cpu) / (time.monotonic() - began)
+    assert share <= 0.30, share
 
 
 # --- checkpoints ------------------------------------------------------------------
