@@ -42,12 +42,18 @@ def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
 
 def run_document(store: Store, run: str, rounds: list[int]) -> dict[str, Any]:
     """The JSON of ``run``, ``post-round --wait`` and ``quickstart``."""
-    config = store.run_config(run)
     records = [round_record(store, run, n) for n in rounds]
+    return document_of(run, store.run_config(run), records, store.version(run))
+
+
+def document_of(
+    run: str, config: dict[str, Any], records: list[dict[str, Any]], current: int | None
+) -> dict[str, Any]:
+    """A run's JSON from its config, its rounds' records and its current version (Redis or disk)."""
     evaluated = [r for r in records if r.get("eval_loss") is not None]
     initial = dict(config.get("initial") or {})
     last = evaluated[-1] if evaluated else {"eval_loss": initial.get("eval_loss")}
-    final = {"model_version": store.version(run), "eval_loss": last.get("eval_loss")}
+    final = {"model_version": current, "eval_loss": last.get("eval_loss")}
     if "eval_accuracy" in last:
         final["eval_accuracy"] = last["eval_accuracy"]
     return {

@@ -30,6 +30,7 @@ from broker import keys
 from broker.errors import UnknownRun
 from coordinator import checkpoints, ledger
 from coordinator.asynchronous import is_async, open_buffer
+from coordinator.documents import document_of
 from coordinator.errors import RunExists, UsageError
 from coordinator.rounds import post_round
 from coordinator.store import Store
@@ -131,21 +132,7 @@ def disk_document(home: Path, run: str) -> dict[str, Any]:
     records = [
         _record(r) for _, r in sorted(ledger.rounds_of(home, run).items()) if r.get("status") in ledger.ENDED
     ]
-    evaluated = [r for r in records if r.get("eval_loss") is not None]
-    initial = dict(config.get("initial") or {})
-    last = evaluated[-1] if evaluated else {"eval_loss": initial.get("eval_loss")}
-    final = {"model_version": current, "eval_loss": last.get("eval_loss")}
-    if "eval_accuracy" in last:
-        final["eval_accuracy"] = last["eval_accuracy"]
-    return {
-        "run": run,
-        "job": config["job"],
-        "strategy": config["strategy"],
-        "compression": config["compression"],
-        "rounds": records,
-        "initial": {"model_version": 0, **initial},
-        "final": final,
-    }
+    return document_of(run, config, records, current)
 
 
 def fill_expired(document: dict[str, Any], home: Path, run: str) -> dict[str, Any]:
