@@ -17,6 +17,7 @@ COPY broker ./broker
 COPY tasks ./tasks
 COPY coordinator ./coordinator
 COPY volunteer ./volunteer
+COPY cli ./cli
 # torch==2.13.0 from constraints.txt; the CPU index serves it as 2.13.0+cpu
 RUN pip install $TORCH_PIP_ARGS -c constraints.txt .
 

@@ -5,7 +5,7 @@
 
 Simulated in one process per task with crowdtrain's own pieces, as ``bench/comm_to_target.py``
 does, and as ``init``'s defaults make a run: strategy fedavg, ``--local-steps`` 10
-(``coordinator.cli.DEFAULT_LOCAL_STEPS``), inner AdamW lr 3e-3 with the inner state kept (the
+(``cli.coordinator.DEFAULT_LOCAL_STEPS``), inner AdamW lr 3e-3 with the inner state kept (the
 default for fedavg), 2 volunteers, 4 shards a round, the downlink encoded with the run's codec
 (``coordinator.downlink.publish``: the next round trains from the *published* version).
 Each volunteer keeps its own ``volunteer.feedback.ErrorFeedback`` and inner optimizer state;
@@ -24,7 +24,7 @@ preset, 1.07M parameters, batch 4 for time), and the jobs of ``tests/fixtures/jo
 ``linear`` (17 parameters, label noise 0.1), ``click`` (131,073 parameters, zero-initialised,
 sparse gradients) and ``mlp`` (10,504 parameters). Every task runs the same number of rounds
 per job for every codec (equal rounds). ``DEFAULT`` in ``--codecs`` is
-``coordinator.cli.DEFAULT_COMPRESSION``. Printed: one table, job x mode x codec: the eval loss
+``cli.coordinator.DEFAULT_COMPRESSION``. Printed: one table, job x mode x codec: the eval loss
 of the last version, mean over seeds (range in brackets), and its ratio to ``none``'s, mean of
 the per-seed ratios.
 """
@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.async_momentum import _voices  # noqa: E402
+from cli.coordinator import DEFAULT_COMPRESSION, DEFAULT_LOCAL_STEPS  # noqa: E402
 from coordinator.asynchronous import max_staleness, staleness_weight  # noqa: E402
-from coordinator.cli import DEFAULT_COMPRESSION, DEFAULT_LOCAL_STEPS  # noqa: E402
 from coordinator.downlink import lossy, publish, read_residual  # noqa: E402
 from coordinator.strategies import make_strategy  # noqa: E402
 from jobs import load_job  # noqa: E402

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = [] if limit is None else ["--cpu-limit", f"{limit:g}"]
             cluster.coordinator("init", "--run", run, "--job", "charlm", "--local-steps", "1000000")
             volunteer = cluster.start(
-                ["-m", "volunteer.cli", "start", "--device", "cpu", "--name", name, *extra],
+                ["-m", "cli.volunteer", "start", "--device", "cpu", "--name", name, *extra],
                 f"volunteer-{name}.log",
             )
             cluster.coordinator("post-round", "--run", run, "--shards", "1", "--deadline", "3600")

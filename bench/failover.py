@@ -99,12 +99,12 @@ def measure(kills: int, keep: bool = False) -> dict:
             procs.append(proc)
             return proc
 
-        spawn("aggregator", "-m", "coordinator.cli", "aggregator", "--name", "agg")
+        spawn("aggregator", "-m", "cli.coordinator", "aggregator", "--name", "agg")
         for name in ("v1", "v2"):
             spawn(
                 name,
                 "-m",
-                "volunteer.cli",
+                "cli.volunteer",
                 "start",
                 "--device",
                 "cpu",
@@ -114,11 +114,11 @@ def measure(kills: int, keep: bool = False) -> dict:
                 SLOW_JOB,
             )
         subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", "init", "--run", "r", "--job", SLOW_JOB,
+            [sys.executable, "-m", "cli.coordinator", "init", "--run", "r", "--job", SLOW_JOB,
              "--local-steps", "3", "--shards", str(SHARDS), "--deadline", "120", "--json"],
             env=env, cwd=ROOT, check=True, capture_output=True,
         )  # fmt: skip
-        run = spawn("run", "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "100000")
+        run = spawn("run", "-m", "cli.coordinator", "run", "--run", "r", "--rounds", "100000")
         store = Store(redis_client(Settings(broker_url=url)))
         _wait(lambda: store.version("r") >= 3, 180, "three versions before the first kill")
         kill_times: list[float] = []

@@ -113,7 +113,7 @@ class Cluster:
 
     def aggregator(self) -> subprocess.Popen:
         return self.start(
-            ["-m", "coordinator.cli", "aggregator", "--broker", self.url, "--name", "bench-agg"],
+            ["-m", "cli.coordinator", "aggregator", "--broker", self.url, "--name", "bench-agg"],
             "aggregator.log",
         )
 
@@ -122,7 +122,7 @@ class Cluster:
     ) -> subprocess.Popen:
         args = [
             "-m",
-            "volunteer.cli",
+            "cli.volunteer",
             "start",
             "--broker",
             self.url,
@@ -140,7 +140,7 @@ class Cluster:
     def coordinator(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """Run one ``coordinator`` command to completion; raise with its stderr on failure."""
         done = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", *args, "--broker", self.url],
+            [sys.executable, "-m", "cli.coordinator", *args, "--broker", self.url],
             cwd=ROOT,
             env=self.env,
             capture_output=True,

@@ -63,7 +63,7 @@ def run_mode(
         rounds = args.sync_rounds if target is None else 10_000
         started = time.time()
         runner = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "run", "--run", "h", "--rounds", str(rounds), "--json"],
+            [sys.executable, "-m", "cli.coordinator", "run", "--run", "h", "--rounds", str(rounds), "--json"],
             cwd=cluster.dir, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         reached = None

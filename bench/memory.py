@@ -197,13 +197,13 @@ def measure(params: int, args: argparse.Namespace, codec: str = "none") -> dict[
 
 
 def _aggregator(cluster: Cluster, trace_dir: Path | None) -> subprocess.Popen:
-    argv = ["-m", "coordinator.cli", "aggregator", "--broker", cluster.url, "--name", "bench-agg"]
+    argv = ["-m", "cli.coordinator", "aggregator", "--broker", cluster.url, "--name", "bench-agg"]
     return cluster.start(_traced(argv, trace_dir, "aggregator"), "aggregator.log")
 
 
 def _volunteer(cluster: Cluster, pool: str, trace_dir: Path | None) -> subprocess.Popen:
     argv = [
-        "-m", "volunteer.cli", "start", "--broker", cluster.url, "--device", "cpu",
+        "-m", "cli.volunteer", "start", "--broker", cluster.url, "--device", "cpu",
         "--concurrency", "1", "--pool", pool, "--name", "mem-vol", "--allow-job", JOB,
     ]  # fmt: skip
     return cluster.start(_traced(argv, trace_dir, "volunteer"), "volunteer.log")
@@ -250,7 +250,7 @@ def _coordinator(cluster: Cluster, sampler: Sampler, timeout: float, *argv: str)
     out, err = cluster.dir / "cli.out", cluster.dir / "cli.err"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", *argv, "--broker", cluster.url],
+            [sys.executable, "-m", "cli.coordinator", *argv, "--broker", cluster.url],
             cwd=cluster.dir, env=cluster.env, stdout=o, stderr=e, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     sampler.extra = [proc.pid]

@@ -2,8 +2,8 @@
 
     python bench/memtrace.py OUT.jsonl MODULE [ARGS...]
 
-For ``bench/memory.py --trace``. Before ``MODULE`` runs as ``__main__`` (``coordinator.cli``
-or ``volunteer.cli``), the functions in ``STEPS`` are wrapped so that each call appends two
+For ``bench/memory.py --trace``. Before ``MODULE`` runs as ``__main__`` (``cli.coordinator``
+or ``cli.volunteer``), the functions in ``STEPS`` are wrapped so that each call appends two
 JSON lines to OUT.jsonl: ``{"step", "event": "enter"|"exit", "thread", "rss", "hwm", "t"}`` (KiB, from
 ``/proc/self/status``; ``hwm`` is the process's peak so far). A step whose exit ``hwm`` is
 above its entry ``hwm`` reached a new peak inside. Names imported into a module

@@ -178,11 +178,11 @@ class Processes:
 
     def volunteer(self, name: str, *extra: str, **env: str) -> subprocess.Popen:
         return self.spawn(
-            name, "-m", "volunteer.cli", "start", "--device", "cpu", "--name", name, *extra, **env
+            name, "-m", "cli.volunteer", "start", "--device", "cpu", "--name", name, *extra, **env
         )
 
     def aggregator(self, name: str = "aggregator", *extra: str) -> subprocess.Popen:
-        return self.spawn(name, "-m", "coordinator.cli", "aggregator", "--name", name, *extra)
+        return self.spawn(name, "-m", "cli.coordinator", "aggregator", "--name", name, *extra)
 
     def cli(
         self, *argv: str, timeout: float = 240, spawn: bool = False, **env: str
@@ -198,7 +198,7 @@ class Processes:
         if argv and argv[0] in INLINE_COMMANDS and not spawn:
             return _inline(list(argv), {**self.env(**env), "CROWDTRAIN_TORCH_THREADS": ""})
         return subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", *argv],
+            [sys.executable, "-m", "cli.coordinator", *argv],
             env=self.env(**env),
             capture_output=True,
             text=True,
@@ -292,7 +292,7 @@ def _inline(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     import contextlib
     import io
 
-    from coordinator.cli import main
+    from cli.coordinator import main
 
     wanted = {k: v for k, v in env.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
     saved = {k: v for k, v in os.environ.items() if k.startswith(_CROWDTRAIN_VARIABLES)}

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from coordinator.cli import build_parser as coordinator_parser
-from volunteer.cli import build_parser as volunteer_parser
+from cli.coordinator import build_parser as coordinator_parser
+from cli.volunteer import build_parser as volunteer_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 # What a volunteer process imports, and the side it must never load.
-VOLUNTEER_ENTRY_POINTS = ["volunteer.cli", "volunteer.worker", "tasks.training"]
+VOLUNTEER_ENTRY_POINTS = ["cli.volunteer", "volunteer.worker", "tasks.training"]
 SHARED = ["serialization", "jobs", "broker"]
 
 

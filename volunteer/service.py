@@ -94,7 +94,7 @@ def for_platform(
     ``config_home`` is ``$XDG_CONFIG_HOME`` (Linux; default ``~/.config``).
     """
     env = {"CROWDTRAIN_HOME": str(home), **env}
-    command = [sys.executable, "-m", "volunteer.cli", "start", *start_argv]
+    command = [sys.executable, "-m", "cli.volunteer", "start", *start_argv]
     base = Path.home()
     if platform.startswith("linux"):
         folder = Path(config_home or base / ".config") / "systemd" / "user"

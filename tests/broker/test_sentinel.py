@@ -87,7 +87,7 @@ def test_a_volunteers_url_lists_the_sentinels_with_its_own_login_and_the_master(
 
 
 def test_sentinels_that_do_not_answer_are_one_line_naming_the_master_and_the_fix(capsys):
-    from coordinator.cli import main
+    from cli.coordinator import main
     from tests.conftest import free_port
 
     code = main(["status", "--broker", f"sentinel://127.0.0.1:{free_port()}/0?master_name=m"])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coordinator.cli import main
+from cli.coordinator import main
 from tests.conftest import ROOT, TINY_CHARLM, free_port
 
 
@@ -17,7 +17,7 @@ def _coordinator(tmp_path, *argv, broker=None):
     if broker:
         env["CROWDTRAIN_BROKER_URL"] = broker
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *argv],
+        [sys.executable, "-m", "cli.coordinator", *argv],
         env=env,
         capture_output=True,
         text=True,
@@ -158,7 +158,7 @@ def _volunteer(tmp_path, *argv, broker=None):
     if broker:
         env["CROWDTRAIN_BROKER_URL"] = broker
     return subprocess.run(
-        [sys.executable, "-m", "volunteer.cli", *argv],
+        [sys.executable, "-m", "cli.volunteer", *argv],
         env=env,
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from coordinator.cli import main
+from cli.coordinator import main
 from tests.conftest import TINY_CHARLM, RedisServer
 
 TINY = "tests.fixtures.jobs_tiny:make_job"

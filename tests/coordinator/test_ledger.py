@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from cli.quickstart import _folders, _fresh_run_name
 from coordinator import checkpoints, ledger
-from coordinator.quickstart import _folders, _fresh_run_name
 from coordinator.restore import runs_on_disk
 
 

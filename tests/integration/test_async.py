@@ -27,7 +27,7 @@ def test_an_async_run_outpaces_its_slow_volunteer_survives_its_aggregator_and_me
     refused = processes.cli("post-round", "--run", "a")
     assert refused.returncode == 2 and "asynchronous" in refused.stderr
     run = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", "--run", "a", "--rounds", "8", "--json"],
+        [sys.executable, "-m", "cli.coordinator", "run", "--run", "a", "--rounds", "8", "--json"],
         env=processes.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -362,7 +362,7 @@ def test_old_versions_leave_redis_and_a_full_redis_leaves_no_half_posted_round(c
 def test_a_round_that_cannot_be_merged_fails_after_bounded_attempts_and_the_run_goes_on(cluster):
     # every merge raises in evaluate(), on the aggregator only
     cluster.procs.spawn(
-        "aggregator", "-m", "coordinator.cli", "aggregator", "--name", "aggregator", TINY_EVALUATE_FAILS="1"
+        "aggregator", "-m", "cli.coordinator", "aggregator", "--name", "aggregator", TINY_EVALUATE_FAILS="1"
     )
     cluster.volunteer("bob")
     cluster.init("--shards", "1", "--deadline", "600")
@@ -377,7 +377,7 @@ def test_two_coordinators_posting_at_once_open_one_round(cluster):
     cluster.init("--shards", "1", "--deadline", "600")
     posts = [
         subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "post-round", "--run", "r"],
+            [sys.executable, "-m", "cli.coordinator", "post-round", "--run", "r"],
             env=cluster.procs.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -578,7 +578,7 @@ def test_a_lone_voice_in_an_asynchronous_buffer_that_pushes_the_model_back_is_re
     cluster.procs.aggregator()
     ann, mallory = cluster.mallory("ann"), cluster.mallory()
     cluster.init("--mode", "async", "--buffer", "1", "--shards", "2", "--deadline", "600")
-    driver = cluster.procs.spawn("run", "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "3")
+    driver = cluster.procs.spawn("run", "-m", "cli.coordinator", "run", "--run", "r", "--rounds", "3")
     try:
         cluster.wait_until(lambda: int(cluster.round(1).get("shards") or 0) >= 2, "buffer 1's jobs")
         good = _toward_optimum(cluster, 0, 0.2, seed=1)

@@ -169,7 +169,7 @@ def test_a_volunteer_filling_redis_is_swept_and_the_aggregator_rides_it_out(full
     cluster = full_cluster
     gate = tmp_path / "gate"
     aggregator = cluster.procs.spawn(
-        "aggregator", "-m", "coordinator.cli", "aggregator", "--name", "aggregator",
+        "aggregator", "-m", "cli.coordinator", "aggregator", "--name", "aggregator",
         CROWDTRAIN_TEST_EVAL_GATE=str(gate),
     )  # fmt: skip
     bob = cluster.procs.volunteer("bob", "--allow-job", GATED, CROWDTRAIN_BROKER_URL=cluster.url_for("bob"))

@@ -78,7 +78,7 @@ def test_abort_round_fails_the_open_round_and_the_next_post_opens_round_2(proces
     # arrange: a run and a round posted with no volunteer running, and a `post-round --wait` on it
     _init(processes, "demo", "--shards", "2", "--deadline", "600")
     waiter = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "post-round", "--run", "demo", "--wait", "--json"],
+        [sys.executable, "-m", "cli.coordinator", "post-round", "--run", "demo", "--wait", "--json"],
         env=processes.env(),
         cwd=processes.home,
         stdout=subprocess.PIPE,
@@ -216,7 +216,7 @@ def test_monitor_listens_on_loopback_and_takes_its_login_from_the_environment(pr
 
     # act
     processes.spawn(
-        "monitor", "-m", "coordinator.cli", "monitor", "--port", str(port), FLOWER_BASIC_AUTH=secret
+        "monitor", "-m", "cli.coordinator", "monitor", "--port", str(port), FLOWER_BASIC_AUTH=secret
     )
 
     # assert: the login works, only on loopback, and is on no process's command line

@@ -74,7 +74,7 @@ def test_the_primary_dies_mid_round_and_the_run_goes_on_with_a_least_privilege_v
     )
     procs.json("init", "--run", "r", "--job", SLOW_JOB, "--local-steps", "3", "--shards", "2")
     run = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", str(ROUNDS), "--json"],
+        [sys.executable, "-m", "cli.coordinator", "run", "--run", "r", "--rounds", str(ROUNDS), "--json"],
         env=procs.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

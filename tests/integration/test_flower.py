@@ -33,7 +33,7 @@ def test_flower_shows_both_volunteers_and_a_finished_rounds_small_tasks(processe
     processes.spawn(
         "monitor",
         "-m",
-        "coordinator.cli",
+        "cli.coordinator",
         "monitor",
         "--port",
         str(port),

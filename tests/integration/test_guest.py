@@ -20,7 +20,7 @@ LEASE = 6  # seconds: a pause longer than this gives the shard back
 
 def volunteer_cli(processes, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "volunteer.cli", *argv],
+        [sys.executable, "-m", "cli.volunteer", *argv],
         env=processes.env(),
         capture_output=True,
         text=True,

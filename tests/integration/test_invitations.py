@@ -25,7 +25,7 @@ WAIT = 120.0
 def _join(procs: Processes, home: Path, token: str, *argv: str) -> subprocess.Popen:
     """``volunteer join TOKEN`` in a process of its own, with no broker but the token."""
     return subprocess.Popen(
-        [sys.executable, "-m", "volunteer.cli", "join", token, *argv],
+        [sys.executable, "-m", "cli.volunteer", "join", token, *argv],
         env=procs.env(CROWDTRAIN_HOME=str(home), CROWDTRAIN_BROKER_URL=""),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -37,7 +37,7 @@ def _join(procs: Processes, home: Path, token: str, *argv: str) -> subprocess.Po
 def _start(procs: Processes, name: str, home: Path) -> subprocess.Popen:
     """``volunteer start`` with neither --broker, CROWDTRAIN_BROKER_URL nor --name: what join saved."""
     env = {"CROWDTRAIN_HOME": str(home), "CROWDTRAIN_BROKER_URL": ""}
-    return procs.spawn(name, "-m", "volunteer.cli", "start", "--device", "cpu", "--allow-job", TINY, **env)
+    return procs.spawn(name, "-m", "cli.volunteer", "start", "--device", "cpu", "--allow-job", TINY, **env)
 
 
 def _round(admin: redis.Redis, number: int) -> dict[str, str]:

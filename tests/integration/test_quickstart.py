@@ -33,7 +33,7 @@ def _processes_mentioning(marker: str) -> list[int]:
 def _quickstart(home: Path, *flags: str) -> subprocess.Popen:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "CROWDTRAIN_HOME": str(home)}
     return subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "quickstart", *flags],
+        [sys.executable, "-m", "cli.coordinator", "quickstart", *flags],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

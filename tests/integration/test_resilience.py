@@ -155,7 +155,7 @@ def test_a_killed_aggregator_is_replaced_and_versions_stay_consecutive(cluster):
     cluster.volunteer("v2", *ALLOW)
     _init(cluster, "--shards", "2", "--deadline", "120")
     run = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "3", "--json"],
+        [sys.executable, "-m", "cli.coordinator", "run", "--run", "r", "--rounds", "3", "--json"],
         env=cluster.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -243,7 +243,7 @@ def test_an_interrupted_run_continues_from_the_last_version(cluster):
     _init(cluster, "--shards", "2", "--deadline", "120")
     run = subprocess.Popen(
         # 50 rounds: interrupted long before it ends, however slow this machine is
-        [sys.executable, "-m", "coordinator.cli", "run", "--run", "r", "--rounds", "50"],
+        [sys.executable, "-m", "cli.coordinator", "run", "--run", "r", "--rounds", "50"],
         env=cluster.env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -16,9 +16,10 @@ import psutil
 import pytest
 import torch
 
+from cli import volunteer as cli
 from jobs import load_job
 from tests.conftest import wait_until
-from volunteer import cli, control, service
+from volunteer import control, service
 from volunteer.checkpoint import Checkpoints, ShardKey
 from volunteer.etiquette import RESUME_CHARGE, Battery, Governor, Reading, Signals, Throttle
 from volunteer.preferences import PreferenceError, Preferences, in_window, load, parse_hours
@@ -220,7 +221,7 @@ def test_install_service_prints_a_systemd_user_unit_that_restarts_on_failure(tmp
     code = cli.main(["install-service", "--print", "--name", "alice", "--cpu-limit", "50", "--hours", "22-7"])
     unit = capsys.readouterr().out
     assert code == 0
-    assert "volunteer.cli start --name alice --cpu-limit 50 --hours 22-7" in unit
+    assert "cli.volunteer start --name alice --cpu-limit 50 --hours 22-7" in unit
     assert "Restart=on-failure" in unit and "WantedBy=default.target" in unit
     assert f'Environment="CROWDTRAIN_HOME={tmp_path / "home"}"' in unit
     assert not (tmp_path / "config").exists()  # --print writes nothing

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from volunteer import cli
+from cli import volunteer as cli
 from volunteer import devices as device_module
 from volunteer.devices import resolve_device
 

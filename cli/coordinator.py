@@ -21,7 +21,8 @@ import redis
 from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
-from coordinator import commands, fusion_commands, invitations, quickstart
+from cli import commands, fusion_commands, quickstart
+from coordinator import invitations
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
 from coordinator.fusion import METHODS as FUSION_METHODS

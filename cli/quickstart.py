@@ -17,7 +17,7 @@ from typing import Any
 
 from broker import embedded
 from broker.settings import Settings
-from coordinator import commands
+from cli import commands
 from coordinator.report import plot_run
 from coordinator.strategies import make_strategy
 from jobs import load_job, parse_job_args
@@ -104,7 +104,7 @@ def _start_workers(settings: Settings, volunteers: int) -> list[subprocess.Popen
         [
             sys.executable,
             "-m",
-            "coordinator.cli",
+            "cli.coordinator",
             "aggregator",
             "--name",
             f"quickstart-aggregator-{os.getpid()}",
@@ -115,7 +115,7 @@ def _start_workers(settings: Settings, volunteers: int) -> list[subprocess.Popen
             [
                 sys.executable,
                 "-m",
-                "volunteer.cli",
+                "cli.volunteer",
                 "start",
                 "--device",
                 "cpu",

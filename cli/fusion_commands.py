@@ -1,6 +1,6 @@
 """The ``fuse`` and ``evaluate`` sub-commands, and ``sample`` and ``export`` of an ensemble.
 
-``sample`` and ``export`` of a run stay in ``coordinator.commands``; the handlers here look
+``sample`` and ``export`` of a run stay in ``cli.commands``; the handlers here look
 the name up first and hand a run on to them.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from coordinator import checkpoints, commands, fusion
-from coordinator.commands import connect
+from cli import commands
+from cli.commands import connect
+from coordinator import checkpoints, fusion
 from coordinator.creation import create_run, first_line
 from coordinator.errors import UsageError
 from coordinator.store import Store
