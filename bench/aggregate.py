@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
 
 Shapes = dict[str, tuple[int, ...]]
 FULL = {"model": (640, 4, 8192, 1024), "deltas": 16, "repeats": 5, "rss_model": (256, 5, 4096, 512)}

@@ -5,7 +5,7 @@
 Simulated in one process with crowdtrain's own pieces, deterministically: charlm (1 layer,
 width 32: ``bench.inner_state.JOB_ARGS``), eight volunteers of the speeds of
 ``bench/heterogeneous.py`` (a job takes 1, 1, 2, 2, 4, 4, 8 and 8 ticks), an asynchronous run
-as ``init --mode async --shards 8 --buffer 4`` makes it (``coordinator/asynchronous.py``):
+as ``init --mode async --shards 8 --buffer 4`` makes it (``coordinator/rounds/asynchronous.py``):
 
 * 8 jobs are outstanding, one per volunteer; a job is posted on the version current when its
   volunteer takes it and trained there by ``volunteer.trainer.train_shard`` (AdamW, lr 3e-3,
@@ -14,7 +14,7 @@ as ``init --mode async --shards 8 --buffer 4`` makes it (``coordinator/asynchron
   volunteer order) and the volunteer takes the next job at once, on the then-current version.
 * A delta arriving while version c is current, trained on version v, is ``c - v`` stale:
   over ``--max-staleness`` (the project's default, 8) it is rejected; else it goes into the
-  buffer with weight ``samples * staleness_weight(c - v)`` (``coordinator.asynchronous``).
+  buffer with weight ``samples * staleness_weight(c - v)`` (``coordinator.rounds.asynchronous``).
 * Every 4 accepted deltas the buffer is merged as the aggregator's ``_merge`` does: one voice
   per volunteer (its deltas of the buffer combined by weight, weighing their sum), passed as
   ``make_strategy(spec, momentum_delay=N).aggregate(weights, iter([(weight, delta), ...]))``
@@ -57,8 +57,8 @@ import torch
 
 from bench.heterogeneous import SLOWDOWNS
 from bench.inner_state import JOB_ARGS
-from coordinator.asynchronous import max_staleness, momentum_delay, staleness_weight
-from coordinator.strategies import make_strategy
+from coordinator.merging.strategies import make_strategy
+from coordinator.rounds.asynchronous import max_staleness, momentum_delay, staleness_weight
 from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 

@@ -8,8 +8,8 @@ job from ``jobs.load_job`` (``--model 1m``: charlm layers=2 width=200, 1.07M par
 training by ``volunteer.trainer.train_shard`` (optionally with ``optimizer_state``: the
 ``--inner-state keep`` of a volunteer), uploads encoded by ``volunteer.feedback.ErrorFeedback``
 (one per simulated volunteer, so top-k keeps its residuals), decoded by ``serialization.loads``,
-merged by ``coordinator.strategies`` and, with a lossy downlink codec, published by
-``coordinator.downlink.publish`` (the next round trains from the published version, the base
+merged by ``coordinator.merging.strategies`` and, with a lossy downlink codec, published by
+``coordinator.merging.downlink.publish`` (the next round trains from the published version, the base
 moved by the decoded update, as volunteers rebuild it). No Redis.
 
 Bytes. Uplink: ``len(blob)`` of every upload. Downlink: every worker first fetches the whole
@@ -67,8 +67,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator.downlink import lossy, publish, read_residual  # noqa: E402
-from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.merging.downlink import lossy, publish, read_residual  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import dumps, loads, parse_codec  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
@@ -488,7 +488,7 @@ def report(r: dict) -> str:
         "",
         "Rounds to target: communication rounds (steps for sync). Downlink: every worker's fetch "
         f"of version 0 ({r['model_bytes']:,} B each) plus, per round, the new model (lossless "
-        "downlink) or the encoded update (lossy downlink, `coordinator.downlink.publish`); sync: "
+        "downlink) or the encoded update (lossy downlink, `coordinator.merging.downlink.publish`); sync: "
         "the averaged fp32 gradient to every worker each step. Volunteers build version 0 from "
         "the job's seed and fetch nothing when its digest is the run's (`volunteer/worker.py`, "
         f"`initial_digest`): the next-to-last column leaves that fetch ({_mb(joined)}, the same "

@@ -7,16 +7,16 @@ Simulated in one process per task with crowdtrain's own pieces, as ``bench/comm_
 does, and as ``init``'s defaults make a run: strategy fedavg, ``--local-steps`` 10
 (``cli.coordinator.DEFAULT_LOCAL_STEPS``), inner AdamW lr 3e-3 with the inner state kept (the
 default for fedavg), 2 volunteers, 4 shards a round, the downlink encoded with the run's codec
-(``coordinator.downlink.publish``: the next round trains from the *published* version).
+(``coordinator.merging.downlink.publish``: the next round trains from the *published* version).
 Each volunteer keeps its own ``volunteer.feedback.ErrorFeedback`` and inner optimizer state;
-uploads go through ``serialization.loads`` and are merged by ``coordinator.strategies``, one
+uploads go through ``serialization.loads`` and are merged by ``coordinator.merging.strategies``, one
 voice per volunteer as the aggregator merges them. No Redis.
 
 * sync: every round the 4 shards are trained on the current version, shard s by volunteer
   s mod 2; the round's merge publishes the next version.
 * async (``--mode async --buffer 2``): the volunteers take 1 and 2 ticks a shard; a shard is
   trained on the version current when its volunteer takes it; every 2 accepted deltas make a
-  version, weighted by ``samples * staleness_weight`` (``coordinator.asynchronous``), deltas
+  version, weighted by ``samples * staleness_weight`` (``coordinator.rounds.asynchronous``), deltas
   staler than the default ``max_staleness`` rejected. A "round" is a version.
 
 The jobs: ``charlm`` (the built-in default shape, 136,960 parameters), ``gpt`` (the nano
@@ -49,9 +49,9 @@ import torch  # noqa: E402
 
 from bench.async_momentum import _voices  # noqa: E402
 from cli.coordinator import DEFAULT_COMPRESSION, DEFAULT_LOCAL_STEPS  # noqa: E402
-from coordinator.asynchronous import max_staleness, staleness_weight  # noqa: E402
-from coordinator.downlink import lossy, publish, read_residual  # noqa: E402
-from coordinator.strategies import make_strategy  # noqa: E402
+from coordinator.merging.downlink import lossy, publish, read_residual  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.rounds.asynchronous import max_staleness, staleness_weight  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads, parse_codec  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402

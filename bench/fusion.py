@@ -14,7 +14,7 @@ FedAvg merges the deltas.
 1. seed: ``--seed-rounds`` rounds on the mix of both domains;
 2. two branches from the seed (``init --from seed``): ``--rounds`` rounds each on one domain;
 3. union: from the seed, ``2 * --rounds`` rounds on the mix, the same samples as both branches;
-4. fused: ``average`` (``coordinator.fusion.average``, equal weights) and the ensembles
+4. fused: ``average`` (``coordinator.runs.fusion.average``, equal weights) and the ensembles
    (``jobs.mixture.Mixture``) with uniform and posterior weights (Branch-Train-Merge).
 
 Eval loss (nats per byte) on each domain's held-out files (``evaluate_corpus``, fixed windows)
@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from coordinator.fusion import average
-from coordinator.strategies import make_strategy
+from coordinator.merging.strategies import make_strategy
+from coordinator.runs.fusion import average
 from jobs import load_job
 from jobs.charlm import _read_local
 from jobs.language import evaluate_windows, held_out_windows

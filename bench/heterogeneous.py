@@ -92,7 +92,7 @@ def run_mode(
 
 
 def _records(store: Store) -> list[dict]:
-    from coordinator.documents import round_record
+    from coordinator.views.documents import round_record
 
     return [round_record(store, "h", n) for n in range(1, store.rounds.count("h") + 1)]
 

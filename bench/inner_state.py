@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from coordinator.strategies import make_strategy
+from coordinator.merging.strategies import make_strategy
 from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 

@@ -5,7 +5,8 @@
 
 Simulated in one process with crowdtrain's own pieces: each honest volunteer trains its own shard
 with ``volunteer.trainer.train_shard`` (its inner optimizer state kept, as ``--inner-state keep``),
-the round's voices go through ``coordinator.verification`` as ``coordinator.judging`` applies it
+the round's voices go through ``coordinator.merging.verification`` as
+``coordinator.merging.judging`` applies it
 (``judge`` with the probe's resolution, a lone voice against the last update, ``copies`` through
 ``sketch``), and FedAvg merges the kept voices. Jobs: ``linear`` (17 parameters, label noise 0.5),
 ``click`` (131k parameters, zero-initialised sparse), ``mlp`` (tests/fixtures/jobs_small.py),
@@ -35,10 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator.judging import last_update  # noqa: E402
-from coordinator.strategies import make_strategy  # noqa: E402
-from coordinator.validation import accepted_norm, delta_norm  # noqa: E402
-from coordinator.verification import (  # noqa: E402
+from coordinator.merging.judging import last_update  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.merging.verification import (  # noqa: E402
     Consensus,
     Evidence,
     Prober,
@@ -49,6 +49,7 @@ from coordinator.verification import (  # noqa: E402
     sketch,
     weigh,
 )
+from coordinator.rounds.validation import accepted_norm, delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from tests.fixtures import jobs_small  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
@@ -105,7 +106,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         last = last_update(weights, previous) if previous is not None else None
         if last is not None:
             last_max = max(last_max, *(_cosine(d, last) for d in voices.values()))
-        # as coordinator.judging.probe_voices and aggregator._judge do
+        # as coordinator.merging.judging.probe_voices and aggregator._judge do
         prober = Prober(job, weights)
         share = 1.0 / len(voices)
         gains = {who: prober.gain(d, share) for who, d in voices.items()}

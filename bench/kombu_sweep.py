@@ -1,4 +1,4 @@
-"""What the watcher's sweep of kombu's volunteer-writable keys costs (coordinator.bookkeeping).
+"""What the watcher's sweep of kombu's volunteer-writable keys costs (coordinator.rounds.bookkeeping).
 
 A private Redis holds ``--keys`` other keys (a busy broker's rounds and uploads), the bookkeeping
 of ``--held`` messages held by living workers, and nothing to sweep; the sweep runs ``--repeat``
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Cluster
 from broker import keys
-from coordinator.bookkeeping import sweep
+from coordinator.rounds.bookkeeping import sweep
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ or ``cli.volunteer``), the functions in ``STEPS`` are wrapped so that each call 
 JSON lines to OUT.jsonl: ``{"step", "event": "enter"|"exit", "thread", "rss", "hwm", "t"}`` (KiB, from
 ``/proc/self/status``; ``hwm`` is the process's peak so far). A step whose exit ``hwm`` is
 above its entry ``hwm`` reached a new peak inside. Names imported into a module
-(``coordinator.aggregator.loads``) are wrapped there, where the step calls them.
+(``coordinator.merging.aggregator.loads``) are wrapped there, where the step calls them.
 """
 
 from __future__ import annotations
@@ -27,27 +27,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (module, attribute path) of every step traced, on both sides.
 STEPS: tuple[tuple[str, str], ...] = (
-    ("coordinator.aggregator", "Aggregator.aggregate"),
-    ("coordinator.aggregator", "Aggregator._screen"),
-    ("coordinator.aggregator", "Aggregator._merge"),
-    ("coordinator.aggregator", "Aggregator._publishable"),
-    ("coordinator.aggregator", "Aggregator._voice"),
-    ("coordinator.aggregator", "Aggregator._delta"),
-    ("coordinator.aggregator", "loads"),
-    ("coordinator.aggregator", "publish"),
-    ("coordinator.aggregator", "read_residual"),
-    ("coordinator.aggregator", "checkpoints.save_version"),
-    ("coordinator.context", "RunContexts._build"),
-    ("coordinator.context", "RunContexts.model_blob"),
-    ("coordinator.intake", "Intake.validate"),
-    ("coordinator.intake", "_check"),
+    ("coordinator.merging.aggregator", "Aggregator.aggregate"),
+    ("coordinator.merging.aggregator", "Aggregator._screen"),
+    ("coordinator.merging.aggregator", "Aggregator._merge"),
+    ("coordinator.merging.aggregator", "Aggregator._publishable"),
+    ("coordinator.merging.aggregator", "Aggregator._voice"),
+    ("coordinator.merging.aggregator", "Aggregator._delta"),
+    ("coordinator.merging.aggregator", "loads"),
+    ("coordinator.merging.aggregator", "publish"),
+    ("coordinator.merging.aggregator", "read_residual"),
+    ("coordinator.merging.aggregator", "checkpoints.save_version"),
+    ("coordinator.runs.context", "RunContexts._build"),
+    ("coordinator.runs.context", "RunContexts.model_blob"),
+    ("coordinator.rounds.intake", "Intake.validate"),
+    ("coordinator.rounds.intake", "_check"),
     ("coordinator.store", "Store.get_upload"),
     ("coordinator.store", "Store.take_upload"),
     ("coordinator.store", "Store.model_blob"),
     ("coordinator.store", "Store.stage_model"),
     ("coordinator.store", "Store.stage_update"),
     ("coordinator.store", "Store.downlink_residual"),
-    ("coordinator.strategies", "Strategy.aggregate"),
+    ("coordinator.merging.strategies", "Strategy.aggregate"),
     ("broker.blobs", "write"),
     ("serialization.codecs", "BlockTopKCodec.encode_into"),
     ("serialization.codecs", "SparseCodec.decode"),

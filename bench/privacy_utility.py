@@ -5,10 +5,10 @@
 Simulated in one process with crowdtrain's own pieces: the job from ``jobs.load_job``
 (charlm, 1 layer, width 32), each volunteer trains its own shard with
 ``volunteer.trainer.train_shard``, the round's voices go through
-``coordinator.privacy.privatize`` (clip each to C, Gaussian noise of std Z*C on the sum,
+``coordinator.merging.privacy.privatize`` (clip each to C, Gaussian noise of std Z*C on the sum,
 divide by the voices) and FedAvg applies the mean. For each target epsilon the noise
 multiplier Z is the smallest that keeps epsilon after ``--rounds`` rounds (q = 1, delta
-1e-5, dp-accounting's RDP accountant via ``coordinator.privacy.epsilon_after``) at the
+1e-5, dp-accounting's RDP accountant via ``coordinator.merging.privacy.epsilon_after``) at the
 target. C is the median norm of the non-private run's first-round deltas. "infinity" is
 plain FedAvg (no clipping, no noise): the baseline of the same run.
 """
@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator.privacy import epsilon_after, privatize  # noqa: E402
-from coordinator.validation import delta_norm  # noqa: E402
+from coordinator.merging.privacy import epsilon_after, privatize  # noqa: E402
+from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
 

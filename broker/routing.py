@@ -86,7 +86,7 @@ def train_queues() -> frozenset[str]:
     """Every queue a run may post its shards to: ``train`` and each routed queue.
 
     The trusted side keeps kombu's keys to these: a ``train.*`` list of any
-    other name is a volunteer's junk (``coordinator.janitor``), and a message is
+    other name is a volunteer's junk (``coordinator.rounds.janitor``), and a message is
     restored to no other queue (``tasks.poison``).
     """
     return frozenset(Need(c, t).queue for c in (None, *DEVICE_CLASSES) for t in (0, *MEMORY_TIERS_GB))

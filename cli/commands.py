@@ -26,34 +26,24 @@ from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
 from broker.settings import DEFAULT_DEADLINE, Settings
-from coordinator import (
-    announcements,
-    asynchronous,
-    checkpoints,
-    credentials,
-    fusion,
-    identities,
-    invitations,
-    janitor,
-    ledger,
-    privacy,
-    revocation,
-)
-from coordinator import restore as restoring
-from coordinator.aggregator import Aggregator
-from coordinator.asynchronous import DEFAULT_MAX_STALENESS, is_async
-from coordinator.context import upload_bound
-from coordinator.creation import build_model, create_run
-from coordinator.documents import round_record, run_document
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
-from coordinator.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
-from coordinator.metrics import serve_metrics
-from coordinator.progress import RoundProgress, rounds_table
-from coordinator.rounds import parse_quorum, wait_round
-from coordinator.rounds import post_round as _post_round
-from coordinator.status import collect_status, print_status
+from coordinator.merging import privacy
+from coordinator.merging.aggregator import Aggregator
+from coordinator.merging.strategies import make_strategy
+from coordinator.rounds import announcements, asynchronous, janitor
+from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, is_async
+from coordinator.rounds.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
+from coordinator.rounds.posting import parse_quorum, wait_round
+from coordinator.rounds.posting import post_round as _post_round
+from coordinator.runs import checkpoints, credentials, fusion, identities, invitations, ledger, revocation
+from coordinator.runs import restore as restoring
+from coordinator.runs.context import upload_bound
+from coordinator.runs.creation import build_model, create_run
 from coordinator.store import Store
-from coordinator.strategies import make_strategy
+from coordinator.views.documents import round_record, run_document
+from coordinator.views.metrics import serve_metrics
+from coordinator.views.progress import RoundProgress, rounds_table
+from coordinator.views.status import collect_status, print_status
 from jobs import Job, load_job, parse_job_args
 from serialization import TensorDict, dumps, loads, parse_codec
 from tasks.aggregation import aggregator_app
@@ -485,7 +475,7 @@ def _version_weights(conn: Connection, run: str, version: int) -> TensorDict:
 
 def report(args: argparse.Namespace) -> None:
     # matplotlib takes most of a second to import: only this command pays for it
-    from coordinator.report import plot_run
+    from coordinator.views.report import plot_run
 
     conn = connect(args)
     home = conn.settings.home

@@ -22,12 +22,12 @@ from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
 from cli import commands, fusion_commands, quickstart
-from coordinator import invitations
-from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
-from coordinator.fusion import METHODS as FUSION_METHODS
-from coordinator.strategies import STRATEGY_HELP
-from coordinator.verification import VERIFY_MODES
+from coordinator.merging.strategies import STRATEGY_HELP
+from coordinator.merging.verification import VERIFY_MODES
+from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, MODES
+from coordinator.runs import invitations
+from coordinator.runs.fusion import METHODS as FUSION_METHODS
 from jobs import JobError
 from serialization import WireFormatError
 

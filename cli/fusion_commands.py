@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 
 from cli import commands
 from cli.commands import connect
-from coordinator import checkpoints, fusion
-from coordinator.creation import create_run, first_line
 from coordinator.errors import UsageError
+from coordinator.runs import checkpoints, fusion
+from coordinator.runs.creation import create_run, first_line
 from coordinator.store import Store
 from jobs import Job, JobError, load_job
 from serialization import dumps

@@ -18,8 +18,8 @@ from typing import Any
 from broker import embedded
 from broker.settings import Settings
 from cli import commands
-from coordinator.report import plot_run
-from coordinator.strategies import make_strategy
+from coordinator.merging.strategies import make_strategy
+from coordinator.views.report import plot_run
 from jobs import load_job, parse_job_args
 from serialization import parse_codec
 

@@ -1,6 +1,6 @@
 """The trusted side's view of Redis: runs, model versions, uploads, credit, queues.
 
-Round state lives in ``coordinator.state`` (``Store.rounds``); the key layout in
+Round state lives in ``coordinator.rounds.state`` (``Store.rounds``); the key layout in
 ``broker.keys``. Volunteers never use this module: theirs is ``volunteer.store``.
 A run made with ``init --blob-store`` keeps its blobs as objects (``broker.objects``):
 this store writes them there and follows the pointers Redis holds.
@@ -20,8 +20,8 @@ from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import RENEW_BEFORE, S3_LARGEST_POST, Location, ObjectMismatch, ObjectStore, Pointer
 from coordinator.errors import RunExists
-from coordinator.ledger import Ledger
-from coordinator.state import RoundState, lua_source, number_or_text
+from coordinator.rounds.state import RoundState, lua_source, number_or_text
+from coordinator.runs.ledger import Ledger
 from serialization import Encoded
 
 # Unreferenced objects of a run are looked for at most this often (a listing of its prefix).
@@ -101,7 +101,7 @@ class Store:
             blobs.write_pointer(self.redis, key, store.put(run, blob, readable), ttl=ttl)
 
     def restore_blob(self, run: str, key: str, blob: bytes, readable: bool = True) -> None:
-        """Write a blob of ``run`` rebuilt from its disk record (``coordinator.restore``)."""
+        """Write a blob of ``run`` rebuilt from its disk record (``coordinator.runs.restore``)."""
         self._write(run, key, blob, readable=readable)
 
     def _read(self, key: str, limit: int | None = None) -> bytearray | None:

@@ -1,7 +1,7 @@
 """Applying a model update: how a published version follows from the one before it.
 
 A compressed downlink publishes each version as an encoded update from the
-previous one (``coordinator.downlink``). Both the aggregator and every
+previous one (``coordinator.merging.downlink``). Both the aggregator and every
 volunteer compute the new weights with this one function, in the same
 float32 arithmetic, so they hold the same bits.
 """

@@ -1,7 +1,7 @@
 """The trusted aggregator's task, ``aggregate_round``, and its app.
 
 Uploads are not validated by a task: volunteers announce them on a list that
-the aggregator's intake thread drains in batches (``coordinator.announcements``).
+the aggregator's intake thread drains in batches (``coordinator.rounds.announcements``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from celery import Task
 
 from broker.client import redis_client
 from broker.settings import Settings
-from coordinator.aggregator import Aggregator
+from coordinator.merging.aggregator import Aggregator
 from coordinator.store import Store
 from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked

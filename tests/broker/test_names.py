@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker import keys
-from coordinator.credentials import CredentialsError, check_host, check_name
+from coordinator.runs.credentials import CredentialsError, check_host, check_name
 from tasks.arguments import BadArguments, checked
 
 

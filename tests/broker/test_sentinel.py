@@ -7,8 +7,8 @@ import pytest
 from broker.errors import SettingsError
 from broker.sentinel import SentinelAddress
 from broker.settings import Settings, safe_url
-from coordinator import credentials
 from coordinator.errors import CredentialsError
+from coordinator.runs import credentials
 from tasks.app import celery_config, celery_url, make_app
 from tasks.poison import GuardedSentinelTransport
 from tasks.results import GuardedSentinelBackend

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from broker import keys
-from coordinator.aggregator import Aggregator
-from coordinator.announcements import MAX_ENTRY, Inbox, parse
-from coordinator.intake import Upload
-from coordinator.leases import Request
+from coordinator.merging.aggregator import Aggregator
+from coordinator.rounds.announcements import MAX_ENTRY, Inbox, parse
+from coordinator.rounds.intake import Upload
+from coordinator.rounds.leases import Request
 from coordinator.store import Store
 from serialization import loads
 from tests.fixtures.attacker import delta_blob

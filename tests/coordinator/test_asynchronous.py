@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.asynchronous import SLOT_STRIDE, slot, staleness_weight
+from coordinator.rounds.asynchronous import SLOT_STRIDE, slot, staleness_weight
 
 
 def test_a_stale_delta_weighs_less_the_older_it_is():

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from broker import keys
-from coordinator import bookkeeping
-from coordinator.bookkeeping import MAX_BINDINGS, MIN_HORIZON, PRIORITY_SEP, sweep
+from coordinator.rounds import bookkeeping
+from coordinator.rounds.bookkeeping import MAX_BINDINGS, MIN_HORIZON, PRIORITY_SEP, sweep
 
 
 def _entry(queue: str = "train") -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.downlink import lossy, publish, read_residual
+from coordinator.merging.downlink import lossy, publish, read_residual
 from serialization import apply_update, loads
 
 

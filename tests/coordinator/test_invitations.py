@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker import keys
-from coordinator.invitations import joiner_rules
+from coordinator.runs.invitations import joiner_rules
 
 
 def test_the_joiner_may_only_push_a_request_and_take_an_answer():

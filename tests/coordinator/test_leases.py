@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from broker import keys
-from coordinator.aggregator import Aggregator
-from coordinator.leases import Leases, Request, fair_share
+from coordinator.merging.aggregator import Aggregator
+from coordinator.rounds.leases import Leases, Request, fair_share
 from coordinator.store import Store
 
 TINY = "tests.fixtures.jobs_tiny:make_job"

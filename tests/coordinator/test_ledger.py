@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from cli.quickstart import _folders, _fresh_run_name
-from coordinator import checkpoints, ledger
-from coordinator.restore import runs_on_disk
+from coordinator.runs import checkpoints, ledger
+from coordinator.runs.restore import runs_on_disk
 
 
 def test_the_ledger_sums_credit_keeps_the_latest_reputation_and_skips_a_line_cut_short(tmp_path):

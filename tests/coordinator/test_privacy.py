@@ -10,8 +10,15 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from coordinator.errors import PrivacyBudgetSpent, UsageError
-from coordinator.privacy import check_round, check_settings, epsilon_after, from_config, next_clip, privatize
-from coordinator.validation import delta_norm
+from coordinator.merging.privacy import (
+    check_round,
+    check_settings,
+    epsilon_after,
+    from_config,
+    next_clip,
+    privatize,
+)
+from coordinator.rounds.validation import delta_norm
 
 
 def independent_epsilon(rounds: int, noise: float, q: float, delta: float) -> float:

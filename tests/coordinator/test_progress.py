@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from coordinator.progress import RoundProgress, rounds_table
+from coordinator.views.progress import RoundProgress, rounds_table
 
 
 class FakeClock:

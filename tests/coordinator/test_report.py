@@ -8,7 +8,7 @@ import pytest
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
-from coordinator.report import plot_run
+from coordinator.views.report import plot_run
 from tests.conftest import png_pixels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

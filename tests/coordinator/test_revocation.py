@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker import keys
-from coordinator import identities, revocation
+from coordinator.runs import identities, revocation
 from coordinator.store import Store
 
 

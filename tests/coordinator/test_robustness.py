@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from coordinator.strategies import make_strategy
+from coordinator.merging.strategies import make_strategy
 from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 

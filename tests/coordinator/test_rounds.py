@@ -12,7 +12,7 @@ from kombu.exceptions import BatchPublishError
 from broker import keys
 from broker.settings import Settings
 from coordinator.errors import is_broker_full
-from coordinator.rounds import PUBLISH_BATCH, post_round
+from coordinator.rounds.posting import PUBLISH_BATCH, post_round
 from coordinator.store import Store
 from tasks.app import make_app
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.strategies import (
+from coordinator.merging.strategies import (
     STRATEGY_HELP,
     Krum,
     Strategy,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from coordinator.validation import (
+from coordinator.rounds.validation import (
     accepted_norm,
     check_delta,
     check_meta,

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from broker import keys
-from coordinator.judging import probe_voices
-from coordinator.validation import delta_norm
-from coordinator.verification import (
+from coordinator.merging.judging import probe_voices
+from coordinator.merging.verification import (
     SKETCH,
     START_REPUTATION,
     Consensus,
@@ -22,6 +21,7 @@ from coordinator.verification import (
     sketch,
     weigh,
 )
+from coordinator.rounds.validation import delta_norm
 from jobs import load_job
 from tests.fixtures.jobs_tiny import TinyJob
 from tests.fixtures.lying_jobs import RandomTokens

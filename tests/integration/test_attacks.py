@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from broker import blobs, keys
-from coordinator.context import RunContexts
-from coordinator.documents import round_record
-from coordinator.janitor import sweep_uploads
+from coordinator.rounds.janitor import sweep_uploads
+from coordinator.runs.context import RunContexts
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 from serialization import dumps, loads
 from tests.conftest import ROOT, Processes, wait_until
 from tests.fixtures.attacker import Mallory, delta_blob

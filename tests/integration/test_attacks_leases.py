@@ -1,4 +1,4 @@
-"""Who answers which shard is the trusted side's decision (``coordinator.leases``), tried with real processes.
+"""Who answers which shard is the trusted side's decision (``coordinator.rounds.leases``), tried for real.
 
 Each test starts a Redis 7 with real ACL users (``coordinator volunteer-credentials``),
 a real aggregator and real volunteer processes, and attacks with nothing but one

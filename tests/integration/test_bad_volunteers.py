@@ -6,8 +6,8 @@ import math
 
 from safetensors.torch import load_file
 
-from coordinator.documents import round_record
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 from tests.conftest import TINY_CHARLM, wait_until
 
 TINY = "tests.fixtures.jobs_tiny:make_job"

@@ -20,8 +20,8 @@ import redis
 from broker import blobs, keys
 from broker.pointers import MAX_POINTER, ObjectStoreError, Pointer
 from broker.transfer import send_to_slot
-from coordinator.context import RunContexts
-from coordinator.documents import round_record
+from coordinator.runs.context import RunContexts
+from coordinator.views.documents import round_record
 from serialization import dumps
 from tests.conftest import Processes, free_port
 from tests.fixtures.objects import READER, SeaweedServer

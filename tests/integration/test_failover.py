@@ -18,8 +18,8 @@ import redis
 
 from broker.client import redis_client
 from broker.settings import Settings
-from coordinator.documents import round_record
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 from tests.conftest import Processes, wait_until
 from tests.fixtures.servers import SentinelCluster
 

@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from broker.settings import Settings
-from coordinator.metrics import CrowdtrainCollector, OnlineVolunteers
-from coordinator.status import print_status
 from coordinator.store import Store
+from coordinator.views.metrics import CrowdtrainCollector, OnlineVolunteers
+from coordinator.views.status import print_status
 from tasks.app import make_app
 from tests.conftest import TINY_CHARLM, free_port, wait_until
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from safetensors.torch import load_file
 
-from coordinator.privacy import epsilon_after
+from coordinator.merging.privacy import epsilon_after
 from tests.conftest import png_pixels
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
@@ -51,7 +51,7 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(processes):
     )
     out = processes.home / "report.png"
     assert processes.cli("report", "--run", "r", "--out", str(out)).returncode == 0 and out.stat().st_size
-    # a third panel, privacy spent: 16.5 x 4.4 inches at 110 dpi (coordinator.report)
+    # a third panel, privacy spent: 16.5 x 4.4 inches at 110 dpi (coordinator.views.report)
     assert png_pixels(out).shape[:2] == (484, 1815)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT, TINY_CHARLM, png_pixels, wait_until
 
-# the report of a run without privacy: two panels, 11 x 4.4 inches at 110 dpi (coordinator.report)
+# the report of a run without privacy: two panels, 11 x 4.4 inches at 110 dpi (coordinator.views.report)
 REPORT_PIXELS = (484, 1210)
 
 

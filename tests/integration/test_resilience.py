@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from broker import blobs, keys
-from coordinator.aggregator import Aggregator
-from coordinator.documents import round_record
-from coordinator.leases import Request
+from coordinator.merging.aggregator import Aggregator
+from coordinator.rounds.leases import Request
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 from serialization import loads
 from tests.conftest import wait_until
 from tests.fixtures.attacker import delta_blob

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator import ledger
+from coordinator.runs import ledger
 from coordinator.store import Store
 from serialization import loads
 from tests.conftest import wait_until

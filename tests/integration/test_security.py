@@ -14,8 +14,8 @@ import torch
 from kombu import Connection, Exchange, Queue
 
 from broker import blobs, embedded, keys
-from coordinator import credentials
-from coordinator.intake import MAX_REOFFERS
+from coordinator.rounds.intake import MAX_REOFFERS
+from coordinator.runs import credentials
 from coordinator.store import Store
 from serialization import dumps, dumps_stream
 from tests.conftest import Processes, wait_until

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from broker import blobs, keys
-from coordinator.aggregator import Aggregator
+from coordinator.merging.aggregator import Aggregator
 from coordinator.store import Store
 from tests.conftest import TINY_CHARLM
 

@@ -318,7 +318,7 @@ class RoundState:
         count = int(self.redis.hincrby(keys.round_reoffers(run, number), shard, 1))
         return count <= limit
 
-    # --- asynchronous runs: jobs posted and answered (coordinator.asynchronous) -----
+    # --- asynchronous runs: jobs posted and answered (coordinator.rounds.asynchronous) -----
     def add_jobs(self, run: str, number: int, count: int) -> int:
         """Count ``count`` more jobs posted with round ``number``; the round's job total after them."""
         pipe = self.redis.pipeline()

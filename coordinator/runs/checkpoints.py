@@ -9,8 +9,8 @@ from it). Layout under ``CROWDTRAIN_HOME/runs/NAME/``::
     downlink-v000003.safetensors  the downlink residual after version 3 (lossy --downlink-compression)
     state-v000003.json       the rest of the trusted side's state after version 3 (voice norms, DP clip)
     metrics.jsonl            one JSON line per merged round
-    rounds.jsonl             round records: opened, ended (``coordinator.ledger``)
-    ledger.jsonl             credit and reputation, append-only (``coordinator.ledger``)
+    rounds.jsonl             round records: opened, ended (``coordinator.runs.ledger``)
+    ledger.jsonl             credit and reputation, append-only (``coordinator.runs.ledger``)
     tokenizer.json           the job's tokenizer, for jobs that have one (``gpt``)
 
 A file that is replaced is written to a temporary name, fsynced and renamed;

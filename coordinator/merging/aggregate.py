@@ -1,6 +1,6 @@
 """The pure maths of aggregation: folding ``(sample_weight, delta)`` pairs into one update.
 
-No I/O and no strategy state: ``coordinator.strategies`` builds its classes on
+No I/O and no strategy state: ``coordinator.merging.strategies`` builds its classes on
 these. Streaming sums fold each delta into preallocated float accumulators with
 in-place ``add_`` as it is read (O(model) memory); the robust ones (median,
 trimmed mean, Krum) need every delta at once. Accumulators are float32, or
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from coordinator.errors import StrategyError
-from coordinator.validation import delta_norm
+from coordinator.rounds.validation import delta_norm
 from serialization import TensorDict
 
 WeightedDelta = tuple[float, Mapping[str, torch.Tensor]]

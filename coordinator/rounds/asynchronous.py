@@ -36,7 +36,7 @@ from celery import Celery
 
 from broker.routing import need_from_config
 from coordinator.errors import RoundOpen
-from coordinator.rounds import send_shards, shard_task
+from coordinator.rounds.posting import send_shards, shard_task
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.asynchronous")

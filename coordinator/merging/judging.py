@@ -1,6 +1,6 @@
 """Judging a round's voices before the merge: shards trained twice compared, voices probed.
 
-The rules live in ``coordinator.verification``; this module applies them to a
+The rules live in ``coordinator.merging.verification``; this module applies them to a
 round's accepted copies, which the aggregator reads for it (``ReadDelta``,
 ``ReadVoice``), one delta in memory at a time besides the base model.
 """
@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 
 from broker import keys
-from coordinator.validation import delta_norm
-from coordinator.verification import (
+from coordinator.merging.verification import (
     Consensus,
     Evidence,
     Prober,
@@ -25,6 +24,7 @@ from coordinator.verification import (
     sketch,
     weigh,
 )
+from coordinator.rounds.validation import delta_norm
 from jobs.interface import Job
 from serialization import TensorDict
 

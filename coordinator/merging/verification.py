@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.validation import delta_norm
+from coordinator.rounds.validation import delta_norm
 from jobs.interface import Job
 from serialization import TensorDict
 

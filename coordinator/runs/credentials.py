@@ -181,7 +181,7 @@ def volunteer_rules(name: str, known: Collection[str] | None = None, db: int = 0
         f"%R~{keys.PREFIX}:run:*",  # run config, version, model blobs, round status: read only
         f"%R~{keys.runs()}",
         f"~{keys.upload_pattern(name)}",  # its own uploads (volunteer.store)
-        f"~{keys.grant_pattern(name)}",  # the answers to its own lease requests (coordinator.leases)
+        f"~{keys.grant_pattern(name)}",  # the answers to its own lease requests (coordinator.rounds.leases)
         f"%R~{keys.volunteer(name)}",  # its own credit and reputation (volunteer status): read only
         # its own node's control queue (node name NAME@host), declared but fed by pub/sub
         f"~{name}@*.celery.pidbox",

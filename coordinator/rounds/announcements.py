@@ -17,11 +17,11 @@ longer than ``MAX_ENTRY`` bytes is dropped on the server unread
 (``lua/drain.lua``), a malformed one with a (rate-limited) log line, and the same key twice
 in a batch is validated once. The list holds at most ``MAX_BACKLOG`` entries.
 
-Losing an entry loses no upload: the watcher (``coordinator.janitor``)
+Losing an entry loses no upload: the watcher (``coordinator.rounds.janitor``)
 announces again every upload of an open round that waited a whole sweep, as
 when the aggregator died holding a popped batch or the list overflowed.
 
-The same loop answers lease requests (``coordinator.leases``) before each
+The same loop answers lease requests (``coordinator.rounds.leases``) before each
 batch of uploads, and about once a second offers again the shards of open
 rounds that nobody holds.
 """
@@ -38,7 +38,7 @@ import redis
 
 from broker import keys
 from broker.throttle import throttle
-from coordinator.intake import Intake, Upload, Verdict
+from coordinator.rounds.intake import Intake, Upload, Verdict
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.announcements")

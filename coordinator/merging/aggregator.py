@@ -27,13 +27,8 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
-from coordinator import checkpoints, ledger
-from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
-from coordinator.context import RunContext, RunContexts
-from coordinator.documents import round_record
-from coordinator.downlink import lossy, publish, read_residual
-from coordinator.intake import Intake, Verdict
-from coordinator.judging import (
+from coordinator.merging.downlink import lossy, publish, read_residual
+from coordinator.merging.judging import (
     Rejection,
     check_copies,
     check_replicas,
@@ -42,14 +37,25 @@ from coordinator.judging import (
     sketch_voices,
     voices,
 )
-from coordinator.leases import Leases
-from coordinator.privacy import next_clip, privatize, spent
-from coordinator.revocation import split_revoked
-from coordinator.state import CLAIM_LEASE
+from coordinator.merging.privacy import next_clip, privatize, spent
+from coordinator.merging.strategies import Strategy, make_strategy
+from coordinator.merging.verification import next_reputation, sketch, weigh
+from coordinator.rounds.asynchronous import (
+    is_async,
+    max_staleness,
+    momentum_delay,
+    open_buffer,
+    staleness_weight,
+)
+from coordinator.rounds.intake import Intake, Verdict
+from coordinator.rounds.leases import Leases
+from coordinator.rounds.state import CLAIM_LEASE
+from coordinator.rounds.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
+from coordinator.runs import checkpoints, ledger
+from coordinator.runs.context import RunContext, RunContexts
+from coordinator.runs.revocation import split_revoked
 from coordinator.store import Store
-from coordinator.strategies import Strategy, make_strategy
-from coordinator.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
-from coordinator.verification import next_reputation, sketch, weigh
+from coordinator.views.documents import round_record
 from serialization import TensorDict, dumps_stream, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
@@ -77,7 +83,7 @@ class Aggregator:
         self.intake = Intake(store, self.contexts, self.leases)
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
-        """Check one shard's upload and count it at most once (see ``coordinator.intake``)."""
+        """Check one shard's upload and count it at most once (see ``coordinator.rounds.intake``)."""
         return self.intake.validate(run, number, shard, token, volunteer)
 
     def aggregate(self, run: str, number: int) -> dict[str, Any] | None:
@@ -358,8 +364,9 @@ class Aggregator:
     def _publishable(
         self, context: RunContext, base: TensorDict, merged: TensorDict, version: int, owner: str
     ) -> TensorDict:
-        """The version to publish: the merged weights, or with a lossy downlink (``coordinator.downlink``)
-        the base moved by the encoded update, which is staged with its residual for the commit."""
+        """The version to publish: the merged weights, or with a lossy downlink
+        (``coordinator.merging.downlink``) the base moved by the encoded update, which is staged
+        with its residual for the commit."""
         spec = context.config.get("downlink_compression")
         if not lossy(spec):
             return merged

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.checkpoints import append_lines, read_lines, run_dir
+from coordinator.runs.checkpoints import append_lines, read_lines, run_dir
 
 log = logging.getLogger("crowdtrain.ledger")
 

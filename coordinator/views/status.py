@@ -11,9 +11,9 @@ from rich.table import Table
 
 from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from broker.routing import Need, need_from_config
-from coordinator.privacy import from_config, spent
+from coordinator.merging.privacy import from_config, spent
+from coordinator.merging.verification import START_REPUTATION
 from coordinator.store import Store
-from coordinator.verification import START_REPUTATION
 
 PING_TIMEOUT = 1.0
 _CREDIT = ("shards_done", "samples", "accepted", "rejected")

@@ -1,7 +1,7 @@
 """Runs rebuilt from disk: ``coordinator restore`` and the aggregator's look for lost runs.
 
 Redis is where a run lives while it trains; ``CROWDTRAIN_HOME/runs/NAME/`` is
-its complete record (``coordinator.checkpoints``, ``coordinator.ledger``).
+its complete record (``coordinator.runs.checkpoints``, ``coordinator.runs.ledger``).
 When Redis lost a run (a ``FLUSHALL``, a lost volume, a fresh container), the
 run is rebuilt from that record: its config, the latest versions (the current
 one bit for bit, as wire bytes in the saved order), the strategy state and the
@@ -28,12 +28,12 @@ from celery import Celery
 
 from broker import keys
 from broker.errors import UnknownRun
-from coordinator import checkpoints, ledger
-from coordinator.asynchronous import is_async, open_buffer
-from coordinator.documents import document_of
 from coordinator.errors import RunExists, UsageError
-from coordinator.rounds import post_round
+from coordinator.rounds.asynchronous import is_async, open_buffer
+from coordinator.rounds.posting import post_round
+from coordinator.runs import checkpoints, ledger
 from coordinator.store import Store
+from coordinator.views.documents import document_of
 from serialization import dumps
 
 log = logging.getLogger("crowdtrain.restore")

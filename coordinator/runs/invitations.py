@@ -19,7 +19,7 @@ NONCE being 32 random bytes of its own. The aggregator's join thread
 dropped on the server, unread; the list is capped), checks every field, uses
 the invitation once in ``lua/redeem.lua`` (uses decremented atomically, the
 name reserved in the same step, a name already anyone's refused), creates the
-volunteer's own user with ``coordinator.credentials.create`` and writes its
+volunteer's own user with ``coordinator.runs.credentials.create`` and writes its
 password to ``ct:join:reply:NONCE`` for ``REPLY_TTL`` seconds. An invitation
 used up or expired loses its joiner password at once: its token no longer
 even logs in.
@@ -43,9 +43,9 @@ import redis
 
 from broker import keys
 from broker.throttle import throttle
-from coordinator import credentials, identities
 from coordinator.errors import CredentialsError
-from coordinator.state import lua_source
+from coordinator.rounds.state import lua_source
+from coordinator.runs import credentials, identities
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.invitations")
@@ -62,7 +62,7 @@ MAX_BACKLOG = 1000  # requests the list may hold; the newest beyond are dropped 
 REPLY_TTL = 60  # seconds an answer waits for its volunteer
 POLL = 0.2  # seconds between looks at the request list
 ERROR_PAUSE = 1.0
-SEEN_EVERY = 5.0  # seconds between notes of volunteers first seen (coordinator.identities)
+SEEN_EVERY = 5.0  # seconds between notes of volunteers first seen (coordinator.runs.identities)
 RESERVED = frozenset({"default", keys.JOINER})
 
 

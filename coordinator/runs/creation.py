@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 
 from broker import keys
 from broker.objects import ObjectStoreError
-from coordinator import checkpoints
 from coordinator.errors import BROKER_FULL, BrokerFull, UsageError, is_broker_full
+from coordinator.runs import checkpoints
 from coordinator.store import Store
 from jobs import Job
 from serialization import TensorDict, dumps

@@ -4,7 +4,7 @@ Everything counted comes from the upload itself, which only the named
 volunteer can write (its key prefix): a forged message naming someone else
 finds no upload and is ignored. An upload counts only under the lease the
 trusted side gave its volunteer for that shard, with the upload's token
-(``coordinator.leases``): any other is deleted unread (``unleased``), and so
+(``coordinator.rounds.leases``): any other is deleted unread (``unleased``), and so
 is one for a lease whose upload was accepted already (``repeat``). The order
 of the checks is the order of cost: the round, shard and lease, the upload's
 size (before a byte is downloaded), its header against the run's model and
@@ -25,13 +25,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from broker import blobs, keys
-from coordinator.asynchronous import is_async, max_staleness, slot
-from coordinator.context import RunContext, RunContexts
-from coordinator.leases import Lease, Leases
-from coordinator.rounds import shard_task
+from coordinator.merging.verification import START_REPUTATION
+from coordinator.rounds.asynchronous import is_async, max_staleness, slot
+from coordinator.rounds.leases import Lease, Leases
+from coordinator.rounds.posting import shard_task
+from coordinator.rounds.validation import check_delta, check_meta, printable
+from coordinator.runs.context import RunContext, RunContexts
 from coordinator.store import Store
-from coordinator.validation import check_delta, check_meta, printable
-from coordinator.verification import START_REPUTATION
 from serialization import WireFormatError, loads
 
 log = logging.getLogger("crowdtrain.intake")
@@ -57,7 +57,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Upload:
-    """One announced upload (``coordinator.announcements``).
+    """One announced upload (``coordinator.rounds.announcements``).
 
     It counts in the round it was posted with, except in an asynchronous run,
     where it counts in the buffer open when it arrives (``counted_in``) under

@@ -5,7 +5,7 @@ kombu's bookkeeping: the queues (``train``, ``train.*`` and their priority
 lists), the ``unacked`` hash and its ``unacked_index``, the mutex, and the
 ``_kombu.binding.*`` sets. The ACL cannot say *what* goes there, so one
 volunteer could fill Redis through them (to ``maxmemory``, and then every
-write of everyone's fails). The watcher (``coordinator.janitor``) sweeps them
+write of everyone's fails). The watcher (``coordinator.rounds.janitor``) sweeps them
 once a period with ``sweep``:
 
 - ``unacked``/``unacked_index``: a field without an index entry, an index entry
@@ -42,7 +42,7 @@ import redis
 
 from broker import keys
 from broker.routing import train_queues
-from coordinator.state import lua_source
+from coordinator.rounds.state import lua_source
 
 log = logging.getLogger("crowdtrain.janitor")
 

@@ -15,9 +15,9 @@ import redis
 from celery import Celery
 
 from broker.routing import need_from_config
-from coordinator.documents import round_record
 from coordinator.errors import BROKER_FULL, BrokerFull, QuorumError, is_broker_full
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 
 POLL_SECONDS = 0.1
 # Redis commands (a task's LPUSH, its sent event's PUBLISH) sent in one pipeline when posting.
@@ -81,7 +81,7 @@ def shard_task(run: str, number: int, shard: int, shards: int, version: int) -> 
 
     Nothing secret rides in it (every volunteer may read the queue and kombu's
     ``unacked``): a run's upload slot comes with the shard's lease, which only
-    the volunteer granted it reads (``coordinator.leases``).
+    the volunteer granted it reads (``coordinator.rounds.leases``).
     """
     return {"run": run, "round": number, "shard": shard, "shards": shards, "version": version}
 

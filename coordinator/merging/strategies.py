@@ -26,7 +26,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from coordinator.aggregate import (
+from coordinator.errors import StrategyError
+from coordinator.merging.aggregate import (
     WeightedDelta,
     check_delta_layout,
     clipped,
@@ -39,7 +40,6 @@ from coordinator.aggregate import (
     weighted_mean,
     weighted_sum,
 )
-from coordinator.errors import StrategyError
 from serialization import TensorDict
 
 DILOCO_DEFAULTS = {"server_lr": 0.7, "momentum": 0.9}

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import keys
+from coordinator.merging.verification import START_REPUTATION
 from coordinator.store import Store
-from coordinator.verification import START_REPUTATION
 
 PING_TIMEOUT = 1.0
 SEEN_ONLINE = 60.0  # seconds since a volunteer last asked for a lease, for it to count as online

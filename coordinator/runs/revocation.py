@@ -12,7 +12,7 @@ In this order, so that nothing it does meanwhile survives:
    and, while the round is open, its accepted copies stop counting and are
    deleted (``lua/withdraw.lua``).
 
-Its record (``coordinator.identities``) and its credit stay, marked revoked,
+Its record (``coordinator.runs.identities``) and its credit stay, marked revoked,
 so its name is never handed out again.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 import redis
 
 from broker import keys
-from coordinator import credentials, identities
 from coordinator.errors import UsageError
-from coordinator.invitations import save_acl
-from coordinator.state import lua_source
+from coordinator.rounds.state import lua_source
+from coordinator.runs import credentials, identities
+from coordinator.runs.invitations import save_acl
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.revocation")

@@ -4,7 +4,7 @@ A volunteer that takes a ``train_shard`` task asks for the shard's lease
 before it trains: it appends a request (``keys.lease_request``) to its own
 request list ``ct:ask:NAME``, which only its ACL user may append to (and do
 nothing else with), and its name to the hint list ``ct:asks``. The
-aggregator's intake loop (``coordinator.announcements``) takes the hinted
+aggregator's intake loop (``coordinator.rounds.announcements``) takes the hinted
 lists a batch at a time and answers each request on ``ct:grant:NAME:NONCE``,
 which only that volunteer may read: granted (the base version, how long, and
 the upload slot of a run with a blob store) or refused with a reason. The
@@ -19,7 +19,7 @@ a lease within the last lease time (one that trains renews every third of
 it) and has not dropped out of the round (an upload of its refused, a lease
 of its lapsed), so a volunteer that takes shards and drops them holds no one
 else back. The intake counts an upload only if the lease it
-names is the uploader's, with the upload's token (``coordinator.intake``);
+names is the uploader's, with the upload's token (``coordinator.rounds.intake``);
 once accepted the lease is final (``done``), and nothing a volunteer does
 afterwards replaces or deletes what is merged. A volunteer renews its lease
 while it trains (every third of ``init --lease`` seconds), and releases it
@@ -47,10 +47,10 @@ import redis
 
 from broker import keys
 from broker.errors import UnknownRun
-from coordinator.asynchronous import is_async, max_staleness
-from coordinator.context import RunContexts
-from coordinator.rounds import shard_task
-from coordinator.state import lua_source
+from coordinator.rounds.asynchronous import is_async, max_staleness
+from coordinator.rounds.posting import shard_task
+from coordinator.rounds.state import lua_source
+from coordinator.runs.context import RunContexts
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.leases")

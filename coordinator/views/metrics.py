@@ -31,8 +31,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from coordinator.documents import round_record
 from coordinator.store import Store
+from coordinator.views.documents import round_record
 
 PING_INTERVAL = 15.0  # seconds between Celery pings; a scrape never waits for one
 PING_TIMEOUT = 1.0

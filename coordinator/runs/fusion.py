@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError
 
 from broker import keys
-from coordinator import checkpoints
 from coordinator.errors import RunExists, UsageError
+from coordinator.runs import checkpoints
 from coordinator.store import Store
 from jobs import Job, load_job, outputs_of
 from jobs.mixture import Mixture

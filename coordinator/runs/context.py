@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from broker.routing import need_from_config
-from coordinator.privacy import Privacy, from_config
+from coordinator.merging.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
 from serialization import Codec, Expected, encoded_size_bound, loads, parse_codec

@@ -5,7 +5,7 @@ message triggers:
 
 - rounds due by their deadline, or whose aggregator died holding them or
   before it sent ``aggregate_round``;
-- uploads whose announcement was lost (``coordinator.announcements``): an
+- uploads whose announcement was lost (``coordinator.rounds.announcements``): an
   aggregator that died holding a batch it had taken off the list, a list that
   overflowed its cap, a volunteer that never announced. An upload of an open
   round still waiting after a whole sweep period is announced again;
@@ -16,7 +16,7 @@ message triggers:
 
 It also reloads the Lua scripts kombu runs, which least-privilege volunteers
 may only EVALSHA and which a Redis restart forgets; sweeps kombu's keys that
-volunteers may write (``coordinator.bookkeeping``); and watches Redis's memory:
+volunteers may write (``coordinator.rounds.bookkeeping``); and watches Redis's memory:
 a Redis near ``maxmemory`` is reported and swept at once, not a period later.
 """
 
@@ -33,10 +33,10 @@ import redis
 from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.throttle import flush_all, throttle
-from coordinator import bookkeeping
-from coordinator.asynchronous import is_async
-from coordinator.context import RunContexts
-from coordinator.credentials import preload_scripts
+from coordinator.rounds import bookkeeping
+from coordinator.rounds.asynchronous import is_async
+from coordinator.runs.context import RunContexts
+from coordinator.runs.credentials import preload_scripts
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.janitor")
@@ -151,7 +151,7 @@ def housekeeping(
 ) -> set[str]:
     """One sweep period's work; returns the uploads now waiting. A failure is logged, never fatal.
 
-    ``horizon``: seconds an unacked kombu entry may go unrefreshed (``coordinator.bookkeeping``).
+    ``horizon``: seconds an unacked kombu entry may go unrefreshed (``coordinator.rounds.bookkeeping``).
     """
     try:
         bookkeeping.sweep(store.redis, horizon)  # first: it frees what a volunteer filled Redis with

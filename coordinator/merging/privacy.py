@@ -24,8 +24,8 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 
 from coordinator.errors import PrivacyBudgetSpent, UsageError
-from coordinator.rounds import parse_quorum
-from coordinator.validation import delta_norm
+from coordinator.rounds.posting import parse_quorum
+from coordinator.rounds.validation import delta_norm
 from serialization import TensorDict
 
 DEFAULT_DELTA = 1e-5
