@@ -461,10 +461,10 @@ def view_tensor(buf: memoryview, dtype: torch.dtype, n: int) -> torch.Tensor:
     """A flat tensor over ``buf`` without copying; a copy where the bytes are misaligned."""
     if n == 0:
         return torch.empty(0, dtype=dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if np.frombuffer(buf, np.uint8, count=1).ctypes.data % itemsize:
-        buf = memoryview(bytearray(buf))  # bytearray storage is malloc-aligned
-    return torch.frombuffer(buf, dtype=dtype, count=n)
+    flat = torch.frombuffer(buf, dtype=dtype, count=n)
+    if flat.data_ptr() % dtype.itemsize:
+        return torch.frombuffer(bytearray(buf), dtype=dtype, count=n)  # bytearray storage is aligned
+    return flat
 
 
 def _kept_energy(f: float) -> float:
