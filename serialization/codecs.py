@@ -140,14 +140,15 @@ class HalfCodec(Codec):
         return {"data": 2 * n}
 
     def encode_into(self, x: torch.Tensor, out: Fields) -> None:
-        torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
+        if x.numel():  # torch will not view an empty array's bytes as halves (its stride is 0)
+            torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
 
     def decode(
         self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
     ) -> torch.Tensor:
         half = view_tensor(fields["data"], self.dtype, n)
-        if dtype != torch.float32:
-            return half.to(dtype)
+        if dtype != torch.float32:  # a copy even in its own dtype: only none decodes to views
+            return half.to(dtype, copy=True)
         return torch.from_numpy(_out(out, n)).copy_(half)
 
     def expected_ratio(self) -> float:
