@@ -333,7 +333,7 @@ def _read_tensor(r: Reader) -> tuple:
     for dim in shape:
         n *= dim
     expected = codec.field_sizes(n, _ITEMSIZE[code])
-    if set(expected) != set(fields):
+    if expected.keys() != fields.keys():
         raise WireFormatError(
             f"tensor {name!r}: codec {codec.name} needs fields {sorted(expected)}, got {sorted(fields)}"
         )
@@ -380,7 +380,7 @@ def _decode_all(parsed: list, arena: np.ndarray) -> dict[str, torch.Tensor]:
         flat = codec.decode(fields, n, DTYPES[code], out)
         if code == _CODE[torch.bool] and n and int(flat.view(torch.uint8).max()) > 1:
             raise WireFormatError(f"tensor {name!r}: bool bytes other than 0 and 1")
-        tensors[name] = flat.view(tuple(shape))
+        tensors[name] = flat if len(shape) == 1 else flat.view(shape)
     return tensors
 
 
