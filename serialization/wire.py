@@ -153,13 +153,15 @@ class Encoded:
     def gather(self) -> bytes:
         """The whole message in one buffer (what ``dumps`` returns)."""
         buf, view = _buffers.allocate(self.size)
-        pos = 0
+        out, pos = view.data, 0
         for piece in self.pieces:
-            view[pos : pos + piece.nbytes] = np.frombuffer(piece, np.uint8)
+            if pos + piece.nbytes > self.size:
+                raise RuntimeError(f"an encoded message of {self.size} bytes gave more")
+            out[pos : pos + piece.nbytes] = piece
             pos += piece.nbytes
         if pos != self.size:
             raise RuntimeError(f"an encoded message of {self.size} bytes gave {pos}")
-        del view
+        del view, out
         return _buffers.finish(buf)
 
 
@@ -240,8 +242,9 @@ def loads(
     and every expected name appear, before anything is allocated: an upload
     cannot make the reader allocate more than the model it claims to update.
     Tensors sent as ``none`` are read-only views of ``data`` where it is aligned
-    (clone before modifying them in place); all tensors are on the CPU in their
-    declared dtype.
+    (clone before modifying them in place, and before reusing a ``data`` buffer
+    while they live); every other tensor owns its memory. All tensors are on the
+    CPU in their declared dtype.
     """
     try:
         budget = max(limit, DEFAULT_LIMIT) if max_decoded is None else max_decoded
