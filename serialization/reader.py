@@ -153,10 +153,14 @@ class Reader:
                 header[key] = self.int_("dtype code")
             elif key == "shape":
                 header[key] = self._shape(max_ndim)
-            elif key[:1] == "_":
-                self.bin_(key)  # padding
-            else:
-                fields[key] = self.bin_(key)
+            else:  # "_F" is F's padding; the what of an error is named only once it happens
+                try:
+                    payload = self.bin_("payload")
+                except WireFormatError as e:
+                    kind = "padding" if key[:1] == "_" else "field"
+                    raise WireFormatError(f"{kind} {key!r}: {e}") from None
+                if key[:1] != "_":
+                    fields[key] = payload
         missing = [k for k in _TENSOR_KEYS if k not in header]
         if missing:
             raise WireFormatError(f"tensor map at offset {self.pos} lacks {', '.join(missing)}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from serialization import dumps, dumps_stream, loads, parse_codec
+from serialization import WireFormatError, dumps, dumps_stream, loads, parse_codec
 from serialization.wire import ALIGN, DTYPES, FORMAT_VERSION
 
 SPECS = (
@@ -127,3 +127,10 @@ def test_only_tensors_sent_as_none_share_memory_with_the_payload(spec):
         decoded[name] += 1  # in place: each owns its memory (lossy float32 ones share one arena)
     for name in changed:
         assert torch.equal(decoded[name], before[name] + 1), name
+
+
+def test_a_bad_field_is_named_by_its_escaped_key():
+    data = dumps({"w": torch.randn(4)})
+    bad = data.replace(b"\xa4data\xc6", b"\xa4da\nt\xc7")  # a key with a newline, then no bin
+    with pytest.raises(WireFormatError, match=r"^field 'da\\nt': payload must be bin"):
+        loads(bad)
