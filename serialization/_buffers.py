@@ -1,12 +1,14 @@
 """Output buffers that skip the page-fault cost of fresh large allocations.
 
-A 100 MB ``bytes`` built by ``b"".join`` spends most of its time faulting in
-4 KiB pages (docs/BENCHMARKS.md, "Measuring memory-bound
-code here": ~1.5 GB/s against ~7 GB/s for a warm memcpy). On
-CPython we allocate the ``bytes`` object uninitialised (the documented
+A new 100 MB buffer spends most of its filling time faulting in 4 KiB pages
+(docs/BENCHMARKS.md, "Measuring memory-bound code here": about 3 GB/s against
+about 14 GB/s for a copy into memory already touched), and a ``bytearray``
+turned into ``bytes`` at the end is written twice. On CPython we allocate the
+``bytes`` object uninitialised (the documented
 ``PyBytes_FromStringAndSize(NULL, n)`` idiom), ask the kernel for huge pages
 over it (``madvise``; a no-op where THP is off) and fill it in place before
-anyone else can see it. Elsewhere we fall back to ``b"".join``.
+anyone else can see it: the writer must write every byte. Elsewhere, and for
+small messages, we fill a ``bytearray`` and copy it once into ``bytes``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 __all__ = ["allocate", "finish"]
 
 _HUGE = 1 << 21
-_MIN_FAST = 4 << 20  # below this, join is as fast and simpler
+_MIN_FAST = 64 << 10  # below this, a bytearray and one copy cost about as much
 _MADV_HUGEPAGE = 14
 
 

@@ -140,14 +140,15 @@ class HalfCodec(Codec):
         return {"data": 2 * n}
 
     def encode_into(self, x: torch.Tensor, out: Fields) -> None:
-        torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
+        if x.numel():  # torch will not view an empty array's bytes as halves (its stride is 0)
+            torch.from_numpy(out["data"]).view(self.dtype).copy_(x.reshape(-1))
 
     def decode(
         self, fields: Mapping[str, memoryview], n: int, dtype: torch.dtype, out: np.ndarray | None = None
     ) -> torch.Tensor:
         half = view_tensor(fields["data"], self.dtype, n)
-        if dtype != torch.float32:
-            return half.to(dtype)
+        if dtype != torch.float32:  # a copy even in its own dtype: only none decodes to views
+            return half.to(dtype, copy=True)
         return torch.from_numpy(_out(out, n)).copy_(half)
 
     def expected_ratio(self) -> float:
@@ -461,10 +462,10 @@ def view_tensor(buf: memoryview, dtype: torch.dtype, n: int) -> torch.Tensor:
     """A flat tensor over ``buf`` without copying; a copy where the bytes are misaligned."""
     if n == 0:
         return torch.empty(0, dtype=dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if np.frombuffer(buf, np.uint8, count=1).ctypes.data % itemsize:
-        buf = memoryview(bytearray(buf))  # bytearray storage is malloc-aligned
-    return torch.frombuffer(buf, dtype=dtype, count=n)
+    flat = torch.frombuffer(buf, dtype=dtype, count=n)
+    if flat.data_ptr() % dtype.itemsize:
+        return torch.frombuffer(bytearray(buf), dtype=dtype, count=n)  # bytearray storage is aligned
+    return flat
 
 
 def _kept_energy(f: float) -> float:

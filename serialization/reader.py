@@ -34,17 +34,22 @@ class Reader:
 
     def take(self, n: int, what: str) -> memoryview:
         """The next n bytes; WireFormatError if the message ends first."""
-        if n > self.end - self.pos:
-            raise WireFormatError(
-                f"truncated message: {what} needs {n} bytes at offset {self.pos}, {self.end - self.pos} left"
-            )
         start = self.pos
-        self.pos += n
-        return self.view[start : self.pos]
+        stop = start + n
+        if stop > self.end:
+            raise WireFormatError(
+                f"truncated message: {what} needs {n} bytes at offset {start}, {self.end - start} left"
+            )
+        self.pos = stop
+        return self.view[start:stop]
 
     def byte(self, what: str) -> int:
         """The next type byte."""
-        return self.take(1, what)[0]
+        pos = self.pos
+        if pos >= self.end:
+            raise WireFormatError(f"truncated message: {what} needs 1 byte at offset {pos}, 0 left")
+        self.pos = pos + 1
+        return self.view[pos]
 
     def _length(self, size: int, what: str) -> int:
         """A big-endian unsigned length of 1, 2 or 4 bytes."""
@@ -107,13 +112,28 @@ class Reader:
     def bin_(self, what: str) -> memoryview:
         """A bin payload as a view of the input."""
         b = self.byte(what)
-        if b not in _BIN:
+        size = _BIN.get(b)
+        if size is None:
             raise WireFormatError(f"{what} must be bin, found type byte 0x{b:02x}")
-        return self.take(self._length(_BIN[b], what), what)
+        return self.take(int.from_bytes(self.take(size, what), "big"), what)
+
+    def key(self) -> str:
+        """A map key: a short string (the one-byte fixstr form read without the general path)."""
+        pos, view = self.pos, self.view
+        if pos < self.end and 0xA0 <= view[pos] <= 0xBF:
+            stop = pos + 1 + (view[pos] & 0x1F)
+            if stop <= self.end:
+                try:
+                    key = str(view[pos + 1 : stop], "utf-8")
+                except UnicodeDecodeError as e:
+                    raise WireFormatError("key is not valid UTF-8") from e
+                self.pos = stop
+                return key
+        return self.str_(_MAX_KEY, "key")
 
     def expect_key(self, key: str) -> None:
         """The next item must be the string ``key``."""
-        found = self.str_(_MAX_KEY, "key")
+        found = self.key()
         if found != key:
             raise WireFormatError(f"expected key {key!r}, found {found!r}")
 
@@ -122,7 +142,7 @@ class Reader:
         header: dict[str, Any] = {}
         fields: dict[str, memoryview] = {}
         for _ in range(self.map_header()):
-            key = self.str_(_MAX_KEY, "tensor key")
+            key = self.key()
             if key in header or key in fields:
                 raise WireFormatError(f"duplicate tensor key {key!r}")
             if key == "name":
@@ -133,10 +153,14 @@ class Reader:
                 header[key] = self.int_("dtype code")
             elif key == "shape":
                 header[key] = self._shape(max_ndim)
-            elif key.startswith("_"):
-                self.bin_(f"padding {key!r}")
-            else:
-                fields[key] = self.bin_(f"field {key!r}")
+            else:  # "_F" is F's padding; the what of an error is named only once it happens
+                try:
+                    payload = self.bin_("payload")
+                except WireFormatError as e:
+                    kind = "padding" if key[:1] == "_" else "field"
+                    raise WireFormatError(f"{kind} {key!r}: {e}") from None
+                if key[:1] != "_":
+                    fields[key] = payload
         missing = [k for k in _TENSOR_KEYS if k not in header]
         if missing:
             raise WireFormatError(f"tensor map at offset {self.pos} lacks {', '.join(missing)}")
@@ -147,9 +171,12 @@ class Reader:
         ndim = self.array_header()
         if ndim > max_ndim:
             raise WireFormatError(f"shape has {ndim} dimensions; at most {max_ndim}")
-        shape = [self.int_("dimension") for _ in range(ndim)]
-        if any(d < 0 or d >= 1 << 62 for d in shape):
-            raise WireFormatError(f"shape {shape} has a negative or absurd dimension")
+        shape = []
+        for _ in range(ndim):
+            dim = self.int_("dimension")
+            if dim < 0 or dim >= 1 << 62:
+                raise WireFormatError(f"shape has a negative or absurd dimension {dim}")
+            shape.append(dim)
         return shape
 
     def rest(self) -> memoryview:

@@ -118,21 +118,24 @@ def dumps_visit(
     """
     items, segments, total = _plan(tensors, meta, codec)
     buf, view = _buffers.allocate(total)
-    fields: list[dict[str, np.ndarray]] = [{} for _ in items]
+    out = view.data  # a memoryview: header bytes go in by slice assignment
+    fields: dict[str, np.ndarray] = {}
     pos = 0
     for seg in segments:
-        if isinstance(seg, bytes):
-            view[pos : pos + len(seg)] = np.frombuffer(seg, np.uint8)
+        if type(seg) is bytes:  # header bytes, copied in place
+            out[pos : pos + len(seg)] = seg
             pos += len(seg)
-        else:
-            index, field, size = seg
-            fields[index][field] = view[pos : pos + size]
-            pos += size
-    for (name, flat, used, _), out in zip(items, fields, strict=True):
-        used.encode_into(flat, out)
-        if visit is not None:
-            visit(name, used, out)
-    del view, fields
+            continue
+        index, field, size, last = seg
+        fields[field] = view[pos : pos + size]
+        pos += size
+        if last:  # every field of this tensor has its place: write it once, straight into the message
+            name, flat, used, _ = items[index]
+            used.encode_into(flat, fields)
+            if visit is not None:
+                visit(name, used, fields)
+            fields = {}
+    del view, out, fields
     return _buffers.finish(buf)
 
 
@@ -150,13 +153,15 @@ class Encoded:
     def gather(self) -> bytes:
         """The whole message in one buffer (what ``dumps`` returns)."""
         buf, view = _buffers.allocate(self.size)
-        pos = 0
+        out, pos = view.data, 0
         for piece in self.pieces:
-            view[pos : pos + piece.nbytes] = np.frombuffer(piece, np.uint8)
+            if pos + piece.nbytes > self.size:
+                raise RuntimeError(f"an encoded message of {self.size} bytes gave more")
+            out[pos : pos + piece.nbytes] = piece
             pos += piece.nbytes
         if pos != self.size:
             raise RuntimeError(f"an encoded message of {self.size} bytes gave {pos}")
-        del view
+        del view, out
         return _buffers.finish(buf)
 
 
@@ -197,7 +202,7 @@ def _pieces(items: list, segments: list, visit: Visit | None) -> Iterator[memory
         if isinstance(seg, bytes):
             yield memoryview(seg)
             continue
-        index, field, _ = seg
+        index, field, _, _ = seg
         if index != current:
             current, fields = index, _encode_one(items[index], visit)
         yield fields[field].data.cast("B")
@@ -237,8 +242,9 @@ def loads(
     and every expected name appear, before anything is allocated: an upload
     cannot make the reader allocate more than the model it claims to update.
     Tensors sent as ``none`` are read-only views of ``data`` where it is aligned
-    (clone before modifying them in place); all tensors are on the CPU in their
-    declared dtype.
+    (clone before modifying them in place, and before reusing a ``data`` buffer
+    while they live); every other tensor owns its memory. All tensors are on the
+    CPU in their declared dtype.
     """
     try:
         budget = max(limit, DEFAULT_LIMIT) if max_decoded is None else max_decoded
@@ -330,7 +336,7 @@ def _read_tensor(r: Reader) -> tuple:
     for dim in shape:
         n *= dim
     expected = codec.field_sizes(n, _ITEMSIZE[code])
-    if set(expected) != set(fields):
+    if expected.keys() != fields.keys():
         raise WireFormatError(
             f"tensor {name!r}: codec {codec.name} needs fields {sorted(expected)}, got {sorted(fields)}"
         )
@@ -377,7 +383,7 @@ def _decode_all(parsed: list, arena: np.ndarray) -> dict[str, torch.Tensor]:
         flat = codec.decode(fields, n, DTYPES[code], out)
         if code == _CODE[torch.bool] and n and int(flat.view(torch.uint8).max()) > 1:
             raise WireFormatError(f"tensor {name!r}: bool bytes other than 0 and 1")
-        tensors[name] = flat.view(tuple(shape))
+        tensors[name] = flat if len(shape) == 1 else flat.view(shape)
     return tensors
 
 
@@ -433,39 +439,46 @@ def _prepare(name: str, tensor: torch.Tensor, codec: Codec) -> tuple[str, torch.
         raise ValueError(
             f"tensor {name!r} has dtype {tensor.dtype}; the wire carries {', '.join(str(d) for d in DTYPES)}"
         )
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    used = codec.for_tensor(flat.numel(), tensor.is_floating_point())
+    flat = tensor.detach()
+    if not flat.is_cpu:
+        flat = flat.cpu()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    flat = flat.view(-1)
+    used = codec.for_tensor(flat.numel(), flat.is_floating_point())
     return name, flat, used, tensor.shape
 
 
 def _layout(items: list, meta_bytes: bytes) -> tuple[list, int]:
-    """Header bytes and (tensor index, field, size) slots in message order, and the total."""
+    """Header bytes and (tensor index, field, size, last field?) slots in message order, and the total."""
     segments: list = []
-    head = bytearray(b"\x83" + _P("v") + _P(FORMAT_VERSION) + _P("tensors") + _array_header(len(items)))
+    head = b"\x83" + _HEAD + _array_header(len(items))
     offset = 0
     for index, (name, flat, codec, shape) in enumerate(items):
         sizes = codec.field_sizes(flat.numel(), flat.element_size())
-        head += (
-            bytes((0x80 | (4 + 2 * len(sizes)),))
-            + _P("name")
-            + _P(name)
-            + _P("codec")
-            + _P(codec.name)
-            + _P("dtype")
-            + _P(_CODE[flat.dtype])
-            + _P("shape")
-            + _P(list(shape))
-        )
-        for field, size in sizes.items():
-            key, pad_key = _P(field), _P("_" + field)
+        # One packb for the fixed entries: an array of 8 is a 1-byte header, then the items as a
+        # map holds them (name, codec, dtype, shape, in that order).
+        entries = ["name", name, "codec", codec.name, "dtype", _CODE[flat.dtype], "shape", list(shape)]
+        head += bytes((0x80 | (4 + 2 * len(sizes)),)) + msgpack.packb(entries, use_bin_type=True)[1:]
+        last = len(sizes) - 1
+        for i, (field, size) in enumerate(sizes.items()):
+            pad_key, key = _field_keys(field)
             pad = -(offset + len(head) + len(pad_key) + 2 + len(key) + 5) % ALIGN
-            head += pad_key + bytes((0xC4, pad)) + bytes(pad) + key + b"\xc6" + struct.pack(">I", size)
-            segments += [bytes(head), (index, field, size)]
+            head += pad_key + _PADS[pad] + key + b"\xc6" + size.to_bytes(4, "big")
+            segments += [head, (index, field, size, i == last)]
             offset += len(head) + size
-            head = bytearray()
+            head = b""
     head += _P("meta") + meta_bytes
-    segments.append(bytes(head))
+    segments.append(head)
     return segments, offset + len(head)
+
+
+def _field_keys(field: str) -> tuple[bytes, bytes]:
+    """The packed keys of a field's padding and payload (``_F``, ``F``), memoized."""
+    keys = _FIELD_KEYS.get(field)
+    if keys is None:
+        keys = _FIELD_KEYS[field] = (_P("_" + field), _P(field))
+    return keys
 
 
 def _array_header(n: int) -> bytes:
@@ -491,3 +504,8 @@ def _check_host() -> None:
 def _P(obj: object) -> bytes:
     """msgpack-pack one small value."""
     return msgpack.packb(obj, use_bin_type=True)
+
+
+_HEAD = _P("v") + _P(FORMAT_VERSION) + _P("tensors")
+_PADS = tuple(bytes((0xC4, n)) + bytes(n) for n in range(ALIGN))  # bin8 of n zero bytes
+_FIELD_KEYS: dict[str, tuple[bytes, bytes]] = {}
