@@ -11,6 +11,7 @@ from rich.table import Table
 
 from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from broker.routing import Need, need_from_config
+from coordinator.capabilities import Capabilities
 from coordinator.privacy import from_config, spent
 from coordinator.store import Store
 from coordinator.verification import START_REPUTATION
@@ -62,17 +63,23 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
             if "requires" in entry:
                 entry["qualified_online"] = sum(entry["queue"] in q for q in consumers.values())
     volunteers = []
-    for name, credit in store.volunteers().items():
+    credits = store.volunteers()
+    capabilities = Capabilities(store.redis)
+    for name in capabilities.claimants():  # one that failed its challenge may have earned nothing yet
+        credits.setdefault(name, {})
+    claims = capabilities.claims(list(credits))  # its claims as its challenges measured them
+    for name, credit in credits.items():
         volunteers.append(
             {
                 "name": name,
-                "device": credit.get("device", "?"),
+                "device": credit.get("device") or (claims.get(name) or {}).get("device") or "?",
                 "memory_gb": credit.get("memory_gb"),
                 "online": name in online,
                 "paused": name in online and not consumers[name],
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
                 "samples_per_second": _speed(credit),
                 "reputation": float(credit.get("reputation", START_REPUTATION)),
+                "claims": claims.get(name),
             }
         )
     return {
