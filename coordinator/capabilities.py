@@ -49,7 +49,7 @@ log = logging.getLogger("crowdtrain.capabilities")
 
 N_MIN = challenge.BLOCK
 N_MAX = 8192  # rows of the largest challenge: the trusted side's cost bound (docs/SECURITY.md)
-TARGET_SECONDS = 0.25  # what a challenge costs an honest volunteer, at its claimed speed
+TARGET_SECONDS = 0.1  # what a challenge costs an honest volunteer, at its claimed speed
 MEMORY_SHARE = 0.5  # of the claimed memory, at most, that a challenge's three matrices fill
 OPEN_ROWS = 8  # rows of C opened: a product with a fraction w of wrong rows passes with (1-w)^8
 VECTORS = 2  # Freivalds vectors per check: a wrong row passes with at most 2^-16 each

@@ -9,7 +9,9 @@ lists a batch at a time and answers each request on ``ct:grant:NAME:NONCE``,
 which only that volunteer may read: granted (the base version, how long, and
 the upload slot of a run with a blob store) or refused with a reason. The
 lease itself (``lua/grant.lua``) lives in ``ct:lease:RUN:N``, which no
-volunteer can read or write.
+volunteer can read or write. Capability challenges (``coordinator.capabilities``)
+ride on the same lists and answers; a run with needs refuses the lease of a
+volunteer whose claim failed its challenge.
 
 A shard is granted to one volunteer at a time (two for a replicated shard,
 never the same one twice), only while its round is open and its upload not

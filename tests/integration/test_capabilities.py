@@ -11,6 +11,7 @@ would keep taking the shard's messages only to be refused).
 from __future__ import annotations
 
 import pytest
+import redis
 
 from coordinator.store import Store
 from tests.conftest import wait_until
@@ -22,11 +23,13 @@ TINY = "tests.fixtures.jobs_tiny:make_job"
 def procs(admin_processes):
     procs, admin = admin_processes
     procs.store = Store(admin)
+    procs.urls = {}
     return procs
 
 
 def _volunteer(procs, name: str, *argv: str, **env: str):
     url = procs.json("volunteer-credentials", name)["url"]
+    procs.urls[name] = url
     return procs.spawn(
         name,
         *argv,
@@ -68,3 +71,14 @@ def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_the
     assert honest["speed_gflops"]["verified"] is True and honest["reason"] is None, honest
     credit = {v["name"]: v["shards_done"] for v in document["volunteers"]}
     assert credit == {"liar": 0, "honest": 1}, credit
+
+    # the liar's user can write neither the honest one's answers nor any verdict or challenge
+    liar_client = redis.Redis.from_url(procs.urls["liar"])
+    for write in (
+        lambda: liar_client.set("ct:grant:honest:" + "ab" * 16 + ":commit", b"x"),
+        lambda: liar_client.set("ct:claims:liar", b"{}"),
+        lambda: liar_client.hset("ct:challenge:liar", "deadline", "1e12"),
+        lambda: liar_client.sadd("ct:claimants", "nobody"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            write()
