@@ -57,6 +57,11 @@ SPREAD = 1 << 16  # r's entries are drawn from [0, SPREAD): a*(B r) stays exact 
 SLACK = 4.0  # an answer may take this many times the claimed speed's time ...
 GRACE_SECONDS = 15.0  # ... plus this: drawing the matrices, hashing, the round trips, a busy machine
 MIN_INTERVAL = 30.0  # seconds between two challenges of one volunteer: a volunteer cannot make us busy
+# A volunteer's reported training may imply at most this many times the speed its challenges showed.
+# The implied speed counts 2 FLOPs per parameter per sample (one token's forward pass): a loose
+# lower bound, so honest training (backward, whole sequences) stays far under it even where mixed
+# precision runs well above the float32 speed score.
+TRAINING_SLACK = 10.0
 STATE_TTL = 3600
 ANSWER_TTL = 120
 _BYTES_PER_ENTRY = 12  # three n x n float32 matrices
@@ -211,6 +216,36 @@ class Capabilities:
                 out[name] = record
         return out
 
+    def note_training(self, volunteer: str, samples: int, seconds: float, params: int) -> None:
+        """Check the samples per second of a volunteer's merged shards against its challenges' speed.
+
+        The verdict goes into its claims as ``samples_per_second``; a volunteer
+        never challenged has nothing to be held to, and gets none.
+        """
+        if seconds <= 0:
+            return
+        key = keys.claims(volunteer)
+
+        # WATCHed: a verdict written meanwhile is read again (redis-py retries), never overwritten
+        def update(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(key)
+            if not raw:
+                return
+            record = json.loads(raw)
+            speed = record["speed_gflops"]
+            implied = samples * 2 * params / seconds / 1e9
+            shown = max(float(speed.get("claimed") or 0), float(speed.get("measured") or 0))
+            allowed = TRAINING_SLACK * shown
+            record["samples_per_second"] = {
+                "reported": round(samples / seconds, 1),
+                "verified": bool(speed["verified"]) and implied <= allowed,
+                "implied_gflops": round(implied, 3),
+            }
+            pipe.multi()
+            pipe.set(key, json.dumps(record))
+
+        self.redis.transaction(update, key)
+
     def refusal(self, volunteer: str, need: Need) -> str | None:
         """Why a lease for a run with ``need`` is refused by ``volunteer``'s failed claims, or None."""
         record = self.claims([volunteer]).get(volunteer)
@@ -314,6 +349,7 @@ def _judged(
     return {
         "memory_gb": memory,
         "speed_gflops": speed,
+        "samples_per_second": (record or {}).get("samples_per_second"),
         "device": pending.get("device") or (record or {}).get("device"),
         "challenge_n": n,
         "checked": now,

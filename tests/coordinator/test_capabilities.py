@@ -89,6 +89,15 @@ def test_an_honest_answer_verifies_both_claims(trusted, redis_server):
     assert record["memory_gb"]["claimed"] == 1.0 and record["memory_gb"]["proven_gb"] > 0
     assert record["reason"] is None and record["speed_gflops"]["measured"] > 0
     assert trusted.refusal("ann", Need(None, 1)) is None
+    # training it reports must be within TRAINING_SLACK of the speed it showed (2 FLOPs a parameter)
+    shown = record["speed_gflops"]["claimed"] * 1e9
+    trusted.note_training("ann", 1000, 1000 * 2 * 1000 / shown, 1000)  # as fast as its device
+    reported = trusted.claims(["ann"])["ann"]["samples_per_second"]
+    assert reported["verified"] is True and reported["reported"] > 0, reported
+    trusted.note_training("ann", 1000, 1000 * 2 * 1000 / shown / 100, 1000)  # 100x faster than shown
+    assert trusted.claims(["ann"])["ann"]["samples_per_second"]["verified"] is False
+    trusted.note_training("nobody", 1000, 1.0, 1000)  # never challenged: nothing to hold it to
+    assert trusted.claims(["nobody"]) == {}
     # the next one is refused until MIN_INTERVAL has passed: a volunteer cannot keep us busy
     assert _prover(redis_server, "ann").prove() == "refused: too soon"
     assert not redis_server.client().keys("ct:grant:ann:*:*")  # the answers left Redis

@@ -62,13 +62,20 @@ def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_the
     _volunteer(procs, "honest", "-m", "volunteer.cli")
     wait_until(lambda: procs.store.version("big") == 1, "the 8 GB run's round", processes=procs, poll=0.2)
 
-    document = procs.json("status")
+    def trained() -> dict | None:  # credit (and the check of its training speed) follows the commit
+        document = procs.json("status")
+        honest = next((v for v in document["volunteers"] if v["name"] == "honest"), None)
+        return document if honest and (honest["claims"] or {}).get("samples_per_second") else None
+
+    document = wait_until(trained, "the honest volunteer's credit", processes=procs)
     claims = {v["name"]: v["claims"] for v in document["volunteers"]}
     liar, honest = claims["liar"], claims["honest"]
     assert liar["memory_gb"] == {"claimed": 16.0, "verified": False, "proven_gb": 0.0}, liar
     assert liar["speed_gflops"]["verified"] is False and liar["reason"] == "wrong product", liar
     assert honest["memory_gb"]["verified"] is True and honest["memory_gb"]["claimed"] == 16.0, honest
     assert honest["speed_gflops"]["verified"] is True and honest["reason"] is None, honest
+    assert honest["samples_per_second"]["verified"] is True, honest
+    assert liar["samples_per_second"] is None  # it trained nothing to compare
     credit = {v["name"]: v["shards_done"] for v in document["volunteers"]}
     assert credit == {"liar": 0, "honest": 1}, credit
 
