@@ -65,6 +65,7 @@ TRAINING_SLACK = 10.0
 STATE_TTL = 3600
 ANSWER_TTL = 120
 _BYTES_PER_ENTRY = 12  # three n x n float32 matrices
+_FIELDS = ("id", "n", "seed", "issued", "deadline", "memory", "gflops", "device", "committed", "open")
 
 
 def size(memory_gb: float, gflops: float) -> int:
@@ -190,7 +191,8 @@ class Capabilities:
             self._verdict(volunteer, pending, now, correct=False, reason="opened rows of the wrong size")
             return
         opened = np.frombuffer(data, dtype="<i4").reshape(len(chosen), n)
-        reason = _wrong(int(pending["seed"]), n, chosen, opened, pending["digests"])
+        digests = self.redis.hget(keys.challenge(volunteer), "digests") or b""
+        reason = _wrong(int(pending["seed"]), n, chosen, opened, bytes(digests))
         self._verdict(volunteer, pending, now, correct=reason is None, reason=reason)
 
     # --- verdicts and routing ----------------------------------------------------
@@ -292,8 +294,9 @@ class Capabilities:
         return bytes(data) if data is not None and len(data) == expected else None
 
     def _pending(self, volunteer: str) -> dict[str, Any]:
-        raw = self.redis.hgetall(keys.challenge(volunteer))
-        return {k.decode(): (v if k == b"digests" else v.decode()) for k, v in raw.items()}
+        """Its open challenge's small fields (the digests, up to 256 KiB, are read only to check rows)."""
+        values = self.redis.hmget(keys.challenge(volunteer), _FIELDS)
+        return {k: v.decode() for k, v in zip(_FIELDS, values, strict=True) if v is not None}
 
     def _claims(self, volunteer: str) -> dict[str, Any]:
         raw = self.redis.get(keys.claims(volunteer))
