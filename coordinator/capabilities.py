@@ -16,7 +16,8 @@ rows of ``A``, and does O(n^2) work where the product costs O(n^3).
 
 Verdicts (``ct:claims:NAME``, no volunteer writes it; ``status --json``
 shows them as ``claims``): a right answer committed before the deadline
-(``SLACK`` times the claimed speed's time, plus ``GRACE_SECONDS``) verifies
+(``SLACK`` times the claimed speed's time, plus a grace for drawing and
+hashing, ``deadline_seconds``) verifies
 both claims; a right answer committed late fails the speed claim; a wrong
 answer, a wrong size or none at all fails both. A lease for a run that needs
 more memory than a volunteer has proven, or a GPU, is refused while its
@@ -55,7 +56,12 @@ OPEN_ROWS = 8  # rows of C opened: a product with a fraction w of wrong rows pas
 VECTORS = 2  # Freivalds vectors per check: a wrong row passes with at most 2^-16 each
 SPREAD = 1 << 16  # r's entries are drawn from [0, SPREAD): a*(B r) stays exact in float64
 SLACK = 4.0  # an answer may take this many times the claimed speed's time ...
-GRACE_SECONDS = 15.0  # ... plus this: drawing the matrices, hashing, the round trips, a busy machine
+GRACE_SECONDS = 5.0  # ... plus this: the round trips, a busy machine ...
+GRACE_PER_ENTRY = 5e-8  # ... and this per entry of C: drawing A and B, hashing C (n = 8192: 3.4 s)
+# A claim of a GPU is held to at least this speed (GFLOP/s; float32): every GPU worth routing to
+# does more (Apple's M1 2.6 TFLOP/s passes within SLACK), while a CPU (~50-150) must answer an
+# n ~ 7900 product in ~8.5 s, which takes it 6-20 s.
+GPU_MIN_GFLOPS = 10_000.0
 MIN_INTERVAL = 30.0  # seconds between two challenges of one volunteer: a volunteer cannot make us busy
 # A volunteer's reported training may imply at most this many times the speed its challenges showed.
 # The implied speed counts 2 FLOPs per parameter per sample (one token's forward pass): a loose
@@ -83,7 +89,12 @@ def footprint_gb(n: int) -> float:
 
 def deadline_seconds(n: int, gflops: float) -> float:
     """How long an ``n``-row challenge may take a device as fast as ``gflops`` claims."""
-    return SLACK * 2 * n**3 / (max(gflops, 1e-3) * 1e9) + GRACE_SECONDS
+    return SLACK * 2 * n**3 / (max(gflops, 1e-3) * 1e9) + GRACE_SECONDS + GRACE_PER_ENTRY * n * n
+
+
+def held_to(gflops: float, device: str) -> float:
+    """The speed a challenge is sized and timed for: the claim, and for a GPU at least ``GPU_MIN_GFLOPS``."""
+    return max(gflops, GPU_MIN_GFLOPS) if device == "gpu" else gflops
 
 
 def freivalds(a: np.ndarray, b_r: np.ndarray, c: np.ndarray, r: np.ndarray) -> bool:
@@ -137,14 +148,15 @@ class Capabilities:
         last = self._claims(volunteer).get("checked") or 0.0
         if now - float(last) < MIN_INTERVAL:
             return self._reply(volunteer, reply, {"refused": "too soon"})
-        n = size(memory, gflops)
+        speed = held_to(gflops, device)
+        n = size(memory, speed)
         ident = secrets.token_hex(16)
         state: dict[str, Any] = {
             "id": ident,
             "n": n,
             "seed": secrets.randbits(63),
             "issued": now,
-            "deadline": now + deadline_seconds(n, gflops),
+            "deadline": now + deadline_seconds(n, speed),
             "memory": memory,
             "gflops": gflops,
             "device": device,
@@ -206,13 +218,14 @@ class Capabilities:
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.get(keys.claims(name))
-            pipe.hmget(keys.challenge(name), "deadline", "memory", "gflops", "n")
+            pipe.hmget(keys.challenge(name), "deadline", "memory", "gflops", "n", "device")
         replies = pipe.execute()
         out: dict[str, dict[str, Any]] = {}
-        for name, raw, (deadline, memory, gflops, n) in zip(names, replies[0::2], replies[1::2], strict=True):
+        for name, raw, (deadline, *rest) in zip(names, replies[0::2], replies[1::2], strict=True):
             record = json.loads(raw) if raw else None
             if deadline is not None and now > float(deadline):
-                overdue = {"memory": memory, "gflops": gflops, "n": n}
+                fields = ("memory", "gflops", "n", "device")
+                overdue = {k: (v or b"").decode() for k, v in zip(fields, rest, strict=True)}
                 record = _judged(record, overdue, now, correct=False, late=True, reason="no answer in time")
             if record is not None:
                 out[name] = record
@@ -353,7 +366,8 @@ def _judged(
         "memory_gb": memory,
         "speed_gflops": speed,
         "samples_per_second": (record or {}).get("samples_per_second"),
-        "device": pending.get("device") or (record or {}).get("device"),
+        # a GPU's claim is its speed's: a challenge sized for GPU_MIN_GFLOPS at least, in time
+        "device": {"claimed": pending.get("device") or "cpu", "verified": correct and not late},
         "challenge_n": n,
         "checked": now,
         "reason": None if correct and not late else reason,

@@ -72,7 +72,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
         volunteers.append(
             {
                 "name": name,
-                "device": credit.get("device") or (claims.get(name) or {}).get("device") or "?",
+                "device": credit.get("device") or _claimed_device(claims.get(name)),
                 "memory_gb": credit.get("memory_gb"),
                 "online": name in online,
                 "paused": name in online and not consumers[name],
@@ -178,3 +178,8 @@ def _speed(record: dict[str, Any]) -> float | None:
     """Samples per second of training in a volunteer's merged shards; None before any."""
     seconds = float(record.get("train_seconds") or 0)
     return round(int(record.get("samples", 0)) / seconds, 1) if seconds > 0 else None
+
+
+def _claimed_device(claims: dict[str, Any] | None) -> str:
+    """The device class a volunteer with no credit yet claimed in its challenge ("?" if none)."""
+    return str(claims["device"]["claimed"]) if claims else "?"

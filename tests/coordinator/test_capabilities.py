@@ -59,6 +59,12 @@ def test_a_challenge_is_sized_by_the_claims_within_bounds():
     small = capabilities.size(64, 10)  # a slow CPU: about TARGET_SECONDS of its time
     assert small % challenge.BLOCK == 0 and 2 * small**3 / 10e9 <= capabilities.TARGET_SECONDS
     assert capabilities.footprint_gb(capabilities.N_MAX) == 0.75
+    # a CPU that claims to be a GPU is sized and timed as one: at 100 GFLOP/s it answers late
+    speed = capabilities.held_to(100, "gpu")
+    n = capabilities.size(16, speed)
+    assert speed == capabilities.GPU_MIN_GFLOPS and n >= 7680
+    assert 2 * n**3 / 100e9 > capabilities.deadline_seconds(n, speed)
+    assert capabilities.held_to(100, "cpu") == 100 and capabilities.held_to(20_000, "gpu") == 20_000
 
 
 @pytest.fixture
