@@ -37,6 +37,10 @@ chunks (``broker.blobs``)::
     ct:asks                              list: names of volunteers that asked for leases (RPUSH only)
     ct:ask:VOLUNTEER                     list: that volunteer's lease requests (its own: RPUSH only)
     ct:grant:VOLUNTEER:NONCE             list: the answer to one lease request (that volunteer only)
+    ct:grant:VOLUNTEER:ID:commit|open    string: that volunteer's answer to capability challenge ID
+    ct:challenge:VOLUNTEER               hash: its open capability challenge (trusted side only)
+    ct:claims:VOLUNTEER                  JSON: its capability claims and their verdicts (trusted side only)
+    ct:claimants                         set: volunteers with a verdict, credited or not (trusted side only)
     ct:lease:RUN:N                       hash: shard -> who holds it, until when (trusted side only)
     ct:offer:RUN:N                       hash: shard -> when the trusted side last offered it
     ct:seen                              sorted set: volunteer -> when it last asked for a lease
@@ -345,6 +349,26 @@ def grant(volunteer: str, nonce: str) -> str:
 def grant_pattern(volunteer: str) -> str:
     """The ACL key pattern of every answer to ``volunteer``'s lease requests."""
     return _k("grant", volunteer, "*")
+
+
+def challenge_answer(volunteer: str, challenge: str, step: str) -> str:
+    """Where ``volunteer`` puts its ``commit`` or ``open`` answer to a challenge: its own grant keys."""
+    return _k("grant", volunteer, challenge, step)
+
+
+def challenge(volunteer: str) -> str:
+    """A volunteer's open capability challenge: its seed, size, times (no volunteer reads it)."""
+    return _k("challenge", volunteer)
+
+
+def claims(volunteer: str) -> str:
+    """A volunteer's capability claims as measured by its challenges (``coordinator.runs.capabilities``)."""
+    return _k("claims", volunteer)
+
+
+def claimants() -> str:
+    """Every volunteer with a capability verdict: status lists them even before any credit."""
+    return _k("claimants")
 
 
 def leases(run: str, number: int) -> str:

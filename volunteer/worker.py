@@ -20,6 +20,7 @@ import torch
 from broker.pointers import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
+from volunteer.challenge import Prover
 from volunteer.checkpoint import ShardKey, ShardState
 from volunteer.feedback import ErrorFeedback
 from volunteer.guest import Guest, LeaseHold, Progress, ShardGate
@@ -67,6 +68,8 @@ class ShardRunner:
             options.guest.checkpoints.prune()
         # the model the last shard trained, kept for the run's next one when its job allows (reuse_model)
         self._trained: tuple[Job, torch.nn.Module] | None = None
+        # answers the trusted side's capability challenges: before the first shard, then hourly
+        self._prover = Prover(store.redis, options.name, self.device, options.memory_gb)
 
     def run(
         self,
@@ -91,6 +94,7 @@ class ShardRunner:
         if self.options.guest is not None and self.options.guest.board.paused:
             log.info("skipping %s round %d shard %d: paused", run, number, shard)
             return {**summary, "skipped": "paused: this volunteer takes no shard now"}
+        self._prover.maybe()
         wanted = self.store.round_info(run, number)
         buffered = wanted is not None and self._config(run).get("mode") == "async"
         if wanted is not None and buffered:

@@ -449,6 +449,10 @@ class Aggregator:
                 accepted=shards,
                 samples=entry["samples"],
             )
+        # the speed its reports imply, against the speed its challenges measured
+        params = self.contexts[run].model_bytes // 4
+        for volunteer, entry in credit.items():
+            self.leases.capabilities.note_training(volunteer, entry["samples"], entry["seconds"], params)
 
     def _fail(
         self, context: RunContext, number: int, owner: str, info: dict, summary: dict[str, Any], reason: str

@@ -9,7 +9,9 @@ lists a batch at a time and answers each request on ``ct:grant:NAME:NONCE``,
 which only that volunteer may read: granted (the base version, how long, and
 the upload slot of a run with a blob store) or refused with a reason. The
 lease itself (``lua/grant.lua``) lives in ``ct:lease:RUN:N``, which no
-volunteer can read or write.
+volunteer can read or write. Capability challenges (``coordinator.runs.capabilities``)
+ride on the same lists and answers; a run with needs refuses the lease of a
+volunteer whose claim failed its challenge.
 
 A shard is granted to one volunteer at a time (two for a replicated shard,
 never the same one twice), only while its round is open and its upload not
@@ -46,10 +48,13 @@ import msgpack
 import redis
 
 from broker import keys
+from broker.challenge import is_challenge
 from broker.errors import UnknownRun
+from broker.routing import need_from_config
 from coordinator.rounds.asynchronous import is_async, max_staleness
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import lua_source
+from coordinator.runs.capabilities import Capabilities
 from coordinator.runs.context import RunContexts
 from coordinator.store import Store
 
@@ -125,6 +130,7 @@ class Leases:
         self._grant = self.redis.register_script(lua_source("grant"))
         self._settle = self.redis.register_script(lua_source("settle"))
         self._drain = self.redis.register_script(lua_source("drain"))
+        self.capabilities = Capabilities(self.redis)  # challenges travel on the same lists
         self._checked = 0.0
         self._unheld: dict[tuple[str, int, int], float] = {}  # asynchronous jobs: first seen unheld
 
@@ -152,7 +158,12 @@ class Leases:
         for name, (_, entries) in zip(names, replies, strict=True):
             if len(entries) >= REQUESTS:
                 more.append(name)  # its list holds more: look again next batch
+            challenges = [raw for raw in entries if is_challenge(raw)]
+            if challenges:
+                self.capabilities.handle(name, challenges)
             for raw in entries:
+                if is_challenge(raw):
+                    continue
                 parsed = keys.parse_lease_request(raw.decode("ascii", "replace"))
                 if parsed is None:
                     log.warning("dropped a malformed lease request from %s", name)
@@ -170,6 +181,7 @@ class Leases:
         pipe = self.redis.pipeline(transaction=False)
         sent: list[tuple[int, int]] = []  # (request, its reply's place in the pipeline)
         unknown: list[int] = []
+        refused: list[int] = []  # refused for a capability claim that failed its challenge
         for index, request in enumerate(requests):
             try:
                 config = self.contexts[request.run].config
@@ -185,6 +197,11 @@ class Leases:
                         args=[field, request.volunteer, request.nonce, operation, now + seconds],
                         client=pipe,
                     )
+                continue
+            refusal = self._capability(request, config)
+            if refusal is not None:
+                outcomes[index] = refusal
+                refused.append(index)
                 continue
             sent.append((index, len(pipe)))
             self._grant(
@@ -213,9 +230,16 @@ class Leases:
             )
         replies = pipe.execute() if len(pipe) else []
         answers = self.redis.pipeline(transaction=False)
-        for index, place in [*sent, *((i, -1) for i in unknown if requests[i].kind == "lease")]:
+        answered = [  # place -1: a request for an unknown run; -2: refused here, outcomes says why
+            *sent,
+            *((i, -1) for i in unknown if requests[i].kind == "lease"),
+            *((i, -2) for i in refused),
+        ]
+        for index, place in answered:
             request = requests[index]
-            outcome = _text(replies[place][0]) if place >= 0 else "unknown"
+            outcome = (
+                _text(replies[place][0]) if place >= 0 else "unknown" if place == -1 else outcomes[index]
+            )
             outcomes[index] = outcome
             answer: dict[str, Any] = {"granted": outcome == "granted", "reason": outcome}
             if outcome == "granted":
@@ -232,6 +256,13 @@ class Leases:
         if len(answers):
             answers.execute()
         return outcomes
+
+    def _capability(self, request: Request, config: dict[str, Any]) -> str | None:
+        """Why a run with needs refuses this volunteer's lease: a capability claim that failed."""
+        need = need_from_config(config)
+        if not (need.device or need.memory_gb):
+            return None
+        return self.capabilities.refusal(request.volunteer, need)
 
     # --- uploads -------------------------------------------------------------
     def holders(self, shards: Sequence[tuple[str, int, int]]) -> list[list[Lease]]:

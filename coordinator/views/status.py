@@ -13,6 +13,7 @@ from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
 from broker.routing import Need, need_from_config
 from coordinator.merging.privacy import from_config, spent
 from coordinator.merging.verification import START_REPUTATION
+from coordinator.runs.capabilities import Capabilities
 from coordinator.store import Store
 
 PING_TIMEOUT = 1.0
@@ -62,17 +63,23 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
             if "requires" in entry:
                 entry["qualified_online"] = sum(entry["queue"] in q for q in consumers.values())
     volunteers = []
-    for name, credit in store.volunteers().items():
+    credits = store.volunteers()
+    capabilities = Capabilities(store.redis)
+    for name in capabilities.claimants():  # one that failed its challenge may have earned nothing yet
+        credits.setdefault(name, {})
+    claims = capabilities.claims(list(credits))  # its claims as its challenges measured them
+    for name, credit in credits.items():
         volunteers.append(
             {
                 "name": name,
-                "device": credit.get("device", "?"),
+                "device": credit.get("device") or _claimed_device(claims.get(name)),
                 "memory_gb": credit.get("memory_gb"),
                 "online": name in online,
                 "paused": name in online and not consumers[name],
                 **{k: int(credit.get(k, 0)) for k in _CREDIT},
                 "samples_per_second": _speed(credit),
                 "reputation": float(credit.get("reputation", START_REPUTATION)),
+                "claims": claims.get(name),
             }
         )
     return {
@@ -171,3 +178,8 @@ def _speed(record: dict[str, Any]) -> float | None:
     """Samples per second of training in a volunteer's merged shards; None before any."""
     seconds = float(record.get("train_seconds") or 0)
     return round(int(record.get("samples", 0)) / seconds, 1) if seconds > 0 else None
+
+
+def _claimed_device(claims: dict[str, Any] | None) -> str:
+    """The device class a volunteer with no credit yet claimed in its challenge ("?" if none)."""
+    return str(claims["device"]["claimed"]) if claims else "?"

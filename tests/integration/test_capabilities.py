@@ -1,0 +1,91 @@
+"""Capability claims against real processes: a volunteer that fakes its challenge is found out.
+
+Both volunteers run on least-privilege ACL users and claim 16 GB. The liar
+(``tests.fixtures.lazy_prover``) answers its challenge with a random product
+and trains honestly: its claims show false in ``status --json``, and the
+trusted side refuses it the lease of a run that needs 8 GB, which the honest
+volunteer, whose claims show true, then trains (once the liar is gone, as it
+would keep taking the shard's messages only to be refused).
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from coordinator.store import Store
+from tests.conftest import wait_until
+
+TINY = "tests.fixtures.jobs_tiny:make_job"
+
+
+@pytest.fixture
+def procs(admin_processes):
+    procs, admin = admin_processes
+    procs.store = Store(admin)
+    procs.urls = {}
+    return procs
+
+
+def _volunteer(procs, name: str, *argv: str, **env: str):
+    url = procs.json("volunteer-credentials", name)["url"]
+    procs.urls[name] = url
+    return procs.spawn(
+        name,
+        *argv,
+        "start",
+        "--device",
+        "cpu",
+        "--name",
+        name,
+        "--allow-job",
+        TINY,
+        "--memory-gb",
+        "16",
+        CROWDTRAIN_BROKER_URL=url,
+        **env,
+    )
+
+
+def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_them(procs):
+    procs.aggregator()
+    liar = _volunteer(procs, "liar", "-m", "tests.fixtures.lazy_prover", CROWDTRAIN_TEST_CHALLENGE="random")
+    needs = ("--min-memory-gb", "6.5", "--lease", "4")  # --lease 4: a refused shard is offered again in 2 s
+    procs.json("init", "--run", "big", "--job", TINY, "--local-steps", "2", "--shards", "1", *needs)
+    procs.cli("post-round", "--run", "big", "--deadline", "300")
+
+    def refused() -> bool:
+        return any("capability: memory claim failed" in str(r.get("skipped")) for r in procs.results("liar"))
+
+    wait_until(refused, "the liar's lease refused for its failed memory claim", processes=procs)
+    procs.kill(liar)  # it would keep taking the shard's messages, each refused, from the honest one
+    _volunteer(procs, "honest", "-m", "cli.volunteer")
+    wait_until(lambda: procs.store.version("big") == 1, "the 8 GB run's round", processes=procs, poll=0.2)
+
+    def trained() -> dict | None:  # credit (and the check of its training speed) follows the commit
+        document = procs.json("status")
+        honest = next((v for v in document["volunteers"] if v["name"] == "honest"), None)
+        return document if honest and (honest["claims"] or {}).get("samples_per_second") else None
+
+    document = wait_until(trained, "the honest volunteer's credit", processes=procs)
+    claims = {v["name"]: v["claims"] for v in document["volunteers"]}
+    liar, honest = claims["liar"], claims["honest"]
+    assert liar["memory_gb"] == {"claimed": 16.0, "verified": False, "proven_gb": 0.0}, liar
+    assert liar["speed_gflops"]["verified"] is False and liar["reason"] == "wrong product", liar
+    assert honest["memory_gb"]["verified"] is True and honest["memory_gb"]["claimed"] == 16.0, honest
+    assert honest["speed_gflops"]["verified"] is True and honest["reason"] is None, honest
+    assert honest["samples_per_second"]["verified"] is True, honest
+    assert liar["samples_per_second"] is None  # it trained nothing to compare
+    credit = {v["name"]: v["shards_done"] for v in document["volunteers"]}
+    assert credit == {"liar": 0, "honest": 1}, credit
+
+    # the liar's user can write neither the honest one's answers nor any verdict or challenge
+    liar_client = redis.Redis.from_url(procs.urls["liar"])
+    for write in (
+        lambda: liar_client.set("ct:grant:honest:" + "ab" * 16 + ":commit", b"x"),
+        lambda: liar_client.set("ct:claims:liar", b"{}"),
+        lambda: liar_client.hset("ct:challenge:liar", "deadline", "1e12"),
+        lambda: liar_client.sadd("ct:claimants", "nobody"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            write()
