@@ -25,6 +25,7 @@ from coordinator import commands, fusion_commands, invitations, quickstart
 from coordinator.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
 from coordinator.fusion import METHODS as FUSION_METHODS
+from coordinator.sampling import DEFAULT_PROBE_VOICES, MIN_PROBE_VOICES
 from coordinator.strategies import STRATEGY_HELP
 from coordinator.verification import VERIFY_MODES
 from jobs import JobError
@@ -205,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="probe",
         help="probe: weigh each volunteer's delta by its effect on a fixed probe set and reject "
         "those far less useful than the round's others (default); none: norms and strategy only",
+    )
+    p.add_argument(
+        "--probe-voices",
+        type=int_in(MIN_PROBE_VOICES, MAX_SHARDS),
+        default=DEFAULT_PROBE_VOICES,
+        metavar="N",
+        help="with --verify probe, judge every voice of a round of at most N voices; above N, every "
+        "new or low-reputation voice plus a random sample of the rest, drawn once the uploads are in "
+        f"({MIN_PROBE_VOICES} <= N <= {MAX_SHARDS}, default {DEFAULT_PROBE_VOICES}: docs/SECURITY.md)",
     )
     p.add_argument(
         "--min-voices",

@@ -51,6 +51,7 @@ from coordinator.metrics import serve_metrics
 from coordinator.progress import RoundProgress, rounds_table
 from coordinator.rounds import parse_quorum, wait_round
 from coordinator.rounds import post_round as _post_round
+from coordinator.sampling import DEFAULT_PROBE_VOICES
 from coordinator.status import collect_status, print_status
 from coordinator.store import Store
 from coordinator.strategies import make_strategy
@@ -177,6 +178,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
         min_voices=getattr(args, "min_voices", 1) or 1,
+        probe_voices=getattr(args, "probe_voices", None) or DEFAULT_PROBE_VOICES,
         **mode,
         **dp,
         lr=args.lr,
