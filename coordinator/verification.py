@@ -54,6 +54,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,6 +91,11 @@ NOISE_GAIN = 3.0
 COPY_COSINE = 0.999
 # Deltas of more values than this are compared for copies through a count sketch of this size.
 SKETCH = 1 << 16
+# A count sketch of a delta of at most this many values reuses its buckets and signs (5 bytes a
+# value, 20 MiB at most), made once per delta size: hashing was 80% of a sketch (0.86M values:
+# 29 ms, 6 ms with them kept), and a round sketches every voice.
+SKETCH_CACHE = 1 << 22
+_LAYOUT: dict[str, Any] = {}
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
@@ -347,20 +353,38 @@ def sketch(
         parts = [values(name).double() for name in names]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     out = torch.zeros(SKETCH, dtype=torch.float64)
+    cached = _sketch_layout(total) if total <= SKETCH_CACHE else None
     offset = 0
     step = 1 << 20
     for name in names:
         flat = values(name)
         for start in range(0, flat.numel(), step):
             chunk = flat[start : start + step].double()
-            index = torch.arange(offset + start, offset + start + chunk.numel(), dtype=torch.int64)
-            hashed = (index * 48271 + 11) % 2147483647
-            hashed = (hashed * 48271) % 2147483647
-            signs = ((hashed // SKETCH) % 2) * 2.0 - 1.0
-            out.index_add_(0, hashed % SKETCH, chunk * signs)
+            at = offset + start
+            if cached is None:
+                buckets, signs = _sketch_hashes(at, chunk.numel())
+            else:
+                buckets, signs = cached[0][at : at + chunk.numel()], cached[1][at : at + chunk.numel()]
+            out.index_add_(0, buckets, chunk * signs)
         offset += flat.numel()
         del flat
     return out
+
+
+def _sketch_hashes(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The count sketch's bucket and sign of values ``start`` to ``start + count`` of a delta."""
+    index = torch.arange(start, start + count, dtype=torch.int64)
+    hashed = (index * 48271 + 11) % 2147483647
+    hashed = (hashed * 48271) % 2147483647
+    return hashed % SKETCH, ((hashed // SKETCH) % 2).to(torch.int8) * 2 - 1
+
+
+def _sketch_layout(total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_sketch_hashes`` of a whole delta of ``total`` values, made once per size and kept."""
+    if _LAYOUT.get("total") != total:
+        buckets, signs = _sketch_hashes(0, total)
+        _LAYOUT.update(total=total, buckets=buckets.int(), signs=signs)
+    return _LAYOUT["buckets"], _LAYOUT["signs"]
 
 
 def _reputation(value: float | None) -> float:
