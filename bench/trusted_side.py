@@ -1,6 +1,7 @@
 """Trusted-side CPU per accepted voice: probe judging of every voice against a sample (``--probe-voices``).
 
-    python bench/trusted_side.py [--voices 16 64 1000] [--json]
+    python bench/trusted_side.py [--voices 16 64 1000] [--limits 16 32 64] [--json]
+    python bench/trusted_side.py --split
 
 One private redis-server; everything else runs in this process with the aggregator's own code:
 ``coordinator init`` makes a charlm run of about 1M parameters with the default codec and
@@ -29,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -151,6 +153,56 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
     }
 
 
+SPLIT_JOBS = {  # the matrix defaults are chosen on (tests/fixtures/jobs_small.py, charlm, gpt)
+    "linear (17 parameters)": ("tests.fixtures.jobs_small:linear", {}),
+    "click (zero-initialised, sparse)": ("tests.fixtures.jobs_small:click", {}),
+    "mlp": ("tests.fixtures.jobs_small:mlp", {}),
+    "charlm (this bench's)": ("charlm", JOB_ARGS),
+    "gpt nano": ("gpt", {"preset": "nano", "max_files": 60, "eval_batches": 4}),
+}
+
+
+def split(repeats: int = 10) -> list[dict]:
+    """Per-voice costs of the trusted side's steps on a job matrix, in CPU ms (one thread).
+
+    A judged voice pays a probe pass (``Prober.gain``), a second one in a round where a rule
+    fires (``Prober.cost``), two more reads and the agreement; every voice, judged or not, pays
+    three reads (norm screen, copy sketch, merge) and a count sketch.
+    """
+    from coordinator.cli import DEFAULT_COMPRESSION
+    from coordinator.verification import Prober, sketch
+    from jobs import load_job
+    from serialization import loads
+    from volunteer.feedback import ErrorFeedback
+
+    def cpu_ms(fn) -> float:
+        fn()
+        started = time.process_time()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.process_time() - started) / repeats
+
+    rows = []
+    for label, (name, job_args) in SPLIT_JOBS.items():
+        job = load_job(name, job_args)
+        weights = {k: v.detach().clone() for k, v in job.build_model().state_dict().items()}
+        gen = torch.Generator().manual_seed(0)
+        delta = {
+            k: 1e-3 * torch.randn(v.shape, generator=gen) for k, v in weights.items() if v.is_floating_point()
+        }
+        blob = ErrorFeedback().encode(delta, {"samples": 8}, DEFAULT_COMPRESSION)
+        decoded = loads(blob)[0]
+        prober = Prober(job, weights)
+        probe = cpu_ms(partial(prober.gain, decoded, 1 / 64))
+        read, sk = cpu_ms(partial(loads, blob)), cpu_ms(partial(sketch, decoded))
+        params = sum(t.numel() for t in weights.values())
+        rows.append({
+            "job": label, "params": params, "probe_ms": probe, "read_ms": read, "sketch_ms": sk,
+            "judged_ms": 2 * probe + 5 * read + sk, "unjudged_ms": 3 * read + sk,
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voices", type=int, nargs="+", default=[16, 64, 1000])
@@ -161,9 +213,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="--probe-voices of the sampled arms (default: the default)",
     )
+    parser.add_argument(
+        "--split", action="store_true", help="only the per-voice costs of each step, on 3 jobs"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.split:
+        print("| job | params | probe pass ms | read (decode) ms | sketch ms | judged voice ms "
+              "(2 probes, 5 reads, sketch) | unjudged voice ms (3 reads, sketch) | ratio |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in split():
+            print(f"| {row['job']} | {row['params']:,} | {row['probe_ms']:.2f} | {row['read_ms']:.2f} | "
+                  f"{row['sketch_ms']:.2f} | {row['judged_ms']:.1f} | {row['unjudged_ms']:.1f} | "
+                  f"{row['judged_ms'] / row['unjudged_ms']:.1f}x |")  # fmt: skip
+        return 0
     from coordinator.sampling import DEFAULT_PROBE_VOICES
     from jobs import load_job
     from volunteer.feedback import ErrorFeedback

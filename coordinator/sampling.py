@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 from coordinator.verification import next_reputation
 
-# Above this many voices a probed round judges a sample (``init --probe-voices``): measured in
-# docs/BENCHMARKS.md ("Sampled probe judging"): at 64 voices of a 1M-parameter job, judging
-# all of them is most of the trusted side's CPU per round; below it a sample would save little.
-DEFAULT_PROBE_VOICES = 64
+# Above this many voices a probed round judges a sample (``init --probe-voices``). Measured
+# (docs/BENCHMARKS.md, "Sampled probe judging"): a judged voice costs 10x (charlm, 0.86M
+# parameters) to 54x (gpt nano) what an unjudged one does; 32 judged voices of charlm take
+# about 7 s of a core, so a 1,000-voice round of known volunteers fits 30 s beside the
+# unjudged voices' reads (about 22 s), and every sample still holds 16 trusted voices.
+DEFAULT_PROBE_VOICES = 32
 # The fewest: the sample's medians rest on at least MIN_PROBE_VOICES / 2 trusted voices.
 MIN_PROBE_VOICES = 8
 # A voice of at least this reputation may go unjudged: three merged judged rounds from

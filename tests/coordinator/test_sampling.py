@@ -126,7 +126,7 @@ def test_the_aggregator_judges_a_sample_drawn_after_the_uploads_and_penalises_a_
     assert len(sampled) == sample_size(12, 3, 8) - 1 and all(after[n] == pytest.approx(0.92) for n in sampled)
     # the unjudged trusted voices were merged at their reputation and earned nothing
     assert {name for name in names[3:] if after[name] == 0.9} == set(names[3:]) - sampled - {cheat}
-    # below the limit (the default, 64) every voice is judged and the cheater moves by the usual step
+    # below the limit (the default, 32) every voice is judged and the cheater moves by the usual step
     reasons, seen = _round(processes, store, "small", None)
     names, cheat, after = seen["names"], seen["cheat"], seen["after"]
     assert list(reasons) == [cheat] and reasons[cheat].startswith("probe:")
