@@ -51,6 +51,7 @@ it, so a volunteer that was caught before counts less even when it is not.
 
 from __future__ import annotations
 
+import secrets
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ SKETCH = 1 << 16
 # value, 20 MiB at most), made once per delta size: hashing was 80% of a sketch (0.86M values:
 # 29 ms, 6 ms with them kept), and a round sketches every voice.
 SKETCH_CACHE = 1 << 22
+# From this many voices, pairs are compared for copies only when PREFILTER random buckets of
+# their sketches have a cosine of at least PREFILTER_COSINE (``_pairs``): 2048 buckets estimate
+# a cosine within about 0.02, and a copy's is at least 0.999.
+PREFILTER_FROM = 64
+PREFILTER = 2048
+PREFILTER_COSINE = 0.9
 _LAYOUT: dict[str, Any] = {}
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
@@ -315,18 +322,37 @@ def copies(
             if cosine >= COPY_COSINE:
                 reasons[name] = f"copy: the last published update, re-sent (cosine {cosine:.4f})"
                 continue
-    for i, first in enumerate(names):
-        for second in names[i + 1 :]:
-            cosine = _cosine(sketches[first], sketches[second])
-            if cosine < COPY_COSINE:
-                continue
-            rank = {n: _reputation(reputations.get(n)) for n in (first, second)}
-            for name, other in ((first, second), (second, first)):
-                if rank[name] <= rank[other] and name not in reasons:
-                    reasons[name] = (
-                        f"copy: nearly the same direction as {other}'s delta (cosine {cosine:.4f})"
-                    )
+    for first, second in _pairs(sketches, names):
+        cosine = _cosine(sketches[first], sketches[second])
+        if cosine < COPY_COSINE:
+            continue
+        rank = {n: _reputation(reputations.get(n)) for n in (first, second)}
+        for name, other in ((first, second), (second, first)):
+            if rank[name] <= rank[other] and name not in reasons:
+                reasons[name] = f"copy: nearly the same direction as {other}'s delta (cosine {cosine:.4f})"
     return reasons
+
+
+def _pairs(sketches: Mapping[str, torch.Tensor], names: list[str]) -> Iterable[tuple[str, str]]:
+    """The pairs of voices whose sketches may be copies, each once, in the order of ``names``.
+
+    Every pair in a small round. In a round of ``PREFILTER_FROM`` voices or more with hashed
+    sketches (``SKETCH`` buckets), only the pairs whose ``PREFILTER`` buckets drawn at random
+    (with ``secrets``, so no one can put a copy's differences where the check looks) have a
+    cosine of at least ``PREFILTER_COSINE``, found with one matrix product: the round's pairs
+    grow as the square of its voices (500k at 1,000 voices, 60 us each compared whole), and a
+    copy's buckets agree with its original's as the whole sketches do.
+    """
+    if len(names) < PREFILTER_FROM or any(sketches[name].shape != (SKETCH,) for name in names):
+        return [(first, second) for i, first in enumerate(names) for second in names[i + 1 :]]
+    drawn = torch.tensor(secrets.SystemRandom().sample(range(SKETCH), PREFILTER))
+    head = torch.stack([sketches[name][drawn] for name in names])
+    norms = head.norm(dim=1, keepdim=True)
+    unit = (head / norms.clamp_min(1e-300)).float()
+    near = (unit @ unit.T) >= PREFILTER_COSINE
+    empty = norms == 0  # nothing to compare the heads by: compared whole
+    near |= empty | empty.T
+    return [(names[i], names[j]) for i, j in torch.triu(near, diagonal=1).nonzero().tolist()]
 
 
 def sketch(

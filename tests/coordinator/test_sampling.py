@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from broker import blobs, keys
-from coordinator import sampling
+from coordinator import sampling, verification
 from coordinator.aggregator import Aggregator
 from coordinator.sampling import CAUGHT, TRUSTED, Selection, reputations_after, sample_size, select
 from coordinator.store import Store
-from coordinator.verification import REPUTATION_STEP, next_reputation
+from coordinator.verification import REPUTATION_STEP, SKETCH, copies, next_reputation
 from serialization import dumps
 from tests.fixtures.jobs_tiny import TinyJob
 
@@ -133,3 +133,18 @@ def test_the_aggregator_judges_a_sample_drawn_after_the_uploads_and_penalises_a_
     assert len(draw.seen) == 1  # no draw
     assert after[cheat] == pytest.approx(next_reputation(0.9, False))
     assert all(after[name] == pytest.approx(0.92) for name in names[4:])
+
+
+def test_a_round_of_many_voices_finds_the_same_copies_as_comparing_every_pair():
+    """From PREFILTER_FROM voices only pairs near on random buckets are compared whole."""
+    gen = torch.Generator().manual_seed(3)
+    sketches = {f"v{i:03d}": torch.randn(SKETCH, generator=gen, dtype=torch.float64) for i in range(80)}
+    sketches["copy"] = sketches["v007"] * 2 + 0.03 * torch.randn(SKETCH, generator=gen, dtype=torch.float64)
+    sketches["empty"] = torch.zeros(SKETCH, dtype=torch.float64)
+    reputations: dict[str, float | None] = {"v007": 0.9}
+    found = copies(sketches, None, reputations)
+    assert set(found) == {"copy"} and "v007" in found["copy"]
+    names = list(sketches)
+    every = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    assert set(verification._pairs(sketches, names)) <= set(every)
+    assert ("v007", "copy") in verification._pairs(sketches, names)
