@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from coordinator.verification import next_reputation
 
 # Above this many voices a probed round judges a sample (``init --probe-voices``). Measured
-# (docs/BENCHMARKS.md, "Sampled probe judging"): a judged voice costs 10x (charlm, 0.86M
-# parameters) to 54x (gpt nano) what an unjudged one does; 32 judged voices of charlm take
-# about 7 s of a core, so a 1,000-voice round of known volunteers fits 30 s beside the
-# unjudged voices' reads (about 22 s), and every sample still holds 16 trusted voices.
+# (docs/BENCHMARKS.md, "Sampled probe judging"): a judged voice costs 2x (the small jobs) to
+# 11x (charlm, 0.86M parameters) and 41x (gpt nano) what an unjudged one does; 32 judged
+# charlm voices take about 7 s of a core, beside about 19 s for 1,000 voices' decodes and
+# sketches, and every sample still holds 16 trusted voices.
 DEFAULT_PROBE_VOICES = 32
 # The fewest: the sample's medians rest on at least MIN_PROBE_VOICES / 2 trusted voices.
 MIN_PROBE_VOICES = 8
