@@ -29,6 +29,7 @@ from broker.settings import DEFAULT_DEADLINE, Settings
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
 from coordinator.merging import privacy
 from coordinator.merging.aggregator import Aggregator
+from coordinator.merging.sampling import DEFAULT_PROBE_VOICES
 from coordinator.merging.strategies import make_strategy
 from coordinator.rounds import announcements, asynchronous, janitor
 from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, is_async
@@ -167,6 +168,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
         min_voices=getattr(args, "min_voices", 1) or 1,
+        probe_voices=getattr(args, "probe_voices", None) or DEFAULT_PROBE_VOICES,
         **mode,
         **dp,
         lr=args.lr,

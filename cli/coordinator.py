@@ -23,6 +23,7 @@ from broker.errors import BrokerError
 from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
 from cli import commands, fusion_commands, quickstart
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
+from coordinator.merging.sampling import DEFAULT_PROBE_VOICES, MIN_PROBE_VOICES
 from coordinator.merging.strategies import STRATEGY_HELP
 from coordinator.merging.verification import VERIFY_MODES
 from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, MODES
@@ -206,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="probe",
         help="probe: weigh each volunteer's delta by its effect on a fixed probe set and reject "
         "those far less useful than the round's others (default); none: norms and strategy only",
+    )
+    p.add_argument(
+        "--probe-voices",
+        type=int_in(MIN_PROBE_VOICES, MAX_SHARDS),
+        default=DEFAULT_PROBE_VOICES,
+        metavar="N",
+        help="with --verify probe, judge every voice of a round of at most N voices; above N, every "
+        "new or low-reputation voice plus a random sample of the rest, drawn once the uploads are in "
+        f"({MIN_PROBE_VOICES} <= N <= {MAX_SHARDS}, default {DEFAULT_PROBE_VOICES}: docs/SECURITY.md)",
     )
     p.add_argument(
         "--min-voices",

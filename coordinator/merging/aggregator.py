@@ -38,8 +38,9 @@ from coordinator.merging.judging import (
     voices,
 )
 from coordinator.merging.privacy import next_clip, privatize, spent
+from coordinator.merging.sampling import DEFAULT_PROBE_VOICES, Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
-from coordinator.merging.verification import next_reputation, sketch, weigh
+from coordinator.merging.verification import sketch, weigh
 from coordinator.rounds.asynchronous import (
     is_async,
     max_staleness,
@@ -127,8 +128,9 @@ class Aggregator:
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
+        selection = Selection(frozenset())
         if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
-            judged = self._judge(context, base, weights, used, metas, reputations)
+            judged, selection = self._judge(context, base, weights, used, metas, reputations)
             rejections += judged
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
@@ -139,9 +141,7 @@ class Aggregator:
         if not used:
             failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
             if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
-                self.store.set_reputations(
-                    {name: next_reputation(v, False) for name, v in reputations.items()}, run=run
-                )
+                self.store.set_reputations(reputations_after(reputations, selection, ()), run=run)
             return failed
         count, needed = len(voices(used)), int(context.config.get("min_voices") or 1)
         if count < needed:
@@ -180,10 +180,9 @@ class Aggregator:
         if merged_norm is not None:
             self.store.add_voice_norm(run, merged_norm)
         if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
-            heard = set(voices(used))
-            self.store.set_reputations(
-                {name: next_reputation(value, name in heard) for name, value in reputations.items()}, run=run
-            )
+            after = reputations_after(reputations, selection, set(voices(used)))
+            if after:
+                self.store.set_reputations(after, run=run)
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
         keep = self.keep_versions
@@ -276,10 +275,11 @@ class Aggregator:
         used: dict[int, str],
         metas: dict[int, dict],
         reputations: dict[str, float | None],
-    ) -> list[Rejection]:
+    ) -> tuple[list[Rejection], Selection]:
         """Copies of another voice or of the last update (``copy``); with ``--verify probe``, each
-        voice's effect on the probe (``probe``), a round of one voice included. ``reputations``
-        is filled in for a probed round, whose merge weighs by them."""
+        judged voice's effect on the probe (``probe``), a round of one voice included: every voice
+        up to ``--probe-voices``, else a sample (``coordinator.merging.sampling``), drawn now that the
+        uploads are in. ``reputations`` is filled in for a probed round, whose merge weighs by them."""
 
         def read(shards: list[int]) -> TensorDict:
             return self._voice(context, used, metas, shards)[1]
@@ -293,16 +293,22 @@ class Aggregator:
         lone = _probes(context) and len(voices(used)) == 1
         last = last_update(weights, previous) if lone and previous is not None else None
         del previous
+        selection = Selection(frozenset())
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))
+            selection = select(reputations, int(context.config.get("probe_voices") or DEFAULT_PROBE_VOICES))
             history = self.store.voice_norms(context.name)
             usual = statistics.median(history) if history else None
-            probed = probe_voices(context.job, weights, used, read, reputations, usual, sketches, last)
+            # the judged voices, judged as a round of their own (the share, medians and agreement
+            # are theirs); the others are merged by reputation, screened and copy-checked
+            judged = {s: k for s, k in used.items() if keys.volunteer_of(k) in selection.judged}
+            probed = probe_voices(context.job, weights, judged, read, reputations, usual, sketches, last)
+            sketches.update(sketch_voices({s: k for s, k in used.items() if s not in judged}, read))
         else:
             sketches = sketch_voices(used, read)
         copied = check_copies(used, sketches, last_sketch, reputations)
         shards = {shard for shard, _, _ in copied}
-        return copied + [entry for entry in probed if entry[0] not in shards]
+        return copied + [entry for entry in probed if entry[0] not in shards], selection
 
     def _previous_version(self, context: RunContext, base: int) -> TensorDict | None:
         """Version ``base - 1``, views of its blob (None for version 0, or once it left Redis)."""

@@ -69,6 +69,8 @@ def _assert_one_clear_line(result, *words):
         (["--job", "charlm", "--require", "tpu"], ["--require"]),
         (["--job", "charlm", "--verify", "vibes"], ["--verify"]),
         (["--job", "charlm", "--replicate", "1.5"], ["--replicate"]),
+        (["--job", "charlm", "--probe-voices", "4"], ["--probe-voices", "8 to"]),
+        (["--job", "charlm", "--probe-voices", "many"], ["--probe-voices"]),
         (["--job", "charlm", "--replicate", ".5", "--dp-clip", "1", "--dp-noise", "1"], ["--replicate"]),
         (["--job", "gpt", "--job-arg", "corpus=/nonexistent/*.txt"], ["matches no files", "corpus="]),
         (["--job", "charlm", "--mode", "async"], ["--buffer"]),
