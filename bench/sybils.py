@@ -1,7 +1,7 @@
 """Sybils and a backdoor against the merge's defences (``coordinator.sybils``); their cost to honest runs.
 
     python bench/sybils.py honest [--jobs linear click charlm gpt] [--voices 4] [--rounds 10] [--seeds 1]
-    python bench/sybils.py attacks [--seeds 3] [--rounds 10]
+    python bench/sybils.py attacks [--seeds 3] [--first-seed 0] [--rounds 10]
 
 Simulated in one process with crowdtrain's own pieces, as ``bench/judging_matrix.py`` does:
 each volunteer trains its shard with ``volunteer.trainer.train_shard`` (10 AdamW steps at
@@ -230,7 +230,7 @@ def honest_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def attack_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             job = load_job("charlm", {**CHARLM, "seed": seed})
             clean3 = simulate(job, 3, {}, args.rounds, seed, defended=True)
             sybil_data = poisoned_text(job, 3, 5, Path(tmp), "reversed")
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voices", type=int, default=4)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="attacks: the first seed (to run seeds apart)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -22,7 +22,8 @@ the round's judging, before the strategy sees it:
   voice's weight: each member weighs ``1 / size`` of its own. Pairs are judged only with a
   third voice in the round; cost O(voices^2 x SKETCH) per round.
 * **Clipping.** A voice longer than ``CLIP_RATIO`` x the round's lower median voice norm (with
-  fewer than three voices, the median of recently merged voices) is scaled down to it
+  fewer than three voices, ``HISTORY_CLIP_RATIO`` x the median of recently merged voices) is
+  scaled down to it
   (``clip_bound``): a boosted backdoor moves the model no more than an ordinary voice.
 """
 
@@ -44,8 +45,11 @@ PROBATION_SHARDS = 8
 SKETCH = 4096
 # Residual cosine at or above which two voices are one group (honest pairs: docs/SECURITY.md).
 SIMILAR = 0.8
-# A voice is clipped to this multiple of the round's median voice norm.
+# A voice is clipped to this multiple of the round's lower median voice norm; in a round of
+# fewer than three voices, to HISTORY_CLIP_RATIO x the median of recently merged voices (a lone
+# honest voice is not cut to the past's median as norms drift, a 5x boosted one still is).
 CLIP_RATIO = 1.0
+HISTORY_CLIP_RATIO = 2.0
 _FOLD_SEED = 20260
 
 
@@ -56,17 +60,20 @@ def probation(accepted: int) -> float:
 
 
 def clip_bound(
-    voice_norms: Sequence[float], history: Sequence[float], ratio: float = CLIP_RATIO
+    voice_norms: Sequence[float],
+    history: Sequence[float],
+    ratio: float = CLIP_RATIO,
+    past_ratio: float = HISTORY_CLIP_RATIO,
 ) -> float | None:
     """The longest voice norm merged in full: ``ratio`` x the round's lower median voice (3 or
-    more: half the voices boosted cannot raise it), else x the median of recently merged voices;
-    None when there is no yardstick."""
+    more: half the voices boosted cannot raise it), else ``past_ratio`` x the median of recently
+    merged voices; None when there is no yardstick."""
     norms = [n for n in voice_norms if math.isfinite(n) and n > 0]
     past = [n for n in history if math.isfinite(n) and n > 0]
     if len(norms) >= 3:
         return ratio * statistics.median_low(norms)
     if past:
-        return ratio * statistics.median(past)
+        return past_ratio * statistics.median(past)
     return None
 
 

@@ -25,8 +25,8 @@ def test_a_voice_longer_than_the_median_is_clipped_to_it():
     assert (
         sybils.clip_bound([1.0, 2.0, 10.0, 10.0], history=[]) == 2.0
     )  # the lower median: two boosted of four
-    # fewer than three voices: the median of recently merged voices; none before any
-    assert sybils.clip_bound([1.0, 9.0], history=[3.0, 4.0, 100.0]) == 4.0
+    # fewer than three voices: twice the median of recently merged voices; none before any
+    assert sybils.clip_bound([1.0, 9.0], history=[3.0, 4.0, 100.0]) == 2 * 4.0
     assert sybils.clip_bound([1.0, 9.0], history=[]) is None
     assert sybils.clip_scale(9.0, None) == 1.0
     assert sybils.clip_bound([math.nan, 0.0, 1.0, 2.0, 3.0], history=[]) == 2.0
