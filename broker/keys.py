@@ -404,6 +404,16 @@ def revoked() -> str:
     return _k("revoked")
 
 
+def similarity(run: str) -> str:
+    """Volunteer -> its accumulated direction in ``run`` (``coordinator.merging.sybils``); trusted only."""
+    return _k("similarity", run)
+
+
+def clusters() -> str:
+    """Volunteer -> the similarity group it last shared a voice's weight with (``merging.sybils``)."""
+    return _k("clusters")
+
+
 def invitation(digest: str) -> str:
     """One invitation (uses left, expiry), named by the SHA-256 of its secret."""
     return _k("invite", digest)

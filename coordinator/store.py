@@ -343,6 +343,35 @@ class Store:
         if self.ledger is not None and run is not None:
             self.ledger.credit(run, volunteer, counts, seconds, device, memory_gb)
 
+    def accepted_shards(self, names: list[str]) -> dict[str, int]:
+        """Each volunteer's merged shards (its credit, every run): its record for probation."""
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.hget(keys.volunteer(name), "accepted")
+        return {name: int(float(raw)) if raw is not None else 0 for name, raw in zip(names, pipe.execute())}
+
+    def similarities(self, run: str, names: list[str]) -> dict[str, bytes | None]:
+        """Each volunteer's accumulated direction in ``run``, as stored (``merging.sybils.encode``)."""
+        if not names:
+            return {}
+        return dict(zip(names, self.redis.hmget(keys.similarity(run), names)))
+
+    def set_similarities(self, run: str, values: dict[str, bytes], clusters: dict[str, str | None]) -> None:
+        """Store accumulated directions, and each named volunteer's group (None: in none)."""
+        pipe = self.redis.pipeline()
+        if values:
+            pipe.hset(keys.similarity(run), mapping=values)
+        for name, group in clusters.items():
+            if group is None:
+                pipe.hdel(keys.clusters(), name)
+            else:
+                pipe.hset(keys.clusters(), name, group)
+        pipe.execute()
+
+    def clusters(self) -> dict[str, str]:
+        """Volunteer -> the similarity group it last shared weight with."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.clusters()).items()}
+
     def reputations(self, names: list[str]) -> dict[str, float | None]:
         """Each volunteer's reputation (``--verify probe``); None for one never judged."""
         pipe = self.redis.pipeline()

@@ -40,6 +40,7 @@ from coordinator.merging.judging import (
 from coordinator.merging.privacy import next_clip, privatize, spent
 from coordinator.merging.sampling import DEFAULT_PROBE_VOICES, Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
+from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
 from coordinator.merging.verification import sketch, weigh
 from coordinator.rounds.asynchronous import (
     is_async,
@@ -129,8 +130,9 @@ class Aggregator:
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
         selection = Selection(frozenset())
+        sketches: dict[str, torch.Tensor] = {}
         if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
-            judged, selection = self._judge(context, base, weights, used, metas, reputations)
+            judged, selection = self._judge(context, base, weights, used, metas, reputations, sketches)
             rejections += judged
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
@@ -154,7 +156,11 @@ class Aggregator:
         privacy = context.privacy
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
-        merged, strategy, clip = self._merge(context, weights, used, metas, reputations)
+        plan = None
+        if context.privacy is None:  # probation, similarity groups and clipping (coordinator.merging.sybils)
+            history, spoken = self.store.voice_norms(run), _voice_norms(used, norms)
+            plan = plan_round(self.store, run, list(voices(used)), sketches, spoken, history, reputations)
+        merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan)
         if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
         strategy_state = strategy.state_dict()
@@ -176,6 +182,8 @@ class Aggregator:
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
         self._credit(run, used, metas)
+        if plan is not None:
+            remember(self.store, run, plan)
         merged_norm = accepted_norm(_voice_norms(used, norms))
         if merged_norm is not None:
             self.store.add_voice_norm(run, merged_norm)
@@ -275,16 +283,17 @@ class Aggregator:
         used: dict[int, str],
         metas: dict[int, dict],
         reputations: dict[str, float | None],
+        sketches: dict[str, torch.Tensor],
     ) -> tuple[list[Rejection], Selection]:
         """Copies of another voice or of the last update (``copy``); with ``--verify probe``, each
         judged voice's effect on the probe (``probe``), a round of one voice included: every voice
         up to ``--probe-voices``, else a sample (``coordinator.merging.sampling``), drawn now that the
-        uploads are in. ``reputations`` is filled in for a probed round, whose merge weighs by them."""
+        uploads are in. ``reputations`` is filled in for a probed round, whose merge weighs by them;
+        ``sketches`` with each voice's ``sketch``."""
 
         def read(shards: list[int]) -> TensorDict:
             return self._voice(context, used, metas, shards)[1]
 
-        sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
         # The copy check needs only the last update's sketch, formed tensor by tensor; a lone
@@ -305,7 +314,7 @@ class Aggregator:
             probed = probe_voices(context.job, weights, judged, read, reputations, usual, sketches, last)
             sketches.update(sketch_voices({s: k for s, k in used.items() if s not in judged}, read))
         else:
-            sketches = sketch_voices(used, read)
+            sketches.update(sketch_voices(used, read))
         copied = check_copies(used, sketches, last_sketch, reputations)
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards], selection
@@ -326,12 +335,15 @@ class Aggregator:
         used: dict[int, str],
         metas: dict[int, dict],
         reputations: dict[str, float | None],
+        plan: Plan | None = None,
     ) -> tuple[TensorDict, Strategy, float | None]:
         """Second pass: one combined delta per volunteer through the strategy.
 
         Returns the new weights, the strategy and, with adaptive clipping, the
         next round's clip. With ``reputations`` (a judged round) each voice
-        weighs by its samples times its volunteer's reputation.
+        weighs by its samples times its volunteer's reputation. With a ``plan``
+        (``coordinator.merging.sybils``) each weight is scaled by probation and similarity
+        groups, and a voice longer than its clip bound is scaled down to it.
         """
         config = context.config
         # ``base`` is views of its blob (a bytearray: writable), which nothing reads after the
@@ -353,7 +365,15 @@ class Aggregator:
         def deltas() -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
                 samples, delta = self._voice(context, used, metas, shards)
-                yield (weigh(samples, reputations[name]) if reputations else samples), delta
+                weight = weigh(samples, reputations[name]) if reputations else samples
+                if plan is not None:
+                    weight = plan.weight(name, weight)
+                    shrink = clip_scale(delta_norm(delta), plan.bound)
+                    if shrink < 1.0:
+                        for tensor in delta.values():
+                            if tensor.is_floating_point():
+                                tensor.mul_(shrink)
+                yield weight, delta
 
         privacy = context.privacy
         next_value: float | None = None

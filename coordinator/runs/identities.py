@@ -5,7 +5,8 @@ made (``created``) and how (``via``: ``invite`` for ``volunteer join``,
 ``credentials`` for ``coordinator volunteer-credentials``, ``seen`` for a
 volunteer first seen asking for a lease), and when it was revoked. Only the
 trusted side writes it. Its credit and reputation stay where the merge keeps
-them (``ct:volunteer:NAME``); who is online is who answers a Celery ping now
+them (``ct:volunteer:NAME``), its similarity group where ``coordinator.merging.sybils`` keeps it
+(``ct:clusters``); who is online is who answers a Celery ping now
 or asked for a lease within the last minute (``ct:seen``).
 """
 
@@ -102,6 +103,7 @@ def collect(store: Store, app: Celery, now: float | None = None) -> dict[str, An
     client = store.redis
     found = records(client)
     credit = store.volunteers()
+    grouped = store.clusters()
     seen = {n.decode("ascii", "replace"): s for n, s in client.zrange(keys.seen(), 0, -1, withscores=True)}
     online = _pinged(app) | {n for n, when in seen.items() if now - when <= SEEN_ONLINE}
     entries = []
@@ -118,6 +120,7 @@ def collect(store: Store, app: Celery, now: float | None = None) -> dict[str, An
                 "online": name in online and not revoked,
                 "via": entry.get("via"),
                 "revoked": bool(revoked),
+                "cluster": grouped.get(name),
             }
         )
     entries.sort(key=lambda e: -float(e["age"] or 0.0))
@@ -132,7 +135,17 @@ def print_volunteers(document: dict[str, Any], console: Console | None = None) -
         console.print("volunteers: none yet (coordinator invite, then volunteer join TOKEN)")
         return
     table = Table(title=f"volunteers ({len(people)})", box=box.SIMPLE_HEAD, title_justify="left")
-    for column in ("name", "reputation", "accepted", "rejected", "age", "online", "via", "revoked"):
+    for column in (
+        "name",
+        "reputation",
+        "accepted",
+        "rejected",
+        "age",
+        "online",
+        "via",
+        "revoked",
+        "cluster",
+    ):
         table.add_column(
             column, justify="right" if column in ("reputation", "accepted", "rejected", "age") else "left"
         )
@@ -146,6 +159,7 @@ def print_volunteers(document: dict[str, Any], console: Console | None = None) -
             "yes" if v["online"] else "no",
             v["via"] or "-",
             "yes" if v["revoked"] else "no",
+            v["cluster"] or "-",
         )
     console.print(table)
 

@@ -437,7 +437,12 @@ def _toward_optimum(cluster: Cluster, version: int, step: float, seed: int = 0) 
     With ``seed``, each entry is off by up to 20%, as honest voices differ by their data
     (the same direction exactly would be refused as a copy).
     """
-    job, weights = TinyJob(), cluster.weights(version)
+    return _toward(cluster.weights(version), step, seed)
+
+
+def _toward(weights: dict[str, torch.Tensor], step: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``_toward_optimum`` from the given weights."""
+    job = TinyJob()
     delta = {"weight": step * (job.true_w.T - weights["weight"]), "bias": -step * weights["bias"]}
     if seed:
         gen = torch.Generator().manual_seed(seed)
@@ -643,3 +648,54 @@ def test_min_voices_fails_a_round_of_fewer_volunteers_and_says_how_many(cluster)
     assert record["status"] == "failed" and cluster.store.version("r") == 0, record
     assert record["reason"] == "1 voice (volunteers) with accepted deltas, 2 needed (--min-voices)"
     assert all(v["accepted"] == 0 for v in cluster.procs.json("status")["volunteers"])  # no credit
+
+
+# --- 12. Sybils and boosted voices (coordinator.merging.sybils) ----------------------------------------
+def _sideways(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The Sybils' harmful push: half an honest step plus twice its length across the optimum's
+    direction (the probe sees a voice that helps at first), each Sybil off by up to 40%."""
+    good = _toward(weights, 0.2)
+    across = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    along = good["weight"] / good["weight"].norm()
+    across = across - (across * along).sum() * along
+    across = across / across.norm() * 2 * float(torch.cat([v.flatten() for v in good.values()]).norm())
+    gen = torch.Generator().manual_seed(seed)
+    push = {"weight": 0.5 * good["weight"] + across, "bias": 0.5 * good["bias"]}
+    return {k: v * (1 + 0.4 * (2 * torch.rand(v.shape, generator=gen) - 1)) for k, v in push.items()}
+
+
+def test_two_sybils_of_four_voices_share_one_voice_are_clipped_and_leave_the_loss_near_clean(cluster):
+    cluster.procs.aggregator()
+    ann, ben, eve, mallory = (cluster.mallory(n) for n in ("ann", "ben", "eve", "mallory"))
+    cluster.init("--shards", "4", "--deadline", "600")  # fedavg, --verify probe by default
+    for version in range(4):  # ann and ben earn a record: four rounds of two shards
+        number = cluster.post("--shards", "2")
+        for shard, (who, step) in enumerate(((ann, 0.2), (ben, 0.15))):
+            good = _toward_optimum(cluster, version, step, seed=1 + shard + 10 * version)
+            who.deliver("r", number, shard, delta_blob(good, "r", number, shard, version))
+        record = cluster.wait_ended(number)
+        assert record["status"] == "done", str(record)
+    clean = cluster.weights(4)
+    for version in range(4, 7):  # two new identities push one harmful direction, boosted 5x
+        number, weights = cluster.post(), cluster.weights(version)
+        honest = [_toward(weights, 0.2, seed=61 + version), _toward(weights, 0.15, seed=71 + version)]
+        for shard, (who, delta) in enumerate(zip((ann, ben), honest)):
+            who.deliver("r", number, shard, delta_blob(delta, "r", number, shard, version))
+        for shard, who in ((2, eve), (3, mallory)):
+            push = {k: 5 * v for k, v in _sideways(weights, seed=shard + 10 * version).items()}
+            who.deliver("r", number, shard, delta_blob(push, "r", number, shard, version))
+        record = cluster.wait_ended(number)
+        assert record["status"] == "done" and record["accepted"] == 4, str(
+            record
+        )  # past the probe and screen
+        steps = [_toward(clean, 0.2, seed=61 + version), _toward(clean, 0.15, seed=71 + version)]
+        clean = {k: v + (steps[0][k] + steps[1][k]) / 2 for k, v in clean.items()}
+    job = TinyJob()
+    model = job.build_model()
+    model.load_state_dict(cluster.weights(7))
+    attacked = job.evaluate(model)["eval_loss"]
+    model.load_state_dict(clean)
+    assert attacked <= 1.2 * job.evaluate(model)["eval_loss"], (attacked, job.evaluate(model))
+    people = {v["name"]: v for v in cluster.procs.json("volunteers")["volunteers"]}
+    assert people["eve"]["cluster"] == people["mallory"]["cluster"] == "eve", people
+    assert people["ann"]["cluster"] != "eve" and people["ann"]["age"] >= 0, people

