@@ -27,7 +27,7 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
-from coordinator import checkpoints, ledger
+from coordinator import checkpoints, ledger, slicing
 from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
 from coordinator.context import RunContext, RunContexts
 from coordinator.documents import round_record
@@ -122,7 +122,9 @@ class Aggregator:
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         reputations: dict[str, float | None] = {}
         if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
-            judged = self._judge(context, base, weights, used, metas, reputations)
+            judged = []
+            for names, part in slicing.parts(context, used):  # a sliced run's voices, slice by slice
+                judged += self._judge(context, base, weights, part, metas, reputations, names)
             rejections += judged
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
@@ -255,7 +257,9 @@ class Aggregator:
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
-        if context.privacy is None:
+        if context.slices:  # slices differ in norm: each delta is compared within its own
+            rejections.update(slicing.screen(norms, owners, len(context.slices), ratio, context.model_norm))
+        elif context.privacy is None:
             history = self.store.voice_norms(context.name)
             rejections.update(screen_norms(norms, owners, ratio, context.model_norm, history))
         # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
@@ -270,10 +274,12 @@ class Aggregator:
         used: dict[int, str],
         metas: dict[int, dict],
         reputations: dict[str, float | None],
+        names: list[str] | None = None,
     ) -> list[Rejection]:
         """Copies of another voice or of the last update (``copy``); with ``--verify probe``, each
         voice's effect on the probe (``probe``), a round of one voice included. ``reputations``
-        is filled in for a probed round, whose merge weighs by them."""
+        is filled in for a probed round, whose merge weighs by them. With ``names`` (one slice's
+        voices) the last update is that slice's tensors only."""
 
         def read(shards: list[int]) -> TensorDict:
             return self._voice(context, used, metas, shards)[1]
@@ -281,6 +287,7 @@ class Aggregator:
         sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
+        weights = weights if names is None else {k: weights[k] for k in names}
         # The copy check needs only the last update's sketch, formed tensor by tensor; a lone
         # voice is also probed against the whole update, which only then is held.
         last_sketch = sketch(weights, minus=previous) if previous is not None else None
@@ -327,22 +334,32 @@ class Aggregator:
         # the strategy makes it once the deltas are summed (not beside the last one decoded).
         keep_base = lossy(config.get("downlink_compression"))
         weights = dict(base)
-        strategy = make_strategy(
-            config["strategy"],
-            server_lr=config.get("server_lr"),
-            momentum=config.get("momentum"),
-            clip_norm=config.get("clip_norm"),
-            momentum_delay=momentum_delay(config),
-        )
-        state_blob = self.store.strategy_blob(context.name)
-        if state_blob:
-            strategy.load_state_dict(loads(state_blob)[0])
 
-        def deltas() -> Iterator[tuple[float, TensorDict]]:
+        def make() -> Strategy:
+            return make_strategy(
+                config["strategy"],
+                server_lr=config.get("server_lr"),
+                momentum=config.get("momentum"),
+                clip_norm=config.get("clip_norm"),
+                momentum_delay=momentum_delay(config),
+            )
+
+        strategy = make()
+        state_blob = self.store.strategy_blob(context.name)
+        state = loads(state_blob)[0] if state_blob else {}
+        if state:
+            strategy.load_state_dict(state)
+
+        def deltas(used: dict[int, str] = used) -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
                 samples, delta = self._voice(context, used, metas, shards)
                 yield (weigh(samples, reputations[name]) if reputations else samples), delta
 
+        if context.slices:  # each tensor from the deltas that trained it; the others keep their bytes
+            sliced = slicing.SlicedStrategy(make, state)
+            for names, part in slicing.parts(context, used):
+                sliced.merge_slice(weights, names or [], deltas(part))
+            return weights, sliced, None
         privacy = context.privacy
         next_value: float | None = None
         if privacy is None:
@@ -411,7 +428,10 @@ class Aggregator:
         if blob is None:
             return None
         delta, meta = loads(
-            blob, limit=context.upload_bound, max_decoded=context.model_bytes, expect=context.expected
+            blob,
+            limit=context.upload_bound,
+            max_decoded=context.model_bytes,
+            expect=context.expected_for(shard),
         )
         metas[shard] = meta
         return delta
