@@ -287,12 +287,12 @@ class Aggregator:
         sketches: dict[str, torch.Tensor] = {}
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
-        weights = weights if names is None else {k: weights[k] for k in names}
+        view = weights if names is None else {k: weights[k] for k in names}
         # The copy check needs only the last update's sketch, formed tensor by tensor; a lone
         # voice is also probed against the whole update, which only then is held.
-        last_sketch = sketch(weights, minus=previous) if previous is not None else None
+        last_sketch = sketch(view, minus=previous) if previous is not None else None
         lone = _probes(context) and len(voices(used)) == 1
-        last = last_update(weights, previous) if lone and previous is not None else None
+        last = last_update(view, previous) if lone and previous is not None else None
         del previous
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))

@@ -19,7 +19,7 @@ import torch
 
 from broker.pointers import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
-from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
+from serialization import Encoded, TensorDict, apply_update, dumps, dumps_stream, loads, parse_codec
 from volunteer import slicing
 from volunteer.checkpoint import ShardKey, ShardState
 from volunteer.feedback import ErrorFeedback
@@ -417,8 +417,13 @@ class ShardRunner:
         if not isinstance(digest, str) or config["job"] not in self.options.allowed_jobs:
             return None
         model = self._job(run, config).build_model()
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if hashlib.sha256(dumps(weights, {"run": run, "version": 0})).hexdigest() != digest:
+        # the model's own tensors (it is dropped, they stay), hashed a piece at a time: no copy
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        del model
+        hashed = hashlib.sha256()
+        for piece in dumps_stream(weights, {"run": run, "version": 0}).pieces:
+            hashed.update(piece)
+        if hashed.hexdigest() != digest:
             log.info("version 0 of %s built here differs from the run's: fetching it", run)
             return None
         return weights, 0
