@@ -130,3 +130,19 @@ def test_the_intake_refuses_an_upload_whose_tensors_are_not_its_slices():
     assert "slice" in (_check(dumps(dict(trained.delta), {**meta, "slice": 0}), context, 0, 1)[0] or "")
     whole = dumps({k: torch.zeros_like(v) for k, v in weights.items()}, {**meta, "slice": 1})
     assert "tensor" in (_check(whole, context, 0, 1)[0] or "")
+
+
+def test_the_strategy_merges_slice_by_slice_and_an_untouched_slice_keeps_its_bytes_and_state():
+    from coordinator.slicing import SlicedStrategy
+    from coordinator.strategies import make_strategy
+
+    weights = {"a": torch.ones(3), "b": torch.ones(2), "c": torch.ones(4)}
+    before = {k: v.clone() for k, v in weights.items()}
+    state = {"momentum/c": torch.full((4,), 7.0)}  # c's momentum from an earlier round
+    sliced = SlicedStrategy(lambda: make_strategy("fedavgm"), state)
+    sliced.merge_slice(weights, ["a", "b"], iter([(1.0, {"a": torch.ones(3), "b": torch.ones(2)})]))
+    assert torch.equal(weights["c"], before["c"])  # no delta of c's slice: bit-identical
+    assert not torch.equal(weights["a"], before["a"])
+    merged = sliced.state_dict()
+    assert torch.equal(merged["momentum/c"], state["momentum/c"])  # its state kept as it was
+    assert set(merged) == {"momentum/a", "momentum/b", "momentum/c"}
