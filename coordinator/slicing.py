@@ -36,8 +36,10 @@ GIB = 1 << 30
 
 def plan_run(job: Job, weights: Mapping[str, torch.Tensor], count: int) -> list[list[str]]:
     """The run's ``count`` slices; UsageError (one line) for a count or a job's slices that do not fit."""
+    if count == 1:  # the whole model: no job hook is asked
+        return [list(trainable(weights))]
     try:
-        if count > 1 and callable(getattr(job, "slices", None)):
+        if callable(getattr(job, "slices", None)):
             return plan(job, job.build_model(), count)
         return plan(job, _Shell(weights), count)
     except JobError as e:
