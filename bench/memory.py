@@ -441,8 +441,8 @@ def _slice_lines(rows: list[dict[str, Any]], machine_gib: float) -> list[str]:
         largest = (machine_gib * 2**30 - r["vol_idle_mib"] * MIB) / per_param
         lines.append(
             f"S = {r['slices']} at {_count(r['params'])} ({r['codec']}): volunteer peak above idle {ratio}; "
-            f"{per_param:.1f} bytes per parameter, so a {machine_gib:.0f} GiB volunteer could train a slice "
-            f"of ~{_count(int(largest))} parameters (extrapolated)."
+            f"{per_param:.1f} bytes per parameter, so a {machine_gib:.0f} GiB volunteer could train "
+            f"one slice of a ~{_count(int(largest))}-parameter model (extrapolated)."
         )
     return ["", *lines] if lines else []
 
