@@ -298,6 +298,8 @@ class ShardRunner:
             result.samples / max(result.seconds, 1e-9),
             blob.size,
         )
+        if part is not None:
+            summary = {**summary, "slice": part[0]}
         return {
             **summary,
             "loss": round(result.train_loss, 4),

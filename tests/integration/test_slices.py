@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from coordinator import checkpoints
 from jobs import load_job
 from jobs.loader import parse_job_args
-from tests.conftest import TINY_CHARLM
+from tests.conftest import TINY_CHARLM, wait_until
 
 
 def test_a_sliced_run_trains_each_slice_from_its_own_uploads_and_keeps_an_untouched_slice(processes):
@@ -60,10 +60,29 @@ def test_a_sliced_run_trains_each_slice_from_its_own_uploads_and_keeps_an_untouc
     assert third["model_version"] == 2
     losses = [init["initial"]["eval_loss"], rounds[0]["eval_loss"], third["eval_loss"]]
     assert losses[2] < losses[1] < losses[0], losses
+
+    # the aggregator writes a version to disk just after publishing it
+    def on_disk() -> bool:
+        return all(checkpoints.has_version(processes.home, "sl", v) for v in (1, 2))
+
+    wait_until(on_disk, "versions 1 and 2 on disk", processes=processes)
     before, after = (checkpoints.load_version(processes.home, "sl", v) for v in (1, 2))
     assert all(torch.equal(before[n], after[n]) for n in slices[3])
     for touched in slices[:3]:
         assert any(not torch.equal(before[n], after[n]) for n in touched)
+
+    # each shard trained slice shard mod 4, as its volunteer reports it
+    trained = [r for name in ("alice", "bob") for r in processes.results(name) if "loss" in r]
+    assert {(r["round"], r["shard"]) for r in trained} == {
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+    }
+    assert all(r["slice"] == r["shard"] % 4 for r in trained), trained
 
     out = processes.home / "sl.safetensors"
     assert processes.cli("export", "--run", "sl", "--out", str(out)).returncode == 0
