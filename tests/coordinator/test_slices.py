@@ -121,6 +121,7 @@ def test_the_intake_refuses_an_upload_whose_tensors_are_not_its_slices():
         device=torch.device("cpu"),
         seed=1,
         trainable=frozenset({"bias"}),
+        optimizer="sgd",
     )
     assert set(trained.delta) == {"bias"}
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # the version untouched
