@@ -1,6 +1,6 @@
 """Memory against model size: aggregator and volunteer peak RSS above idle, per round, per size.
 
-    python bench/memory.py [--sizes 1e6,1e7,1e8,3e8] [--rounds 2] [--shards 1]
+    python bench/memory.py [--sizes 1e6,1e7,1e8,3e8] [--rounds 2] [--shards 1] [--slices 1,2,4,8]
                            [--compression none,default] [--pool solo] [--trace] [--machine-gib 24] [--json]
 
 For each size a fresh private redis-server, ``coordinator aggregator`` (Celery solo pool)
@@ -17,6 +17,12 @@ the largest deltas, nothing else), and ``--rounds`` rounds of
 aggregator has written its checkpoint. Peak = the larger of ``VmHWM`` and the sampled
 maximum, for every process of the volunteer's tree (with ``--pool prefork`` the worker
 child is the one that trains); "above idle" subtracts the baseline.
+
+``--slices`` (default 1) runs each size and codec once per slice count S: ``init --slices S``
+(shards posted one per round, so the one volunteer trains slice 0 each round) and reports
+the volunteer's peak against the S = 1 row of the same size and codec (issue 25's goal: at
+S = 4 at most 0.5x) and the largest model whose slice a ``--machine-gib`` volunteer could
+train, from the volunteer's own bytes per parameter (an extrapolation, not a run).
 
 Bounds (docs/BENCHMARKS.md section 10): aggregator under 4x the model's float32 size for
 a streaming strategy, volunteer under 6x. A size that cannot run (init refused, a round that
@@ -134,11 +140,12 @@ class Failed(Exception):
     """This size could not run a round; the message is the row's one-line reason."""
 
 
-def measure(params: int, args: argparse.Namespace, codec: str = "none") -> dict[str, Any]:
-    """One size and codec on a fresh cluster: idle and peak RSS of both sides, Redis, the machine."""
+def measure(params: int, args: argparse.Namespace, codec: str = "none", slices: int = 1) -> dict[str, Any]:
+    """One size, codec and slice count on a fresh cluster: idle and peak RSS of both sides, Redis, machine."""
     row: dict[str, Any] = {
         "params": params,
         "codec": codec,
+        "slices": slices,
         "model_mib": 4 * params / MIB,
         "status": "passed",
     }
@@ -163,7 +170,7 @@ def measure(params: int, args: argparse.Namespace, codec: str = "none") -> dict[
             sampler = Sampler(trees)
             sampler.start()
             try:
-                row["rounds"] = _run_rounds(cluster, sampler, params, args, codec)
+                row["rounds"] = _run_rounds(cluster, sampler, params, args, codec, slices)
                 time.sleep(0.3)
             finally:
                 sampler.stop()
@@ -216,22 +223,27 @@ def _traced(argv: list[str], trace_dir: Path | None, side: str) -> list[str]:
 
 
 def _run_rounds(
-    cluster: Cluster, sampler: Sampler, params: int, args: argparse.Namespace, codec: str
+    cluster: Cluster, sampler: Sampler, params: int, args: argparse.Namespace, codec: str, slices: int = 1
 ) -> list[dict]:
     """``init``, then ``--rounds`` rounds, each until the aggregator's checkpoint is written."""
     chosen = [] if codec == "default" else ["--compression", codec]
+    if slices > 1:  # a sliced run has S shards or more; each round posts --shards of them
+        chosen += ["--slices", str(slices)]
     _coordinator(
         cluster, sampler, args.timeout,
         "init", "--run", "mem", "--job", JOB, "--job-arg", f"params={params}",
         "--job-arg", f"tensors={args.tensors}", "--strategy", "fedavg", *chosen,
-        "--local-steps", "1", "--verify", "none", "--shards", str(args.shards),
+        "--local-steps", "1", "--verify", "none", "--shards", str(max(args.shards, slices)),
         "--deadline", str(args.timeout), "--lr", "0.001", "--json",
     )  # fmt: skip
     metrics = cluster.dir / "home" / "runs" / "mem" / "metrics.jsonl"
     records = []
     for number in range(1, args.rounds + 1):
         started = time.perf_counter()
-        out = _coordinator(cluster, sampler, args.timeout, "post-round", "--run", "mem", "--wait", "--json")
+        out = _coordinator(
+            cluster, sampler, args.timeout,
+            "post-round", "--run", "mem", "--shards", str(args.shards), "--wait", "--json",
+        )  # fmt: skip
         record = json.loads(out)["rounds"][0]
         if record["status"] != "done":
             raise Failed(f"round {number} {record['status']}: {record.get('reason', '?')}")
@@ -370,13 +382,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"1 local AdamW step, 1 volunteer (`--pool {args.pool}`); codec `default` is init's own "
         "(lossy both ways)",
         "",
-        "| params | codec | float32 MiB | aggregator idle MiB | aggregator peak above idle | "
+        "| params | codec | slices | float32 MiB | aggregator idle MiB | aggregator peak above idle | "
         "volunteer idle MiB | volunteer peak above idle | Redis peak growth | all processes above idle "
         f"| round s | aggregator < {AGG_BOUND:.0f}x | volunteer < {VOL_BOUND:.0f}x |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        head = f"| {_count(r['params'])} | {r['codec']} | {r['model_mib']:.0f} |"
+        head = f"| {_count(r['params'])} | {r['codec']} | {r.get('slices', 1)} | {r['model_mib']:.0f} |"
         if r["status"] != "passed":
             lines.append(f"{head} {r['status']}: {r['reason']} | | | | | | | | |")
             continue
@@ -387,8 +399,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['redis_above_mib'] / r['model_mib']:.2f}x | {r['machine_above_mib']:.0f} MiB | {seconds} | "
             f"{'met' if r['agg_ok'] else 'MISSED'} | {'met' if r['vol_ok'] else 'MISSED'} |"
         )
+    lines += _slice_lines(rows, args.machine_gib)
     for codec in dict.fromkeys(r["codec"] for r in rows):
-        est = estimate([r for r in rows if r["codec"] == codec], args.machine_gib)
+        est = estimate([r for r in rows if r["codec"] == codec and r.get("slices", 1) == 1], args.machine_gib)
         lines.append("")
         if est["largest_passed"] is None:
             lines.append(f"Codec {codec}: no size passed, no estimate of the largest model.")
@@ -406,6 +419,32 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     if traced:  # the largest size that passed: the model dominates the process's own overhead
         lines += ["", *_trace_table(max(traced, key=lambda r: r["params"]))]
     return "\n".join(lines)
+
+
+def _slice_lines(rows: list[dict[str, Any]], machine_gib: float) -> list[str]:
+    """Each sliced row's volunteer peak against the whole-model row of its size and codec, and the
+    largest model whose slice one ``machine_gib`` volunteer could train (from its bytes per parameter)."""
+    lines: list[str] = []
+    whole = {
+        (r["params"], r["codec"]): r for r in rows if r["status"] == "passed" and r.get("slices", 1) == 1
+    }
+    for r in rows:
+        if r["status"] != "passed" or r.get("slices", 1) == 1:
+            continue
+        base = whole.get((r["params"], r["codec"]))
+        ratio = (
+            f"{r['vol_above_mib'] / base['vol_above_mib']:.2f}x the whole-model shard's"
+            if base
+            else "no S=1 row"
+        )
+        per_param = r["vol_above_mib"] * MIB / r["params"]
+        largest = (machine_gib * 2**30 - r["vol_idle_mib"] * MIB) / per_param
+        lines.append(
+            f"S = {r['slices']} at {_count(r['params'])} ({r['codec']}): volunteer peak above idle {ratio}; "
+            f"{per_param:.1f} bytes per parameter, so a {machine_gib:.0f} GiB volunteer could train "
+            f"one slice of a ~{_count(int(largest))}-parameter model (extrapolated)."
+        )
+    return ["", *lines] if lines else []
 
 
 def _trace_table(row: dict[str, Any]) -> list[str]:
@@ -451,6 +490,16 @@ def _codecs(text: str) -> list[str]:
     return codecs
 
 
+def _slice_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slices {text!r}: use whole numbers like 1,2,4,8") from None
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"--slices {text!r}: each count must be at least 1")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -459,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds per size (round 1 builds version 0 locally)")
     p.add_argument("--shards", type=int, default=1, help="shards per round (all to the one volunteer)")
     p.add_argument("--tensors", type=int, default=4, help="parameter tensors the model is split into")
+    p.add_argument(
+        "--slices", type=_slice_counts, default=[1], help="slice counts, e.g. 1,2,4,8 (each <= --tensors)"
+    )
     p.add_argument(
         "--compression",
         type=_codecs,
@@ -477,15 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for params in args.sizes:
         for codec in args.compression:
-            rows.append(measure(params, args, codec))
-            print(
-                f"{_count(params)} {codec}: {rows[-1]['status']} {rows[-1].get('reason', '')}",
-                file=sys.stderr,
-                flush=True,
-            )
+            for slices in args.slices:
+                rows.append(measure(params, args, codec, slices))
+                print(
+                    f"{_count(params)} {codec} S={slices}: {rows[-1]['status']} {rows[-1].get('reason', '')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if args.json:
         estimates = {
-            codec: estimate([r for r in rows if r["codec"] == codec], args.machine_gib)
+            codec: estimate([r for r in rows if r["codec"] == codec and r["slices"] == 1], args.machine_gib)
             for codec in args.compression
         }
         print(json.dumps({"rows": rows, "estimates": estimates}, indent=2))

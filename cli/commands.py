@@ -36,7 +36,16 @@ from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, is_async
 from coordinator.rounds.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
 from coordinator.rounds.posting import parse_quorum, wait_round
 from coordinator.rounds.posting import post_round as _post_round
-from coordinator.runs import checkpoints, credentials, fusion, identities, invitations, ledger, revocation
+from coordinator.runs import (
+    checkpoints,
+    credentials,
+    fusion,
+    identities,
+    invitations,
+    ledger,
+    revocation,
+    slicing,
+)
 from coordinator.runs import restore as restoring
 from coordinator.runs.context import upload_bound
 from coordinator.runs.creation import build_model, create_run
@@ -106,7 +115,10 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--run {args.run!r}: {keys.NAME_RULE}")
     job_args = parse_job_args(args.job_arg)
     codec = parse_codec(args.compression)
-    downlink = parse_codec(getattr(args, "downlink_compression", None) or args.compression)
+    count = getattr(args, "slices", None) or 1
+    # a sliced run's downlink is lossless unless asked (and then refused: coordinator.runs.slicing)
+    plain = "none" if count > 1 else args.compression
+    downlink = parse_codec(getattr(args, "downlink_compression", None) or plain)
     make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm)
     shards = args.shards or DEFAULT_SHARDS
     parse_quorum(args.quorum, shards)
@@ -119,6 +131,8 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "replicate", 0.0) and dp["dp_clip"] is not None:
         raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
     mode = _check_mode(args, dp)
+    if count > 1:  # before a model is built: what a sliced run does not work with
+        slicing.refuse(count, {"shards": shards, "downlink_compression": downlink.name, **mode, **dp})
     try:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
@@ -148,6 +162,12 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     else:
         weights, initial = fusion.branch_model(job, branch, args.run, _job_files(job))
         blob = dumps(weights, {"run": args.run, "version": 0})
+    parts = slicing.settings(
+        job,
+        weights,
+        count,
+        {"shards": shards, "downlink_compression": downlink.name, **mode, **dp, **need.as_config()},
+    )
     if folder.exists():
         moved = checkpoints.move_aside(conn.settings.home, args.run)
         print(f"moved {folder} aside to {moved}", file=sys.stderr)
@@ -188,6 +208,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         # the store caps each upload slot at the bound the aggregator checks uploads against
         **({"blob_store": blob_store, "upload_bound": upload_bound(weights, codec)} if blob_store else {}),
     )
+    config.update(parts)  # slices, shard_memory_gb; a sliced run's routing and slice_tensors
     create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))
     document = {
         "run": args.run,

@@ -218,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"({MIN_PROBE_VOICES} <= N <= {MAX_SHARDS}, default {DEFAULT_PROBE_VOICES}: docs/SECURITY.md)",
     )
     p.add_argument(
+        "--slices",
+        type=int_in(1, MAX_SHARDS),
+        default=1,
+        metavar="S",
+        help="split the model's trainable tensors into S slices balanced by parameter count; shard i "
+        "of a round trains slice i mod S only, so a volunteer needs memory for the model and one "
+        "slice's gradients and optimizer state (default 1: the whole model)",
+    )
+    p.add_argument(
         "--min-voices",
         type=int_in(1, MAX_SHARDS),
         default=1,

@@ -37,6 +37,7 @@ from jobs.language import (
     random_windows,
     shard_of,
 )
+from jobs.slicing import by_blocks
 from jobs.transformer import Block
 
 VOCAB = 256
@@ -164,6 +165,10 @@ class CharLMJob:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Return the mean next-byte cross entropy of ``model`` on ``batch``."""
         return next_token_loss(model, batch)
+
+    def slices(self, model: nn.Module, count: int) -> list[list[str]]:
+        """``init --slices``: cut between layers (embeddings, each block, final norm and head)."""
+        return by_blocks(model, count)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Return mean cross entropy and next-byte accuracy on the fixed held-out windows."""

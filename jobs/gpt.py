@@ -49,6 +49,7 @@ from jobs.language import (
     random_windows,
     shard_of,
 )
+from jobs.slicing import by_blocks
 from jobs.transformer import Block, rotary_tables
 
 END_OF_TEXT = "<|endoftext|>"
@@ -217,6 +218,10 @@ class GPTJob:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean next-token cross entropy of ``model`` on ``batch``."""
         return next_token_loss(model, batch)
+
+    def slices(self, model: nn.Module, count: int) -> list[list[str]]:
+        """``init --slices``: cut between layers (embeddings, each block, final norm and head)."""
+        return by_blocks(model, count)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Mean cross entropy (nats per token) and next-token accuracy on fixed held-out windows."""

@@ -51,6 +51,12 @@ class Job(Protocol):
     ``"next-token"``, a language model taking ids ``[batch, time]`` to logits
     ``[batch, time, vocab]`` where position t predicts id t+1 (which also allows
     weights by posterior). Without it, a job's runs can be averaged, not ensembled.
+    Optional: ``slices(model, count) -> list[list[str]]``, the ``count`` slices a
+    run of ``init --slices count`` trains one per shard: lists of ``state_dict``
+    names that together hold each floating-point entry exactly once, none empty
+    (``jobs.slicing.check``); without it the entries are cut in ``state_dict``
+    order into slices balanced by parameter count (``jobs.slicing.by_blocks``
+    cuts between layers, as the built-in jobs do).
     Optional: ``evaluate_corpus(model, path) -> dict[str, float]``, the metrics of
     ``evaluate`` on the data at ``path`` instead of the held-out set
     (``coordinator evaluate --data PATH``).

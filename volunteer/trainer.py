@@ -36,6 +36,7 @@ import torch
 
 from jobs import Job, batch_size, parameter_groups
 from serialization import TensorDict
+from volunteer import slicing
 from volunteer.checkpoint import ShardState
 from volunteer.feedback import Consumable
 
@@ -79,6 +80,7 @@ def train_shard(
     model: torch.nn.Module | None = None,
     gate: Gate | None = None,
     resume: ShardState | None = None,
+    trainable: frozenset[str] | None = None,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
@@ -92,6 +94,9 @@ def train_shard(
     ``reuse_model``) the weights are loaded into it instead of a new build; the
     delta is formed in its parameters, so it must not be trained again until
     the delta has been sent.
+    With ``trainable`` (a sliced run: the tensors of this shard's slice) only
+    those train and only their delta is returned; the others are frozen and,
+    on the CPU, share the storage of ``weights`` (``volunteer.slicing``).
     """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
@@ -99,11 +104,17 @@ def train_shard(
         raise ValueError(f"learning rate must be > 0, got {lr}")
     started = time.perf_counter()
     model = job.build_model() if model is None else model
-    model.load_state_dict(weights)
+    if trainable is None:
+        model.load_state_dict(weights)
+    else:
+        slicing.bind(model, weights, trainable, device)
     model.to(device)
     model.train()
-    initial = _base_copy(model, weights)
-    opt = _make_optimizer(optimizer, lr, parameter_groups(job, model))
+    initial = _base_copy(model, weights, trainable)
+    groups = parameter_groups(job, model)
+    if trainable is not None:
+        groups = slicing.freeze(model, groups, trainable)
+    opt = _make_optimizer(optimizer, lr, groups)
     if optimizer_state is not None:
         _resume(opt, optimizer_state, lr)
     _seed(seed, device)  # the job's shard batches come from the global RNG
@@ -163,16 +174,18 @@ def train_shard(
     )
 
 
-def _base_copy(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> TensorDict:
+def _base_copy(
+    model: torch.nn.Module, weights: Mapping[str, torch.Tensor], only: frozenset[str] | None = None
+) -> TensorDict:
     """The loaded weights as float32 on the CPU, to subtract from after training.
 
     Where the caller's tensor already is exactly that (a CPU float32 model: the
     volunteer's cached version) it is used as it is, not copied: one model's
-    size less at the volunteer's peak. It is only read.
+    size less at the volunteer's peak. It is only read. With ``only``, those tensors alone.
     """
     base: TensorDict = {}
     for k, v in model.state_dict().items():
-        if not v.is_floating_point():
+        if not v.is_floating_point() or (only is not None and k not in only):
             continue
         given = weights.get(k)
         if given is not None and _cpu_float32(given) and _cpu_float32(v) and given.shape == v.shape:

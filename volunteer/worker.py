@@ -19,7 +19,8 @@ import torch
 
 from broker.pointers import ObjectStoreError
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
-from serialization import Encoded, TensorDict, apply_update, dumps, loads, parse_codec
+from serialization import Encoded, TensorDict, apply_update, dumps, dumps_stream, loads, parse_codec
+from volunteer import slicing
 from volunteer.challenge import Prover
 from volunteer.checkpoint import ShardKey, ShardState
 from volunteer.feedback import ErrorFeedback
@@ -61,6 +62,7 @@ class ShardRunner:
         self._feedback: dict[str, ErrorFeedback] = {}
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._inner_weights: dict[str, float] = {}  # a run slice's state: its share of a model's
         self._slot: dict[str, Any] | None = None
         self._lease = LeaseHold(None, 0.0)  # the shard's lease: its upload token, or None once given back
         self._progress = Progress(options.guest) if options.guest is not None else None
@@ -192,10 +194,12 @@ class ShardRunner:
         resume: ShardState | None,
     ) -> ShardResult:
         run, number, shard = key.run, key.round, key.shard
+        part = slicing.assignment(config, shard)
         return train_shard(
             job,
             weights,
-            shard=shard % shards,  # an asynchronous run numbers its jobs on: they cycle over the shards
+            # an asynchronous run numbers its jobs on: they cycle over the shards
+            shard=slicing.data_shard(config, number, shard, shards),
             shards=shards,
             steps=int(config["local_steps"]),
             lr=float(config["lr"]),
@@ -204,10 +208,11 @@ class ShardRunner:
             seed=seed_for(run, number, shard),
             seconds=_budget(config.get("shard_seconds")),
             data=data,
-            optimizer_state=self._inner.get(run) if config.get("inner_state") == "keep" else None,
+            optimizer_state=self._inner.get(_own(run, part)) if config.get("inner_state") == "keep" else None,
             model=model,
             gate=gate,
             resume=resume,
+            trainable=None if part is None else part[1],
         )
 
     def _manners(
@@ -253,7 +258,12 @@ class ShardRunner:
         summary: dict[str, Any],
     ) -> dict[str, Any]:
         """Check the trained shard, encode its delta and upload it."""
-        self._keep_inner(run, config, result.optimizer_state if math.isfinite(result.train_loss) else None)
+        part = slicing.assignment(config, shard)
+        own = _own(run, part)  # a sliced run keeps inner state and residuals per slice
+        weight = 1.0 / int(config.get("slices") or 1)
+        self._keep_inner(
+            own, config, result.optimizer_state if math.isfinite(result.train_loss) else None, weight
+        )
         if not math.isfinite(result.train_loss) or not _finite(result.delta):
             failure = {"failure": "non-finite values", "downlink": downlink}
             self._upload(run, number, shard, dumps({}, failure))
@@ -273,10 +283,14 @@ class ShardRunner:
             "memory_gb": self.options.memory_gb,
             "downlink": downlink,
         }
+        if part is not None:
+            meta["slice"] = part[0]
         codec = parse_codec(str(config["compression"]))
-        blob = self._feedback.setdefault(run, ErrorFeedback()).encode_stream(result.delta, meta, codec)
+        blob = self._feedback.setdefault(own, ErrorFeedback()).encode_stream(result.delta, meta, codec)
         self._upload(run, number, shard, blob)
-        if reuses_model(job):  # its parameters held the delta, now sent: the next shard loads over them
+        # its parameters held the delta, now sent: the next shard loads over them (a sliced
+        # run's frozen parameters hold the cached version's own storage: never loaded over)
+        if reuses_model(job) and part is None:
             self._trained = (job, model)
         log.info(
             "%s round %d shard %d: %d steps, loss %.4f, %.0f samples/s, %d bytes sent",
@@ -288,6 +302,8 @@ class ShardRunner:
             result.samples / max(result.seconds, 1e-9),
             blob.size,
         )
+        if part is not None:
+            summary = {**summary, "slice": part[0]}
         return {
             **summary,
             "loss": round(result.train_loss, 4),
@@ -308,19 +324,25 @@ class ShardRunner:
         del kept
         return job.build_model()
 
-    def _keep_inner(self, run: str, config: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Keep a run's inner optimizer state for its next shard (``--inner-state keep``).
+    def _keep_inner(
+        self, run: str, config: dict[str, Any], state: dict[str, Any] | None, weight: float = 1.0
+    ) -> None:
+        """Keep a run's (or a run slice's) inner optimizer state for its next shard (``--inner-state keep``).
 
-        At most INNER_STATES runs' states (each about twice the model) stay in
-        memory: the least recently trained run's goes first.
+        At most INNER_STATES runs' states (each about twice the model; a slice's
+        counts ``weight``, its share of the model) stay in memory: the least
+        recently trained goes first.
         """
         if config.get("inner_state") != "keep" or state is None:
             self._inner.pop(run, None)  # none kept, or a diverged shard's: the next starts afresh
+            self._inner_weights.pop(run, None)
             return
         self._inner[run] = state
+        self._inner_weights[run] = weight
         self._inner.move_to_end(run)
-        while len(self._inner) > INNER_STATES:
-            self._inner.popitem(last=False)
+        while sum(self._inner_weights.get(k, 1.0) for k in self._inner) > INNER_STATES + 1e-9:
+            oldest, _ = self._inner.popitem(last=False)
+            self._inner_weights.pop(oldest, None)
 
     def _too_stale(self, run: str, version: int) -> str | None:
         """Why a job on ``version`` is not worth training any more (None if it is)."""
@@ -401,8 +423,13 @@ class ShardRunner:
         if not isinstance(digest, str) or config["job"] not in self.options.allowed_jobs:
             return None
         model = self._job(run, config).build_model()
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if hashlib.sha256(dumps(weights, {"run": run, "version": 0})).hexdigest() != digest:
+        # the model's own tensors (it is dropped, they stay), hashed a piece at a time: no copy
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        del model
+        hashed = hashlib.sha256()
+        for piece in dumps_stream(weights, {"run": run, "version": 0}).pieces:
+            hashed.update(piece)
+        if hashed.hexdigest() != digest:
             log.info("version 0 of %s built here differs from the run's: fetching it", run)
             return None
         return weights, 0
@@ -435,6 +462,11 @@ class ShardRunner:
                 config["job"], config.get("job_args") or {}, allowed=self.options.allowed_jobs
             )
         return self._jobs[run]
+
+
+def _own(run: str, part: tuple[int, frozenset[str]] | None) -> str:
+    """The key of what a volunteer keeps per run, or per slice of a sliced run (inner state, residual)."""
+    return run if part is None else f"{run}\x00slice{part[0]}"
 
 
 def _finite(delta: TensorDict) -> bool:

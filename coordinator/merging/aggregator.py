@@ -53,7 +53,7 @@ from coordinator.rounds.intake import Intake, Verdict
 from coordinator.rounds.leases import Leases
 from coordinator.rounds.state import CLAIM_LEASE
 from coordinator.rounds.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
-from coordinator.runs import checkpoints, ledger
+from coordinator.runs import checkpoints, ledger, slicing
 from coordinator.runs.context import RunContext, RunContexts
 from coordinator.runs.revocation import split_revoked
 from coordinator.store import Store
@@ -132,7 +132,15 @@ class Aggregator:
         selection = Selection(frozenset())
         sketches: dict[str, torch.Tensor] = {}
         if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
-            judged, selection = self._judge(context, base, weights, used, metas, reputations, sketches)
+            judged = []
+            for names, part in slicing.parts(context, used):  # a sliced run's voices, slice by slice
+                found, chosen = self._judge(context, base, weights, part, metas, reputations, sketches, names)
+                judged += found
+                selection = Selection(
+                    selection.judged | chosen.judged,
+                    selection.sampled | chosen.sampled,
+                    selection.skipped | chosen.skipped,
+                )
             rejections += judged
             used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
         for shard, volunteer, reason in rejections:
@@ -160,6 +168,8 @@ class Aggregator:
         if context.privacy is None:  # probation, similarity groups and clipping (coordinator.merging.sybils)
             history, spoken = self.store.voice_norms(run), _voice_norms(used, norms)
             plan = plan_round(self.store, run, list(voices(used)), sketches, spoken, history, reputations)
+            if context.slices:  # voices of different slices have norms that do not compare
+                plan.bound = None
         merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan)
         if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
@@ -268,7 +278,9 @@ class Aggregator:
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
         ratio = float(context.config.get("max_norm_ratio", 10.0))
-        if context.privacy is None:
+        if context.slices:  # slices differ in norm: each delta is compared within its own
+            rejections.update(slicing.screen(norms, owners, len(context.slices), ratio, context.model_norm))
+        elif context.privacy is None:
             history = self.store.voice_norms(context.name)
             rejections.update(screen_norms(norms, owners, ratio, context.model_norm, history))
         # With DP no screen: clipping bounds every voice, and a screen that judges one volunteer
@@ -284,23 +296,26 @@ class Aggregator:
         metas: dict[int, dict],
         reputations: dict[str, float | None],
         sketches: dict[str, torch.Tensor],
+        names: list[str] | None = None,
     ) -> tuple[list[Rejection], Selection]:
         """Copies of another voice or of the last update (``copy``); with ``--verify probe``, each
         judged voice's effect on the probe (``probe``), a round of one voice included: every voice
         up to ``--probe-voices``, else a sample (``coordinator.merging.sampling``), drawn now that the
         uploads are in. ``reputations`` is filled in for a probed round, whose merge weighs by them;
-        ``sketches`` with each voice's ``sketch``."""
+        ``sketches`` with each voice's ``sketch``. With ``names`` (one slice's voices) the last
+        update is that slice's tensors only."""
 
         def read(shards: list[int]) -> TensorDict:
             return self._voice(context, used, metas, shards)[1]
 
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
+        view = weights if names is None else {k: weights[k] for k in names}
         # The copy check needs only the last update's sketch, formed tensor by tensor; a lone
         # voice is also probed against the whole update, which only then is held.
-        last_sketch = sketch(weights, minus=previous) if previous is not None else None
+        last_sketch = sketch(view, minus=previous) if previous is not None else None
         lone = _probes(context) and len(voices(used)) == 1
-        last = last_update(weights, previous) if lone and previous is not None else None
+        last = last_update(view, previous) if lone and previous is not None else None
         del previous
         selection = Selection(frozenset())
         if _probes(context):
@@ -351,18 +366,23 @@ class Aggregator:
         # the strategy makes it once the deltas are summed (not beside the last one decoded).
         keep_base = lossy(config.get("downlink_compression"))
         weights = dict(base)
-        strategy = make_strategy(
-            config["strategy"],
-            server_lr=config.get("server_lr"),
-            momentum=config.get("momentum"),
-            clip_norm=config.get("clip_norm"),
-            momentum_delay=momentum_delay(config),
-        )
-        state_blob = self.store.strategy_blob(context.name)
-        if state_blob:
-            strategy.load_state_dict(loads(state_blob)[0])
 
-        def deltas() -> Iterator[tuple[float, TensorDict]]:
+        def make() -> Strategy:
+            return make_strategy(
+                config["strategy"],
+                server_lr=config.get("server_lr"),
+                momentum=config.get("momentum"),
+                clip_norm=config.get("clip_norm"),
+                momentum_delay=momentum_delay(config),
+            )
+
+        strategy = make()
+        state_blob = self.store.strategy_blob(context.name)
+        state = loads(state_blob)[0] if state_blob else {}
+        if state:
+            strategy.load_state_dict(state)
+
+        def deltas(used: dict[int, str] = used) -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
                 samples, delta = self._voice(context, used, metas, shards)
                 weight = weigh(samples, reputations[name]) if reputations else samples
@@ -375,6 +395,11 @@ class Aggregator:
                                 tensor.mul_(shrink)
                 yield weight, delta
 
+        if context.slices:  # each tensor from the deltas that trained it; the others keep their bytes
+            sliced = slicing.SlicedStrategy(make, state)
+            for names, part in slicing.parts(context, used):
+                sliced.merge_slice(weights, names or [], deltas(part))
+            return weights, sliced, None
         privacy = context.privacy
         next_value: float | None = None
         if privacy is None:
@@ -444,7 +469,10 @@ class Aggregator:
         if blob is None:
             return None
         delta, meta = loads(
-            blob, limit=context.upload_bound, max_decoded=context.model_bytes, expect=context.expected
+            blob,
+            limit=context.upload_bound,
+            max_decoded=context.model_bytes,
+            expect=context.expected_for(shard),
         )
         metas[shard] = meta
         return delta

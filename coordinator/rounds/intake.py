@@ -31,6 +31,7 @@ from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.validation import check_delta, check_meta, printable
 from coordinator.runs.context import RunContext, RunContexts
+from coordinator.runs.slicing import check_slice
 from coordinator.store import Store
 from serialization import WireFormatError, loads
 
@@ -296,7 +297,7 @@ class Intake:
             assert blob is not None  # only uploads read (or resumed) are judged
             entry.blob = None  # not kept once checked
             base = entry.lease.base_version if entry.lease is not None else int(entry.info["base_version"])
-            reason, meta = _check(blob, entry.context, base)
+            reason, meta = _check(blob, entry.context, base, upload.shard)
             fetched = meta.get("downlink")
             if isinstance(fetched, int) and not isinstance(fetched, bool) and fetched > 0:
                 # at most one model's bytes per shard: the rest is a volunteer's claim
@@ -445,12 +446,16 @@ def _buffered(
 
 
 def _check(
-    blob: bytes | bytearray, context: RunContext, base_version: int
+    blob: bytes | bytearray, context: RunContext, base_version: int, shard: int
 ) -> tuple[str | None, dict[str, Any]]:
-    """Why the upload cannot be merged (None if it can), and its meta."""
+    """Why the upload cannot be merged (None if it can), and its meta.
+
+    In a sliced run its tensors must be exactly its shard's slice's.
+    """
+    expected = context.expected_for(shard)
     try:
         delta, meta = loads(
-            blob, limit=context.upload_bound, max_decoded=context.model_bytes, expect=context.expected
+            blob, limit=context.upload_bound, max_decoded=context.model_bytes, expect=expected
         )
     except WireFormatError as e:
         try:  # a volunteer's own failure report carries no tensors
@@ -467,4 +472,5 @@ def _check(
         # the lease says which version the job was given on: an older delta is a replay
         return f"stale: trained on version {claimed}, leased on version {base_version}", meta
     reason = check_meta(meta, base_version=base_version, max_samples=context.max_samples)
-    return reason or check_delta(delta, context.reference), meta
+    reason = reason or check_slice(meta, context, shard)
+    return reason or check_delta(delta, context.reference_for(shard)), meta

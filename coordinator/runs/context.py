@@ -19,6 +19,7 @@ from broker.routing import need_from_config
 from coordinator.merging.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
+from jobs.slicing import slice_of
 from serialization import Codec, Expected, encoded_size_bound, loads, parse_codec
 
 Reference = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -40,6 +41,21 @@ class RunContext:
     max_samples: int  # local_steps * batch_size: the most samples a shard may claim
     privacy: Privacy | None  # DP-FedAvg settings, None for a run without them
     queue: str  # the train queue its shards go to (broker.routing)
+    slices: tuple[frozenset[str], ...] = ()  # a sliced run's (init --slices): the tensors of each
+
+    def expected_for(self, shard: int) -> Expected:
+        """What shard ``shard``'s upload must hold: its slice's tensors in a sliced run, else all."""
+        if not self.slices:
+            return self.expected
+        names = self.slices[slice_of(shard, len(self.slices))]
+        return {k: v for k, v in self.expected.items() if k in names}
+
+    def reference_for(self, shard: int) -> Reference:
+        """``reference`` restricted as ``expected_for`` is."""
+        if not self.slices:
+            return self.reference
+        names = self.slices[slice_of(shard, len(self.slices))]
+        return {k: v for k, v in self.reference.items() if k in names}
 
     @property
     def codec(self) -> str:
@@ -115,4 +131,5 @@ class RunContexts:
             max_samples=int(config["local_steps"]) * batch_size(job),
             privacy=from_config(config),
             queue=need_from_config(config).queue,
+            slices=tuple(frozenset(names) for names in config.get("slice_tensors") or ()),
         )

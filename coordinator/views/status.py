@@ -42,6 +42,8 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
             "model_version": version,
             "rounds": store.rounds.count(name),
             "open_round": open_round,
+            "slices": int(config.get("slices") or 1),  # init --slices
+            "shard_memory_gb": config.get("shard_memory_gb"),  # GB one shard needs (coordinator.runs.slicing)
         }
         need = need_from_config(config)
         entry["queue"] = need.queue
