@@ -27,7 +27,7 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
-from coordinator import checkpoints, ledger
+from coordinator import checkpoints, ledger, work
 from coordinator.asynchronous import is_async, max_staleness, momentum_delay, open_buffer, staleness_weight
 from coordinator.context import RunContext, RunContexts
 from coordinator.documents import round_record
@@ -120,6 +120,16 @@ class Aggregator:
         if context.config.get("replicate"):
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
+        checked = None
+        if context.config.get("work_check") and used:  # proof of work: a sample of shards replayed
+            owners = list(voices(used))
+            record = work.records(self.store.redis, owners)
+            shards = int(info["shards"])
+            checked = work.check_work(
+                context.job, context.config, run, number, shards, weights, used, metas, record, read
+            )
+            work.forfeit(self.store.redis, {name for _, name, _ in checked.rejections})
+            rejections += checked.rejections
         reputations: dict[str, float | None] = {}
         if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
             judged = self._judge(context, base, weights, used, metas, reputations)
@@ -130,6 +140,8 @@ class Aggregator:
             self.store.credit(volunteer, run=run, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
+        if checked is not None:
+            summary.update(work.summary(checked))
         if not used:
             failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
             if reputations:  # every voice judged was rejected: a lone attacker loses reputation too

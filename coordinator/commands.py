@@ -65,6 +65,24 @@ from tasks.app import CrowdtrainApp, make_app
 OUTER_MOMENTUM = ("diloco", "fedavgm", "fedadam")
 
 
+def _check_work(args: argparse.Namespace, private: bool) -> None:
+    """``--work-check`` replays shards: the job's data, a fresh inner optimizer, rounds, no DP."""
+    if not getattr(args, "work_check", 0.0):
+        return
+    if getattr(args, "inner_state", None) == "keep":
+        raise UsageError(
+            "--work-check replays a shard from a fresh inner optimizer: use it with --inner-state reset"
+        )
+    if getattr(args, "data", "coordinator") == "volunteer":
+        raise UsageError(
+            "--work-check replays the job's shards: volunteers' own data (--data volunteer) cannot be"
+        )
+    if getattr(args, "mode", "sync") != "sync":
+        raise UsageError("--work-check replays a round's shards: use it with --mode sync")
+    if private:
+        raise UsageError("--work-check judges one volunteer's delta by itself, which DP runs do not allow")
+
+
 def default_inner_state(strategy: str) -> str:
     """``keep`` unless the outer strategy has momentum of its own (then ``reset``)."""
     return "reset" if strategy.split(":")[0] in OUTER_MOMENTUM else "keep"
@@ -128,6 +146,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "replicate", 0.0) and dp["dp_clip"] is not None:
         raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
     mode = _check_mode(args, dp)
+    _check_work(args, dp["dp_clip"] is not None)
     try:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
@@ -176,12 +195,14 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         **need.as_config(),
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
+        work_check=getattr(args, "work_check", 0.0) or 0.0,
         min_voices=getattr(args, "min_voices", 1) or 1,
         **mode,
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,
-        inner_state=getattr(args, "inner_state", None) or default_inner_state(args.strategy),
+        inner_state=getattr(args, "inner_state", None)
+        or ("reset" if getattr(args, "work_check", 0.0) else default_inner_state(args.strategy)),
         seed=args.seed,
         shards=shards,
         quorum=args.quorum,
