@@ -75,6 +75,8 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
     last: Delta | None = None
     honest_rejected = honest_shards = cheats = cheats_checked = cheats_caught = 0
     caught_round: int | None = None
+    attacker: list[tuple[float, float]] = []  # (cosine, norm ratio) of each checked shard
+    honest_seen: list[tuple[float, float]] = []
     train_s = check_s = 0.0
     for number in range(1, args.rounds + 1):
         uploads: dict[str, Delta] = {}
@@ -108,6 +110,8 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
                 seed=seed_for(run, number, shard),
             )  # fmt: skip
             why = work.mismatch(uploads[name], replayed, args.compression)
+            seen = work.similarity(uploads[name], replayed, args.compression) or (1.0, 1.0)
+            (attacker if name == attack else honest_seen).append(seen)
             if why is None and claims[name] > samples:
                 why = "samples"
             if name == attack:
@@ -140,6 +144,8 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
         "honest_rejected": honest_rejected,
         "train_s": train_s,
         "check_s": check_s,
+        "attacker": attacker,
+        "honest": honest_seen,
     }
 
 
@@ -150,21 +156,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--honest", type=int, default=4)
     p.add_argument("--rate", type=float, default=0.1, help="init --work-check RATE")
     p.add_argument("--compression", default="topk:0.01+int2@4096")
+    p.add_argument("--only", nargs="*", default=None, help="only these rows: honest and/or attacks")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
     rows: dict[str, dict] = {}
-    for label, attack, veteran in [("honest (new)", None, False), ("honest (steady)", None, True)] + [
-        (f"{a} ({'veteran' if v else 'new'})", a, v) for a in ATTACKS for v in (False, True)
-    ]:
+    plan: list[tuple[str, str | None, bool]] = []
+    for name in args.only or ("honest", *ATTACKS):
+        for veteran in (False, True):
+            if name == "honest":
+                plan.append((f"honest ({'steady' if veteran else 'new'})", None, veteran))
+            else:
+                plan.append((f"{name} ({'veteran' if veteran else 'new'})", name, veteran))
+    for label, attack, veteran in plan:
         runs = [simulate(args, attack, seed, veteran) for seed in range(args.seeds)]
-        total = {k: sum(r[k] for r in runs) for k in runs[0] if k != "caught_round"}
+        total = {
+            k: sum(r[k] for r in runs) for k in runs[0] if k not in ("caught_round", "attacker", "honest")
+        }
+        seen = {kind: [x for r in runs for x in r[kind]] for kind in ("attacker", "honest")}
         rows[label] = {
             **total,
             "recall": sum(r["caught_round"] is not None for r in runs) / len(runs) if attack else None,
             "first_caught": [r["caught_round"] for r in runs],
             "check_share": total["check_s"] / max(total["train_s"], 1e-9),
+            **{f"{kind} {stat}": _range(values) for kind, values in seen.items() for stat in ("cosine",)},
+            **{f"{kind} norm": _range([r for _, r in values]) for kind, values in seen.items()},
         }
         print(label, json.dumps(rows[label]), file=sys.stderr, flush=True)
     honest = {k: sum(r[k] for r in rows.values()) for k in ("honest_shards", "honest_rejected")}
@@ -180,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(document, indent=1))
         return 0
-    print(f"| scenario | recall in {args.rounds} rounds | first caught (round, per seed) | cheating shards "
-          "checked / caught / sent | honest shards rejected | check compute / training |")  # fmt: skip
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    header = [
+        "scenario", f"recall in {args.rounds} rounds", "first caught (round, per seed)",
+        "cheating shards checked / caught / sent", "honest shards rejected", "check compute / training",
+        "cosine, honest", "norm ratio, honest", "cosine, attacker", "norm ratio, attacker",
+    ]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- | --- |")
     for label, row in rows.items():
         recall = "" if row["recall"] is None else f"{row['recall']:.2f}"
         cheats = (
@@ -190,12 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"| {label} | {recall} | {row['first_caught'] if row['cheats'] else ''} | {cheats} | "
-            f"{row['honest_rejected']} / {row['honest_shards']} | {row['check_share']:.1%} |"
+            f"{row['honest_rejected']} / {row['honest_shards']} | {row['check_share']:.1%} | "
+            f"{row['honest cosine']} | {row['honest norm']} | "
+            f"{row['attacker cosine']} | {row['attacker norm']} |"
         )
     print(f"\nhonest shards rejected, all scenarios: {honest['honest_rejected']} / {honest['honest_shards']}")
     share = statistics.median(r["check_share"] for r in rows.values())
     print(f"{time.time() - started:.0f} s; median check share {share:.1%}")
     return 0
+
+
+def _range(values: list) -> list[float] | None:
+    """[min, max] of cosines (pairs: their first) or of ratios, rounded; None if none."""
+    flat = [v[0] if isinstance(v, tuple) else v for v in values]
+    return [round(min(flat), 4), round(max(flat), 4)] if flat else None
 
 
 if __name__ == "__main__":

@@ -120,10 +120,10 @@ def replay(
     return delta, samples
 
 
-def mismatch(
+def similarity(
     upload: Mapping[str, torch.Tensor], replayed: Mapping[str, torch.Tensor], codec: str
-) -> str | None:
-    """Why an upload is not the replayed training (None if it matches within the tolerance)."""
+) -> tuple[float, float] | None:
+    """(cosine, upload norm / replay norm) over the tensors ``codec`` sends without top-k; None if none."""
     chosen = parse_codec(codec)
     dot = up = re = 0.0
     compared = 0
@@ -135,13 +135,25 @@ def mismatch(
             continue  # top-k with error feedback: the upload holds earlier shards' residuals
         x, y = theirs.detach().double().flatten(), mine.double().flatten()
         if x.shape != y.shape:
-            return f"tensor {name} has shape {tuple(theirs.shape)}"
+            return 0.0, math.inf
         dot, up, re = dot + float(x @ y), up + float(x @ x), re + float(y @ y)
         compared += mine.numel()
-    if not compared or (up == 0.0 and re == 0.0):
+    if not compared:
         return None
+    if up == 0.0 and re == 0.0:
+        return 1.0, 1.0
     cosine = dot / max(math.sqrt(up * re), 1e-300)
-    ratio = math.sqrt(up) / max(math.sqrt(re), 1e-300)
+    return cosine, math.sqrt(up) / max(math.sqrt(re), 1e-300)
+
+
+def mismatch(
+    upload: Mapping[str, torch.Tensor], replayed: Mapping[str, torch.Tensor], codec: str
+) -> str | None:
+    """Why an upload is not the replayed training (None if it matches within the tolerance)."""
+    seen = similarity(upload, replayed, codec)
+    if seen is None:
+        return None
+    cosine, ratio = seen
     if cosine >= WORK_COSINE and 1 / WORK_NORM_RATIO <= ratio <= WORK_NORM_RATIO:
         return None
     return f"cosine {cosine:.3f} with the trusted replay, norm {min(ratio, 1e6):.3g}x the replay's"
