@@ -30,6 +30,7 @@ docs/BENCHMARKS.md), not equality.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -45,6 +46,8 @@ from jobs import Job, batch_size, parameter_groups
 from jobs.interface import seed_for
 from serialization import TensorDict, parse_codec
 from serialization.codecs import SparseCodec
+
+log = logging.getLogger("crowdtrain.work")
 
 # An upload matches its replay when their cosine is at least WORK_COSINE and neither norm is
 # more than WORK_NORM_RATIO times the other. Honest CPU replays measured cosine 1.0000 and
@@ -202,16 +205,22 @@ def check_work(
         upload = read(used[shard], {}, shard)
         if upload is None:
             continue
-        replayed, samples = replay(
-            job,
-            base,
-            shard=shard,
-            shards=shards,
-            steps=steps,
-            lr=float(config["lr"]),
-            optimizer=str(config.get("optimizer", "adamw")),
-            seed=seed_for(run, number, shard),
-        )
+        try:
+            replayed, samples = replay(
+                job,
+                base,
+                shard=shard,
+                shards=shards,
+                steps=steps,
+                lr=float(config["lr"]),
+                optimizer=str(config.get("optimizer", "adamw")),
+                seed=seed_for(run, number, shard),
+            )
+        except Exception as e:  # the job's own failure on the trusted side: no verdict on the volunteer
+            log.warning(
+                "%s round %d: could not replay shard %d: %s: %s", run, number, shard, type(e).__name__, e
+            )
+            continue
         found.shards, found.steps = found.shards + 1, found.steps + steps
         why = mismatch(upload, replayed, str(config.get("compression", "none")))
         claimed = int(meta.get("samples") or 0)
