@@ -160,14 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.1, help="init --work-check RATE")
     p.add_argument("--compression", default="topk:0.01+int2@4096")
     p.add_argument("--only", nargs="*", default=None, help="only these rows: honest and/or attacks")
+    p.add_argument(
+        "--identities", nargs="*", choices=["new", "veteran"], default=["new", "veteran"],
+        help="which rows: identities on probation, veterans checked at the steady rate, or both",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    args.veteran = {kind == "veteran" for kind in args.identities}
     torch.set_num_threads(1)
     started = time.time()
     rows: dict[str, dict] = {}
     plan: list[tuple[str, str | None, bool]] = []
     for name in args.only or ("honest", *ATTACKS):
         for veteran in (False, True):
+            if veteran not in args.veteran:
+                continue
             if name == "honest":
                 plan.append((f"honest ({'steady' if veteran else 'new'})", None, veteran))
             else:
