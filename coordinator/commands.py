@@ -75,7 +75,8 @@ def _check_work(args: argparse.Namespace, private: bool) -> None:
         )
     if getattr(args, "data", "coordinator") == "volunteer":
         raise UsageError(
-            "--work-check replays the job's shards; volunteers' own data (--data volunteer) cannot be replayed"
+            "--work-check replays the job's shards; volunteers' own data (--data volunteer) cannot be"
+            " replayed"
         )
     if getattr(args, "mode", "sync") != "sync":
         raise UsageError("--work-check replays a round's shards: use it with --mode sync")
