@@ -65,6 +65,27 @@ from tasks.app import CrowdtrainApp, make_app
 OUTER_MOMENTUM = ("diloco", "fedavgm", "fedadam")
 
 
+def _check_work(args: argparse.Namespace, private: bool) -> None:
+    """``--work-check`` replays shards: the job's data, a fresh inner optimizer, rounds, no DP."""
+    if not getattr(args, "work_check", 0.0):
+        return
+    if getattr(args, "inner_state", None) == "keep":
+        raise UsageError(
+            "--work-check replays a shard from a fresh inner optimizer: use it with --inner-state reset"
+        )
+    if getattr(args, "data", "coordinator") == "volunteer":
+        raise UsageError(
+            "--work-check replays the job's shards; volunteers' own data (--data volunteer) cannot be"
+            " replayed"
+        )
+    if getattr(args, "mode", "sync") != "sync":
+        raise UsageError("--work-check replays a round's shards: use it with --mode sync")
+    if private:
+        raise UsageError("--work-check judges one volunteer's delta by itself, which DP runs do not allow")
+    if (getattr(args, "slices", None) or 1) > 1:
+        raise UsageError("--work-check replays whole-model shards: use it with --slices 1")
+
+
 def default_inner_state(strategy: str) -> str:
     """``keep`` unless the outer strategy has momentum of its own (then ``reset``)."""
     return "reset" if strategy.split(":")[0] in OUTER_MOMENTUM else "keep"
@@ -133,6 +154,7 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     mode = _check_mode(args, dp)
     if count > 1:  # before a model is built: what a sliced run does not work with
         slicing.refuse(count, {"shards": shards, "downlink_compression": downlink.name, **mode, **dp})
+    _check_work(args, dp["dp_clip"] is not None)
     try:
         need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
     except ValueError as e:
@@ -187,13 +209,15 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
         **need.as_config(),
         verify=getattr(args, "verify", "probe"),
         replicate=getattr(args, "replicate", 0.0) or 0.0,
+        work_check=getattr(args, "work_check", 0.0) or 0.0,
         min_voices=getattr(args, "min_voices", 1) or 1,
         probe_voices=getattr(args, "probe_voices", None) or DEFAULT_PROBE_VOICES,
         **mode,
         **dp,
         lr=args.lr,
         optimizer=args.optimizer,
-        inner_state=getattr(args, "inner_state", None) or default_inner_state(args.strategy),
+        inner_state=getattr(args, "inner_state", None)
+        or ("reset" if getattr(args, "work_check", 0.0) else default_inner_state(args.strategy)),
         seed=args.seed,
         shards=shards,
         quorum=args.quorum,

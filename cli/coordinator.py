@@ -243,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the deltas; on a mismatch the one the probe likes less is rejected (0 <= F <= 1)",
     )
     p.add_argument(
+        "--work-check",
+        type=float_in(0, 1, low_ok=True),
+        default=0.0,
+        metavar="RATE",
+        help="replay a random sample of shards on the aggregator and reject those whose delta does not "
+        "match the claimed training ('work'): RATE of a known volunteer's shards, more of a new one's "
+        "(0 <= RATE <= 1, default 0: off; needs --inner-state reset and the job's own data)",
+    )
+    p.add_argument(
         "--lease",
         type=float_in(0, MAX_DEADLINE),
         default=None,

@@ -7,6 +7,7 @@ either side.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -113,6 +114,17 @@ def parameter_groups(job: object, model: torch.nn.Module) -> list[dict[str, Any]
     if sorted(seen) != sorted(id(p) for p in trainable):
         raise JobError("parameter_groups must hold each trainable parameter of the model exactly once")
     return groups
+
+
+def seed_for(run: str, round: int, shard: int) -> int:
+    """Stable 63-bit seed for (run, round, shard): fresh batches each round, same on redelivery.
+
+    Both sides know it: the volunteer trains a shard from it, the trusted side replays one
+    (``coordinator.merging.work``).
+    """
+    key = f"{run}\x00{round}\x00{shard}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"crowdtrain").digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def reuses_model(job: object) -> bool:

@@ -25,7 +25,6 @@ autocast. A non-finite loss stops training early; the caller checks the result's
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from jobs import Job, batch_size, parameter_groups
+from jobs.interface import seed_for as seed_for  # the shard's seed: the trusted side replays from it too
 from serialization import TensorDict
 from volunteer import slicing
 from volunteer.checkpoint import ShardState
@@ -216,13 +216,6 @@ def _delta(model: torch.nn.Module, initial: TensorDict) -> TensorDict:
 
 def _cpu_float32(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-
-
-def seed_for(run: str, round: int, shard: int) -> int:
-    """Stable 63-bit seed for (run, round, shard): fresh batches each round, same on redelivery."""
-    key = f"{run}\x00{round}\x00{shard}".encode()
-    digest = hashlib.blake2b(key, digest_size=8, person=b"crowdtrain").digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def _seed(seed: int, device: torch.device) -> None:

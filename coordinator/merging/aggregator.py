@@ -27,6 +27,7 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
+from coordinator.merging import work
 from coordinator.merging.downlink import lossy, publish, read_residual
 from coordinator.merging.judging import (
     Rejection,
@@ -128,6 +129,16 @@ class Aggregator:
         if context.config.get("replicate"):
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
+        checked = None
+        if context.config.get("work_check") and used:  # proof of work: a sample of shards replayed
+            owners = list(voices(used))
+            record = work.records(self.store.redis, owners)
+            shards = int(info["shards"])
+            checked = work.check_work(
+                context.job, context.config, run, number, shards, weights, used, metas, record, read
+            )
+            work.forfeit(self.store.redis, {name for _, name, _ in checked.rejections})
+            rejections += checked.rejections
         reputations: dict[str, float | None] = {}
         selection = Selection(frozenset())
         sketches: dict[str, torch.Tensor] = {}
@@ -148,6 +159,8 @@ class Aggregator:
             self.store.credit(volunteer, run=run, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
         summary = _summary(context, number, info, metas, used)
+        if checked is not None:
+            summary.update(work.summary(checked))
         if not used:
             failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
             if reputations:  # every voice judged was rejected: a lone attacker loses reputation too

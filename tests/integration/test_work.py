@@ -1,0 +1,58 @@
+"""Proof of work done (``init --work-check``): a sandbagging volunteer among honest ones, real processes."""
+
+from __future__ import annotations
+
+from tests.conftest import Processes
+
+TINY = "tests.fixtures.jobs_tiny:make_job"
+
+
+def test_a_lazy_volunteer_is_rejected_for_its_work_and_earns_nothing_while_honest_ones_pass(
+    processes: Processes,
+) -> None:
+    """One of ten local steps, claiming ten: caught within 5 rounds (a new identity's first shard
+    is always replayed), no credit, reputation 0; no honest shard rejected."""
+    tiny = ("--allow-job", TINY)
+    processes.aggregator()
+    for name in ("h1", "h2"):
+        processes.volunteer(name, *tiny)
+    processes.spawn(
+        "lazy",
+        "-m",
+        "tests.fixtures.evil_volunteer",
+        "start",
+        "--device",
+        "cpu",
+        "--name",
+        "lazy",
+        *tiny,
+        CROWDTRAIN_TEST_ATTACK="lazy:1",
+    )
+    processes.json(
+        "init",
+        "--run",
+        "r",
+        "--job",
+        TINY,
+        "--local-steps",
+        "10",
+        "--shards",
+        "3",
+        "--work-check",
+        "0.1",
+        "--deadline",
+        "60",
+    )
+    processes.wait_online("h1", "h2", "lazy")
+    rounds: list[dict] = []
+    while len(rounds) < 5 and not any(x["volunteer"] == "lazy" for r in rounds for x in r["rejections"]):
+        rounds += processes.json("run", "--run", "r", "--rounds", "1")["rounds"]
+    assert all(r["status"] == "done" for r in rounds), rounds
+    rejections = [x for r in rounds for x in r["rejections"]]
+    assert rejections and {x["volunteer"] for x in rejections} == {"lazy"}, processes.log_tail()
+    assert all(x["reason"].startswith("work:") for x in rejections), rejections
+    assert all(r["work_checked"] >= 1 and r["work_seconds"] >= 0 for r in rounds), rounds
+    people = {v["name"]: v for v in processes.json("status")["volunteers"]}
+    assert people["lazy"]["accepted"] == 0 and people["lazy"]["samples"] == 0, people["lazy"]
+    assert people["lazy"]["rejected"] >= 1 and people["lazy"]["reputation"] == 0.0, people["lazy"]
+    assert all(people[name]["rejected"] == 0 for name in ("h1", "h2")), people
