@@ -137,7 +137,11 @@ class Aggregator:
             checked = work.check_work(
                 context.job, context.config, run, number, shards, weights, used, metas, record, read
             )
-            work.forfeit(self.store.redis, {name for _, name, _ in checked.rejections})
+            caught = {name for _, name, _ in checked.rejections}
+            work.forfeit(self.store.redis, caught)
+            for name in sorted(caught):  # on disk too, so a restore does not give the credit back
+                if self.store.ledger is not None:
+                    self.store.ledger.forfeit(run, name)
             rejections += checked.rejections
         reputations: dict[str, float | None] = {}
         selection = Selection(frozenset())

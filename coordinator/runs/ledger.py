@@ -78,6 +78,11 @@ class Ledger:
         if values:
             self._append(run, {"at": time.time(), "kind": "reputation", "values": dict(values)})
 
+    def forfeit(self, run: str, volunteer: str) -> None:
+        """A failed work check: the volunteer's accepted shards and samples, in every run, and
+        its reputation go back to 0 (``coordinator.merging.work.forfeit``), on disk as in Redis."""
+        self._append(run, {"at": time.time(), "kind": "forfeit", "volunteer": volunteer})
+
     def _append(self, run: str, entry: dict[str, Any]) -> None:
         """A disk that refuses is logged: the credit is given in Redis already, and rounds go on."""
         try:
@@ -87,24 +92,33 @@ class Ledger:
 
 
 def credit_of(home: Path, runs: Iterable[str]) -> dict[str, Credit]:
-    """Each volunteer's credit summed over the ledgers of ``runs``, and its latest reputation."""
+    """Each volunteer's credit summed over the ledgers of ``runs``, and its latest reputation.
+
+    Entries are folded in time order across runs, so a forfeit (a failed work check) clears
+    what came before it in every run, and only that.
+    """
+    entries = [entry for run in runs for entry in read_lines(run_dir(home, run) / LEDGER)]
+    entries.sort(key=lambda entry: float(entry.get("at") or 0.0))
     out: dict[str, Credit] = {}
-    for run in runs:
-        for entry in read_lines(run_dir(home, run) / LEDGER):
-            if entry.get("kind") == "credit" and isinstance(entry.get("volunteer"), str):
-                record = out.setdefault(entry["volunteer"], Credit())
-                for name, count in (entry.get("counts") or {}).items():
-                    if name in COUNTS and isinstance(count, int):
-                        record.counts[name] = record.counts.get(name, 0) + count
-                record.train_seconds += float(entry.get("seconds") or 0.0)
-                record.device = entry.get("device") or record.device
-                record.memory_gb = entry.get("memory_gb") or record.memory_gb
-            elif entry.get("kind") == "reputation":
-                at = float(entry.get("at") or 0.0)
-                for name, value in (entry.get("values") or {}).items():
-                    record = out.setdefault(name, Credit())
-                    if at >= record.reputation_at:
-                        record.reputation, record.reputation_at = float(value), at
+    for entry in entries:
+        if entry.get("kind") == "credit" and isinstance(entry.get("volunteer"), str):
+            record = out.setdefault(entry["volunteer"], Credit())
+            for name, count in (entry.get("counts") or {}).items():
+                if name in COUNTS and isinstance(count, int):
+                    record.counts[name] = record.counts.get(name, 0) + count
+            record.train_seconds += float(entry.get("seconds") or 0.0)
+            record.device = entry.get("device") or record.device
+            record.memory_gb = entry.get("memory_gb") or record.memory_gb
+        elif entry.get("kind") == "forfeit" and isinstance(entry.get("volunteer"), str):
+            record = out.setdefault(entry["volunteer"], Credit())
+            record.counts.update(accepted=0, samples=0)
+            record.reputation, record.reputation_at = 0.0, float(entry.get("at") or 0.0)
+        elif entry.get("kind") == "reputation":
+            at = float(entry.get("at") or 0.0)
+            for name, value in (entry.get("values") or {}).items():
+                record = out.setdefault(name, Credit())
+                if at >= record.reputation_at:
+                    record.reputation, record.reputation_at = float(value), at
     return out
 
 

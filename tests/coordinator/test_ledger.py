@@ -50,3 +50,18 @@ def test_a_version_comes_back_in_its_saved_order_and_a_moved_folder_is_no_run(tm
     # quickstart picks a name that neither Redis nor a folder has
     checkpoints.save_version(tmp_path, "quickstart", 0, weights, None, {"job": "tiny"})
     assert _fresh_run_name(["quickstart-2", *_folders(tmp_path)]) == "quickstart-3"
+
+
+def test_a_forfeit_in_one_run_clears_the_credit_earned_before_it_in_every_run(tmp_path):
+    book = ledger.Ledger(tmp_path)
+    book.credit("a", "mallory", {"shards_done": 3, "accepted": 3, "samples": 96})
+    book.reputations("a", {"mallory": 0.8})
+    book.forfeit("b", "mallory")  # caught by a work check in run b
+    book.credit("a", "mallory", {"shards_done": 1, "accepted": 1, "samples": 32})
+
+    credit = ledger.credit_of(tmp_path, ["a", "b"])["mallory"]
+    assert credit.counts == {"shards_done": 4, "accepted": 1, "samples": 32}
+    assert credit.reputation == 0.0
+    assert (
+        ledger.credit_of(tmp_path, ["a"])["mallory"].counts["accepted"] == 4
+    )  # run a alone knows no forfeit
