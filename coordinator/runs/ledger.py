@@ -91,13 +91,20 @@ class Ledger:
             log.error("could not write to the ledger of run %s (%s): %s", run, e, json.dumps(entry))
 
 
-def credit_of(home: Path, runs: Iterable[str]) -> dict[str, Credit]:
+def credit_of(home: Path, runs: Iterable[str], forfeits_from: Iterable[str] = ()) -> dict[str, Credit]:
     """Each volunteer's credit summed over the ledgers of ``runs``, and its latest reputation.
 
     Entries are folded in time order across runs, so a forfeit (a failed work check) clears
-    what came before it in every run, and only that.
+    what came before it in every run, and only that; ``forfeits_from`` adds the forfeits
+    written in other runs' ledgers.
     """
     entries = [entry for run in runs for entry in read_lines(run_dir(home, run) / LEDGER)]
+    entries += [
+        entry
+        for run in forfeits_from
+        for entry in read_lines(run_dir(home, run) / LEDGER)
+        if entry.get("kind") == "forfeit"
+    ]
     entries.sort(key=lambda entry: float(entry.get("at") or 0.0))
     out: dict[str, Credit] = {}
     for entry in entries:

@@ -92,7 +92,8 @@ def restore_run(store: Store, home: Path, run: str, app: Celery | None, keep: in
     merged = [int(r["round"]) for r in checkpoints.read_metrics(home, run) if isinstance(r.get("round"), int)]
     last = max([*rounds, *merged], default=0)  # metrics too: a run recorded before rounds.jsonl was
     reopen = rounds[last] if rounds.get(last, {}).get("status") == "open" else None
-    credit = ledger.credit_of(home, [run])
+    others = [name for name in runs_on_disk(home) if name != run]
+    credit = ledger.credit_of(home, [run], forfeits_from=others)  # a forfeit anywhere clears it
     reputations = ledger.credit_of(home, runs_on_disk(home))  # the latest, whichever run judged it
     state = checkpoints.load_state(home, run, current)
 
