@@ -1,0 +1,218 @@
+"""Sliced runs (``init --slices S``): eval loss at equal samples, at equal compute, under one memory cap.
+
+    python bench/slices.py [--rounds 40] [--shards 4] [--local-steps 10] [--seeds 1] [--json FILE]
+
+Simulated in one process with crowdtrain's own pieces, as ``init``'s defaults make a run:
+strategy fedavg, ``--local-steps`` 10, inner AdamW lr 3e-3 with the inner state kept (per
+slice), ``--shards`` 4 a round, one volunteer per shard. The slices are the run's own
+(``coordinator.runs.slicing.plan_run``: charlm cuts between layers); shard i trains slice
+``i mod S`` (``volunteer.slicing.assignment``) on data shard ``(i + round) mod shards``
+(``volunteer.slicing.data_shard``) with ``volunteer.trainer.train_shard(trainable=...)``, and
+the round merges each slice from its own deltas (``SlicedStrategy.merge_slice``, as the
+aggregator does). No Redis, no codec (a sliced run's downlink is ``none``; uploads are lossless
+here too).
+
+Compute is the volunteers' CPU seconds inside ``train_shard`` (``time.thread_time``, torch
+on one thread), so a loaded machine slows it less than it slows wall time. A sliced shard
+still runs the whole forward pass; its backward pass stops at the lowest trainable tensor
+and only its slice gets gradients and an optimizer step.
+
+Two comparisons:
+
+* the same model (charlm, 2 layers, width 64) at S = 1, 2, 4;
+* one memory cap for every volunteer: the cap is what a whole-model shard of that model needs
+  (``shard_memory_gb``'s rule, unrounded: the model once and ``SLICE_FACTOR`` = 4.5 times its
+  largest slice, at least twice the model; BENCHMARKS section 21 measured 5.2x and 2.2x the
+  model's float32 bytes at S = 1 and 4), against a larger charlm (4 layers, width 72) whose
+  shard fits under that cap only at S = 4 (checked and printed).
+
+Printed: eval loss after the last round (equal samples: every run trains the same shards of the
+same batch size), the volunteers' CPU seconds, and each run's eval loss at equal compute: after
+the last round whose cumulative CPU seconds are within the cheapest run's total of its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from coordinator.merging.strategies import make_strategy
+from coordinator.runs.slicing import SLICE_FACTOR, SlicedStrategy, plan_run
+from jobs import load_job
+from jobs.slicing import trainable
+from volunteer.slicing import assignment, data_shard
+from volunteer.trainer import seed_for, train_shard
+
+COMMON = {"context": 64, "batch_size": 16, "max_files": 60, "eval_batches": 8}
+SMALL = {"layers": 2, "width": 64, "heads": 4}
+LARGE = {"layers": 4, "width": 72, "heads": 4}
+
+
+def need_bytes(weights: dict[str, torch.Tensor], slices: list[list[str]]) -> int:
+    """What one shard needs, by ``coordinator.runs.slicing.shard_memory_gb``'s rule, in bytes, unrounded."""
+    sizes = trainable(weights)
+    model = 4 * sum(sizes.values())
+    largest = max(4 * sum(sizes[n] for n in names) for names in slices)
+    return int(max(2 * model, model + SLICE_FACTOR * largest))
+
+
+def simulate(args: argparse.Namespace, shape: dict[str, int], count: int, seed: int) -> dict[str, Any]:
+    """One run: eval loss and cumulative volunteer CPU seconds after each round."""
+    job = load_job("charlm", {**COMMON, **shape, "seed": seed})
+    model = job.build_model()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    slices = plan_run(job, weights, count)
+    config: dict[str, Any] = {"slices": count, "slice_tensors": slices}
+    states: dict[int, dict | None] = {}
+    cpu = 0.0
+    curve: list[tuple[float, float]] = []
+    for number in range(1, args.rounds + 1):
+        deltas: dict[int, list[tuple[float, dict[str, torch.Tensor]]]] = {}
+        for shard in range(args.shards):
+            given = assignment(config, shard)
+            index, names = given if given is not None else (0, None)
+            began = time.thread_time()
+            result = train_shard(
+                job,
+                weights,
+                shard=data_shard(config, number, shard, args.shards),
+                shards=args.shards,
+                steps=args.local_steps,
+                lr=3e-3,
+                device=torch.device("cpu"),
+                seed=seed_for(f"slices-{seed}", number, shard),
+                optimizer_state=states.get(shard),
+                trainable=names,
+            )
+            cpu += time.thread_time() - began
+            states[shard] = result.optimizer_state  # shard i keeps its slice: the state is per slice
+            deltas.setdefault(index, []).append((float(result.samples), result.delta))
+        weights = {k: v.clone() for k, v in weights.items()}
+        if count == 1:
+            weights = make_strategy("fedavg").aggregate(weights, iter(deltas[0]))
+        else:
+            merger = SlicedStrategy(lambda: make_strategy("fedavg"), {})
+            for index, part in sorted(deltas.items()):
+                merger.merge_slice(weights, slices[index], iter(part))
+        model.load_state_dict(weights)
+        curve.append((cpu, float(job.evaluate(model)["eval_loss"])))
+    return {
+        "params": sum(trainable(weights).values()),
+        "need_bytes": need_bytes(weights, slices),
+        "slices": [sum(trainable(weights)[n] for n in names) for names in slices],
+        "curve": curve,
+    }
+
+
+def at_compute(curve: list[tuple[float, float]], budget: float) -> tuple[int, float]:
+    """(rounds, eval loss) after the last round whose cumulative CPU seconds are within ``budget``."""
+    done = [(i + 1, loss) for i, (cpu, loss) in enumerate(curve) if cpu <= budget * 1.0001]
+    return done[-1] if done else (0, float("nan"))
+
+
+def table(title: str, runs: list[tuple[str, int]], results: dict[tuple[str, int], list[dict]]) -> dict:
+    """The rows of one table: each (shape, S) run's figures, mean over seeds."""
+    budget = min(statistics.mean(r["curve"][-1][0] for r in results[run]) for run in runs)
+    rows = []
+    for shape, count in runs:
+        rs = results[(shape, count)]
+        equal = [at_compute(r["curve"], budget) for r in rs]
+        rows.append(
+            {
+                "run": f"{shape} S={count}",
+                "slices": count,
+                "params": rs[0]["params"],
+                "slice_params": rs[0]["slices"],
+                "need_kib": rs[0]["need_bytes"] / 1024,
+                "loss": statistics.mean(r["curve"][-1][1] for r in rs),
+                "loss_per_seed": [r["curve"][-1][1] for r in rs],
+                "cpu_s": statistics.mean(r["curve"][-1][0] for r in rs),
+                "equal_compute_rounds": statistics.mean(e[0] for e in equal),
+                "equal_compute_loss": statistics.mean(e[1] for e in equal),
+                "curves": [r["curve"] for r in rs],
+            }
+        )
+    return {"title": title, "budget_cpu_s": budget, "rows": rows}
+
+
+def warm_up() -> None:
+    """One shard of a tiny model first, so torch's first-call costs fall on no measured run."""
+    job = load_job("charlm", {**COMMON, "layers": 1, "width": 8, "heads": 1})
+    weights = job.build_model().state_dict()
+    train_shard(job, weights, shard=0, shards=1, steps=2, lr=3e-3, device=torch.device("cpu"), seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--json", metavar="FILE", help="also write the figures and loss curves to FILE")
+    args = p.parse_args(argv)
+    if args.shards < 4:
+        p.error("--shards must be >= 4: a round trains every one of S = 4 slices")
+    torch.set_num_threads(1)
+    started = time.time()
+    warm_up()
+    shapes = {"small": SMALL, "large": LARGE}
+    runs = [("small", 1), ("small", 2), ("small", 4), ("large", 4), ("large", 2), ("large", 1)]
+    results = {
+        (shape, count): [simulate(args, shapes[shape], count, seed) for seed in range(args.seeds)]
+        for shape, count in runs
+    }
+    same = table("the same model (charlm 2 layers, width 64) at S = 1, 2, 4", runs[:3], results)
+    capped = table(
+        "one memory cap, a whole small-model shard's need: the small model whole against "
+        "the larger one (4 layers, width 72) sliced",
+        [runs[0], *runs[3:]],
+        results,
+    )
+    cap = capped["rows"][0]["need_kib"]
+    for row in capped["rows"]:
+        row["fits_cap"] = row["need_kib"] <= cap
+    document = {
+        **vars(args),
+        "tables": [same, capped],
+        "cap_kib": cap,
+        "seconds": round(time.time() - started, 1),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2))
+    print(
+        f"charlm, fedavg, {args.shards} shards a round of {args.local_steps} local AdamW steps "
+        f"(batch {COMMON['batch_size']}, context {COMMON['context']}), {args.rounds} rounds, "
+        f"{args.seeds} seed(s); {document['seconds']} s\n"
+    )
+    for t in (same, capped):
+        print(f"{t['title']}; equal compute = {t['budget_cpu_s']:.1f} volunteer CPU s\n")
+        print(
+            "| run | params | largest slice | shard need KiB | fits the cap | eval loss, equal samples "
+            "| volunteer CPU s | CPU vs first row | rounds at equal compute | eval loss, equal compute |"
+        )
+        print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        base = t["rows"][0]["cpu_s"]
+        for r in t["rows"]:
+            fits = "yes" if r["need_kib"] <= cap else "no"
+            print(
+                f"| {r['run']} | {r['params']:,} | {max(r['slice_params']):,} | {r['need_kib']:.0f} | {fits} "
+                f"| {r['loss']:.4f} | {r['cpu_s']:.1f} | {r['cpu_s'] / base:.2f}x "
+                f"| {r['equal_compute_rounds']:.0f} | {r['equal_compute_loss']:.4f} |"
+            )
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
