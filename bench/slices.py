@@ -1,6 +1,7 @@
 """Sliced runs (``init --slices S``): eval loss at equal samples, at equal compute, under one memory cap.
 
-    python bench/slices.py [--rounds 40] [--shards 4] [--local-steps 10] [--seeds 1] [--json FILE]
+    python bench/slices.py [--rounds 40] [--shards 4] [--local-steps 10] [--seeds 1] [--first-seed 0]
+        [--capped-only] [--json FILE]
 
 Simulated in one process with crowdtrain's own pieces, as ``init``'s defaults make a run:
 strategy fedavg, ``--local-steps`` 10, inner AdamW lr 3e-3 with the inner state kept (per
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--capped-only", action="store_true", help="only small S=1 and large S=4")
     p.add_argument("--json", metavar="FILE", help="also write the figures and loss curves to FILE")
     args = p.parse_args(argv)
     if args.shards < 4:
@@ -168,15 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     warm_up()
     shapes = {"small": SMALL, "large": LARGE}
     runs = [("small", 1), ("small", 2), ("small", 4), ("large", 4), ("large", 2), ("large", 1)]
+    if args.capped_only:  # the comparison that matters alone: the whole small model, the sliced large one
+        runs = [("small", 1), ("large", 4)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     results = {
-        (shape, count): [simulate(args, shapes[shape], count, seed) for seed in range(args.seeds)]
+        (shape, count): [simulate(args, shapes[shape], count, seed) for seed in seeds]
         for shape, count in runs
     }
-    same = table("the same model (charlm 2 layers, width 64) at S = 1, 2, 4", runs[:3], results)
+    same = table(
+        "the same model (charlm 2 layers, width 64) at S = 1, 2, 4",
+        [r for r in runs if r[0] == "small"],
+        results,
+    )
     capped = table(
         "one memory cap, a whole small-model shard's need: the small model whole against "
         "the larger one (4 layers, width 72) sliced",
-        [runs[0], *runs[3:]],
+        [runs[0], *(r for r in runs if r[0] == "large")],
         results,
     )
     cap = capped["rows"][0]["need_kib"]
