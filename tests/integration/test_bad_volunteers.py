@@ -140,11 +140,17 @@ def test_quiet_attackers_and_a_free_rider_among_honest_volunteers_are_rejected_b
     document = processes.json("run", "--run", "r", "--rounds", "5")
     assert [r["status"] for r in document["rounds"]] == ["done"] * 5
     rejections = [x for r in document["rounds"] for x in r["rejections"]]
-    assert {x["volunteer"] for x in rejections} == set(attackers), rejections  # each caught, no honest one
+    assert {x["volunteer"] for x in rejections} >= set(attackers), rejections  # each attacker caught
+    # Honest voices carry the rounds: at most one of their 15 shard-rounds may fall to the probe's
+    # measured false-rejection rate (which volunteer trains which shard, and so each round's
+    # voices, varies from run to run); none is rejected for anything else.
+    honest_rejected = [x for x in rejections if x["volunteer"] not in attackers]
+    assert len(honest_rejected) <= 1, rejections
     assert all(x["reason"].startswith("probe:") for x in rejections), rejections
     assert document["final"]["eval_loss"] < document["initial"]["eval_loss"]
     people = {v["name"]: v for v in processes.json("status")["volunteers"]}
     honest_floor = min(people[name]["reputation"] for name in ("h1", "h2", "h3"))
+    assert all(people[name]["accepted"] >= 1 for name in ("h1", "h2", "h3")), people  # credited
     for name in attackers:  # no credit at all: under the bar of one round's worth
         assert people[name]["accepted"] == 0 and people[name]["samples"] == 0, people[name]
         assert people[name]["reputation"] < min(0.5, honest_floor), (name, people[name])
