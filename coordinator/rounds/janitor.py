@@ -4,7 +4,8 @@ It runs in a thread beside the aggregator's worker and covers what no task
 message triggers:
 
 - rounds due by their deadline, or whose aggregator died holding them or
-  before it sent ``aggregate_round``;
+  before it sent ``aggregate_round`` (a round due by its count is left to the
+  one that counted it for ``COUNTED_GRACE`` seconds, so it is posted once);
 - uploads whose announcement was lost (``coordinator.rounds.announcements``): an
   aggregator that died holding a batch it had taken off the list, a list that
   overflowed its cap, a volunteer that never announced. An upload of an open
@@ -44,6 +45,10 @@ throttle(log.name)  # a line per junk upload would be a volunteer's to multiply
 SCAN_BATCH = 1000
 DEADLINE_POLL = 0.5
 DEADLINE_RESEND = 10.0
+# A round due by its count was posted by whoever counted its last upload
+# (coordinator.rounds.announcements); the watcher posts it only if it is still
+# waiting this long after, for an aggregator that died before posting it.
+COUNTED_GRACE = 5.0
 MEMORY_POLL = 5.0  # seconds between looks at Redis's memory
 FULL = 0.9  # of maxmemory: Redis is reported full, and swept at once
 
@@ -63,6 +68,7 @@ def watch(
     ``contexts``: the aggregator's own, so a run's context is built once per process.
     """
     sent: dict[tuple[str, int], float] = {}
+    counted: dict[tuple[str, int], float] = {}  # when each round was first seen due by its count
     contexts = contexts if contexts is not None else RunContexts(store)
     waiting: set[str] = set()
     swept = looked = 0.0
@@ -76,7 +82,11 @@ def watch(
             if now - swept >= sweep_period:
                 swept = now
                 waiting = housekeeping(store, contexts, send, waiting, horizon=10 * sweep_period)
-            for key in store.rounds.due(now):
+            due = store.rounds.due(now)
+            counted = {key: counted.get(key, now) for key, why in due.items() if why == "count"}
+            for key, why in due.items():
+                if why == "count" and now - counted[key] < COUNTED_GRACE:
+                    continue
                 if now - sent.get(key, 0.0) >= DEADLINE_RESEND:
                     sent[key] = now
                     send("aggregate_round", list(key))

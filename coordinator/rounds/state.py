@@ -284,8 +284,13 @@ class RoundState:
         raw = self.redis.hvals(keys.round_rejections(run, number))
         return sorted((json.loads(x) for x in raw), key=lambda r: (r["shard"], r["volunteer"]))
 
-    def due(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Unfinished rounds an aggregator should take now (the same test as ``claim.lua``)."""
+    def due(self, now: float | None = None) -> dict[tuple[str, int], str]:
+        """Unfinished rounds an aggregator should take now (the same test as ``claim.lua``), each with why.
+
+        Why: ``count`` (its quorum and replicas are in: the upload that
+        counted last was announced with it), ``deadline``, or ``abandoned``
+        (its aggregator's claim ran out).
+        """
         now = time.time() if now is None else now
         members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
         rounds = [keys.parse_deadline_member(m) for m in members]
@@ -301,16 +306,18 @@ class RoundState:
                 "replicas",
                 "replicas_expected",
             )
-        due = []
+        due: dict[tuple[str, int], str] = {}
         for (run, number), fields in zip(rounds, pipe.execute()):
             status, accepted, quorum, deadline, claim_until, replicas, expected = fields
             if status is None:
                 continue  # its bookkeeping expired: nothing left to merge
             counted = int(accepted) >= int(quorum) and int(replicas or 0) >= int(expected or 0)
-            met = status == b"open" and (counted or float(deadline) <= now)
-            abandoned = status == b"aggregating" and float(claim_until) <= now
-            if met or abandoned:
-                due.append((run, number))
+            if status == b"open" and float(deadline) <= now:
+                due[run, number] = "deadline"
+            elif status == b"open" and counted:
+                due[run, number] = "count"
+            elif status == b"aggregating" and float(claim_until) <= now:
+                due[run, number] = "abandoned"
         return due
 
     def reoffer(self, run: str, number: int, shard: int, limit: int) -> bool:

@@ -193,7 +193,7 @@ def test_a_replicated_shard_keeps_a_second_volunteers_upload_and_the_round_waits
     assert store.rounds.accept("r", 1, 1, first, "d1", "alice") == ("accepted", False)
     assert store.rounds.accept("r", 1, 0, "k0", "d0", "bob") == ("accepted", False)  # quorum, no replica
     assert store.rounds.claim("r", 1, "agg") == "not-due"
-    assert store.rounds.due() == []
+    assert store.rounds.due() == {}
     again = keys.accepted_upload("r", 1, "alice", 1, "bb")
     assert store.rounds.accept("r", 1, 1, again, "d2", "alice") == ("duplicate", False)  # same volunteer
     assert store.rounds.wants_replica("r", 1, 1)
