@@ -57,14 +57,15 @@ import torch
 
 from bench.heterogeneous import SLOWDOWNS
 from bench.inner_state import JOB_ARGS
+from broker.run_config import DEFAULT_MAX_STALENESS, RunConfig
 from coordinator.merging.strategies import make_strategy
-from coordinator.rounds.asynchronous import max_staleness, momentum_delay, staleness_weight
+from coordinator.rounds.asynchronous import momentum_delay, staleness_weight
 from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 
 SHARDS = 8
 BUFFER = 4
-RUN_CONFIG = {"mode": "async", "shards": SHARDS, "buffer": BUFFER}
+RUN_CONFIG = RunConfig(mode="async", shards=SHARDS, buffer=BUFFER)
 PROJECT_DELAY = momentum_delay(RUN_CONFIG)  # ceil(8 / 4) = 2
 DEFAULT_CONFIGS = ",".join(
     [
@@ -134,7 +135,7 @@ def simulate(args: argparse.Namespace, config: Config, seed: int) -> Run:
     strategy = make_strategy(
         config.strategy, server_lr=config.server_lr, momentum=config.momentum, momentum_delay=config.delay
     )
-    limit = max_staleness({})
+    limit = DEFAULT_MAX_STALENESS
     version = jobs = 0
     # out[volunteer] = (arrival tick, base version, samples, delta)
     out: dict[int, tuple[int, int, float, dict[str, torch.Tensor]]] = {}
@@ -259,7 +260,7 @@ def report(doc: dict) -> str:
     rows = doc["rows"]
     lines = [
         f"charlm (1 layer, width 32), async: {SHARDS} jobs out, buffer {BUFFER}, max staleness "
-        f"{max_staleness({})}, volunteer slow-downs {','.join(map(str, a['slowdowns']))} ticks per job, "
+        f"{DEFAULT_MAX_STALENESS}, volunteer slow-downs {','.join(map(str, a['slowdowns']))} ticks per job, "
         f"{a['local_steps']} local AdamW steps per job; {a['versions']} versions = "
         f"{BUFFER * a['versions']} merged deltas; {a['seeds']} seeds; project delay "
         f"ceil({SHARDS}/{BUFFER}) = {doc['project_delay']}",

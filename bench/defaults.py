@@ -48,10 +48,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.async_momentum import _voices  # noqa: E402
+from broker.run_config import DEFAULT_MAX_STALENESS  # noqa: E402
 from cli.coordinator import DEFAULT_COMPRESSION, DEFAULT_LOCAL_STEPS  # noqa: E402
 from coordinator.merging.downlink import lossy, publish, read_residual  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
-from coordinator.rounds.asynchronous import max_staleness, staleness_weight  # noqa: E402
+from coordinator.rounds.asynchronous import staleness_weight  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads, parse_codec  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
@@ -138,7 +139,7 @@ def simulate(job_name: str, mode: str, codec: str, seed: int, rounds: int, local
             buffer = [(s % VOLUNTEERS, *sim.train(s % VOLUNTEERS, s, number)) for s in range(SHARDS)]
             losses.append(sim.publish(buffer))
     else:
-        limit = max_staleness({})
+        limit = DEFAULT_MAX_STALENESS
         jobs = 0
         # volunteer -> (arrival tick, base version, samples, delta)
         out: dict[int, tuple[int, int, float, dict]] = {}

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['sketch_ms']:.2f} | {row['judged_ms']:.1f} | {row['unjudged_ms']:.1f} | "
                   f"{row['judged_ms'] / row['unjudged_ms']:.1f}x |")  # fmt: skip
         return 0
-    from coordinator.merging.sampling import DEFAULT_PROBE_VOICES
+    from broker.run_config import DEFAULT_PROBE_VOICES
     from jobs import load_job
     from volunteer.feedback import ErrorFeedback
 

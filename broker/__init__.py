@@ -6,10 +6,9 @@ it knows nothing of either side's logic.
 
 from broker.client import check_reachable, redis_client, safe_url
 from broker.errors import BrokerError, BrokerUnreachable, EmbeddedRedisError, SettingsError, UnknownRun
-from broker.settings import DEFAULT_DEADLINE, Settings
+from broker.settings import Settings
 
 __all__ = [
-    "DEFAULT_DEADLINE",
     "BrokerError",
     "BrokerUnreachable",
     "EmbeddedRedisError",

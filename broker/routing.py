@@ -68,13 +68,6 @@ def need_of(require: str | None, min_memory_gb: float | None) -> Need:
     return Need(require, tier)
 
 
-def need_from_config(config: dict) -> Need:
-    """The need a run's stored config records (runs made before routing need nothing)."""
-    require = config.get("require")
-    memory = config.get("min_memory_gb")
-    return Need(require if isinstance(require, str) else None, int(memory) if memory else 0)
-
-
 def queues_for(device_class: str, memory_gb: float) -> list[str]:
     """Every queue a volunteer with this device class and device memory may take shards from."""
     tiers = [t for t in MEMORY_TIERS_GB if t <= memory_gb]

@@ -18,7 +18,6 @@ from broker.keys import KEEP_VERSIONS
 from broker.sentinel import DEFAULT_MASTER, SentinelAddress, is_sentinel_url
 
 DEFAULT_HOME = ".crowdtrain"
-DEFAULT_DEADLINE = 600.0
 # Unacked train messages are redelivered after this many seconds. Volunteers
 # refresh the clock of the message they are working on (see volunteer.worker),
 # so only a shard whose volunteer died waits this long, and a long shard is

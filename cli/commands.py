@@ -19,21 +19,19 @@ import redis
 from rich.console import Console
 from safetensors import SafetensorError
 
-from broker import embedded, keys
+from broker import embedded, keys, run_config
 from broker.client import check_reachable, data_nodes, node_client, redis_client
 from broker.errors import UnknownRun
 from broker.keys import AGGREGATE_QUEUE
 from broker.objects import STORE_ENV, Location, ObjectStore
 from broker.routing import need_of
-from broker.settings import DEFAULT_DEADLINE, Settings
+from broker.run_config import RunConfig, default_inner_state
+from broker.settings import Settings
 from coordinator.errors import PrivacyBudgetSpent, RunExists, UsageError
 from coordinator.merging import privacy
 from coordinator.merging.aggregator import Aggregator
-from coordinator.merging.sampling import DEFAULT_PROBE_VOICES
 from coordinator.merging.strategies import make_strategy
 from coordinator.rounds import announcements, asynchronous, janitor
-from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, is_async
-from coordinator.rounds.leases import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_SHARE
 from coordinator.rounds.posting import parse_quorum, wait_round
 from coordinator.rounds.posting import post_round as _post_round
 from coordinator.runs import (
@@ -59,50 +57,29 @@ from serialization import TensorDict, dumps, loads, parse_codec
 from tasks.aggregation import aggregator_app
 from tasks.app import CrowdtrainApp, make_app
 
-# Outer strategies with momentum, for which a volunteer's inner optimizer starts afresh each
-# shard by default (init --inner-state): measured with bench/inner_state.py (docs/BENCHMARKS.md,
-# "Inner optimizer state"), keeping it helped fedavg (0.968x the loss) and hurt diloco (1.034x).
-OUTER_MOMENTUM = ("diloco", "fedavgm", "fedadam")
 
-
-def _check_work(args: argparse.Namespace, private: bool) -> None:
+def _check_work(config: RunConfig) -> None:
     """``--work-check`` replays shards: the job's data, a fresh inner optimizer, rounds, no DP."""
-    if not getattr(args, "work_check", 0.0):
+    if not config.work_check:
         return
-    if getattr(args, "inner_state", None) == "keep":
+    if config.inner_state == "keep":
         raise UsageError(
             "--work-check replays a shard from a fresh inner optimizer: use it with --inner-state reset"
         )
-    if getattr(args, "data", "coordinator") == "volunteer":
+    if config.data == "volunteer":
         raise UsageError(
             "--work-check replays the job's shards; volunteers' own data (--data volunteer) cannot be"
             " replayed"
         )
-    if getattr(args, "mode", "sync") != "sync":
+    if config.is_async:
         raise UsageError("--work-check replays a round's shards: use it with --mode sync")
-    if private:
+    if config.is_private:
         raise UsageError("--work-check judges one volunteer's delta by itself, which DP runs do not allow")
-    if (getattr(args, "slices", None) or 1) > 1:
+    if config.is_sliced:
         raise UsageError("--work-check replays whole-model shards: use it with --slices 1")
 
 
-def default_inner_state(strategy: str) -> str:
-    """``keep`` unless the outer strategy has momentum of its own (then ``reset``)."""
-    return "reset" if strategy.split(":")[0] in OUTER_MOMENTUM else "keep"
-
-
 log = logging.getLogger("crowdtrain.coordinator")
-DEFAULT_SHARDS = 4
-DP_KEYS = (
-    "dp_clip",
-    "dp_noise",
-    "dp_delta",
-    "dp_epsilon",
-    "dp_population",
-    "dp_quantile",
-    "dp_clip_lr",
-    "dp_count_noise",
-)
 
 
 @dataclass
@@ -135,28 +112,9 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     if not keys.valid_name(args.run):
         raise UsageError(f"--run {args.run!r}: {keys.NAME_RULE}")
     job_args = parse_job_args(args.job_arg)
-    codec = parse_codec(args.compression)
-    count = getattr(args, "slices", None) or 1
-    # a sliced run's downlink is lossless unless asked (and then refused: coordinator.runs.slicing)
-    plain = "none" if count > 1 else args.compression
-    downlink = parse_codec(getattr(args, "downlink_compression", None) or plain)
-    make_strategy(args.strategy, server_lr=args.server_lr, momentum=args.momentum, clip_norm=args.clip_norm)
-    shards = args.shards or DEFAULT_SHARDS
-    parse_quorum(args.quorum, shards)
-    dp = {key: getattr(args, key, None) for key in DP_KEYS}
-    privacy.check_settings(dp["dp_clip"], dp["dp_noise"], args.strategy, dp["dp_population"], shards)
-    if dp["dp_clip"] is None and any(
-        dp[k] is not None for k in ("dp_quantile", "dp_clip_lr", "dp_count_noise")
-    ):
-        raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
-    if getattr(args, "replicate", 0.0) and dp["dp_clip"] is not None:
-        raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
-    mode = _check_mode(args, dp)
-    if count > 1:  # before a model is built: what a sliced run does not work with
-        slicing.refuse(count, {"shards": shards, "downlink_compression": downlink.name, **mode, **dp})
-    _check_work(args, dp["dp_clip"] is not None)
+    settings = _checked_settings(args)
     try:
-        need = need_of(getattr(args, "require", None), getattr(args, "min_memory_gb", None))
+        need = need_of(settings.require, settings.min_memory_gb)
     except ValueError as e:
         raise UsageError(str(e)) from None
     blob_store = _blob_store(getattr(args, "blob_store", None))
@@ -184,55 +142,24 @@ def init(args: argparse.Namespace) -> dict[str, Any]:
     else:
         weights, initial = fusion.branch_model(job, branch, args.run, _job_files(job))
         blob = dumps(weights, {"run": args.run, "version": 0})
-    parts = slicing.settings(
-        job,
-        weights,
-        count,
-        {"shards": shards, "downlink_compression": downlink.name, **mode, **dp, **need.as_config()},
-    )
+    settings = settings.replace(**need.as_config())
+    parts = slicing.settings(job, weights, settings)
     if folder.exists():
         moved = checkpoints.move_aside(conn.settings.home, args.run)
         print(f"moved {folder} aside to {moved}", file=sys.stderr)
-    config = dict(
+    codec = parse_codec(settings.compression)
+    config = settings.replace(
         job=args.job,
         job_args=job_args,
-        strategy=args.strategy,
-        server_lr=args.server_lr,
-        momentum=args.momentum,
-        clip_norm=args.clip_norm,
-        max_norm_ratio=args.max_norm_ratio,
-        compression=codec.name,
-        downlink_compression=downlink.name,
-        local_steps=args.local_steps,
-        shard_seconds=getattr(args, "shard_seconds", None),
-        data=getattr(args, "data", "coordinator"),
-        **need.as_config(),
-        verify=getattr(args, "verify", "probe"),
-        replicate=getattr(args, "replicate", 0.0) or 0.0,
-        work_check=getattr(args, "work_check", 0.0) or 0.0,
-        min_voices=getattr(args, "min_voices", 1) or 1,
-        probe_voices=getattr(args, "probe_voices", None) or DEFAULT_PROBE_VOICES,
-        **mode,
-        **dp,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        inner_state=getattr(args, "inner_state", None)
-        or ("reset" if getattr(args, "work_check", 0.0) else default_inner_state(args.strategy)),
-        seed=args.seed,
-        shards=shards,
-        quorum=args.quorum,
-        deadline=args.deadline or DEFAULT_DEADLINE,
-        lease_seconds=getattr(args, "lease", None) or DEFAULT_LEASE_SECONDS,
-        max_share=getattr(args, "max_share", None) or DEFAULT_MAX_SHARE,
         initial=initial,
         # volunteers build version 0 from the job's seed instead of fetching it, if the bytes match
         initial_digest=hashlib.sha256(blob).hexdigest(),
         created_at=time.time(),
-        **({"branched_from": {"run": branch.run, "version": branch.version}} if branch else {}),
+        branched_from={"run": branch.run, "version": branch.version} if branch else None,
         # the store caps each upload slot at the bound the aggregator checks uploads against
         **({"blob_store": blob_store, "upload_bound": upload_bound(weights, codec)} if blob_store else {}),
+        **parts,  # slices, shard_memory_gb; a sliced run's routing and slice_tensors
     )
-    config.update(parts)  # slices, shard_memory_gb; a sliced run's routing and slice_tensors
     create_run(conn.store, conn.settings.home, args.run, config, blob, weights, _job_files(job))
     document = {
         "run": args.run,
@@ -262,22 +189,46 @@ def _blob_store(flag: str | None) -> str | None:
     return location.url
 
 
-def _check_mode(args: argparse.Namespace, dp: dict[str, Any]) -> dict[str, Any]:
-    """The run's mode settings; async ones need --buffer and go without replication and DP."""
-    mode = getattr(args, "mode", "sync")
-    buffer, staleness = getattr(args, "buffer", None), getattr(args, "max_staleness", None)
-    if mode != "async":
-        if buffer is not None or staleness is not None:
+def _checked_settings(args: argparse.Namespace) -> RunConfig:
+    """init's flags as a run's settings, checked together and with their derived defaults filled in."""
+    given = RunConfig(
+        **{name: getattr(args, name) for name in run_config.flag_names() if hasattr(args, name)}
+    )
+    codec = parse_codec(given.compression)
+    # a sliced run's downlink is lossless unless asked (and then refused: coordinator.runs.slicing)
+    downlink = parse_codec(given.downlink_compression or ("none" if given.is_sliced else codec.name))
+    make_strategy(
+        given.strategy, server_lr=given.server_lr, momentum=given.momentum, clip_norm=given.clip_norm
+    )
+    parse_quorum(given.quorum, given.shards)
+    privacy.check_settings(given)
+    if given.replicate and given.is_private:
+        raise UsageError("--replicate judges one volunteer's delta by itself, which DP runs do not allow")
+    _check_mode(given)
+    settings = given.replace(
+        compression=codec.name,
+        downlink_compression=downlink.name,
+        max_staleness=given.staleness_limit if given.is_async else None,
+        inner_state=given.inner_state or default_inner_state(given.strategy, given.work_check),
+    )
+    if settings.is_sliced:  # before a model is built: what a sliced run does not work with
+        slicing.refuse(settings)
+    _check_work(given)
+    return settings
+
+
+def _check_mode(config: RunConfig) -> None:
+    """An async run needs --buffer and goes without replication and DP; a sync one takes neither flag."""
+    if not config.is_async:
+        if config.buffer is not None or config.max_staleness is not None:
             raise UsageError("--buffer and --max-staleness are for --mode async")
-        return {"mode": "sync"}
-    if buffer is None:
+        return
+    if config.buffer is None:
         raise UsageError("--mode async needs --buffer K: the accepted deltas that make one new version")
-    if getattr(args, "replicate", 0.0):
+    if config.replicate:
         raise UsageError("--replicate compares two trainings of one round's shard: use it with --mode sync")
-    if dp["dp_clip"] is not None:
+    if config.is_private:
         raise UsageError("differential privacy (--dp-clip) accounts per round: use it with --mode sync")
-    limit = DEFAULT_MAX_STALENESS if staleness is None else staleness
-    return {"mode": "async", "buffer": buffer, "max_staleness": limit}
 
 
 def _job_files(job: Job) -> dict[str, str]:
@@ -290,7 +241,7 @@ def post_round(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     _check_known(conn, args.run)
     config = conn.store.run_config(args.run)
-    if is_async(config):
+    if config.is_async:
         raise UsageError(
             f"run {args.run!r} is asynchronous (no rounds to post): "
             f"use 'coordinator run --run {args.run} --rounds R'"
@@ -312,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     _check_known(conn, args.run)
     config = conn.store.run_config(args.run)
-    if is_async(config):
+    if config.is_async:
         return _run_async(conn, args)
     numbers: list[int] = []
     current = conn.store.rounds.current(args.run)
@@ -466,10 +417,10 @@ def sample(args: argparse.Namespace) -> dict[str, Any]:
     conn = connect(args)
     current = _current_version(conn, args.run)
     config = _run_config(conn, args.run)
-    job = load_job(config["job"], config.get("job_args") or {})
+    job = load_job(config.job, config.job_args)
     generate = getattr(job, "generate", None)
     if not callable(generate):
-        raise UsageError(f"job {config['job']!r} of run {args.run!r} does not generate text")
+        raise UsageError(f"job {config.job!r} of run {args.run!r} does not generate text")
     version = current if args.version is None else args.version
     if not 0 <= version <= current:
         raise UsageError(f"--version {version}: run {args.run!r} has versions 0 to {current}")
@@ -489,7 +440,7 @@ def _current_version(conn: Connection, run: str) -> int:
         return restoring.run_record(conn.settings.home, run)[1]
 
 
-def _run_config(conn: Connection, run: str) -> dict[str, Any]:
+def _run_config(conn: Connection, run: str) -> RunConfig:
     try:
         return conn.store.run_config(run)
     except UnknownRun:
@@ -647,11 +598,10 @@ def revoke(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _post(conn: Connection, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
-    shards = args.shards or int(config.get("shards") or DEFAULT_SHARDS)
-    quorum_spec = args.quorum if args.quorum is not None else config.get("quorum")
-    quorum = parse_quorum(quorum_spec, shards)
-    deadline = float(args.deadline or config.get("deadline") or DEFAULT_DEADLINE)
+def _post(conn: Connection, args: argparse.Namespace, config: RunConfig) -> dict[str, Any]:
+    shards = args.shards or config.shards
+    quorum = parse_quorum(args.quorum if args.quorum is not None else config.quorum, shards)
+    deadline = float(args.deadline or config.deadline)
     privacy.check_round(config, conn.store.version(args.run), shards, quorum)
     info = _post_round(conn.store, conn.app, args.run, shards, quorum, deadline)
     posted = {

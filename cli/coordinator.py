@@ -9,7 +9,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import math
 import re
 import sys
 from collections.abc import Sequence
@@ -18,15 +17,13 @@ from typing import Any
 
 import redis
 
+from broker import run_config
 from broker.arguments import OneLineParser, float_in, int_in
 from broker.errors import BrokerError
-from broker.routing import DEVICE_CLASSES, MEMORY_TIERS_GB
+from broker.run_config import COMPRESSION_HELP, MAX_SHARDS
 from cli import commands, fusion_commands, quickstart
 from coordinator.errors import BROKER_FULL, CoordinatorError, is_broker_full
-from coordinator.merging.sampling import DEFAULT_PROBE_VOICES, MIN_PROBE_VOICES
 from coordinator.merging.strategies import STRATEGY_HELP
-from coordinator.merging.verification import VERIFY_MODES
-from coordinator.rounds.asynchronous import DEFAULT_MAX_STALENESS, MODES
 from coordinator.runs import invitations
 from coordinator.runs.fusion import METHODS as FUSION_METHODS
 from jobs import JobError
@@ -34,15 +31,9 @@ from serialization import WireFormatError
 
 STRATEGY_FLAGS_HELP = "fedavg | fedavgm | diloco | fedadam | median | trimmed-mean:B | krum:F"
 LONG_RUNNING = ("aggregator", "monitor")
-# init's defaults: top-k of the large tensors, the rest lossless, chosen on a matrix of jobs
-# (bench/defaults.py) and the bytes to a target loss (docs/BENCHMARKS.md sections 4 and 12).
-DEFAULT_COMPRESSION = "topk:0.01+int2@4096"
-DEFAULT_LOCAL_STEPS = 10
-COMPRESSION_HELP = (
-    "none | fp16 | bf16 | int8 | topk:F | topk:F+int8 | topk:F+int4 | topk:F+int2 (F a fraction, e.g. 0.01), "
-    "optionally with a size policy @N[:SMALL]: tensors of fewer than N elements go SMALL (none, fp16, "
-    "bf16 or int8; default none), e.g. topk:0.01+int2@4096"
-)
+# init's flags, each declared once in broker.run_config (its type, default, check and help)
+DP_SETTINGS = tuple(name for name in run_config.flag_names() if name.startswith("dp_"))
+INIT_SETTINGS = tuple(name for name in run_config.flag_names() if name not in DP_SETTINGS)
 # Each package's error root: a mistake the user can fix, shown as one line with exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CoordinatorError,
@@ -53,12 +44,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*")
-MAX_SHARDS = 10_000
-MAX_LOCAL_STEPS = 1_000_000
-MAX_DEADLINE = 7 * 24 * 3600.0
 MAX_ROUNDS = 100_000
 MAX_VOLUNTEERS = 64
-MAX_SEED = 2**63 - 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,43 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="keyword argument for the job's factory; the value is JSON if it parses",
     )
-    p.add_argument("--strategy", default="fedavg", help=STRATEGY_HELP)
-    p.add_argument(
-        "--server-lr",
-        type=float_in(0, 100),
-        default=None,
-        help="the strategy's learning rate, > 0 and <= 100",
-    )
-    p.add_argument(
-        "--momentum",
-        type=float_in(0, 1, low_ok=True, high_ok=False),
-        default=None,
-        help="the strategy's momentum, 0 <= m < 1",
-    )
-    p.add_argument(
-        "--clip-norm", type=float_in(0, math.inf), default=None, help="clip each delta to this L2 norm (> 0)"
-    )
-    p.add_argument(
-        "--max-norm-ratio",
-        type=float_in(0, 1e6),
-        default=10.0,
-        help="reject deltas whose norm exceeds this multiple of the round median (> 0 and <= 1e6)",
-    )
-    p.add_argument(
-        "--compression",
-        default=DEFAULT_COMPRESSION,
-        help=COMPRESSION_HELP + f" (default {DEFAULT_COMPRESSION}: tensors of 4096 elements or more "
-        "(one top-k block) top-k, smaller ones (biases, norm gains, a small model) lossless; chosen on a "
-        "matrix of jobs, docs/BENCHMARKS.md section 12)",
-    )
-    p.add_argument(
-        "--downlink-compression",
-        default=None,
-        metavar="SPEC",
-        help="how each new version is also published, as an update from the one before, for "
-        "volunteers that hold it (default: --compression; a lossless spec publishes whole models only)",
-    )
-    _local_steps_flag(p, default=DEFAULT_LOCAL_STEPS)
+    run_config.add_init_flags(p, INIT_SETTINGS, helps={"strategy": STRATEGY_HELP})
     p.add_argument(
         "--blob-store",
         default=None,
@@ -194,138 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "s3://BUCKET/PREFIX, reached with the usual AWS_* settings (default: $CROWDTRAIN_BLOB_STORE, "
         "else Redis); volunteers need no credentials (presigned URLs)",
     )
-    p.add_argument(
-        "--shard-seconds",
-        type=float_in(0, MAX_DEADLINE),
-        default=None,
-        help="time budget of a shard: train until this many seconds have passed or --local-steps "
-        "are done, whichever is first (at least one step); deltas weigh by the samples they trained",
+    run_config.add_init_flags(
+        p.add_argument_group("differential privacy (DP-FedAvg; docs/PRIVACY.md)"), DP_SETTINGS
     )
-    p.add_argument(
-        "--verify",
-        choices=VERIFY_MODES,
-        default="probe",
-        help="probe: weigh each volunteer's delta by its effect on a fixed probe set and reject "
-        "those far less useful than the round's others (default); none: norms and strategy only",
-    )
-    p.add_argument(
-        "--probe-voices",
-        type=int_in(MIN_PROBE_VOICES, MAX_SHARDS),
-        default=DEFAULT_PROBE_VOICES,
-        metavar="N",
-        help="with --verify probe, judge every voice of a round of at most N voices; above N, every "
-        "new or low-reputation voice plus a random sample of the rest, drawn once the uploads are in "
-        f"({MIN_PROBE_VOICES} <= N <= {MAX_SHARDS}, default {DEFAULT_PROBE_VOICES}: docs/SECURITY.md)",
-    )
-    p.add_argument(
-        "--slices",
-        type=int_in(1, MAX_SHARDS),
-        default=1,
-        metavar="S",
-        help="split the model's trainable tensors into S slices balanced by parameter count; shard i "
-        "of a round trains slice i mod S only, so a volunteer needs memory for the model and one "
-        "slice's gradients and optimizer state (default 1: the whole model)",
-    )
-    p.add_argument(
-        "--min-voices",
-        type=int_in(1, MAX_SHARDS),
-        default=1,
-        metavar="K",
-        help="merge a round (or asynchronous buffer) only with deltas of at least K volunteers; "
-        "one that ends with fewer fails, the model unchanged (default 1)",
-    )
-    p.add_argument(
-        "--replicate",
-        type=float_in(0, 1, low_ok=True),
-        default=0.0,
-        metavar="F",
-        help="post this fraction of each round's shards twice, to two volunteers, and compare "
-        "the deltas; on a mismatch the one the probe likes less is rejected (0 <= F <= 1)",
-    )
-    p.add_argument(
-        "--work-check",
-        type=float_in(0, 1, low_ok=True),
-        default=0.0,
-        metavar="RATE",
-        help="replay a random sample of shards on the aggregator and reject those whose delta does not "
-        "match the claimed training ('work'): RATE of a known volunteer's shards, more of a new one's "
-        "(0 <= RATE <= 1, default 0: off; needs --inner-state reset and the job's own data)",
-    )
-    p.add_argument(
-        "--lease",
-        type=float_in(0, MAX_DEADLINE),
-        default=None,
-        metavar="SECONDS",
-        help="how long a volunteer holds a shard it was given without renewing it (it renews every "
-        "third of this while it trains); a shard whose lease lapses is offered again at once, one "
-        "that nobody takes after min(10, SECONDS/2) s too (default 20)",
-    )
-    p.add_argument(
-        "--max-share",
-        type=float_in(0, 1),
-        default=None,
-        metavar="F",
-        help="the most of a round's shards one volunteer may hold while another volunteer is online: "
-        "ceil(F * shards), at least 1 and never all of them; 1: no limit (0 < F <= 1, default 0.5)",
-    )
-    p.add_argument(
-        "--require",
-        choices=DEVICE_CLASSES,
-        default=None,
-        help="train this run's shards only on volunteers with an accelerator (CUDA or MPS)",
-    )
-    p.add_argument(
-        "--min-memory-gb",
-        type=float_in(0, MEMORY_TIERS_GB[-1]),
-        default=None,
-        metavar="X",
-        help="train this run's shards only on volunteers whose device has at least X GB "
-        f"(rounded up to one of {', '.join(map(str, MEMORY_TIERS_GB))})",
-    )
-    p.add_argument(
-        "--lr", type=float_in(0, 10), default=3e-3, help="the volunteers' inner learning rate, > 0 and <= 10"
-    )
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument(
-        "--inner-state",
-        choices=["keep", "reset"],
-        default=None,
-        help="keep: a volunteer's inner optimizer goes on from the state its previous shard of the "
-        "run left (moments, step count); reset: from zero every shard. Default: keep, or reset "
-        f"with an outer strategy that has momentum ({', '.join(commands.OUTER_MOMENTUM)}), as measured",
-    )
-    _privacy_flags(p)
-    p.add_argument(
-        "--data",
-        choices=["coordinator", "volunteer"],
-        default="coordinator",
-        help="whose data shards train on: the job's own shards, or only volunteers' own data "
-        "(volunteer start --data); a volunteer with --data uses its own data either way",
-    )
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="sync",
-        help="sync: rounds, each merged once its quorum is in; async: no round barrier, every "
-        "--buffer accepted deltas make a version whatever version they were trained on (FedBuff)",
-    )
-    p.add_argument(
-        "--buffer",
-        type=int_in(1, MAX_SHARDS),
-        default=None,
-        metavar="K",
-        help="async: accepted deltas per new version (needed with --mode async)",
-    )
-    p.add_argument(
-        "--max-staleness",
-        type=int_in(0, 10**6),
-        default=None,
-        metavar="S",
-        help=f"async: reject a delta trained more than S versions ago (default {DEFAULT_MAX_STALENESS}); "
-        "younger ones weigh samples / sqrt(1 + staleness)",
-    )
-    _round_flags(p, defaults=True)
     p.add_argument(
         "--force",
         action="store_true",
@@ -564,95 +386,19 @@ def _command(sub: Any, name: str, handler: Any, help_text: str) -> argparse.Argu
     return p
 
 
-def _privacy_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("differential privacy (DP-FedAvg; docs/PRIVACY.md)")
-    group.add_argument(
-        "--dp-clip",
-        type=float_in(0, 1e6),
-        default=None,
-        metavar="C",
-        help="clip each volunteer's delta of a round to this L2 norm",
-    )
-    group.add_argument(
-        "--dp-noise",
-        type=float_in(0, 1e6, low_ok=True),
-        default=None,
-        metavar="Z",
-        help="Gaussian noise of standard deviation Z*C on the sum of clipped deltas",
-    )
-    group.add_argument(
-        "--dp-delta",
-        type=float_in(0, 1, high_ok=False),
-        default=1e-5,
-        metavar="D",
-        help="the delta of (epsilon, delta)-DP (default 1e-5)",
-    )
-    group.add_argument(
-        "--dp-epsilon",
-        type=float_in(0, 1e6),
-        default=None,
-        metavar="E",
-        help="privacy budget: no round may take epsilon above E",
-    )
-    group.add_argument(
-        "--dp-population",
-        type=int_in(1, 10**9),
-        default=None,
-        metavar="N",
-        help="volunteers a round samples from: sampling rate q = quorum/N (default q = 1)",
-    )
-    group.add_argument(
-        "--dp-quantile",
-        type=float_in(0, 1, high_ok=False),
-        default=None,
-        metavar="Q",
-        help="adaptive clipping (Andrew et al. 2021): move C each round toward the Q-quantile of the "
-        "voices' norms, --dp-clip being its start; the noised count it needs is accounted in epsilon",
-    )
-    group.add_argument(
-        "--dp-clip-lr",
-        type=float_in(0, 10),
-        default=None,
-        metavar="ETA",
-        help="adaptive clipping's rate (0.2)",
-    )
-    group.add_argument(
-        "--dp-count-noise",
-        type=float_in(0, 1e6),
-        default=None,
-        metavar="S",
-        help="noise std on the count of unclipped voices (default: the round's quorum / 20)",
-    )
-
-
 def _local_steps_flag(p: argparse.ArgumentParser, default: int) -> None:
-    p.add_argument(
-        "--local-steps",
-        type=int_in(1, MAX_LOCAL_STEPS),
-        default=default,
-        help=f"optimizer steps per shard, 1 to {MAX_LOCAL_STEPS}",
-    )
+    run_config.add_init_flags(p, ("local_steps",), defaults={"local_steps": default})
 
 
-def _round_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
-    word = "default for the run's rounds: " if defaults else ""
-    p.add_argument(
-        "--shards",
-        type=int_in(1, MAX_SHARDS),
-        default=None,
-        help=f"{word}shard jobs per round, 1 to {MAX_SHARDS}",
-    )
-    p.add_argument(
-        "--quorum",
-        default=None,
-        help=f"{word}accepted shards needed: a count, or a fraction like 0.75 (default all)",
-    )
-    p.add_argument(
-        "--deadline",
-        type=float_in(0, MAX_DEADLINE),
-        default=None,
-        help=f"{word}seconds before the round is merged with what it has (> 0, at most {MAX_DEADLINE:.0f})",
-    )
+def _round_flags(p: argparse.ArgumentParser) -> None:
+    """post-round's and run's --shards, --quorum, --deadline: an absent one is the run's own setting."""
+    names = ("shards", "quorum", "deadline")
+    helps = {
+        name: run_config.setting_of(name).help.removeprefix("default for the run's rounds: ")
+        + " (default: the run's)"
+        for name in names
+    }
+    run_config.add_init_flags(p, names, helps=helps, defaults=dict.fromkeys(names))
 
 
 _port = int_in(1, 65535)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from broker.run_config import RunConfig
 from cli import commands
 from cli.commands import connect
 from coordinator.errors import UsageError
@@ -43,12 +44,12 @@ def fuse(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "average":
         assert isinstance(weights, list)
         return _average(conn, args, members, versions, configs, weights, files)
-    jobs = {c["job"] for c in configs}
+    jobs = {c.job for c in configs}
     if len(jobs) > 1:
         raise UsageError(f"an ensemble's runs train one job; these train {', '.join(sorted(jobs))}")
-    job = load_job(configs[0]["job"], configs[0].get("job_args") or {})
-    fusion.check_ensemble_job(job, configs[0]["job"], weights)
-    record = fusion.ensemble_record(args.out, configs[0]["job"], members, weights)
+    job = load_job(configs[0].job, configs[0].job_args)
+    fusion.check_ensemble_job(job, configs[0].job, weights)
+    record = fusion.ensemble_record(args.out, configs[0].job, members, weights)
     path = fusion.save_ensemble(store, home, args.out, record)
     document = {
         "run": args.out,
@@ -71,7 +72,7 @@ def _average(
     args: argparse.Namespace,
     members: list[fusion.Member],
     versions: list[int],
-    configs: list[dict[str, Any]],
+    configs: list[RunConfig],
     weights: list[float],
     files: dict[str, str],
 ) -> dict[str, Any]:
@@ -82,9 +83,9 @@ def _average(
     fusion.check_same_shapes(list(zip(labels, models, strict=True)))
     merged = fusion.average(models, weights)
     first = configs[0]
-    job = load_job(first["job"], first.get("job_args") or {})
+    job = load_job(first.job, first.job_args)
     model = job.build_model()
-    fusion.check_same_shapes([(labels[0], merged), (f"job {first['job']!r}", model.state_dict())])
+    fusion.check_same_shapes([(labels[0], merged), (f"job {first.job!r}", model.state_dict())])
     model.load_state_dict(merged)
     initial = {k: float(v) for k, v in job.evaluate(model).items()}
     blob = dumps(merged, {"run": args.out, "version": 0})
@@ -93,19 +94,18 @@ def _average(
         "members": [{"run": m.run, "version": v} for m, v in zip(members, versions, strict=True)],
         "weights": weights,
     }
-    config = {
-        **first,
-        "initial": initial,
-        "initial_digest": hashlib.sha256(blob).hexdigest(),
-        "created_at": time.time(),
-        "fused_from": fused_from,
-    }
-    config.pop("branched_from", None)
+    config = first.replace(
+        initial=initial,
+        initial_digest=hashlib.sha256(blob).hexdigest(),
+        created_at=time.time(),
+        fused_from=fused_from,
+        branched_from=None,
+    )
     create_run(store, home, args.out, config, blob, merged, files)
     document = {
         "run": args.out,
         "method": "average",
-        "job": first["job"],
+        "job": first.job,
         "members": fused_from["members"],
         "weights": weights,
         "initial": {"model_version": 0, **initial},
@@ -133,10 +133,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         config = store.run_config(args.run)
         version = _run_version(store, args.run, args.version)
-        job = load_job(config["job"], config.get("job_args") or {})
+        job = load_job(config.job, config.job_args)
         model = job.build_model()
         model.load_state_dict(fusion.version_weights(store, home, args.run, version))
-        metrics = _metrics(job, config["job"], model, args.data, args.run)
+        metrics = _metrics(job, config.job, model, args.data, args.run)
         detail = {"version": version, "forward_passes": 1}
     document = {
         "run": args.run,

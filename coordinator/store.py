@@ -19,6 +19,7 @@ import redis
 from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.objects import RENEW_BEFORE, S3_LARGEST_POST, Location, ObjectMismatch, ObjectStore, Pointer
+from broker.run_config import RunConfig
 from coordinator.errors import RunExists
 from coordinator.rounds.state import RoundState, lua_source, number_or_text
 from coordinator.runs.ledger import Ledger
@@ -49,9 +50,9 @@ class Store:
         with self._lock:
             if run not in self._objects:
                 config = self.run_config(run)
-                url = config.get("blob_store")
+                url = config.blob_store
                 self._objects[run] = ObjectStore(Location.parse(url)) if url else None
-                self._slot_sizes[run] = int(config.get("upload_bound") or S3_LARGEST_POST)
+                self._slot_sizes[run] = config.upload_bound or S3_LARGEST_POST
             return self._objects[run]
 
     def fetch(self, pointer: Pointer, key: str, limit: int | None) -> bytearray:
@@ -108,9 +109,9 @@ class Store:
         return blobs.read(self.redis, key, limit, remote=self)
 
     # --- runs and versions ---------------------------------------------------
-    def create_run(self, run: str, config: dict[str, Any], model_blob: bytes) -> None:
+    def create_run(self, run: str, config: RunConfig, model_blob: bytes) -> None:
         """Create a run with model version 0; refuses to overwrite one."""
-        if not self.redis.set(keys.run_config(run), msgpack.packb(config), nx=True):
+        if not self.redis.set(keys.run_config(run), msgpack.packb(config.stored()), nx=True):
             raise RunExists(f"run {run!r} exists already; choose another --run name")
         self._write(run, keys.model(run, 0), model_blob)
         pipe = self.redis.pipeline()
@@ -118,13 +119,12 @@ class Store:
         pipe.sadd(keys.runs(), run)
         pipe.execute()
 
-    def run_config(self, run: str) -> dict[str, Any]:
+    def run_config(self, run: str) -> RunConfig:
         """The run's settings, as ``coordinator init`` stored them."""
         raw = self.redis.get(keys.run_config(run))
         if raw is None:
             raise UnknownRun(f"unknown run {run!r}: create it with 'coordinator init --run {run}'")
-        config: dict[str, Any] = msgpack.unpackb(raw)
-        return config
+        return RunConfig.from_stored(msgpack.unpackb(raw))
 
     def runs(self) -> list[str]:
         return sorted(name.decode() for name in self.redis.smembers(keys.runs()))

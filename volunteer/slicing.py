@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from broker.run_config import RunConfig
 from jobs.slicing import slice_of
 
 
@@ -23,14 +24,14 @@ class SliceError(ValueError):
     """A run's slice settings a volunteer cannot use (reported as the shard's failure)."""
 
 
-def assignment(config: Mapping[str, Any], shard: int) -> tuple[int, frozenset[str]] | None:
+def assignment(config: RunConfig, shard: int) -> tuple[int, frozenset[str]] | None:
     """(slice index, its tensor names) of shard ``shard`` in a sliced run; None in an unsliced one."""
-    count = config.get("slices") or 1
+    count = config.slices or 1
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise SliceError(f"the run's slice count {str(count)[:20]} is not a whole number >= 1")
     if count == 1:
         return None
-    tensors = config.get("slice_tensors")
+    tensors = config.slice_tensors
     if not isinstance(tensors, list) or len(tensors) != count:
         raise SliceError("the run's slice_tensors do not list one entry per slice")
     index = slice_of(shard, count)
@@ -40,12 +41,12 @@ def assignment(config: Mapping[str, Any], shard: int) -> tuple[int, frozenset[st
     return index, frozenset(names)
 
 
-def data_shard(config: Mapping[str, Any], number: int, shard: int, shards: int) -> int:
+def data_shard(config: RunConfig, number: int, shard: int, shards: int) -> int:
     """The data shard a job trains: its own number, moved on by the round in a sliced run.
 
     Slice ``i mod S`` would otherwise only ever see data shards ``i mod S``.
     """
-    if int(config.get("slices") or 1) > 1:
+    if config.slices > 1:
         return (shard + number) % shards
     return shard % shards
 

@@ -24,6 +24,7 @@ from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.pointers import Pointer
 from broker.renewal import renewing
+from broker.run_config import RunConfig
 from broker.transfer import UrlReader, send_to_slot
 from serialization import Encoded
 
@@ -42,12 +43,11 @@ class VolunteerStore:
         self.name = name
         self._urls = UrlReader()  # a run with a blob store: its pointers carry presigned GET URLs
 
-    def run_config(self, run: str) -> dict[str, Any]:
+    def run_config(self, run: str) -> RunConfig:
         raw = self.redis.get(keys.run_config(run))
         if raw is None:
             raise UnknownRun(f"unknown run {run!r}")
-        config: dict[str, Any] = msgpack.unpackb(raw)
-        return config
+        return RunConfig.from_stored(msgpack.unpackb(raw))
 
     def round_info(self, run: str, number: int) -> dict[str, Any] | None:
         """The round's status, shard count and base version; None if there is no such round."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from broker.pointers import ObjectStoreError
+from broker.run_config import RunConfig
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, dumps_stream, loads, parse_codec
 from volunteer import slicing
@@ -58,7 +59,7 @@ class ShardRunner:
         self.device = torch.device(options.device)
         self._models: OrderedDict[tuple[str, int], TensorDict] = OrderedDict()
         self._jobs: dict[str, Job] = {}
-        self._configs: dict[str, dict[str, Any]] = {}
+        self._configs: dict[str, RunConfig] = {}
         self._feedback: dict[str, ErrorFeedback] = {}
         # --inner-state keep: each run's inner optimizer state, for the few latest runs only
         self._inner: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -98,7 +99,7 @@ class ShardRunner:
             return {**summary, "skipped": "paused: this volunteer takes no shard now"}
         self._prover.maybe()
         wanted = self.store.round_info(run, number)
-        buffered = wanted is not None and self._config(run).get("mode") == "async"
+        buffered = wanted is not None and self._config(run).is_async
         if wanted is not None and buffered:
             problem = _not_wanted_async(wanted, shard, shards, version, self._config(run))
         else:
@@ -153,10 +154,9 @@ class ShardRunner:
         summary: dict[str, Any],
     ) -> dict[str, Any]:
         config = self._config(run)
-        if config["job"] not in self.options.allowed_jobs:
+        if config.job not in self.options.allowed_jobs:
             reason = (
-                f"volunteer {self.options.name} does not run job {config['job']!r} "
-                "(not on its --allow-job list)"
+                f"volunteer {self.options.name} does not run job {config.job!r} (not on its --allow-job list)"
             )
             self._upload(run, number, shard, dumps({}, {"failure": reason}))
             return {**summary, "skipped": reason}
@@ -168,7 +168,7 @@ class ShardRunner:
         weights, downlink = self._model(run, version)
         model = self._module(job)
         key = ShardKey(run, number, shard, version)
-        steps = int(config["local_steps"])
+        steps = config.local_steps
         gate, resume = self._manners(key, model, steps)
         trained = False
         try:
@@ -186,7 +186,7 @@ class ShardRunner:
         job: Job,
         weights: TensorDict,
         model: torch.nn.Module,
-        config: dict[str, Any],
+        config: RunConfig,
         key: ShardKey,
         shards: int,
         data: str | None,
@@ -201,14 +201,14 @@ class ShardRunner:
             # an asynchronous run numbers its jobs on: they cycle over the shards
             shard=slicing.data_shard(config, number, shard, shards),
             shards=shards,
-            steps=int(config["local_steps"]),
-            lr=float(config["lr"]),
-            optimizer=str(config.get("optimizer", "adamw")),
+            steps=config.local_steps,
+            lr=config.lr,
+            optimizer=config.optimizer,
             device=self.device,
             seed=seed_for(run, number, shard),
-            seconds=_budget(config.get("shard_seconds")),
+            seconds=_budget(config.shard_seconds),
             data=data,
-            optimizer_state=self._inner.get(_own(run, part)) if config.get("inner_state") == "keep" else None,
+            optimizer_state=self._inner.get(_own(run, part)) if config.keeps_inner_state else None,
             model=model,
             gate=gate,
             resume=resume,
@@ -250,7 +250,7 @@ class ShardRunner:
         number: int,
         shard: int,
         version: int,
-        config: dict[str, Any],
+        config: RunConfig,
         job: Job,
         model: torch.nn.Module,
         downlink: int,
@@ -260,7 +260,7 @@ class ShardRunner:
         """Check the trained shard, encode its delta and upload it."""
         part = slicing.assignment(config, shard)
         own = _own(run, part)  # a sliced run keeps inner state and residuals per slice
-        weight = 1.0 / int(config.get("slices") or 1)
+        weight = 1.0 / config.slices
         self._keep_inner(
             own, config, result.optimizer_state if math.isfinite(result.train_loss) else None, weight
         )
@@ -285,7 +285,7 @@ class ShardRunner:
         }
         if part is not None:
             meta["slice"] = part[0]
-        codec = parse_codec(str(config["compression"]))
+        codec = parse_codec(config.compression)
         blob = self._feedback.setdefault(own, ErrorFeedback()).encode_stream(result.delta, meta, codec)
         self._upload(run, number, shard, blob)
         # its parameters held the delta, now sent: the next shard loads over them (a sliced
@@ -325,7 +325,7 @@ class ShardRunner:
         return job.build_model()
 
     def _keep_inner(
-        self, run: str, config: dict[str, Any], state: dict[str, Any] | None, weight: float = 1.0
+        self, run: str, config: RunConfig, state: dict[str, Any] | None, weight: float = 1.0
     ) -> None:
         """Keep a run's (or a run slice's) inner optimizer state for its next shard (``--inner-state keep``).
 
@@ -333,7 +333,7 @@ class ShardRunner:
         counts ``weight``, its share of the model) stay in memory: the least
         recently trained goes first.
         """
-        if config.get("inner_state") != "keep" or state is None:
+        if not config.keeps_inner_state or state is None:
             self._inner.pop(run, None)  # none kept, or a diverged shard's: the next starts afresh
             self._inner_weights.pop(run, None)
             return
@@ -346,7 +346,7 @@ class ShardRunner:
 
     def _too_stale(self, run: str, version: int) -> str | None:
         """Why a job on ``version`` is not worth training any more (None if it is)."""
-        limit = self._config(run).get("max_staleness")
+        limit = self._config(run).max_staleness
         current = self.store.version(run)
         if isinstance(limit, int) and current is not None and current - version > limit:
             return f"stale: version {version} is {current - version} versions behind the current {current}"
@@ -405,7 +405,7 @@ class ShardRunner:
             weights, _ = loads(blob)
             fetched = len(blob)
         self._models[key] = weights
-        if self._config(run).get("mode") != "async":  # a synchronous run never asks for an older one
+        if not self._config(run).is_async:  # a synchronous run never asks for an older one
             for older in [k for k in self._models if k[0] == run and k[1] < version]:
                 del self._models[older]
         while len(self._models) > MODEL_CACHE_SIZE:
@@ -419,8 +419,8 @@ class ShardRunner:
         where it does not (another version, another platform), the model is fetched.
         """
         config = self._config(run)
-        digest = config.get("initial_digest")
-        if not isinstance(digest, str) or config["job"] not in self.options.allowed_jobs:
+        digest = config.initial_digest
+        if not isinstance(digest, str) or config.job not in self.options.allowed_jobs:
             return None
         model = self._job(run, config).build_model()
         # the model's own tensors (it is dropped, they stay), hashed a piece at a time: no copy
@@ -436,7 +436,7 @@ class ShardRunner:
 
     def _from_updates(self, run: str, version: int) -> tuple[TensorDict, int] | None:
         """``version`` rebuilt from the newest cached older one and the updates since, if they exist."""
-        spec = self._config(run).get("downlink_compression")
+        spec = self._config(run).downlink_compression
         held = [v for (r, v) in self._models if r == run and v < version]
         if not held or spec in (None, "none") or version - max(held) > MAX_UPDATES:
             return None
@@ -450,17 +450,15 @@ class ShardRunner:
             weights = apply_update(weights, loads(blob)[0])
         return weights, sum(len(blob or b"") for blob in blobs)
 
-    def _config(self, run: str) -> dict[str, Any]:
+    def _config(self, run: str) -> RunConfig:
         """A run's settings never change after ``init``: read them once."""
         if run not in self._configs:
             self._configs[run] = self.store.run_config(run)
         return self._configs[run]
 
-    def _job(self, run: str, config: dict[str, Any]) -> Job:
+    def _job(self, run: str, config: RunConfig) -> Job:
         if run not in self._jobs:
-            self._jobs[run] = load_job(
-                config["job"], config.get("job_args") or {}, allowed=self.options.allowed_jobs
-            )
+            self._jobs[run] = load_job(config.job, config.job_args, allowed=self.options.allowed_jobs)
         return self._jobs[run]
 
 
@@ -487,14 +485,14 @@ def _not_wanted(round_info: dict[str, Any] | None, shard: int, shards: int, vers
 
 
 def _not_wanted_async(
-    round_info: dict[str, Any], shard: int, shards: int, version: int, config: dict[str, Any]
+    round_info: dict[str, Any], shard: int, shards: int, version: int, config: RunConfig
 ) -> str | None:
     """Why a job of an asynchronous run does not match its posting round (forged), or None.
 
     Its round may have been merged since: the delta then counts in the buffer open when it
     arrives. Each round numbers the jobs posted with it, 0 up to its ``shards`` count.
     """
-    if shards != config.get("shards") or not 0 <= shard < int(round_info.get("shards") or 0):
+    if shards != config.shards or not 0 <= shard < int(round_info.get("shards") or 0):
         return f"job {shard} of {shards} shards is not one posted with this round"
     if round_info.get("base_version") != version:
         return f"version {version} is not the round's base {round_info.get('base_version')}"
@@ -508,17 +506,17 @@ def _budget(value: Any) -> float | None:
     return None
 
 
-def _local_data(path: str | None, job: Job, config: dict[str, Any]) -> tuple[str | None, str | None]:
+def _local_data(path: str | None, job: Job, config: RunConfig) -> tuple[str | None, str | None]:
     """Where this shard's batches come from: (local path or None, or a reason to refuse the shard).
 
     A volunteer with ``--data`` trains on its own data whenever the job can read
     it; a run made with ``init --data volunteer`` trains on nothing else.
     """
-    only_local = config.get("data") == "volunteer"
+    only_local = config.data == "volunteer"
     if path is None:
         return None, "no local data" if only_local else None
     if reads_local_data(job):
         return path, None
     if only_local:
-        return None, f"job {config['job']!r} cannot read local data (it has no local_shard)"
+        return None, f"job {config.job!r} cannot read local data (it has no local_shard)"
     return None, None

@@ -39,13 +39,11 @@ from coordinator.merging.judging import (
     voices,
 )
 from coordinator.merging.privacy import next_clip, privatize, spent
-from coordinator.merging.sampling import DEFAULT_PROBE_VOICES, Selection, reputations_after, select
+from coordinator.merging.sampling import Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
 from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
 from coordinator.merging.verification import sketch, weigh
 from coordinator.rounds.asynchronous import (
-    is_async,
-    max_staleness,
     momentum_delay,
     open_buffer,
     staleness_weight,
@@ -101,7 +99,7 @@ class Aggregator:
             except Exception as e:
                 summary = self._after_error(run, number, owner, e)
         context = self.contexts[run]
-        if summary is not None and is_async(context.config):
+        if summary is not None and context.config.is_async:
             open_buffer(self.store, run, context.config)  # the next buffer, at once: no barrier
         return summary
 
@@ -126,11 +124,11 @@ class Aggregator:
         def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
             return self._delta(context, key, out, shard)
 
-        if context.config.get("replicate"):
+        if context.config.replicate:
             replicas = self.store.rounds.replicas(run, number)
             rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
         checked = None
-        if context.config.get("work_check") and used:  # proof of work: a sample of shards replayed
+        if context.config.work_check and used:  # proof of work: a sample of shards replayed
             owners = list(voices(used))
             record = work.records(self.store.redis, owners)
             shards = int(info["shards"])
@@ -170,13 +168,13 @@ class Aggregator:
             if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
                 self.store.set_reputations(reputations_after(reputations, selection, ()), run=run)
             return failed
-        count, needed = len(voices(used)), int(context.config.get("min_voices") or 1)
+        count, needed = len(voices(used)), context.config.min_voices
         if count < needed:
             had = f"{count} voice{'s' if count != 1 else ''}"
             reason = f"{had} (volunteers) with accepted deltas, {needed} needed (--min-voices)"
             return self._fail(context, number, owner, info, summary, reason)
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
-        if is_async(context.config):
+        if context.config.is_async:
             summary["staleness"] = max(int(metas[s]["staleness"]) for s in used)
         privacy = context.privacy
         if privacy is not None:
@@ -221,8 +219,8 @@ class Aggregator:
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
         keep = self.keep_versions
-        if is_async(context.config):  # a job up to max-staleness versions old still fetches its base
-            keep = max(keep, max_staleness(context.config) + 1)
+        if context.config.is_async:  # a job up to max-staleness versions old still fetches its base
+            keep = max(keep, context.config.staleness_limit + 1)
         self.store.prune_versions(run, base + 1, keep)
         self._record(context, number, base + 1, weights, strategy_state, summary)
         log.info(
@@ -252,7 +250,7 @@ class Aggregator:
         """
         run = context.name
         residual = None
-        if lossy(context.config.get("downlink_compression")):
+        if lossy(context.config.downlink_compression):
             residual = read_residual(self.store.downlink_residual(run))
         state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
         checkpoints.save_version(
@@ -294,7 +292,7 @@ class Aggregator:
             norms[shard] = delta_norm(delta)
             del delta
         owners = {shard: keys.volunteer_of(copies[shard]) for shard in norms}
-        ratio = float(context.config.get("max_norm_ratio", 10.0))
+        ratio = float(context.config.max_norm_ratio)
         if context.slices:  # slices differ in norm: each delta is compared within its own
             rejections.update(slicing.screen(norms, owners, len(context.slices), ratio, context.model_norm))
         elif context.privacy is None:
@@ -337,7 +335,7 @@ class Aggregator:
         selection = Selection(frozenset())
         if _probes(context):
             reputations.update(self.store.reputations(list(voices(used))))
-            selection = select(reputations, int(context.config.get("probe_voices") or DEFAULT_PROBE_VOICES))
+            selection = select(reputations, context.config.probe_voices)
             history = self.store.voice_norms(context.name)
             usual = statistics.median(history) if history else None
             # the judged voices, judged as a round of their own (the share, medians and agreement
@@ -381,15 +379,15 @@ class Aggregator:
         # ``base`` is views of its blob (a bytearray: writable), which nothing reads after the
         # merge unless a lossy downlink publishes base + update: only then is a copy needed, and
         # the strategy makes it once the deltas are summed (not beside the last one decoded).
-        keep_base = lossy(config.get("downlink_compression"))
+        keep_base = lossy(config.downlink_compression)
         weights = dict(base)
 
         def make() -> Strategy:
             return make_strategy(
-                config["strategy"],
-                server_lr=config.get("server_lr"),
-                momentum=config.get("momentum"),
-                clip_norm=config.get("clip_norm"),
+                config.strategy,
+                server_lr=config.server_lr,
+                momentum=config.momentum,
+                clip_norm=config.clip_norm,
                 momentum_delay=momentum_delay(config),
             )
 
@@ -435,7 +433,7 @@ class Aggregator:
         """The version to publish: the merged weights, or with a lossy downlink
         (``coordinator.merging.downlink``) the base moved by the encoded update, which is staged
         with its residual for the commit."""
-        spec = context.config.get("downlink_compression")
+        spec = context.config.downlink_compression
         if not lossy(spec):
             return merged
         residual = read_residual(self.store.downlink_residual(context.name))
@@ -567,7 +565,7 @@ def _probes(context: RunContext) -> bool:
     With DP nothing judges one person's delta by itself: the decision would
     depend on that person's data beyond what the accountant counts.
     """
-    return context.config.get("verify", "none") == "probe" and context.privacy is None
+    return context.config.verify == "probe" and context.privacy is None
 
 
 def _summary(
@@ -585,9 +583,9 @@ def _summary(
         "accepted": len(used),
         "samples": samples,
         "train_loss": train_loss,
-        "job": config["job"],
-        "strategy": config["strategy"],
-        "compression": config["compression"],
+        "job": config.job,
+        "strategy": config.strategy,
+        "compression": config.compression,
     }
 
 

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import dp_accounting
 import torch
 from dp_accounting.rdp import RdpAccountant
 
+from broker.run_config import DEFAULT_DP_CLIP_LR, DEFAULT_DP_DELTA, RunConfig
 from coordinator.errors import PrivacyBudgetSpent, UsageError
 from coordinator.rounds.posting import parse_quorum
 from coordinator.rounds.validation import delta_norm
 from serialization import TensorDict
-
-DEFAULT_DELTA = 1e-5
-DEFAULT_CLIP_LR = 0.2
-DEFAULT_SHARDS = 4
 
 
 @dataclass(frozen=True)
@@ -39,12 +35,12 @@ class Privacy:
 
     clip: float
     noise: float
-    delta: float = DEFAULT_DELTA
+    delta: float = DEFAULT_DP_DELTA
     budget: float | None = None  # --dp-epsilon: no round may take epsilon above it
     population: int | None = None  # --dp-population: volunteers a round samples from
     quorum: int = 1  # accepted shards a round needs (init's --quorum): q = quorum / population
     quantile: float | None = None  # --dp-quantile: adaptive clipping's target (None: fixed C)
-    clip_lr: float = DEFAULT_CLIP_LR  # --dp-clip-lr: how fast C follows that quantile
+    clip_lr: float = DEFAULT_DP_CLIP_LR  # --dp-clip-lr: how fast C follows that quantile
     count_noise: float = 0.0  # --dp-count-noise: std of the noise on the count of unclipped voices
 
     @property
@@ -93,36 +89,32 @@ def next_clip(privacy: Privacy, clip: float, unclipped: int, voices: int) -> flo
     return clip * math.exp(-privacy.clip_lr * (fraction - privacy.quantile))
 
 
-def from_config(config: Mapping[str, Any]) -> Privacy | None:
+def from_config(config: RunConfig) -> Privacy | None:
     """The run's DP settings, or None for a run without differential privacy."""
-    if config.get("dp_clip") is None:
+    if config.dp_clip is None or config.dp_noise is None:
         return None
-    shards = int(config.get("shards") or DEFAULT_SHARDS)
+    quorum = parse_quorum(config.quorum, config.shards)
     return Privacy(
-        quorum=parse_quorum(config.get("quorum"), shards),
-        clip=float(config["dp_clip"]),
-        noise=float(config["dp_noise"]),
-        delta=float(config.get("dp_delta") or DEFAULT_DELTA),
-        budget=None if config.get("dp_epsilon") is None else float(config["dp_epsilon"]),
-        population=None if config.get("dp_population") is None else int(config["dp_population"]),
-        quantile=None if config.get("dp_quantile") is None else float(config["dp_quantile"]),
-        clip_lr=float(config.get("dp_clip_lr") or DEFAULT_CLIP_LR),
-        count_noise=_count_noise(config, parse_quorum(config.get("quorum"), shards)),
+        quorum=quorum,
+        clip=config.dp_clip,
+        noise=config.dp_noise,
+        delta=config.dp_delta,
+        budget=config.dp_epsilon,
+        population=config.dp_population,
+        quantile=config.dp_quantile,
+        clip_lr=DEFAULT_DP_CLIP_LR if config.dp_clip_lr is None else config.dp_clip_lr,
+        # --dp-count-noise, else the paper's choice: the expected voices of a round over 20
+        count_noise=quorum / 20 if config.dp_count_noise is None else config.dp_count_noise,
     )
 
 
-def _count_noise(config: Mapping[str, Any], quorum: int) -> float:
-    """--dp-count-noise, else the paper's choice: the expected voices of a round over 20."""
-    if config.get("dp_count_noise") is not None:
-        return float(config["dp_count_noise"])
-    return quorum / 20
-
-
-def check_settings(
-    clip: float | None, noise: float | None, strategy: str, population: int | None, shards: int
-) -> None:
+def check_settings(config: RunConfig) -> None:
     """Refuse DP settings that cannot work, or a strategy the accountant does not cover (UsageError)."""
+    clip, noise, strategy = config.dp_clip, config.dp_noise, config.strategy
+    population, shards = config.dp_population, config.shards
     if clip is None and noise is None:
+        if any(v is not None for v in (config.dp_quantile, config.dp_clip_lr, config.dp_count_noise)):
+            raise UsageError("--dp-quantile, --dp-clip-lr and --dp-count-noise need --dp-clip and --dp-noise")
         return
     if clip is None or noise is None:
         raise UsageError("differential privacy needs both --dp-clip C and --dp-noise Z")
@@ -169,12 +161,12 @@ def spent(privacy: Privacy | None, merges: int) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def check_round(config: Mapping[str, Any], merges: int, shards: int, quorum: int) -> None:
+def check_round(config: RunConfig, merges: int, shards: int, quorum: int) -> None:
     """Refuse a round the budget cannot pay for, or one the accountant's q would not describe."""
     privacy = from_config(config)
     if privacy is None:
         return
-    if privacy.population and (quorum != privacy.quorum or shards != int(config.get("shards") or 0)):
+    if privacy.population and (quorum != privacy.quorum or shards != config.shards):
         raise UsageError(
             f"this run is accounted with q = quorum/population = {privacy.quorum}/{privacy.population}: "
             "its rounds keep the --shards and --quorum given to init"

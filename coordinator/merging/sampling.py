@@ -29,14 +29,6 @@ from dataclasses import dataclass
 
 from coordinator.merging.verification import next_reputation
 
-# Above this many voices a probed round judges a sample (``init --probe-voices``). Measured
-# (docs/BENCHMARKS.md, "Sampled probe judging"): a judged voice costs 2x (the small jobs) to
-# 11x (charlm, 0.86M parameters) and 41x (gpt nano) what an unjudged one does; 32 judged
-# charlm voices take about 7 s of a core, beside about 19 s for 1,000 voices' decodes and
-# sketches, and every sample still holds 16 trusted voices.
-DEFAULT_PROBE_VOICES = 32
-# The fewest: the sample's medians rest on at least MIN_PROBE_VOICES / 2 trusted voices.
-MIN_PROBE_VOICES = 8
 # A voice of at least this reputation may go unjudged: three merged judged rounds from
 # START_REPUTATION (0.5 -> 0.6 -> 0.68 -> 0.744), or six from 0 after a catch.
 TRUSTED = 0.7

@@ -106,7 +106,6 @@ _LAYOUT: dict[str, Any] = {}
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
 REPUTATION_STEP = 0.2
-VERIFY_MODES = ("probe", "none")
 # Two trainings of one shard agree when their deltas point the same way (cosine) at about
 # the same length: GPUs are not bit-reproducible, so equality is not asked for.
 REPLICA_COSINE = 0.9

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from broker import keys
+from broker.run_config import RunConfig
 from coordinator.merging.judging import ReadDelta, Rejection, voices
 from jobs import Job, batch_size, parameter_groups
 from jobs.interface import seed_for
@@ -176,7 +177,7 @@ class Checked:
 
 def check_work(
     job: Job,
-    config: Mapping[str, Any],
+    config: RunConfig,
     run: str,
     number: int,
     shards: int,
@@ -194,8 +195,8 @@ def check_work(
     owners = {s: keys.volunteer_of(k) for s, k in used.items()}
     found = Checked([])
     cheats: dict[str, str] = {}
-    limit = int(config.get("local_steps") or 1)
-    for shard in draw(owners, records, float(config.get("work_check") or 0.0)):
+    limit = config.local_steps
+    for shard in draw(owners, records, config.work_check):
         name = owners[shard]
         if name in cheats:
             continue
@@ -214,8 +215,8 @@ def check_work(
                 shard=shard,
                 shards=shards,
                 steps=steps,
-                lr=float(config["lr"]),
-                optimizer=str(config.get("optimizer", "adamw")),
+                lr=config.lr,
+                optimizer=str(config.optimizer),
                 seed=seed_for(run, number, shard),
             )
         except Exception as e:  # the job's own failure on the trusted side: no verdict on the volunteer
@@ -224,7 +225,7 @@ def check_work(
             )
             continue
         found.shards, found.steps = found.shards + 1, found.steps + steps
-        why = mismatch(upload, replayed, str(config.get("compression", "none")))
+        why = mismatch(upload, replayed, str(config.compression))
         claimed = int(meta.get("samples") or 0)
         if why is None and claimed > samples:
             why = f"claims {claimed} samples, the replay of {steps} steps trained {samples}"

@@ -34,34 +34,28 @@ from typing import Any
 
 from celery import Celery
 
-from broker.routing import need_from_config
+from broker.run_config import RunConfig
 from coordinator.errors import RoundOpen
 from coordinator.rounds.posting import send_shards, shard_task
 from coordinator.store import Store
 
 log = logging.getLogger("crowdtrain.asynchronous")
 
-MODES = ("sync", "async")
-DEFAULT_MAX_STALENESS = 8
 # Jobs one round may post; slots of different posting rounds never meet.
 SLOT_STRIDE = 1 << 20
 POLL_SECONDS = 0.1
 
 
-def is_async(config: dict[str, Any]) -> bool:
-    return config.get("mode") == "async"
-
-
-def momentum_delay(config: dict[str, Any]) -> int:
+def momentum_delay(config: RunConfig) -> int:
     """Merges between moves of the outer momentum: a synchronous round's worth of buffers.
 
     1 (plain Nesterov) for a synchronous run; ``ceil(shards / buffer)`` for an
     asynchronous one, so the momentum moves about as often as it would with
     rounds of all ``--shards``, by the average of the buffers since.
     """
-    if not is_async(config):
+    if not config.is_async:
         return 1
-    return max(1, math.ceil(int(config.get("shards") or 1) / max(1, int(config["buffer"]))))
+    return max(1, math.ceil(config.shards / config.buffer_size))
 
 
 def slot(posted_round: int, job: int) -> int:
@@ -74,27 +68,22 @@ def staleness_weight(staleness: int) -> float:
     return 1.0 / math.sqrt(1 + max(0, staleness))
 
 
-def max_staleness(config: dict[str, Any]) -> int:
-    value = config.get("max_staleness")
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else DEFAULT_MAX_STALENESS
-
-
-def open_buffer(store: Store, run: str, config: dict[str, Any]) -> dict[str, Any] | None:
+def open_buffer(store: Store, run: str, config: RunConfig) -> dict[str, Any] | None:
     """Open the run's next buffer on the current version; None if one is open already."""
     try:
-        return store.rounds.open(run, 0, int(config["buffer"]), float(config["deadline"]))
+        return store.rounds.open(run, 0, config.buffer_size, config.deadline)
     except RoundOpen:
         return None
 
 
 def post_jobs(
-    store: Store, app: Celery, run: str, config: dict[str, Any], info: dict[str, Any], count: int
+    store: Store, app: Celery, run: str, config: RunConfig, info: dict[str, Any], count: int
 ) -> None:
     """Post ``count`` shard jobs on the buffer ``info``'s version, numbered on from its last job."""
-    number, base, shards = int(info["round"]), int(info["base_version"]), int(config["shards"])
+    number, base, shards = int(info["round"]), int(info["base_version"]), config.shards
     total = store.rounds.add_jobs(run, number, count)
-    queue = need_from_config(config).queue
-    store.renew_urls(run, base, max_staleness(config) + 1)
+    queue = config.need.queue
+    store.renew_urls(run, base, config.staleness_limit + 1)
     tasks = (shard_task(run, number, job, shards, base) for job in range(total - count, total))
     send_shards(app, queue, tasks)
 
@@ -121,7 +110,7 @@ def drive(
         if current is None or current["status"] in ("done", "failed"):
             current = open_buffer(store, run, config) or store.rounds.current(run)
         if current is not None and current["status"] == "open":
-            missing = int(config["shards"]) - store.rounds.outstanding(run)
+            missing = config.shards - store.rounds.outstanding(run)
             if missing > 0:
                 post_jobs(store, app, run, config, current, missing)
             if progress is not None:

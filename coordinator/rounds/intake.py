@@ -26,7 +26,7 @@ from typing import Any
 
 from broker import blobs, keys
 from coordinator.merging.verification import START_REPUTATION
-from coordinator.rounds.asynchronous import is_async, max_staleness, slot
+from coordinator.rounds.asynchronous import slot
 from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.validation import check_delta, check_meta, printable
@@ -132,7 +132,7 @@ class Intake:
                 )
                 continue
             context = self.contexts[upload.run]
-            if not is_async(context.config):
+            if not context.config.is_async:
                 blocked = "the round is closed" if info["status"] != "open" else None
                 pending.append((index, _Pending(upload, context, info, blocked)))
                 continue
@@ -383,7 +383,7 @@ class Intake:
         start: always at 0, never once it has earned the start back. The draw
         is unpredictable (``secrets``), so it cannot be gamed.
         """
-        if not context.config.get("replicate"):
+        if not context.config.replicate:
             return False
         reputation = self.store.reputations([upload.volunteer])[upload.volunteer]
         if reputation is None or reputation >= START_REPUTATION:
@@ -435,7 +435,7 @@ def _buffered(
         return None
     staleness = int(current["base_version"]) - int(posted["base_version"])
     upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
-    limit = max_staleness(context.config)
+    limit = context.config.staleness_limit
     blocked = None
     if staleness > limit:
         blocked = (

@@ -35,7 +35,6 @@ from broker import blobs, keys
 from broker.errors import UnknownRun
 from broker.throttle import flush_all, throttle
 from coordinator.rounds import bookkeeping
-from coordinator.rounds.asynchronous import is_async
 from coordinator.runs.context import RunContexts
 from coordinator.runs.credentials import preload_scripts
 from coordinator.store import Store
@@ -199,7 +198,7 @@ def revalidate(store: Store, stuck: set[str]) -> None:
 def _buffered(store: Store, run: str) -> bool:
     """True for an asynchronous run, whose uploads count in whichever buffer is open."""
     try:
-        return is_async(store.run_config(run))
+        return store.run_config(run).is_async
     except UnknownRun:
         return False
 

@@ -50,8 +50,7 @@ import redis
 from broker import keys
 from broker.challenge import is_challenge
 from broker.errors import UnknownRun
-from broker.routing import need_from_config
-from coordinator.rounds.asynchronous import is_async, max_staleness
+from broker.run_config import RunConfig
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import lua_source
 from coordinator.runs.capabilities import Capabilities
@@ -62,8 +61,6 @@ log = logging.getLogger("crowdtrain.leases")
 
 # Renewed every third of it while the shard trains, so any model fits; a volunteer that dies
 # holding a lease costs its shard at most this long.
-DEFAULT_LEASE_SECONDS = 20.0
-DEFAULT_MAX_SHARE = 0.5  # of a round's shards, while two or more volunteers are online
 # A shard not leased this long after it was offered (or after its lease lapsed) is offered again.
 OFFER_SECONDS = 10.0
 OFFER_CHECK = 1.0  # how often the intake loop looks for shards to offer again
@@ -105,19 +102,9 @@ class Lease:
         return self.state == "done" or self.expires > now
 
 
-def lease_seconds(config: dict[str, Any]) -> float:
-    value = config.get("lease_seconds")
-    return float(value) if isinstance(value, int | float) and value > 0 else DEFAULT_LEASE_SECONDS
-
-
-def offer_seconds(config: dict[str, Any]) -> float:
+def offer_seconds(config: RunConfig) -> float:
     """How long a shard waits, offered and not leased (or after its lease lapsed), to be offered again."""
-    return min(OFFER_SECONDS, lease_seconds(config) / 2)
-
-
-def max_share(config: dict[str, Any]) -> float:
-    value = config.get("max_share")
-    return float(value) if isinstance(value, int | float) and 0 < value <= 1 else DEFAULT_MAX_SHARE
+    return min(OFFER_SECONDS, config.lease_seconds / 2)
 
 
 class Leases:
@@ -188,7 +175,7 @@ class Leases:
             except (UnknownRun, LookupError):
                 unknown.append(index)
                 continue
-            seconds = lease_seconds(config)
+            seconds = config.lease_seconds
             if request.kind in ("renew", "release"):  # a paused volunteer gives its shard back
                 operation = "extend" if request.kind == "renew" else "release"
                 for field in (str(request.shard), f"{request.shard}:r"):
@@ -220,9 +207,9 @@ class Leases:
                     request.nonce,
                     now,
                     seconds,
-                    max_share(config),
+                    config.max_share,
                     seconds,  # online: asked within a lease (a volunteer renews every third of it)
-                    "1" if is_async(config) else "0",
+                    "1" if config.is_async else "0",
                     keys.ROUND_TTL,
                     f"{request.round}:{request.shard}",
                 ],
@@ -247,7 +234,7 @@ class Leases:
                 answer.update(
                     token=request.nonce,
                     base_version=int(replies[place][2]),
-                    seconds=lease_seconds(config),
+                    seconds=config.lease_seconds,
                     upload=self.store.upload_slot(request.run, request.round, request.shard),
                 )
             key = keys.grant(request.volunteer, request.nonce)
@@ -257,9 +244,9 @@ class Leases:
             answers.execute()
         return outcomes
 
-    def _capability(self, request: Request, config: dict[str, Any]) -> str | None:
+    def _capability(self, request: Request, config: RunConfig) -> str | None:
         """Why a run with needs refuses this volunteer's lease: a capability claim that failed."""
-        need = need_from_config(config)
+        need = config.need
         if not (need.device or need.memory_gb):
             return None
         return self.capabilities.refusal(request.volunteer, need)
@@ -309,7 +296,7 @@ class Leases:
                 context = self.contexts[run]
             except (UnknownRun, LookupError):
                 continue
-            if is_async(context.config):
+            if context.config.is_async:
                 self._drop_jobs(run, context.config, context.queue, offer_seconds(context.config), now)
                 continue
             posted += self._reoffer_round(
@@ -359,7 +346,7 @@ class Leases:
         log.info("offered %s round %d shards %s again: nobody holds them", run, number, again)
         return len(again)
 
-    def _drop_jobs(self, run: str, config: dict[str, Any], queue: str, wait: float, now: float) -> int:
+    def _drop_jobs(self, run: str, config: RunConfig, queue: str, wait: float, now: float) -> int:
         """An asynchronous run's jobs nobody held for ``wait`` s while its queue was empty: answered.
 
         Its coordinator keeps ``--shards`` jobs outstanding (posted, not
@@ -368,7 +355,7 @@ class Leases:
         the coordinator posts a fresh job, on the current version.
         """
         current = self.store.rounds.count(run)
-        rounds = range(max(1, current - max_staleness(config)), current + 1)
+        rounds = range(max(1, current - config.staleness_limit), current + 1)
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
         for number in rounds:

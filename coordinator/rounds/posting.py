@@ -14,7 +14,6 @@ from typing import Any
 import redis
 from celery import Celery
 
-from broker.routing import need_from_config
 from coordinator.errors import BROKER_FULL, BrokerFull, QuorumError, is_broker_full
 from coordinator.store import Store
 from coordinator.views.documents import round_record
@@ -63,10 +62,10 @@ def post_round(
             raise
         try:
             config = store.run_config(run)
-            twice = replicated_shards(run, int(info["round"]), shards, float(config.get("replicate") or 0))
+            twice = replicated_shards(run, int(info["round"]), shards, config.replicate)
             store.rounds.replicate(run, int(info["round"]), twice)
             store.renew_urls(run, int(info["base_version"]))
-            _send_shards(store, app, need_from_config(config).queue, run, info, shards, set(twice))
+            _send_shards(store, app, config.need.queue, run, info, shards, set(twice))
         except Exception as e:
             reason = f"could not post its shards: {type(e).__name__}: {e}"[:200]
             store.rounds.abort(run, int(info["round"]), reason)

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from broker.run_config import RunConfig
 from serialization import TensorDict
 
 _MODEL = re.compile(r"^model-v(\d{6,})\.safetensors$")
@@ -47,17 +48,18 @@ def save_version(
     version: int,
     weights: Mapping[str, torch.Tensor],
     strategy_state: Mapping[str, torch.Tensor] | None,
-    config: Mapping[str, Any],
+    config: RunConfig,
     residual: Mapping[str, torch.Tensor] | None = None,
     state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one model version and the state after it, each file atomically, the model last."""
     folder = run_dir(home, run)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"run": run, "version": str(version), "config": json.dumps(config, sort_keys=True)}
+    stored = config.stored()
+    meta = {"run": run, "version": str(version), "config": json.dumps(stored, sort_keys=True)}
     config_path = folder / "config.json"
     if not config_path.exists():
-        _write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True).encode())
+        _write_atomic(config_path, json.dumps(stored, indent=2, sort_keys=True).encode())
     if strategy_state:
         _save_atomic(_contiguous(strategy_state), folder / f"strategy-v{version:06d}.safetensors", meta)
     if residual:
@@ -109,10 +111,9 @@ def load_state(home: Path, run: str, version: int) -> dict[str, Any]:
     return state
 
 
-def read_config(home: Path, run: str) -> dict[str, Any]:
+def read_config(home: Path, run: str) -> RunConfig:
     """The run's settings as ``init`` stored them."""
-    config: dict[str, Any] = json.loads((run_dir(home, run) / "config.json").read_text())
-    return config
+    return RunConfig.from_stored(json.loads((run_dir(home, run) / "config.json").read_text()))
 
 
 def has_version(home: Path, run: str, version: int) -> bool:

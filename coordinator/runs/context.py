@@ -11,11 +11,10 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from broker.routing import need_from_config
+from broker.run_config import RunConfig
 from coordinator.merging.privacy import Privacy, from_config
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
@@ -30,7 +29,7 @@ class RunContext:
     """One run as the aggregator sees it."""
 
     name: str
-    config: dict[str, Any]
+    config: RunConfig
     job: Job
     reference: Reference  # the floating tensors a delta must hold, as float32
     expected: Expected  # the same, with the run's codec: checked in every upload's header
@@ -59,7 +58,7 @@ class RunContext:
 
     @property
     def codec(self) -> str:
-        return str(self.config["compression"])
+        return self.config.compression
 
 
 def upload_bound(weights: Mapping[str, torch.Tensor], codec: Codec) -> int:
@@ -106,14 +105,14 @@ class RunContexts:
 
     def _build(self, run: str) -> RunContext:
         config = self.store.run_config(run)
-        job = load_job(config["job"], config.get("job_args") or {})
+        job = load_job(config.job, config.job_args)
         # Version 0 gives the shapes and the norm's yardstick; once it left Redis
         # (CROWDTRAIN_KEEP_VERSIONS) the current version has the same shapes.
         blob = self.store.model_blob(run, 0) or self.model_blob(run, self.store.version(run))
         weights, _ = loads(blob)
         floats = {k: v for k, v in weights.items() if v.is_floating_point()}
         reference = {k: (tuple(v.shape), torch.float32) for k, v in floats.items()}
-        codec = parse_codec(str(config["compression"]))
+        codec = parse_codec(config.compression)
         shapes = {k: shape for k, (shape, _) in reference.items()}
         norm = math.sqrt(sum(float(v.double().square().sum()) for v in floats.values()))
         return RunContext(
@@ -128,8 +127,8 @@ class RunContexts:
             download_bound=encoded_size_bound(shapes, "none"),
             model_bytes=sum(4 * v.numel() for v in floats.values()),
             model_norm=norm,
-            max_samples=int(config["local_steps"]) * batch_size(job),
+            max_samples=config.local_steps * batch_size(job),
             privacy=from_config(config),
-            queue=need_from_config(config).queue,
-            slices=tuple(frozenset(names) for names in config.get("slice_tensors") or ()),
+            queue=config.need.queue,
+            slices=tuple(frozenset(names) for names in config.slice_tensors or ()),
         )

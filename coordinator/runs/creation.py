@@ -11,7 +11,6 @@ import contextlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import redis
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 
 from broker import keys
 from broker.objects import ObjectStoreError
+from broker.run_config import RunConfig
 from coordinator.errors import BROKER_FULL, BrokerFull, UsageError, is_broker_full
 from coordinator.runs import checkpoints
 from coordinator.store import Store
@@ -47,7 +47,7 @@ def create_run(
     store: Store,
     home: Path,
     run: str,
-    config: dict[str, Any],
+    config: RunConfig,
     blob: bytes,
     weights: TensorDict,
     files: Mapping[str, str] | None = None,
@@ -76,7 +76,7 @@ def create_run(
         raise UsageError(f"cannot write run {run!r}'s checkpoint under {folder}: {e}") from None
 
 
-def _forget_run(store: Store, run: str, config: dict[str, Any]) -> None:
+def _forget_run(store: Store, run: str, config: RunConfig) -> None:
     """Delete the keys ``init`` writes for ``run``, if the run's stored config is the one we wrote."""
     client = store.redis
     if client.get(keys.run_config(run)) != msgpack.packb(config):

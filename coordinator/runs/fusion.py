@@ -213,14 +213,14 @@ def branch_source(
     member = parse_member(spec, "--from")
     config = store.run_config(member.run)
     version = resolve_version(store, member)
-    if job is not None and job != config["job"]:
+    if job is not None and job != config.job:
         raise UsageError(
-            f"--job {job}: run {member.run!r} trains job {config['job']!r}, and a branch keeps its "
+            f"--job {job}: run {member.run!r} trains job {config.job!r}, and a branch keeps its "
             "parent's job (leave --job out)"
         )
-    merged = {**(config.get("job_args") or {}), **job_args}
+    merged = {**(config.job_args), **job_args}
     weights = version_weights(store, home, member.run, version)
-    return Branch(member.run, version, config["job"], merged, weights, meaning_files(home, member.run))
+    return Branch(member.run, version, config.job, merged, weights, meaning_files(home, member.run))
 
 
 def branch_model(
@@ -351,12 +351,12 @@ def load_ensemble(store: Store, home: Path, name: str, record: Mapping[str, Any]
     posterior = weights == POSTERIOR
     prior = [1.0 / len(members)] * len(members) if posterior else [float(w) for w in weights]
     first = store.run_config(members[0].run)
-    job = load_job(first["job"], first.get("job_args") or {})
+    job = load_job(first.job, first.job_args)
     models, used = [], []
     for member, weight in zip(members, prior, strict=True):
         config = store.run_config(member.run)
         version = resolve_version(store, member)
-        member_job = job if member is members[0] else load_job(config["job"], config.get("job_args") or {})
+        member_job = job if member is members[0] else load_job(config.job, config.job_args)
         model = member_job.build_model()
         try:
             model.load_state_dict(version_weights(store, home, member.run, version))
@@ -364,4 +364,4 @@ def load_ensemble(store: Store, home: Path, name: str, record: Mapping[str, Any]
             raise UsageError(f"version {version} of run {member.run!r} does not fit its job: {e}") from None
         models.append(model)
         used.append({"run": member.run, "version": version, "weight": POSTERIOR if posterior else weight})
-    return Ensemble(name, job, first["job"], Mixture(models, prior, posterior=posterior), used)
+    return Ensemble(name, job, first.job, Mixture(models, prior, posterior=posterior), used)

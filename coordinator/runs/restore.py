@@ -28,8 +28,9 @@ from celery import Celery
 
 from broker import keys
 from broker.errors import UnknownRun
+from broker.run_config import RunConfig
 from coordinator.errors import RunExists, UsageError
-from coordinator.rounds.asynchronous import is_async, open_buffer
+from coordinator.rounds.asynchronous import open_buffer
 from coordinator.rounds.posting import post_round
 from coordinator.runs import checkpoints, ledger
 from coordinator.store import Store
@@ -76,7 +77,7 @@ def restore_run(store: Store, home: Path, run: str, app: Celery | None, keep: in
     if run in store.runs() or _known(store, run):
         raise RunExists(f"run {run!r} is in Redis already: nothing to restore")
     config, current = _on_disk(home, run)
-    store.redis.set(keys.run_config(run), msgpack.packb(config))
+    store.redis.set(keys.run_config(run), msgpack.packb(config.stored()))
     kept = [v for v in checkpoints.versions(home, run) if v > current - keep]
     for version in kept:
         weights = checkpoints.load_version(home, run, version)
@@ -111,7 +112,7 @@ def restore_run(store: Store, home: Path, run: str, app: Celery | None, keep: in
     log.warning(
         "restored run %s from %s: version %d, round %d", run, checkpoints.run_dir(home, run), current, last
     )
-    reposted = _repost(store, home, run, config, reopen, app) if reopen or is_async(config) else None
+    reposted = _repost(store, home, run, config, reopen, app) if reopen or config.is_async else None
     return {
         "run": run,
         "model_version": current,
@@ -122,7 +123,7 @@ def restore_run(store: Store, home: Path, run: str, app: Celery | None, keep: in
     }
 
 
-def run_record(home: Path, run: str) -> tuple[dict[str, Any], int]:
+def run_record(home: Path, run: str) -> tuple[RunConfig, int]:
     """A run Redis does not know, as its disk has it: (config, current version); UnknownRun if absent."""
     return _on_disk(home, run, UnknownRun)
 
@@ -179,7 +180,7 @@ def watch(
             return
 
 
-def _on_disk(home: Path, run: str, missing: type[Exception] = UsageError) -> tuple[dict[str, Any], int]:
+def _on_disk(home: Path, run: str, missing: type[Exception] = UsageError) -> tuple[RunConfig, int]:
     folder = checkpoints.run_dir(home, run)
     if not keys.NAME.fullmatch(run) or not folder.is_dir():
         raise missing(f"unknown run {run!r}: it is neither in Redis nor on disk under {home / 'runs'}")
@@ -233,18 +234,18 @@ def _repost(
     store: Store,
     home: Path,
     run: str,
-    config: dict[str, Any],
+    config: RunConfig,
     lost: dict[str, Any] | None,
     app: Celery | None,
 ) -> int | None:
     """Post again the round Redis lost open (an asynchronous run: open its next buffer)."""
-    if is_async(config):
+    if config.is_async:
         info = open_buffer(store, run, config)
         return int(info["round"]) if info else None
     if lost is None or app is None:
         return None
     shards, quorum = int(lost["shards"]), int(lost["quorum"])
-    deadline = float(lost.get("deadline_seconds") or config["deadline"])
+    deadline = float(lost.get("deadline_seconds") or config.deadline)
     info = post_round(store, app, run, shards, quorum, deadline)
     number = int(info["round"])
     ledger.round_opened(

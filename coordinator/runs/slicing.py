@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from broker.routing import MEMORY_TIERS_GB
+from broker.run_config import RunConfig
 from coordinator.errors import UsageError
 from coordinator.merging.aggregate import WeightedDelta
 from coordinator.merging.strategies import Strategy
@@ -59,20 +60,19 @@ def shard_memory_gb(weights: Mapping[str, torch.Tensor], slices: Sequence[Sequen
     return math.ceil(max(2 * model, model + SLICE_FACTOR * largest) / GIB * 100) / 100
 
 
-def settings(
-    job: Job, weights: Mapping[str, torch.Tensor], count: int, config: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The config entries of a run of ``count`` slices (``refuse`` checked its other settings).
+def settings(job: Job, weights: Mapping[str, torch.Tensor], config: RunConfig) -> dict[str, Any]:
+    """The config entries of a run of ``config.slices`` slices (``refuse`` checked its other settings).
 
     A sliced run with no ``--min-memory-gb`` routes its shards by what one needs
     (rounded up to a tier; a need under the smallest goes to ``train``, as any run's).
     """
+    count = config.slices
     slices = plan_run(job, weights, count)
     need = shard_memory_gb(weights, slices)
     entries: dict[str, Any] = {"slices": count, "shard_memory_gb": need}
     if count > 1:
         entries["slice_tensors"] = slices
-        if not config.get("min_memory_gb") and need >= MEMORY_TIERS_GB[0]:
+        if not config.min_memory_gb and need >= MEMORY_TIERS_GB[0]:
             entries["min_memory_gb"] = tier(need)
             if not entries["min_memory_gb"]:
                 raise UsageError(f"one shard of --slices {count} needs {need:g} GB: choose more slices")
@@ -84,24 +84,21 @@ def tier(need: float) -> int:
     return next((t for t in MEMORY_TIERS_GB if t >= need), 0)
 
 
-def refuse(count: int, config: Mapping[str, Any]) -> None:
+def refuse(config: RunConfig) -> None:
     """UsageError for what a sliced run does not work with (README, "Models bigger than any volunteer")."""
-    if int(config["shards"]) < count:
+    count = config.slices
+    if config.shards < count:
         raise UsageError(f"--slices {count} needs --shards {count} or more: each round trains every slice")
-    if config.get("mode") == "async":
+    if config.mode == "async":
         raise UsageError("--slices works with --mode sync: an asynchronous buffer is not merged per slice")
-    if config.get("dp_clip") is not None:
+    if config.dp_clip is not None:
         raise UsageError(
             "--slices does not work with differential privacy (--dp-clip): it clips whole deltas"
         )
-    if config.get("downlink_compression") not in (None, "none"):
+    if config.downlink_compression not in (None, "none"):
         raise UsageError(
             "--slices needs --downlink-compression none: a lossy update moves tensors no delta touched"
         )
-
-
-def sliced(config: Mapping[str, Any]) -> bool:
-    return int(config.get("slices") or 1) > 1
 
 
 def check_slice(meta: Mapping[str, Any], context: RunContext, shard: int) -> str | None:
@@ -126,7 +123,7 @@ def parts(context: RunContext, used: dict[int, str]) -> list[tuple[list[str] | N
     """The round's accepted shards slice by slice, each with its slice's tensors (unsliced: one part)."""
     if not context.slices:
         return [(None, used)]
-    names = context.config["slice_tensors"]
+    names = context.config.slice_tensors or ()
     return [
         (list(names[index]), {s: used[s] for s in shards})
         for index, shards in by_slice(used, len(context.slices)).items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from broker.run_config import RunConfig
 from coordinator.store import Store
 
 
@@ -50,20 +51,20 @@ def run_document(store: Store, run: str, rounds: list[int]) -> dict[str, Any]:
 
 
 def document_of(
-    run: str, config: dict[str, Any], records: list[dict[str, Any]], current: int | None
+    run: str, config: RunConfig, records: list[dict[str, Any]], current: int | None
 ) -> dict[str, Any]:
     """A run's JSON from its config, its rounds' records and its current version (Redis or disk)."""
     evaluated = [r for r in records if r.get("eval_loss") is not None]
-    initial = dict(config.get("initial") or {})
+    initial = dict(config.initial)
     last = evaluated[-1] if evaluated else {"eval_loss": initial.get("eval_loss")}
     final = {"model_version": current, "eval_loss": last.get("eval_loss")}
     if "eval_accuracy" in last:
         final["eval_accuracy"] = last["eval_accuracy"]
     return {
         "run": run,
-        "job": config["job"],
-        "strategy": config["strategy"],
-        "compression": config["compression"],
+        "job": config.job,
+        "strategy": config.strategy,
+        "compression": config.compression,
         "rounds": records,
         "initial": {"model_version": 0, **initial},
         "final": final,

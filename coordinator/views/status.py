@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.keys import AGGREGATE_QUEUE, TRAIN_QUEUE
-from broker.routing import Need, need_from_config
+from broker.routing import Need
 from coordinator.merging.privacy import from_config, spent
 from coordinator.merging.verification import START_REPUTATION
 from coordinator.runs.capabilities import Capabilities
@@ -34,18 +34,18 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
                 for key in ("round", "shards", "quorum", "accepted", "rejected", "late", "status")
             }
         version = store.version(name)
-        entry = {
+        entry: dict[str, Any] = {
             "run": name,
-            "job": config["job"],
-            "strategy": config["strategy"],
-            "compression": config["compression"],
+            "job": config.job,
+            "strategy": config.strategy,
+            "compression": config.compression,
             "model_version": version,
             "rounds": store.rounds.count(name),
             "open_round": open_round,
-            "slices": int(config.get("slices") or 1),  # init --slices
-            "shard_memory_gb": config.get("shard_memory_gb"),  # GB one shard needs (coordinator.runs.slicing)
+            "slices": config.slices,  # init --slices
+            "shard_memory_gb": config.shard_memory_gb,  # GB one shard needs (coordinator.runs.slicing)
         }
-        need = need_from_config(config)
+        need = config.need
         entry["queue"] = need.queue
         if need.queue != TRAIN_QUEUE:
             entry["requires"] = {"device": need.device, "memory_gb": need.memory_gb or None}

@@ -15,6 +15,7 @@ from broker import blobs, keys
 from broker.errors import SettingsError
 from broker.objects import Location
 from broker.pointers import ObjectMismatch, ObjectStoreError, Pointer
+from broker.run_config import RunConfig
 from broker.transfer import UrlReader, send_to_slot
 from coordinator.store import Store
 from tasks.arguments import BadArguments, checked
@@ -110,7 +111,7 @@ def trusted(seaweed: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     server = RedisServer(tmp_path / "redis").start()
     store = Store(server.client())
     prefix = f"t{uuid.uuid4().hex[:8]}"  # the store outlives one test: each writes its own prefix
-    store.create_run("r", {"blob_store": f"s3://{BUCKET}/{prefix}"}, b"version zero")
+    store.create_run("r", RunConfig(blob_store=f"s3://{BUCKET}/{prefix}"), b"version zero")
     yield store
     server.stop()
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from broker.routing import Need, need_from_config, need_of, queues_for
+from broker.routing import Need, need_of, queues_for
+from broker.run_config import RunConfig
 
 
 def test_a_run_without_needs_posts_to_train():
     assert need_of(None, None).queue == "train"
-    assert need_from_config({}).queue == "train"  # runs made before routing
+    assert RunConfig.from_stored({}).need.queue == "train"  # runs made before routing
 
 
 def test_memory_needs_round_up_to_a_tier_and_name_the_queue():
     assert need_of(None, 10).queue == "train.12g"
     assert need_of("gpu", 16).queue == "train.gpu.16g"
     assert need_of("gpu", None).queue == "train.gpu"
-    assert need_from_config(need_of("gpu", 7).as_config()) == Need("gpu", 8)
+    assert RunConfig.from_stored(need_of("gpu", 7).as_config()).need == Need("gpu", 8)
 
 
 @pytest.mark.parametrize(

@@ -350,4 +350,4 @@ def test_the_inner_state_is_kept_by_default_unless_the_outer_strategy_has_moment
     ]:
         result = in_process("init", "--run", run, "--job", "tests.fixtures.jobs_tiny:make_job", *flags)
         assert result.returncode == 0, result.stderr
-        assert store.run_config(run)["inner_state"] == expected, run
+        assert store.run_config(run).inner_state == expected, run

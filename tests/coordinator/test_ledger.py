@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from broker.run_config import RunConfig
 from cli.quickstart import _folders, _fresh_run_name
 from coordinator.runs import checkpoints, ledger
 from coordinator.runs.restore import runs_on_disk
@@ -38,7 +39,9 @@ def test_a_round_reads_back_as_open_until_its_end_is_recorded(tmp_path):
 
 def test_a_version_comes_back_in_its_saved_order_and_a_moved_folder_is_no_run(tmp_path):
     weights = {"z.weight": torch.arange(3.0), "a.bias": torch.ones(2)}
-    checkpoints.save_version(tmp_path, "r", 0, weights, None, {"job": "tiny"}, state={"voice_norms": [1.0]})
+    checkpoints.save_version(
+        tmp_path, "r", 0, weights, None, RunConfig(job="tiny"), state={"voice_norms": [1.0]}
+    )
     assert list(checkpoints.load_version(tmp_path, "r", 0)) == ["z.weight", "a.bias"]
     assert checkpoints.load_state(tmp_path, "r", 0) == {"voice_norms": [1.0]}
     assert runs_on_disk(tmp_path) == ["r"]
@@ -48,7 +51,7 @@ def test_a_version_comes_back_in_its_saved_order_and_a_moved_folder_is_no_run(tm
     assert moved.name.startswith("r.moved-") and (moved / "model-v000000.safetensors").exists()
     assert runs_on_disk(tmp_path) == [] and not (tmp_path / "runs" / "r").exists()
     # quickstart picks a name that neither Redis nor a folder has
-    checkpoints.save_version(tmp_path, "quickstart", 0, weights, None, {"job": "tiny"})
+    checkpoints.save_version(tmp_path, "quickstart", 0, weights, None, RunConfig(job="tiny"))
     assert _fresh_run_name(["quickstart-2", *_folders(tmp_path)]) == "quickstart-3"
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
+from broker.run_config import RunConfig
 from coordinator.errors import PrivacyBudgetSpent, UsageError
 from coordinator.merging.privacy import (
     check_round,
@@ -50,19 +51,20 @@ def test_each_voice_is_clipped_and_the_sum_is_noised_by_z_times_c():
 
 
 def test_settings_that_cannot_be_accounted_are_refused():
-    check_settings(None, None, "median", None, 4)  # no DP: anything goes
+    check_settings(RunConfig(strategy="median"))  # no DP: anything goes
     with pytest.raises(UsageError, match="both"):
-        check_settings(1.0, None, "fedavg", None, 4)
+        check_settings(RunConfig(dp_clip=1.0))
     with pytest.raises(UsageError, match="robust strategy"):
-        check_settings(1.0, 1.0, "trimmed-mean:0.1", None, 4)
+        check_settings(RunConfig(dp_clip=1.0, dp_noise=1.0, strategy="trimmed-mean:0.1"))
     with pytest.raises(UsageError, match="smaller than"):
-        check_settings(1.0, 1.0, "fedavg", 2, 4)
+        check_settings(RunConfig(dp_clip=1.0, dp_noise=1.0, dp_population=2, shards=4))
+    with pytest.raises(UsageError, match="need --dp-clip"):
+        check_settings(RunConfig(dp_quantile=0.5))
 
 
 def test_the_budget_refuses_the_round_that_would_cross_it():
-    config = {"dp_clip": 1.0, "dp_noise": 1.0, "dp_delta": 1e-5, "shards": 4, "quorum": None}
     two_rounds = epsilon_after(2, 1.0, 1.0, 1e-5)
-    config["dp_epsilon"] = two_rounds * 1.001
+    config = RunConfig(dp_clip=1.0, dp_noise=1.0, dp_delta=1e-5, shards=4, dp_epsilon=two_rounds * 1.001)
     privacy = from_config(config)
     assert privacy is not None and privacy.sampling_rate == 1.0
     check_round(config, merges=1, shards=4, quorum=4)
@@ -84,18 +86,12 @@ def test_adaptive_clipping_pays_for_its_noised_count_in_epsilon():
 
 
 def test_the_clip_moves_toward_the_target_quantile():
-    config = {
-        "dp_clip": 1.0,
-        "dp_noise": 1.0,
-        "dp_quantile": 0.5,
-        "dp_clip_lr": 0.2,
-        "dp_count_noise": 0.0,
-        "shards": 4,
-        "quorum": None,
-    }
+    config = RunConfig(
+        dp_clip=1.0, dp_noise=1.0, dp_quantile=0.5, dp_clip_lr=0.2, dp_count_noise=0.0, shards=4
+    )
     privacy = from_config(config)
     assert privacy is not None and privacy.quantile == 0.5
     grown = next_clip(privacy, 1.0, unclipped=0, voices=4)  # every voice was clipped: C too small
     shrunk = next_clip(privacy, 1.0, unclipped=4, voices=4)  # none was: C too large
     assert grown == pytest.approx(math.exp(0.1)) and shrunk == pytest.approx(math.exp(-0.1))
-    assert from_config({**config, "dp_count_noise": None}).count_noise == pytest.approx(4 / 20)
+    assert from_config(config.replace(dp_count_noise=None)).count_noise == pytest.approx(4 / 20)

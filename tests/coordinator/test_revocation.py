@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker import keys
+from broker.run_config import RunConfig
 from coordinator.runs import identities, revocation
 from coordinator.store import Store
 
@@ -12,7 +13,7 @@ from coordinator.store import Store
 @pytest.fixture
 def store(redis_server):
     s = Store(redis_server.client())
-    s.create_run("r", {"job": "tiny"}, b"model-v0")
+    s.create_run("r", RunConfig(job="tiny"), b"model-v0")
     return s
 
 

@@ -10,6 +10,7 @@ import redis
 from kombu.exceptions import BatchPublishError
 
 from broker import keys
+from broker.run_config import RunConfig
 from broker.settings import Settings
 from coordinator.errors import is_broker_full
 from coordinator.rounds.posting import PUBLISH_BATCH, post_round
@@ -27,7 +28,7 @@ def test_post_round_posts_each_shard_once_with_its_sent_event_in_batches(redis_s
     # arrange: more shards than one pipeline holds, and a listener for Flower's task-sent events
     client = redis_server.client()
     store = Store(client)
-    store.create_run("r", {"job": "tiny", "replicate": 0}, b"model-v0")
+    store.create_run("r", RunConfig(job="tiny"), b"model-v0")
     events = client.pubsub()
     events.psubscribe("/0.celeryev*")
     assert events.get_message(timeout=5)["type"] == "psubscribe"

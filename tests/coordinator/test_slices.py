@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from broker import keys
-from broker.routing import need_from_config, queues_for
+from broker.routing import queues_for
+from broker.run_config import RunConfig
 from coordinator.rounds.intake import _check
 from coordinator.runs.context import RunContext
 from coordinator.runs.slicing import shard_memory_gb
@@ -86,8 +87,8 @@ def test_a_slice_fits_a_volunteer_the_whole_model_does_not():
     from coordinator.runs.slicing import tier
 
     offer = 96  # GB a volunteer offers (volunteer start --memory-gb)
-    assert need_from_config({"min_memory_gb": tier(sliced)}).queue in queues_for("cpu", offer)
-    assert need_from_config({"min_memory_gb": tier(whole)}).queue not in queues_for("cpu", offer)
+    assert RunConfig(min_memory_gb=tier(sliced)).need.queue in queues_for("cpu", offer)
+    assert RunConfig(min_memory_gb=tier(whole)).need.queue not in queues_for("cpu", offer)
 
 
 def test_the_intake_refuses_an_upload_whose_tensors_are_not_its_slices():

@@ -9,6 +9,7 @@ import pytest
 
 from broker import keys
 from broker.errors import UnknownRun
+from broker.run_config import RunConfig
 from coordinator.errors import RoundOpen, RunExists
 from coordinator.store import Store
 from tests.conftest import wait_until
@@ -19,7 +20,7 @@ POLL = 0.01  # leases here last 0.05-0.2 s
 @pytest.fixture
 def store(redis_server):
     s = Store(redis_server.client())
-    s.create_run("r", {"job": "tiny"}, b"model-v0")
+    s.create_run("r", RunConfig(job="tiny"), b"model-v0")
     return s
 
 
@@ -155,7 +156,7 @@ def test_opening_a_round_of_an_unknown_run_is_refused(store):
 
 def test_runs_are_never_overwritten_and_unknown_runs_are_named(store):
     with pytest.raises(RunExists):
-        store.create_run("r", {"job": "other"}, b"x")
+        store.create_run("r", RunConfig(job="other"), b"x")
     with pytest.raises(UnknownRun, match="ghost"):
         store.run_config("ghost")
 

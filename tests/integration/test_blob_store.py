@@ -186,7 +186,7 @@ def test_an_upload_slot_takes_no_more_than_the_runs_upload_bound(cluster, seawee
     cluster.init("--shards", "2", "--blob-store", STORE, "--verify", "none")
     number = cluster.post()
     bound = RunContexts(cluster.store)["r"].upload_bound
-    assert cluster.store.run_config("r")["upload_bound"] == bound
+    assert cluster.store.run_config("r").upload_bound == bound
     slot = cluster.store.upload_slot("r", number, 0)
     assert slot is not None
     with pytest.raises(ObjectStoreError, match="refused"):

@@ -39,7 +39,7 @@ def test_a_sliced_run_trains_each_slice_from_its_own_uploads_and_keeps_an_untouc
     status = processes.json("status", "--run", "sl")
     assert status["runs"][0]["slices"] == 4 and status["runs"][0]["shard_memory_gb"] > 0
     config = checkpoints.read_config(processes.home, "sl")
-    slices = config["slice_tensors"]
+    slices = config.slice_tensors or []
     model = load_job("charlm", parse_job_args(TINY_CHARLM[1::2])).build_model()
     names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
     assert sorted(n for s in slices for n in s) == sorted(names)  # each tensor in exactly one slice
