@@ -38,7 +38,7 @@ from coordinator.merging.judging import (
     sketch_voices,
     voices,
 )
-from coordinator.merging.privacy import next_clip, privatize, spent
+from coordinator.merging.privacy import PrivateStrategy, spent
 from coordinator.merging.sampling import Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
 from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
@@ -396,6 +396,9 @@ class Aggregator:
         state = loads(state_blob)[0] if state_blob else {}
         if state:
             strategy.load_state_dict(state)
+        if context.privacy is not None:  # DP-FedAvg: the strategy applies the noised mean of clipped voices
+            clip = self.store.dp_clip(context.name) or context.privacy.clip
+            strategy = PrivateStrategy(strategy, context.privacy, clip)
 
         def deltas(used: dict[int, str] = used) -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
@@ -415,16 +418,8 @@ class Aggregator:
             for names, part in slicing.parts(context, used):
                 sliced.merge_slice(weights, names or [], deltas(part))
             return weights, sliced, None
-        privacy = context.privacy
-        next_value: float | None = None
-        if privacy is None:
-            weights = strategy.aggregate(weights, deltas(), copy=keep_base)
-        else:  # DP-FedAvg: the strategy applies the noised mean of the clipped voices
-            clip = self.store.dp_clip(context.name) or privacy.clip
-            mean, count, unclipped = privatize((delta for _, delta in deltas()), clip, privacy.noise)
-            weights = strategy.aggregate(weights, iter([(1.0, mean)] if count else []), copy=keep_base)
-            if privacy.quantile is not None:
-                next_value = next_clip(privacy, clip, unclipped, count)
+        weights = strategy.aggregate(weights, deltas(), copy=keep_base)
+        next_value = strategy.next_clip if isinstance(strategy, PrivateStrategy) else None
         return weights, strategy, next_value
 
     def _publishable(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import dp_accounting
@@ -24,6 +24,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from broker.run_config import DEFAULT_DP_CLIP_LR, DEFAULT_DP_DELTA, RunConfig
 from coordinator.errors import PrivacyBudgetSpent, UsageError
+from coordinator.merging.strategies import Strategy, WeightedDelta
 from coordinator.rounds.posting import parse_quorum
 from coordinator.rounds.validation import delta_norm
 from serialization import TensorDict
@@ -130,7 +131,9 @@ def check_settings(config: RunConfig) -> None:
         raise UsageError(f"--dp-population {population} is smaller than a round's {shards} shards")
 
 
-def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[TensorDict, int, int]:
+def privatize(
+    voices: Iterable[Mapping[str, torch.Tensor]], clip: float, noise: float
+) -> tuple[TensorDict, int, int]:
     """(mean of the clipped voices plus noise of std noise*clip on their sum, voices, voices not clipped)."""
     total: TensorDict = {}
     count = unclipped = 0
@@ -151,6 +154,37 @@ def privatize(voices: Iterable[TensorDict], clip: float, noise: float) -> tuple[
         tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=noise * clip)
         tensor.div_(count)
     return total, count, unclipped
+
+
+class PrivateStrategy(Strategy):
+    """DP-FedAvg around any streaming strategy: the strategy sees one voice, the noised mean.
+
+    Each voice is clipped to C (``clip``, this round's), the clipped voices are
+    summed with Gaussian noise of std ``noise * C`` and divided by their count;
+    the wrapped strategy (its server lr, momentum or moments) applies that mean
+    as it would any round's. With adaptive clipping, ``next_clip`` is the next
+    round's C once ``aggregate`` ran.
+    """
+
+    def __init__(self, inner: Strategy, privacy: Privacy, clip: float) -> None:
+        super().__init__()
+        self.inner, self.privacy, self.clip = inner, privacy, clip
+        self.name = f"dp({inner.name})"
+        self.next_clip: float | None = None
+
+    def aggregate(
+        self, weights: TensorDict, deltas: Iterable[WeightedDelta], *, copy: bool = False
+    ) -> TensorDict:
+        mean, count, unclipped = privatize((delta for _, delta in deltas), self.clip, self.privacy.noise)
+        if self.privacy.quantile is not None:
+            self.next_clip = next_clip(self.privacy, self.clip, unclipped, count)
+        return self.inner.aggregate(weights, iter([(1.0, mean)] if count else []), copy=copy)
+
+    def state_dict(self) -> TensorDict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def spent(privacy: Privacy | None, merges: int) -> float | None:

@@ -95,3 +95,23 @@ def test_the_clip_moves_toward_the_target_quantile():
     shrunk = next_clip(privacy, 1.0, unclipped=4, voices=4)  # none was: C too large
     assert grown == pytest.approx(math.exp(0.1)) and shrunk == pytest.approx(math.exp(-0.1))
     assert from_config(config.replace(dp_count_noise=None)).count_noise == pytest.approx(4 / 20)
+
+
+def test_dp_wraps_any_strategy_which_applies_the_clipped_mean_and_keeps_its_state():
+    from coordinator.merging.privacy import PrivateStrategy
+    from coordinator.merging.strategies import make_strategy
+
+    privacy = from_config(RunConfig(dp_clip=1.0, dp_noise=0.0, shards=2))
+    assert privacy is not None
+    far, near = {"w": torch.full((4,), 10.0)}, {"w": torch.full((4,), 0.1)}  # norms 20 and 0.2
+    wrapped = PrivateStrategy(make_strategy("fedavgm", server_lr=1.0, momentum=0.5), privacy, clip=1.0)
+    # samples do not weigh under DP: each voice counts once, the far one clipped to norm 1 (0.5 each)
+    first = wrapped.aggregate({"w": torch.zeros(4)}, iter([(100.0, far), (1.0, near)]))
+    mean = (0.5 + 0.1) / 2
+    # Nesterov momentum of the wrapped strategy: the first step moves by (1 + mu) * mean
+    assert torch.allclose(first["w"], torch.full((4,), (1 + 0.5) * mean))
+    state = wrapped.state_dict()
+    assert state and all(k.startswith("momentum/") for k in state)
+    again = PrivateStrategy(make_strategy("fedavgm", server_lr=1.0, momentum=0.5), privacy, clip=1.0)
+    again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["momentum/w"], state["momentum/w"])
