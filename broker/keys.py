@@ -217,6 +217,12 @@ def round_replicas(run: str, number: int) -> str:
     return round_(run, number) + ":replicas"
 
 
+def round_facts(run: str, number: int) -> str:
+    """What the intake learned of each accepted copy (its norm and meta), so the merge need not decode it
+    to screen it; trusted side only (volunteers may read ``ct:run:*``, not this)."""
+    return _k("kept", run, "round", number, "facts")
+
+
 def accepted_upload(run: str, number: int, volunteer: str, shard: int, token: str) -> str:
     """Where the aggregator keeps the exact bytes it validated: no volunteer may read or write it."""
     return _k("kept", run, "round", number, "upload", volunteer, shard, token)

@@ -18,6 +18,7 @@ from broker.keys import KEEP_VERSIONS
 from broker.sentinel import DEFAULT_MASTER, SentinelAddress, is_sentinel_url
 
 DEFAULT_HOME = ".crowdtrain"
+DEFAULT_MERGE_CACHE_MB = 1024
 # Unacked train messages are redelivered after this many seconds. Volunteers
 # refresh the clock of the message they are working on (see volunteer.worker),
 # so only a shard whose volunteer died waits this long, and a long shard is
@@ -37,6 +38,8 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     keep_versions: int = KEEP_VERSIONS  # model versions Redis keeps; older ones stay on disk
+    # compressed uploads a merge keeps in memory, so each is read from Redis once (past it: read again)
+    merge_cache_mb: int = DEFAULT_MERGE_CACHE_MB
     # a sentinel:// broker: the master's name (a master_name= in the URL wins), the sentinels' own login
     sentinel_master: str = DEFAULT_MASTER
     sentinel_username: str | None = None
@@ -58,6 +61,8 @@ class Settings:
             raise SettingsError("CROWDTRAIN_TORCH_THREADS must be a positive integer")
         if self.keep_versions < 1:
             raise SettingsError("CROWDTRAIN_KEEP_VERSIONS must be a whole number of at least 1")
+        if self.merge_cache_mb < 0:
+            raise SettingsError("CROWDTRAIN_MERGE_CACHE_MB must be a whole number of MB, 0 or more")
 
     @classmethod
     def from_env(
@@ -67,6 +72,7 @@ class Settings:
         env = dict(os.environ if env is None else env)
         threads = env.get("CROWDTRAIN_TORCH_THREADS")
         keep = env.get("CROWDTRAIN_KEEP_VERSIONS")
+        cache = env.get("CROWDTRAIN_MERGE_CACHE_MB")
         try:
             values: dict[str, Any] = dict(
                 home=Path(env.get("CROWDTRAIN_HOME") or DEFAULT_HOME),
@@ -79,6 +85,7 @@ class Settings:
                 tls_cert=env.get("CROWDTRAIN_TLS_CERT") or None,
                 tls_key=env.get("CROWDTRAIN_TLS_KEY") or None,
                 keep_versions=int(keep) if keep else KEEP_VERSIONS,
+                merge_cache_mb=int(cache) if cache else DEFAULT_MERGE_CACHE_MB,
                 sentinel_master=env.get("CROWDTRAIN_SENTINEL_MASTER") or DEFAULT_MASTER,
                 sentinel_username=env.get("CROWDTRAIN_SENTINEL_USERNAME") or None,
                 sentinel_password=env.get("CROWDTRAIN_SENTINEL_PASSWORD") or None,

@@ -325,7 +325,9 @@ def aggregator(args: argparse.Namespace) -> None:
     settings = broker_settings(args)
     # the trusted side writes credit and reputation to each run's ledger on disk as it gives them
     store = Store(redis_client(settings), ledger=ledger.Ledger(settings.home))
-    trusted = Aggregator(store, settings.home, keep_versions=settings.keep_versions)
+    trusted = Aggregator(
+        store, settings.home, keep_versions=settings.keep_versions, cache_bytes=settings.merge_cache_mb << 20
+    )
     app = aggregator_app(settings, trusted)
     if args.metrics_port:
         try:

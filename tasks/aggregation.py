@@ -29,7 +29,12 @@ class AggregatorTask(Task):
         if shared is not None:
             return shared
         settings = app.settings
-        return Aggregator(Store(redis_client(settings)), settings.home, keep_versions=settings.keep_versions)
+        return Aggregator(
+            Store(redis_client(settings)),
+            settings.home,
+            keep_versions=settings.keep_versions,
+            cache_bytes=settings.merge_cache_mb << 20,
+        )
 
 
 def aggregator_app(settings: Settings, aggregator: Aggregator | None = None) -> CrowdtrainApp:

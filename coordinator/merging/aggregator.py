@@ -27,6 +27,7 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
+from broker.settings import DEFAULT_MERGE_CACHE_MB
 from coordinator.merging import work
 from coordinator.merging.downlink import lossy, publish, read_residual
 from coordinator.merging.judging import (
@@ -72,12 +73,22 @@ class Aggregator:
     """Validates uploads and aggregates rounds for every run on one broker."""
 
     def __init__(
-        self, store: Store, home: Path, name: str = "aggregator", keep_versions: int = keys.KEEP_VERSIONS
+        self,
+        store: Store,
+        home: Path,
+        name: str = "aggregator",
+        keep_versions: int = keys.KEEP_VERSIONS,
+        cache_bytes: int = DEFAULT_MERGE_CACHE_MB << 20,
     ) -> None:
         self.store = store
         self.home = home
         self.name = name
         self.keep_versions = keep_versions
+        # the round being merged: its accepted copies' bytes, each read from Redis once
+        self._uploads = UploadCache(cache_bytes)
+        # per run: the version this process last published and the strategy state after it,
+        # so the next round starts from them instead of reading them back (``_kept``)
+        self._published: dict[str, tuple[int, TensorDict, TensorDict]] = {}
         self.contexts = RunContexts(store)
         # who answers which shard: the intake loop grants leases and counts only leased uploads
         self.leases = Leases(store, self.contexts)
@@ -98,6 +109,8 @@ class Aggregator:
                 summary = self._aggregate_claimed(run, number, owner, started)
             except Exception as e:
                 summary = self._after_error(run, number, owner, e)
+            finally:
+                self._uploads.clear()
         context = self.contexts[run]
         if summary is not None and context.config.is_async:
             open_buffer(self.store, run, context.config)  # the next buffer, at once: no barrier
@@ -112,12 +125,12 @@ class Aggregator:
         copies, revoked = split_revoked(self.store.redis, copies)  # revoked while the round was merged
         for shard, volunteer in revoked.items():
             self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
-        metas, norms, screened = self._screen(context, copies)
+        metas, norms, screened = self._screen(context, number, copies)
         for meta in metas.values():  # asynchronous runs: how many versions old each delta is
             meta["staleness"] = base - int(meta.get("base_version", base))
         rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
         used = {s: k for s, k in copies.items() if s in metas and s not in screened}
-        weights, _ = loads(self.contexts.model_blob(context.name, base))
+        weights, kept_state = self._base(context, base)
         if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
             self._catch_up(context, base, weights)
 
@@ -185,7 +198,7 @@ class Aggregator:
             plan = plan_round(self.store, run, list(voices(used)), sketches, spoken, history, reputations)
             if context.slices:  # voices of different slices have norms that do not compare
                 plan.bound = None
-        merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan)
+        merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan, kept_state)
         if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
         strategy_state = strategy.state_dict()
@@ -223,6 +236,7 @@ class Aggregator:
             keep = max(keep, context.config.staleness_limit + 1)
         self.store.prune_versions(run, base + 1, keep)
         self._record(context, number, base + 1, weights, strategy_state, summary)
+        self._published[run] = (base + 1, weights, strategy_state)
         log.info(
             "round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
             number,
@@ -278,13 +292,26 @@ class Aggregator:
         log.warning("version %d of %s was not on disk: written from Redis", version, run)
 
     def _screen(
-        self, context: RunContext, copies: dict[int, str]
+        self, context: RunContext, number: int, copies: dict[int, str]
     ) -> tuple[dict[int, dict], dict[int, float], dict[int, str]]:
-        """First pass: each accepted delta's meta and norm; norm outliers, one voice per volunteer."""
+        """Each accepted delta's meta and norm; norm outliers, one voice per volunteer.
+
+        The intake recorded both when it decoded each copy (``RoundState.facts``);
+        only a copy it did not record (accepted by an earlier version) is decoded here.
+        """
         metas: dict[int, dict] = {}
         norms: dict[int, float] = {}
         rejections: dict[int, str] = {}
-        for shard, blob in zip(copies, self._blobs(context, list(copies.values()))):
+        facts = self.store.rounds.facts(context.name, number, list(copies.values()))
+        unrecorded = {s: k for s, k in copies.items() if k not in facts}
+        recorded = [k for k in copies.values() if k in facts]
+        present = {k for k, (_, stored) in zip(recorded, self.store.upload_sizes(recorded)) if stored}
+        for shard, key in copies.items():
+            if key in facts and key in present:
+                metas[shard], norms[shard] = dict(facts[key].meta), facts[key].norm
+            elif key in facts:
+                rejections[shard] = "upload expired before aggregation"
+        for shard, blob in zip(unrecorded, self._blobs(context, list(unrecorded.values()))):
             delta = self._decode(context, blob, metas, shard)
             if delta is None:
                 rejections[shard] = "upload expired before aggregation"
@@ -349,6 +376,19 @@ class Aggregator:
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards], selection
 
+    def _base(self, context: RunContext, base: int) -> tuple[TensorDict, TensorDict | None]:
+        """Version ``base`` and, if this process published it, the strategy state after it.
+
+        A version this process published is taken from memory (and given up:
+        the merge updates it in place); any other is read from Redis, and its
+        strategy state is read by ``_merge``.
+        """
+        kept = self._published.pop(context.name, None)
+        if kept is not None and kept[0] == base:
+            return kept[1], kept[2]
+        weights, _ = loads(self.contexts.model_blob(context.name, base))
+        return weights, None
+
     def _previous_version(self, context: RunContext, base: int) -> TensorDict | None:
         """Version ``base - 1``, views of its blob (None for version 0, or once it left Redis)."""
         if base < 1:
@@ -366,6 +406,7 @@ class Aggregator:
         metas: dict[int, dict],
         reputations: dict[str, float | None],
         plan: Plan | None = None,
+        kept_state: TensorDict | None = None,
     ) -> tuple[TensorDict, Strategy, float | None]:
         """Second pass: one combined delta per volunteer through the strategy.
 
@@ -392,8 +433,11 @@ class Aggregator:
             )
 
         strategy = make()
-        state_blob = self.store.strategy_blob(context.name)
-        state = loads(state_blob)[0] if state_blob else {}
+        if kept_state is not None:  # the state this process published with the base
+            state = kept_state
+        else:
+            state_blob = self.store.strategy_blob(context.name)
+            state = loads(state_blob)[0] if state_blob else {}
         if state:
             strategy.load_state_dict(state)
         if context.privacy is not None:  # DP-FedAvg: the strategy applies the noised mean of clipped voices
@@ -467,10 +511,21 @@ class Aggregator:
         return self._decode(context, self.store.get_upload(key, context.upload_bound), metas, shard)
 
     def _blobs(self, context: RunContext, copies: list[str]) -> Iterator[bytearray | None]:
-        """The bytes of each accepted copy in turn, read ahead up to ``PREFETCH_BYTES`` at a time."""
+        """The bytes of each accepted copy in turn: from the round's cache, else read ahead from
+        Redis up to ``PREFETCH_BYTES`` at a time (and cached while the budget lasts).
+
+        Each is a private copy: decoding the ``none`` codec gives views of the bytes, which the
+        merge may scale in place.
+        """
         step = max(1, PREFETCH_BYTES // max(1, context.upload_bound))
         for start in range(0, len(copies), step):
-            yield from self.store.get_uploads(copies[start : start + step], context.upload_bound)
+            batch = copies[start : start + step]
+            missing = [key for key in batch if key not in self._uploads]
+            if missing:
+                for key, blob in zip(missing, self.store.get_uploads(missing, context.upload_bound)):
+                    self._uploads.put(key, blob)
+            for key in batch:
+                yield self._uploads.take(key)
 
     def _decode(
         self, context: RunContext, blob: bytes | bytearray | None, metas: dict[int, dict], shard: int
@@ -545,6 +600,42 @@ class Aggregator:
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
         return self._fail(self.contexts[run], number, owner, info, summary, reason)
+
+
+class UploadCache:
+    """One round's accepted copies' bytes, so each is read from Redis once: up to ``budget`` bytes.
+
+    Past the budget a copy is handed out without being kept (read again when
+    needed); ``take`` gives a private copy of a kept one, ``clear`` ends the round.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._blobs: dict[str, bytes | None] = {}
+        self._held = 0
+        self._passing: dict[str, bytearray | None] = {}  # read, not kept: handed out once
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._blobs or key in self._passing
+
+    def put(self, key: str, blob: bytearray | None) -> None:
+        size = len(blob) if blob is not None else 0
+        if self._held + size <= self.budget:
+            self._blobs[key] = bytes(blob) if blob is not None else None
+            self._held += size
+        else:
+            self._passing[key] = blob
+
+    def take(self, key: str) -> bytearray | None:
+        if key in self._passing:
+            return self._passing.pop(key)
+        blob = self._blobs[key]
+        return bytearray(blob) if blob is not None else None
+
+    def clear(self) -> None:
+        self._blobs.clear()
+        self._passing.clear()
+        self._held = 0
 
 
 def _evaluate(context: RunContext, weights: TensorDict) -> dict[str, float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +30,8 @@ from coordinator.merging.verification import START_REPUTATION
 from coordinator.rounds.asynchronous import slot
 from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
-from coordinator.rounds.validation import check_delta, check_meta, printable
+from coordinator.rounds.state import Fact
+from coordinator.rounds.validation import check_delta, check_meta, delta_norm, printable
 from coordinator.runs.context import RunContext, RunContexts
 from coordinator.runs.slicing import check_slice
 from coordinator.store import Store
@@ -292,12 +294,13 @@ class Intake:
         downlink: list[tuple[str, int, str, int]] = []
         good: list[int] = []
         accepts: list[tuple[str, int, int, str, str, str]] = []
+        facts: list[Fact] = []
         for index, entry in enumerate(entries):
             upload, blob = entry.upload, entry.blob
             assert blob is not None  # only uploads read (or resumed) are judged
             entry.blob = None  # not kept once checked
             base = entry.lease.base_version if entry.lease is not None else int(entry.info["base_version"])
-            reason, meta = _check(blob, entry.context, base, upload.shard)
+            reason, meta, norm = _check(blob, entry.context, base, upload.shard)
             fetched = meta.get("downlink")
             if isinstance(fetched, int) and not isinstance(fetched, bool) and fetched > 0:
                 # at most one model's bytes per shard: the rest is a volunteer's claim
@@ -311,7 +314,9 @@ class Intake:
             accepts.append(
                 (upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer)
             )
-        results = self.store.rounds.accept_many(accepts, counts=downlink)
+            # decoded once, here: the merge screens by this norm and reads this meta
+            facts.append(Fact(upload.run, upload.counted_in, upload.copy_key, norm, meta))
+        results = self.store.rounds.accept_many(accepts, counts=downlink, facts=facts)
         final = []  # an accepted upload's lease is done: nothing its volunteer does replaces it
         for index, (outcome, _) in zip(good, results, strict=True):
             lease = entries[index].lease
@@ -447,11 +452,12 @@ def _buffered(
 
 def _check(
     blob: bytes | bytearray, context: RunContext, base_version: int, shard: int
-) -> tuple[str | None, dict[str, Any]]:
-    """Why the upload cannot be merged (None if it can), and its meta.
+) -> tuple[str | None, dict[str, Any], float]:
+    """Why the upload cannot be merged (None if it can), its meta, and its delta's norm (NaN if refused).
 
     In a sliced run its tensors must be exactly its shard's slice's.
     """
+    nan = math.nan
     expected = context.expected_for(shard)
     try:
         delta, meta = loads(
@@ -461,16 +467,17 @@ def _check(
         try:  # a volunteer's own failure report carries no tensors
             _, meta = loads(blob, limit=context.upload_bound, max_decoded=0)
         except WireFormatError:
-            return f"malformed upload: {printable(str(e))}", {}
+            return f"malformed upload: {printable(str(e))}", {}, nan
         if "failure" in meta:
-            return printable(str(meta["failure"])) or "failed", meta
-        return f"malformed upload: {printable(str(e))}", meta
+            return printable(str(meta["failure"])) or "failed", meta, nan
+        return f"malformed upload: {printable(str(e))}", meta, nan
     if "failure" in meta:
-        return printable(str(meta["failure"])) or "failed", meta
+        return printable(str(meta["failure"])) or "failed", meta, nan
     claimed = meta.get("base_version")
     if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed < base_version:
         # the lease says which version the job was given on: an older delta is a replay
-        return f"stale: trained on version {claimed}, leased on version {base_version}", meta
+        return f"stale: trained on version {claimed}, leased on version {base_version}", meta, nan
     reason = check_meta(meta, base_version=base_version, max_samples=context.max_samples)
     reason = reason or check_slice(meta, context, shard)
-    return reason or check_delta(delta, context.reference_for(shard)), meta
+    reason = reason or check_delta(delta, context.reference_for(shard))
+    return reason, meta, (nan if reason else delta_norm(delta))

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import msgpack
 import redis
 
 from broker import keys
@@ -34,6 +36,17 @@ from coordinator.errors import RoundOpen
 CLAIM_LEASE = 10.0
 OPEN_ATTEMPTS = 5
 ACTIVE = ("open", "aggregating")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What the intake learned of an accepted copy when it decoded it: its norm and its meta."""
+
+    run: str
+    round: int  # the round (or asynchronous buffer) it counted in
+    copy_key: str
+    norm: float
+    meta: dict[str, Any]
 
 
 class RoundState:
@@ -84,16 +97,23 @@ class RoundState:
         self,
         uploads: Sequence[tuple[str, int, int, str, str, str]],
         counts: Sequence[tuple[str, int, str, int]] = (),
+        facts: Sequence[Fact] = (),
     ) -> list[tuple[str, bool]]:
         """``accept`` for each (run, round, shard, copy key, digest, volunteer), in one pipeline.
 
-        The ``counts`` (run, round, field, count) are added in the same round trip.
+        The ``counts`` (run, round, field, count) are added, and the ``facts``
+        recorded, in the same round trip.
         """
         if not uploads and not counts:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for run, number, field, count in counts:
             pipe.hincrby(keys.round_(run, number), field, count)
+        for fact in facts:
+            record = msgpack.packb({"norm": fact.norm, "meta": fact.meta})
+            pipe.hset(keys.round_facts(fact.run, fact.round), fact.copy_key, record)
+            pipe.expire(keys.round_facts(fact.run, fact.round), keys.ROUND_TTL)
+        skip = len(counts) + 2 * len(facts)
         for run, number, shard, copy_key, digest, volunteer in uploads:
             self._scripts["accept"](
                 keys=[
@@ -107,8 +127,20 @@ class RoundState:
                 args=[shard, copy_key, digest, volunteer, keys.ROUND_TTL],
                 client=pipe,
             )
-        replies = pipe.execute()[len(counts) :]
+        replies = pipe.execute()[skip:]
         return [(_text(outcome), bool(due)) for outcome, due in replies]
+
+    def facts(self, run: str, number: int, copies: Sequence[str]) -> dict[str, Fact]:
+        """What the intake recorded of each accepted copy (``accept_many``); unrecorded ones are left out."""
+        if not copies:
+            return {}
+        found: dict[str, Fact] = {}
+        for copy_key, raw in zip(copies, self.redis.hmget(keys.round_facts(run, number), list(copies))):
+            if raw is None:
+                continue
+            record = msgpack.unpackb(raw)
+            found[copy_key] = Fact(run, number, copy_key, float(record["norm"]), dict(record["meta"]))
+        return found
 
     def reject(self, run: str, number: int, shard: int, volunteer: str, reason: str, upload: str = "") -> str:
         """Record why an upload was refused: rejected | repeat | duplicate | late."""
