@@ -48,8 +48,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.async_momentum import _voices  # noqa: E402
-from broker.run_config import DEFAULT_MAX_STALENESS  # noqa: E402
-from cli.coordinator import DEFAULT_COMPRESSION, DEFAULT_LOCAL_STEPS  # noqa: E402
+from broker.run_config import DEFAULT_COMPRESSION, DEFAULT_MAX_STALENESS, default_of  # noqa: E402
 from coordinator.merging.downlink import lossy, publish, read_residual  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
 from coordinator.rounds.asynchronous import staleness_weight  # noqa: E402
@@ -57,6 +56,8 @@ from jobs import load_job  # noqa: E402
 from serialization import loads, parse_codec  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
+
+DEFAULT_LOCAL_STEPS = default_of("local_steps")
 
 GOAL_RATIO = 1.05
 VOLUNTEERS = 2

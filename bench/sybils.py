@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator import sybils  # noqa: E402
+from coordinator.merging import sybils  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
 from coordinator.merging.verification import (  # noqa: E402
     Consensus,

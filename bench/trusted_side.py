@@ -169,7 +169,7 @@ def split(repeats: int = 10) -> list[dict]:
     fires (``Prober.cost``), two more reads and the agreement; every voice, judged or not, pays
     three reads (norm screen, copy sketch, merge) and a count sketch.
     """
-    from cli.coordinator import DEFAULT_COMPRESSION
+    from broker.run_config import DEFAULT_COMPRESSION
     from coordinator.merging.verification import Prober, sketch
     from jobs import load_job
     from serialization import loads
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         for voices in args.voices:
             names, _, cheaters = population(voices)
             meta = {"samples": 8, "train_loss": 3.0, "seconds": 1.0, "base_version": 0}
-            from cli.coordinator import DEFAULT_COMPRESSION
+            from broker.run_config import DEFAULT_COMPRESSION
 
             uploads = [
                 ErrorFeedback().encode(voice_delta(honest, i, name in cheaters), meta, DEFAULT_COMPRESSION)

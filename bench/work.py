@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from coordinator import work  # noqa: E402
+from coordinator.merging import work  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402
