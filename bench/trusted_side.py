@@ -6,10 +6,13 @@
 One private redis-server; everything else runs in this process with the aggregator's own code:
 ``coordinator init`` makes a charlm run of about 1M parameters with the default codec and
 ``--verify probe``, ``Rounds.open`` posts a round of V shards, V voices' uploads (encoded as a
-volunteer does, ``ErrorFeedback.encode``) are stored and counted with ``Rounds.accept`` as the
-intake would, and ``Aggregator.aggregate`` judges and merges the round (norm screen, copy check,
+volunteer does, ``ErrorFeedback.encode``) are stored, checked as the intake checks each one
+(``intake._check``: decode, values, norm) and counted with ``accept_many`` with the facts the
+intake records, and ``Aggregator.aggregate`` judges and merges the round (norm screen, copy check,
 probe judging, merge, evaluation, publish, checkpoint). The figure is this process's CPU time
-(user + system) for that call, divided by V; the copy check's share is timed apart.
+(user + system) for the intake's checks and that call, divided by V; the copy check's share is
+timed apart. The file runs unchanged on a commit before the intake recorded facts (for a
+side-by-side: copy it into that checkout).
 
 Each V runs twice on the same uploads and reputations: ``all`` (``--probe-voices 10000``, every
 voice judged: the baseline) and ``sampled`` (the default ``--probe-voices``). The voices: 5% new
@@ -89,7 +92,13 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
     from broker import blobs, keys
     from coordinator.merging import aggregator as aggregator_module
     from coordinator.merging.aggregator import Aggregator
+    from coordinator.rounds import intake
     from coordinator.store import Store
+
+    try:  # the intake records each copy's norm and meta (a commit before it: nothing to record)
+        from coordinator.rounds.state import Fact
+    except ImportError:
+        Fact = None
 
     run = f"{tag}-{voices}"
     args = ["init", "--run", run, "--job", "charlm", "--shards", str(voices), "--verify", "probe"]
@@ -105,10 +114,19 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
     store.set_reputations({n: TRUSTED_REPUTATION for n in names if n not in new})
     for name in new:  # never judged, whatever an earlier arm did
         cluster.client.hdel(keys.volunteer(name), "reputation")
+    aggregator = Aggregator(store, Path(cluster.env["CROWDTRAIN_HOME"]))
+    context = aggregator.contexts[run]  # the run's job and model are built once per aggregator
+    intake_cpu = 0.0
     for shard, (name, blob) in enumerate(zip(names, uploads, strict=True)):
         copy = keys.accepted_upload(run, 1, name, shard, f"{shard:032x}")
         blobs.write(cluster.client, copy, blob)
-        outcome, _ = store.rounds.accept(run, 1, shard, copy, f"{shard:064x}", name)
+        started = time.process_time()  # what the intake does with each upload: decode and check it
+        checked = intake._check(bytearray(blob), context, 0, shard)
+        intake_cpu += time.process_time() - started
+        assert checked[0] is None, checked[0]
+        facts = [Fact(run, 1, copy, checked[2], checked[1])] if Fact is not None else []
+        accept = (run, 1, shard, copy, f"{shard:064x}", name)
+        outcome, _ = store.rounds.accept_many([accept], **({"facts": facts} if facts else {}))[0]
         assert outcome == "accepted", outcome
     copy_seconds = [0.0]
     real = aggregator_module.check_copies
@@ -120,15 +138,13 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
         finally:
             copy_seconds[0] += time.process_time() - started
 
-    aggregator = Aggregator(store, Path(cluster.env["CROWDTRAIN_HOME"]))
-    aggregator.contexts[run]  # the run's job and model are built once per aggregator, not per round
     aggregator_module.check_copies = timed
     started, wall = time.process_time(), time.perf_counter()
     try:
         summary = aggregator.aggregate(run, 1)
     finally:
         aggregator_module.check_copies = real
-    cpu, wall = time.process_time() - started, time.perf_counter() - wall
+    cpu, wall = time.process_time() - started + intake_cpu, time.perf_counter() - wall
     assert summary is not None and summary["status"] == "done", summary
     rejected = {
         json.loads(e)["volunteer"]: json.loads(e)["reason"]
@@ -144,6 +160,7 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
         "wall_s": wall,
         "cpu_per_voice_ms": 1000 * cpu / voices,
         "copy_check_s": copy_seconds[0],
+        "intake_s": intake_cpu,
         "judged": judged,
         "cheaters": len(cheaters),
         "caught": len(caught),
