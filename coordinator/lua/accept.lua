@@ -1,3 +1,4 @@
+--#include due
 -- Count a validated upload toward the quorum, once per shard (first valid wins).
 -- The fencing token of an upload is its key: the same key again is a 'repeat',
 -- another key for an accepted shard a 'duplicate', bytes identical to an upload
@@ -12,8 +13,10 @@
 -- Returns {outcome, due}: outcome 'accepted' | 'replica' | 'repeat' | 'duplicate' |
 -- 'identical' | 'late'; due is 1 while the round is open with its quorum met and its
 -- replicas in, so a redelivered validation still triggers aggregation.
-local r = redis.call('HMGET', KEYS[1], 'status', 'quorum')
-if r[1] ~= 'open' then redis.call('HINCRBY', KEYS[1], 'late', 1) return {'late', 0} end
+if redis.call('HGET', KEYS[1], 'status') ~= 'open' then
+  redis.call('HINCRBY', KEYS[1], 'late', 1)
+  return {'late', 0}
+end
 local outcome = 'accepted'
 local current = redis.call('HGET', KEYS[2], ARGV[1])
 local replica = redis.call('HGET', KEYS[5], ARGV[1])
@@ -39,7 +42,7 @@ else
   redis.call('SADD', KEYS[6], ARGV[2])
   redis.call('EXPIRE', KEYS[6], tonumber(ARGV[5]))
 end
-local f = redis.call('HMGET', KEYS[1], 'accepted', 'replicas', 'replicas_expected')
-local due = 0
-if tonumber(f[1]) >= tonumber(r[2]) and tonumber(f[2] or '0') >= tonumber(f[3] or '0') then due = 1 end
-return {outcome, due}
+-- due while the round is open with its quorum met and its replicas in (due.lua's count)
+local met = 0
+if counted(redis.call('HMGET', KEYS[1], unpack(DUE_FIELDS))) then met = 1 end
+return {outcome, met}

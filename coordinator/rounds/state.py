@@ -49,6 +49,9 @@ class Fact:
     meta: dict[str, Any]
 
 
+INCLUDE = "--#include "
+
+
 class RoundState:
     """The rounds of every run on one Redis server."""
 
@@ -56,7 +59,7 @@ class RoundState:
         self.redis = client
         self._scripts = {
             name: client.register_script(lua_source(name))
-            for name in ("open", "accept", "reject", "claim", "renew", "commit", "abort")
+            for name in ("open", "accept", "reject", "claim", "renew", "commit", "abort", "due_rounds")
         }
 
     # --- transitions ---------------------------------------------------------
@@ -317,7 +320,7 @@ class RoundState:
         return sorted((json.loads(x) for x in raw), key=lambda r: (r["shard"], r["volunteer"]))
 
     def due(self, now: float | None = None) -> dict[tuple[str, int], str]:
-        """Unfinished rounds an aggregator should take now (the same test as ``claim.lua``), each with why.
+        """Unfinished rounds an aggregator should take now, each with why (``due.lua``, as ``claim.lua``).
 
         Why: ``count`` (its quorum and replicas are in: the upload that
         counted last was announced with it), ``deadline``, or ``abandoned``
@@ -326,31 +329,11 @@ class RoundState:
         now = time.time() if now is None else now
         members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
         rounds = [keys.parse_deadline_member(m) for m in members]
-        pipe = self.redis.pipeline()
-        for run, number in rounds:
-            pipe.hmget(
-                keys.round_(run, number),
-                "status",
-                "accepted",
-                "quorum",
-                "deadline",
-                "claim_until",
-                "replicas",
-                "replicas_expected",
-            )
-        due: dict[tuple[str, int], str] = {}
-        for (run, number), fields in zip(rounds, pipe.execute()):
-            status, accepted, quorum, deadline, claim_until, replicas, expected = fields
-            if status is None:
-                continue  # its bookkeeping expired: nothing left to merge
-            counted = int(accepted) >= int(quorum) and int(replicas or 0) >= int(expected or 0)
-            if status == b"open" and float(deadline) <= now:
-                due[run, number] = "deadline"
-            elif status == b"open" and counted:
-                due[run, number] = "count"
-            elif status == b"aggregating" and float(claim_until) <= now:
-                due[run, number] = "abandoned"
-        return due
+        if not rounds:
+            return {}
+        whys = self._scripts["due_rounds"](keys=[keys.round_(run, n) for run, n in rounds], args=[now])
+        found = {key: _text(why) for key, why in zip(rounds, whys)}
+        return {key: why for key, why in found.items() if why in ("count", "deadline", "abandoned")}
 
     def reoffer(self, run: str, number: int, shard: int, limit: int) -> bool:
         """Count one more posting of a failed shard; False once it was posted again ``limit`` times."""
@@ -422,8 +405,16 @@ def number_or_text(text: str) -> Any:
 
 
 def lua_source(name: str) -> str:
-    """The text of ``coordinator/lua/NAME.lua``."""
-    return (resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
+    """The text of ``coordinator/lua/NAME.lua``, after the library its first line includes.
+
+    ``--#include due`` puts ``due.lua`` (whether a round is due, and why) in
+    front: the one test ``claim.lua``, ``accept.lua`` and the watcher share.
+    """
+    text = (resources.files("coordinator") / "lua" / f"{name}.lua").read_text()
+    first, _, rest = text.partition("\n")
+    if first.startswith(INCLUDE):
+        return lua_source(first.removeprefix(INCLUDE).strip()) + "\n" + rest
+    return text
 
 
 def _text(value: Any) -> str:
