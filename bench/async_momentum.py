@@ -23,7 +23,7 @@ as ``init --mode async --shards 8 --buffer 4`` makes it (``coordinator/rounds/as
 Every configuration runs for ``--versions`` merges (``4 x versions`` merged deltas) on the same
 job schedule and the same batches (seeds pair the configurations), and every version is
 evaluated on charlm's fixed held-out windows. A configuration is ``STRATEGY[/delay=N][/slr=X]
-[/mom=X]``; the project's own delay for these runs is ``momentum_delay(config)`` =
+[/mom=X]``; the project's own delay for these runs is ``mode_of(config).momentum_delay`` =
 ceil(8 / 4) = 2. Reported: final eval loss, mean ± sample standard deviation over seeds, the
 paired difference against the same strategy with its defaults and delay 1 (two-sided paired
 t-test over seeds), the mean eval loss of the last 10 versions (a steadier figure than the
@@ -59,14 +59,15 @@ from bench.heterogeneous import SLOWDOWNS
 from bench.inner_state import JOB_ARGS
 from broker.run_config import DEFAULT_MAX_STALENESS, RunConfig
 from coordinator.merging.strategies import make_strategy
-from coordinator.rounds.asynchronous import momentum_delay, staleness_weight
+from coordinator.rounds.asynchronous import staleness_weight
+from coordinator.rounds.modes import mode_of
 from jobs import load_job
 from volunteer.trainer import seed_for, train_shard
 
 SHARDS = 8
 BUFFER = 4
 RUN_CONFIG = RunConfig(mode="async", shards=SHARDS, buffer=BUFFER)
-PROJECT_DELAY = momentum_delay(RUN_CONFIG)  # ceil(8 / 4) = 2
+PROJECT_DELAY = mode_of(RUN_CONFIG).momentum_delay  # ceil(8 / 4) = 2
 DEFAULT_CONFIGS = ",".join(
     [
         "fedavg",

@@ -45,8 +45,6 @@ from coordinator.merging.strategies import Strategy, make_strategy
 from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
 from coordinator.merging.verification import sketch, weigh
 from coordinator.rounds.asynchronous import (
-    momentum_delay,
-    open_buffer,
     staleness_weight,
 )
 from coordinator.rounds.intake import Intake, Verdict
@@ -111,9 +109,8 @@ class Aggregator:
                 summary = self._after_error(run, number, owner, e)
             finally:
                 self._uploads.clear()
-        context = self.contexts[run]
-        if summary is not None and context.config.is_async:
-            open_buffer(self.store, run, context.config)  # the next buffer, at once: no barrier
+        if summary is not None:
+            self.contexts[run].mode.after_merge(self.store, run)
         return summary
 
     # --- one round -----------------------------------------------------------
@@ -187,8 +184,7 @@ class Aggregator:
             reason = f"{had} (volunteers) with accepted deltas, {needed} needed (--min-voices)"
             return self._fail(context, number, owner, info, summary, reason)
         summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
-        if context.config.is_async:
-            summary["staleness"] = max(int(metas[s]["staleness"]) for s in used)
+        summary.update(context.mode.summary(metas, used))
         privacy = context.privacy
         if privacy is not None:
             summary["epsilon"] = spent(privacy, base + 1)
@@ -231,10 +227,7 @@ class Aggregator:
                 self.store.set_reputations(after, run=run)
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
-        keep = self.keep_versions
-        if context.config.is_async:  # a job up to max-staleness versions old still fetches its base
-            keep = max(keep, context.config.staleness_limit + 1)
-        self.store.prune_versions(run, base + 1, keep)
+        self.store.prune_versions(run, base + 1, context.mode.versions_kept(self.keep_versions))
         self._record(context, number, base + 1, weights, strategy_state, summary)
         self._published[run] = (base + 1, weights, strategy_state)
         log.info(
@@ -429,7 +422,7 @@ class Aggregator:
                 server_lr=config.server_lr,
                 momentum=config.momentum,
                 clip_norm=config.clip_norm,
-                momentum_delay=momentum_delay(config),
+                momentum_delay=context.mode.momentum_delay,
             )
 
         strategy = make()

@@ -46,18 +46,6 @@ SLOT_STRIDE = 1 << 20
 POLL_SECONDS = 0.1
 
 
-def momentum_delay(config: RunConfig) -> int:
-    """Merges between moves of the outer momentum: a synchronous round's worth of buffers.
-
-    1 (plain Nesterov) for a synchronous run; ``ceil(shards / buffer)`` for an
-    asynchronous one, so the momentum moves about as often as it would with
-    rounds of all ``--shards``, by the average of the buffers since.
-    """
-    if not config.is_async:
-        return 1
-    return max(1, math.ceil(config.shards / config.buffer_size))
-
-
 def slot(posted_round: int, job: int) -> int:
     """Where a job's delta sits in a buffer's accepted hash: unique across posting rounds."""
     return posted_round * SLOT_STRIDE + job

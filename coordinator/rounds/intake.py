@@ -27,7 +27,6 @@ from typing import Any
 
 from broker import blobs, keys
 from coordinator.merging.verification import START_REPUTATION
-from coordinator.rounds.asynchronous import slot
 from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import Fact
@@ -134,17 +133,20 @@ class Intake:
                 )
                 continue
             context = self.contexts[upload.run]
-            if not context.config.is_async:
-                blocked = "the round is closed" if info["status"] != "open" else None
-                pending.append((index, _Pending(upload, context, info, blocked)))
-                continue
-            if upload.run not in currents:
-                currents[upload.run] = self.store.rounds.current(upload.run)
-            entry = _buffered(upload, context, info, currents[upload.run])
-            if entry is None:
+
+            def current(run: str = upload.run) -> dict[str, Any] | None:
+                if run not in currents:
+                    currents[run] = self.store.rounds.current(run)
+                return currents[run]
+
+            # where it counts: its own round (synchronous), or the buffer open now (asynchronous)
+            placement = context.mode.place(upload.round, upload.shard, info, current)
+            if placement is None:
                 verdicts[index] = Verdict("wait")
-            else:
-                pending.append((index, entry))
+                continue
+            if placement.target is not None:
+                upload = replace(upload, target=placement.target, slot=placement.slot)
+            pending.append((index, _Pending(upload, context, info, placement.blocked)))
         pending = self._leased(pending, verdicts)
         answered: list[tuple[str, int, int, str]] = []
         for (index, entry), verdict in zip(pending, self._take(p for _, p in pending), strict=True):
@@ -425,29 +427,6 @@ class _Pending:
     blocked: str | None  # why it is refused unread, if it is
     blob: bytes | bytearray | None = None
     lease: Lease | None = None  # the lease it was uploaded under
-
-
-def _buffered(
-    upload: Upload, context: RunContext, posted: dict[str, Any], current: dict[str, Any] | None
-) -> _Pending | None:
-    """An asynchronous run's upload: counted in the buffer open now (``current``), if not too stale.
-
-    ``posted`` is the round the job was posted with: its version is the one
-    the delta must have been trained on. While a buffer is being merged there
-    is none open: None (``wait``: ask again shortly).
-    """
-    if current is None or current["status"] != "open":
-        return None
-    staleness = int(current["base_version"]) - int(posted["base_version"])
-    upload = replace(upload, target=int(current["round"]), slot=slot(upload.round, upload.shard))
-    limit = context.config.staleness_limit
-    blocked = None
-    if staleness > limit:
-        blocked = (
-            f"stale: trained on version {posted['base_version']}, {staleness} versions behind "
-            f"the current {current['base_version']} (at most {limit})"
-        )
-    return _Pending(upload, context, posted, blocked)
 
 
 def _check(

@@ -209,7 +209,7 @@ class Leases:
                     seconds,
                     config.max_share,
                     seconds,  # online: asked within a lease (a volunteer renews every third of it)
-                    "1" if config.is_async else "0",
+                    self.contexts[request.run].mode.grant_flag,
                     keys.ROUND_TTL,
                     f"{request.round}:{request.shard}",
                 ],
@@ -296,12 +296,11 @@ class Leases:
                 context = self.contexts[run]
             except (UnknownRun, LookupError):
                 continue
-            if context.config.is_async:
-                self._drop_jobs(run, context.config, context.queue, offer_seconds(context.config), now)
-                continue
-            posted += self._reoffer_round(
-                post, run, number, context.queue, offer_seconds(context.config), now
-            )
+            wait = offer_seconds(context.config)
+            if context.mode.reoffers_rounds:
+                posted += self._reoffer_round(post, run, number, context.queue, wait, now)
+            else:
+                self._drop_jobs(run, context.config, context.queue, wait, now)
         return posted
 
     def _reoffer_round(self, post: Post, run: str, number: int, queue: str, wait: float, now: float) -> int:

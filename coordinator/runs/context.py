@@ -16,6 +16,7 @@ import torch
 
 from broker.run_config import RunConfig
 from coordinator.merging.privacy import Privacy, from_config
+from coordinator.rounds.modes import Rounds, mode_of
 from coordinator.store import Store
 from jobs import Job, batch_size, load_job
 from jobs.slicing import slice_of
@@ -55,6 +56,11 @@ class RunContext:
             return self.reference
         names = self.slices[slice_of(shard, len(self.slices))]
         return {k: v for k, v in self.reference.items() if k in names}
+
+    @property
+    def mode(self) -> Rounds:
+        """The run's mode as a policy (``coordinator.rounds.modes``)."""
+        return mode_of(self.config)
 
     @property
     def codec(self) -> str:
