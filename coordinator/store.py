@@ -151,6 +151,13 @@ class Store:
         """Write the strategy's state after a candidate version; ``rounds.commit`` publishes it."""
         self._write(run, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL, readable=False)
 
+    def stage_slice(self, run: str, key: str, blob: bytes | Encoded) -> None:
+        """Write a merged slice of a sliced round (``coordinator.merging.split``) for its commit."""
+        self._write(run, key, blob, ttl=keys.STAGED_TTL, readable=False)
+
+    def staged_slice(self, key: str) -> bytearray | None:
+        return self._read(key)
+
     def stage_update(
         self, run: str, version: int, owner: str, update: bytes | Encoded, residual: bytes | Encoded
     ) -> None:
