@@ -529,8 +529,11 @@ class Aggregator:
         ``base``: the plan's base version when the caller holds it (the planner).
         """
         run, part = context.name, plan.parts[position]
-        if base is None:
-            base, _ = loads(self.contexts.model_blob(run, plan.base))
+        names = context.config["slice_tensors"][part.index]
+        if base is None:  # the slice's tensors alone, read chunk by chunk
+            base = self.store.model_part(run, plan.base, names)
+            if base is None:
+                raise LookupError(f"model version {plan.base} of run {run!r} is not in Redis")
         used = {s.shard: s.key for voice in part.voices for s in voice.shards}
         metas = {
             s.shard: {"samples": s.samples, "staleness": s.staleness} for v in part.voices for s in v.shards
@@ -547,12 +550,9 @@ class Aggregator:
                 log.warning("could not renew slice %d of %s round %d: %s", position, run, number, e)
                 return True
 
-        state_blob = self.store.strategy_blob(run)
-        state = loads(state_blob)[0] if state_blob else {}
+        state = self.store.strategy_part(run, names)  # this slice's momentum or Adam moments
         with renewing(split.SLICE_LEASE / 3, renew, "slice-renewal"):
-            return slicing.merge_one(
-                _strategy_maker(context), state, base, context.config["slice_tensors"][part.index], deltas()
-            )
+            return slicing.merge_one(_strategy_maker(context), state, base, names, deltas())
 
     def _publishable(
         self, context: RunContext, base: TensorDict, merged: TensorDict, version: int, owner: str
