@@ -50,6 +50,7 @@ __all__ = [
     "read",
     "read_many",
     "read_pointer",
+    "read_stream",
     "sizes",
     "sizes_many",
     "storage_bound",
@@ -250,6 +251,29 @@ def read(
     if limit is not None and total > limit:
         raise BlobError(f"{key} declares {total} bytes, over the limit of {limit}")
     return _chunks(client, key, count, total)
+
+
+def read_stream(client: redis.Redis, key: str) -> tuple[int, Iterator[bytes]] | None:
+    """(payload bytes, its chunks one at a time) of a blob kept in Redis; None for none or a pointer.
+
+    For a trusted reader that wants a part of a blob it will not replace while
+    it reads (a model version); the caller follows a pointer with ``read``.
+    """
+    head, count = _head(client, key)
+    if head is None:
+        return None
+    magic, total = _header(head, key)
+    if magic == POINTER_MAGIC:
+        return None
+
+    def chunks() -> Iterator[bytes]:
+        for index in range(1, count):
+            chunk = client.lindex(key, index)
+            if chunk is None:
+                raise BlobError(f"{key} changed while it was read (chunk {index} of {count - 1} is gone)")
+            yield chunk
+
+    return total, chunks()
 
 
 def read_pointer(client: redis.Redis | redis.client.Pipeline, key: str) -> Pointer | None:

@@ -45,6 +45,8 @@ chunks (``broker.blobs``)::
     ct:offer:RUN:N                       hash: shard -> when the trusted side last offered it
     ct:seen                              sorted set: volunteer -> when it last asked for a lease
     ct:kept:RUN:round:N:upload:VOLUNTEER:SHARD:TOKEN  the bytes validated, out of every volunteer's reach
+    ct:kept:RUN:round:N:merge            hash: a sliced round's merge plan, its slices' claims and staging
+    ct:kept:RUN:round:N:slice:PLAN:I:OWNER  slice I of that plan as OWNER merged it: tensors, strategy state
     ct:volunteers                        set of volunteer names     (trusted side only)
     ct:identities                        hash: volunteer -> JSON {created, via, revoked} (trusted side only)
     ct:revoked                           set: revoked volunteers, never merged again (trusted side only)
@@ -226,6 +228,16 @@ def round_facts(run: str, number: int) -> str:
 def accepted_upload(run: str, number: int, volunteer: str, shard: int, token: str) -> str:
     """Where the aggregator keeps the exact bytes it validated: no volunteer may read or write it."""
     return _k("kept", run, "round", number, "upload", volunteer, shard, token)
+
+
+def merge_plan(run: str, number: int) -> str:
+    """A sliced round's split merge (``coordinator.merging.split``): out of every volunteer's reach."""
+    return _k("kept", run, "round", number, "merge")
+
+
+def staged_slice(run: str, number: int, plan: str, position: int, owner: str) -> str:
+    """Slice ``position`` of a sliced round's merge ``plan``, as ``owner`` merged it, for the commit."""
+    return _k("kept", run, "round", number, "slice", plan, position, owner)
 
 
 def deadline_member(run: str, number: int) -> str:

@@ -326,7 +326,11 @@ def aggregator(args: argparse.Namespace) -> None:
     # the trusted side writes credit and reputation to each run's ledger on disk as it gives them
     store = Store(redis_client(settings), ledger=ledger.Ledger(settings.home))
     trusted = Aggregator(
-        store, settings.home, keep_versions=settings.keep_versions, cache_bytes=settings.merge_cache_mb << 20
+        store,
+        settings.home,
+        name=args.name or "aggregator",
+        keep_versions=settings.keep_versions,
+        cache_bytes=settings.merge_cache_mb << 20,
     )
     app = aggregator_app(settings, trusted)
     if args.metrics_port:
@@ -345,6 +349,8 @@ def aggregator(args: argparse.Namespace) -> None:
 
     def send(task: str, task_args: list) -> None:
         app.send_task(task, args=task_args, queue=AGGREGATE_QUEUE)
+
+    trusted.send = send  # a sliced round's planner asks the other aggregators to merge slices
 
     def post(task: str, kwargs: dict[str, Any], queue: str) -> None:
         # a volunteer may not write the result backend: its task stores none

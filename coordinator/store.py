@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import msgpack
@@ -23,7 +23,7 @@ from broker.run_config import RunConfig
 from coordinator.errors import RunExists
 from coordinator.rounds.state import RoundState, lua_source, number_or_text
 from coordinator.runs.ledger import Ledger
-from serialization import Encoded
+from serialization import Encoded, TensorDict, loads, loads_some
 
 # Unreferenced objects of a run are looked for at most this often (a listing of its prefix).
 SWEEP_SECONDS = 600
@@ -141,6 +141,23 @@ class Store:
     def strategy_blob(self, run: str) -> bytearray | None:
         return self._read(keys.strategy(run))
 
+    def model_part(self, run: str, version: int, names: Collection[str]) -> TensorDict | None:
+        """Tensors ``names`` of a model version, read chunk by chunk: memory for them alone."""
+        wanted = set(names)
+        return self._read_part(keys.model(run, version), wanted.__contains__)
+
+    def strategy_part(self, run: str, names: Collection[str]) -> TensorDict:
+        """The strategy state of tensors ``names`` (entries ``KIND/NAME``), read as ``model_part`` reads."""
+        wanted = set(names)
+        return self._read_part(keys.strategy(run), lambda key: key.partition("/")[2] in wanted) or {}
+
+    def _read_part(self, key: str, keep: Callable[[str], bool]) -> TensorDict | None:
+        stream = blobs.read_stream(self.redis, key)
+        if stream is None:  # none there, or a blob behind a pointer (object store): read whole
+            blob = self._read(key)
+            return None if blob is None else {k: v for k, v in loads(blob)[0].items() if keep(k)}
+        return loads_some(stream[1], stream[0], keep)
+
     def stage_model(self, run: str, version: int, owner: str, blob: bytes | Encoded) -> str:
         """Write a candidate model under a private key; ``rounds.commit`` publishes it."""
         key = keys.staged_model(run, version, owner)
@@ -150,6 +167,13 @@ class Store:
     def stage_strategy(self, run: str, owner: str, blob: bytes | Encoded) -> None:
         """Write the strategy's state after a candidate version; ``rounds.commit`` publishes it."""
         self._write(run, keys.staged_strategy(run, owner), blob, ttl=keys.STAGED_TTL, readable=False)
+
+    def stage_slice(self, run: str, key: str, blob: bytes | Encoded) -> None:
+        """Write a merged slice of a sliced round (``coordinator.merging.split``) for its commit."""
+        self._write(run, key, blob, ttl=keys.STAGED_TTL, readable=False)
+
+    def staged_slice(self, key: str) -> bytearray | None:
+        return self._read(key)
 
     def stage_update(
         self, run: str, version: int, owner: str, update: bytes | Encoded, residual: bytes | Encoded

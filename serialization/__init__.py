@@ -2,6 +2,7 @@
 
 from .codecs import CODECS, Codec, parse_codec
 from .errors import UnknownCodec, WireFormatError
+from .partial import loads_some
 from .types import TensorDict
 from .updates import apply_update
 from .wire import (
@@ -34,5 +35,6 @@ __all__ = [
     "dumps_visit",
     "encoded_size_bound",
     "loads",
+    "loads_some",
     "parse_codec",
 ]

@@ -1,4 +1,4 @@
-"""The trusted aggregator's task, ``aggregate_round``, and its app.
+"""The trusted aggregator's tasks, ``aggregate_round`` and ``merge_slices``, and its app.
 
 Uploads are not validated by a task: volunteers announce them on a list that
 the aggregator's intake thread drains in batches (``coordinator.rounds.announcements``).
@@ -49,8 +49,8 @@ def aggregator_app(settings: Settings, aggregator: Aggregator | None = None) -> 
 
 
 def register(app: CrowdtrainApp) -> None:
-    """Add ``aggregate_round`` to ``app``."""
-    app.own_tasks.add("aggregate_round")
+    """Add ``aggregate_round`` and ``merge_slices`` to ``app``."""
+    app.own_tasks.update(("aggregate_round", "merge_slices"))
 
     @app.task(name="aggregate_round", base=AggregatorTask, bind=True, shared=False)
     def aggregate_round(self: AggregatorTask, run: str, round: int) -> dict[str, Any]:
@@ -61,3 +61,9 @@ def register(app: CrowdtrainApp) -> None:
             return {"run": run, "round": round, "outcome": "not due or already aggregated"}
         keep = ("status", "model_version", "accepted", "train_loss", "eval_loss", "seconds")
         return {"run": run, "round": round, **{k: summary.get(k) for k in keep}}
+
+    @app.task(name="merge_slices", base=AggregatorTask, bind=True, shared=False)
+    def merge_slices(self: AggregatorTask, run: str, round: int) -> dict[str, Any]:
+        """Merge free slices of a sliced round another aggregator planned (``coordinator.merging.split``)."""
+        checked(run=run, round=round)
+        return {"run": run, "round": round, "slices": self.aggregator.merge_slices(run, round)}

@@ -92,6 +92,7 @@ def celery_config(settings: Settings, volunteer: bool = False) -> dict[str, Any]
         task_routes={
             "train_shard": {"queue": TRAIN_QUEUE},
             "aggregate_round": {"queue": AGGREGATE_QUEUE},
+            "merge_slices": {"queue": AGGREGATE_QUEUE},
         },
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -14,7 +14,7 @@ worker dies, so every restart dies on it again. Two guards stop that:
   (dropped) with a log line; so is one that makes Celery's own handling raise.
 
 A worker runs only its app's own tasks (``CrowdtrainApp.own_tasks``: a
-volunteer ``train_shard``, the aggregator ``aggregate_round``). A message naming
+volunteer ``train_shard``, the aggregator ``aggregate_round`` and ``merge_slices``). A message naming
 any other task, Celery's built-ins (``celery.map``, ``celery.chunks``, ...)
 included, is acked and dropped by ``DropMalformed`` before Celery looks it up:
 out of the box Celery would store a ``NotRegistered`` failure, which a

@@ -18,7 +18,7 @@ import statistics
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from broker import keys
 from broker.renewal import renewing
 from broker.routing import MAX_MEMORY_GB
 from broker.settings import DEFAULT_MERGE_CACHE_MB
-from coordinator.merging import work
+from coordinator.merging import split, work
 from coordinator.merging.downlink import lossy, publish, read_residual
 from coordinator.merging.judging import (
     Rejection,
@@ -91,6 +91,10 @@ class Aggregator:
         # who answers which shard: the intake loop grants leases and counts only leased uploads
         self.leases = Leases(store, self.contexts)
         self.intake = Intake(store, self.contexts, self.leases)
+        # how a sliced round's planner asks other aggregators for help (``merge_slices`` on queue
+        # ``aggregate``); None: it merges every slice itself
+        self.send: Callable[[str, list], None] | None = None
+        self.splits = split.SplitMerges(store.redis)
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once (see ``coordinator.rounds.intake``)."""
@@ -112,6 +116,30 @@ class Aggregator:
         if summary is not None:
             self.contexts[run].mode.after_merge(self.store, run)
         return summary
+
+    def merge_slices(self, run: str, number: int) -> int:
+        """Merge slices of a sliced round's plan while any is free (``coordinator.merging.split``).
+
+        Returns how many this call merged; 0 when the round has no plan (it is
+        merged already) or every slice is taken.
+        """
+        plan = self.splits.load(run, number)
+        if plan is None:
+            return 0
+        context = self.contexts[run]
+        owner = f"{self.name}:{uuid.uuid4().hex}"
+        done = 0
+        while (position := self.splits.take(run, number, plan, owner)) >= 0:
+            tensors, state = self._merge_part(context, number, plan, position, owner)
+            key = keys.staged_slice(run, number, plan.id, position, owner)
+            self.store.stage_slice(run, key, dumps_stream(split.pack_slice(tensors, state)))
+            del tensors, state
+            outcome = self.splits.staged(run, number, plan, position, key)
+            if outcome != "staged":  # merged again by another, or the round moved on: ours goes
+                self.store.delete_upload(key)
+            log.info("merged slice %d of %s round %d (%s)", plan.parts[position].index, run, number, outcome)
+            done += 1
+        return done
 
     # --- one round -----------------------------------------------------------
     def _aggregate_claimed(self, run: str, number: int, owner: str, started: float) -> dict[str, Any] | None:
@@ -194,13 +222,21 @@ class Aggregator:
             plan = plan_round(self.store, run, list(voices(used)), sketches, spoken, history, reputations)
             if context.slices:  # voices of different slices have norms that do not compare
                 plan.bound = None
-        merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan, kept_state)
+        clip = None
+        if context.slices:  # slice by slice, shared with the other aggregators (coordinator.merging.split)
+            shared = self._merge_split(context, number, owner, base, weights, used, metas, reputations, plan)
+            if shared is None:
+                log.warning("round %d of %s not published: its claim was taken over", number, run)
+                return None
+            merged, strategy_state = shared
+        else:
+            merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan, kept_state)
+            # Each model-sized object goes as soon as it is done with: the strategy's scratch,
+            # the base (views of its blob), the evaluation's model; the peak stays under 4x.
+            strategy_state = strategy.state_dict()
+            del strategy
         if not all(all_finite(t) for t in merged.values()):
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
-        strategy_state = strategy.state_dict()
-        # Each model-sized object goes as soon as it is done with: the strategy's scratch,
-        # the base (views of its blob), the evaluation's model; the peak stays under 4x.
-        del strategy
         weights = self._publishable(context, weights, merged, base + 1, owner)
         del merged
         evaluation = _evaluate(context, weights)
@@ -409,23 +445,12 @@ class Aggregator:
         (``coordinator.merging.sybils``) each weight is scaled by probation and similarity
         groups, and a voice longer than its clip bound is scaled down to it.
         """
-        config = context.config
         # ``base`` is views of its blob (a bytearray: writable), which nothing reads after the
         # merge unless a lossy downlink publishes base + update: only then is a copy needed, and
         # the strategy makes it once the deltas are summed (not beside the last one decoded).
-        keep_base = lossy(config.downlink_compression)
+        keep_base = lossy(context.config.downlink_compression)
         weights = dict(base)
-
-        def make() -> Strategy:
-            return make_strategy(
-                config.strategy,
-                server_lr=config.server_lr,
-                momentum=config.momentum,
-                clip_norm=config.clip_norm,
-                momentum_delay=context.mode.momentum_delay,
-            )
-
-        strategy = make()
+        strategy = _strategy_maker(context)()
         if kept_state is not None:  # the state this process published with the base
             state = kept_state
         else:
@@ -440,9 +465,8 @@ class Aggregator:
         def deltas(used: dict[int, str] = used) -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
                 samples, delta = self._voice(context, used, metas, shards)
-                weight = weigh(samples, reputations[name]) if reputations else samples
+                weight = _voice_weight(name, samples, reputations, plan)
                 if plan is not None:
-                    weight = plan.weight(name, weight)
                     shrink = clip_scale(delta_norm(delta), plan.bound)
                     if shrink < 1.0:
                         for tensor in delta.values():
@@ -450,14 +474,115 @@ class Aggregator:
                                 tensor.mul_(shrink)
                 yield weight, delta
 
-        if context.slices:  # each tensor from the deltas that trained it; the others keep their bytes
-            sliced = slicing.SlicedStrategy(make, state)
-            for names, part in slicing.parts(context, used):
-                sliced.merge_slice(weights, names or [], deltas(part))
-            return weights, sliced, None
         weights = strategy.aggregate(weights, deltas(), copy=keep_base)
         next_value = strategy.next_clip if isinstance(strategy, PrivateStrategy) else None
         return weights, strategy, next_value
+
+    def _merge_split(
+        self,
+        context: RunContext,
+        number: int,
+        owner: str,
+        base: int,
+        weights: TensorDict,
+        used: dict[int, str],
+        metas: dict[int, dict],
+        reputations: dict[str, float | None],
+        plan: Plan | None,
+    ) -> tuple[TensorDict, TensorDict] | None:
+        """A sliced round's merge, as its planner: (the new weights, the strategy state after them).
+
+        The plan records each slice's voices, their shards and weights (as
+        ``_merge`` weighs them); this aggregator merges slices while any is
+        free, then waits for those others hold. Each tensor is merged from the
+        deltas that trained it; a tensor of a slice no accepted delta touched
+        keeps its bytes. None if the round's claim was taken over meanwhile.
+        """
+        run = context.name
+        parts = []
+        for index, shards in slicing.by_slice(used, len(context.slices)).items():
+            part = {s: used[s] for s in shards}
+            merged_voices = []
+            for name, voice_shards in voices(part).items():
+                samples = sum(_weight(metas[s]) for s in voice_shards)  # as ``_voice`` totals them
+                weight = float(_voice_weight(name, samples, reputations, plan))
+                entries = tuple(
+                    split.Shard(s, used[s], int(metas[s]["samples"]), int(metas[s].get("staleness", 0)))
+                    for s in voice_shards
+                )
+                merged_voices.append(split.Voice(name, weight, entries))
+            parts.append(split.Part(index, tuple(merged_voices)))
+        merge_plan = split.MergePlan(uuid.uuid4().hex, base, tuple(parts))
+        self.splits.record(run, number, merge_plan)
+        if self.send is not None:
+            for _ in merge_plan.parts[1:]:
+                self.send("merge_slices", [run, number])
+        mine: dict[int, tuple[TensorDict, TensorDict]] = {}
+        while (position := self.splits.take(run, number, merge_plan, owner)) != split.ALL_STAGED:
+            if position >= 0:
+                mine[position] = self._merge_part(context, number, merge_plan, position, owner, weights)
+                self.splits.staged(run, number, merge_plan, position, "")
+            elif position == split.GONE or not split.holds(self.store.redis, run, number, owner):
+                return None
+            else:  # the rest are held by other aggregators: wait for them, or for a lease to run out
+                time.sleep(split.SLICE_POLL)
+        staging = self.splits.staging(run, number, merge_plan)
+        if staging is None:
+            return None
+        state_blob = self.store.strategy_blob(run)
+        state = dict(loads(state_blob)[0]) if state_blob else {}
+        merged = dict(weights)
+        for position in range(len(merge_plan.parts)):
+            if position in mine:
+                tensors, part_state = mine.pop(position)
+            else:
+                blob = self.store.staged_slice(staging[position])
+                if blob is None:
+                    raise LookupError(f"slice {position} of the round's merge left Redis before the commit")
+                tensors, part_state = split.unpack_slice(loads(blob)[0])
+            merged.update(tensors)
+            state.update(part_state)
+        self.splits.clear(run, number, merge_plan)
+        return merged, state
+
+    def _merge_part(
+        self,
+        context: RunContext,
+        number: int,
+        plan: split.MergePlan,
+        position: int,
+        owner: str,
+        base: TensorDict | None = None,
+    ) -> tuple[TensorDict, TensorDict]:
+        """One slice of a merge plan: (its merged tensors, its strategy state), reading its deltas only.
+
+        ``base``: the plan's base version when the caller holds it (the planner).
+        """
+        run, part = context.name, plan.parts[position]
+        names = (context.config.slice_tensors or [])[part.index]
+        if base is None:  # the slice's tensors alone, read chunk by chunk
+            base = self.store.model_part(run, plan.base, names)
+            if base is None:
+                raise LookupError(f"model version {plan.base} of run {run!r} is not in Redis")
+        used = {s.shard: s.key for voice in part.voices for s in voice.shards}
+        metas = {
+            s.shard: {"samples": s.samples, "staleness": s.staleness} for v in part.voices for s in v.shards
+        }
+
+        def deltas() -> Iterator[tuple[float, TensorDict]]:
+            for voice in part.voices:
+                yield voice.weight, self._voice(context, used, metas, [s.shard for s in voice.shards])[1]
+
+        def renew() -> bool:
+            try:
+                return self.splits.renew(run, number, plan, position, owner)
+            except Exception as e:  # keep trying; the lease covers short blips
+                log.warning("could not renew slice %d of %s round %d: %s", position, run, number, e)
+                return True
+
+        state = self.store.strategy_part(run, names)  # this slice's momentum or Adam moments
+        with renewing(split.SLICE_LEASE / 3, renew, "slice-renewal"):
+            return slicing.merge_one(_strategy_maker(context), state, base, names, deltas())
 
     def _publishable(
         self, context: RunContext, base: TensorDict, merged: TensorDict, version: int, owner: str
@@ -636,6 +761,30 @@ def _evaluate(context: RunContext, weights: TensorDict) -> dict[str, float]:
     model = context.job.build_model()
     model.load_state_dict(weights)
     return {k: float(v) for k, v in context.job.evaluate(model).items()}
+
+
+def _strategy_maker(context: RunContext) -> Callable[[], Strategy]:
+    """Makes the run's strategy (one for the run, or one per slice of a sliced run)."""
+    config = context.config
+
+    def make() -> Strategy:
+        return make_strategy(
+            config.strategy,
+            server_lr=config.server_lr,
+            momentum=config.momentum,
+            clip_norm=config.clip_norm,
+            momentum_delay=context.mode.momentum_delay,
+        )
+
+    return make
+
+
+def _voice_weight(
+    name: str, samples: float, reputations: dict[str, float | None], plan: Plan | None
+) -> float:
+    """A voice's weight: its samples, by its reputation in a judged round, by the plan's factor."""
+    weight = weigh(samples, reputations[name]) if reputations else samples
+    return plan.weight(name, weight) if plan is not None else weight
 
 
 def _probes(context: RunContext) -> bool:

@@ -145,6 +145,24 @@ def screen(
     return flagged
 
 
+def merge_one(
+    make: Callable[[], Strategy],
+    state: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    deltas: Iterable[WeightedDelta],
+) -> tuple[TensorDict, TensorDict]:
+    """One slice merged: (its tensors of ``weights`` moved by ``deltas``, in place; its strategy state).
+
+    ``state`` is the run's (every slice's); only this slice's part is read.
+    """
+    wanted = set(names)
+    strategy = make()
+    strategy.load_state_dict({k: v for k, v in state.items() if k.partition("/")[2] in wanted})
+    merged = strategy.aggregate({k: weights[k] for k in names}, deltas)
+    return merged, strategy.state_dict()
+
+
 class SlicedStrategy(Strategy):
     """The run's strategy applied slice by slice; ``state_dict`` is every slice's state in one map."""
 
@@ -155,13 +173,9 @@ class SlicedStrategy(Strategy):
 
     def merge_slice(self, weights: TensorDict, names: Sequence[str], deltas: Iterable[WeightedDelta]) -> None:
         """Merge one slice's deltas into its tensors of ``weights`` (in place); its state moves on."""
-        wanted = set(names)
-        strategy = self.make()
-        strategy.load_state_dict({k: v for k, v in self.state.items() if k.partition("/")[2] in wanted})
-        part = {k: weights[k] for k in names}
-        merged = strategy.aggregate(part, deltas)
+        merged, state = merge_one(self.make, self.state, weights, names, deltas)
         weights.update(merged)
-        self.state.update(strategy.state_dict())
+        self.state.update(state)
 
     def state_dict(self) -> TensorDict:
         return dict(self.state)

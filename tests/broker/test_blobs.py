@@ -9,7 +9,7 @@ import torch
 
 from broker import blobs, keys
 from broker.errors import SettingsError
-from serialization import Encoded, dumps, dumps_stream
+from serialization import Encoded, WireFormatError, dumps, dumps_stream, loads, loads_some
 
 
 @pytest.fixture
@@ -124,3 +124,34 @@ def test_a_streamed_message_is_written_in_chunks_and_appears_whole_or_not_at_all
     announced: list[str] = []
     blobs.write(client, "m2", dumps_stream(weights), ttl=60, also=lambda pipe: announced.append("yes"))
     assert announced == ["yes"] and 0 < client.ttl("m2") <= 60
+
+
+def test_some_tensors_of_a_chunked_model_read_chunk_by_chunk_equal_the_whole_reads(client):
+    """A slice's tensors (``serialization.loads_some``) across 1 MiB chunk boundaries, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = (300_000, 5, 700_000, 0, 250_000, 400_000)  # tensors straddle chunks, one is empty
+    model = {f"t{i}": torch.randn(n, generator=generator) for i, n in enumerate(sizes)}
+    model["steps"] = torch.arange(7, dtype=torch.int64)
+    model["half"] = torch.randn(3, 5, generator=generator).to(torch.bfloat16)
+    blobs.write(client, "m", dumps_stream(model, {"run": "r", "version": 3}))
+    whole, _ = loads(blobs.read(client, "m"))
+    for names in ({"t2", "t3", "half"}, {"t0", "steps", "t5"}, set(), set(model)):
+        total, chunks = blobs.read_stream(client, "m")
+        part = loads_some(chunks, total, names.__contains__)
+        assert list(part) == [k for k in whole if k in names]
+        for name, tensor in part.items():
+            assert tensor.dtype == whole[name].dtype and tensor.shape == whole[name].shape
+            assert (
+                tensor.view(torch.uint8).numpy().tobytes() == whole[name].view(torch.uint8).numpy().tobytes()
+            )
+    assert blobs.read_stream(client, "missing") is None
+
+
+def test_a_part_read_refuses_a_lossy_tensor_and_a_message_cut_short(client):
+    blobs.write(client, "lossy", dumps({"w": torch.ones(5000)}, {}, codec="int8"))
+    total, chunks = blobs.read_stream(client, "lossy")
+    with pytest.raises(WireFormatError, match="only none"):
+        loads_some(chunks, total, lambda name: True)
+    message = dumps({"w": torch.ones(1000)}, {})
+    with pytest.raises(WireFormatError):
+        loads_some(iter([message[:-100]]), len(message), lambda name: True)

@@ -51,7 +51,7 @@ def test_each_side_runs_only_its_own_task_and_a_volunteer_stores_no_result():
     settings = Settings(broker_url="redis://127.0.0.1:1/0")
     volunteer = volunteer_app(settings, VolunteerOptions(name="alice"))
     trusted = aggregator_app(settings)
-    assert volunteer.own_tasks == {"train_shard"} and trusted.own_tasks == {"aggregate_round"}
+    assert volunteer.own_tasks == {"train_shard"} and trusted.own_tasks == {"aggregate_round", "merge_slices"}
     assert "celery.map" in volunteer.tasks  # Celery's built-ins are registered, and never run
     assert isinstance(volunteer.backend, DisabledBackend)
     assert isinstance(trusted.backend, GuardedRedisBackend)
