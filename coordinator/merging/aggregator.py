@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,11 @@ from coordinator.merging.judging import (
     voices,
 )
 from coordinator.merging.privacy import PrivateStrategy, spent
+from coordinator.merging.reading import RoundReader, weight_of
 from coordinator.merging.sampling import Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
 from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
 from coordinator.merging.verification import sketch, weigh
-from coordinator.rounds.asynchronous import (
-    staleness_weight,
-)
 from coordinator.rounds.intake import Intake, Verdict
 from coordinator.rounds.leases import Leases
 from coordinator.rounds.state import CLAIM_LEASE
@@ -61,10 +60,25 @@ from serialization import TensorDict, dumps_stream, loads
 log = logging.getLogger("crowdtrain.aggregator")
 
 MAX_ATTEMPTS = 3
-# Raw upload bytes the merge reads ahead in one MGET (at least one upload): small deltas cost
-# one round trip per batch, not per delta, and a large one is still read alone.
-PREFETCH_BYTES = 1 << 20
 _DEVICE = re.compile(r"[a-z]{2,8}(:[0-9]{1,3})?")  # what a volunteer may call its device
+
+
+@dataclass
+class RoundPlan:
+    """What the checks decided for a round, before anything is merged: the voices to merge (their
+    accepted copies, metas and norms), the rejections, the judged reputations and the Sybil shaping,
+    or why the round cannot be merged."""
+
+    used: dict[int, str]  # shard -> accepted copy, of the voices to merge
+    metas: dict[int, dict]
+    norms: dict[int, float]
+    rejections: list[Rejection]
+    revoked: dict[int, str] = field(default_factory=dict)  # shard -> volunteer revoked meanwhile
+    reputations: dict[str, float | None] = field(default_factory=dict)  # a judged round's, before it
+    selection: Selection = field(default_factory=lambda: Selection(frozenset()))
+    checked: work.Checked | None = None  # the work check's findings (--work-check)
+    sybils: Plan | None = None  # probation, similarity groups, clipping (coordinator.merging.sybils)
+    failure: str | None = None  # why the round fails instead
 
 
 class Aggregator:
@@ -82,8 +96,8 @@ class Aggregator:
         self.home = home
         self.name = name
         self.keep_versions = keep_versions
-        # the round being merged: its accepted copies' bytes, each read from Redis once
-        self._uploads = UploadCache(cache_bytes)
+        # the round being merged: its accepted copies, each read from Redis once
+        self.reader = RoundReader(store, cache_bytes)
         # per run: the version this process last published and the strategy state after it,
         # so the next round starts from them instead of reading them back (``_kept``)
         self._published: dict[str, tuple[int, TensorDict, TensorDict]] = {}
@@ -112,7 +126,7 @@ class Aggregator:
             except Exception as e:
                 summary = self._after_error(run, number, owner, e)
             finally:
-                self._uploads.clear()
+                self.reader.clear()
         if summary is not None:
             self.contexts[run].mode.after_merge(self.store, run)
         return summary
@@ -143,94 +157,39 @@ class Aggregator:
 
     # --- one round -----------------------------------------------------------
     def _aggregate_claimed(self, run: str, number: int, owner: str, started: float) -> dict[str, Any] | None:
+        """plan (which voices, at what weight: data) -> merge (the strategy) -> publish (commit, then what
+        follows); a round that cannot be merged fails with its reason."""
         context = self.contexts[run]
         info = self.store.rounds.info(run, number) or {}
         base = int(info["base_version"])
-        copies = self.store.rounds.accepted_uploads(run, number)
-        copies, revoked = split_revoked(self.store.redis, copies)  # revoked while the round was merged
-        for shard, volunteer in revoked.items():
-            self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
-        metas, norms, screened = self._screen(context, number, copies)
-        for meta in metas.values():  # asynchronous runs: how many versions old each delta is
-            meta["staleness"] = base - int(meta.get("base_version", base))
-        rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
-        used = {s: k for s, k in copies.items() if s in metas and s not in screened}
         weights, kept_state = self._base(context, base)
         if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
             self._catch_up(context, base, weights)
-
-        def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
-            return self._delta(context, key, out, shard)
-
-        if context.config.replicate:
-            replicas = self.store.rounds.replicas(run, number)
-            rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
-        checked = None
-        if context.config.work_check and used:  # proof of work: a sample of shards replayed
-            owners = list(voices(used))
-            record = work.records(self.store.redis, owners)
-            shards = int(info["shards"])
-            checked = work.check_work(
-                context.job, context.config, run, number, shards, weights, used, metas, record, read
-            )
-            caught = {name for _, name, _ in checked.rejections}
-            work.forfeit(self.store.redis, caught)
-            for name in sorted(caught):  # on disk too, so a restore does not give the credit back
-                if self.store.ledger is not None:
-                    self.store.ledger.forfeit(run, name)
-            rejections += checked.rejections
-        reputations: dict[str, float | None] = {}
-        selection = Selection(frozenset())
-        sketches: dict[str, torch.Tensor] = {}
-        if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
-            judged = []
-            for names, part in slicing.parts(context, used):  # a sliced run's voices, slice by slice
-                found, chosen = self._judge(context, base, weights, part, metas, reputations, sketches, names)
-                judged += found
-                selection = Selection(
-                    selection.judged | chosen.judged,
-                    selection.sampled | chosen.sampled,
-                    selection.skipped | chosen.skipped,
-                )
-            rejections += judged
-            used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
-        for shard, volunteer, reason in rejections:
+        plan = self._plan(context, number, info, weights)
+        for shard, volunteer in plan.revoked.items():  # revoked while the round was merged: no credit
+            self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
+        for shard, volunteer, reason in plan.rejections:
             self.store.rounds.reject_claimed(run, number, shard, volunteer, reason)
             self.store.credit(volunteer, run=run, rejected=1)
             log.warning("rejected %s round %d shard %d from %s: %s", run, number, shard, volunteer, reason)
-        summary = _summary(context, number, info, metas, used)
-        if checked is not None:
-            summary.update(work.summary(checked))
-        if not used:
-            failed = self._fail(context, number, owner, info, summary, "no accepted deltas")
-            if reputations:  # every voice judged was rejected: a lone attacker loses reputation too
-                self.store.set_reputations(reputations_after(reputations, selection, ()), run=run)
-            return failed
-        count, needed = len(voices(used)), context.config.min_voices
-        if count < needed:
-            had = f"{count} voice{'s' if count != 1 else ''}"
-            reason = f"{had} (volunteers) with accepted deltas, {needed} needed (--min-voices)"
-            return self._fail(context, number, owner, info, summary, reason)
-        summary["mean_delta_norm"] = sum(norms[s] for s in used) / len(used)
-        summary.update(context.mode.summary(metas, used))
-        privacy = context.privacy
-        if privacy is not None:
-            summary["epsilon"] = spent(privacy, base + 1)
-        plan = None
-        if context.privacy is None:  # probation, similarity groups and clipping (coordinator.merging.sybils)
-            history, spoken = self.store.voice_norms(run), _voice_norms(used, norms)
-            plan = plan_round(self.store, run, list(voices(used)), sketches, spoken, history, reputations)
-            if context.slices:  # voices of different slices have norms that do not compare
-                plan.bound = None
+        summary = self._round_summary(context, number, info, plan)
+        if plan.failure is not None:
+            if plan.reputations and not plan.used:  # every voice judged was rejected: a lone attacker too
+                self.store.set_reputations(reputations_after(plan.reputations, plan.selection, ()), run=run)
+            return self._fail(context, number, owner, info, summary, plan.failure)
         clip = None
         if context.slices:  # slice by slice, shared with the other aggregators (coordinator.merging.split)
-            shared = self._merge_split(context, number, owner, base, weights, used, metas, reputations, plan)
+            shared = self._merge_split(
+                context, number, owner, base, weights, plan.used, plan.metas, plan.reputations, plan.sybils
+            )
             if shared is None:
                 log.warning("round %d of %s not published: its claim was taken over", number, run)
                 return None
             merged, strategy_state = shared
         else:
-            merged, strategy, clip = self._merge(context, weights, used, metas, reputations, plan, kept_state)
+            merged, strategy, clip = self._merge(
+                context, weights, plan.used, plan.metas, plan.reputations, plan.sybils, kept_state
+            )
             # Each model-sized object goes as soon as it is done with: the strategy's scratch,
             # the base (views of its blob), the evaluation's model; the peak stays under 4x.
             strategy_state = strategy.state_dict()
@@ -239,42 +198,147 @@ class Aggregator:
             return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
         weights = self._publishable(context, weights, merged, base + 1, owner)
         del merged
+        done = self._publish(context, number, owner, info, plan, weights, strategy_state, clip, summary)
+        if done is not None:
+            log.info(
+                "round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
+                number,
+                run,
+                base + 1,
+                done.get("eval_loss", math.nan),
+                len(plan.used),
+                time.time() - started,
+            )
+        return done
+
+    def _plan(self, context: RunContext, number: int, info: dict, weights: TensorDict) -> RoundPlan:
+        """Which accepted voices the round merges, and how: screen, replicas, work, judging, Sybils.
+
+        Returns data; nothing is written (the caller records the rejections).
+        """
+        run, base = context.name, int(info["base_version"])
+        copies = self.store.rounds.accepted_uploads(run, number)
+        copies, revoked = split_revoked(self.store.redis, copies)  # revoked while the round was merged
+        metas, norms, screened = self._screen(context, number, copies)
+        for meta in metas.values():  # asynchronous runs: how many versions old each delta is
+            meta["staleness"] = base - int(meta.get("base_version", base))
+        rejections = [(s, keys.volunteer_of(copies[s]), reason) for s, reason in screened.items()]
+        used = {s: k for s, k in copies.items() if s in metas and s not in screened}
+        plan = RoundPlan(used=used, metas=metas, norms=norms, rejections=rejections, revoked=revoked)
+
+        def read(key: str, out: dict[int, dict], shard: int) -> TensorDict | None:
+            return self.reader.delta(context, key, out, shard)
+
+        if context.config.replicate:
+            replicas = self.store.rounds.replicas(run, number)
+            plan.rejections += check_replicas(context.job, weights, replicas, used, metas, norms, read)
+        if context.config.work_check and used:  # proof of work: a sample of shards replayed
+            owners = list(voices(used))
+            record = work.records(self.store.redis, owners)
+            plan.checked = work.check_work(
+                context.job,
+                context.config,
+                run,
+                number,
+                int(info["shards"]),
+                weights,
+                used,
+                metas,
+                record,
+                read,
+            )
+            caught = {name for _, name, _ in plan.checked.rejections}
+            work.forfeit(self.store.redis, caught)
+            for name in sorted(caught):  # on disk too, so a restore does not give the credit back
+                if self.store.ledger is not None:
+                    self.store.ledger.forfeit(run, name)
+            plan.rejections += plan.checked.rejections
+        sketches: dict[str, torch.Tensor] = {}
+        if used and context.privacy is None:  # with DP nothing judges one person's delta by itself
+            judged: list[Rejection] = []
+            for names, part in slicing.parts(context, used):  # a sliced run's voices, slice by slice
+                found, chosen = self._judge(
+                    context, base, weights, part, metas, plan.reputations, sketches, names
+                )
+                judged += found
+                plan.selection = Selection(
+                    plan.selection.judged | chosen.judged,
+                    plan.selection.sampled | chosen.sampled,
+                    plan.selection.skipped | chosen.skipped,
+                )
+            plan.rejections += judged
+            plan.used = {s: k for s, k in used.items() if s not in {shard for shard, _, _ in judged}}
+        count, needed = len(voices(plan.used)), context.config.min_voices
+        if not plan.used:
+            plan.failure = "no accepted deltas"
+        elif count < needed:
+            had = f"{count} voice{'s' if count != 1 else ''}"
+            plan.failure = f"{had} (volunteers) with accepted deltas, {needed} needed (--min-voices)"
+        elif (
+            context.privacy is None
+        ):  # probation, similarity groups and clipping (coordinator.merging.sybils)
+            history, spoken = self.store.voice_norms(run), _voice_norms(plan.used, norms)
+            names = list(voices(plan.used))
+            plan.sybils = plan_round(self.store, run, names, sketches, spoken, history, plan.reputations)
+            if context.slices:  # voices of different slices have norms that do not compare
+                plan.sybils.bound = None
+        return plan
+
+    def _round_summary(self, context: RunContext, number: int, info: dict, plan: RoundPlan) -> dict[str, Any]:
+        """The round's summary so far: what was merged, and what the checks found."""
+        summary = _summary(context, number, info, plan.metas, plan.used)
+        if plan.checked is not None:
+            summary.update(work.summary(plan.checked))
+        if plan.failure is not None:
+            return summary
+        summary["mean_delta_norm"] = sum(plan.norms[s] for s in plan.used) / len(plan.used)
+        summary.update(context.mode.summary(plan.metas, plan.used))
+        if context.privacy is not None:
+            summary["epsilon"] = spent(context.privacy, int(info["base_version"]) + 1)
+        return summary
+
+    def _publish(
+        self,
+        context: RunContext,
+        number: int,
+        owner: str,
+        info: dict,
+        plan: RoundPlan,
+        weights: TensorDict,
+        strategy_state: TensorDict,
+        clip: float | None,
+        summary: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """Stage the version, commit it exactly once, then what follows: credit, reputations, the
+        run's small state, pruning and the disk. None if the commit was refused (taken over)."""
+        run, version = context.name, int(info["base_version"]) + 1
         evaluation = _evaluate(context, weights)
         staged = self.store.stage_model(
-            run, base + 1, owner, dumps_stream(weights, {"run": run, "version": base + 1})
+            run, version, owner, dumps_stream(weights, {"run": run, "version": version})
         )
         if strategy_state:
             self.store.stage_strategy(run, owner, dumps_stream(strategy_state))
-        summary.update(evaluation, status="done", model_version=base + 1, seconds=_since(info))
-        result = self.store.rounds.commit(run, number, owner, base, summary, staged)
+        summary.update(evaluation, status="done", model_version=version, seconds=_since(info))
+        result = self.store.rounds.commit(run, number, owner, version - 1, summary, staged)
         if result != "done":
             self.store.delete_upload(staged)
             log.warning("round %d of %s not published: %s", number, run, result)
             return None
-        self._credit(run, used, metas)
-        if plan is not None:
-            remember(self.store, run, plan)
-        merged_norm = accepted_norm(_voice_norms(used, norms))
+        self._credit(run, plan.used, plan.metas)
+        if plan.sybils is not None:
+            remember(self.store, run, plan.sybils)
+        merged_norm = accepted_norm(_voice_norms(plan.used, plan.norms))
         if merged_norm is not None:
             self.store.add_voice_norm(run, merged_norm)
-        if reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
-            after = reputations_after(reputations, selection, set(voices(used)))
+        if plan.reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
+            after = reputations_after(plan.reputations, plan.selection, set(voices(plan.used)))
             if after:
                 self.store.set_reputations(after, run=run)
         if clip is not None:  # adaptive clipping: the next round's C, once this one is published
             self.store.set_dp_clip(run, clip)
-        self.store.prune_versions(run, base + 1, context.mode.versions_kept(self.keep_versions))
-        self._record(context, number, base + 1, weights, strategy_state, summary)
-        self._published[run] = (base + 1, weights, strategy_state)
-        log.info(
-            "round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
-            number,
-            run,
-            base + 1,
-            summary.get("eval_loss", math.nan),
-            len(used),
-            time.time() - started,
-        )
+        self.store.prune_versions(run, version, context.mode.versions_kept(self.keep_versions))
+        self._record(context, number, version, weights, strategy_state, summary)
+        self._published[run] = (version, weights, strategy_state)
         return summary
 
     def _record(
@@ -340,8 +404,8 @@ class Aggregator:
                 metas[shard], norms[shard] = dict(facts[key].meta), facts[key].norm
             elif key in facts:
                 rejections[shard] = "upload expired before aggregation"
-        for shard, blob in zip(unrecorded, self._blobs(context, list(unrecorded.values()))):
-            delta = self._decode(context, blob, metas, shard)
+        for shard, blob in zip(unrecorded, self.reader.blobs(context, list(unrecorded.values()))):
+            delta = self.reader.decode(context, blob, metas, shard)
             if delta is None:
                 rejections[shard] = "upload expired before aggregation"
                 continue
@@ -377,7 +441,7 @@ class Aggregator:
         update is that slice's tensors only."""
 
         def read(shards: list[int]) -> TensorDict:
-            return self._voice(context, used, metas, shards)[1]
+            return self.reader.voice(context, used, metas, shards)[1]
 
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
@@ -464,7 +528,7 @@ class Aggregator:
 
         def deltas(used: dict[int, str] = used) -> Iterator[tuple[float, TensorDict]]:
             for name, shards in voices(used).items():
-                samples, delta = self._voice(context, used, metas, shards)
+                samples, delta = self.reader.voice(context, used, metas, shards)
                 weight = _voice_weight(name, samples, reputations, plan)
                 if plan is not None:
                     shrink = clip_scale(delta_norm(delta), plan.bound)
@@ -504,7 +568,8 @@ class Aggregator:
             part = {s: used[s] for s in shards}
             merged_voices = []
             for name, voice_shards in voices(part).items():
-                samples = sum(_weight(metas[s]) for s in voice_shards)  # as ``_voice`` totals them
+                # as ``RoundReader.voice`` totals them
+                samples = sum(weight_of(metas[s]) for s in voice_shards)
                 weight = float(_voice_weight(name, samples, reputations, plan))
                 entries = tuple(
                     split.Shard(s, used[s], int(metas[s]["samples"]), int(metas[s].get("staleness", 0)))
@@ -571,7 +636,10 @@ class Aggregator:
 
         def deltas() -> Iterator[tuple[float, TensorDict]]:
             for voice in part.voices:
-                yield voice.weight, self._voice(context, used, metas, [s.shard for s in voice.shards])[1]
+                yield (
+                    voice.weight,
+                    self.reader.voice(context, used, metas, [s.shard for s in voice.shards])[1],
+                )
 
         def renew() -> bool:
             try:
@@ -601,64 +669,6 @@ class Aggregator:
         del residual  # folded into the change: its blob goes before the version is built
         self.store.stage_update(context.name, version, owner, publication.update, publication.residual)
         return publication.version
-
-    def _voice(
-        self, context: RunContext, used: dict[int, str], metas: dict[int, dict], shards: list[int]
-    ) -> tuple[float, TensorDict]:
-        """One volunteer's deltas of the round, combined by weight: (total weight, delta).
-
-        A delta weighs its samples, discounted by its staleness in an
-        asynchronous run (always 0 in a synchronous one).
-        """
-        total = sum(_weight(metas[s]) for s in shards)
-        combined: TensorDict = {}
-        for shard, blob in zip(shards, self._blobs(context, [used[s] for s in shards])):
-            delta = self._decode(context, blob, {}, shard)
-            if delta is None:
-                raise LookupError(f"the accepted upload of shard {shard} left Redis during the merge")
-            share = _weight(metas[shard]) / total
-            for name, tensor in delta.items():
-                if name in combined:
-                    combined[name].add_(tensor, alpha=share)
-                else:
-                    combined[name] = tensor * share if len(shards) > 1 else tensor
-        return total, combined
-
-    def _delta(self, context: RunContext, key: str, metas: dict[int, dict], shard: int) -> TensorDict | None:
-        """Decode an accepted copy (exactly the bytes validated); its meta goes into ``metas``."""
-        return self._decode(context, self.store.get_upload(key, context.upload_bound), metas, shard)
-
-    def _blobs(self, context: RunContext, copies: list[str]) -> Iterator[bytearray | None]:
-        """The bytes of each accepted copy in turn: from the round's cache, else read ahead from
-        Redis up to ``PREFETCH_BYTES`` at a time (and cached while the budget lasts).
-
-        Each is a private copy: decoding the ``none`` codec gives views of the bytes, which the
-        merge may scale in place.
-        """
-        step = max(1, PREFETCH_BYTES // max(1, context.upload_bound))
-        for start in range(0, len(copies), step):
-            batch = copies[start : start + step]
-            missing = [key for key in batch if key not in self._uploads]
-            if missing:
-                for key, blob in zip(missing, self.store.get_uploads(missing, context.upload_bound)):
-                    self._uploads.put(key, blob)
-            for key in batch:
-                yield self._uploads.take(key)
-
-    def _decode(
-        self, context: RunContext, blob: bytes | bytearray | None, metas: dict[int, dict], shard: int
-    ) -> TensorDict | None:
-        """Decode a copy's bytes against the run's model; its meta goes into ``metas``."""
-        if blob is None:
-            return None
-        delta, meta = loads(
-            blob,
-            limit=context.upload_bound,
-            max_decoded=context.model_bytes,
-            expect=context.expected_for(shard),
-        )
-        metas[shard] = meta
-        return delta
 
     def _credit(self, run: str, used: dict[int, str], metas: dict[int, dict]) -> None:
         """Credit counts merged deltas only: shards, samples and training time; the device they report."""
@@ -718,42 +728,6 @@ class Aggregator:
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
         return self._fail(self.contexts[run], number, owner, info, summary, reason)
-
-
-class UploadCache:
-    """One round's accepted copies' bytes, so each is read from Redis once: up to ``budget`` bytes.
-
-    Past the budget a copy is handed out without being kept (read again when
-    needed); ``take`` gives a private copy of a kept one, ``clear`` ends the round.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self._blobs: dict[str, bytes | None] = {}
-        self._held = 0
-        self._passing: dict[str, bytearray | None] = {}  # read, not kept: handed out once
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._blobs or key in self._passing
-
-    def put(self, key: str, blob: bytearray | None) -> None:
-        size = len(blob) if blob is not None else 0
-        if self._held + size <= self.budget:
-            self._blobs[key] = bytes(blob) if blob is not None else None
-            self._held += size
-        else:
-            self._passing[key] = blob
-
-    def take(self, key: str) -> bytearray | None:
-        if key in self._passing:
-            return self._passing.pop(key)
-        blob = self._blobs[key]
-        return bytearray(blob) if blob is not None else None
-
-    def clear(self) -> None:
-        self._blobs.clear()
-        self._passing.clear()
-        self._held = 0
 
 
 def _evaluate(context: RunContext, weights: TensorDict) -> dict[str, float]:
@@ -820,11 +794,6 @@ def _summary(
 def _voice_norms(used: dict[int, str], norms: dict[int, float]) -> list[float]:
     """Each merged voice's norm as the screen counts it: the median of its shards' norms."""
     return [statistics.median(norms[s] for s in shards) for shards in voices(used).values()]
-
-
-def _weight(meta: dict) -> float:
-    """A delta's weight in the merge: its samples, discounted by how many versions old it is."""
-    return int(meta["samples"]) * staleness_weight(int(meta.get("staleness", 0)))
 
 
 def _seconds(value: Any) -> float:
