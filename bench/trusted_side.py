@@ -49,6 +49,16 @@ TRUSTED_REPUTATION = 0.9
 ALL = 10_000
 
 
+def defaults() -> tuple[str, int]:
+    """init's codec and --probe-voices (from where a commit before the run config table kept them)."""
+    try:
+        from broker.run_config import DEFAULT_COMPRESSION, DEFAULT_PROBE_VOICES
+    except ImportError:
+        from cli.coordinator import DEFAULT_COMPRESSION  # type: ignore[attr-defined, no-redef]
+        from coordinator.merging.sampling import DEFAULT_PROBE_VOICES  # type: ignore[attr-defined, no-redef]
+    return DEFAULT_COMPRESSION, DEFAULT_PROBE_VOICES
+
+
 def trained_deltas(job, weights, count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` real honest deltas: one short training of each shard of ``count``."""
     from volunteer.trainer import seed_for, train_shard
@@ -186,7 +196,7 @@ def split(repeats: int = 10) -> list[dict]:
     fires (``Prober.cost``), two more reads and the agreement; every voice, judged or not, pays
     three reads (norm screen, copy sketch, merge) and a count sketch.
     """
-    from broker.run_config import DEFAULT_COMPRESSION
+    DEFAULT_COMPRESSION, _ = defaults()
     from coordinator.merging.verification import Prober, sketch
     from jobs import load_job
     from serialization import loads
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['sketch_ms']:.2f} | {row['judged_ms']:.1f} | {row['unjudged_ms']:.1f} | "
                   f"{row['judged_ms'] / row['unjudged_ms']:.1f}x |")  # fmt: skip
         return 0
-    from broker.run_config import DEFAULT_PROBE_VOICES
+    DEFAULT_COMPRESSION, DEFAULT_PROBE_VOICES = defaults()
     from jobs import load_job
     from volunteer.feedback import ErrorFeedback
 
@@ -258,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         for voices in args.voices:
             names, _, cheaters = population(voices)
             meta = {"samples": 8, "train_loss": 3.0, "seconds": 1.0, "base_version": 0}
-            from broker.run_config import DEFAULT_COMPRESSION
-
             uploads = [
                 ErrorFeedback().encode(voice_delta(honest, i, name in cheaters), meta, DEFAULT_COMPRESSION)
                 for i, name in enumerate(names)
