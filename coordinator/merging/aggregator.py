@@ -13,13 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import statistics
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +24,9 @@ import torch
 
 from broker import keys
 from broker.renewal import renewing
-from broker.routing import MAX_MEMORY_GB
 from broker.settings import DEFAULT_MERGE_CACHE_MB
 from coordinator.merging import split, work
-from coordinator.merging.downlink import lossy, publish, read_residual
+from coordinator.merging.downlink import lossy
 from coordinator.merging.judging import (
     Rejection,
     check_copies,
@@ -40,45 +36,27 @@ from coordinator.merging.judging import (
     sketch_voices,
     voices,
 )
+from coordinator.merging.plan import RoundPlan
 from coordinator.merging.privacy import PrivateStrategy, spent
+from coordinator.merging.publishing import Publisher, merged_voice_norms, round_summary
 from coordinator.merging.reading import RoundReader, weight_of
 from coordinator.merging.sampling import Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
-from coordinator.merging.sybils import Plan, clip_scale, plan_round, remember
+from coordinator.merging.sybils import Plan, clip_scale, plan_round
 from coordinator.merging.verification import sketch, weigh
 from coordinator.rounds.intake import Intake, Verdict
 from coordinator.rounds.leases import Leases
 from coordinator.rounds.state import CLAIM_LEASE
-from coordinator.rounds.validation import accepted_norm, all_finite, delta_norm, printable, screen_norms
-from coordinator.runs import checkpoints, ledger, slicing
+from coordinator.rounds.validation import all_finite, delta_norm, printable, screen_norms
+from coordinator.runs import checkpoints, slicing
 from coordinator.runs.context import RunContext, RunContexts
 from coordinator.runs.revocation import split_revoked
 from coordinator.store import Store
-from coordinator.views.documents import round_record
 from serialization import TensorDict, dumps_stream, loads
 
 log = logging.getLogger("crowdtrain.aggregator")
 
 MAX_ATTEMPTS = 3
-_DEVICE = re.compile(r"[a-z]{2,8}(:[0-9]{1,3})?")  # what a volunteer may call its device
-
-
-@dataclass
-class RoundPlan:
-    """What the checks decided for a round, before anything is merged: the voices to merge (their
-    accepted copies, metas and norms), the rejections, the judged reputations and the Sybil shaping,
-    or why the round cannot be merged."""
-
-    used: dict[int, str]  # shard -> accepted copy, of the voices to merge
-    metas: dict[int, dict]
-    norms: dict[int, float]
-    rejections: list[Rejection]
-    revoked: dict[int, str] = field(default_factory=dict)  # shard -> volunteer revoked meanwhile
-    reputations: dict[str, float | None] = field(default_factory=dict)  # a judged round's, before it
-    selection: Selection = field(default_factory=lambda: Selection(frozenset()))
-    checked: work.Checked | None = None  # the work check's findings (--work-check)
-    sybils: Plan | None = None  # probation, similarity groups, clipping (coordinator.merging.sybils)
-    failure: str | None = None  # why the round fails instead
 
 
 class Aggregator:
@@ -98,12 +76,12 @@ class Aggregator:
         self.keep_versions = keep_versions
         # the round being merged: its accepted copies, each read from Redis once
         self.reader = RoundReader(store, cache_bytes)
-        # per run: the version this process last published and the strategy state after it,
-        # so the next round starts from them instead of reading them back (``_kept``)
-        self._published: dict[str, tuple[int, TensorDict, TensorDict]] = {}
         self.contexts = RunContexts(store)
         # who answers which shard: the intake loop grants leases and counts only leased uploads
         self.leases = Leases(store, self.contexts)
+        # what follows a merge: the commit, credit, reputations, the disk; it keeps the version
+        # it published last, so the next round starts from it instead of reading it back
+        self.publisher = Publisher(store, home, self.leases.capabilities, keep_versions)
         self.intake = Intake(store, self.contexts, self.leases)
         # how a sliced round's planner asks other aggregators for help (``merge_slices`` on queue
         # ``aggregate``); None: it merges every slice itself
@@ -164,7 +142,7 @@ class Aggregator:
         base = int(info["base_version"])
         weights, kept_state = self._base(context, base)
         if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
-            self._catch_up(context, base, weights)
+            self.publisher.catch_up(context, base, weights)
         plan = self._plan(context, number, info, weights)
         for shard, volunteer in plan.revoked.items():  # revoked while the round was merged: no credit
             self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
@@ -176,7 +154,7 @@ class Aggregator:
         if plan.failure is not None:
             if plan.reputations and not plan.used:  # every voice judged was rejected: a lone attacker too
                 self.store.set_reputations(reputations_after(plan.reputations, plan.selection, ()), run=run)
-            return self._fail(context, number, owner, info, summary, plan.failure)
+            return self.publisher.fail(context, number, owner, info, summary, plan.failure)
         clip = None
         if context.slices:  # slice by slice, shared with the other aggregators (coordinator.merging.split)
             shared = self._merge_split(
@@ -195,10 +173,14 @@ class Aggregator:
             strategy_state = strategy.state_dict()
             del strategy
         if not all(all_finite(t) for t in merged.values()):
-            return self._fail(context, number, owner, info, summary, "the merged model has non-finite values")
-        weights = self._publishable(context, weights, merged, base + 1, owner)
+            return self.publisher.fail(
+                context, number, owner, info, summary, "the merged model has non-finite values"
+            )
+        weights = self.publisher.publishable(context, weights, merged, base + 1, owner)
         del merged
-        done = self._publish(context, number, owner, info, plan, weights, strategy_state, clip, summary)
+        done = self.publisher.publish(
+            context, number, owner, info, plan, weights, strategy_state, clip, summary
+        )
         if done is not None:
             log.info(
                 "round %d of %s -> version %d, eval_loss %.4f (%d accepted, %.2fs merging)",
@@ -277,7 +259,7 @@ class Aggregator:
         elif (
             context.privacy is None
         ):  # probation, similarity groups and clipping (coordinator.merging.sybils)
-            history, spoken = self.store.voice_norms(run), _voice_norms(plan.used, norms)
+            history, spoken = self.store.voice_norms(run), merged_voice_norms(plan.used, norms)
             names = list(voices(plan.used))
             plan.sybils = plan_round(self.store, run, names, sketches, spoken, history, plan.reputations)
             if context.slices:  # voices of different slices have norms that do not compare
@@ -286,7 +268,7 @@ class Aggregator:
 
     def _round_summary(self, context: RunContext, number: int, info: dict, plan: RoundPlan) -> dict[str, Any]:
         """The round's summary so far: what was merged, and what the checks found."""
-        summary = _summary(context, number, info, plan.metas, plan.used)
+        summary = round_summary(context, number, info, plan.metas, plan.used)
         if plan.checked is not None:
             summary.update(work.summary(plan.checked))
         if plan.failure is not None:
@@ -296,93 +278,6 @@ class Aggregator:
         if context.privacy is not None:
             summary["epsilon"] = spent(context.privacy, int(info["base_version"]) + 1)
         return summary
-
-    def _publish(
-        self,
-        context: RunContext,
-        number: int,
-        owner: str,
-        info: dict,
-        plan: RoundPlan,
-        weights: TensorDict,
-        strategy_state: TensorDict,
-        clip: float | None,
-        summary: dict[str, Any],
-    ) -> dict[str, Any] | None:
-        """Stage the version, commit it exactly once, then what follows: credit, reputations, the
-        run's small state, pruning and the disk. None if the commit was refused (taken over)."""
-        run, version = context.name, int(info["base_version"]) + 1
-        evaluation = _evaluate(context, weights)
-        staged = self.store.stage_model(
-            run, version, owner, dumps_stream(weights, {"run": run, "version": version})
-        )
-        if strategy_state:
-            self.store.stage_strategy(run, owner, dumps_stream(strategy_state))
-        summary.update(evaluation, status="done", model_version=version, seconds=_since(info))
-        result = self.store.rounds.commit(run, number, owner, version - 1, summary, staged)
-        if result != "done":
-            self.store.delete_upload(staged)
-            log.warning("round %d of %s not published: %s", number, run, result)
-            return None
-        self._credit(run, plan.used, plan.metas)
-        if plan.sybils is not None:
-            remember(self.store, run, plan.sybils)
-        merged_norm = accepted_norm(_voice_norms(plan.used, plan.norms))
-        if merged_norm is not None:
-            self.store.add_voice_norm(run, merged_norm)
-        if plan.reputations:  # judged this round: merged voices gain reputation, rejected ones lose it
-            after = reputations_after(plan.reputations, plan.selection, set(voices(plan.used)))
-            if after:
-                self.store.set_reputations(after, run=run)
-        if clip is not None:  # adaptive clipping: the next round's C, once this one is published
-            self.store.set_dp_clip(run, clip)
-        self.store.prune_versions(run, version, context.mode.versions_kept(self.keep_versions))
-        self._record(context, number, version, weights, strategy_state, summary)
-        self._published[run] = (version, weights, strategy_state)
-        return summary
-
-    def _record(
-        self,
-        context: RunContext,
-        number: int,
-        version: int,
-        weights: TensorDict,
-        strategy_state: TensorDict,
-        summary: dict[str, Any],
-    ) -> None:
-        """Write the published version and the state after it to disk: what ``restore`` needs.
-
-        The downlink residual and the small state are read back from Redis,
-        so the disk holds exactly what the commit published.
-        """
-        run = context.name
-        residual = None
-        if lossy(context.config.downlink_compression):
-            residual = read_residual(self.store.downlink_residual(run))
-        state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
-        checkpoints.save_version(
-            self.home, run, version, weights, strategy_state, context.config, residual=residual, state=state
-        )
-        checkpoints.append_metrics(self.home, run, summary)
-        ledger.round_ended(self.home, run, round_record(self.store, run, number))
-
-    def _catch_up(self, context: RunContext, version: int, weights: TensorDict) -> None:
-        """Write the current version and the state after it to disk from Redis, which still holds both."""
-        run = context.name
-        strategy = self.store.strategy_blob(run)
-        residual = self.store.downlink_residual(run)
-        state = {"voice_norms": self.store.voice_norms(run), "dp_clip": self.store.dp_clip(run)}
-        checkpoints.save_version(
-            self.home,
-            run,
-            version,
-            weights,
-            loads(strategy)[0] if strategy else None,
-            context.config,
-            residual=read_residual(residual),
-            state=state,
-        )
-        log.warning("version %d of %s was not on disk: written from Redis", version, run)
 
     def _screen(
         self, context: RunContext, number: int, copies: dict[int, str]
@@ -476,7 +371,7 @@ class Aggregator:
         the merge updates it in place); any other is read from Redis, and its
         strategy state is read by ``_merge``.
         """
-        kept = self._published.pop(context.name, None)
+        kept = self.publisher.kept.pop(context.name, None)
         if kept is not None and kept[0] == base:
             return kept[1], kept[2]
         weights, _ = loads(self.contexts.model_blob(context.name, base))
@@ -652,68 +547,6 @@ class Aggregator:
         with renewing(split.SLICE_LEASE / 3, renew, "slice-renewal"):
             return slicing.merge_one(_strategy_maker(context), state, base, names, deltas())
 
-    def _publishable(
-        self, context: RunContext, base: TensorDict, merged: TensorDict, version: int, owner: str
-    ) -> TensorDict:
-        """The version to publish: the merged weights, or with a lossy downlink
-        (``coordinator.merging.downlink``) the base moved by the encoded update, which is staged
-        with its residual for the commit."""
-        spec = context.config.downlink_compression
-        if not lossy(spec):
-            return merged
-        residual = read_residual(self.store.downlink_residual(context.name))
-        meta = {"run": context.name, "version": version}
-        # merged becomes the residual and base the version, each in its own storage (base is
-        # views of its blob, read for this round alone)
-        publication = publish(base, merged, residual, str(spec), meta, move_base=True)
-        del residual  # folded into the change: its blob goes before the version is built
-        self.store.stage_update(context.name, version, owner, publication.update, publication.residual)
-        return publication.version
-
-    def _credit(self, run: str, used: dict[int, str], metas: dict[int, dict]) -> None:
-        """Credit counts merged deltas only: shards, samples and training time; the device they report."""
-        credit: dict[str, dict[str, Any]] = defaultdict(lambda: {"shards": 0, "samples": 0, "seconds": 0.0})
-        for shard, key in used.items():
-            entry, meta = credit[keys.volunteer_of(key)], metas[shard]
-            entry["shards"] += 1
-            entry["samples"] += int(meta["samples"])
-            entry["seconds"] += _seconds(meta.get("seconds"))
-            device = meta.get("device")
-            if isinstance(device, str) and _DEVICE.fullmatch(device):
-                entry["device"] = device
-            memory = meta.get("memory_gb")
-            if isinstance(memory, int) and not isinstance(memory, bool) and 0 < memory <= MAX_MEMORY_GB:
-                entry["memory_gb"] = memory
-        for volunteer, entry in credit.items():
-            shards = entry["shards"]
-            self.store.credit(
-                volunteer,
-                run=run,
-                device=entry.get("device"),
-                memory_gb=entry.get("memory_gb"),
-                seconds=entry["seconds"],
-                shards_done=shards,
-                accepted=shards,
-                samples=entry["samples"],
-            )
-        # the speed its reports imply, against the speed its challenges measured
-        params = self.contexts[run].model_bytes // 4
-        for volunteer, entry in credit.items():
-            self.leases.capabilities.note_training(volunteer, entry["samples"], entry["seconds"], params)
-
-    def _fail(
-        self, context: RunContext, number: int, owner: str, info: dict, summary: dict[str, Any], reason: str
-    ) -> dict[str, Any]:
-        base = int(info["base_version"])
-        summary.update(status="failed", model_version=base, seconds=_since(info), reason=reason)
-        result = self.store.rounds.commit(
-            context.name, number, owner, base, summary, staged_key=None, reason=reason
-        )
-        if result == "failed":
-            ledger.round_ended(self.home, context.name, round_record(self.store, context.name, number))
-        log.warning("round %d of %s failed: %s", number, context.name, reason)
-        return summary
-
     def _after_error(self, run: str, number: int, owner: str, error: Exception) -> dict[str, Any] | None:
         """A merge that raised: retried (the claim lapses) until MAX_ATTEMPTS, then the round fails."""
         text = printable(f"{type(error).__name__}: {error}")
@@ -727,14 +560,7 @@ class Aggregator:
             raise error
         summary = {"run": run, "round": number, "shards": info.get("shards"), "accepted": 0}
         reason = f"aggregation failed {attempts} times: {text}"
-        return self._fail(self.contexts[run], number, owner, info, summary, reason)
-
-
-def _evaluate(context: RunContext, weights: TensorDict) -> dict[str, float]:
-    """The job's evaluation of ``weights``; its model is gone when this returns."""
-    model = context.job.build_model()
-    model.load_state_dict(weights)
-    return {k: float(v) for k, v in context.job.evaluate(model).items()}
+        return self.publisher.fail(self.contexts[run], number, owner, info, summary, reason)
 
 
 def _strategy_maker(context: RunContext) -> Callable[[], Strategy]:
@@ -768,43 +594,6 @@ def _probes(context: RunContext) -> bool:
     depend on that person's data beyond what the accountant counts.
     """
     return context.config.verify == "probe" and context.privacy is None
-
-
-def _summary(
-    context: RunContext, number: int, info: dict, metas: dict[int, dict], used: dict[int, str]
-) -> dict[str, Any]:
-    samples = sum(int(metas[s]["samples"]) for s in used)
-    reported = [(int(metas[s]["samples"]), metas[s].get("train_loss")) for s in used]
-    losses = [(n, float(x)) for n, x in reported if isinstance(x, int | float)]
-    train_loss = sum(n * x for n, x in losses) / max(1, sum(n for n, _ in losses)) if losses else None
-    config = context.config
-    return {
-        "run": context.name,
-        "round": number,
-        "shards": int(info["shards"]),
-        "accepted": len(used),
-        "samples": samples,
-        "train_loss": train_loss,
-        "job": config.job,
-        "strategy": config.strategy,
-        "compression": config.compression,
-    }
-
-
-def _voice_norms(used: dict[int, str], norms: dict[int, float]) -> list[float]:
-    """Each merged voice's norm as the screen counts it: the median of its shards' norms."""
-    return [statistics.median(norms[s] for s in shards) for shards in voices(used).values()]
-
-
-def _seconds(value: Any) -> float:
-    """A shard's reported training time, kept in sane bounds (it only feeds samples_per_second)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return min(max(float(value), 1e-3), 7 * 24 * 3600.0)
-    return 0.0
-
-
-def _since(info: dict) -> float:
-    return round(time.time() - float(info["posted_at"]), 3)
 
 
 @contextlib.contextmanager
