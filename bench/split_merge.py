@@ -114,7 +114,7 @@ def _round(cluster: Cluster, run: str, params: int, count: int, plan: bool) -> N
     store = Store(cluster.client)
     trusted = Aggregator(store, cluster.dir / "home")
     shapes = {k: v.shape for k, v in loads(store.model_blob(run, 0))[0].items()}
-    slices = store.run_config(run)["slice_tensors"]
+    slices = store.run_config(run).slice_tensors
     parts = []
     for shard in range(count):
         volunteer, token = f"{run}-v{shard}", uuid.uuid4().hex

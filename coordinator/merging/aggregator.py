@@ -121,17 +121,29 @@ class Aggregator:
         context = self.contexts[run]
         owner = f"{self.name}:{uuid.uuid4().hex}"
         done = 0
-        while (position := self.splits.take(run, number, plan, owner)) >= 0:
-            tensors, state = self._merge_part(context, number, plan, position, owner)
-            key = keys.staged_slice(run, number, plan.id, position, owner)
-            self.store.stage_slice(run, key, dumps_stream(split.pack_slice(tensors, state)))
-            del tensors, state
-            outcome = self.splits.staged(run, number, plan, position, key)
-            if outcome != "staged":  # merged again by another, or the round moved on: ours goes
-                self.store.delete_upload(key)
-            log.info("merged slice %d of %s round %d (%s)", plan.parts[position].index, run, number, outcome)
-            done += 1
+        # a slice task reads each of its uploads once and keeps none: the round's cache is the planner's
+        kept, self.reader = self.reader, RoundReader(self.store, 0)
+        try:
+            while (position := self.splits.take(run, number, plan, owner)) >= 0:
+                done += self._merge_slice(context, number, plan, position, owner)
+        finally:
+            self.reader = kept
         return done
+
+    def _merge_slice(
+        self, context: RunContext, number: int, plan: split.MergePlan, position: int, owner: str
+    ) -> int:
+        """Merge and stage one slice of a plan for its planner; 1."""
+        run = context.name
+        tensors, state = self._merge_part(context, number, plan, position, owner)
+        key = keys.staged_slice(run, number, plan.id, position, owner)
+        self.store.stage_slice(run, key, dumps_stream(split.pack_slice(tensors, state)))
+        del tensors, state
+        outcome = self.splits.staged(run, number, plan, position, key)
+        if outcome != "staged":  # merged again by another, or the round moved on: ours goes
+            self.store.delete_upload(key)
+        log.info("merged slice %d of %s round %d (%s)", plan.parts[position].index, run, number, outcome)
+        return 1
 
     # --- one round -----------------------------------------------------------
     def _aggregate_claimed(self, run: str, number: int, owner: str, started: float) -> dict[str, Any] | None:
