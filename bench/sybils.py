@@ -378,7 +378,11 @@ def backdoor_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     reset = simulate(job, voices - 1, {}, args.rounds, seed, "work")
                 for defence in args.defences:
                     base = reset if defence == "work" else clean
-                    b = simulate(job, voices - 1, door, args.rounds, seed, defence)
+                    if args.no_backdoor:  # the control: the same run with an honest volunteer in its place
+                        b = simulate(job, voices, {}, args.rounds, seed, defence)
+                        b["hostile_rejected"] = 0
+                    else:
+                        b = simulate(job, voices - 1, door, args.rounds, seed, defence)
                     row = {
                         "seed": seed,
                         "voices": voices,
@@ -405,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voices", type=int, default=4)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument(
+        "--no-backdoor", action="store_true", help="backdoor: an honest volunteer in its place (the control)"
+    )
     p.add_argument("--first-seed", type=int, default=0, help="attacks: the first seed (to run seeds apart)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
