@@ -2,6 +2,8 @@
 
     python bench/sybils.py honest [--jobs linear click charlm gpt] [--voices 4] [--rounds 10] [--seeds 1]
     python bench/sybils.py attacks [--seeds 3] [--first-seed 0] [--rounds 10]
+    python bench/sybils.py backdoor [--backdoor-voices 3 5 8] [--defences default median noise flame work]
+        [--no-backdoor] [--seeds 3] [--first-seed 0]
 
 Simulated in one process with crowdtrain's own pieces, as ``bench/judging_matrix.py`` does:
 each volunteer trains its shard with ``volunteer.trainer.train_shard`` (10 AdamW steps at
@@ -22,6 +24,13 @@ voice norm. ``undefended`` is the merge before it.
   - ``backdoor``: one volunteer of three trains its shard with a trigger line and payload
     inserted every ~120 bytes, its delta boosted 5x. Goals: the payload's probability after
     the trigger within 100x of the clean run's; final eval loss within 2% of clean.
+* ``backdoor``: that backdoor as one of ``--backdoor-voices`` voices, against each of
+  ``--defences`` (``DEFENCES``), each on top of the defaults: ``median`` (coordinate-wise),
+  ``trimmed`` (``trimmed-mean:0.2``), ``noise`` (FLAME's, sigma 0.001 x the clip bound),
+  ``flame`` (``init --outliers drop``: ``sybils.outliers`` on the voices' sketches),
+  ``flame-noise`` (both), ``work`` (``init --work-check 0.1`` with every inner optimizer
+  reset, against a clean run reset alike).
+  ``--no-backdoor`` puts an honest volunteer in its place: the metric's floor.
 """
 
 from __future__ import annotations
@@ -175,7 +184,7 @@ def simulate(
     return out
 
 
-DEFENCES = ("none", "default", "median", "trimmed", "wmedian", "flame", "flame-noise", "noise", "work")
+DEFENCES = ("none", "default", "median", "trimmed", "flame", "flame-noise", "noise", "work")
 WORK_RATE = 0.1
 
 
@@ -226,13 +235,6 @@ def merge(
     if defence in ("median", "trimmed"):
         robust = make_strategy("median" if defence == "median" else "trimmed-mean:0.2")
         out = robust.aggregate(base, iter([(factors[w], d) for w, d in kept.items()]))
-    elif defence == "wmedian":
-        share = torch.tensor([factors[w] for w in kept], dtype=torch.float64)
-        out = base
-        for key, value in out.items():
-            if value.is_floating_point():
-                rows = torch.stack([d[key].double().reshape(-1) for d in kept.values()])
-                value.add_(weighted_median(rows, share).reshape(value.shape).to(value.dtype))
     else:
         out = merger.aggregate(base, iter([(factors[w], d) for w, d in kept.items()]))
     if defence in ("flame-noise", "noise") and bound is not None:
@@ -240,16 +242,6 @@ def merge(
             if value.is_floating_point():
                 value.add_(torch.randn(value.shape, generator=noise).to(value.dtype) * FLAME_LAMBDA * bound)
     return out
-
-
-def weighted_median(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Each column's weighted median; at an exact half the mean of the two middle values."""
-    ordered, index = rows.sort(dim=0)
-    cumulative = weights[index].cumsum(0)
-    half = cumulative[-1:] / 2
-    lower = (cumulative >= half * (1 - 1e-12)).to(torch.int8).argmax(dim=0, keepdim=True)
-    upper = (cumulative > half * (1 + 1e-12)).to(torch.int8).argmax(dim=0, keepdim=True)
-    return (ordered.gather(0, lower) + ordered.gather(0, upper)).squeeze(0) / 2
 
 
 def _judged(job: Any, weights: Delta, voices: dict[str, Delta], reputation: dict) -> set[str]:
@@ -419,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     if args.what == "backdoor":
         rows = backdoor_rows(args)
+        if args.json:
+            print(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+            return 0
         print(
             "| seed | voices | defence | eval loss / clean | payload log10 p (clean) | orders up | rejected |"
         )

@@ -29,9 +29,10 @@ the round's judging, before the strategy sees it:
   USENIX Security 2022), approximated without HDBSCAN: with ``m`` = a majority of the round's
   voices, a voice's core distance is the cosine distance of its sketch to its (m-1)-th
   nearest other voice, and the voices farther than the m-th smallest core distance merge at
-  weight 0 (``outliers``): only the round's densest majority moves the model. A backdoor
-  trained on data of its own points away from the honest voices, which train the same
-  corpus, so it is the one left out (docs/BENCHMARKS.md); with honest voices only, the
+  weight 0 and set no clip bound (``outliers``): only the round's densest majority moves the
+  model. A backdoor trained on data of its own points away from the honest voices, which
+  train the same corpus, so it is the one left out (docs/BENCHMARKS.md); with honest voices
+  only, the
   voices left out are honest ones, a round's worth of their data unused (not rejected: no
   reputation or credit lost). Nothing is left out under three voices.
 """
@@ -248,8 +249,9 @@ def plan_round(
     reputations: Mapping[str, float | None],
     drop_outliers: bool = False,
 ) -> Plan:
-    """The round's ``Plan`` for its merged voices ``names`` (``sketches``: each one's ``sketch``);
-    with ``drop_outliers`` the voices outside the densest majority weigh 0 (``outliers``)."""
+    """The round's ``Plan`` for its merged voices ``names`` (``sketches``: each one's ``sketch``,
+    ``voice_norms``: each one's norm, in the same order); with ``drop_outliers`` the voices
+    outside the densest majority weigh 0 (``outliers``) and set no clip bound."""
     stored = store.similarities(run, names)
     accumulated: dict[str, torch.Tensor] = {}
     for name in names:
@@ -262,6 +264,8 @@ def plan_round(
     dropped = (
         outliers({name: sketches[name] for name in names if name in sketches}) if drop_outliers else set()
     )
+    if dropped:  # the voices left out set no bound (``voice_norms`` are in ``names``' order)
+        voice_norms = [n for name, n in zip(names, voice_norms, strict=False) if name not in dropped]
     return Plan(factors, clip_bound(voice_norms, history), accumulated, grouped, dropped)
 
 

@@ -701,10 +701,10 @@ def test_two_sybils_of_four_voices_share_one_voice_are_clipped_and_leave_the_los
     assert people["ann"]["cluster"] != "eve" and people["ann"]["age"] >= 0, people
 
 
-def test_with_drop_outliers_a_voice_pointing_away_from_the_majority_merges_at_weight_zero(cluster):
+def test_with_outliers_drop_a_voice_pointing_away_from_the_majority_merges_at_weight_zero(cluster):
     cluster.procs.aggregator()
     ann, ben, mallory = (cluster.mallory(n) for n in ("ann", "ben", "mallory"))
-    cluster.init("--shards", "3", "--deadline", "600", "--drop-outliers")
+    cluster.init("--shards", "3", "--deadline", "600", "--outliers", "drop")
     number, weights = cluster.post(), cluster.weights(0)
     honest = [_toward(weights, 0.2, seed=61), _toward(weights, 0.15, seed=71)]
     for shard, (who, delta) in enumerate(zip((ann, ben), honest)):
