@@ -50,6 +50,7 @@ DEFAULT_MAX_STALENESS = 8
 DEFAULT_DP_DELTA = 1e-5
 DEFAULT_DP_CLIP_LR = 0.2
 VERIFY_MODES = ("probe", "none")
+OUTLIER_MODES = ("keep", "drop")  # --outliers: coordinator.merging.sybils.outliers
 MODES = ("sync", "async")
 OPTIMIZERS = ("adamw", "sgd")
 INNER_STATES = ("keep", "reset")
@@ -197,6 +198,13 @@ class RunConfig:
         help="replay a random sample of shards on the aggregator and reject those whose delta does not "
         "match the claimed training ('work'): RATE of a known volunteer's shards, more of a new one's "
         "(0 <= RATE <= 1, default 0: off; needs --inner-state reset and the job's own data)",
+    )
+    outliers: str = setting(
+        "keep",
+        choices=OUTLIER_MODES,
+        help="drop: merge at weight 0 the voices outside each round's densest majority by cosine "
+        "distance (FLAME-style, rounds of 3 or more voices): bounds a backdoor trained on data of "
+        "its own, leaves some honest voices' data unused each round; keep: merge every voice (default)",
     )
     # --- rounds
     shards: int = setting(

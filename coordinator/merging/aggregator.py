@@ -273,7 +273,10 @@ class Aggregator:
         ):  # probation, similarity groups and clipping (coordinator.merging.sybils)
             history, spoken = self.store.voice_norms(run), merged_voice_norms(plan.used, norms)
             names = list(voices(plan.used))
-            plan.sybils = plan_round(self.store, run, names, sketches, spoken, history, plan.reputations)
+            drop = context.config.outliers == "drop" and not context.slices  # init --outliers drop
+            plan.sybils = plan_round(
+                self.store, run, names, sketches, spoken, history, plan.reputations, drop
+            )
             if context.slices:  # voices of different slices have norms that do not compare
                 plan.sybils.bound = None
         return plan
@@ -289,6 +292,8 @@ class Aggregator:
         summary.update(context.mode.summary(plan.metas, plan.used))
         if context.privacy is not None:
             summary["epsilon"] = spent(context.privacy, int(info["base_version"]) + 1)
+        if plan.sybils is not None and plan.sybils.outliers:  # --outliers drop: merged at weight 0
+            summary["outliers"] = sorted(plan.sybils.outliers)
         return summary
 
     def _screen(

@@ -25,6 +25,16 @@ the round's judging, before the strategy sees it:
   fewer than three voices, ``HISTORY_CLIP_RATIO`` x the median of recently merged voices) is
   scaled down to it
   (``clip_bound``): a boosted backdoor moves the model no more than an ordinary voice.
+* **Outliers** (``init --outliers drop``, off by default). FLAME's clustering (Nguyen et al.,
+  USENIX Security 2022), approximated without HDBSCAN: with ``m`` = a majority of the round's
+  voices, a voice's core distance is the cosine distance of its sketch to its (m-1)-th
+  nearest other voice, and the voices farther than the m-th smallest core distance merge at
+  weight 0 and set no clip bound (``outliers``): only the round's densest majority moves the
+  model. A backdoor trained on data of its own points away from the honest voices, which
+  train the same corpus, so it is the one left out (docs/BENCHMARKS.md); with honest voices
+  only, the
+  voices left out are honest ones, a round's worth of their data unused (not rejected: no
+  reputation or credit lost). Nothing is left out under three voices.
 """
 
 from __future__ import annotations
@@ -197,6 +207,24 @@ def decode(raw: bytes | None) -> torch.Tensor | None:
     return vector if bool(torch.isfinite(vector).all()) else None
 
 
+def outliers(sketches: Mapping[str, torch.Tensor]) -> set[str]:
+    """The voices outside the round's densest majority by cosine distance (none under 3 voices).
+
+    ``sketches``: each voice's sketch of this round's delta (``verification.sketch``). A voice
+    with no direction, or of another sketch size, is never an outlier.
+    """
+    names = sorted(n for n, v in sketches.items() if v.numel() and float(v.double().norm()) > 0)
+    if len(names) < 3 or len({sketches[n].numel() for n in names}) != 1:
+        return set()
+    units = torch.stack([sketches[n].double() / sketches[n].double().norm() for n in names])
+    distance = 1 - units @ units.T
+    distance.fill_diagonal_(math.inf)
+    majority = len(names) // 2 + 1
+    core = distance.sort(dim=1).values[:, majority - 2]  # to the (m-1)-th nearest other voice
+    cut = float(core.sort().values[majority - 1])
+    return {name for name, c in zip(names, core.tolist(), strict=True) if c > cut}
+
+
 @dataclass
 class Plan:
     """One round's shaping of its voices: weight factors, the clip bound, what to remember after."""
@@ -205,9 +233,10 @@ class Plan:
     bound: float | None
     accumulated: dict[str, torch.Tensor] = field(default_factory=dict)
     grouped: dict[str, str] = field(default_factory=dict)
+    outliers: set[str] = field(default_factory=set)
 
     def weight(self, name: str, weight: float) -> float:
-        return weight * self.factors.get(name, 1.0)
+        return 0.0 if name in self.outliers else weight * self.factors.get(name, 1.0)
 
 
 def plan_round(
@@ -218,8 +247,11 @@ def plan_round(
     voice_norms: Sequence[float],
     history: Sequence[float],
     reputations: Mapping[str, float | None],
+    drop_outliers: bool = False,
 ) -> Plan:
-    """The round's ``Plan`` for its merged voices ``names`` (``sketches``: each one's ``sketch``)."""
+    """The round's ``Plan`` for its merged voices ``names`` (``sketches``: each one's ``sketch``,
+    ``voice_norms``: each one's norm, in the same order); with ``drop_outliers`` the voices
+    outside the densest majority weigh 0 (``outliers``) and set no clip bound."""
     stored = store.similarities(run, names)
     accumulated: dict[str, torch.Tensor] = {}
     for name in names:
@@ -229,7 +261,12 @@ def plan_round(
     ramp = {name: probation(records[name]) for name in names}
     grouped = groups(accumulated, {name: weigh(ramp[name], reputations.get(name)) for name in names})
     factors = shares(ramp, grouped)
-    return Plan(factors, clip_bound(voice_norms, history), accumulated, grouped)
+    dropped = (
+        outliers({name: sketches[name] for name in names if name in sketches}) if drop_outliers else set()
+    )
+    if dropped:  # the voices left out set no bound (``voice_norms`` are in ``names``' order)
+        voice_norms = [n for name, n in zip(names, voice_norms, strict=False) if name not in dropped]
+    return Plan(factors, clip_bound(voice_norms, history), accumulated, grouped, dropped)
 
 
 def remember(store: Store, run: str, plan: Plan) -> None:

@@ -92,3 +92,35 @@ def test_stored_directions_decode_only_when_well_formed():
     assert torch.equal(sybils.decode(sybils.encode(vector)), vector)
     for junk in (None, b"", b"abc", b"\0" * (4 * sybils.SKETCH + 4), sybils.encode(torch.tensor([math.inf]))):
         assert sybils.decode(junk) is None
+
+
+def _spread(seed: int, count: int, share: float = 1.0, dim: int = 512) -> list[torch.Tensor]:
+    """``count`` honest voices: one common direction plus each one's noise (cosines ~0.5), and a
+    last voice with ``share`` of that direction (a backdoor trained on data of its own: less)."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=gen, dtype=torch.float64)
+    noise = [torch.randn(dim, generator=gen, dtype=torch.float64) for _ in range(count + 1)]
+    return [common + n for n in noise[:-1]] + [share * common + noise[-1]]
+
+
+@pytest.mark.parametrize("honest", [2, 4, 7])
+def test_a_voice_trained_on_other_data_is_the_outlier_left_out(honest):
+    *good, bad = _spread(honest, honest, share=0.5)
+    voices = {**{f"h{i}": v for i, v in enumerate(good)}, "mallory": bad}
+    dropped = sybils.outliers(voices)
+    assert "mallory" in dropped
+    # never more than the minority: the round's densest majority always merges
+    assert len(dropped) <= (honest + 1) - ((honest + 1) // 2 + 1)
+    plan = sybils.Plan({"h0": 0.5}, None, outliers=dropped)
+    assert plan.weight("mallory", 3.0) == 0.0
+    assert plan.weight("h0", 3.0) == (0.0 if "h0" in dropped else 1.5)
+
+
+def test_no_outliers_under_three_voices_or_without_a_direction():
+    two = dict(zip(("a", "b"), _spread(1, 2)[:2], strict=True))
+    assert sybils.outliers(two) == set()
+    # a zero voice is compared with no one, so two voices with a direction remain: none left out
+    assert sybils.outliers({**two, "zero": torch.zeros(512)}) == set()
+    assert sybils.outliers({**two, "small": torch.ones(7)}) == set()  # another sketch size
+    three = dict(zip(("a", "b", "c"), _spread(2, 3)[:3], strict=True))
+    assert len(sybils.outliers(three)) == 1  # three alike honest voices: one is still left out

@@ -699,3 +699,21 @@ def test_two_sybils_of_four_voices_share_one_voice_are_clipped_and_leave_the_los
     people = {v["name"]: v for v in cluster.procs.json("volunteers")["volunteers"]}
     assert people["eve"]["cluster"] == people["mallory"]["cluster"] == "eve", people
     assert people["ann"]["cluster"] != "eve" and people["ann"]["age"] >= 0, people
+
+
+def test_with_outliers_drop_a_voice_pointing_away_from_the_majority_merges_at_weight_zero(cluster):
+    cluster.procs.aggregator()
+    ann, ben, mallory = (cluster.mallory(n) for n in ("ann", "ben", "mallory"))
+    cluster.init("--shards", "3", "--deadline", "600", "--outliers", "drop")
+    number, weights = cluster.post(), cluster.weights(0)
+    honest = [_toward(weights, 0.2, seed=61), _toward(weights, 0.15, seed=71)]
+    for shard, (who, delta) in enumerate(zip((ann, ben), honest)):
+        who.deliver("r", number, shard, delta_blob(delta, "r", number, shard, 0))
+    # a backdoor's voice: it helps the probe at first, but points where the honest ones do not
+    mallory.deliver("r", number, 2, delta_blob(_sideways(weights, seed=2), "r", number, 2, 0))
+    record = cluster.wait_ended(number)
+    assert record["status"] == "done" and record["accepted"] == 3, str(record)  # not rejected
+    assert record["outliers"] == ["mallory"], str(record)
+    merged = cluster.weights(1)
+    for key, value in weights.items():  # the honest pair's mean, nothing of mallory's
+        assert torch.allclose(merged[key], value + (honest[0][key] + honest[1][key]) / 2, atol=1e-5), key
