@@ -217,6 +217,13 @@ class Processes:
             cwd=self.home,
         )
 
+    def volunteer_cli(self, *argv: str) -> subprocess.CompletedProcess:
+        """``volunteer ARGV`` through its ``main()`` in this process: a control command
+        (pause, resume, status) polled in a Python process each costs a start-up apiece."""
+        from cli.volunteer import main
+
+        return _inline(list(argv), self.env(), main)
+
     def json(self, *argv: str, timeout: float = 240) -> dict:
         result = self.cli(*argv, "--json", timeout=timeout)
         assert result.returncode == 0, result.stderr[-3000:] + self.log_tail()
@@ -305,12 +312,16 @@ INLINE_COMMANDS = frozenset(
 _CROWDTRAIN_VARIABLES = ("CROWDTRAIN_", "AWS_")
 
 
-def _inline(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``coordinator ARGV`` through ``main()``, under ``env``'s crowdtrain variables, output captured."""
+def _inline(
+    argv: list[str], env: dict[str, str], main: Callable[[list[str]], int] | None = None
+) -> subprocess.CompletedProcess:
+    """``coordinator ARGV`` (or another ``main``) in this process, under ``env``'s crowdtrain
+    variables, output captured."""
     import contextlib
     import io
 
-    from cli.coordinator import main
+    if main is None:
+        from cli.coordinator import main
 
     wanted = {k: v for k, v in env.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
     saved = {k: v for k, v in os.environ.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
