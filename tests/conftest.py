@@ -35,6 +35,10 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch  # already imported, OMP_NUM_THREADS is read no more: set it
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # A shell runs a background job (`pytest &` in a script) with SIGINT ignored, and every process
+    # it starts would inherit that: the tests that press ctrl-c on one would wait in vain.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(
