@@ -24,6 +24,21 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Celery's log line for each task a worker finished, with the task's return value.
 SUCCEEDED = re.compile(r"Task (\w+)\[[^\]]*\] succeeded in [^:]*: (\{.*\})$", re.MULTILINE)
 T = TypeVar("T")
+# One torch (OpenMP) thread a process, in this one and in every process a test starts, as the
+# volunteers here already run (CROWDTRAIN_TORCH_THREADS=1). A test runs several processes at once
+# on a machine of a few cores; a pool of spinning threads in each of them is many times slower
+# than one thread (3 rounds of a tiny charlm, in process, beside a busy machine: 20 s, not 0.8 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch  # already imported, OMP_NUM_THREADS is read no more: set it
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # A shell runs a background job (`pytest &` in a script) with SIGINT ignored, and every process
+    # it starts would inherit that: the tests that press ctrl-c on one would wait in vain.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_until(
@@ -206,6 +221,13 @@ class Processes:
             cwd=self.home,
         )
 
+    def volunteer_cli(self, *argv: str) -> subprocess.CompletedProcess:
+        """``volunteer ARGV`` through its ``main()`` in this process: a control command
+        (pause, resume, status) polled in a Python process each costs a start-up apiece."""
+        from cli.volunteer import main
+
+        return _inline(list(argv), self.env(), main)
+
     def json(self, *argv: str, timeout: float = 240) -> dict:
         result = self.cli(*argv, "--json", timeout=timeout)
         assert result.returncode == 0, result.stderr[-3000:] + self.log_tail()
@@ -219,17 +241,19 @@ class Processes:
         process.wait(30)
 
     def stop_all(self) -> None:
+        """SIGKILL every process group started: the test is over, nothing is left to say.
+
+        A warm shutdown (SIGTERM) waits on Celery's pool and timer loops, 2 to 4 s
+        a test; the tests that assert a clean exit send their signal themselves.
+        """
         for process in self.started:
             if process.poll() is None:
                 try:
-                    os.killpg(process.pid, signal.SIGTERM)
+                    os.killpg(process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         for process in self.started:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill(process)
+            process.wait(30)
 
     def wait_online(self, *names: str, timeout: float = 120.0) -> None:
         """Until each named worker answers a ping: its start-up is over, it takes work when posted."""
@@ -238,9 +262,8 @@ class Processes:
 
         app = make_app(Settings(broker_url=self.broker))
         try:
-            wait_until(
-                lambda: set(names) <= _pinged(app), f"{', '.join(names)} to answer pings", timeout, self
-            )
+            what = f"{', '.join(names)} to answer pings"
+            wait_until(lambda: set(names) <= _pinged(app, names), what, timeout, self)
         finally:
             app.close()
 
@@ -260,9 +283,15 @@ class Processes:
         return "".join(out)
 
 
-def _pinged(app: Any) -> set[str]:
-    """Names (before '@') of the Celery workers that answer a ping."""
-    return {node.split("@", 1)[0] for reply in app.control.ping(timeout=1.0) or [] for node in reply}
+def _pinged(app: Any, names: tuple[str, ...]) -> set[str]:
+    """Which of ``names`` answer a ping: it ends once all have answered, else after 1 s.
+
+    Each worker is the node ``NAME@HOST`` (``-n NAME@%h``); the ping goes to those
+    nodes only, so that the last expected reply ends it, not the timeout.
+    """
+    nodes = [f"{name}@{socket.gethostname()}" for name in names]
+    replies = app.control.ping(destination=nodes, limit=len(nodes), timeout=1.0) or []
+    return {node.split("@", 1)[0] for reply in replies for node in reply}
 
 
 # Commands that talk to Redis and end: run in the test's own process by Processes.cli.
@@ -287,12 +316,16 @@ INLINE_COMMANDS = frozenset(
 _CROWDTRAIN_VARIABLES = ("CROWDTRAIN_", "AWS_")
 
 
-def _inline(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``coordinator ARGV`` through ``main()``, under ``env``'s crowdtrain variables, output captured."""
+def _inline(
+    argv: list[str], env: dict[str, str], main: Callable[[list[str]], int] | None = None
+) -> subprocess.CompletedProcess:
+    """``coordinator ARGV`` (or another ``main``) in this process, under ``env``'s crowdtrain
+    variables, output captured."""
     import contextlib
     import io
 
-    from cli.coordinator import main
+    if main is None:
+        from cli.coordinator import main
 
     wanted = {k: v for k, v in env.items() if k.startswith(_CROWDTRAIN_VARIABLES)}
     saved = {k: v for k, v in os.environ.items() if k.startswith(_CROWDTRAIN_VARIABLES)}

@@ -134,15 +134,22 @@ def test_a_volunteer_can_command_no_worker_while_the_operator_still_can(cluster)
     assert record["status"] == "done", cluster.procs.log_tail()
     assert aggregator.poll() is None and bob.poll() is None
     env = {**cluster.procs.env(), "CROWDTRAIN_BROKER_URL": cluster.procs.broker}
-    ping = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "--timeout", "5"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert ping.returncode == 0 and "bob@" in ping.stdout and "aggregator@" in ping.stdout, ping
+
+    def operator_ping() -> subprocess.CompletedProcess | None:
+        """The operator's ``celery inspect ping``, once both workers answered it (a ping waits out its
+        whole --timeout: short ones, asked again, end as soon as both are in)."""
+        ping = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "--timeout", "1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+        )
+        answered = ping.returncode == 0 and "bob@" in ping.stdout and "aggregator@" in ping.stdout
+        return ping if answered else None
+
+    cluster.wait_until(operator_ping, "the operator's celery inspect ping to reach bob and the aggregator")
 
 
 # --- 2. poison messages -----------------------------------------------------------------------

@@ -165,15 +165,28 @@ def _fill(mallory: redis.Redis, tag: str) -> int:
     raise AssertionError("Redis never filled up")
 
 
-def _refuses_writes(admin: redis.Redis) -> bool:
-    """Set ``maxmemory`` 4 MiB under what Redis uses now; True once a write is refused."""
-    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 4 * 2**20)
+def _refuses_writes(admin: redis.Redis, mallory: redis.Redis) -> bool:
+    """Set ``maxmemory`` 4 MiB under what Redis uses now; True once a write is refused.
+
+    Never under half of MAXMEMORY: the aggregator may have swept the junk meanwhile (it watches
+    Redis's memory), and a limit chased down after it would sit under the run's own data, which
+    then could never be written again (or under 0, which Redis refuses). Mallory fills Redis
+    again first.
+    """
+    if _used(admin) - 4 * 2**20 < MAXMEMORY // 2:
+        admin.config_set("maxmemory", MAXMEMORY)
+        _fill(mallory, "a")
+    admin.config_set("maxmemory", _used(admin) - 4 * 2**20)
     try:
         admin.set("probe", b"x")
     except redis.exceptions.OutOfMemoryError:
         return True
     admin.delete("probe")
     return False
+
+
+def _used(admin: redis.Redis) -> int:
+    return int(admin.info("memory")["used_memory"])
 
 
 def test_a_volunteer_filling_redis_is_swept_and_the_aggregator_rides_it_out(full_cluster, tmp_path):
@@ -194,7 +207,7 @@ def test_a_volunteer_filling_redis_is_swept_and_the_aggregator_rides_it_out(full
     assert written > MAXMEMORY // 2
     # full means full: no write of anyone's fits, whatever Redis frees meanwhile (its buffers, or
     # the aggregator sweeping the junk as it lands): the limit goes under the use until it holds
-    cluster.wait_until(lambda: _refuses_writes(cluster.admin), "Redis to refuse every write")
+    cluster.wait_until(lambda: _refuses_writes(cluster.admin, mallory.redis), "Redis to refuse every write")
     gate.touch()
     # assert: the aggregator reports the full Redis, lives, sweeps the junk, and the round ends
     record = cluster.wait_ended(number)

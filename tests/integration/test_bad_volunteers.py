@@ -143,10 +143,16 @@ def test_quiet_attackers_and_a_free_rider_among_honest_volunteers_are_rejected_b
     assert {x["volunteer"] for x in rejections} >= set(attackers), rejections  # each attacker caught
     # Honest voices carry the rounds: at most one of their 15 shard-rounds may fall to the probe's
     # measured false-rejection rate (which volunteer trains which shard, and so each round's
-    # voices, varies from run to run); none is rejected for anything else.
+    # voices, varies from run to run), or to the copy check: an honest delta of this job's five
+    # parameters can point along the last published update past its cosine bound of 0.999 (a run
+    # here: 0.9993, in round 4).
+    # None is rejected for anything else, and the attackers by the probe only.
     honest_rejected = [x for x in rejections if x["volunteer"] not in attackers]
     assert len(honest_rejected) <= 1, rejections
-    assert all(x["reason"].startswith("probe:") for x in rejections), rejections
+    honest_reasons = ("probe:", "copy: the last published update")
+    assert all(x["reason"].startswith(honest_reasons) for x in honest_rejected), rejections
+    caught = [x for x in rejections if x["volunteer"] in attackers]
+    assert all(x["reason"].startswith("probe:") for x in caught), rejections
     assert document["final"]["eval_loss"] < document["initial"]["eval_loss"]
     people = {v["name"]: v for v in processes.json("status")["volunteers"]}
     honest_floor = min(people[name]["reputation"] for name in ("h1", "h2", "h3"))

@@ -19,6 +19,7 @@ LEASE = 6  # seconds: a pause longer than this gives the shard back
 
 
 def volunteer_cli(processes, *argv: str) -> subprocess.CompletedProcess:
+    """``volunteer ARGV`` in a process of its own, as its owner runs it (the polled status runs inline)."""
     return subprocess.run(
         [sys.executable, "-m", "cli.volunteer", *argv],
         env=processes.env(),
@@ -30,14 +31,14 @@ def volunteer_cli(processes, *argv: str) -> subprocess.CompletedProcess:
 
 
 def status(processes, name: str) -> dict:
-    result = volunteer_cli(processes, "status", "--name", name, "--json")
+    result = processes.volunteer_cli("status", "--name", name, "--json")
     assert result.returncode == 0, result.stderr + processes.log_tail()
     return json.loads(result.stdout)
 
 
 def step(processes, name: str) -> int:
     """The step of the shard the volunteer trains now; 0 before it answers or trains."""
-    result = volunteer_cli(processes, "status", "--name", name, "--json")
+    result = processes.volunteer_cli("status", "--name", name, "--json")
     return (json.loads(result.stdout).get("step") or 0) if result.returncode == 0 else 0
 
 
@@ -163,7 +164,7 @@ def test_a_volunteer_holds_its_cpu_limit_and_pauses_by_its_owners_rules(processe
     processes.json("init", "--run", "r", "--job", BUSY, "--local-steps", "3000", "--deadline", "600")
     processes.cli("post-round", "--run", "r", "--shards", "1")
     reasons = lambda: status(processes, "dave")["reasons"]  # noqa: E731
-    wait_until(lambda: volunteer_cli(processes, "status").returncode == 0, "dave to listen", 120)
+    wait_until(lambda: processes.volunteer_cli("status").returncode == 0, "dave to listen", 120)
     wait_until(lambda: step(processes, "dave") >= 20, "dave to train", 120)
 
     # act / assert: --cpu-limit 30 holds its share of the machine's CPU time

@@ -32,6 +32,7 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 def _quickstart(home: Path, *flags: str) -> subprocess.Popen:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "CROWDTRAIN_HOME": str(home)}
+    env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]  # one torch thread a process (tests/conftest.py)
     return subprocess.Popen(
         [sys.executable, "-m", "cli.coordinator", "quickstart", *flags],
         env=env,
