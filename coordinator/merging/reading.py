@@ -18,6 +18,7 @@ from serialization import TensorDict, loads
 # Raw upload bytes the merge reads ahead in one MGET (at least one upload): small deltas cost
 # one round trip per batch, not per delta, and a large one is still read alone.
 PREFETCH_BYTES = 1 << 20
+SMALL_MODEL_CACHE = 64 << 20  # what any model's round may hold, however small the model
 
 
 class RoundReader:
@@ -25,6 +26,7 @@ class RoundReader:
 
     def __init__(self, store: Store, cache_bytes: int) -> None:
         self.store = store
+        self.cache_bytes = cache_bytes
         self._cache = UploadCache(cache_bytes)
 
     def clear(self) -> None:
@@ -64,6 +66,10 @@ class RoundReader:
         Each is a private copy: decoding the ``none`` codec gives views of the bytes, which the
         merge may scale in place.
         """
+        # at most half the model's float32 bytes too (or SMALL_MODEL_CACHE): the merge's peak stays
+        # under 4x the model (docs/BENCHMARKS.md section 10) whatever the codec; lossless uploads of
+        # a large model are read per pass instead
+        self._cache.budget = min(self.cache_bytes, max(context.model_bytes // 2, SMALL_MODEL_CACHE))
         step = max(1, PREFETCH_BYTES // max(1, context.upload_bound))
         for start in range(0, len(copies), step):
             batch = copies[start : start + step]
