@@ -79,7 +79,7 @@ def create_run(
 def _forget_run(store: Store, run: str, config: RunConfig) -> None:
     """Delete the keys ``init`` writes for ``run``, if the run's stored config is the one we wrote."""
     client = store.redis
-    if client.get(keys.run_config(run)) != msgpack.packb(config):
+    if client.get(keys.run_config(run)) != msgpack.packb(config.stored()):
         return  # we never wrote it (refused at once), or it is another coordinator's run
     objects = store.objects(run)
     if objects is not None:
