@@ -105,7 +105,7 @@ class UploadCache:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._blobs: dict[str, bytes | None] = {}
+        self._blobs: dict[str, bytearray | None] = {}  # as read: nothing else holds them
         self._held = 0
         self._passing: dict[str, bytearray | None] = {}  # read, not kept: handed out once
 
@@ -115,7 +115,7 @@ class UploadCache:
     def put(self, key: str, blob: bytearray | None) -> None:
         size = len(blob) if blob is not None else 0
         if self._held + size <= self.budget:
-            self._blobs[key] = bytes(blob) if blob is not None else None
+            self._blobs[key] = blob
             self._held += size
         else:
             self._passing[key] = blob
