@@ -96,8 +96,10 @@ def probe_voices(
 ) -> list[Rejection]:
     """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
 
-    Each voice is read twice (its direction summed, then compared with the
-    others' sum), so only one delta is in memory at a time besides the sum.
+    Each voice is read once: its gain probed, its ``sketch`` kept (the copy
+    check's, into ``sketches``), and its agreement measured between sketches,
+    which keep cosines within about 0.004 (exactly, for a model of at most
+    ``SKETCH`` values), so only one delta is in memory at a time.
     A round of one voice is probed on its own, against the probe's resolution
     for the run's ``last`` published update at ``usual_norm`` (the median norm
     of recently merged voices). Each voice's ``sketch`` goes into ``sketches``
@@ -107,19 +109,20 @@ def probe_voices(
     grouped = voices(used)
     share = 1.0 / len(grouped)  # what the merge moves by each voice, about
     consensus = Consensus()
-    gains, norms = {}, {}
+    gains, norms, drawn = {}, {}, {}
     for name, shards in grouped.items():
         delta = read(shards)
         gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
-        consensus.add(delta, weigh(1.0, reputations.get(name)))
-        if sketches is not None:
-            sketches[name] = sketch(delta)
+        drawn[name] = {"sketch": sketch(delta)}
+        consensus.add(drawn[name], weigh(1.0, reputations.get(name)))
         del delta
+    if sketches is not None:
+        sketches.update({name: drawn[name]["sketch"] for name in grouped})
     evidence = {
         name: Evidence(
-            gains[name], norms[name], consensus.agreement(read(shards), weigh(1.0, reputations.get(name)))
+            gains[name], norms[name], consensus.agreement(drawn[name], weigh(1.0, reputations.get(name)))
         )
-        for name, shards in grouped.items()
+        for name in grouped
     }
 
     def cost(name: str) -> float:  # one more probe of a voice, only in a round where a rule fires

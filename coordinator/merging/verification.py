@@ -87,6 +87,12 @@ AGREEMENT = 0.1
 # A lone voice is rejected when it raises the probe loss by more than NOISE x the resolution.
 NOISE = 4.0
 NOISE_GAIN = 3.0
+# The resolution is the median probe cost of at most this many of the round's other judged
+# voices, drawn with ``secrets`` when the round is judged: a cost is one more probe pass, and
+# a median of 8 costs at the usual norm is what the band needs, whatever the round's size.
+# More costs would double a large round's probe passes (each judged voice probed twice) and
+# narrow the band's estimate by little.
+RESOLUTION_PEERS = 8
 # A voice whose direction has at least this cosine with another voice's of the round, or with
 # the last published update, is a copy (honest voices measured at most 0.985, docs/SECURITY.md).
 COPY_COSINE = 0.999
@@ -102,6 +108,7 @@ SKETCH_CACHE = 1 << 22
 PREFILTER_FROM = 64
 PREFILTER = 2048
 PREFILTER_COSINE = 0.9
+_RANDOM = secrets.SystemRandom()
 _LAYOUT: dict[str, Any] = {}
 START_REPUTATION = 0.5
 # How far one round moves a reputation toward 1 (merged) or 0 (rejected).
@@ -185,7 +192,8 @@ def judge(
     shift its own bar. A rule that finds a voice worse than the others rejects
     it only if its shortfall exceeds the probe's noise band: ``NOISE`` x the
     probe's resolution, the median ``cost`` of the others' steps (each at their
-    median norm), what a step of the round's usual length and kind costs on
+    median norm; in a large round, of ``RESOLUTION_PEERS`` of them drawn from
+    those no rule doubts: ``_resolution_pool``), what a step of the round's usual length and kind costs on
     the probe whatever its direction (not the voice's own: a step in a sharp
     direction, an ascender's, costs far more and would widen its own band);
     for harm, ``_honest_shortfall`` if larger; the band
@@ -212,31 +220,11 @@ def judge(
     # The voices past the norm screen: each is judged against all the others, whatever the
     # verdicts on them, so the order of judging changes no bar.
     screened = [name for name in evidence if name not in reasons]
+    doubted = {name: found for name in screened if (found := _rule(name, screened, evidence))}
+    pool = _resolution_pool(screened, doubted)
     costs: dict[str, float] = {}
-    for name in screened:
+    for name, (reason, harm, typical, deviation) in doubted.items():
         seen = evidence[name]
-        others = [evidence[other].gain for other in screened if other != name]
-        if not others:
-            continue
-        typical = statistics.median(others)
-        deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
-        harm = True
-        if seen.agreement < OPPOSED and seen.gain < typical:
-            reason = (
-                f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
-                f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
-            )
-        elif seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
-            harm = seen.gain < 0
-            reason = (
-                f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it by "
-                f"{-typical:.3g}"
-                if harm
-                else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
-                f"of the round's others ({typical:.3g})"
-            )
-        else:
-            continue
         peers = [other for other in screened if other != name]
         # the probe's noise band (module docstring), narrowed as the voice turns from the others:
         # by how far its cosine with them falls under their own
@@ -244,10 +232,11 @@ def judge(
         resolution = 0.0
         if cost is not None:
             usual_norm = statistics.median(evidence[other].norm for other in peers)
-            for other in peers:
+            measured = [other for other in pool if other != name][:RESOLUTION_PEERS]
+            for other in measured:
                 if other not in costs:
                     costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
-            resolution = statistics.median(costs[other] for other in peers)
+            resolution = statistics.median(costs[other] for other in measured)
         band = NOISE * resolution
         if harm:
             band = max(band, _honest_shortfall(typical, resolution, deviation))
@@ -255,6 +244,53 @@ def judge(
             continue  # within the probe's noise: near convergence, honest steps are mostly noise
         reasons[name] = reason
     return reasons
+
+
+def _rule(
+    name: str, screened: list[str], evidence: Mapping[str, Evidence]
+) -> tuple[str, bool, float, float] | None:
+    """The rule that finds ``name`` worse than the round's other screened voices, if one does.
+
+    (reason, whether the rule is about harm, the others' median gain, their robust deviation).
+    """
+    seen = evidence[name]
+    others = [evidence[other].gain for other in screened if other != name]
+    if not others:
+        return None
+    typical = statistics.median(others)
+    deviation = 1.4826 * statistics.median(abs(g - typical) for g in others)
+    if seen.agreement < OPPOSED and seen.gain < typical:
+        reason = (
+            f"probe: points against the round's other deltas (cosine {seen.agreement:.2f}) "
+            f"and lowers the probe loss less than they do ({seen.gain:.3g} against {typical:.3g})"
+        )
+        return reason, True, typical, deviation
+    if seen.agreement < AGREEMENT and _far_worse(seen.gain, typical, deviation):
+        harm = seen.gain < 0
+        reason = (
+            f"probe: raises the probe loss by {-seen.gain:.3g} while the round's others change it "
+            f"by {-typical:.3g}"
+            if harm
+            else f"probe: lowers the probe loss by {seen.gain:.3g}, under {USEFUL_FRACTION:.0%} "
+            f"of the round's others ({typical:.3g})"
+        )
+        return reason, harm, typical, deviation
+    return None
+
+
+def _resolution_pool(screened: list[str], doubted: Mapping[str, object]) -> list[str]:
+    """The voices whose probe cost measures the resolution: every screened one in a small round.
+
+    In a round of more than ``RESOLUTION_PEERS`` + 1 screened voices, ``RESOLUTION_PEERS`` + 1
+    drawn with ``secrets`` from those no rule doubts (from all screened ones if too few are
+    left): each cost is one more probe pass, and a doubted voice's step (an ascender's is
+    sharp, so costly) must not widen the band it is judged by.
+    """
+    if len(screened) <= RESOLUTION_PEERS + 1:
+        return screened
+    trusted = [name for name in screened if name not in doubted]
+    source = trusted if len(trusted) > RESOLUTION_PEERS else screened
+    return sorted(_RANDOM.sample(source, RESOLUTION_PEERS + 1))
 
 
 def _honest_shortfall(typical: float, resolution: float, deviation: float) -> float:

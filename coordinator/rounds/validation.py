@@ -86,9 +86,18 @@ def delta_norm(delta: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> fl
     """
     tensors = delta.values() if isinstance(delta, Mapping) else delta
     total = 0.0
+    small: list[torch.Tensor] = []  # normed together: a model's many small tensors cost one call
     for tensor in tensors:
-        if tensor.is_floating_point():
+        if not tensor.is_floating_point():
+            continue
+        if tensor.dtype == torch.float32 and tensor.numel() <= _NORM_ROW:
+            small.append(tensor.detach())
+        else:
             total += _sum_of_squares(tensor)
+    if small:
+        together = torch.stack(torch._foreach_norm(small)).double().square().sum().item()
+        # a float32 square overflows above ~1.8e19: each tensor again, in float64 if need be
+        total += together if math.isfinite(together) else sum(_sum_of_squares(t) for t in small)
     return math.sqrt(total)
 
 

@@ -8,6 +8,7 @@ import torch
 from broker import keys
 from coordinator.merging.judging import probe_voices
 from coordinator.merging.verification import (
+    RESOLUTION_PEERS,
     SKETCH,
     START_REPUTATION,
     Consensus,
@@ -208,6 +209,32 @@ def test_the_probes_resolution_is_the_others_steps_not_the_judged_voices_own():
     }
     costs = {"h0": 0.0020, "h1": 0.0013, "h2": 0.0015, "ascender": 0.1067}
     assert set(judge(voices, cost=costs.__getitem__)) == {"ascender"}
+
+
+def test_a_large_round_measures_the_resolution_on_a_few_undoubted_voices_and_still_rejects_ascenders():
+    """40 honest voices and 8 ascenders (charlm round 7's figures): each measured cost is a probe pass.
+
+    Every voice's cost measured would be 48 passes; the resolution needs RESOLUTION_PEERS + 1, drawn
+    from voices no rule doubts, so an ascender's sharp step never widens the band (0.107 against 0.0015:
+    had the ascenders' costs been the median, the band would have let them through).
+    """
+    voices = {f"h{i}": Evidence(0.0061 + 0.0059 * (i % 7) / 6, 1.0, 0.5) for i in range(40)}
+    voices |= {f"ascender{i}": Evidence(-0.1246, 1.0, -0.6) for i in range(8)}
+    measured: list[str] = []
+
+    def cost(name: str) -> float:
+        measured.append(name)
+        return 0.1067 if name.startswith("ascender") else 0.0015
+
+    for _ in range(20):  # the pool is drawn anew each round
+        measured.clear()
+        assert set(judge(voices, cost=cost)) == {f"ascender{i}" for i in range(8)}
+        assert len(set(measured)) == len(measured) <= RESOLUTION_PEERS + 1
+        assert not any(name.startswith("ascender") for name in measured)
+    # a small round measures every other voice, as before: the band is theirs whole
+    measured.clear()
+    judge({name: voices[name] for name in ["h0", "h1", "h2", "ascender0"]}, cost=cost)
+    assert sorted(measured) == ["h0", "h1", "h2"]
 
 
 def test_an_honest_voice_on_other_data_is_kept_while_the_reversal_of_an_honest_one_is_not():
