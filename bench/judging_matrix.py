@@ -110,11 +110,14 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         prober = Prober(job, weights)
         share = 1.0 / len(voices)
         gains = {who: prober.gain(d, share) for who, d in voices.items()}
-        consensus = Consensus()
-        for who, d in voices.items():
-            consensus.add(d, weigh(1.0, reputation[who]))
+        consensus = Consensus()  # between the voices' sketches, as probe_voices measures it
+        drawn = {who: {"sketch": sketch(d)} for who, d in voices.items()}
+        for who in voices:
+            consensus.add(drawn[who], weigh(1.0, reputation[who]))
         evidence = {
-            who: Evidence(gains[who], delta_norm(d), consensus.agreement(d, weigh(1.0, reputation[who])))
+            who: Evidence(
+                gains[who], delta_norm(d), consensus.agreement(drawn[who], weigh(1.0, reputation[who]))
+            )
             for who, d in voices.items()
         }
         if len(voices) > 1:
