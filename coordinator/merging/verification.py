@@ -142,6 +142,7 @@ class Prober:
         self.base = base
         self.model = job.build_model()
         self.model.load_state_dict(base)
+        self._live = self.model.state_dict()  # the model's own tensors: a probe moves them in place
         self.base_loss = probe_loss(job, self.model)
 
     def gain(self, delta: Mapping[str, torch.Tensor], scale: float = 1.0) -> float:
@@ -151,12 +152,15 @@ class Prober:
         that is the step to probe with: a voice's share, where its first-order
         effect (its direction) dominates the curvature of a full step.
         """
-        with torch.no_grad():
-            moved = {
-                name: tensor + scale * delta[name].to(tensor.dtype) if name in delta else tensor
-                for name, tensor in self.base.items()
-            }
-        self.model.load_state_dict(moved)
+        with (
+            torch.no_grad()
+        ):  # in place: a model's worth of allocation and load_state_dict was 15% of a probe
+            for name, tensor in self._live.items():
+                tensor.copy_(self.base[name])
+                if name in delta:
+                    if delta[name].shape != tensor.shape:  # add_ would broadcast it
+                        raise ValueError(f"{name}: a delta of shape {tuple(delta[name].shape)}")
+                    tensor.add_(delta[name].to(tensor.dtype), alpha=scale)
         return self.base_loss - probe_loss(self.job, self.model)
 
     def cost(self, delta: Mapping[str, torch.Tensor], scale: float, gain: float) -> float:
