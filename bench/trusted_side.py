@@ -2,6 +2,7 @@
 
     python bench/trusted_side.py [--voices 16 64 1000] [--limits 16 32 64] [--json]
     python bench/trusted_side.py --split
+    python bench/trusted_side.py --memory --voices 8 --job-arg layers=8 --job-arg width=1024 --job-arg heads=8
 
 One private redis-server; everything else runs in this process with the aggregator's own code:
 ``coordinator init`` makes a charlm run of about 1M parameters with the default codec and
@@ -21,6 +22,14 @@ honest delta negated). Honest deltas are 8 real charlm trainings, each voice one
 its own noise (cosine about 0.9 with it), so no two are copies. Reported per arm: CPU seconds per
 voice, the round's total, the voices judged, and what happened to the cheaters: those judged must
 be rejected with ``probe`` and, when sampled, fall to reputation 0.
+
+``--memory`` (issue 27: a 100M model at 8 voices, the aggregator under 4x the model) also
+reports the peak RSS of the intake's checks and the aggregation above the RSS before them, as
+a multiple of the model's float32 bytes, every voice judged (one arm). The honest trainings run
+in a child process that writes the uploads to files, so the freed memory of training is not
+in this process's heap for the aggregation to reuse unseen; the peak is VmHWM, reset
+(``/proc/self/clear_refs``) just before the aggregator is made. The baseline holds this
+process's own copy of the model (the aggregator builds its own, which is counted).
 """
 
 from __future__ import annotations
@@ -97,7 +106,16 @@ def population(count: int) -> tuple[list[str], set[str], set[str]]:
     return names, new, cheaters
 
 
-def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], tag: str) -> dict:
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def one_round(
+    cluster: Cluster, voices: int, limit: int, uploads: list[bytes], tag: str, job_args: dict | None = None
+) -> dict:
     """Init a run, post a round of ``voices`` shards, count the uploads, aggregate it: the figures."""
     from broker import blobs, keys
     from coordinator.merging import aggregator as aggregator_module
@@ -113,13 +131,15 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
     run = f"{tag}-{voices}"
     args = ["init", "--run", run, "--job", "charlm", "--shards", str(voices), "--verify", "probe"]
     args += ["--probe-voices", str(limit), "--max-share", "1"]
-    for key, value in JOB_ARGS.items():
+    for key, value in (job_args or JOB_ARGS).items():
         args += ["--job-arg", f"{key}={value}"]
     done = cluster.coordinator(*args)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     store = Store(cluster.client)
     store.rounds.open(run, voices, voices, 3600.0)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the trusted side's own peak
+    rss_before = _status_kib("VmRSS")
     names, new, cheaters = population(voices)
     store.set_reputations({n: TRUSTED_REPUTATION for n in names if n not in new})
     for name in new:  # never judged, whatever an earlier arm did
@@ -155,6 +175,7 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
     finally:
         aggregator_module.check_copies = real
     cpu, wall = time.process_time() - started + intake_cpu, time.perf_counter() - wall
+    peak_above_mib = (_status_kib("VmHWM") - rss_before) / 1024
     assert summary is not None and summary["status"] == "done", summary
     rejected = {
         json.loads(e)["volunteer"]: json.loads(e)["reason"]
@@ -177,6 +198,7 @@ def one_round(cluster: Cluster, voices: int, limit: int, uploads: list[bytes], t
         "caught_with_probe": sum(1 for n in caught if rejected[n].startswith("probe")),
         "caught_at_zero": sum(1 for n in caught if after.get(n) == 0.0),
         "honest_rejected": sum(1 for n in rejected if n not in cheaters),
+        "peak_above_mib": peak_above_mib,
     }
 
 
@@ -244,7 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         "--split", action="store_true", help="only the per-voice costs of each step, on 3 jobs"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--job-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="charlm's size (default: the bench's)",
+    )
+    parser.add_argument("--memory", action="store_true", help="every voice judged only, with the peak RSS")
+    parser.add_argument("--write-uploads", metavar="DIR", help=argparse.SUPPRESS)  # --memory's child
     args = parser.parse_args(argv)
+    job_args = {**JOB_ARGS, **dict(pair.split("=", 1) for pair in args.job_arg)}
     torch.set_num_threads(1)
     if args.split:
         print("| job | params | probe pass ms | read (decode) ms | sketch ms | judged voice ms "
@@ -259,25 +291,49 @@ def main(argv: list[str] | None = None) -> int:
     from jobs import load_job
     from volunteer.feedback import ErrorFeedback
 
-    job = load_job("charlm", {**JOB_ARGS, "seed": 0})
+    job = load_job("charlm", {**job_args, "seed": 0})
     weights = {k: v.detach().clone() for k, v in job.build_model().state_dict().items()}
     params = sum(t.numel() for t in weights.values())
-    honest = trained_deltas(job, weights, HONEST)
+
+    def make_uploads(voices: int) -> list[bytes]:
+        names, _, cheaters = population(voices)
+        meta = {"samples": 8, "train_loss": 3.0, "seconds": 1.0, "base_version": 0}
+        return [
+            ErrorFeedback().encode(voice_delta(honest, i, name in cheaters), meta, DEFAULT_COMPRESSION)
+            for i, name in enumerate(names)
+        ]
+
+    if args.write_uploads or not args.memory:
+        honest = trained_deltas(job, weights, HONEST)
+    if args.write_uploads:
+        for voices in args.voices:
+            for i, blob in enumerate(make_uploads(voices)):
+                Path(args.write_uploads, f"{voices}-{i}").write_bytes(blob)
+        return 0
     rows = []
     with Cluster("trusted-side") as cluster:
         for voices in args.voices:
-            names, _, cheaters = population(voices)
-            meta = {"samples": 8, "train_loss": 3.0, "seconds": 1.0, "base_version": 0}
-            uploads = [
-                ErrorFeedback().encode(voice_delta(honest, i, name in cheaters), meta, DEFAULT_COMPRESSION)
-                for i, name in enumerate(names)
-            ]
-            arms = [("all", ALL)] + [(f"sampled{n}", n) for n in args.limits or [DEFAULT_PROBE_VOICES]]
+            if args.memory:  # trained in a child: its freed memory is not this heap's
+                import subprocess
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as folder:
+                    child = [sys.executable, __file__, "--write-uploads", folder, "--voices", str(voices)]
+                    subprocess.run(child + [f"--job-arg={pair}" for pair in args.job_arg], check=True)
+                    uploads = [Path(folder, f"{voices}-{i}").read_bytes() for i in range(voices)]
+            else:
+                uploads = make_uploads(voices)
+            arms = [("all", ALL)]
+            if not args.memory:
+                arms += [(f"sampled{n}", n) for n in args.limits or [DEFAULT_PROBE_VOICES]]
             for tag, limit in arms:
-                rows.append(one_round(cluster, voices, limit, uploads, tag))
+                rows.append(one_round(cluster, voices, limit, uploads, tag, job_args))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.json:
-        print(json.dumps({"params": params, "rows": rows}))
+    if args.json or args.memory:
+        model_mib = 4 * params / 2**20
+        for row in rows:
+            row["peak_above_model"] = row["peak_above_mib"] / model_mib
+        print(json.dumps({"params": params, "model_mib": model_mib, "rows": rows}))
         return 0
     print(f"## Trusted-side CPU per voice, charlm {params / 1e6:.2f}M params, default codec, "
           f"--verify probe, --probe-voices {DEFAULT_PROBE_VOICES} (sampled) against every voice judged, "
