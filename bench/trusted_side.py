@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true", help="every voice judged only, with the peak RSS")
     parser.add_argument("--write-uploads", metavar="DIR", help=argparse.SUPPRESS)  # --memory's child
     args = parser.parse_args(argv)
-    job_args = {**JOB_ARGS, **dict(pair.split("=", 1) for pair in args.job_arg)}
+    job_args = {**JOB_ARGS, **{k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.job_arg)}}
     torch.set_num_threads(1)
     if args.split:
         print("| job | params | probe pass ms | read (decode) ms | sketch ms | judged voice ms "
