@@ -4,8 +4,9 @@ Both volunteers run on least-privilege ACL users and claim 16 GB. The liar
 (``tests.fixtures.lazy_prover``) answers its challenge with a random product
 and trains honestly: its claims show false in ``status --json``, and the
 trusted side refuses it the lease of a run that needs 8 GB, which the honest
-volunteer, whose claims show true, then trains (once the liar is gone, as it
-would keep taking the shard's messages only to be refused).
+volunteer, whose claims show true, then trains beside the liar: refused, the
+liar stops taking that run's queue, and the trusted side posts the shard
+again at the refusal, so the round waits for no re-offer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from broker import keys
 from coordinator.store import Store
 from tests.conftest import wait_until
 
@@ -50,17 +52,24 @@ def _volunteer(procs, name: str, *argv: str, **env: str):
 def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_them(procs):
     procs.aggregator()
     liar = _volunteer(procs, "liar", "-m", "tests.fixtures.lazy_prover", CROWDTRAIN_TEST_CHALLENGE="random")
-    needs = ("--min-memory-gb", "6.5", "--lease", "4")  # --lease 4: a refused shard is offered again in 2 s
+    # the default lease (20 s): a shard nobody takes is offered again 10 s after its last offer
+    needs = ("--min-memory-gb", "6.5")
     procs.json("init", "--run", "big", "--job", TINY, "--local-steps", "2", "--shards", "1", *needs)
-    procs.cli("post-round", "--run", "big", "--deadline", "300")
+    number = procs.json("post-round", "--run", "big", "--deadline", "300")["round"]
 
     def refused() -> bool:
         return any("capability: memory claim failed" in str(r.get("skipped")) for r in procs.results("liar"))
 
     wait_until(refused, "the liar's lease refused for its failed memory claim", processes=procs)
-    procs.kill(liar)  # it would keep taking the shard's messages, each refused, from the honest one
-    _volunteer(procs, "honest", "-m", "cli.volunteer")
+    _volunteer(procs, "honest", "-m", "cli.volunteer")  # beside the liar, which keeps running
     wait_until(lambda: procs.store.version("big") == 1, "the 8 GB run's round", processes=procs, poll=0.2)
+    # the shard went out again at the refusal, and never waited for a re-offer: the liar took the
+    # routed queue's message once and no more, so the copy posted at the refusal was the honest one's
+    offers = procs.store.redis.hgetall(keys.offers("big", number))
+    assert offers.get(b"0:refused") == b"1" and b"0:waited" not in offers, offers
+    assert len(procs.results("liar")) == 1, procs.results("liar")
+    assert "not taking train.8g" in procs.log("liar"), procs.log_tail()
+    assert liar.poll() is None
 
     def trained() -> dict | None:  # credit (and the check of its training speed) follows the commit
         document = procs.json("status")
