@@ -302,10 +302,10 @@ class Leases:
             return 0
         if routine:
             self._checked = now
-            members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
-            rounds = [keys.parse_deadline_member(m) for m in members]
-        else:
-            rounds = sorted(refused)
+        members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
+        rounds = [keys.parse_deadline_member(m) for m in members]
+        if not routine:  # only open rounds: a refusal may name any round, a forged one included
+            rounds = [key for key in rounds if key in refused]
         posted = 0
         for run, number in rounds:
             try:

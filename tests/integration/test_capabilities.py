@@ -98,3 +98,29 @@ def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_the
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             write()
+
+
+def test_a_volunteer_refused_for_its_claims_takes_the_routed_queue_again_at_its_next_challenge(procs):
+    procs.aggregator()
+    # its challenges 3 s apart, not an hour: the trusted side answers the second `too soon` (at most
+    # one per 30 s), so the claim stays failed and the lease is refused again
+    _volunteer(
+        procs,
+        "liar",
+        "-m",
+        "tests.fixtures.lazy_prover",
+        CROWDTRAIN_TEST_CHALLENGE="random",
+        CROWDTRAIN_TEST_CHALLENGE_PERIOD="3",
+    )
+    procs.json("init", "--run", "big", "--job", TINY, "--shards", "1", "--min-memory-gb", "6.5")
+    procs.json("post-round", "--run", "big", "--deadline", "300")
+
+    def refusals() -> list[dict]:
+        return [r for r in procs.results("liar") if "capability:" in str(r.get("skipped"))]
+
+    wait_until(lambda: len(refusals()) >= 2, "the liar's second refusal", processes=procs)
+    log = procs.log("liar")
+    first = log.index("Canceling queue train.8g")
+    back = log.index("Started consuming from train.8g", first)  # its next challenge came due
+    assert log.index("Canceling queue train.8g", back) > back  # refused again: gone again
+    assert "capability challenge refused: too soon" in log
