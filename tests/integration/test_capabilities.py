@@ -52,6 +52,11 @@ def _volunteer(procs, name: str, *argv: str, **env: str):
 def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_them(procs):
     procs.aggregator()
     liar = _volunteer(procs, "liar", "-m", "tests.fixtures.lazy_prover", CROWDTRAIN_TEST_CHALLENGE="random")
+    _volunteer(procs, "honest", "-m", "cli.volunteer")
+    procs.wait_online("liar", "honest")
+    # the honest volunteer paused (it consumes nothing), so the liar takes the shard first
+    assert procs.volunteer_cli("pause", "--name", "honest").returncode == 0
+    wait_until(lambda: "Canceling queue train.8g" in procs.log("honest"), "honest to pause", processes=procs)
     # the default lease (20 s): a shard nobody takes is offered again 10 s after its last offer
     needs = ("--min-memory-gb", "6.5")
     procs.json("init", "--run", "big", "--job", TINY, "--local-steps", "2", "--shards", "1", *needs)
@@ -61,7 +66,7 @@ def test_a_faked_challenge_marks_the_claims_false_and_routing_stops_trusting_the
         return any("capability: memory claim failed" in str(r.get("skipped")) for r in procs.results("liar"))
 
     wait_until(refused, "the liar's lease refused for its failed memory claim", processes=procs)
-    _volunteer(procs, "honest", "-m", "cli.volunteer")  # beside the liar, which keeps running
+    assert procs.volunteer_cli("resume", "--name", "honest").returncode == 0  # beside the liar, still running
     wait_until(lambda: procs.store.version("big") == 1, "the 8 GB run's round", processes=procs, poll=0.2)
     # the shard went out again at the refusal, and never waited for a re-offer: the liar took the
     # routed queue's message once and no more, so the copy posted at the refusal was the honest one's
