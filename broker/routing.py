@@ -15,6 +15,7 @@ trains slowly, and its deltas are judged like anyone's).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from broker.keys import TRAIN_QUEUE
@@ -25,6 +26,11 @@ MEMORY_TIERS_GB = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 
 MAX_MEMORY_GB = 4096
 # Device classes a run may require; "gpu" is any accelerator (CUDA or Apple MPS).
 DEVICE_CLASSES = ("gpu",)
+# How the trusted side's lease refusals for a failed capability claim begin
+# (``coordinator.runs.capabilities``): a volunteer refused so stops taking what it cannot serve.
+CAPABILITY_REFUSAL = "capability:"
+MEMORY_REFUSAL = "capability: memory claim failed"
+SPEED_REFUSAL = "capability: speed claim failed"
 
 
 @dataclass(frozen=True)
@@ -82,4 +88,39 @@ def train_queues() -> frozenset[str]:
     other name is a volunteer's junk (``coordinator.rounds.janitor``), and a message is
     restored to no other queue (``tasks.poison``).
     """
-    return frozenset(Need(c, t).queue for c in (None, *DEVICE_CLASSES) for t in (0, *MEMORY_TIERS_GB))
+    return frozenset(_NEEDS)
+
+
+def queue_need(queue: str) -> Need | None:
+    """The need a train queue's name stands for (``train.gpu.16g``: a gpu, 16 GB), None for another name."""
+    return _NEEDS.get(queue)
+
+
+def unservable(queues: Sequence[str], refused: str, reason: str) -> list[str]:
+    """Which of ``queues`` a volunteer refused a lease on queue ``refused`` for ``reason`` cannot serve.
+
+    A failed memory claim rules out every queue that needs as much memory or
+    more, a failed speed claim every GPU queue; another capability refusal
+    the refused queue alone. ``train`` needs nothing and is never ruled out.
+    """
+    need = queue_need(refused)
+    if need is None or not reason.startswith(CAPABILITY_REFUSAL) or need == Need():
+        return []
+    out = []
+    for queue in queues:
+        their = queue_need(queue)
+        if their is None or their == Need():
+            continue
+        if reason.startswith(MEMORY_REFUSAL):
+            ruled_out = bool(need.memory_gb) and their.memory_gb >= need.memory_gb
+        elif reason.startswith(SPEED_REFUSAL):
+            ruled_out = their.device == "gpu"
+        else:
+            ruled_out = queue == refused
+        if ruled_out:
+            out.append(queue)
+    return out
+
+
+_ALL_NEEDS = (Need(c, t) for c in (None, *DEVICE_CLASSES) for t in (0, *MEMORY_TIERS_GB))
+_NEEDS = {need.queue: need for need in _ALL_NEEDS}

@@ -232,7 +232,9 @@ class RunConfig:
         metavar="SECONDS",
         help="how long a volunteer holds a shard it was given without renewing it (it renews every "
         "third of this while it trains); a shard whose lease lapses is offered again at once, one "
-        f"that nobody takes after min(10, SECONDS/2) s too (default {DEFAULT_LEASE_SECONDS:g})",
+        "that nobody takes after min(10, SECONDS/2) s too, and one whose lease is refused (the fair "
+        "share, a failed capability claim) at once, at most once per shard per that period "
+        f"(default {DEFAULT_LEASE_SECONDS:g})",
     )
     max_share: float = setting(
         DEFAULT_MAX_SHARE,

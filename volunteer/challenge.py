@@ -45,6 +45,11 @@ class Prover:
         self._due = 0.0
         self._gflops: float | None = None
 
+    @property
+    def due(self) -> float:
+        """When the next challenge is due (``time.monotonic``)."""
+        return self._due
+
     def maybe(self) -> None:
         """Answer a challenge if one is due; never raises (a failed try waits a period)."""
         now = time.monotonic()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from broker.pointers import ObjectStoreError
+from broker.routing import CAPABILITY_REFUSAL
 from broker.run_config import RunConfig
 from jobs import BUILTIN_JOBS, Job, load_job, reads_local_data, reuses_model
 from serialization import Encoded, TensorDict, apply_update, dumps, dumps_stream, loads, parse_codec
@@ -111,11 +112,30 @@ class ShardRunner:
         if not lease.get("granted"):
             reason = f"no lease: {lease.get('reason')}"
             log.info("skipping %s round %d shard %d: %s", run, number, shard, reason)
+            self._withdraw(run, str(lease.get("reason")))
             return {**summary, "skipped": reason}
         seconds = float(lease.get("seconds") or 20.0)
         self._lease, self._slot = LeaseHold(str(lease["token"]), seconds), lease.get("upload")
         with self.store.renewing(run, number, shard, self._lease.current, seconds):
             return self._leased(run, number, shard, shards, version, summary, buffered)
+
+    def _withdraw(self, run: str, reason: str) -> None:
+        """Refused for a failed capability claim: take no more of the run's queue until the next challenge.
+
+        The main process reads the board before it acknowledges this task
+        (``tasks.training.QueueGate``) and stops consuming every queue the
+        failed claim rules out (``broker.routing.unservable``), so it takes no
+        message it would only be refused for; the trusted side has posted this
+        one again for another volunteer. They come back when this runner's
+        next challenge is due, which its next shard answers before it asks
+        for a lease.
+        """
+        guest = self.options.guest
+        if guest is None or not reason.startswith(CAPABILITY_REFUSAL):
+            return
+        queue = self._config(run).need.queue
+        guest.board.withdraw(queue, reason, self._prover.due)
+        log.info("refused %s: not taking %s until the next capability challenge", reason, queue)
 
     def _leased(
         self,

@@ -40,7 +40,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ import redis
 from broker import keys
 from broker.challenge import is_challenge
 from broker.errors import UnknownRun
+from broker.routing import CAPABILITY_REFUSAL
 from broker.run_config import RunConfig
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import lua_source
@@ -118,7 +119,10 @@ class Leases:
         self._settle = self.redis.register_script(lua_source("settle"))
         self._drain = self.redis.register_script(lua_source("drain"))
         self.capabilities = Capabilities(self.redis)  # challenges travel on the same lists
+        self._offer = self.redis.register_script(lua_source("offer"))
         self._checked = 0.0
+        # shards whose lease was just refused while they may be free: (run, round) -> shards
+        self._refused: dict[tuple[str, int], set[int]] = {}
         self._unheld: dict[tuple[str, int, int], float] = {}  # asynchronous jobs: first seen unheld
 
     # --- requests ------------------------------------------------------------
@@ -237,6 +241,8 @@ class Leases:
                     seconds=config.lease_seconds,
                     upload=self.store.upload_slot(request.run, request.round, request.shard),
                 )
+            if request.kind == "lease" and frees_shard(outcome):
+                self._refused.setdefault((request.run, request.round), set()).add(request.shard)
             key = keys.grant(request.volunteer, request.nonce)
             answers.rpush(key, msgpack.packb(answer))
             answers.expire(key, GRANT_TTL)
@@ -283,27 +289,47 @@ class Leases:
         A shard is wanted until its upload (and its replica's, if replicated) is
         accepted; it is offered again when no live lease holds it, its last
         offer is ``offer_seconds`` old, and the run's queue is empty (a
-        message still waiting there will be taken first).
+        message still waiting there will be taken first). A shard whose lease
+        was just refused (``frees_shard``) is offered again at once, queue
+        empty or not: its asker dropped the message it took. That happens at
+        most once per shard per ``offer_seconds``, whoever asks and however
+        often, so refused requests cannot make the aggregator post without end.
         """
         now = time.time() if now is None else now
-        if now - self._checked < OFFER_CHECK:
+        refused, self._refused = self._refused, {}
+        routine = now - self._checked >= OFFER_CHECK
+        if not (routine or refused):
             return 0
-        self._checked = now
-        posted = 0
+        if routine:
+            self._checked = now
         members = [m.decode() for m in self.redis.zrange(keys.deadlines(), 0, -1)]
-        for run, number in (keys.parse_deadline_member(m) for m in members):
+        rounds = [keys.parse_deadline_member(m) for m in members]
+        if not routine:  # only open rounds: a refusal may name any round, a forged one included
+            rounds = [key for key in rounds if key in refused]
+        posted = 0
+        for run, number in rounds:
             try:
                 context = self.contexts[run]
             except (UnknownRun, LookupError):
                 continue
             wait = offer_seconds(context.config)
             if context.mode.reoffers_rounds:
-                posted += self._reoffer_round(post, run, number, context.queue, wait, now)
-            else:
+                at_once = refused.get((run, number), set())
+                posted += self._reoffer_round(post, run, number, context.queue, wait, now, at_once)
+            elif routine:
                 self._drop_jobs(run, context.config, context.queue, wait, now)
         return posted
 
-    def _reoffer_round(self, post: Post, run: str, number: int, queue: str, wait: float, now: float) -> int:
+    def _reoffer_round(
+        self,
+        post: Post,
+        run: str,
+        number: int,
+        queue: str,
+        wait: float,
+        now: float,
+        refused: Collection[int] = (),
+    ) -> int:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(keys.round_(run, number), "status", "shards", "base_version", "posted_at")
         pipe.hkeys(keys.round_accepted(run, number))
@@ -315,7 +341,7 @@ class Leases:
         (status, shards, base, posted_at), accepted, replicated, replicas, leases, offers, waiting = (
             pipe.execute()
         )
-        if status != b"open" or waiting:
+        if status != b"open" or (waiting and not refused):
             return 0
         done = {int(s) for s in accepted}
         second = {int(s) for s in replicated} - {int(s) for s in replicas}
@@ -324,7 +350,7 @@ class Leases:
             lease = _parse(field.decode(), value)
             if lease is not None:
                 held[lease.field] = lease
-        again = []
+        candidates: dict[int, str] = {}  # shard -> why it may go out again: lua/offer.lua decides
         for shard in range(int(shards)):
             field = f"{shard}:r" if shard in done else str(shard)
             if shard in done and shard not in second:
@@ -334,15 +360,26 @@ class Leases:
                 continue
             # a lease that lapsed was waited for already: its shard goes out again at once
             last = max(float(offers.get(str(shard).encode(), 0)), float(posted_at or 0))
-            if now - last >= wait:
-                again.append(shard)
-        if not again:
+            if not waiting and now - last >= wait:
+                candidates[shard] = "waited"
+            elif shard in refused:
+                candidates[shard] = "refused"  # its asker dropped its message: the queue may hold others
+        if not candidates:
             return 0
-        self.redis.hset(keys.offers(run, number), mapping={s: now for s in again})
-        self.redis.expire(keys.offers(run, number), keys.ROUND_TTL)
+        pairs = [item for shard, why in candidates.items() for item in (shard, why)]
+        args = [repr(now), wait, keys.ROUND_TTL, float(posted_at or 0), *pairs]
+        again = [int(s) for s in self._offer(keys=[keys.offers(run, number)], args=args)]
         for shard in again:
             post("train_shard", shard_task(run, number, shard, int(shards), int(base)), queue)
-        log.info("offered %s round %d shards %s again: nobody holds them", run, number, again)
+        at_once = [s for s in again if candidates[s] == "refused"]
+        if again:
+            log.info(
+                "offered %s round %d shards %s again: nobody holds them%s",
+                run,
+                number,
+                again,
+                f" (at once, a lease of {at_once} refused)" if at_once else "",
+            )
         return len(again)
 
     def _drop_jobs(self, run: str, config: RunConfig, queue: str, wait: float, now: float) -> int:
@@ -387,6 +424,16 @@ class Leases:
         if dropped:
             log.info("%s: %d jobs nobody held answered as dropped", run, len(dropped))
         return len(dropped)
+
+
+def frees_shard(outcome: str) -> bool:
+    """Whether a refusal leaves its shard to others: the asker's fair share, or its failed claims.
+
+    Its asker took the shard's message and dropped it; the other refusals
+    (``leased``, ``taken``, ``closed``, ``unknown``) say the shard is held,
+    done or not wanted, and posting it again would help no one.
+    """
+    return outcome == "share" or outcome.startswith(CAPABILITY_REFUSAL)
 
 
 def fair_share(shards: int, share: float, online: int) -> int:

@@ -44,7 +44,7 @@ import numpy as np
 import redis
 
 from broker import challenge, keys
-from broker.routing import Need
+from broker.routing import MEMORY_REFUSAL, SPEED_REFUSAL, Need
 
 log = logging.getLogger("crowdtrain.capabilities")
 
@@ -269,9 +269,9 @@ class Capabilities:
         memory, speed = record["memory_gb"], record["speed_gflops"]
         if need.memory_gb and memory["verified"] is False and need.memory_gb > memory.get("proven_gb", 0):
             proven = memory.get("proven_gb", 0)
-            return f"capability: memory claim failed ({record.get('reason')}); {proven} GB proven"
+            return f"{MEMORY_REFUSAL} ({record.get('reason')}); {proven} GB proven"
         if need.device == "gpu" and speed["verified"] is False:
-            return f"capability: speed claim failed ({record.get('reason')})"
+            return f"{SPEED_REFUSAL} ({record.get('reason')})"
         return None
 
     # --- helpers -------------------------------------------------------------------

@@ -103,3 +103,32 @@ def test_requests_whose_drain_fails_are_read_on_the_next_drain(leases):
     client.rpush(keys.lease_inbox("ann"), b"junk")
     assert leases.drain() == 1
     assert client.llen(keys.lease_inbox("ann")) == 0
+
+
+def test_a_refused_lease_offers_its_free_shard_again_at_once_at_most_once_per_offer_period(leases):
+    # mal holds its share (2 of 4 while ann is online) and asks for shard 3, which nobody holds:
+    # refused 'share', and the message it took is gone. The shard is posted again at once, even
+    # with other messages waiting on the run's queue, but however often it is refused, and by
+    # whom, at most once per offer period (min(10, 20/2) s): asking cannot make the aggregator loop.
+    now = float(leases.store.rounds.info("r", 1)["posted_at"])  # type: ignore[index]
+    assert _ask(leases, "ann", 0, now) == "granted"
+    assert [_ask(leases, "mal", s, now) for s in (1, 2)] == ["granted", "granted"]
+    leases.redis.rpush(keys.TRAIN_QUEUE, b"another shard's message")
+    posted: list[tuple[str, dict[str, Any], str]] = []
+    leases._checked = now + 5  # the routine look (once a second) just ran: what follows is the refusal's
+    for step in range(5):
+        at = now + 5 + step / 10
+        assert _ask(leases, "mal", 3, at, nonce=f"{step:032x}") == "share"
+        leases.reoffer(lambda *p: posted.append(p), now=at)
+    assert [(p[0], p[1]["shard"], p[2]) for p in posted] == [("train_shard", 3, keys.TRAIN_QUEUE)]
+    # a refusal for a shard someone holds posts nothing: its holder answers it
+    assert _ask(leases, "ben", 0, now + 6) == "leased"
+    leases.reoffer(lambda *p: posted.append(p), now=now + 6)
+    assert len(posted) == 1
+    offers = leases.redis.hgetall(keys.offers("r", 1))
+    assert offers[b"3:refused"] == b"1" and b"3:waited" not in offers, offers
+    # an offer period later, a refusal may post it once more
+    assert _ask(leases, "mal", 3, now + 15.5, nonce="f" * 32) == "share"
+    leases.reoffer(lambda *p: posted.append(p), now=now + 15.5)
+    assert [p[1]["shard"] for p in posted] == [3, 3]
+    assert leases.redis.hget(keys.offers("r", 1), "3:refused") == b"2"

@@ -134,6 +134,27 @@ def test_a_volunteer_holds_at_most_its_fair_share_of_a_round(cluster):
     assert ann.lease("r", number, 0)["reason"] == "leased"
 
 
+def test_leases_asked_for_and_refused_again_and_again_post_a_shard_at_most_once_per_offer_period(cluster):
+    cluster.procs.aggregator()
+    ann, mallory = cluster.mallory("ann"), cluster.mallory()
+    # the default lease (20 s): an offer period of 10 s; one shard each while another is online
+    cluster.init("--shards", "4", "--deadline", "600", "--max-share", "0.25")
+    number = cluster.post()  # its four messages wait on `train`: no worker takes them
+    assert ann.lease("r", number, 0)["granted"] and mallory.lease("r", number, 1)["granted"]
+    began = time.monotonic()
+    # act: mallory asks for the two shards nobody holds, again and again
+    reasons = {mallory.lease("r", number, shard)["reason"] for shard in (2, 3) * 20}
+    periods = 1 + int((time.monotonic() - began) // 10)
+    assert reasons == {"share"}, reasons
+    # each went out again at its first refusal (mallory dropped the message it would have taken) ...
+    cluster.wait_until(lambda: cluster.admin.llen(keys.TRAIN_QUEUE) >= 6, "shards 2 and 3 posted again")
+    offers = cluster.admin.hgetall(keys.offers("r", number))
+    # ... and at most once per offer period after, however often it was refused
+    assert 6 <= cluster.admin.llen(keys.TRAIN_QUEUE) <= 4 + 2 * periods, offers
+    assert 1 <= int(offers[b"2:refused"]) <= periods and 1 <= int(offers[b"3:refused"]) <= periods, offers
+    assert not any(field.endswith((b":waited",)) for field in offers), offers  # the queue held messages
+
+
 # --- hoarding ----------------------------------------------------------------------------------
 def test_hoarded_messages_delay_a_round_by_a_few_offers_not_its_deadline(cluster):
     cluster.procs.aggregator()

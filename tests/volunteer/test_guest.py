@@ -20,6 +20,7 @@ from cli import volunteer as cli
 from jobs import load_job
 from tests.conftest import wait_until
 from volunteer import control, service
+from volunteer.board import Board
 from volunteer.checkpoint import Checkpoints, ShardKey
 from volunteer.etiquette import RESUME_CHARGE, Battery, Governor, Reading, Signals, Throttle
 from volunteer.preferences import PreferenceError, Preferences, in_window, load, parse_hours
@@ -27,6 +28,30 @@ from volunteer.trainer import ShardDropped, train_shard
 
 CPU = torch.device("cpu")
 TINY = "tests.fixtures.jobs_tiny:make_job"
+
+
+# --- the board -------------------------------------------------------------------
+def _withdraw_in_a_trainer(board: Board) -> None:
+    now = time.monotonic()
+    board.withdraw("train.8g", "capability: memory claim failed (wrong product)", now + 60)
+    board.withdraw("train.gpu", "capability: speed claim failed (answered late)", now - 1)  # over
+    board.withdraw("train.8g", "capability: memory claim failed (no answer in time)", now + 90)
+
+
+def test_a_queue_a_trainer_withdraws_is_read_by_the_main_process_until_its_time_is_up():
+    import multiprocessing
+
+    board = Board(slots=2)
+    trainer = multiprocessing.get_context("fork").Process(target=_withdraw_in_a_trainer, args=(board,))
+    trainer.start()
+    trainer.join(30)
+    assert trainer.exitcode == 0
+    now = time.monotonic()
+    ((queue, reason, until),) = board.withdrawn(now)  # one entry per queue: the latest
+    assert (queue, reason) == ("train.8g", "capability: memory claim failed (no answer in time)")
+    assert now + 80 < until <= now + 90
+    assert board.withdrawn(now + 91) == []
+    assert not board.paused and board.reasons() == []  # the pause flag is not touched
 
 
 # --- preferences ---------------------------------------------------------------
