@@ -25,7 +25,7 @@ import torch
 from broker import keys
 from broker.renewal import renewing
 from broker.settings import DEFAULT_MERGE_CACHE_MB
-from coordinator.merging import split, work
+from coordinator.merging import heap, split, work
 from coordinator.merging.downlink import lossy
 from coordinator.merging.judging import (
     Rejection,
@@ -105,6 +105,7 @@ class Aggregator:
                 summary = self._after_error(run, number, owner, e)
             finally:
                 self.reader.clear()
+                heap.give_back()  # what the round freed: an idle aggregator holds no round's memory
         if summary is not None:
             self.contexts[run].mode.after_merge(self.store, run)
         return summary
@@ -156,6 +157,7 @@ class Aggregator:
         if not checkpoints.has_version(self.home, run, base):  # its aggregator died before writing it
             self.publisher.catch_up(context, base, weights)
         plan = self._plan(context, number, info, weights)
+        heap.give_back()  # the probe's model and the deltas judging decoded: the merge's room
         for shard, volunteer in plan.revoked.items():  # revoked while the round was merged: no credit
             self.store.rounds.reject_claimed(run, number, shard, volunteer, "revoked")
         for shard, volunteer, reason in plan.rejections:
@@ -443,12 +445,11 @@ class Aggregator:
                 samples, delta = self.reader.voice(context, used, metas, shards)
                 weight = _voice_weight(name, samples, reputations, plan)
                 if plan is not None:
-                    shrink = clip_scale(delta_norm(delta), plan.bound)
-                    if shrink < 1.0:
-                        for tensor in delta.values():
-                            if tensor.is_floating_point():
-                                tensor.mul_(shrink)
+                    _scale(delta, clip_scale(delta_norm(delta), plan.bound))
                 yield weight, delta
+                # before the next voice is decoded: one decoded delta in memory at a time, not two (a
+                # delta's tensors are views of one arena, so any of them kept keeps all of it)
+                del delta
 
         weights = strategy.aggregate(weights, deltas(), copy=keep_base)
         next_value = strategy.next_clip if isinstance(strategy, PrivateStrategy) else None
@@ -594,6 +595,14 @@ def _strategy_maker(context: RunContext) -> Callable[[], Strategy]:
         )
 
     return make
+
+
+def _scale(delta: TensorDict, factor: float) -> None:
+    """Scale a delta's floating-point tensors in place (a function: no loop variable outlives it)."""
+    if factor < 1.0:
+        for tensor in delta.values():
+            if tensor.is_floating_point():
+                tensor.mul_(factor)
 
 
 def _voice_weight(
