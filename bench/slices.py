@@ -218,9 +218,9 @@ def matrix(args: argparse.Namespace, smalls: list[dict[str, int]], counts: list[
                 runs.append((large, count))
         rows = []
         for shape, count in runs:
+            assert shape_need(shape, count)[1] <= cap, f"{name(shape)} S={count} does not fit the cap"
             rs = [simulate(args, shape, count, seed) for seed in seeds]
             rows.append({"shape": name(shape), "slices": count, "runs": rs})
-            assert rs[0]["need_bytes"] <= cap, f"{name(shape)} S={count} does not fit the cap"
         budget = min(statistics.mean(r["curve"][-1][0] for r in row["runs"]) for row in rows)
         for row in rows:
             rs = row.pop("runs")
