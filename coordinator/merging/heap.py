@@ -4,10 +4,10 @@ A round allocates and frees models' worth of tensors: the probe's model and each
 decoded delta while judging, the merge's sum and copy after it. Tensors under
 glibc's dynamic mmap threshold (it rises to 32 MiB as large blocks are freed) come
 from the heap, and freed heap pages stay with the process, so memory judging freed
-was not there for the merge to reuse and the aggregator's peak grew by the probe's
-model (a 50M-parameter charlm at 8 voices: 4.5x the model above its start, 3.x with
-the heap trimmed between the two; docs/BENCHMARKS.md section 26). Trimming costs a
-few milliseconds; on a C library without ``malloc_trim`` (musl, macOS) it does nothing.
+was not there for the merge to reuse (a 50M-parameter charlm at 8 voices: 4.47x the
+model above the aggregator's start, 4.22x with the heap trimmed after judging, as
+measured before the merge stopped holding two deltas; docs/BENCHMARKS.md section 26). Trimming costs a few milliseconds; on a C library
+without ``malloc_trim`` (musl, macOS) it does nothing.
 """
 
 from __future__ import annotations
