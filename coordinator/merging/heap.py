@@ -6,8 +6,9 @@ glibc's dynamic mmap threshold (it rises to 32 MiB as large blocks are freed) co
 from the heap, and freed heap pages stay with the process, so memory judging freed
 was not there for the merge to reuse (a 50M-parameter charlm at 8 voices: 4.47x the
 model above the aggregator's start, 4.22x with the heap trimmed after judging, as
-measured before the merge stopped holding two deltas; docs/BENCHMARKS.md section 26). Trimming costs a few milliseconds; on a C library
-without ``malloc_trim`` (musl, macOS) it does nothing.
+measured before the merge stopped holding two deltas; docs/BENCHMARKS.md section 26).
+Trimming costs a few milliseconds; on a C library without ``malloc_trim`` (musl,
+macOS) it does nothing.
 """
 
 from __future__ import annotations
