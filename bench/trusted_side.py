@@ -214,9 +214,11 @@ SPLIT_JOBS = {  # the matrix defaults are chosen on (tests/fixtures/jobs_small.p
 def split(repeats: int = 10) -> list[dict]:
     """Per-voice costs of the trusted side's steps on a job matrix, in CPU ms (one thread).
 
-    A judged voice pays a probe pass (``Prober.gain``), a second one in a round where a rule
-    fires (``Prober.cost``), two more reads and the agreement; every voice, judged or not, pays
-    three reads (norm screen, copy sketch, merge) and a count sketch.
+    Every voice, judged or not, is decoded three times (the intake's check, judging or the copy
+    sketch, the merge) and sketched once; a judged voice also pays its probe pass
+    (``Prober.gain``). The resolution's probes (``Prober.cost``, at most 9 a round where a rule
+    fires) are the round's, not a voice's, and are left out. (Before 2026-12-07 a judged voice
+    paid two probes and five reads.)
     """
     DEFAULT_COMPRESSION, _ = defaults()
     from coordinator.merging.verification import Prober, sketch
@@ -247,7 +249,7 @@ def split(repeats: int = 10) -> list[dict]:
         params = sum(t.numel() for t in weights.values())
         rows.append({
             "job": label, "params": params, "probe_ms": probe, "read_ms": read, "sketch_ms": sk,
-            "judged_ms": 2 * probe + 5 * read + sk, "unjudged_ms": 3 * read + sk,
+            "judged_ms": probe + 3 * read + sk, "unjudged_ms": 3 * read + sk,
         })  # fmt: skip
     return rows
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.split:
         print("| job | params | probe pass ms | read (decode) ms | sketch ms | judged voice ms "
-              "(2 probes, 5 reads, sketch) | unjudged voice ms (3 reads, sketch) | ratio |")  # fmt: skip
+              "(a probe, 3 reads, sketch) | unjudged voice ms (3 reads, sketch) | ratio |")  # fmt: skip
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for row in split():
             print(f"| {row['job']} | {row['params']:,} | {row['probe_ms']:.2f} | {row['read_ms']:.2f} | "
