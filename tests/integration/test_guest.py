@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,10 +127,22 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
 
 
 def _paused_step(processes) -> int | None:
-    """The step alice's trainer stopped at, once it reports the shard paused and two readings agree."""
-    first = status(processes, "alice")
-    again = status(processes, "alice")
-    return first["step"] if first["step"] and first["step"] == again["step"] else None
+    """The step alice's trainer stopped at, once its checkpoint is on disk and the status agrees.
+
+    The status says paused as soon as the owner asks, and its step can hold
+    still for a moment while the trainer is still writing the checkpoint; the
+    log line comes after the file is in place, so a kill after it finds it.
+    """
+    saved = re.findall(r"paused r round 1 shard 0 at step (\d+) \(.*\); checkpoint saved", _log(processes))
+    if not saved:
+        return None
+    now = status(processes, "alice")["step"]
+    return now if now == int(saved[-1]) else None
+
+
+def _log(processes) -> str:
+    path = processes.logs / "alice.log"
+    return path.read_text() if path.exists() else ""
 
 
 def _ended(client, number: int) -> bytes | None:
