@@ -15,6 +15,7 @@ from kombu import Connection, Exchange, Queue
 
 from broker import blobs, embedded, keys
 from coordinator.rounds.intake import MAX_REOFFERS
+from coordinator.rounds.leases import OFFER_SECONDS
 from coordinator.runs import credentials
 from coordinator.store import Store
 from serialization import dumps, dumps_stream
@@ -290,7 +291,10 @@ def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(proce
     monkeypatch.setenv("CROWDTRAIN_TEST_MARKER", str(trusted_marker))  # every other process
     processes.aggregator()
     volunteer = processes.volunteer("alice", CROWDTRAIN_TEST_MARKER=str(volunteer_marker))
-    processes.json("init", "--run", "marked", "--job", MARKER_JOB, "--shards", "2", "--deadline", "6")
+    # the deadline ends the round before the shards' routine offer (OFFER_SECONDS after posting)
+    # could add refusals of its own, and leaves the six refusals 9 s on a loaded machine
+    deadline = str(OFFER_SECONDS - 1)
+    processes.json("init", "--run", "marked", "--job", MARKER_JOB, "--shards", "2", "--deadline", deadline)
     # act
     document = processes.json("run", "--run", "marked", "--rounds", "1")
     # assert
