@@ -21,6 +21,7 @@ from tasks.app import CrowdtrainApp, make_app
 from tasks.arguments import checked
 from volunteer.guest import Watch
 from volunteer.store import VolunteerStore
+from volunteer.trainer import preload
 from volunteer.worker import ShardRunner, VolunteerOptions
 
 log = logging.getLogger("crowdtrain.volunteer")
@@ -46,6 +47,24 @@ class VolunteerTask(Task):
             runner = ShardRunner(VolunteerStore(redis_client(app.settings), options.name), options)
             self._local.runner = runner
         return runner
+
+
+class Preload(bootsteps.Step):
+    """Worker bootstep: what the first shard would import, imported before the pool starts.
+
+    Celery makes every worker step before it creates any (the prefork pool
+    forks its children when it is created), so this runs in the main process
+    first: the children inherit ``torch._dynamo`` (``volunteer.trainer.preload``),
+    and a child's first shard, and the first after a child is replaced, does
+    not pay 1 to 2 s for it. With the solo or threads pool the import moves
+    from the first shard to the worker's start.
+    """
+
+    label = "crowdtrain preload"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        preload()
 
 
 class QueueGate(bootsteps.StartStopStep):
@@ -144,6 +163,7 @@ def volunteer_app(settings: Settings, options: VolunteerOptions, watch: Watch | 
     """
     app = make_app(settings, volunteer=True)  # no task results, kombu's own unacked keys
     app.conf.crowdtrain_volunteer = options  # who this worker is: name, device, allowed jobs
+    app.steps["worker"].add(Preload)  # torch._dynamo, before the pool forks
     if watch is not None:
         app.conf.crowdtrain_watch = watch
         app.steps["consumer"].add(QueueGate)

@@ -25,6 +25,7 @@ autocast. A non-finite loss stops training early; the caller checks the result's
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -61,6 +62,18 @@ class ShardResult:
     steps: int
     seconds: float
     optimizer_state: dict[str, Any] | None = None  # the inner optimizer's state after the last step
+
+
+def preload() -> None:
+    """Import ``torch._dynamo`` now, which the first optimizer a process makes would import (about 1-2 s).
+
+    Every ``torch.optim.Optimizer`` method wrapped in ``torch._disable_dynamo``
+    (``add_param_group``, which the constructor calls, and ``step``) imports it
+    on its first call. A volunteer's worker calls this in its main process
+    before the pool starts (``tasks.training.Preload``): prefork children
+    inherit the module, and the first shard does not pay for it.
+    """
+    importlib.import_module("torch._dynamo")
 
 
 def train_shard(

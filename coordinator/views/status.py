@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from celery import Celery
 from rich import box
 from rich.console import Console
@@ -57,7 +58,7 @@ def collect_status(store: Store, app: Celery, run: str | None = None) -> dict[st
         runs.append(entry)
     # who answers, and the queues each consumes: a volunteer that answers and consumes nothing is
     # paused (volunteer pause, or its owner's rules); it keeps its place, unlike one that is gone
-    consumers = _consumers(app)
+    consumers = _consumers(app, _listeners(store.redis))
     online = set(consumers)
     routed = {r["queue"] for r in runs if "requires" in r}
     if routed:
@@ -160,13 +161,15 @@ def _open_round(info: dict[str, Any] | None) -> str:
     return text + f", {info['status']}"
 
 
-def _consumers(app: Celery) -> dict[str, set[str]]:
+def _consumers(app: Celery, expected: int | None = None) -> dict[str, set[str]]:
     """Queue names each online worker consumes (Celery's ``inspect active_queues``), by node name.
 
     Every worker that answers is online (it is how ``celery inspect ping`` finds them too).
+    With ``expected`` (``_listeners``) the answer comes as soon as that many workers replied,
+    else after ``PING_TIMEOUT`` with no reply; ``PING_TIMEOUT`` is the wait for each reply either way.
     """
     try:
-        replies = app.control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
+        replies = app.control.inspect(timeout=PING_TIMEOUT, limit=expected).active_queues() or {}
     except Exception:  # no broker answer: nobody consumes anything
         return {}
     return {
@@ -174,6 +177,24 @@ def _consumers(app: Celery) -> dict[str, set[str]]:
         for node, queues in replies.items()
         if isinstance(queues, list)
     }
+
+
+def _listeners(client: redis.Redis) -> int | None:
+    """How many workers can answer a Celery broadcast at most, or None where Redis does not say.
+
+    A worker (volunteer or aggregator) hears Celery's control broadcasts through one connection
+    subscribed to a channel pattern (kombu's Redis fanout), so the connections with a pattern
+    subscription bound the replies from above: waiting for that many loses none. Anything else
+    with one (Flower, ``celery events``, a second connection) only makes the bound too high, and
+    the wait ends at the timeout as it would without it. None (wait for the timeout) where the
+    broker's user may not list clients (``CLIENT LIST``) or nobody listens.
+    """
+    try:
+        clients = client.client_list(_type="pubsub")
+    except redis.RedisError:
+        return None
+    listening = sum(1 for c in clients if str(c.get("psub", "0")) not in ("", "0"))
+    return listening or None
 
 
 def _speed(record: dict[str, Any]) -> float | None:
