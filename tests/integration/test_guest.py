@@ -79,7 +79,7 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
     paused = volunteer_cli(processes, "pause", "--name", "alice", "--json")
     assert paused.returncode == 0, paused.stderr
     wait_until(lambda: status(processes, "alice")["state"] == "paused", "alice to say paused", 30)
-    stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 10)
+    stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 30)
 
     # assert: it uses (almost) no CPU, says why, and its shard is on disk
     assert cpu_share(alice.pid, 3.0) < 0.05
