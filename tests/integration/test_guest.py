@@ -79,7 +79,7 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
     paused = volunteer_cli(processes, "pause", "--name", "alice", "--json")
     assert paused.returncode == 0, paused.stderr
     wait_until(lambda: status(processes, "alice")["state"] == "paused", "alice to say paused", 30)
-    stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 10)
+    stopped_at = wait_until(lambda: _paused_step(processes), "the trainer to stop at a step", 30)
 
     # assert: it uses (almost) no CPU, says why, and its shard is on disk
     assert cpu_share(alice.pid, 3.0) < 0.05
@@ -109,8 +109,9 @@ def test_a_paused_shard_stops_resumes_from_its_step_and_a_long_pause_gives_it_ba
     assert volunteer_cli(processes, "pause").returncode == 0  # no --name: every volunteer here
     volunteer_cli(processes, "resume", "--name", "bob")
     assert status(processes, "alice")["state"] == "paused"
-    shown = next(v for v in processes.json("status")["volunteers"] if v["name"] == "alice")
-    assert shown["online"] and shown["paused"]
+    # the pause cancels alice's queues in her consumer's loop, soon after her socket answered
+    shown = lambda: next(v for v in processes.json("status")["volunteers"] if v["name"] == "alice")  # noqa: E731
+    wait_until(lambda: (s := shown())["online"] and s["paused"], "status to show alice online and paused", 30)
     assert wait_until(lambda: _ended(client, 2), "round 2 to end with bob", 120) == b"done"
     assert client.hget("ct:run:r:round:2", "accepted") == b"2"
     volunteer_cli(processes, "resume", "--name", "alice")

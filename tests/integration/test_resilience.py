@@ -6,6 +6,7 @@ Each scenario prints how long its recovery took (pytest -s shows it).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +16,13 @@ import pytest
 import torch
 
 from broker import blobs, keys
+from broker.settings import Settings
 from coordinator.merging.aggregator import Aggregator
 from coordinator.rounds.leases import Request
 from coordinator.store import Store
 from coordinator.views.documents import round_record
 from serialization import loads
+from tasks.app import make_app
 from tests.conftest import wait_until
 from tests.fixtures.attacker import delta_blob
 
@@ -60,6 +63,17 @@ def _holder(cluster, shard: int, number: int = 1) -> str | None:
 def _answered(cluster, volunteer: str, number: int) -> list[dict]:
     """What ``volunteer`` answered for each shard of round ``number`` it finished (its own log)."""
     return [r for r in cluster.results(volunteer) if r["round"] == number]
+
+
+def _paused(cluster, volunteer: str) -> bool:
+    """``volunteer`` answers and consumes no queue (what ``coordinator status`` shows as paused)."""
+    app = make_app(Settings(broker_url=cluster.broker))
+    try:
+        node = f"{volunteer}@{socket.gethostname()}"
+        replies = app.control.inspect(destination=[node], limit=1, timeout=1.0).active_queues() or {}
+    finally:
+        app.close()
+    return replies.get(node) == []
 
 
 def _judged(cluster, number: int = 1) -> int:
@@ -282,13 +296,17 @@ def test_the_run_continues_after_redis_restarts_and_volunteers_reconnect(cluster
 def test_a_straggler_does_not_stall_the_round_and_its_result_is_late(cluster):
     cluster.aggregator()
     cluster.volunteer("straggler", *ALLOW, CROWDTRAIN_TEST_STEP_SECONDS="10")  # ~30 s a shard
+    cluster.volunteer("quick", *ALLOW)
     _init(cluster, "--deadline", "120")
-    # the deadline runs from the post: the straggler's start-up must not eat it, and it leaves
-    # quick time to start and train on a loaded machine while the straggler's shard runs past it
-    cluster.wait_online("aggregator", "straggler")
+    # the deadline runs from the post: no start-up may eat it. Quick is started and paused
+    # before it (a paused volunteer consumes nothing), so the straggler takes a shard first,
+    # and the 20 s leave quick only one short shard to train while the straggler's runs past it.
+    cluster.wait_online("aggregator", "straggler", "quick")
+    assert cluster.volunteer_cli("pause", "--name", "quick").returncode == 0
+    wait_until(lambda: _paused(cluster, "quick"), "quick to stop consuming", 60, cluster)
     cluster.cli("post-round", "--run", "r", "--shards", "2", "--deadline", "20")
     wait_until(lambda: cluster.store.queue_depths()["train"] == 1, "straggler to take a shard", 60, cluster)
-    cluster.volunteer("quick", *ALLOW)
+    assert cluster.volunteer_cli("resume", "--name", "quick").returncode == 0
     wait_until(
         lambda: _round(cluster).get("status") == "done", "the round to end at its deadline", 60, cluster
     )

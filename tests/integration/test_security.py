@@ -292,9 +292,11 @@ def test_a_volunteer_refuses_a_job_off_its_allow_list_without_importing_it(proce
     processes.aggregator()
     volunteer = processes.volunteer("alice", CROWDTRAIN_TEST_MARKER=str(volunteer_marker))
     # the deadline ends the round before the shards' routine offer (OFFER_SECONDS after posting)
-    # could add refusals of its own, and leaves the six refusals 9 s on a loaded machine
+    # could add refusals of its own. It runs from the post: alice's start-up (seconds on a loaded
+    # machine) must not eat it, so she is online first; the six refusals then take well under 1 s.
     deadline = str(OFFER_SECONDS - 1)
     processes.json("init", "--run", "marked", "--job", MARKER_JOB, "--shards", "2", "--deadline", deadline)
+    processes.wait_online("aggregator", "alice")
     # act
     document = processes.json("run", "--run", "marked", "--rounds", "1")
     # assert
