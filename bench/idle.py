@@ -1,6 +1,7 @@
 """An idle aggregator: its CPU per minute between rounds, and how fast it answers a lease request.
 
     nice -n 19 python bench/idle.py [--seconds 60] [--samples 30] [--turns 2] [--baseline DIR ...] [--json]
+    nice -n 19 python bench/idle.py --seconds 5 --samples 1 --busy-samples 100 --turns 3 --baseline DIR
 
 One private redis-server and one run (``coordinator init``, the tiny job, no round open, no
 volunteer). A real ``coordinator aggregator`` process starts, settles for ``--settle`` s, and
@@ -11,7 +12,7 @@ is not open, so each is refused at once), each after 2 to 2.5 s of silence so th
 intake backed off as far as it goes (a second of nothing, then a few doublings): the latency is
 the time from the request to its answer, median and worst. ``busy``: the same requests while a
 second volunteer asks for a lease without pause (the intake takes something every poll), 1/20
-to 1/10 s apart.
+to 1/10 s apart (``--busy-samples`` of them, by default as many).
 
 ``--baseline DIR`` runs an aggregator from another checkout (e.g. ``git worktree add --detach
 /tmp/idle_base main``) in turns with this one's, on the same Redis and run, ``--turns`` times
@@ -135,7 +136,7 @@ def one_turn(c: Cluster, label: str, root: Path, args: argparse.Namespace, rng: 
         time.sleep(args.seconds)
         used, elapsed = tree_cpu(proc.pid) - before, time.monotonic() - t0
         idle = lease_latencies(c, args.samples, (2.0, 2.5), rng)
-        busy = busy_latencies(c, args.samples, rng) if args.busy else []
+        busy = busy_latencies(c, args.busy_samples or args.samples, rng) if args.busy else []
     finally:
         stop(c, proc)
     row = {
@@ -206,12 +207,17 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5, help="seconds after start before measuring")
     parser.add_argument("--samples", type=int, default=30, help="lease requests per turn (default 30)")
     parser.add_argument("--turns", type=int, default=2, help="turns per checkout, alternating (default 2)")
+    parser.add_argument(
+        "--busy-samples", type=int, default=None, help="busy lease requests (default --samples)"
+    )
     parser.add_argument("--no-busy", dest="busy", action="store_false", help="skip the busy latencies")
     parser.add_argument("--baseline", type=Path, nargs="+", default=[], metavar="DIR", help="other checkouts")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     if args.seconds <= 0 or args.samples < 1 or args.turns < 1 or args.settle < 0:
         parser.error("--seconds must be positive, --samples and --turns at least 1, --settle not negative")
+    if args.busy_samples is not None and args.busy_samples < 1:
+        parser.error("--busy-samples must be at least 1")
     for folder in args.baseline:
         if not (folder / "cli" / "coordinator.py").is_file():
             parser.error(f"--baseline {folder}: not a crowdtrain checkout (no cli/coordinator.py)")
