@@ -50,10 +50,21 @@ BATCH = 256  # entries taken, and validated together, at a time
 MAX_ENTRY = 256  # bytes: an upload key is far shorter (two names of 64, two numbers, a token of 64)
 MAX_BACKLOG = 100_000  # entries the list may hold: 25 MB at most
 # After a batch the intake waits POLL_MIN before the next, so that uploads trickling in are
-# validated a few at a time (a round's last upload waits that much more); idle, it backs off
-# to POLL_MAX. Blocking (BLPOP) would hand it whatever a volunteer pushed, however large, unread.
+# validated a few at a time (a round's last upload waits that much more); with nothing taken it
+# backs off to POLL_MAX, and after IDLE_AFTER s of nothing (between rounds, a run waiting for
+# volunteers) on to IDLE_MAX. Blocking (BLPOP) would hand it whatever a volunteer pushed, however
+# large, unread; a wake-up key of its own would be one more key every volunteer may write.
 POLL_MIN = 0.005
 POLL_MAX = 0.01
+IDLE_AFTER = 1.0
+# Idle, each poll (two drain.lua round trips) is about all the aggregator does: at POLL_MAX
+# that was 4-5% of a core, at 0.1 s 1.2% (docs/BENCHMARKS.md section 30). At 0.1 s the intake
+# polls about as often as the process's other loops together (joins every 0.2 s, the watcher
+# every 0.5 s, the Celery worker's own), so a longer pause would save little more; and the first
+# lease request or upload after a quiet second waits at most 0.1 s more, next to shards that
+# train for seconds (a volunteer blocks on that answer before it trains). Rounds that follow
+# each other within a second never back off that far.
+IDLE_MAX = 0.1
 ERROR_PAUSE = 1.0
 # An upload to an asynchronous run that arrives while its buffer is merged is looked at again
 # after WAIT_SECONDS, up to MAX_WAITS times (a merge takes seconds; the watcher sweeps up the rest).
@@ -175,20 +186,27 @@ def parse(entries: Sequence[bytes]) -> tuple[list[Upload], list[bytes]]:
 
 
 def serve(inbox: Inbox, stop: threading.Event) -> None:
-    """Drain the list until ``stop`` is set: at once while batches come full, backing off while idle."""
+    """Drain the list until ``stop`` is set: at once while batches come full, backing off while idle.
+
+    The backoff counts the pauses it waited, not the clock: a second of polls that took nothing
+    (``IDLE_AFTER``) lets the pause grow past ``POLL_MAX`` to ``IDLE_MAX``; anything taken brings
+    it back to ``POLL_MIN``.
+    """
     pause = POLL_MIN
+    quiet = 0.0  # seconds waited since something was last taken
     while not stop.is_set():
         try:
             taken = inbox.drain()
         except Exception as e:  # a broker outage must not kill the intake
             log.warning("intake: %s (retrying)", e)
             taken, pause = 0, ERROR_PAUSE
-        if taken >= BATCH:
-            continue  # more are waiting
         if taken:
-            pause = POLL_MIN
+            pause, quiet = POLL_MIN, 0.0
+            if taken >= BATCH:
+                continue  # more are waiting
         stop.wait(pause)
-        pause = min(POLL_MAX, pause * 2)
+        quiet += pause
+        pause = min(POLL_MAX if quiet < IDLE_AFTER else IDLE_MAX, pause * 2)
 
 
 def _printable(raw: bytes) -> str:

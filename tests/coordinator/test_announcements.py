@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -9,7 +10,17 @@ import torch
 
 from broker import keys
 from coordinator.merging.aggregator import Aggregator
-from coordinator.rounds.announcements import MAX_ENTRY, Inbox, parse
+from coordinator.rounds.announcements import (
+    BATCH,
+    IDLE_AFTER,
+    IDLE_MAX,
+    MAX_ENTRY,
+    POLL_MAX,
+    POLL_MIN,
+    Inbox,
+    parse,
+    serve,
+)
 from coordinator.rounds.intake import Upload
 from coordinator.rounds.leases import Request
 from coordinator.store import Store
@@ -86,3 +97,71 @@ def test_an_inbox_counts_a_batch_once_and_asks_for_the_round_once(processes, red
     store.announce(key)
     inbox.drain()
     assert (store.rounds.info("r", number) or {})["accepted"] == 3
+
+
+class _Clock(threading.Event):
+    """A stop event whose ``wait`` only records the pause and moves a simulated clock on."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__()
+        self.now, self.until, self.waits = 0.0, until, []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(timeout)
+        self.now += timeout
+        if self.now >= self.until:
+            self.set()
+        return self.is_set()
+
+
+class _Inbox:
+    """At the first drain from each ``script`` time on (simulated s), takes what its list says, a drain
+    each; nothing otherwise."""
+
+    def __init__(self, clock: _Clock, script: dict[float, list[int]]) -> None:
+        self.clock, self.drains = clock, 0
+        self.script, self.taking = dict(script), []
+
+    def drain(self) -> int:
+        self.drains += 1
+        due = [at for at in self.script if at <= self.clock.now]
+        if due and not self.taking:
+            self.taking = self.script.pop(min(due))
+        return self.taking.pop(0) if self.taking else 0
+
+
+def _serve(until: float, script: dict[float, list[int]]) -> tuple[_Clock, _Inbox]:
+    clock = _Clock(until)
+    inbox = _Inbox(clock, script)
+    serve(inbox, clock)  # type: ignore[arg-type]  # the loop is what is tested, not the Inbox
+    return clock, inbox
+
+
+def test_an_idle_intake_backs_off_to_its_ceiling_and_polls_rarely():
+    clock, inbox = _serve(60.0, {})
+
+    assert clock.waits[:2] == [POLL_MIN, POLL_MAX]
+    assert max(clock.waits) == IDLE_MAX <= 0.1  # a lease request waits at most that much more
+    assert clock.waits[-10:] == [IDLE_MAX] * 10
+    # an idle minute: about 1/IDLE_MAX polls a second once quiet (at POLL_MAX alone: 6,000 polls)
+    assert inbox.drains < 1_000
+
+
+def test_an_intake_that_takes_something_polls_at_once_again():
+    clock, inbox = _serve(10.0, {5.0: [3], 7.0: [BATCH, BATCH, 0]})
+
+    starts, at = [], 0.0  # the simulated time each wait began
+    for pause in clock.waits:
+        starts.append(at)
+        at += pause
+    first = next(i for i, start in enumerate(starts) if start >= 5.0)  # after the drain that took 3
+    assert clock.waits[first - 1] == IDLE_MAX  # it was idle
+    assert clock.waits[first] == POLL_MIN  # the shortest pause at once
+    quiet = clock.waits[first + 1 : first + int(IDLE_AFTER / POLL_MAX)]
+    assert set(quiet) == {POLL_MAX}  # and no backoff past POLL_MAX for a quiet second
+    # two full batches: no pause between them nor after them, then POLL_MIN after the empty drain
+    batches = next(i for i, start in enumerate(starts) if start >= 7.0)
+    assert clock.waits[batches - 1] == IDLE_MAX
+    assert clock.waits[batches] == POLL_MIN
+    assert inbox.drains == len(clock.waits) + 2  # the two full batches were followed by no wait
