@@ -19,7 +19,6 @@ from broker import embedded
 from broker.settings import Settings
 from cli import commands
 from coordinator.merging.strategies import make_strategy
-from coordinator.views.report import plot_run
 from jobs import load_job, parse_job_args
 from serialization import parse_codec
 
@@ -72,6 +71,8 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
                 json=args.json,
             )
         )
+        from coordinator.views.report import plot_run  # matplotlib: only quickstart's end pays for it
+
         report = plot_run(document, settings.home / "runs" / run_name / "report.png")
         document["report"] = str(report)
         if not args.json:

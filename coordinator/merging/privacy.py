@@ -18,9 +18,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import dp_accounting
 import torch
-from dp_accounting.rdp import RdpAccountant
 
 from broker.run_config import DEFAULT_DP_CLIP_LR, DEFAULT_DP_DELTA, RunConfig
 from coordinator.errors import PrivacyBudgetSpent, UsageError
@@ -68,6 +66,10 @@ def epsilon_after(
         return 0.0
     if noise <= 0 or (count_noise is not None and count_noise <= 0):
         return math.inf  # a release without noise protects nobody
+    # imported here: dp_accounting brings scipy (0.7 s), which no command without DP needs
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
     mechanisms = [dp_accounting.GaussianDpEvent(noise)]
     if count_noise is not None:
         mechanisms.append(dp_accounting.GaussianDpEvent(count_noise))
