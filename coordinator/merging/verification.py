@@ -51,10 +51,12 @@ it, so a volunteer that was caught before counts less even when it is not.
 
 from __future__ import annotations
 
+import math
 import secrets
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -233,21 +235,69 @@ def judge(
         # the probe's noise band (module docstring), narrowed as the voice turns from the others:
         # by how far its cosine with them falls under their own
         gap = statistics.median(evidence[other].agreement for other in peers) - seen.agreement
-        resolution = 0.0
-        if cost is not None:
+
+        within = partial(
+            _within,
+            shortfall=typical - seen.gain,
+            narrowed=min(1.0, max(0.0, 1.0 - gap)),
+            honest=partial(_honest_shortfall, typical, deviation=deviation) if harm else None,
+        )
+        if cost is None:
+            kept = within(0.0)
+        else:
             usual_norm = statistics.median(evidence[other].norm for other in peers)
             measured = [other for other in pool if other != name][:RESOLUTION_PEERS]
-            for other in measured:
-                if other not in costs:
-                    costs[other] = _scaled(cost(other), evidence[other].norm, usual_norm)
-            resolution = statistics.median(costs[other] for other in measured)
-        band = NOISE * resolution
-        if harm:
-            band = max(band, _honest_shortfall(typical, resolution, deviation))
-        if typical - seen.gain <= band * min(1.0, max(0.0, 1.0 - gap)):
+            kept = _settled(within, measured, costs, partial(_usual_cost, cost, evidence, usual_norm))
+        if kept:
             continue  # within the probe's noise: near convergence, honest steps are mostly noise
         reasons[name] = reason
     return reasons
+
+
+def _within(
+    resolution: float, shortfall: float, narrowed: float, honest: Callable[[float], float] | None
+) -> bool:
+    """Whether the probe's noise band at ``resolution``, ``narrowed``, holds a voice's ``shortfall``.
+
+    The band is ``NOISE`` x the resolution or, for harm, ``honest(resolution)``
+    if larger (``_honest_shortfall``); it never shrinks as the resolution grows.
+    """
+    if narrowed == 0.0:  # no band left (and no infinite resolution times 0)
+        return shortfall <= 0.0
+    band = NOISE * resolution
+    if honest is not None:
+        band = max(band, honest(resolution))
+    return shortfall <= band * narrowed
+
+
+def _usual_cost(cost: Cost, evidence: Mapping[str, Evidence], usual_norm: float, name: str) -> float:
+    """A voice's probe cost at the round's usual norm (``_scaled``)."""
+    return _scaled(cost(name), evidence[name].norm, usual_norm)
+
+
+def _settled(
+    within: Callable[[float], bool],
+    measured: list[str],
+    costs: dict[str, float],
+    cost: Callable[[str], float],
+) -> bool:
+    """``within(median of the measured voices' costs)``, probing only as many as the verdict needs.
+
+    The band grows with the resolution and a median with each of its values, so
+    the costs still unknown bound it: all of them 0 from below, all infinite from
+    above. Once both bounds give one verdict it is the verdict of every cost
+    measured (a voice far outside the band is rejected after five probes of
+    eight). ``costs`` keeps what was measured for the round's other voices.
+    """
+    for other in measured:
+        known = [costs[o] for o in measured if o in costs]
+        unknown = len(measured) - len(known)
+        low = within(statistics.median(known + [0.0] * unknown))
+        if low == within(statistics.median(known + [math.inf] * unknown)):
+            return low
+        if other not in costs:
+            costs[other] = max(0.0, cost(other))  # a cost is never negative (``Prober.cost``)
+    return within(statistics.median(costs[other] for other in measured)) if measured else within(0.0)
 
 
 def _rule(
