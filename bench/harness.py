@@ -93,23 +93,29 @@ class Cluster:
             "CROWDTRAIN_TORCH_THREADS": "1",
         }
 
-    def _spawn(self, argv: Sequence[str], log: str, env: dict | None = None) -> subprocess.Popen:
+    def _spawn(
+        self, argv: Sequence[str], log: str, env: dict | None = None, cwd: Path = ROOT
+    ) -> subprocess.Popen:
         with open(self.dir / log, "ab") as out:
             proc = subprocess.Popen(
                 list(argv),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 start_new_session=True,
             )
         self.procs.append(proc)
         return proc
 
-    def start(self, args: Sequence[str], log: str) -> subprocess.Popen:
-        """``python ARGS`` with this cluster's environment; output goes to ``log``."""
-        return self._spawn([sys.executable, *args], log, self.env)
+    def start(self, args: Sequence[str], log: str, root: Path = ROOT) -> subprocess.Popen:
+        """``python ARGS`` with this cluster's environment; output goes to ``log``.
+
+        ``root``: the checkout it runs from (another commit's, for a baseline in the same run).
+        """
+        env = self.env if root == ROOT else {**self.env, "PYTHONPATH": _pythonpath(root)}
+        return self._spawn([sys.executable, *args], log, env, cwd=root)
 
     def aggregator(self) -> subprocess.Popen:
         return self.start(
@@ -202,8 +208,8 @@ class Cluster:
         self.close(keep=exc[0] is not None)
 
 
-def _pythonpath() -> str:
-    parts = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+def _pythonpath(root: Path = ROOT) -> str:
+    parts = [str(root), os.environ.get("PYTHONPATH", "")]
     return os.pathsep.join(p for p in parts if p)
 
 

@@ -57,19 +57,9 @@ def tree_cpu(pid: int) -> float:
 
 def start_aggregator(c: Cluster, root: Path, name: str) -> subprocess.Popen:
     """``coordinator aggregator`` run from the checkout at ``root``, on the cluster's Redis."""
-    env = {**c.env, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    with open(c.dir / f"{name}.log", "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.coordinator", "aggregator", "--broker", c.url, "--name", name],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=root,
-            env=env,
-            start_new_session=True,
-        )
-    c.procs.append(proc)
-    return proc
+    return c.start(
+        ["-m", "cli.coordinator", "aggregator", "--broker", c.url, "--name", name], f"{name}.log", root
+    )
 
 
 def stop(c: Cluster, proc: subprocess.Popen) -> None:
