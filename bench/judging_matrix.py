@@ -37,13 +37,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from coordinator.merging.judging import last_update  # noqa: E402
+from coordinator.merging.rules import Evidence, judge  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
 from coordinator.merging.verification import (  # noqa: E402
     Consensus,
-    Evidence,
     Prober,
     copies,
-    judge,
     lone_resolution,
     next_reputation,
     sketch,

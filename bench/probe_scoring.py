@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from coordinator.merging.rules import Evidence, judge  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
-from coordinator.merging.verification import Consensus, Evidence, Prober, judge, next_reputation, weigh  # noqa: E402
+from coordinator.merging.verification import Consensus, Prober, next_reputation, weigh  # noqa: E402
 from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402

@@ -54,13 +54,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from coordinator.merging import sybils  # noqa: E402
+from coordinator.merging.rules import Evidence, judge  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
 from coordinator.merging.verification import (  # noqa: E402
     Consensus,
-    Evidence,
     Prober,
     copies,
-    judge,
     next_reputation,
     sketch,
     weigh,

@@ -20,7 +20,8 @@ voice judged: the baseline) and ``sampled`` (the default ``--probe-voices``). Th
 (never judged), the rest trusted (reputation 0.9); 10% of the trusted ones cheat (they send an
 honest delta negated). Honest deltas are 8 real charlm trainings, each voice one of them plus
 its own noise (cosine about 0.9 with it), so no two are copies. Reported per arm: CPU seconds per
-voice, the round's total, the voices judged, and what happened to the cheaters: those judged must
+voice, the round's total, the voices judged, the probe passes (base, gains and costs), and what
+happened to the cheaters (how many were judged): those judged must
 be rejected with ``probe`` and, when sampled, fall to reputation 0.
 
 ``--memory`` (issue 27: a 100M model at 8 voices, the aggregator under 4x the model) also
@@ -119,6 +120,7 @@ def one_round(
     """Init a run, post a round of ``voices`` shards, count the uploads, aggregate it: the figures."""
     from broker import blobs, keys
     from coordinator.merging import aggregator as aggregator_module
+    from coordinator.merging import verification
     from coordinator.merging.aggregator import Aggregator
     from coordinator.rounds import intake
     from coordinator.store import Store
@@ -169,11 +171,20 @@ def one_round(
             copy_seconds[0] += time.process_time() - started
 
     aggregator_module.check_copies = timed
+    passes = [0]
+    real_probe = verification.probe_loss
+
+    def counted(*a, **k):  # every probe pass: the base's, each gain's and each cost's
+        passes[0] += 1
+        return real_probe(*a, **k)
+
+    verification.probe_loss = counted
     started, wall = time.process_time(), time.perf_counter()
     try:
         summary = aggregator.aggregate(run, 1)
     finally:
         aggregator_module.check_copies = real
+        verification.probe_loss = real_probe
     cpu, wall = time.process_time() - started + intake_cpu, time.perf_counter() - wall
     peak_above_mib = (_status_kib("VmHWM") - rss_before) / 1024
     assert summary is not None and summary["status"] == "done", summary
@@ -193,7 +204,9 @@ def one_round(
         "copy_check_s": copy_seconds[0],
         "intake_s": intake_cpu,
         "judged": judged,
+        "probe_passes": passes[0],
         "cheaters": len(cheaters),
+        "cheaters_judged": sum(1 for n in cheaters if after.get(n) != TRUSTED_REPUTATION),
         "caught": len(caught),
         "caught_with_probe": sum(1 for n in caught if rejected[n].startswith("probe")),
         "caught_at_zero": sum(1 for n in caught if after.get(n) == 0.0),

@@ -13,13 +13,12 @@ from collections.abc import Callable
 import torch
 
 from broker import keys
+from coordinator.merging.rules import Evidence, judge
 from coordinator.merging.verification import (
     Consensus,
-    Evidence,
     Prober,
     copies,
     disagreement,
-    judge,
     lone_resolution,
     sketch,
     weigh,
@@ -94,45 +93,50 @@ def probe_voices(
     sketches: dict[str, torch.Tensor] | None = None,
     last: TensorDict | None = None,
 ) -> list[Rejection]:
-    """``--verify probe``: each voice's gain and agreement; the shards of the voices judged useless.
+    """``--verify probe``: each voice's agreement and, where a verdict needs it, its gain.
 
-    Each voice is read once: its gain probed, its ``sketch`` kept (the copy
-    check's, into ``sketches``), and its agreement measured between sketches,
+    Each voice is read once for its norm and ``sketch`` (kept for the copy
+    check, into ``sketches``); its agreement is measured between sketches,
     which keep cosines within about 0.004 (exactly, for a model of at most
-    ``SKETCH`` values), so only one delta is in memory at a time.
-    A round of one voice is probed on its own, against the probe's resolution
-    for the run's ``last`` published update at ``usual_norm`` (the median norm
-    of recently merged voices). Each voice's ``sketch`` goes into ``sketches``
-    for the copy check.
+    ``SKETCH`` values), so only one delta is in memory at a time. Gains and
+    costs (a probe pass each, and a read) are measured only as the verdicts
+    need them (``rules.judge``): a round whose voices all follow each other
+    is not probed at all. A round of one voice is probed on its own, against
+    the probe's resolution for the run's ``last`` published update at
+    ``usual_norm`` (the median norm of recently merged voices).
     """
     prober = Prober(job, base)
     grouped = voices(used)
     share = 1.0 / len(grouped)  # what the merge moves by each voice, about
     consensus = Consensus()
-    gains, norms, drawn = {}, {}, {}
+    norms, drawn = {}, {}
     for name, shards in grouped.items():
         delta = read(shards)
-        gains[name], norms[name] = prober.gain(delta, share), delta_norm(delta)
+        norms[name] = delta_norm(delta)
         drawn[name] = {"sketch": sketch(delta)}
         consensus.add(drawn[name], weigh(1.0, reputations.get(name)))
         del delta
     if sketches is not None:
         sketches.update({name: drawn[name]["sketch"] for name in grouped})
     evidence = {
-        name: Evidence(
-            gains[name], norms[name], consensus.agreement(drawn[name], weigh(1.0, reputations.get(name)))
-        )
+        name: Evidence(None, norms[name], consensus.agreement(drawn[name], weigh(1.0, reputations.get(name))))
         for name in grouped
     }
+    gains: dict[str, float] = {}
 
-    def cost(name: str) -> float:  # one more probe of a voice, only in a round where a rule fires
-        return prober.cost(read(grouped[name]), share, gains[name])
+    def gain(name: str) -> float:  # one probe pass of a voice, when a verdict needs its gain
+        if name not in gains:
+            gains[name] = prober.gain(read(grouped[name]), share)
+        return gains[name]
+
+    def cost(name: str) -> float:  # one more, when a verdict needs the probe's resolution
+        return prober.cost(read(grouped[name]), share, gain(name))
 
     lone = None
     if len(grouped) == 1:
         ((name, shards),) = grouped.items()
-        lone = lone_resolution(prober, read(shards), gains[name], usual_norm, last)
-    reasons = judge(evidence, cost, lone)
+        lone = lone_resolution(prober, read(shards), gain(name), usual_norm, last)
+    reasons = judge(evidence, cost, lone, gain)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
 
 

@@ -9,18 +9,16 @@ import pytest
 import torch
 
 from broker import keys
-from coordinator.merging import verification
+from coordinator.merging import rules
 from coordinator.merging.judging import probe_voices
+from coordinator.merging.rules import RESOLUTION_PEERS, Evidence, judge
 from coordinator.merging.verification import (
-    RESOLUTION_PEERS,
     SKETCH,
     START_REPUTATION,
     Consensus,
-    Evidence,
     Prober,
     copies,
     disagreement,
-    judge,
     next_reputation,
     probe_loss,
     sketch,
@@ -241,45 +239,125 @@ def test_a_large_round_measures_the_resolution_on_a_few_undoubted_voices_and_sti
     assert set(measured) <= {"h0", "h1", "h2"}
 
 
-def test_the_resolution_is_probed_only_as_far_as_the_verdict_needs_and_the_verdicts_are_unchanged(
+def _every_probe(evidence: dict[str, Evidence], costs: dict[str, float]) -> dict[str, str]:
+    """The probe's rules with every gain and every resolution cost measured: the test's oracle.
+
+    Written out plainly from the rules (docs/SECURITY.md, ``rules`` module docstring), as
+    ``judge`` was before it learned to skip the probe passes a verdict does not need. Call it
+    with ``rules._RANDOM`` seeded as for ``judge``: it draws the same resolution pool.
+    """
+    reasons = {}
+    for name, seen in evidence.items():
+        usual = [e.norm for other, e in evidence.items() if other != name]
+        if seen.norm < rules.NORM_FLOOR * statistics.median(usual):
+            reasons[name] = "norm"
+    screened = [name for name in evidence if name not in reasons]
+    doubtful = [name for name in screened if evidence[name].agreement < rules.AGREEMENT]
+    pool = rules._resolution_pool(screened, doubtful)
+    for name in doubtful:
+        seen = evidence[name]
+        peers = [other for other in screened if other != name]
+        gains = [evidence[other].gain for other in peers]
+        typical = statistics.median(gains)
+        deviation = 1.4826 * statistics.median(abs(g - typical) for g in gains)
+        if seen.agreement < rules.OPPOSED and seen.gain < typical:
+            harm = True
+        elif (not (typical > 0 and seen.gain >= 0.1 * typical)) and seen.gain < typical - 3 * deviation:
+            harm = seen.gain < 0
+        else:
+            continue
+        usual_norm = statistics.median(evidence[other].norm for other in peers)
+        measured = [other for other in pool if other != name][:RESOLUTION_PEERS]
+        scaled = [rules.scaled_cost(costs[other], evidence[other].norm, usual_norm) for other in measured]
+        resolution = statistics.median(scaled) if scaled else 0.0
+        narrowed = min(
+            1.0, max(0.0, 1.0 - (statistics.median(evidence[o].agreement for o in peers) - seen.agreement))
+        )
+        band = rules.NOISE * resolution
+        if harm:
+            band = max(band, rules._honest_shortfall(typical, resolution, deviation))
+        shortfall = typical - seen.gain
+        if shortfall > (band * narrowed if narrowed > 0 else 0.0):
+            reasons[name] = "probe"
+    return reasons
+
+
+def test_only_the_gains_and_costs_a_verdict_needs_are_probed_and_the_verdicts_are_those_of_every_probe(
     monkeypatch,
 ):
-    """Random rounds judged twice: with every resolution cost measured, and as ``judge`` does.
+    """Random rounds judged as ``judge`` does, asking for each gain and cost, and by the oracle.
 
-    The band grows with the resolution and the median with each cost, so once the
-    unknown costs at 0 and at infinity give one verdict, measuring them changes
-    nothing: the verdicts must be the same, for fewer probe passes.
+    The unknown gains and costs bound the others' median gain, their deviation and the
+    resolution; once the bounds give one verdict, measuring the rest changes nothing. So the
+    verdicts must be the oracle's, for fewer probe passes; were a verdict taken before the
+    bounds settle it, some of these rounds would differ.
     """
     rng = random.Random(7)
-
-    def eager(within, measured, costs, cost):
-        for other in measured:
-            costs.setdefault(other, max(0.0, cost(other)))
-        return within(statistics.median(costs[other] for other in measured)) if measured else within(0.0)
-
-    calls = {"lazy": 0, "eager": 0}
-    for _ in range(300):
+    asked = {"gains": 0, "costs": 0, "every": 0}
+    for _ in range(1500):
+        spread = rng.choice([0.001, 0.006, 0.03, 0.3])  # the honest gains' spread, and a few far out
         voices = {
-            f"v{i}": Evidence(rng.gauss(0.01, 0.006), rng.uniform(0.5, 2.0), rng.uniform(0.2, 0.7))
-            for i in range(rng.randint(3, 24))
+            f"v{i}": Evidence(
+                rng.gauss(0.01, spread if rng.random() < 0.9 else 3.0),
+                rng.uniform(0.5, 2.0),
+                rng.uniform(-0.05, 0.7),
+            )
+            for i in range(rng.randint(3, 40))
         }
-        for i in range(rng.randint(1, 3)):  # doubted: reversed, idle or harmful, near and far
-            voices[f"bad{i}"] = Evidence(rng.uniform(-0.05, 0.005), 1.0, rng.uniform(-0.6, 0.3))
-        costs = {name: rng.choice([0.0, rng.uniform(0.0005, 0.02)]) for name in voices}
-        seen = {}
-        for way in ("lazy", "eager"):
-            if way == "eager":
-                monkeypatch.setattr(verification, "_settled", eager)
-            monkeypatch.setattr(verification, "_RANDOM", random.Random(1))  # the same pool both ways
+        for i in range(rng.randint(0, 4)):  # doubtful: reversed, idle or harmful, near and far
+            voices[f"bad{i}"] = Evidence(
+                rng.uniform(-0.05, 0.005), rng.uniform(0.02, 1.5), rng.uniform(-0.6, 0.3)
+            )
+        costs = {
+            name: rng.choice([0.0, rng.uniform(0.0005, 0.02), rng.uniform(0, 0.5), -0.001]) for name in voices
+        }
+        monkeypatch.setattr(rules, "_RANDOM", random.Random(1))  # the same pool both ways
+        oracle = _every_probe(voices, {name: max(0.0, c) for name, c in costs.items()})
+        monkeypatch.setattr(rules, "_RANDOM", random.Random(1))
 
-            def cost(name: str, way: str = way, costs: dict = costs) -> float:
-                calls[way] += 1
-                return costs[name]
+        def gain(name: str, voices: dict = voices) -> float:
+            asked["gains"] += 1
+            return voices[name].gain
 
-            seen[way] = judge(voices, cost=cost)
-            monkeypatch.undo()
-        assert seen["lazy"] == seen["eager"]
-    assert calls["lazy"] < calls["eager"], calls
+        def cost(name: str, costs: dict = costs) -> float:
+            asked["costs"] += 1
+            return costs[name]
+
+        unknown = {name: Evidence(None, seen.norm, seen.agreement) for name, seen in voices.items()}
+        found = judge(unknown, cost=cost, gain=gain)
+        assert {
+            name: "norm" if "of the round's others (" in why and "norm" in why else "probe"
+            for name, why in found.items()
+        } == oracle
+        asked["every"] += len(voices)
+    assert asked["gains"] < asked["every"], asked
+
+
+def test_a_large_round_with_a_few_reversed_voices_probes_about_half_of_the_others():
+    """32 voices that follow each other and 4 reversed ones: the reversed are rejected once more
+    than half the others' gains bound the median, and the resolution's costs are known."""
+    voices = {f"h{i}": Evidence(None, 1.0, 0.4 + 0.01 * i) for i in range(32)}
+    voices |= {f"reversed{i}": Evidence(None, 1.0, -0.3) for i in range(4)}
+    probed: list[str] = []
+
+    def gain(name: str) -> float:
+        probed.append(name)
+        return -0.06 if name.startswith("reversed") else 0.06 + 0.0001 * int(name[1:])
+
+    rejected = judge(voices, cost=lambda name: 0.001, gain=gain)
+    assert set(rejected) == {f"reversed{i}" for i in range(4)}
+    assert "against at least" in rejected["reversed0"] or "against 0.06" in rejected["reversed0"]
+    assert len(probed) == len(set(probed)) <= 4 + 22, probed
+
+
+def test_a_round_whose_voices_all_follow_each_other_is_not_probed():
+    """Only a voice under AGREEMENT can be doubted: with none, no gain, cost or base pass is measured."""
+    voices = {f"v{i}": Evidence(None, 1.0, 0.3 + 0.01 * i) for i in range(12)}
+
+    def never(name: str) -> float:
+        raise AssertionError(f"probed {name}")
+
+    assert judge(voices, cost=never, gain=never) == {}
 
 
 def test_an_honest_voice_on_other_data_is_kept_while_the_reversal_of_an_honest_one_is_not():
