@@ -8,11 +8,14 @@ Simulated in one process with crowdtrain's own pieces: charlm (1 layer, width 32
 ``--inner-state reset``, which ``--work-check`` needs) and uploads through its own
 ``ErrorFeedback`` in the run's codec (default ``init``'s, ``topk:0.01+int2@4096``); the
 trusted side draws shards with ``coordinator.merging.work.draw`` (probation included), replays
-them with ``coordinator.merging.work.replay`` and compares with ``coordinator.merging.work.mismatch``,
+them (and every upload ``coordinator.merging.work.short`` marks) with
+``coordinator.merging.work.replay`` and compares with ``coordinator.merging.work.mismatch``,
 exactly as the aggregator does; a failed check forfeits the volunteer's record. FedAvg
 merges the shards that pass. Scenarios: honest volunteers plus one of
 
 * ``lazy H/2``, ``lazy H/4``, ``lazy 1``: trains 5, 2 or 1 step and claims 10;
+* ``lazy H/2 rescaled``: trains 5 steps, claims 10, and scales its delta to the norm its shard's
+  full training has (which no real attacker knows): the blind spot of the short mark;
 * ``other data``: trains 10 steps on another shard's batches;
 * ``copier (peer)``: uploads another volunteer's delta of the round;
 * ``copier (last)``: uploads the last published update (round 1: a peer's delta).
@@ -22,7 +25,8 @@ checked at the steady rate). Figures: detection recall within the rounds (runs i
 the attacker was rejected ``work`` at least once), cheating shards checked and caught,
 honest shards rejected, and the trusted side's replay seconds as a fraction of the
 volunteers' training seconds: over the run (new identities on probation) and in steady
-state (every identity a veteran, honest run).
+state (every identity a veteran, honest run); the shards marked short, and each upload's
+norm over the round's others' median.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch  # noqa: E402
 
 from coordinator.merging import work  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
@@ -50,7 +55,15 @@ from volunteer.trainer import seed_for, train_shard  # noqa: E402
 
 JOB_ARGS = {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 60, "eval_batches": 4}
 STEPS, LR = 10, 3e-3
-ATTACKS = ("lazy H/2", "lazy H/4", "lazy 1", "other data", "copier (peer)", "copier (last)")
+ATTACKS = (
+    "lazy H/2",
+    "lazy H/4",
+    "lazy 1",
+    "lazy H/2 rescaled",
+    "other data",
+    "copier (peer)",
+    "copier (last)",
+)
 VETERAN = 100
 Delta = dict[str, torch.Tensor]
 
@@ -77,6 +90,9 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
     caught_round: int | None = None
     attacker: list[tuple[float, float]] = []  # (cosine, norm ratio) of each checked shard
     honest_seen: list[tuple[float, float]] = []
+    marks = [0, 0]  # honest shards marked short, cheating shards marked short
+    attacker_sizes: list[float] = []  # each upload's norm / the round's other uploads' median
+    honest_sizes: list[float] = []
     train_s = check_s = 0.0
     for number in range(1, args.rounds + 1):
         uploads: dict[str, Delta] = {}
@@ -84,7 +100,13 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
         raw: dict[str, Delta] = {}
         for i, name in enumerate(names):
             seed_i = seed_for(run, number, i)
-            if name == attack and attack.startswith("lazy"):
+            if name == attack and attack == "lazy H/2 rescaled":  # the short mark's blind spot
+                delta, samples, seconds = train(job, weights, i, shards, STEPS // 2, seed_i)
+                samples = samples * 2
+                full, _, _ = train(job, weights, i, shards, STEPS, seed_i)  # the length it should have:
+                scale = delta_norm(full) / max(delta_norm(delta), 1e-30)  # known to no real attacker
+                delta = {k: v * scale if v.is_floating_point() else v for k, v in delta.items()}
+            elif name == attack and attack.startswith("lazy"):
                 steps = {"lazy H/2": STEPS // 2, "lazy H/4": STEPS // 4, "lazy 1": 1}[attack]
                 delta, samples, seconds = train(job, weights, i, shards, steps, seed_i)
                 samples = samples * STEPS // steps  # claims the full shard
@@ -100,10 +122,19 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
             raw[name], claims[name] = delta, samples
             blob = feedback[name].encode({k: v.clone() for k, v in delta.items()}, {}, args.compression)
             uploads[name] = loads(blob)[0]
+        sizes = {n: delta_norm(u) for n, u in uploads.items()}
+        for name in names:  # each upload's norm against the round's others' median (what the intake records)
+            usual = statistics.median(sizes[o] for o in names if o != name)
+            (attacker_sizes if name == attack else honest_sizes).append(sizes[name] / max(usual, 1e-30))
         started = time.process_time()
         owners = dict(enumerate(names))
         failed: set[str] = set()
-        for shard in work.draw(owners, records, args.rate):
+        marked = work.short(
+            {i: sizes[n] for i, n in owners.items()}, {key: {"steps": STEPS} for key in owners}
+        )
+        for i in marked:
+            marks[owners[i] == attack] += 1
+        for shard in work.draw(owners, records, args.rate, marked):
             name = owners[shard]
             replayed, samples = work.replay(
                 job, weights, shard=shard, shards=shards, steps=STEPS, lr=LR, optimizer="adamw",
@@ -149,6 +180,10 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
         "trained": shards * args.rounds,
         "attacker": attacker,
         "honest": honest_seen,
+        "honest_marked": marks[0],
+        "cheats_marked": marks[1],
+        "attacker_sizes": attacker_sizes,
+        "honest_sizes": honest_sizes,
     }
 
 
@@ -182,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, attack, veteran in plan:
         runs = [simulate(args, attack, seed, veteran) for seed in range(args.seeds)]
         total = {
-            k: sum(r[k] for r in runs) for k in runs[0] if k not in ("caught_round", "attacker", "honest")
+            k: sum(r[k] for r in runs)
+            for k in runs[0]
+            if k not in ("caught_round", "attacker", "honest", "attacker_sizes", "honest_sizes")
         }
         seen = {kind: [x for r in runs for x in r[kind]] for kind in ("attacker", "honest")}
         rows[label] = {
@@ -192,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             "check_share": total["check_s"] / max(total["train_s"], 1e-9),
             **{f"{kind} {stat}": _range(values) for kind, values in seen.items() for stat in ("cosine",)},
             **{f"{kind} norm": _range([r for _, r in values]) for kind, values in seen.items()},
+            **{
+                f"{kind} size": _quantiles([x for r in runs for x in r[f"{kind}_sizes"]])
+                for kind in ("attacker", "honest")
+            },
         }
         print(label, json.dumps(rows[label]), file=sys.stderr, flush=True)
     honest = {k: sum(r[k] for r in rows.values()) for k in ("honest_shards", "honest_rejected")}
@@ -231,6 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     share = statistics.median(r["check_share"] for r in rows.values())
     print(f"{time.time() - started:.0f} s; median check share {share:.1%}")
     return 0
+
+
+def _quantiles(values: list[float]) -> list[float] | None:
+    """min, 5th percentile, median, 95th percentile, max; None if none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pick = [
+        0,
+        round(0.05 * (len(ordered) - 1)),
+        (len(ordered) - 1) // 2,
+        round(0.95 * (len(ordered) - 1)),
+        -1,
+    ]
+    return [round(ordered[i], 3) for i in pick]
 
 
 def _range(values: list) -> list[float] | None:

@@ -9,7 +9,9 @@ in the run's codec (default ``init``'s); the trusted side replays the shard with
 ``coordinator.merging.work.replay`` on 1 thread and measures ``coordinator.merging.work.similarity``. The
 same is measured for the same shard trained with half the steps, one step, and on another
 shard's batches. A row passes when every honest shard is within the tolerance
-(``WORK_COSINE``, ``WORK_NORM_RATIO``) and every cheat outside it.
+(``WORK_COSINE``, ``WORK_NORM_RATIO``) and every cheat outside it. ``size``: each upload's norm
+over the median of the round's other honest uploads, as ``coordinator.merging.work.short``
+compares them (``LAZY_NORM``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 
 from coordinator.merging import work  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
+from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402
 from tests.fixtures import jobs_small  # noqa: E402
@@ -55,9 +59,11 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     merger = make_strategy("fedavg")
     feedback = {(kind, i): ErrorFeedback() for kind in KINDS for i in range(args.volunteers)}
     seen: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
+    sizes: dict[str, list[float]] = {kind: [] for kind in KINDS}  # upload norm / honest others' median
     shards = args.volunteers
     for number in range(1, args.rounds + 1):
         honest = []
+        norms: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for i in range(shards):
             seed = seed_for(name, number, i)
             torch.set_num_threads(1)
@@ -76,10 +82,15 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 if kind == "honest":
                     honest.append({k: v.clone() for k, v in trained.items()})
                 blob = feedback[(kind, i)].encode(trained, {}, args.compression)
+                norms[kind].append(delta_norm(loads(blob)[0]))
                 measured = work.similarity(loads(blob)[0], replayed, args.compression)
                 if measured is not None:
                     seen[kind].append(measured)
         weights = merger.aggregate(dict(weights), iter([(1.0, d) for d in honest]), copy=True)
+        for kind in KINDS:  # as the round's intake sees each upload: against the honest others' median
+            for i, size in enumerate(norms[kind]):
+                usual = statistics.median(n for j, n in enumerate(norms["honest"]) if j != i)
+                sizes[kind].append(size / max(usual, 1e-30))
 
     def within(pair: tuple[float, float]) -> bool:
         cosine, ratio = pair
@@ -96,6 +107,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if pairs
             else None,
             "within": sum(within(p) for p in pairs),
+            "size": [round(min(sizes[kind]), 3), round(max(sizes[kind]), 3)] if sizes[kind] else None,
         }
     row["max_abs_log_norm_honest"] = max((abs(math.log(r)) for _, r in seen["honest"]), default=None)
     return row

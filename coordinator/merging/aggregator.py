@@ -242,6 +242,7 @@ class Aggregator:
                 metas,
                 record,
                 read,
+                norms,
             )
             caught = {name for _, name, _ in plan.checked.rejections}
             work.forfeit(self.store.redis, caught)

@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,12 @@ log = logging.getLogger("crowdtrain.work")
 # (docs/BENCHMARKS.md). GPU volunteers (bf16 autocast) are not calibrated.
 WORK_COSINE = 0.99
 WORK_NORM_RATIO = 1.1
+# A shard whose upload's norm is under LAZY_NORM x the median of the round's other uploads that
+# claim as many steps is replayed whatever the draw: doing fewer steps than claimed shortens a
+# delta. On the job matrix (docs/BENCHMARKS.md section 22) honest uploads measured 0.905-1.145
+# of the others' median, half the steps 0.48-0.66, one step 0.14-0.23. A mark costs a replay,
+# never a rejection: an honest shard marked by mistake passes its check.
+LAZY_NORM = 0.8
 GRAD_CLIP_NORM = 1.0  # as the volunteer's trainer clips
 
 
@@ -67,10 +74,34 @@ def check_rate(merged: int, rate: float) -> float:
     return max(rate, min(1.0, 2.0 / (max(0, merged) + 2)))
 
 
-def draw(owners: Mapping[int, str], records: Mapping[str, int], rate: float) -> list[int]:
-    """The shards to check, drawn with ``secrets`` now that every upload is in."""
+def draw(
+    owners: Mapping[int, str], records: Mapping[str, int], rate: float, marked: Iterable[int] = ()
+) -> list[int]:
+    """The shards to check, drawn with ``secrets`` now that every upload is in, and every ``marked`` one."""
     chance = secrets.SystemRandom()
-    return sorted(s for s, name in owners.items() if chance.random() < check_rate(records.get(name, 0), rate))
+    always = set(marked)
+    return sorted(
+        s
+        for s, name in owners.items()
+        if s in always or chance.random() < check_rate(records.get(name, 0), rate)
+    )
+
+
+def short(norms: Mapping[int, float], metas: Mapping[int, Mapping[str, Any]]) -> set[int]:
+    """Shards whose upload is under ``LAZY_NORM`` x the median of the round's others claiming as many steps.
+
+    A sandbagger's mark, free to take (the intake recorded every norm): a
+    veteran checked at RATE is otherwise caught cheating with probability RATE
+    a shard. One that scales its short delta up to the usual length is not
+    marked; only the random draw finds it (docs/SECURITY.md).
+    """
+    claims = {shard: (metas.get(shard) or {}).get("steps") for shard in norms}
+    found = set()
+    for shard, norm in norms.items():
+        others = [norms[o] for o in norms if o != shard and claims[o] == claims[shard]]
+        if others and norm < LAZY_NORM * statistics.median(others):
+            found.add(shard)
+    return found
 
 
 def replay(
@@ -171,6 +202,7 @@ class Checked:
 
     rejections: list[Rejection]
     shards: int = 0  # shards replayed
+    marked: int = 0  # of them, drawn because their upload was ``short``
     steps: int = 0  # optimizer steps replayed
     seconds: float = 0.0
 
@@ -186,17 +218,23 @@ def check_work(
     metas: dict[int, dict],
     records: Mapping[str, int],
     read: ReadDelta,
+    norms: Mapping[int, float] | None = None,
 ) -> Checked:
     """Replay a random sample of the round's accepted shards; every shard of a volunteer that fails goes.
 
-    Failing shards (and their volunteers' other shards) are removed from ``used``.
+    The sample: each shard at its volunteer's ``check_rate``, and every shard
+    whose upload is ``short`` against the round's others (``norms``: each
+    accepted shard's, as the intake recorded them). Failing shards (and their
+    volunteers' other shards) are removed from ``used``.
     """
     started = time.perf_counter()
     owners = {s: keys.volunteer_of(k) for s, k in used.items()}
     found = Checked([])
     cheats: dict[str, str] = {}
     limit = config.local_steps
-    for shard in draw(owners, records, config.work_check):
+    marked = short({s: norms[s] for s in used if s in norms}, metas) if norms else set()
+    found.marked = len(marked)
+    for shard in draw(owners, records, config.work_check, marked):
         name = owners[shard]
         if name in cheats:
             continue
@@ -241,9 +279,11 @@ def check_work(
 
 
 def summary(checked: Checked) -> dict[str, Any]:
-    """The round summary's account of its work checks: shards and steps replayed, seconds spent."""
+    """The round summary's account of its work checks: shards and steps replayed (of them, the shards
+    marked ``short``), seconds spent."""
     return {
         "work_checked": checked.shards,
+        "work_marked": checked.marked,
         "work_steps": checked.steps,
         "work_seconds": round(checked.seconds, 3),
     }

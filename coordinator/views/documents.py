@@ -38,7 +38,8 @@ def round_record(store: Store, run: str, number: int) -> dict[str, Any]:
         record["epsilon"] = summary["epsilon"]
     if "staleness" in summary:  # an asynchronous run: the oldest delta merged, in versions
         record["staleness"] = summary["staleness"]
-    for key in ("work_checked", "work_steps", "work_seconds", "outliers"):  # --work-check, --outliers drop
+    # --work-check, --outliers drop
+    for key in ("work_checked", "work_marked", "work_steps", "work_seconds", "outliers"):
         if key in summary:
             record[key] = summary[key]
     return record

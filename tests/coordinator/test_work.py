@@ -36,3 +36,18 @@ def test_every_check_rate_makes_cheating_one_shard_a_losing_bet() -> None:
             assert 1 - r * (merged + 1) <= (0 if merged == 0 else -1e-9), (rate, merged, r)
     assert work.check_rate(0, 0.1) == 1.0 and work.check_rate(100, 0.1) == 0.1
     assert work.check_rate(0, 0.0) == 0.0  # off
+
+
+def test_an_upload_far_shorter_than_the_rounds_others_claiming_as_many_steps_is_always_replayed() -> None:
+    """Honest uploads measured 0.905-1.145 of the others' median on the job matrix, half the steps at
+    most 0.66: the short one is marked, and ``draw`` takes a marked shard even at rate 0."""
+    ten = {"steps": 10}
+    metas = {0: ten, 1: ten, 2: ten, 3: ten, 4: {"steps": 5}, 5: {"steps": 5}}
+    norms = {0: 1.0, 1: 0.91, 2: 1.14, 3: 0.6, 4: 0.55, 5: 0.62}
+    # shard 3 claims ten steps at 0.6 of its peers; 4 and 5 claim five and are compared with each other
+    assert work.short(norms, metas) == {3}
+    assert work.short({0: 1.0}, {0: ten}) == set()  # nothing to compare with
+    assert work.short({0: 0.0, 1: 0.0, 2: 0.0}, dict.fromkeys(range(3), ten)) == set()  # a still model
+    owners = {0: "a", 1: "b", 2: "c", 3: "d"}
+    veterans = dict.fromkeys(owners.values(), 10**12)
+    assert work.draw(owners, veterans, 1e-9, marked={3}) == [3]
