@@ -14,6 +14,8 @@ exactly as the aggregator does; a failed check forfeits the volunteer's record. 
 merges the shards that pass. Scenarios: honest volunteers plus one of
 
 * ``lazy H/2``, ``lazy H/4``, ``lazy 1``: trains 5, 2 or 1 step and claims 10;
+* ``turns lazy H/2``: honest until round 6, then half the steps claiming 10 (a veteran turning
+  lazy: its uploads carry its honest past's error-feedback residual);
 * ``lazy H/2 rescaled``: trains 5 steps, claims 10, and scales its delta to the norm its shard's
   full training has (which no real attacker knows): the blind spot of the short mark;
 * ``other data``: trains 10 steps on another shard's batches;
@@ -59,11 +61,13 @@ ATTACKS = (
     "lazy H/2",
     "lazy H/4",
     "lazy 1",
+    "turns lazy H/2",
     "lazy H/2 rescaled",
     "other data",
     "copier (peer)",
     "copier (last)",
 )
+TURNS = 6  # the round from which ``turns lazy H/2`` cheats
 VETERAN = 100
 Delta = dict[str, torch.Tensor]
 
@@ -100,7 +104,12 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
         raw: dict[str, Delta] = {}
         for i, name in enumerate(names):
             seed_i = seed_for(run, number, i)
-            if name == attack and attack == "lazy H/2 rescaled":  # the short mark's blind spot
+            if name == attack and attack == "turns lazy H/2" and number < TURNS:  # honest until then
+                delta, samples, seconds = train(job, weights, i, shards, STEPS, seed_i)
+            elif name == attack and attack == "turns lazy H/2":  # its honest past's residual uploaded too
+                delta, samples, seconds = train(job, weights, i, shards, STEPS // 2, seed_i)
+                samples = samples * 2
+            elif name == attack and attack == "lazy H/2 rescaled":  # the short mark's blind spot
                 delta, samples, seconds = train(job, weights, i, shards, STEPS // 2, seed_i)
                 samples = samples * 2
                 full, _, _ = train(job, weights, i, shards, STEPS, seed_i)  # the length it should have:
@@ -122,18 +131,22 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
             raw[name], claims[name] = delta, samples
             blob = feedback[name].encode({k: v.clone() for k, v in delta.items()}, {}, args.compression)
             uploads[name] = loads(blob)[0]
+        cheater = attack if attack != "turns lazy H/2" or number >= TURNS else None  # who cheats this round
         sizes = {n: delta_norm(u) for n, u in uploads.items()}
         for name in names:  # each upload's norm against the round's others' median (what the intake records)
             usual = statistics.median(sizes[o] for o in names if o != name)
-            (attacker_sizes if name == attack else honest_sizes).append(sizes[name] / max(usual, 1e-30))
+            (attacker_sizes if name == cheater else honest_sizes).append(sizes[name] / max(usual, 1e-30))
         started = time.process_time()
         owners = dict(enumerate(names))
         failed: set[str] = set()
+        dense = {i: work.dense_norm(uploads[n], args.compression) for i, n in owners.items()}
         marked = work.short(
-            {i: sizes[n] for i, n in owners.items()}, {key: {"steps": STEPS} for key in owners}
+            {i: sizes[n] for i, n in owners.items()},
+            {key: {"steps": STEPS} for key in owners},
+            {i: size for i, size in dense.items() if size is not None},
         )
         for i in marked:
-            marks[owners[i] == attack] += 1
+            marks[owners[i] == cheater] += 1
         for shard in work.draw(owners, records, args.rate, marked):
             name = owners[shard]
             replayed, samples = work.replay(
@@ -142,17 +155,17 @@ def simulate(args, attack: str | None, seed: int, veteran: bool) -> dict:
             )  # fmt: skip
             why = work.mismatch(uploads[name], replayed, args.compression)
             seen = work.similarity(uploads[name], replayed, args.compression) or (1.0, 1.0)
-            (attacker if name == attack else honest_seen).append(seen)
+            (attacker if name == cheater else honest_seen).append(seen)
             if why is None and claims[name] > samples:
                 why = "samples"
             checked += 1
-            if name == attack:
+            if name == cheater:
                 cheats_checked += 1
             if why is not None:
                 failed.add(name)
         check_s += time.process_time() - started
         for name in names:
-            if name == attack:
+            if name == cheater:
                 cheats += 1
                 if name in failed:
                     cheats_caught += 1

@@ -11,12 +11,14 @@ same is measured for the same shard trained with half the steps, one step, and o
 shard's batches. A row passes when every honest shard is within the tolerance
 (``WORK_COSINE``, ``WORK_NORM_RATIO``) and every cheat outside it. ``size``: each upload's norm
 over the median of the round's other honest uploads, as ``coordinator.merging.work.short``
-compares them (``LAZY_NORM``).
+compares them (``LAZY_NORM``), and ``dense`` the same on ``work.dense_norm``. ``turned lazy H/2``
+is a veteran that turns lazy this round: half the steps through its honest past's error feedback.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -50,7 +52,7 @@ JOBS: dict[str, Any] = {
     ),
     "gpt": lambda: load_job("gpt", {"preset": "nano", "max_files": 60, "eval_batches": 4}),
 }
-KINDS = ("honest", "lazy H/2", "lazy 1", "other data")
+KINDS = ("honest", "lazy H/2", "lazy 1", "other data", "turned lazy H/2")
 
 
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -60,11 +62,14 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     feedback = {(kind, i): ErrorFeedback() for kind in KINDS for i in range(args.volunteers)}
     seen: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
     sizes: dict[str, list[float]] = {kind: [] for kind in KINDS}  # upload norm / honest others' median
+    dense: dict[str, list[float]] = {kind: [] for kind in KINDS}  # the same on ``work.dense_norm``
     shards = args.volunteers
     for number in range(1, args.rounds + 1):
         honest = []
         norms: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        dense_norms: dict[str, list[float | None]] = {kind: [] for kind in KINDS}
         for i in range(shards):
+            past = copy.deepcopy(feedback[("honest", i)])  # a veteran turning lazy: its honest residual
             seed = seed_for(name, number, i)
             torch.set_num_threads(1)
             replayed, _ = work.replay(
@@ -72,7 +77,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             torch.set_num_threads(2)
             for kind in KINDS:
-                steps = {"lazy H/2": STEPS // 2, "lazy 1": 1}.get(kind, STEPS)
+                steps = {"lazy H/2": STEPS // 2, "lazy 1": 1, "turned lazy H/2": STEPS // 2}.get(kind, STEPS)
                 other = kind == "other data"
                 shard, drawn = ((i + 1) % shards, seed_for(name, number + 1000, i)) if other else (i, seed)
                 trained = train_shard(
@@ -81,8 +86,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 ).delta  # fmt: skip
                 if kind == "honest":
                     honest.append({k: v.clone() for k, v in trained.items()})
-                blob = feedback[(kind, i)].encode(trained, {}, args.compression)
+                encoder = past if kind == "turned lazy H/2" else feedback[(kind, i)]
+                blob = encoder.encode(trained, {}, args.compression)
                 norms[kind].append(delta_norm(loads(blob)[0]))
+                dense_norms[kind].append(work.dense_norm(loads(blob)[0], args.compression))
                 measured = work.similarity(loads(blob)[0], replayed, args.compression)
                 if measured is not None:
                     seen[kind].append(measured)
@@ -91,6 +98,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             for i, size in enumerate(norms[kind]):
                 usual = statistics.median(n for j, n in enumerate(norms["honest"]) if j != i)
                 sizes[kind].append(size / max(usual, 1e-30))
+            for i, size in enumerate(dense_norms[kind]):
+                peers = [n for j, n in enumerate(dense_norms["honest"]) if j != i and n is not None]
+                if size is not None and peers:
+                    dense[kind].append(size / max(statistics.median(peers), 1e-30))
 
     def within(pair: tuple[float, float]) -> bool:
         cosine, ratio = pair
@@ -108,6 +119,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             else None,
             "within": sum(within(p) for p in pairs),
             "size": [round(min(sizes[kind]), 3), round(max(sizes[kind]), 3)] if sizes[kind] else None,
+            "dense": [round(min(dense[kind]), 3), round(max(dense[kind]), 3)] if dense[kind] else None,
         }
     row["max_abs_log_norm_honest"] = max((abs(math.log(r)) for _, r in seen["honest"]), default=None)
     return row

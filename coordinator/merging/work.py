@@ -58,12 +58,18 @@ log = logging.getLogger("crowdtrain.work")
 # (docs/BENCHMARKS.md). GPU volunteers (bf16 autocast) are not calibrated.
 WORK_COSINE = 0.99
 WORK_NORM_RATIO = 1.1
-# A shard whose upload's norm is under LAZY_NORM x the median of the round's other uploads that
-# claim as many steps is replayed whatever the draw: doing fewer steps than claimed shortens a
-# delta. On the job matrix (docs/BENCHMARKS.md section 22) honest uploads measured 0.905-1.145
-# of the others' median, half the steps 0.48-0.66, one step 0.14-0.23. A mark costs a replay,
-# never a rejection: an honest shard marked by mistake passes its check.
+# A shard whose upload is under LAZY_NORM x the median of the round's other uploads that claim
+# as many steps is replayed whatever the draw: doing fewer steps than claimed shortens a delta.
+# Compared on the whole upload and on the tensors the codec sends without top-k (when they hold
+# at least DENSE_ENOUGH values), which carry none of error feedback's residuals: a veteran that
+# turns lazy still uploads its honest past's residual in its top-k tensors (half the steps:
+# up to 0.955 of the others whole), not in the rest (at most 0.77). On the job matrix
+# (docs/BENCHMARKS.md section 22) honest uploads measured 0.857-1.145 of the others' median
+# whole and 0.824-1.159 dense; half the steps at most 0.66 whole (lazy from the start) and
+# 0.77 dense, one step 0.23 and 0.41. A mark costs a replay, never a rejection: an honest shard
+# marked by mistake passes its check. click's one dense value (a bias) is noise, hence the floor.
 LAZY_NORM = 0.8
+DENSE_ENOUGH = 16
 GRAD_CLIP_NORM = 1.0  # as the volunteer's trainer clips
 
 
@@ -87,21 +93,40 @@ def draw(
     )
 
 
-def short(norms: Mapping[int, float], metas: Mapping[int, Mapping[str, Any]]) -> set[int]:
-    """Shards whose upload is under ``LAZY_NORM`` x the median of the round's others claiming as many steps.
+def short(
+    norms: Mapping[int, float],
+    metas: Mapping[int, Mapping[str, Any]],
+    dense: Mapping[int, float] | None = None,
+) -> set[int]:
+    """Shards whose upload is under ``LAZY_NORM`` x the median of the round's others claiming as many
+    steps, on its whole ``norms`` or on its ``dense`` ones (``dense_norm``, where measured).
 
-    A sandbagger's mark, free to take (the intake recorded every norm): a
-    veteran checked at RATE is otherwise caught cheating with probability RATE
-    a shard. One that scales its short delta up to the usual length is not
-    marked; only the random draw finds it (docs/SECURITY.md).
+    A sandbagger's mark, cheap to take: a veteran checked at RATE is otherwise
+    caught cheating with probability RATE a shard. One that scales its short
+    delta up to the usual length is not marked; only the random draw finds it
+    (docs/SECURITY.md).
     """
     claims = {shard: (metas.get(shard) or {}).get("steps") for shard in norms}
     found = set()
-    for shard, norm in norms.items():
-        others = [norms[o] for o in norms if o != shard and claims[o] == claims[shard]]
-        if others and norm < LAZY_NORM * statistics.median(others):
-            found.add(shard)
+    for sizes in (norms, dense or {}):
+        for shard, size in sizes.items():
+            others = [sizes[o] for o in sizes if o != shard and claims.get(o) == claims.get(shard)]
+            if others and size < LAZY_NORM * statistics.median(others):
+                found.add(shard)
     return found
+
+
+def dense_norm(upload: Mapping[str, torch.Tensor], codec: str) -> float | None:
+    """The norm of the tensors ``codec`` sends without top-k (None under ``DENSE_ENOUGH`` values)."""
+    chosen = parse_codec(codec)
+    total, values = 0.0, 0
+    for tensor in upload.values():
+        if tensor.is_floating_point() and not isinstance(
+            chosen.for_tensor(tensor.numel(), True), SparseCodec
+        ):
+            total += float(tensor.double().pow(2).sum())
+            values += tensor.numel()
+    return math.sqrt(total) if values >= DENSE_ENOUGH else None
 
 
 def replay(
@@ -232,7 +257,7 @@ def check_work(
     found = Checked([])
     cheats: dict[str, str] = {}
     limit = config.local_steps
-    marked = short({s: norms[s] for s in used if s in norms}, metas) if norms else set()
+    marked = _short(used, metas, norms, read, str(config.compression)) if norms else set()
     found.marked = len(marked)
     for shard in draw(owners, records, config.work_check, marked):
         name = owners[shard]
@@ -276,6 +301,20 @@ def check_work(
         used.pop(shard, None)
     found.seconds = time.perf_counter() - started
     return found
+
+
+def _short(
+    used: dict[int, str], metas: dict[int, dict], norms: Mapping[int, float], read: ReadDelta, codec: str
+) -> set[int]:
+    """``short`` on the round's accepted shards: their recorded norms, and each one's ``dense_norm``
+    (one more decode of each upload: a work-checked round replays shards, which cost far more)."""
+    dense: dict[int, float] = {}
+    for shard, key in used.items():
+        upload = read(key, {}, shard)
+        size = dense_norm(upload, codec) if upload is not None else None
+        if size is not None:
+            dense[shard] = size
+    return short({s: norms[s] for s in used if s in norms}, metas, dense)
 
 
 def summary(checked: Checked) -> dict[str, Any]:

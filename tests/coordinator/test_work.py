@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coordinator.merging import work
@@ -51,3 +52,23 @@ def test_an_upload_far_shorter_than_the_rounds_others_claiming_as_many_steps_is_
     owners = {0: "a", 1: "b", 2: "c", 3: "d"}
     veterans = dict.fromkeys(owners.values(), 10**12)
     assert work.draw(owners, veterans, 1e-9, marked={3}) == [3]
+
+
+def test_a_veteran_turning_lazy_is_marked_on_the_tensors_its_residual_does_not_reach() -> None:
+    """Its top-k tensors carry its honest past's error-feedback residual, so its whole upload looks
+    ordinary (0.93 here); the tensors the codec sends whole do not, and are short (0.6)."""
+    ten = {"steps": 10}
+    metas = dict.fromkeys(range(4), ten)
+    whole = {0: 1.0, 1: 0.97, 2: 1.05, 3: 0.93}
+    dense = {0: 0.5, 1: 0.49, 2: 0.52, 3: 0.3}
+    assert work.short(whole, metas) == set()
+    assert work.short(whole, metas, dense) == {3}
+
+
+def test_the_dense_norm_leaves_out_what_the_codec_sends_as_top_k_and_needs_enough_values() -> None:
+    """Under ``init``'s codec a tensor of 4,096 values or more goes as top-k (with residuals)."""
+    codec = "topk:0.01+int2@4096"
+    upload = {"big": torch.full((4096,), 100.0), "gain": torch.full((16,), 3.0), "steps": torch.tensor([7])}
+    assert work.dense_norm(upload, codec) == pytest.approx(12.0)  # sqrt(16 * 9): the big one left out
+    assert work.dense_norm({"big": upload["big"], "bias": torch.ones(1)}, codec) is None  # click's one bias
+    assert work.dense_norm(upload, "none") == pytest.approx((4096 * 100.0**2 + 16 * 9.0) ** 0.5)
