@@ -18,12 +18,15 @@ is a veteran that turns lazy this round: half the steps through its honest past'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import statistics
 import sys
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from coordinator.rounds.validation import delta_norm  # noqa: E402
 from jobs import load_job  # noqa: E402
 from serialization import loads  # noqa: E402
 from tests.fixtures import jobs_small  # noqa: E402
+from volunteer import trainer  # noqa: E402
 from volunteer.feedback import ErrorFeedback  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
 
@@ -53,6 +57,22 @@ JOBS: dict[str, Any] = {
     "gpt": lambda: load_job("gpt", {"preset": "nano", "max_files": 60, "eval_batches": 4}),
 }
 KINDS = ("honest", "lazy H/2", "lazy 1", "other data", "turned lazy H/2")
+FP32 = "honest, float32 replay"  # with --bf16: the honest shard against a replay without autocast
+
+
+@contextlib.contextmanager
+def _volunteer_autocast(bf16: bool) -> Iterator[None]:
+    """With ``bf16`` the volunteer trains under the CPU's bfloat16 autocast, as a CUDA one does
+    under CUDA's (``volunteer.trainer._autocast``): the nearest this machine comes to a GPU's numbers."""
+    if not bf16:
+        yield
+        return
+    saved = trainer._autocast
+    trainer._autocast = lambda device: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    try:
+        yield
+    finally:
+        trainer._autocast = saved
 
 
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +80,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     weights = {k: v.detach().clone() for k, v in job.build_model().state_dict().items()}
     merger = make_strategy("fedavg")
     feedback = {(kind, i): ErrorFeedback() for kind in KINDS for i in range(args.volunteers)}
-    seen: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KINDS}
+    seen: dict[str, list[tuple[float, float]]] = {kind: [] for kind in (*KINDS, FP32)}
     sizes: dict[str, list[float]] = {kind: [] for kind in KINDS}  # upload norm / honest others' median
     dense: dict[str, list[float]] = {kind: [] for kind in KINDS}  # the same on ``work.dense_norm``
     shards = args.volunteers
@@ -72,18 +92,21 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             past = copy.deepcopy(feedback[("honest", i)])  # a veteran turning lazy: its honest residual
             seed = seed_for(name, number, i)
             torch.set_num_threads(1)
-            replayed, _ = work.replay(
-                job, weights, shard=i, shards=shards, steps=STEPS, lr=LR, optimizer="adamw", seed=seed
+            replay = partial(
+                work.replay, job, weights, shard=i, shards=shards, steps=STEPS, lr=LR, optimizer="adamw"
             )
+            replayed, _ = replay(seed=seed, bf16=args.bf16)  # as check_work replays a CUDA volunteer's
+            full, _ = replay(seed=seed) if args.bf16 else (replayed, 0)
             torch.set_num_threads(2)
             for kind in KINDS:
                 steps = {"lazy H/2": STEPS // 2, "lazy 1": 1, "turned lazy H/2": STEPS // 2}.get(kind, STEPS)
                 other = kind == "other data"
                 shard, drawn = ((i + 1) % shards, seed_for(name, number + 1000, i)) if other else (i, seed)
-                trained = train_shard(
-                    job, weights, shard=shard, shards=shards, steps=steps, lr=LR,
-                    device=torch.device("cpu"), seed=drawn,
-                ).delta  # fmt: skip
+                with _volunteer_autocast(args.bf16):
+                    trained = train_shard(
+                        job, weights, shard=shard, shards=shards, steps=steps, lr=LR,
+                        device=torch.device("cpu"), seed=drawn,
+                    ).delta  # fmt: skip
                 if kind == "honest":
                     honest.append({k: v.clone() for k, v in trained.items()})
                 encoder = past if kind == "turned lazy H/2" else feedback[(kind, i)]
@@ -93,6 +116,10 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 measured = work.similarity(loads(blob)[0], replayed, args.compression)
                 if measured is not None:
                     seen[kind].append(measured)
+                if kind == "honest" and args.bf16:  # what a float32 replay makes of the same shard
+                    against_full = work.similarity(loads(blob)[0], full, args.compression)
+                    if against_full is not None:
+                        seen[FP32].append(against_full)
         weights = merger.aggregate(dict(weights), iter([(1.0, d) for d in honest]), copy=True)
         for kind in KINDS:  # as the round's intake sees each upload: against the honest others' median
             for i, size in enumerate(norms[kind]):
@@ -118,8 +145,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if pairs
             else None,
             "within": sum(within(p) for p in pairs),
-            "size": [round(min(sizes[kind]), 3), round(max(sizes[kind]), 3)] if sizes[kind] else None,
-            "dense": [round(min(dense[kind]), 3), round(max(dense[kind]), 3)] if dense[kind] else None,
+            "size": [round(min(sizes[kind]), 3), round(max(sizes[kind]), 3)] if sizes.get(kind) else None,
+            "dense": [round(min(dense[kind]), 3), round(max(dense[kind]), 3)] if dense.get(kind) else None,
         }
     row["max_abs_log_norm_honest"] = max((abs(math.log(r)) for _, r in seen["honest"]), default=None)
     return row
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--volunteers", type=int, default=3)
     p.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS))
     p.add_argument("--compression", default="topk:0.01+int2@4096")
+    p.add_argument("--bf16", action="store_true", help="volunteers train under bf16 autocast, as on CUDA")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     rows = {}
@@ -140,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| job | " + " | ".join(f"{k}: cosine, norm ratio (within / shards)" for k in KINDS) + " |")
-    print("| --- |" + " --- |" * len(KINDS))
+    shown = (*KINDS, FP32) if args.bf16 else KINDS
+    print("| job | " + " | ".join(f"{k}: cosine, norm ratio (within / shards)" for k in shown) + " |")
+    print("| --- |" + " --- |" * len(shown))
     for name, row in rows.items():
         cells = [
             f"{row[k]['cosine']}, {row[k]['norm']} ({row[k]['within']} / {row[k]['shards']})"
             if row[k]["shards"] else "nothing compared"
-            for k in KINDS
+            for k in shown
         ]  # fmt: skip
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0

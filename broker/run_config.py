@@ -197,7 +197,8 @@ class RunConfig:
         metavar="RATE",
         help="replay a random sample of shards on the aggregator and reject those whose delta does not "
         "match the claimed training ('work'): RATE of a known volunteer's shards, more of a new one's "
-        "(0 <= RATE <= 1, default 0: off; needs --inner-state reset and the job's own data)",
+        "(0 <= RATE <= 1, default 0: off; needs --inner-state reset and the job's own data; GPU "
+        "volunteers then train in float32)",
     )
     outliers: str = setting(
         "keep",
@@ -408,6 +409,12 @@ class RunConfig:
     @property
     def keeps_inner_state(self) -> bool:
         return self.inner_state == "keep"
+
+    @property
+    def autocast(self) -> bool:
+        """Whether a CUDA volunteer may train under bf16 autocast: not when shards are replayed
+        (``--work-check``), whose float32 replay bf16's rounding drifts too far from."""
+        return not self.work_check
 
     @property
     def need(self) -> Need:

@@ -94,6 +94,7 @@ def train_shard(
     gate: Gate | None = None,
     resume: ShardState | None = None,
     trainable: frozenset[str] | None = None,
+    autocast: bool = True,
 ) -> ShardResult:
     """Train ``steps`` local steps of ``job`` on shard ``shard`` of ``shards`` from ``weights``.
 
@@ -110,6 +111,8 @@ def train_shard(
     With ``trainable`` (a sliced run: the tensors of this shard's slice) only
     those train and only their delta is returned; the others are frozen and,
     on the CPU, share the storage of ``weights`` (``volunteer.slicing``).
+    Without ``autocast`` a CUDA device trains in float32 too (a work-checked run:
+    the trusted side replays the shard in float32 on its CPU).
     """
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
@@ -162,7 +165,7 @@ def train_shard(
             break  # the time budget is spent: send what was trained
         batch = _to_device(next(batches), device)
         drawn += 1
-        with _autocast(device):
+        with _autocast(device) if autocast else contextlib.nullcontext():
             loss = job.loss(model, batch)
         value = float(loss.detach())
         losses.append(value)

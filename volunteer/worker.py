@@ -233,6 +233,7 @@ class ShardRunner:
             gate=gate,
             resume=resume,
             trainable=None if part is None else part[1],
+            autocast=config.autocast,
         )
 
     def _manners(

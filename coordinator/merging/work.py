@@ -25,11 +25,13 @@ The replay needs a shard the trusted side can reproduce: the job's own data
 (not ``init --data volunteer``) and an inner optimizer that starts afresh
 (``--inner-state reset``); ``init`` refuses the flag otherwise. CPU thread
 counts and GPUs are not bit-reproducible, hence tolerances (measured in
-docs/BENCHMARKS.md), not equality.
+docs/BENCHMARKS.md), not equality; bf16 autocast is not reproducible within
+any, so in a work-checked run a CUDA volunteer trains in float32 too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -55,7 +57,11 @@ log = logging.getLogger("crowdtrain.work")
 # more than WORK_NORM_RATIO times the other. Honest CPU replays measured cosine 1 - 2e-9 and
 # norm ratio 1.000 (any thread counts); the cheats nearest to passing, half the claimed steps,
 # cosine up to 0.976 and norm ratio up to 0.83; another shard's data cosine up to 0.90
-# (docs/BENCHMARKS.md). GPU volunteers (bf16 autocast) are not calibrated.
+# (docs/BENCHMARKS.md). bf16 autocast is not replayable within any tolerance: on this
+# machine's CPU (the volunteer under bf16 autocast on 2 threads, a bf16 replay on 1) honest gpt
+# nano shards measured cosine 0.58-0.99 and another shard's data 0.03-0.82 (section 22), so in
+# a work-checked run volunteers train in float32 (``RunConfig.autocast``), as the replay does.
+# A GPU's float32 kernels against the CPU's are not measured (no device).
 WORK_COSINE = 0.99
 WORK_NORM_RATIO = 1.1
 # A shard whose upload is under LAZY_NORM x the median of the round's other uploads that claim
@@ -139,12 +145,16 @@ def replay(
     lr: float,
     optimizer: str,
     seed: int,
+    bf16: bool = False,
 ) -> tuple[TensorDict, int]:
     """Train ``steps`` steps of shard ``shard`` from ``base`` as a volunteer with a fresh optimizer does.
 
     The same math as ``volunteer.trainer.train_shard`` on the CPU (a test holds the
     two equal); torch's global RNG, which the job's batches come from, is restored
-    after. Returns the delta and the samples trained.
+    after. With ``bf16`` the loss is computed under the CPU's bfloat16 autocast (as
+    a CUDA volunteer's is under CUDA's, outside work-checked runs): to measure how
+    far such a shard drifts (``bench/work_matrix.py --bf16``). Returns the delta
+    and the samples trained.
     """
     with torch.random.fork_rng(devices=[]):
         model = job.build_model()
@@ -165,7 +175,8 @@ def replay(
         samples = 0
         for _ in range(steps):
             batch = next(batches)
-            loss = job.loss(model, batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = job.loss(model, batch)
             if not math.isfinite(float(loss.detach())):
                 break
             opt.zero_grad(set_to_none=True)

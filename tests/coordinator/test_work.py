@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from broker.run_config import RunConfig
 from coordinator.merging import work
 from tests.fixtures.jobs_tiny import make_job
+from volunteer import trainer
 from volunteer.trainer import seed_for, train_shard
 
 
@@ -72,3 +74,43 @@ def test_the_dense_norm_leaves_out_what_the_codec_sends_as_top_k_and_needs_enoug
     assert work.dense_norm(upload, codec) == pytest.approx(12.0)  # sqrt(16 * 9): the big one left out
     assert work.dense_norm({"big": upload["big"], "bias": torch.ones(1)}, codec) is None  # click's one bias
     assert work.dense_norm(upload, "none") == pytest.approx((4096 * 100.0**2 + 16 * 9.0) ** 0.5)
+
+
+def _bf16_autocast(device: torch.device):  # the CUDA path's autocast, on this machine's CPU
+    return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
+def test_a_replay_under_bf16_autocast_is_the_training_under_it(monkeypatch) -> None:
+    """``replay(bf16=True)``, with which bench/work_matrix.py --bf16 measures how far bf16 shards drift,
+    is the volunteer's training under bf16 autocast (on one machine), which float32 is not."""
+    job = make_job()
+    base = job.build_model().state_dict()
+    seed = seed_for("r", 2, 1)
+    monkeypatch.setattr(trainer, "_autocast", _bf16_autocast)
+    trained = train_shard(
+        job, base, shard=1, shards=3, steps=10, lr=0.01, device=torch.device("cpu"), seed=seed
+    )
+    monkeypatch.undo()
+    replayed, _ = work.replay(
+        job, base, shard=1, shards=3, steps=10, lr=0.01, optimizer="adamw", seed=seed, bf16=True
+    )
+    assert all(torch.allclose(trained.delta[k], replayed[k], atol=1e-7) for k in replayed)
+    full, _ = work.replay(job, base, shard=1, shards=3, steps=10, lr=0.01, optimizer="adamw", seed=seed)
+    assert any(not torch.allclose(trained.delta[k], full[k], atol=1e-7) for k in full)  # bf16 is not float32
+
+
+def test_a_work_checked_runs_volunteers_train_in_float32_so_the_replay_matches_them(monkeypatch) -> None:
+    """bf16 autocast (the CUDA path's, here on the CPU) is not replayable; a work-checked run turns it off."""
+    assert RunConfig().autocast and not RunConfig(work_check=0.1).autocast
+    job = make_job()
+    base = job.build_model().state_dict()
+    seed = seed_for("r", 4, 0)
+    monkeypatch.setattr(trainer, "_autocast", _bf16_autocast)  # as on a CUDA device
+    cpu = torch.device("cpu")
+    plain = train_shard(
+        job, base, shard=0, shards=2, steps=10, lr=0.01, device=cpu, seed=seed, autocast=False
+    )
+    mixed = train_shard(job, base, shard=0, shards=2, steps=10, lr=0.01, device=cpu, seed=seed)
+    replayed, _ = work.replay(job, base, shard=0, shards=2, steps=10, lr=0.01, optimizer="adamw", seed=seed)
+    assert all(torch.allclose(plain.delta[k], replayed[k], atol=1e-7) for k in replayed)
+    assert any(not torch.allclose(mixed.delta[k], replayed[k], atol=1e-7) for k in replayed)
