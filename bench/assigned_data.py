@@ -30,23 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.work_matrix import JOBS  # noqa: E402  (the job matrix, as the work check's tolerance was measured)
 from coordinator.merging import work  # noqa: E402
 from coordinator.merging.strategies import make_strategy  # noqa: E402
-from jobs import load_job  # noqa: E402
-from tests.fixtures import jobs_small  # noqa: E402
 from volunteer.trainer import seed_for, train_shard  # noqa: E402
 
 STEPS, LR = 10, 3e-3
 KINDS = ("honest", "other data", "lazy 1", "lazy H/2")
-JOBS: dict[str, Any] = {
-    "linear": lambda: jobs_small.linear(noise=0.5),
-    "click": lambda: jobs_small.click(),
-    "mlp": lambda: jobs_small.mlp(),
-    "charlm": lambda: load_job(
-        "charlm", {"layers": 1, "width": 32, "heads": 2, "context": 32, "max_files": 60, "eval_batches": 4}
-    ),
-    "gpt": lambda: load_job("gpt", {"preset": "nano", "max_files": 60, "eval_batches": 4}),
-}
 
 
 def batches(job: Any, shard: int, shards: int, seed: int) -> list[Any]:

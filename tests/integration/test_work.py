@@ -10,11 +10,8 @@ from tests.conftest import Processes
 TINY = "tests.fixtures.jobs_tiny:make_job"
 
 
-def test_a_lazy_volunteer_is_rejected_for_its_work_and_earns_nothing_while_honest_ones_pass(
-    processes: Processes,
-) -> None:
-    """One of ten local steps, claiming ten: caught within 5 rounds (a new identity's first shard
-    is always replayed), no credit, reputation 0; no honest shard rejected."""
+def _two_honest_and_a_lazy_one(processes: Processes) -> None:
+    """An aggregator, volunteers h1 and h2, and ``lazy``, which trains one step of ten and claims ten."""
     tiny = ("--allow-job", TINY)
     processes.aggregator()
     for name in ("h1", "h2"):
@@ -31,6 +28,14 @@ def test_a_lazy_volunteer_is_rejected_for_its_work_and_earns_nothing_while_hones
         *tiny,
         CROWDTRAIN_TEST_ATTACK="lazy:1",
     )
+
+
+def test_a_lazy_volunteer_is_rejected_for_its_work_and_earns_nothing_while_honest_ones_pass(
+    processes: Processes,
+) -> None:
+    """One of ten local steps, claiming ten: caught within 5 rounds (a new identity's first shard
+    is always replayed), no credit, reputation 0; no honest shard rejected."""
+    _two_honest_and_a_lazy_one(processes)
     processes.json(
         "init",
         "--run",
@@ -67,22 +72,7 @@ def test_a_veteran_that_starts_sandbagging_is_replayed_and_caught_in_its_first_l
     """A volunteer with a record of 100 merged shards is checked at RATE (0.1) by the draw, but one
     of ten steps makes its upload far shorter than the others': it is replayed in that very round
     (``work.short``) and rejected, its record forfeited; the honest ones are not marked."""
-    tiny = ("--allow-job", TINY)
-    processes.aggregator()
-    for name in ("h1", "h2"):
-        processes.volunteer(name, *tiny)
-    processes.spawn(
-        "lazy",
-        "-m",
-        "tests.fixtures.evil_volunteer",
-        "start",
-        "--device",
-        "cpu",
-        "--name",
-        "lazy",
-        *tiny,
-        CROWDTRAIN_TEST_ATTACK="lazy:1",
-    )
+    _two_honest_and_a_lazy_one(processes)
     processes.json(
         "init", "--run", "r", "--job", TINY, "--local-steps", "10", "--shards", "3", "--work-check", "0.1"
     )
