@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 import secrets
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # A voice gaining less than this fraction of the others' median gain, and more than SPREAD
@@ -152,7 +152,7 @@ def judge(
     doubtful = (
         [name for name in screened if evidence[name].agreement < AGREEMENT] if len(screened) > 1 else []
     )
-    pool = _resolution_pool(screened, doubtful)
+    pool = _resolution_pool(screened, evidence)
     rest = [name for name in screened if name not in pool]
     order = pool + _RANDOM.sample(rest, len(rest))  # whose gains to probe first: the pool's are needed
     costs: dict[str, float] = {}
@@ -354,20 +354,24 @@ def _text(value: _Bounds) -> str:
     return f"{value.low:.3g} to {value.high:.3g}"
 
 
-def _resolution_pool(screened: list[str], doubtful: Iterable[str]) -> list[str]:
+def _resolution_pool(screened: list[str], evidence: Mapping[str, Evidence]) -> list[str]:
     """The voices whose probe cost measures the resolution: every screened one in a small round.
 
     In a round of more than ``RESOLUTION_PEERS`` + 1 screened voices, ``RESOLUTION_PEERS`` + 1
-    drawn with ``secrets`` from those that follow the others (agreement at least ``AGREEMENT``,
-    which no rule can doubt; from all screened ones if too few): each cost is one more probe
-    pass, and a doubted voice's step (an ascender's is sharp, so costly) must not widen the
-    band it is judged by.
+    drawn with ``secrets`` from those that follow the others (agreement at least ``AGREEMENT``:
+    no rule can doubt them); if too few do (on a sparse model honest voices barely agree), from
+    those that do not point against them (at least ``OPPOSED``), and only then from all. Each
+    cost is one more probe pass, and a doubted voice's step (an ascender's is sharp, so costly,
+    and it points against the others) must not widen the band it is judged by.
     """
     if len(screened) <= RESOLUTION_PEERS + 1:
         return list(screened)
-    doubted = set(doubtful)
-    followers = [name for name in screened if name not in doubted]
-    source = followers if len(followers) > RESOLUTION_PEERS else screened
+    for floor in (AGREEMENT, OPPOSED):
+        source = [name for name in screened if evidence[name].agreement >= floor]
+        if len(source) > RESOLUTION_PEERS:
+            break
+    else:
+        source = screened
     return sorted(_RANDOM.sample(source, RESOLUTION_PEERS + 1))
 
 

@@ -239,6 +239,23 @@ def test_a_large_round_measures_the_resolution_on_a_few_undoubted_voices_and_sti
     assert set(measured) <= {"h0", "h1", "h2"}
 
 
+def test_on_a_sparse_model_where_honest_voices_barely_agree_the_resolution_still_leaves_ascenders_out():
+    """Honest agreement near 0 (under AGREEMENT, as on click or gpt nano): the pool falls back to the
+    voices that do not point against the others, never to the ascenders (agreement -0.6)."""
+    voices = {f"h{i}": Evidence(0.0061 + 0.0059 * (i % 7) / 6, 1.0, 0.02 + 0.001 * i) for i in range(40)}
+    voices |= {f"ascender{i}": Evidence(-0.1246, 1.0, -0.6) for i in range(8)}
+    measured: list[str] = []
+
+    def cost(name: str) -> float:
+        measured.append(name)
+        return 0.1067 if name.startswith("ascender") else 0.0015
+
+    for _ in range(20):
+        measured.clear()
+        assert set(judge(voices, cost=cost)) == {f"ascender{i}" for i in range(8)}
+        assert measured and not any(name.startswith("ascender") for name in measured), measured
+
+
 def _every_probe(evidence: dict[str, Evidence], costs: dict[str, float]) -> dict[str, str]:
     """The probe's rules with every gain and every resolution cost measured: the test's oracle.
 
@@ -253,7 +270,7 @@ def _every_probe(evidence: dict[str, Evidence], costs: dict[str, float]) -> dict
             reasons[name] = "norm"
     screened = [name for name in evidence if name not in reasons]
     doubtful = [name for name in screened if evidence[name].agreement < rules.AGREEMENT]
-    pool = rules._resolution_pool(screened, doubtful)
+    pool = rules._resolution_pool(screened, evidence)
     for name in doubtful:
         seen = evidence[name]
         peers = [other for other in screened if other != name]
