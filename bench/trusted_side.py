@@ -8,8 +8,9 @@ One private redis-server; everything else runs in this process with the aggregat
 ``coordinator init`` makes a charlm run of about 1M parameters with the default codec and
 ``--verify probe``, ``Rounds.open`` posts a round of V shards, V voices' uploads (encoded as a
 volunteer does, ``ErrorFeedback.encode``) are stored, checked as the intake checks each one
-(``intake._check``: decode, values, norm) and counted with ``accept_many`` with the facts the
-intake records, and ``Aggregator.aggregate`` judges and merges the round (norm screen, copy check,
+(``intake._check``: decode, values, norm; and the sketch the intake keeps for the merge, where it
+does) and counted with ``accept_many`` with the facts the intake records, and
+``Aggregator.aggregate`` judges and merges the round (norm screen, copy check,
 probe judging, merge, evaluation, publish, checkpoint). The figure is this process's CPU time
 (user + system) for the intake's checks and that call, divided by V; the copy check's share is
 timed apart. The file runs unchanged on a commit before the intake recorded facts (for a
@@ -154,9 +155,17 @@ def one_round(
         blobs.write(cluster.client, copy, blob)
         started = time.process_time()  # what the intake does with each upload: decode and check it
         checked = intake._check(bytearray(blob), context, 0, shard)
+        reason, meta, norm, delta = (*checked[:3], checked[3] if len(checked) > 3 else None)
+        del checked  # the decoded delta is not held past its sketch, as in the intake
+        kept = getattr(aggregator.intake, "sketches", None)  # and, since it keeps them, sketch it
+        if kept is not None and delta is not None:
+            from coordinator.merging.verification import sketch
+
+            kept.put(copy, norm, sketch(delta))
+        del delta
         intake_cpu += time.process_time() - started
-        assert checked[0] is None, checked[0]
-        facts = [Fact(run, 1, copy, checked[2], checked[1])] if Fact is not None else []
+        assert reason is None, reason
+        facts = [Fact(run, 1, copy, norm, meta)] if Fact is not None else []
         accept = (run, 1, shard, copy, f"{shard:064x}", name)
         outcome, _ = store.rounds.accept_many([accept], **({"facts": facts} if facts else {}))[0]
         assert outcome == "accepted", outcome

@@ -39,7 +39,7 @@ from coordinator.merging.judging import (
 from coordinator.merging.plan import RoundPlan
 from coordinator.merging.privacy import PrivateStrategy, spent
 from coordinator.merging.publishing import Publisher, merged_voice_norms, round_summary
-from coordinator.merging.reading import RoundReader, weight_of
+from coordinator.merging.reading import RoundReader, SketchCache, weight_of
 from coordinator.merging.sampling import Selection, reputations_after, select
 from coordinator.merging.strategies import Strategy, make_strategy
 from coordinator.merging.sybils import Plan, clip_scale, plan_round
@@ -82,7 +82,8 @@ class Aggregator:
         # what follows a merge: the commit, credit, reputations, the disk; it keeps the version
         # it published last, so the next round starts from it instead of reading it back
         self.publisher = Publisher(store, home, self.leases.capabilities, keep_versions)
-        self.intake = Intake(store, self.contexts, self.leases)
+        # the intake sketches each copy as it decodes it: judging takes a one-shard voice's from here
+        self.intake = Intake(store, self.contexts, self.leases, SketchCache(cache_bytes // 2))
         # how a sliced round's planner asks other aggregators for help (``merge_slices`` on queue
         # ``aggregate``); None: it merges every slice itself
         self.send: Callable[[str, list], None] | None = None
@@ -358,6 +359,9 @@ class Aggregator:
         def read(shards: list[int]) -> TensorDict:
             return self.reader.voice(context, used, metas, shards)[1]
 
+        def known(shards: list[int]) -> tuple[float, torch.Tensor] | None:  # as the intake took them
+            return self.intake.sketches.get(used[shards[0]]) if len(shards) == 1 and names is None else None
+
         probed: list[Rejection] = []
         previous = self._previous_version(context, base)
         view = weights if names is None else {k: weights[k] for k in names}
@@ -376,10 +380,13 @@ class Aggregator:
             # the judged voices, judged as a round of their own (the share, medians and agreement
             # are theirs); the others are merged by reputation, screened and copy-checked
             judged = {s: k for s, k in used.items() if keys.volunteer_of(k) in selection.judged}
-            probed = probe_voices(context.job, weights, judged, read, reputations, usual, sketches, last)
-            sketches.update(sketch_voices({s: k for s, k in used.items() if s not in judged}, read))
+            probed = probe_voices(
+                context.job, weights, judged, read, reputations, usual, sketches, last, known
+            )
+            sketches.update(sketch_voices({s: k for s, k in used.items() if s not in judged}, read, known))
         else:
-            sketches.update(sketch_voices(used, read))
+            sketches.update(sketch_voices(used, read, known))
+        self.intake.sketches.forget(used.values())
         copied = check_copies(used, sketches, last_sketch, reputations)
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards], selection

@@ -33,6 +33,8 @@ ReadDelta = Callable[[str, dict[int, dict], int], TensorDict | None]
 ReadVoice = Callable[[list[int]], TensorDict]
 # (shard, volunteer, reason)
 Rejection = tuple[int, str, str]
+# a voice's shards -> its delta norm and sketch as the intake took them (None: not kept, decode it)
+KnownVoice = Callable[[list[int]], tuple[float, torch.Tensor] | None]
 
 
 def voices(used: dict[int, str]) -> dict[str, list[int]]:
@@ -92,6 +94,7 @@ def probe_voices(
     usual_norm: float | None = None,
     sketches: dict[str, torch.Tensor] | None = None,
     last: TensorDict | None = None,
+    known: KnownVoice | None = None,
 ) -> list[Rejection]:
     """``--verify probe``: each voice's agreement and, where a verdict needs it, its gain.
 
@@ -111,11 +114,8 @@ def probe_voices(
     consensus = Consensus()
     norms, drawn = {}, {}
     for name, shards in grouped.items():
-        delta = read(shards)
-        norms[name] = delta_norm(delta)
-        drawn[name] = {"sketch": sketch(delta)}
+        norms[name], drawn[name] = _measured(shards, read, known)
         consensus.add(drawn[name], weigh(1.0, reputations.get(name)))
-        del delta
     if sketches is not None:
         sketches.update({name: drawn[name]["sketch"] for name in grouped})
     evidence = {
@@ -140,9 +140,22 @@ def probe_voices(
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
 
 
-def sketch_voices(used: dict[int, str], read: ReadVoice) -> dict[str, torch.Tensor]:
+def sketch_voices(
+    used: dict[int, str], read: ReadVoice, known: KnownVoice | None = None
+) -> dict[str, torch.Tensor]:
     """Each voice's ``sketch``, for the copy check of a round that is not probed."""
-    return {name: sketch(read(shards)) for name, shards in voices(used).items()}
+    return {name: _measured(shards, read, known)[1]["sketch"] for name, shards in voices(used).items()}
+
+
+def _measured(
+    shards: list[int], read: ReadVoice, known: KnownVoice | None
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """A voice's delta norm and ``{"sketch": its sketch}``: as the intake took them, else decoded."""
+    found = known(shards) if known is not None else None
+    if found is not None:
+        return found[0], {"sketch": found[1]}
+    delta = read(shards)
+    return delta_norm(delta), {"sketch": sketch(delta)}
 
 
 def check_copies(

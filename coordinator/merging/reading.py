@@ -1,14 +1,20 @@
 """Reading a round's accepted copies on the trusted side: each from Redis once, decoded on demand.
 
 The intake decoded each copy once already and recorded its norm and meta
-(``RoundState.facts``); the merge's passes (judging, sketches, the strategy)
-read the compressed copies from the round's cache, ``UploadCache``, which
-holds them up to ``CROWDTRAIN_MERGE_CACHE_MB`` and reads past that again.
+(``RoundState.facts``), and kept its ``sketch`` in this process
+(``SketchCache``), so judging and the copy check need not decode a voice
+of one shard for them; the merge's passes (probes, the strategy) read the
+compressed copies from the round's cache, ``UploadCache``, which holds them
+up to ``CROWDTRAIN_MERGE_CACHE_MB`` and reads past that again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+import torch
 
 from coordinator.rounds.asynchronous import staleness_weight
 from coordinator.runs.context import RunContext
@@ -135,3 +141,42 @@ class UploadCache:
 def weight_of(meta: dict) -> float:
     """A delta's weight in the merge: its samples, discounted by how many versions old it is."""
     return int(meta["samples"]) * staleness_weight(int(meta.get("staleness", 0)))
+
+
+class SketchCache:
+    """Each accepted copy's delta norm and ``sketch``, as the intake took them when it decoded it.
+
+    Held for the merge in this process, by copy key, up to ``budget`` bytes
+    (the oldest go first); a copy not here (another process's intake, a
+    restart, the budget) is decoded as before. The intake loop adds while a
+    merge reads, hence the lock.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._held = 0
+        self._kept: OrderedDict[str, tuple[float, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, norm: float, sketch: torch.Tensor) -> None:
+        size = sketch.numel() * sketch.element_size()
+        with self._lock:
+            if key in self._kept or size > self.budget:
+                return
+            self._kept[key] = (norm, sketch)
+            self._held += size
+            while self._held > self.budget:
+                _, (_, oldest) = self._kept.popitem(last=False)
+                self._held -= oldest.numel() * oldest.element_size()
+
+    def get(self, key: str) -> tuple[float, torch.Tensor] | None:
+        with self._lock:
+            return self._kept.get(key)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """The round is merged (or failed): its copies' sketches go."""
+        with self._lock:
+            for key in keys:
+                kept = self._kept.pop(key, None)
+                if kept is not None:
+                    self._held -= kept[1].numel() * kept[1].element_size()

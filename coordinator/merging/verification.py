@@ -252,11 +252,17 @@ def _sketch_hashes(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _sketch_layout(total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_sketch_hashes`` of a whole delta of ``total`` values, made once per size and kept."""
-    if _LAYOUT.get("total") != total:
+    """``_sketch_hashes`` of a whole delta of ``total`` values, made once per size and kept.
+
+    Kept as one tuple, replaced whole: the intake loop sketches uploads beside
+    the merge, and a reader must never pair one size's buckets with another's signs.
+    """
+    kept = _LAYOUT.get("layout")
+    if kept is None or kept[0] != total:
         buckets, signs = _sketch_hashes(0, total)
-        _LAYOUT.update(total=total, buckets=buckets.int(), signs=signs)
-    return _LAYOUT["buckets"], _LAYOUT["signs"]
+        kept = (total, buckets.int(), signs)
+        _LAYOUT["layout"] = kept
+    return kept[1], kept[2]
 
 
 def _reputation(value: float | None) -> float:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from broker import blobs, keys
-from coordinator.merging.verification import START_REPUTATION
+from coordinator.merging.reading import SketchCache
+from coordinator.merging.verification import START_REPUTATION, sketch
 from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import Fact
@@ -34,7 +35,7 @@ from coordinator.rounds.validation import check_delta, check_meta, delta_norm, p
 from coordinator.runs.context import RunContext, RunContexts
 from coordinator.runs.slicing import check_slice
 from coordinator.store import Store
-from serialization import WireFormatError, loads
+from serialization import TensorDict, WireFormatError, loads
 
 log = logging.getLogger("crowdtrain.intake")
 
@@ -94,10 +95,18 @@ class Upload:
 class Intake:
     """Validates uploads for every run on one broker, a batch at a time."""
 
-    def __init__(self, store: Store, contexts: RunContexts, leases: Leases | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        contexts: RunContexts,
+        leases: Leases | None = None,
+        sketches: SketchCache | None = None,
+    ) -> None:
         self.store = store
         self.contexts = contexts
         self.leases = leases if leases is not None else Leases(store, contexts)
+        # each accepted copy's norm and sketch, for the merge in this process (none kept: budget 0)
+        self.sketches = sketches if sketches is not None else SketchCache(0)
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once."""
@@ -302,7 +311,7 @@ class Intake:
             assert blob is not None  # only uploads read (or resumed) are judged
             entry.blob = None  # not kept once checked
             base = entry.lease.base_version if entry.lease is not None else int(entry.info["base_version"])
-            reason, meta, norm = _check(blob, entry.context, base, upload.shard)
+            reason, meta, norm, delta = _check(blob, entry.context, base, upload.shard)
             fetched = meta.get("downlink")
             if isinstance(fetched, int) and not isinstance(fetched, bool) and fetched > 0:
                 # at most one model's bytes per shard: the rest is a volunteer's claim
@@ -316,8 +325,12 @@ class Intake:
             accepts.append(
                 (upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer)
             )
-            # decoded once, here: the merge screens by this norm and reads this meta
+            # decoded once, here: the merge screens by this norm and reads this meta, and judges
+            # by this sketch (in this process; a sliced run's voices are judged slice by slice)
             facts.append(Fact(upload.run, upload.counted_in, upload.copy_key, norm, meta))
+            if delta is not None and not entry.context.slices:
+                self.sketches.put(upload.copy_key, norm, sketch(delta))
+            del delta
         results = self.store.rounds.accept_many(accepts, counts=downlink, facts=facts)
         final = []  # an accepted upload's lease is done: nothing its volunteer does replaces it
         for index, (outcome, _) in zip(good, results, strict=True):
@@ -431,8 +444,9 @@ class _Pending:
 
 def _check(
     blob: bytes | bytearray, context: RunContext, base_version: int, shard: int
-) -> tuple[str | None, dict[str, Any], float]:
-    """Why the upload cannot be merged (None if it can), its meta, and its delta's norm (NaN if refused).
+) -> tuple[str | None, dict[str, Any], float, TensorDict | None]:
+    """Why the upload cannot be merged (None if it can), its meta, its delta's norm (NaN if refused)
+    and the delta (None if refused).
 
     In a sliced run its tensors must be exactly its shard's slice's.
     """
@@ -446,17 +460,19 @@ def _check(
         try:  # a volunteer's own failure report carries no tensors
             _, meta = loads(blob, limit=context.upload_bound, max_decoded=0)
         except WireFormatError:
-            return f"malformed upload: {printable(str(e))}", {}, nan
+            return f"malformed upload: {printable(str(e))}", {}, nan, None
         if "failure" in meta:
-            return printable(str(meta["failure"])) or "failed", meta, nan
-        return f"malformed upload: {printable(str(e))}", meta, nan
+            return printable(str(meta["failure"])) or "failed", meta, nan, None
+        return f"malformed upload: {printable(str(e))}", meta, nan, None
     if "failure" in meta:
-        return printable(str(meta["failure"])) or "failed", meta, nan
+        return printable(str(meta["failure"])) or "failed", meta, nan, None
     claimed = meta.get("base_version")
     if isinstance(claimed, int) and not isinstance(claimed, bool) and claimed < base_version:
         # the lease says which version the job was given on: an older delta is a replay
-        return f"stale: trained on version {claimed}, leased on version {base_version}", meta, nan
+        return f"stale: trained on version {claimed}, leased on version {base_version}", meta, nan, None
     reason = check_meta(meta, base_version=base_version, max_samples=context.max_samples)
     reason = reason or check_slice(meta, context, shard)
     reason = reason or check_delta(delta, context.reference_for(shard))
-    return reason, meta, (nan if reason else delta_norm(delta))
+    if reason:
+        return reason, meta, nan, None
+    return None, meta, delta_norm(delta), delta

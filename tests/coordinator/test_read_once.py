@@ -9,10 +9,12 @@ import torch
 
 from broker import blobs, keys
 from coordinator.merging.aggregator import Aggregator
+from coordinator.merging.reading import RoundReader, SketchCache
+from coordinator.merging.verification import sketch
 from coordinator.rounds.state import Fact
 from coordinator.rounds.validation import delta_norm
 from coordinator.store import Store
-from serialization import dumps
+from serialization import dumps, loads
 from tests.fixtures.jobs_tiny import TinyJob
 
 TINY = "tests.fixtures.jobs_tiny:make_job"
@@ -111,3 +113,48 @@ def test_past_its_budget_the_merge_reads_a_copy_again_rather_than_hold_it(
     summary = Aggregator(store, processes.home, cache_bytes=0).aggregate("b", 1)
     assert summary is not None and summary["status"] == "done" and summary["accepted"] == VOICES, summary
     assert all(reads[key] >= 2 for key in copies)  # judged and merged: each read for each pass
+
+
+def test_a_voice_the_intake_sketched_is_decoded_only_for_the_merge_when_no_verdict_needs_its_gain(
+    processes, redis_server, monkeypatch
+):
+    """Judging takes a one-shard voice's norm and sketch as the intake took them (``SketchCache``):
+    in a round whose voices all follow each other no probe pass runs, so each copy is decoded
+    once, by the merge; without them, once more for judging."""
+    store = Store(redis_server.client())
+    processes.json("init", "--run", "s", "--job", TINY, "--shards", str(VOICES), "--verify", "probe")
+    decoded: Counter[int] = Counter()
+    decode = RoundReader.decode
+
+    def counted(self: RoundReader, context: Any, blob: Any, metas: Any, shard: int) -> Any:
+        decoded[shard] += 1
+        return decode(self, context, blob, metas, shard)
+
+    monkeypatch.setattr(RoundReader, "decode", counted)
+    aggregator = Aggregator(store, processes.home)
+    copies = _accept_round(store, "s", 1, 0, record=True)
+    for copy in copies:  # as the intake keeps them when it decodes each upload
+        delta, _ = loads(blobs.read(store.redis, copy))
+        aggregator.intake.sketches.put(copy, delta_norm(delta), sketch(delta))
+    summary = aggregator.aggregate("s", 1)
+    assert summary is not None and summary["status"] == "done" and summary["accepted"] == VOICES, summary
+    assert decoded == Counter(dict.fromkeys(range(VOICES), 1))
+    assert all(aggregator.intake.sketches.get(copy) is None for copy in copies)  # the round's are let go
+
+    decoded.clear()
+    _accept_round(store, "s", 2, 1, record=True)  # none kept: judging decodes each voice for its sketch
+    assert aggregator.aggregate("s", 2)["status"] == "done"
+    assert decoded == Counter(dict.fromkeys(range(VOICES), 2))
+
+
+def test_the_sketch_cache_keeps_the_newest_within_its_budget_and_lets_a_round_go():
+    one = torch.zeros(1000, dtype=torch.float64)  # 8,000 bytes
+    cache = SketchCache(20_000)
+    for key in ("a", "b", "c"):
+        cache.put(key, 1.0, one.clone())
+    assert cache.get("a") is None and cache.get("b") is not None and cache.get("c") is not None
+    cache.forget(["b", "c", "never"])
+    assert cache.get("b") is None and cache.get("c") is None
+    cache.put("d", 2.0, one)
+    assert cache.get("d") == (2.0, one)
+    assert SketchCache(0).get("d") is None

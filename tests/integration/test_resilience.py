@@ -214,6 +214,8 @@ def test_a_validation_cut_short_after_the_move_resumes_from_the_copy(cluster):
     assert cluster.store.take_upload(keys.upload("v1", "r", 1, 0, token), moved, 1 << 20) is not None
     aggregator = Aggregator(cluster.store, cluster.home)
     assert aggregator.validate("r", 1, 0, token, "v1").outcome == "accepted"
+    kept = aggregator.intake.sketches.get(moved)  # its norm and sketch, for this process's merge
+    assert kept is not None and kept[0] > 0 and kept[1].dtype == torch.float64, kept
     assert aggregator.validate("r", 1, 0, token, "v1").outcome == "repeat"
     assert cluster.store.rounds.accepted_uploads("r", 1) == {0: moved}
     assert cluster.store.get_upload(moved) is not None, "the accepted copy must stay for the merge"
