@@ -161,7 +161,7 @@ def one_round(
         if kept is not None and delta is not None:
             from coordinator.merging.verification import sketch
 
-            kept.put(copy, norm, sketch(delta))
+            kept.put(run, 1, copy, norm, sketch(delta))
         del delta
         intake_cpu += time.process_time() - started
         assert reason is None, reason

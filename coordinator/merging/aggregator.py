@@ -106,6 +106,7 @@ class Aggregator:
                 summary = self._after_error(run, number, owner, e)
             finally:
                 self.reader.clear()
+                self.intake.sketches.forget_through(run, number)
                 heap.give_back()  # what the round freed: an idle aggregator holds no round's memory
         if summary is not None:
             self.contexts[run].mode.after_merge(self.store, run)
@@ -386,7 +387,6 @@ class Aggregator:
             sketches.update(sketch_voices({s: k for s, k in used.items() if s not in judged}, read, known))
         else:
             sketches.update(sketch_voices(used, read, known))
-        self.intake.sketches.forget(used.values())
         copied = check_copies(used, sketches, last_sketch, reputations)
         shards = {shard for shard, _, _ in copied}
         return copied + [entry for entry in probed if entry[0] not in shards], selection

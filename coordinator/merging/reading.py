@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -147,36 +147,40 @@ class SketchCache:
     """Each accepted copy's delta norm and ``sketch``, as the intake took them when it decoded it.
 
     Held for the merge in this process, by copy key, up to ``budget`` bytes
-    (the oldest go first); a copy not here (another process's intake, a
-    restart, the budget) is decoded as before. The intake loop adds while a
-    merge reads, hence the lock.
+    (the oldest go first) and until its round is merged (``forget_through``);
+    a copy not here (another process's intake, a restart, the budget) is
+    decoded as before. The intake loop adds while a merge reads, hence the lock.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._held = 0
-        self._kept: OrderedDict[str, tuple[float, torch.Tensor]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[str, int, float, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, key: str, norm: float, sketch: torch.Tensor) -> None:
-        size = sketch.numel() * sketch.element_size()
+    def put(self, run: str, number: int, key: str, norm: float, sketch: torch.Tensor) -> None:
+        """Keep copy ``key`` of round ``number`` of ``run``: its norm and sketch."""
+        size = _bytes(sketch)
         with self._lock:
             if key in self._kept or size > self.budget:
                 return
-            self._kept[key] = (norm, sketch)
+            self._kept[key] = (run, number, norm, sketch)
             self._held += size
             while self._held > self.budget:
-                _, (_, oldest) = self._kept.popitem(last=False)
-                self._held -= oldest.numel() * oldest.element_size()
+                _, oldest = self._kept.popitem(last=False)
+                self._held -= _bytes(oldest[3])
 
     def get(self, key: str) -> tuple[float, torch.Tensor] | None:
         with self._lock:
-            return self._kept.get(key)
+            kept = self._kept.get(key)
+        return None if kept is None else (kept[2], kept[3])
 
-    def forget(self, keys: Iterable[str]) -> None:
-        """The round is merged (or failed): its copies' sketches go."""
+    def forget_through(self, run: str, number: int) -> None:
+        """Round ``number`` of ``run`` is merged (or failed): its copies, and any older round's, go."""
         with self._lock:
-            for key in keys:
-                kept = self._kept.pop(key, None)
-                if kept is not None:
-                    self._held -= kept[1].numel() * kept[1].element_size()
+            for key in [k for k, kept in self._kept.items() if kept[0] == run and kept[1] <= number]:
+                self._held -= _bytes(self._kept.pop(key)[3])
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

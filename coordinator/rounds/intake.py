@@ -329,7 +329,7 @@ class Intake:
             # by this sketch (in this process; a sliced run's voices are judged slice by slice)
             facts.append(Fact(upload.run, upload.counted_in, upload.copy_key, norm, meta))
             if delta is not None and not entry.context.slices:
-                self.sketches.put(upload.copy_key, norm, sketch(delta))
+                self.sketches.put(upload.run, upload.counted_in, upload.copy_key, norm, sketch(delta))
             del delta
         results = self.store.rounds.accept_many(accepts, counts=downlink, facts=facts)
         final = []  # an accepted upload's lease is done: nothing its volunteer does replaces it

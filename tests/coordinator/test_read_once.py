@@ -135,7 +135,7 @@ def test_a_voice_the_intake_sketched_is_decoded_only_for_the_merge_when_no_verdi
     copies = _accept_round(store, "s", 1, 0, record=True)
     for copy in copies:  # as the intake keeps them when it decodes each upload
         delta, _ = loads(blobs.read(store.redis, copy))
-        aggregator.intake.sketches.put(copy, delta_norm(delta), sketch(delta))
+        aggregator.intake.sketches.put("s", 1, copy, delta_norm(delta), sketch(delta))
     summary = aggregator.aggregate("s", 1)
     assert summary is not None and summary["status"] == "done" and summary["accepted"] == VOICES, summary
     assert decoded == Counter(dict.fromkeys(range(VOICES), 1))
@@ -147,14 +147,18 @@ def test_a_voice_the_intake_sketched_is_decoded_only_for_the_merge_when_no_verdi
     assert decoded == Counter(dict.fromkeys(range(VOICES), 2))
 
 
-def test_the_sketch_cache_keeps_the_newest_within_its_budget_and_lets_a_round_go():
+def test_the_sketch_cache_keeps_the_newest_within_its_budget_and_lets_a_merged_round_go():
     one = torch.zeros(1000, dtype=torch.float64)  # 8,000 bytes
     cache = SketchCache(20_000)
-    for key in ("a", "b", "c"):
-        cache.put(key, 1.0, one.clone())
+    for number, key in enumerate(("a", "b", "c"), start=1):
+        cache.put("r", number, key, 1.0, one.clone())
     assert cache.get("a") is None and cache.get("b") is not None and cache.get("c") is not None
-    cache.forget(["b", "c", "never"])
-    assert cache.get("b") is None and cache.get("c") is None
-    cache.put("d", 2.0, one)
-    assert cache.get("d") == (2.0, one)
+    cache.put("other", 1, "d", 2.0, one)
+    cache.forget_through("r", 2)  # round 2 of r merged: its copies and older rounds' go
+    assert cache.get("b") is None and cache.get("c") is not None and cache.get("d") == (2.0, one)
+    cache.forget_through("r", 3)
+    cache.put("r", 4, "e", 3.0, one)  # room again: what was forgotten no longer counts
+    assert cache.get("d") is not None and cache.get("e") is not None
+    cache.put("r", 4, "f", 3.0, one)  # past the budget: the oldest, d, goes
+    assert cache.get("d") is None and cache.get("e") is not None and cache.get("f") is not None
     assert SketchCache(0).get("d") is None
