@@ -157,11 +157,9 @@ def one_round(
         checked = intake._check(bytearray(blob), context, 0, shard)
         reason, meta, norm, delta = (*checked[:3], checked[3] if len(checked) > 3 else None)
         del checked  # the decoded delta is not held past its sketch, as in the intake
-        kept = getattr(aggregator.intake, "sketches", None)  # and, since it keeps them, sketch it
-        if kept is not None and delta is not None:
-            from coordinator.merging.verification import sketch
-
-            kept.put(run, 1, copy, norm, sketch(delta))
+        keep = getattr(aggregator.intake, "keep_sketch", None)  # and, where it keeps them, sketch it
+        if keep is not None and delta is not None:
+            keep(context, run, 1, copy, norm, delta)
         del delta
         intake_cpu += time.process_time() - started
         assert reason is None, reason

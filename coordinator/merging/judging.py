@@ -135,7 +135,10 @@ def probe_voices(
     lone = None
     if len(grouped) == 1:
         ((name, shards),) = grouped.items()
-        lone = lone_resolution(prober, read(shards), gain(name), usual_norm, last)
+        delta = read(shards)  # one read for its gain and its resolution
+        gains[name] = prober.gain(delta, share)
+        lone = lone_resolution(prober, delta, gains[name], usual_norm, last)
+        del delta
     reasons = judge(evidence, cost, lone, gain)
     return [(shard, name, reasons[name]) for name in reasons for shard in grouped[name]]
 

@@ -243,6 +243,12 @@ def sketch(
     return out.double()
 
 
+def cheap_to_sketch(delta: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``sketch`` takes a few milliseconds (its layout kept: at most ``SKETCH_CACHE`` values),
+    not the seconds of hashing a larger delta's every value as it goes."""
+    return sum(t.numel() for t in delta.values() if t.is_floating_point()) <= SKETCH_CACHE
+
+
 def _sketch_hashes(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The count sketch's bucket and sign of values ``start`` to ``start + count`` of a delta."""
     index = torch.arange(start, start + count, dtype=torch.int64)

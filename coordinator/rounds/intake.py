@@ -27,7 +27,7 @@ from typing import Any
 
 from broker import blobs, keys
 from coordinator.merging.reading import SketchCache
-from coordinator.merging.verification import START_REPUTATION, sketch
+from coordinator.merging.verification import START_REPUTATION, cheap_to_sketch, sketch
 from coordinator.rounds.leases import Lease, Leases
 from coordinator.rounds.posting import shard_task
 from coordinator.rounds.state import Fact
@@ -107,6 +107,19 @@ class Intake:
         self.leases = leases if leases is not None else Leases(store, contexts)
         # each accepted copy's norm and sketch, for the merge in this process (none kept: budget 0)
         self.sketches = sketches if sketches is not None else SketchCache(0)
+
+    def keep_sketch(
+        self, context: RunContext, run: str, number: int, copy_key: str, norm: float, delta: TensorDict
+    ) -> None:
+        """Keep an accepted copy's norm and ``sketch`` for this process's merge, which judges by them.
+
+        Only where sketching is cheap (``cheap_to_sketch``: a few ms): this loop
+        also answers lease requests, which must not wait seconds behind a large
+        model's sketch (the merge takes that one as before). Not in a sliced run,
+        whose voices are judged slice by slice.
+        """
+        if not context.slices and cheap_to_sketch(delta):
+            self.sketches.put(run, number, copy_key, norm, sketch(delta))
 
     def validate(self, run: str, number: int, shard: int, token: str, volunteer: str) -> Verdict:
         """Check one shard's upload and count it at most once."""
@@ -325,11 +338,10 @@ class Intake:
             accepts.append(
                 (upload.run, upload.counted_in, upload.field, upload.copy_key, digest, upload.volunteer)
             )
-            # decoded once, here: the merge screens by this norm and reads this meta, and judges
-            # by this sketch (in this process; a sliced run's voices are judged slice by slice)
+            # decoded once, here: the merge screens by this norm and reads this meta
             facts.append(Fact(upload.run, upload.counted_in, upload.copy_key, norm, meta))
-            if delta is not None and not entry.context.slices:
-                self.sketches.put(upload.run, upload.counted_in, upload.copy_key, norm, sketch(delta))
+            if delta is not None:
+                self.keep_sketch(entry.context, upload.run, upload.counted_in, upload.copy_key, norm, delta)
             del delta
         results = self.store.rounds.accept_many(accepts, counts=downlink, facts=facts)
         final = []  # an accepted upload's lease is done: nothing its volunteer does replaces it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -10,9 +11,11 @@ import torch
 from broker import blobs, keys
 from coordinator.merging.aggregator import Aggregator
 from coordinator.merging.reading import RoundReader, SketchCache
-from coordinator.merging.verification import sketch
+from coordinator.merging.verification import SKETCH_CACHE, sketch
+from coordinator.rounds.intake import Intake
 from coordinator.rounds.state import Fact
 from coordinator.rounds.validation import delta_norm
+from coordinator.runs.context import RunContexts
 from coordinator.store import Store
 from serialization import dumps, loads
 from tests.fixtures.jobs_tiny import TinyJob
@@ -162,3 +165,18 @@ def test_the_sketch_cache_keeps_the_newest_within_its_budget_and_lets_a_merged_r
     cache.put("r", 4, "f", 3.0, one)  # past the budget: the oldest, d, goes
     assert cache.get("d") is None and cache.get("e") is not None and cache.get("f") is not None
     assert SketchCache(0).get("d") is None
+
+
+def test_the_intake_keeps_a_sketch_only_where_it_is_cheap_and_the_run_is_not_sliced(redis_server):
+    """Its loop also answers lease requests: a large model's sketch (seconds of hashing) is left to the
+    merge, as before, and a sliced run's voices are judged slice by slice."""
+    store = Store(redis_server.client())
+    intake = Intake(store, RunContexts(store), sketches=SketchCache(1 << 30))
+    small = {"w": torch.ones(1000)}
+    large = {"w": torch.ones(SKETCH_CACHE + 1)}
+    whole, sliced = SimpleNamespace(slices=None), SimpleNamespace(slices=[["w"], ["v"]])
+    intake.keep_sketch(whole, "r", 1, "small", 1.0, small)  # type: ignore[arg-type]
+    intake.keep_sketch(whole, "r", 1, "large", 1.0, large)  # type: ignore[arg-type]
+    intake.keep_sketch(sliced, "r", 1, "slice", 1.0, small)  # type: ignore[arg-type]
+    assert intake.sketches.get("small") is not None
+    assert intake.sketches.get("large") is None and intake.sketches.get("slice") is None
